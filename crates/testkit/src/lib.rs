@@ -1,0 +1,279 @@
+//! Helpers shared by gkvm's end-to-end tests: the skip policy, finding QEMU
+//! and the test guest built by `scripts/build-test-guest`, and reading a
+//! guest's serial console.
+//!
+//! Tests that need root, QEMU or the guest call [`require`]; without them a
+//! test prints why it skips, unless `GKVM_REQUIRE_E2E=1`, where a skip is a
+//! failure (CI sets it so real-QEMU tests can never silently not run).
+#![deny(missing_docs)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What an end-to-end test needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Running as root (TAP devices, bridges, namespaces).
+    Root,
+    /// A QEMU binary.
+    Qemu,
+    /// The test guest (implies [`Need::Qemu`]).
+    Guest,
+}
+
+/// Everything found for a test that passed [`require`].
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The QEMU binary.
+    pub qemu: PathBuf,
+    /// The test guest, when asked for.
+    pub guest: Option<Guest>,
+}
+
+/// The tiny test guest built by `scripts/build-test-guest`.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// Uncompressed kernel (ELF with a PVH note).
+    pub kernel: PathBuf,
+    /// Busybox initramfs.
+    pub initrd: PathBuf,
+    /// Kernel command line (serial console on ttyS0).
+    pub cmdline: String,
+}
+
+/// The line the guest prints on its serial console once it is ready.
+pub const READY_LINE: &str = "gkvm-test-guest: ready";
+
+/// Whether CI asked that every skip fail.
+pub fn e2e_required() -> bool {
+    std::env::var("GKVM_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
+
+/// Skips the calling test with a reason, or panics under `GKVM_REQUIRE_E2E=1`.
+pub fn skip(test: &str, reason: &str) {
+    if e2e_required() {
+        panic!("{test}: cannot run ({reason}) and GKVM_REQUIRE_E2E=1 forbids skipping");
+    }
+    eprintln!("SKIP {test}: {reason}");
+}
+
+/// Checks what a test needs; `None` means the test was skipped (and should
+/// return at once).
+pub fn require(test: &str, needs: &[Need]) -> Option<Env> {
+    if needs.contains(&Need::Root) && !is_root() {
+        skip(test, "needs root");
+        return None;
+    }
+    let Some(qemu) = qemu_binary() else {
+        if needs.iter().any(|n| matches!(n, Need::Qemu | Need::Guest)) {
+            skip(test, "no QEMU binary (run scripts/install-deps)");
+            return None;
+        }
+        return Some(Env {
+            qemu: PathBuf::new(),
+            guest: None,
+        });
+    };
+    let guest = if needs.contains(&Need::Guest) {
+        match test_guest() {
+            Some(g) => Some(g),
+            None => {
+                skip(test, "no test guest (run scripts/build-test-guest)");
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    Some(Env { qemu, guest })
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The QEMU binary: `$GKVM_QEMU`, else `qemu-system-x86_64` on PATH.
+pub fn qemu_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GKVM_QEMU") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+}
+
+/// The workspace's `target/` directory.
+pub fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
+}
+
+/// The test guest, from `$GKVM_TEST_GUEST_DIR` or `target/test-guest`.
+pub fn test_guest() -> Option<Guest> {
+    let dir = std::env::var_os("GKVM_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("test-guest"));
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initramfs.cpio.gz");
+    let cmdline = std::fs::read_to_string(dir.join("cmdline")).ok()?;
+    (kernel.is_file() && initrd.is_file()).then(|| Guest {
+        kernel,
+        initrd,
+        cmdline: cmdline.trim().to_owned(),
+    })
+}
+
+/// The accelerator for booting the Linux test guest: `$GKVM_GUEST_ACCEL`,
+/// default `tcg` (this project's nested KVM cannot run a Linux guest; on
+/// real hardware set `GKVM_GUEST_ACCEL=kvm`).
+pub fn guest_accel() -> String {
+    std::env::var("GKVM_GUEST_ACCEL").unwrap_or_else(|_| "tcg".to_owned())
+}
+
+/// The accelerator for instances that need no guest OS: KVM when
+/// `/dev/kvm` opens, else TCG.
+pub fn guestless_accel() -> &'static str {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// Connects to a Unix socket, retrying until it appears or `timeout` passes.
+pub fn connect_retry(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// A guest's serial console on a Unix socket.
+#[derive(Debug)]
+pub struct Serial {
+    stream: UnixStream,
+    seen: String,
+}
+
+impl Serial {
+    /// Connects to the console socket (retrying while QEMU creates it).
+    pub fn connect(path: &Path, timeout: Duration) -> std::io::Result<Serial> {
+        Ok(Serial {
+            stream: connect_retry(path, timeout)?,
+            seen: String::new(),
+        })
+    }
+
+    /// Reads until the output seen so far contains `needle`; returns all
+    /// output seen, or an error with the output when `timeout` passes or the
+    /// console closes.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "timed out waiting for {needle:?}; console said:\n{}",
+                    self.seen
+                ));
+            }
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    return Err(format!(
+                        "console closed before {needle:?}; it said:\n{}",
+                        self.seen
+                    ))
+                }
+                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("console read failed: {e}; it said:\n{}", self.seen)),
+            }
+        }
+        Ok(self.seen.clone())
+    }
+
+    /// Types a line into the guest's shell.
+    pub fn send_line(&mut self, line: &str) -> std::io::Result<()> {
+        self.stream.write_all(format!("{line}\n").as_bytes())
+    }
+
+    /// Forgets the output seen so far (so the next wait looks at new output).
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Runs a shell command in the guest and waits for its marker line.
+    pub fn run(&mut self, command: &str, timeout: Duration) -> Result<String, String> {
+        self.clear();
+        let marker = format!("gkvm-done-{}", std::process::id());
+        // Split the marker so the echoed command line does not match it.
+        let (a, b) = marker.split_at(5);
+        self.send_line(&format!("{command}; echo '{a}''{b}'"))
+            .map_err(|e| e.to_string())?;
+        self.wait_for(&format!("{marker}\r\n"), timeout)
+            .or_else(|_| self.wait_for(&format!("{marker}\n"), Duration::from_millis(1)))
+    }
+}
+
+/// A scratch directory removed when dropped, under `/tmp` (short paths keep
+/// Unix socket names under their 108-byte limit).
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates a fresh directory whose name starts with `prefix`.
+    pub fn new(prefix: &str) -> ScratchDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        ScratchDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed and reaped when dropped.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
