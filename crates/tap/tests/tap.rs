@@ -2,10 +2,9 @@
 //! guest using a TAP handed over as a descriptor.
 
 use gkvm_tap::{Error, TapBuilder, VnetHdr};
-use gkvm_testkit::{require, KillOnDrop, Need, ScratchDir, Serial, READY_LINE};
+use gkvm_testkit::{require, Need, Vm};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 fn sys_net(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
@@ -235,42 +234,18 @@ fn qemu_guest_boots_with_a_tap_from_this_crate() {
     let Some(env) = require("qemu_guest_tap", &[Need::Root, Need::Guest]) else {
         return;
     };
-    let guest = env.guest.unwrap();
-    let dir = ScratchDir::new("gkvm-tap-e2e");
-    let serial = dir.path().join("serial.sock");
     let tap = TapBuilder::new().name_template("gktq%d").open().unwrap();
     tap.set_up().unwrap();
-
-    let mut cmd = Command::new(&env.qemu);
-    let fd = tap.pass_to_child(&mut cmd)[0];
-    cmd.args([
-        "-machine",
-        &format!("pc,accel={}", gkvm_testkit::guest_accel()),
-    ])
-    .args(["-m", "128", "-nodefaults", "-display", "none", "-no-reboot"])
-    .arg("-kernel")
-    .arg(&guest.kernel)
-    .arg("-initrd")
-    .arg(&guest.initrd)
-    .args(["-append", &guest.cmdline])
-    .args([
-        "-chardev",
-        &format!("socket,id=s0,path={},server=on,wait=on", serial.display()),
-    ])
-    .args(["-serial", "chardev:s0"])
-    .args(["-netdev", &format!("tap,id=n0,fd={fd}")])
-    .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"])
-    .stdin(std::process::Stdio::null());
-    let child = KillOnDrop(cmd.spawn().expect("spawn qemu"));
     let started = std::time::Instant::now();
-    let mut console = Serial::connect(&serial, Duration::from_secs(10)).unwrap();
-    let seen = console
-        .wait_for(READY_LINE, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut vm = Vm::spawn(&env, |cmd| {
+        let fd = tap.pass_to_child(cmd)[0];
+        cmd.args(["-netdev", &format!("tap,id=n0,fd={fd}")])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]);
+    });
+    let seen = vm.wait_ready();
     eprintln!("guest ready after {:?}", started.elapsed());
     assert!(seen.contains("eth0 up 52:54:00:12:34:56"), "{seen}");
     // The guest's link came up on the TAP: the host side sees carrier.
     let carrier = std::fs::read_to_string(format!("/sys/class/net/{}/carrier", tap.name()));
     assert_eq!(carrier.unwrap().trim(), "1");
-    drop(child);
 }

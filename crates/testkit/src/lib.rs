@@ -277,3 +277,93 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A QEMU process started for a test, killed and cleaned up when dropped.
+#[derive(Debug)]
+pub struct Vm {
+    /// The QMP socket (`server=on,wait=off`).
+    pub qmp: PathBuf,
+    /// The serial console, when the VM runs the test guest.
+    pub serial: Option<Serial>,
+    /// The QEMU process.
+    pub child: KillOnDrop,
+    /// The VM's scratch directory (sockets).
+    pub dir: ScratchDir,
+}
+
+impl Vm {
+    /// Starts QEMU: with the test guest when `env.guest` is set (serial on
+    /// a socket the helper connects to, 128 MiB, a virtio balloon), else a
+    /// guest-less `-S` VM on KVM when available. `customize` may add
+    /// arguments or descriptors before the spawn.
+    pub fn spawn(env: &Env, customize: impl FnOnce(&mut std::process::Command)) -> Vm {
+        let dir = ScratchDir::new("gkvm-vm");
+        let qmp = dir.path().join("qmp.sock");
+        let serial_path = dir.path().join("serial.sock");
+        let mut cmd = std::process::Command::new(&env.qemu);
+        cmd.args(["-nodefaults", "-display", "none", "-m", "128", "-no-reboot"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(["-device", "virtio-balloon-pci,id=balloon0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        match &env.guest {
+            Some(g) => {
+                cmd.args(["-machine", &format!("pc,accel={}", guest_accel())])
+                    .arg("-kernel")
+                    .arg(&g.kernel)
+                    .arg("-initrd")
+                    .arg(&g.initrd)
+                    .args(["-append", &g.cmdline])
+                    .arg("-chardev")
+                    .arg(format!(
+                        "socket,id=s0,path={},server=on,wait=on",
+                        serial_path.display()
+                    ))
+                    .args(["-serial", "chardev:s0"]);
+            }
+            None => {
+                cmd.args(["-machine", &format!("pc,accel={}", guestless_accel())])
+                    .arg("-S");
+            }
+        }
+        customize(&mut cmd);
+        let child = KillOnDrop(cmd.spawn().expect("spawn qemu"));
+        let serial = env.guest.as_ref().map(|_| {
+            Serial::connect(&serial_path, Duration::from_secs(20)).expect("serial console socket")
+        });
+        // The QMP socket exists once QEMU got past option parsing.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !qmp.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Vm {
+            qmp,
+            serial,
+            child,
+            dir,
+        }
+    }
+
+    /// Waits for the guest's ready line on its serial console.
+    pub fn wait_ready(&mut self) -> String {
+        let serial = self.serial.as_mut().expect("a VM with the test guest");
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Waits up to `timeout` for QEMU to exit; its exit code, or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.0.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Helpers for gkvm's end-to-end benchmark runners: timing loops and the
+//! ratio table they print. Benchmarks are not tests: nothing here asserts a
+//! time; the runners print figures beside a bare-QEMU baseline measured in
+//! the same run.
+#![deny(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+/// Median and spread of repeated timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    /// Median duration.
+    pub median: Duration,
+    /// 10th percentile.
+    pub p10: Duration,
+    /// 90th percentile.
+    pub p90: Duration,
+}
+
+/// Times `f` `n` times (after `warmup` untimed runs).
+pub fn measure(n: usize, warmup: usize, mut f: impl FnMut()) -> Stats {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut times: Vec<Duration> = (0..n.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p10: at(0.1),
+        p90: at(0.9),
+    }
+}
+
+/// One row of a ratio table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What was measured.
+    pub name: String,
+    /// Its timings.
+    pub stats: Stats,
+    /// The baseline's median, when this row is compared to one.
+    pub baseline: Option<Duration>,
+    /// The goal for `median / baseline`, when there is one.
+    pub goal: Option<f64>,
+}
+
+/// Prints rows as an aligned table with ratios and goals.
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!(
+        "{:<44} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "measurement", "median", "p10", "p90", "ratio", "goal"
+    );
+    for r in rows {
+        let ratio = r
+            .baseline
+            .map(|b| format!("{:.2}x", r.stats.median.as_secs_f64() / b.as_secs_f64()))
+            .unwrap_or_default();
+        let goal = r.goal.map(|g| format!("<={g:.2}x")).unwrap_or_default();
+        println!(
+            "{:<44} {:>12} {:>12} {:>12} {:>8} {:>8}",
+            r.name,
+            fmt(r.stats.median),
+            fmt(r.stats.p10),
+            fmt(r.stats.p90),
+            ratio,
+            goal
+        );
+    }
+}
+
+/// A duration in a readable unit.
+pub fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.1} µs")
+    } else if us < 1e6 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
