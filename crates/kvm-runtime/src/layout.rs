@@ -1,0 +1,248 @@
+//! The run directory and the paths of one instance.
+
+use std::path::{Path, PathBuf};
+
+use crate::fsutil::{ensure_private_dir, read_nofollow, remove_file, write_atomic};
+use crate::{validate_name, Error};
+
+/// gkvm's default run directory.
+pub const DEFAULT_ROOT: &str = "/run/gkvm";
+/// The seed driver's (Ganeti's) run directory for KVM.
+pub const SEED_ROOT: &str = "/var/run/ganeti/kvm-hypervisor";
+
+/// Longest Unix socket path (`sun_path` less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+const SUBDIRS: [&str; 8] = [
+    "pid",
+    "uid",
+    "ctrl",
+    "conf",
+    "nic",
+    "keymap",
+    "chroot",
+    "chroot-quarantine",
+];
+
+/// A node's run directory: where every instance's pid, sockets, runtime
+/// file, NIC records, keymap and chroot live. The file names are the seed
+/// driver's, so [`RunDir::seed`] reads and writes a Ganeti node's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl Default for RunDir {
+    fn default() -> Self {
+        RunDir::new(DEFAULT_ROOT)
+    }
+}
+
+impl RunDir {
+    /// A run directory rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> RunDir {
+        RunDir { root: root.into() }
+    }
+
+    /// The seed driver's layout preset: `/var/run/ganeti/kvm-hypervisor`.
+    pub fn seed() -> RunDir {
+        RunDir::new(SEED_ROOT)
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the root and its subdirectories with mode 0700 (fine to
+    /// call on every operation: the run dir may live on a wiped tmpfs).
+    pub fn ensure(&self) -> Result<(), Error> {
+        ensure_private_dir(&self.root)?;
+        for d in SUBDIRS {
+            ensure_private_dir(&self.root.join(d))?;
+        }
+        Ok(())
+    }
+
+    /// The paths of instance `name`, after checking the name.
+    pub fn instance(&self, name: &str) -> Result<InstancePaths, Error> {
+        validate_name(name)?;
+        let ctrl = self.root.join("ctrl");
+        let paths = InstancePaths {
+            name: name.to_owned(),
+            pid: self.root.join("pid").join(name),
+            uid: self.root.join("uid").join(name),
+            monitor: ctrl.join(format!("{name}.monitor")),
+            serial: ctrl.join(format!("{name}.serial")),
+            qmp: ctrl.join(format!("{name}.qmp")),
+            lock: ctrl.join(format!("{name}.lock")),
+            runtime: self.root.join("conf").join(format!("{name}.runtime")),
+            nic_dir: self.root.join("nic").join(name),
+            keymap: self.root.join("keymap").join(name),
+            chroot: self.root.join("chroot").join(name),
+            quarantine_dir: self.root.join("chroot-quarantine"),
+        };
+        for sock in [&paths.monitor, &paths.serial, &paths.qmp] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(Error::SocketPathTooLong { path: sock.clone() });
+            }
+        }
+        Ok(paths)
+    }
+
+    /// Names of the instances that have a pid file (running or stale).
+    pub fn instances_with_pid_files(&self) -> Result<Vec<String>, Error> {
+        let dir = self.root.join("pid");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| validate_name(n).is_ok())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The node-wide lock file (for allocations such as the uid pool).
+    pub fn node_lock_path(&self) -> PathBuf {
+        self.root.join("ctrl").join(".node.lock")
+    }
+}
+
+/// Where one instance's files live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstancePaths {
+    /// The (validated) instance name.
+    pub name: String,
+    /// `pid/<name>`: QEMU's pid.
+    pub pid: PathBuf,
+    /// `uid/<name>`: the uid taken from the pool.
+    pub uid: PathBuf,
+    /// `ctrl/<name>.monitor`: the seed's HMP socket (removed on cleanup).
+    pub monitor: PathBuf,
+    /// `ctrl/<name>.serial`: the serial console socket.
+    pub serial: PathBuf,
+    /// `ctrl/<name>.qmp`: the QMP socket.
+    pub qmp: PathBuf,
+    /// `ctrl/<name>.lock`: the per-instance operation lock.
+    pub lock: PathBuf,
+    /// `conf/<name>.runtime`: the runtime file.
+    pub runtime: PathBuf,
+    /// `nic/<name>/`: one file per NIC naming its TAP.
+    pub nic_dir: PathBuf,
+    /// `keymap/<name>`: the VNC keymap file.
+    pub keymap: PathBuf,
+    /// `chroot/<name>`: the chroot directory.
+    pub chroot: PathBuf,
+    /// `chroot-quarantine/`: where non-empty chroots are moved.
+    pub quarantine_dir: PathBuf,
+}
+
+/// What [`InstancePaths::cleanup`] did that the caller may want to report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// The uid given back to the pool, if one was recorded.
+    pub released_uid: Option<u32>,
+    /// Where a non-empty chroot was moved.
+    pub quarantined_chroot: Option<PathBuf>,
+}
+
+impl InstancePaths {
+    /// `nic/<name>/<seq>`.
+    pub fn nic_file(&self, seq: usize) -> PathBuf {
+        self.nic_dir.join(seq.to_string())
+    }
+
+    /// Records the TAP interface of NIC `seq`.
+    pub fn write_nic(&self, seq: usize, interface: &str) -> Result<(), Error> {
+        ensure_private_dir(&self.nic_dir)?;
+        write_atomic(&self.nic_file(seq), interface.as_bytes())
+    }
+
+    /// The recorded TAP interfaces, in NIC order.
+    pub fn read_nics(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        for seq in 0.. {
+            match read_nofollow(&self.nic_file(seq))? {
+                Some(b) => out.push(String::from_utf8_lossy(&b).trim().to_owned()),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the keymap file atomically.
+    pub fn write_keymap(&self, content: &str) -> Result<(), Error> {
+        write_atomic(&self.keymap, content.as_bytes())
+    }
+
+    /// Removes everything the instance left: pid file, sockets, runtime
+    /// file, NIC records, keymap and lock; gives its uid back (the uid file
+    /// goes); removes an empty chroot and moves a non-empty one to the
+    /// quarantine. Idempotent.
+    pub fn cleanup(&self) -> Result<CleanupReport, Error> {
+        let mut report = CleanupReport::default();
+        for f in [
+            &self.pid,
+            &self.monitor,
+            &self.serial,
+            &self.qmp,
+            &self.runtime,
+            &self.keymap,
+        ] {
+            remove_file(f)?;
+        }
+        report.released_uid = crate::uid::release(self)?;
+        match std::fs::remove_dir_all(&self.nic_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &self.nic_dir, e)),
+        }
+        report.quarantined_chroot = self.remove_chroot()?;
+        // Last: the lock file (lockers re-check the inode after locking).
+        remove_file(&self.lock)?;
+        Ok(report)
+    }
+
+    fn remove_chroot(&self) -> Result<Option<PathBuf>, Error> {
+        match std::fs::symlink_metadata(&self.chroot) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("stat", &self.chroot, e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::UnexpectedFileType {
+                    path: self.chroot.clone(),
+                    expected: "directory",
+                })
+            }
+            Ok(_) => {}
+        }
+        match std::fs::remove_dir(&self.chroot) {
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                ensure_private_dir(&self.quarantine_dir)?;
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let dest = self.quarantine_dir.join(format!(
+                    "{}-{stamp}-{}",
+                    self.name,
+                    std::process::id()
+                ));
+                std::fs::rename(&self.chroot, &dest)
+                    .map_err(|e| Error::io("quarantine chroot", &self.chroot, e))?;
+                tracing::warn!(
+                    instance = %self.name,
+                    quarantine = %dest.display(),
+                    "chroot was not empty; moved to quarantine for inspection"
+                );
+                Ok(Some(dest))
+            }
+            Err(e) => Err(Error::io("remove", &self.chroot, e)),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The runtime file: what is saved about a running instance.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::fsutil::{read_nofollow, write_atomic};
+use crate::{Error, InstancePaths};
+
+/// The runtime format version this build writes.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Where a runtime record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Written by gkvm.
+    #[default]
+    Gkvm,
+    /// Written by the seed driver (Ganeti): `[argv, nics, hvparams(, disks)]`.
+    Seed,
+}
+
+/// What is saved about a running instance: the argv QEMU was started with,
+/// its NICs, hvparams and disks, and a payload the caller owns. This crate
+/// does not interpret NICs, hvparams, disks or the payload.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RuntimeRecord {
+    /// The QEMU command line (without start-time parts such as fds).
+    pub argv: Vec<String>,
+    /// The NICs, as the writer serialized them.
+    #[serde(default)]
+    pub nics: Vec<Value>,
+    /// The hypervisor parameters in force.
+    #[serde(default)]
+    pub hvparams: Map<String, Value>,
+    /// The disks.
+    #[serde(default)]
+    pub disks: Vec<Value>,
+    /// Anything else the writer needs back (opaque here).
+    #[serde(default)]
+    pub payload: Value,
+    /// Who wrote it (not stored; set on load).
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Versioned {
+    gkvm_runtime: u64,
+    #[serde(flatten)]
+    record: RuntimeRecord,
+}
+
+impl RuntimeRecord {
+    /// Serializes in gkvm's versioned format.
+    pub fn to_json(&self) -> Vec<u8> {
+        let v = Versioned {
+            gkvm_runtime: FORMAT_VERSION,
+            record: self.clone(),
+        };
+        serde_json::to_vec_pretty(&v).unwrap_or_default()
+    }
+
+    /// Parses gkvm's format (any version up to [`FORMAT_VERSION`]) or the
+    /// seed driver's list form. `source` names the data in errors.
+    pub fn from_json(data: &[u8], source: &std::path::Path) -> Result<RuntimeRecord, Error> {
+        let corrupt = |reason: String| Error::Corrupt {
+            path: source.to_owned(),
+            reason,
+        };
+        let value: Value =
+            serde_json::from_slice(data).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        match value {
+            Value::Object(ref obj) => {
+                let version = obj
+                    .get("gkvm_runtime")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| corrupt("no gkvm_runtime version".into()))?;
+                if version > FORMAT_VERSION {
+                    return Err(Error::UnsupportedVersion {
+                        path: source.to_owned(),
+                        version,
+                    });
+                }
+                let v: Versioned = serde_json::from_value(value)
+                    .map_err(|e| corrupt(format!("bad runtime record: {e}")))?;
+                Ok(RuntimeRecord {
+                    origin: Origin::Gkvm,
+                    ..v.record
+                })
+            }
+            Value::Array(items) => Self::from_seed(items).map_err(corrupt),
+            _ => Err(corrupt(
+                "neither a gkvm record nor a seed runtime list".into(),
+            )),
+        }
+    }
+
+    /// The seed's `[argv, nics, hvparams]` or `[argv, nics, hvparams, disks]`.
+    fn from_seed(items: Vec<Value>) -> Result<RuntimeRecord, String> {
+        if !(3..=4).contains(&items.len()) {
+            return Err(format!(
+                "seed runtime list has {} elements, not 3 or 4",
+                items.len()
+            ));
+        }
+        let mut it = items.into_iter();
+        // The seed put some numbers (the memory size) into its argv as is.
+        let argv = match it.next() {
+            Some(Value::Array(args)) => args
+                .into_iter()
+                .map(|a| match a {
+                    Value::String(s) => Ok(s),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(format!("seed argv: {other} is not a string or number")),
+                })
+                .collect::<Result<Vec<String>, String>>()?,
+            _ => return Err("seed argv: not a list".into()),
+        };
+        let nics: Vec<Value> = serde_json::from_value(it.next().unwrap_or_default())
+            .map_err(|e| format!("seed nics: {e}"))?;
+        let hvparams: Map<String, Value> = serde_json::from_value(it.next().unwrap_or_default())
+            .map_err(|e| format!("seed hvparams: {e}"))?;
+        let disks: Vec<Value> = match it.next() {
+            Some(d) => serde_json::from_value(d).map_err(|e| format!("seed disks: {e}"))?,
+            None => Vec::new(),
+        };
+        Ok(RuntimeRecord {
+            argv,
+            nics,
+            hvparams,
+            disks,
+            payload: Value::Null,
+            origin: Origin::Seed,
+        })
+    }
+
+    /// The seed driver's list form (for handing a runtime to a Ganeti node).
+    pub fn to_seed_json(&self) -> Vec<u8> {
+        let mut list = vec![
+            Value::from(self.argv.clone()),
+            Value::from(self.nics.clone()),
+            Value::Object(self.hvparams.clone()),
+        ];
+        if !self.disks.is_empty() {
+            list.push(Value::from(self.disks.clone()));
+        }
+        serde_json::to_vec(&list).unwrap_or_default()
+    }
+}
+
+impl InstancePaths {
+    /// Writes the runtime file atomically (mode 0600).
+    pub fn write_runtime(&self, record: &RuntimeRecord) -> Result<(), Error> {
+        write_atomic(&self.runtime, &record.to_json())
+    }
+
+    /// Reads the runtime file; `Ok(None)` when there is none.
+    pub fn read_runtime(&self) -> Result<Option<RuntimeRecord>, Error> {
+        match read_nofollow(&self.runtime)? {
+            None => Ok(None),
+            Some(data) => RuntimeRecord::from_json(&data, &self.runtime).map(Some),
+        }
+    }
+}
