@@ -1,0 +1,576 @@
+//! The KVM hypervisor parameters, with the seed driver's key names and
+//! defaults (deviations are listed in the crate README), typed.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::cpumask::CpuMask;
+use crate::Error;
+
+macro_rules! str_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $s:literal),+ $(,)? } default $def:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vdoc])* #[serde(rename = $s)] $variant),+
+        }
+        impl $name {
+            /// Every value, as the seed spells them.
+            pub const ALL: &'static [&'static str] = &[$($s),+];
+            /// The seed's spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $s),+ }
+            }
+        }
+        impl Default for $name {
+            fn default() -> Self { $name::$def }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+str_enum!(
+    /// `boot_order`.
+    BootOrder { /** First disk. */ Disk = "disk", /** The CD-ROM image. */ Cdrom = "cdrom",
+                /** The floppy image. */ Floppy = "floppy", /** PXE. */ Network = "network" } default Disk);
+str_enum!(
+    /// `nic_type`: the emulated NIC model.
+    NicType { /** virtio-net. */ Paravirtual = "paravirtual", #[allow(missing_docs)] Rtl8139 = "rtl8139",
+              #[allow(missing_docs)] Ne2kPci = "ne2k_pci", #[allow(missing_docs)] Ne2kIsa = "ne2k_isa",
+              #[allow(missing_docs)] I82551 = "i82551", #[allow(missing_docs)] I82557b = "i82557b",
+              #[allow(missing_docs)] I82559er = "i82559er", #[allow(missing_docs)] Pcnet = "pcnet",
+              #[allow(missing_docs)] E1000 = "e1000" } default Paravirtual);
+str_enum!(
+    /// `disk_type` and `cdrom_disk_type`: how disks are attached.
+    DiskType { /** virtio-blk. */ Paravirtual = "paravirtual", /** IDE. */ Ide = "ide",
+               /** SCSI (virtio-scsi controller on modern QEMU). */ Scsi = "scsi",
+               /** SD card. */ Sd = "sd", /** MTD. */ Mtd = "mtd", /** Parallel flash. */ Pflash = "pflash" } default Paravirtual);
+str_enum!(
+    /// `usb_mouse`.
+    UsbMouse { /** Relative USB mouse. */ Mouse = "mouse", /** Absolute tablet. */ Tablet = "tablet" } default Tablet);
+str_enum!(
+    /// `migration_mode`.
+    MigrationMode { /** Live. */ Live = "live", /** Pause first. */ NonLive = "non-live" } default Live);
+str_enum!(
+    /// `disk_cache`.
+    DiskCache { /** QEMU's default. */ Default = "default", #[allow(missing_docs)] None = "none",
+                #[allow(missing_docs)] Writethrough = "writethrough", #[allow(missing_docs)] Writeback = "writeback" } default Default);
+str_enum!(
+    /// `security_model`.
+    SecurityModel { /** Run as the caller. */ None = "none", /** Run as `security_domain`. */ User = "user",
+                    /** A uid from the pool. */ Pool = "pool" } default None);
+str_enum!(
+    /// `kvm_flag`.
+    KvmFlag { /** KVM acceleration. */ Enabled = "enabled", /** TCG, no KVM. */ Disabled = "disabled" } default Enabled);
+str_enum!(
+    /// `reboot_behavior`.
+    RebootBehavior { /** The guest may reboot. */ Allow = "allow", /** A reboot makes QEMU exit. */ Exit = "exit" } default Allow);
+str_enum!(
+    /// SPICE lossless image compression.
+    SpiceLossless { #[allow(missing_docs)] AutoGlz = "auto_glz", #[allow(missing_docs)] AutoLz = "auto_lz",
+                    #[allow(missing_docs)] Quic = "quic", #[allow(missing_docs)] Glz = "glz",
+                    #[allow(missing_docs)] Lz = "lz", #[allow(missing_docs)] Off = "off" } default AutoGlz);
+str_enum!(
+    /// SPICE lossy (WAN) compression.
+    SpiceLossy { #[allow(missing_docs)] Auto = "auto", #[allow(missing_docs)] Never = "never",
+                 #[allow(missing_docs)] Always = "always" } default Auto);
+str_enum!(
+    /// SPICE video stream detection.
+    SpiceVideo { #[allow(missing_docs)] Off = "off", #[allow(missing_docs)] All = "all",
+                 #[allow(missing_docs)] Filter = "filter" } default Off);
+
+/// Serial speeds the seed accepts.
+pub const VALID_SERIAL_SPEEDS: &[u32] = &[
+    75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600, 14400, 19200, 28800, 38400, 57600, 115200,
+    230400, 345600, 460800,
+];
+
+/// The seed's TLS cipher default for SPICE.
+pub const DEFAULT_SPICE_TLS_CIPHERS: &str = "HIGH:-DES:-3DES:-EXPORT:-ADH";
+
+/// Every KVM hypervisor parameter of the seed driver, typed. Empty strings
+/// in the seed's format are `None` here for optional values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HvParams {
+    /// QEMU binary.
+    pub kvm_path: PathBuf,
+    /// Kernel to boot directly (none: boot from disk).
+    #[serde(with = "empty_none")]
+    pub kernel_path: Option<PathBuf>,
+    /// Initrd for `kernel_path`.
+    #[serde(with = "empty_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// `root=` for `kernel_path`.
+    pub root_path: String,
+    /// Extra kernel command line for `kernel_path`.
+    pub kernel_args: String,
+    /// ACPI on.
+    #[serde(with = "lenient")]
+    pub acpi: bool,
+    /// Serial console on a Unix socket.
+    #[serde(with = "lenient")]
+    pub serial_console: bool,
+    /// Console speed for `console=ttyS0,SPEED`.
+    #[serde(with = "lenient")]
+    pub serial_speed: u32,
+    /// VNC: an IPv4 address, or an absolute directory for a Unix socket.
+    pub vnc_bind_address: String,
+    /// VNC TLS.
+    #[serde(with = "lenient")]
+    pub vnc_tls: bool,
+    /// VNC x509 certificate directory.
+    #[serde(with = "empty_none")]
+    pub vnc_x509_path: Option<PathBuf>,
+    /// Verify VNC clients' certificates.
+    #[serde(with = "lenient")]
+    pub vnc_x509_verify: bool,
+    /// File holding the VNC password (set over QMP, never on the command line).
+    #[serde(with = "empty_none")]
+    pub vnc_password_file: Option<PathBuf>,
+    /// SPICE: an IP address or a host interface name.
+    pub spice_bind: String,
+    /// SPICE IP version: 0 (any), 4 or 6.
+    #[serde(with = "lenient")]
+    pub spice_ip_version: u8,
+    /// File holding the SPICE password (set over QMP).
+    #[serde(with = "empty_none")]
+    pub spice_password_file: Option<PathBuf>,
+    /// SPICE lossless image compression.
+    #[serde(with = "empty_none")]
+    pub spice_image_compression: Option<SpiceLossless>,
+    /// SPICE JPEG WAN compression.
+    #[serde(with = "empty_none")]
+    pub spice_jpeg_wan_compression: Option<SpiceLossy>,
+    /// SPICE zlib-glz WAN compression.
+    #[serde(with = "empty_none")]
+    pub spice_zlib_glz_wan_compression: Option<SpiceLossy>,
+    /// SPICE video stream detection.
+    #[serde(with = "empty_none")]
+    pub spice_streaming_video: Option<SpiceVideo>,
+    /// SPICE audio compression.
+    #[serde(with = "lenient")]
+    pub spice_playback_compression: bool,
+    /// SPICE over TLS.
+    #[serde(with = "lenient")]
+    pub spice_use_tls: bool,
+    /// SPICE TLS ciphers.
+    pub spice_tls_ciphers: String,
+    /// SPICE guest agent channel.
+    #[serde(with = "lenient")]
+    pub spice_use_vdagent: bool,
+    /// Floppy image.
+    #[serde(with = "empty_none")]
+    pub floppy_image_path: Option<PathBuf>,
+    /// CD-ROM image.
+    #[serde(with = "empty_none")]
+    pub cdrom_image_path: Option<PathBuf>,
+    /// Second CD-ROM image.
+    #[serde(with = "empty_none")]
+    pub cdrom2_image_path: Option<PathBuf>,
+    /// Boot device.
+    pub boot_order: BootOrder,
+    /// NIC model.
+    pub nic_type: NicType,
+    /// Disk attachment.
+    pub disk_type: DiskType,
+    /// CD-ROM attachment (default: `disk_type`).
+    #[serde(with = "empty_none")]
+    pub cdrom_disk_type: Option<DiskType>,
+    /// USB pointing device.
+    #[serde(with = "empty_none")]
+    pub usb_mouse: Option<UsbMouse>,
+    /// VNC keyboard layout.
+    pub keymap: String,
+    /// Migration TCP port.
+    #[serde(with = "lenient")]
+    pub migration_port: u16,
+    /// Migration bandwidth limit in MiB/s.
+    #[serde(with = "lenient")]
+    pub migration_bandwidth: u32,
+    /// Migration downtime limit in ms.
+    #[serde(with = "lenient")]
+    pub migration_downtime: u32,
+    /// Live or not.
+    pub migration_mode: MigrationMode,
+    /// RTC in local time.
+    #[serde(with = "lenient")]
+    pub use_localtime: bool,
+    /// Disk cache mode.
+    pub disk_cache: DiskCache,
+    /// Which user QEMU runs as.
+    pub security_model: SecurityModel,
+    /// The user for `security_model=user`.
+    pub security_domain: String,
+    /// KVM acceleration on or off. The seed's `""` (say nothing) meant KVM
+    /// on the qemu-kvm of its day, so it reads as `enabled`.
+    #[serde(deserialize_with = "kvm_flag_or_empty")]
+    pub kvm_flag: KvmFlag,
+    /// vhost-net for paravirtual NICs.
+    #[serde(with = "lenient")]
+    pub vhost_net: bool,
+    /// chroot QEMU into an empty per-instance directory.
+    #[serde(with = "lenient")]
+    pub use_chroot: bool,
+    /// Back guest RAM by files in this directory (hugetlbfs).
+    #[serde(with = "empty_none")]
+    pub mem_path: Option<PathBuf>,
+    /// What a guest reboot does.
+    pub reboot_behavior: RebootBehavior,
+    /// CPU pinning, e.g. `all`, `0-3`, `0:1:2-3` (one set per vCPU).
+    pub cpu_mask: CpuMask,
+    /// `-cpu` model and flags.
+    pub cpu_type: String,
+    /// Cores per socket (0: QEMU decides).
+    #[serde(with = "lenient")]
+    pub cpu_cores: u32,
+    /// Threads per core (0: QEMU decides).
+    #[serde(with = "lenient")]
+    pub cpu_threads: u32,
+    /// Sockets (0: QEMU decides).
+    #[serde(with = "lenient")]
+    pub cpu_sockets: u32,
+    /// Sound card model.
+    pub soundhw: String,
+    /// Extra USB devices, comma separated (`-usbdevice` names).
+    pub usb_devices: String,
+    /// `-vga` type.
+    pub vga: String,
+    /// Extra QEMU arguments, split on whitespace.
+    pub kvm_extra: String,
+    /// Machine type (empty: QEMU's default, resolved to its concrete name).
+    pub machine_version: String,
+}
+
+impl Default for HvParams {
+    fn default() -> Self {
+        HvParams {
+            kvm_path: PathBuf::from("/usr/bin/kvm"),
+            kernel_path: None,
+            initrd_path: None,
+            root_path: "/dev/vda1".into(),
+            kernel_args: "ro".into(),
+            acpi: true,
+            serial_console: true,
+            serial_speed: 38400,
+            vnc_bind_address: String::new(),
+            vnc_tls: false,
+            vnc_x509_path: None,
+            vnc_x509_verify: false,
+            vnc_password_file: None,
+            spice_bind: String::new(),
+            spice_ip_version: 0,
+            spice_password_file: None,
+            spice_image_compression: None,
+            spice_jpeg_wan_compression: None,
+            spice_zlib_glz_wan_compression: None,
+            spice_streaming_video: None,
+            spice_playback_compression: true,
+            spice_use_tls: false,
+            spice_tls_ciphers: DEFAULT_SPICE_TLS_CIPHERS.into(),
+            spice_use_vdagent: true,
+            floppy_image_path: None,
+            cdrom_image_path: None,
+            cdrom2_image_path: None,
+            boot_order: BootOrder::Disk,
+            nic_type: NicType::Paravirtual,
+            disk_type: DiskType::Paravirtual,
+            cdrom_disk_type: None,
+            usb_mouse: None,
+            keymap: String::new(),
+            migration_port: 8102,
+            migration_bandwidth: 32,
+            migration_downtime: 30,
+            migration_mode: MigrationMode::Live,
+            use_localtime: false,
+            disk_cache: DiskCache::Default,
+            security_model: SecurityModel::None,
+            security_domain: String::new(),
+            kvm_flag: KvmFlag::Enabled,
+            vhost_net: false,
+            use_chroot: false,
+            mem_path: None,
+            reboot_behavior: RebootBehavior::Allow,
+            cpu_mask: CpuMask::all(),
+            cpu_type: String::new(),
+            cpu_cores: 0,
+            cpu_threads: 0,
+            cpu_sockets: 0,
+            soundhw: String::new(),
+            usb_devices: String::new(),
+            vga: String::new(),
+            kvm_extra: String::new(),
+            machine_version: String::new(),
+        }
+    }
+}
+
+impl HvParams {
+    /// Every parameter name, in the seed's order.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(HvParams::default()) {
+            Ok(Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The parameters as a JSON map (the seed's spelling: `""` for unset).
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// Parses a JSON map over the defaults. Values may be JSON-typed or
+    /// strings (`"true"`, `"38400"`); errors name the key and value.
+    pub fn from_map(map: &Map<String, Value>) -> Result<HvParams, Error> {
+        let mut params = HvParams::default();
+        params.apply_map(map)?;
+        Ok(params)
+    }
+
+    /// Parses `key=value` items over the defaults.
+    pub fn from_pairs<S: AsRef<str>>(pairs: &[S]) -> Result<HvParams, Error> {
+        let mut params = HvParams::default();
+        for p in pairs {
+            params.set_pair(p.as_ref())?;
+        }
+        Ok(params)
+    }
+
+    /// Sets one `key=value` item.
+    pub fn set_pair(&mut self, pair: &str) -> Result<(), Error> {
+        let (key, value) = pair.split_once('=').ok_or_else(|| Error::InvalidValue {
+            key: pair.to_owned(),
+            value: String::new(),
+            reason: "expected key=value".into(),
+        })?;
+        self.set(key.trim(), Value::String(value.to_owned()))
+    }
+
+    /// Sets one parameter from a JSON value (or a string to parse).
+    pub fn set(&mut self, key: &str, value: Value) -> Result<(), Error> {
+        let mut m = Map::new();
+        m.insert(key.to_owned(), value);
+        self.apply_map(&m)
+    }
+
+    fn apply_map(&mut self, map: &Map<String, Value>) -> Result<(), Error> {
+        let mut current = self.to_map();
+        for (key, value) in map {
+            if !current.contains_key(key) {
+                return Err(Error::UnknownParameter { key: key.clone() });
+            }
+            // Parse the one key alone so an error can name it.
+            let mut one = Map::new();
+            one.insert(key.clone(), value.clone());
+            let parsed: HvParams =
+                serde_json::from_value(Value::Object(one)).map_err(|e| Error::InvalidValue {
+                    key: key.clone(),
+                    value: match value {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    },
+                    reason: clean_serde_message(&e.to_string()),
+                })?;
+            let canonical = parsed.to_map().remove(key).unwrap_or(Value::Null);
+            current.insert(key.clone(), canonical);
+        }
+        *self =
+            serde_json::from_value(Value::Object(current)).map_err(|e| Error::InvalidValue {
+                key: "hvparams".into(),
+                value: String::new(),
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+fn kvm_flag_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<KvmFlag, D::Error> {
+    let v = Value::deserialize(d)?;
+    match v {
+        Value::String(ref s) if s.is_empty() => Ok(KvmFlag::Enabled),
+        other => KvmFlag::deserialize(other).map_err(serde::de::Error::custom),
+    }
+}
+
+fn clean_serde_message(m: &str) -> String {
+    // serde_json appends " at line 1 column N", meaningless for one value.
+    match m.find(" at line ") {
+        Some(i) => m[..i].to_owned(),
+        None => m.to_owned(),
+    }
+}
+
+/// `""` ↔ `None` for optional values, as the seed stores them.
+pub(crate) mod empty_none {
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::Null => Ok(None),
+            Value::String(ref s) if s.is_empty() => Ok(None),
+            other => T::deserialize(other)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Booleans and numbers that also accept their string spellings, so that
+/// `key=value` text and typed JSON parse the same.
+pub(crate) mod lenient {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    pub trait Lenient: Sized + Serialize {
+        fn from_value(v: &Value) -> Result<Self, String>;
+    }
+
+    impl Lenient for bool {
+        fn from_value(v: &Value) -> Result<bool, String> {
+            match v {
+                Value::Bool(b) => Ok(*b),
+                Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
+                Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
+                Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "yes" | "on" | "1" => Ok(true),
+                    "false" | "no" | "off" | "0" => Ok(false),
+                    _ => Err("expected a boolean (true/false, yes/no, on/off, 1/0)".into()),
+                },
+                _ => Err("expected a boolean".into()),
+            }
+        }
+    }
+
+    macro_rules! lenient_int {
+        ($($t:ty),*) => {$(
+            impl Lenient for $t {
+                fn from_value(v: &Value) -> Result<$t, String> {
+                    let range = || format!("expected an integer from {} to {}", <$t>::MIN, <$t>::MAX);
+                    match v {
+                        Value::Number(n) => n.as_u64().and_then(|n| <$t>::try_from(n).ok()).ok_or_else(range),
+                        Value::String(s) => s.trim().parse::<$t>().map_err(|_| range()),
+                        _ => Err(range()),
+                    }
+                }
+            }
+        )*};
+    }
+    lenient_int!(u8, u16, u32);
+
+    pub fn serialize<T: Lenient, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub fn deserialize<'de, T: Lenient, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let v = Value::deserialize(d)?;
+        T::from_value(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_the_seed_map() {
+        let d = HvParams::default();
+        let m = d.to_map();
+        assert_eq!(m["kernel_path"], "");
+        assert_eq!(m["serial_speed"], 38400);
+        assert_eq!(m["cpu_mask"], "all");
+        assert_eq!(HvParams::from_map(&m).unwrap(), d);
+        assert_eq!(HvParams::keys().len(), 56);
+    }
+
+    #[test]
+    fn pairs_parse_typed() {
+        let p = HvParams::from_pairs(&[
+            "acpi=no",
+            "serial_speed=115200",
+            "boot_order=cdrom",
+            "kernel_path=/boot/vmlinuz",
+            "cdrom_disk_type=",
+            "usb_mouse=tablet",
+            "cpu_mask=0-1:2",
+            "migration_port=9000",
+        ])
+        .unwrap();
+        assert!(!p.acpi);
+        assert_eq!(p.serial_speed, 115200);
+        assert_eq!(p.boot_order, BootOrder::Cdrom);
+        assert_eq!(
+            p.kernel_path.as_deref(),
+            Some(std::path::Path::new("/boot/vmlinuz"))
+        );
+        assert_eq!(p.cdrom_disk_type, None);
+        assert_eq!(p.usb_mouse, Some(UsbMouse::Tablet));
+        assert_eq!(p.cpu_mask.to_string(), "0-1:2");
+        assert_eq!(p.migration_port, 9000);
+    }
+
+    #[test]
+    fn errors_name_key_and_value() {
+        let e = HvParams::from_pairs(&["no_such=1"]).unwrap_err();
+        assert_eq!(
+            e,
+            Error::UnknownParameter {
+                key: "no_such".into()
+            }
+        );
+        for (pair, key, value) in [
+            ("acpi=maybe", "acpi", "maybe"),
+            ("serial_speed=fast", "serial_speed", "fast"),
+            ("migration_port=70000", "migration_port", "70000"),
+            ("boot_order=usb", "boot_order", "usb"),
+            ("cpu_mask=0-x", "cpu_mask", "0-x"),
+            ("disk_cache=unsafe", "disk_cache", "unsafe"),
+        ] {
+            match HvParams::from_pairs(&[pair]) {
+                Err(Error::InvalidValue {
+                    key: k,
+                    value: v,
+                    reason,
+                }) => {
+                    assert_eq!((k.as_str(), v.as_str()), (key, value), "{reason}");
+                    assert!(!reason.contains("line 1"), "{reason}");
+                }
+                other => panic!("{pair}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            HvParams::from_pairs(&["acpi"]),
+            Err(Error::InvalidValue { .. })
+        ));
+    }
+
+    #[test]
+    fn json_map_with_native_types() {
+        let m = serde_json::json!({"acpi": false, "serial_speed": 9600, "kvm_flag": "disabled", "spice_ip_version": 6});
+        let p = HvParams::from_map(m.as_object().unwrap()).unwrap();
+        assert!(!p.acpi);
+        assert_eq!(p.serial_speed, 9600);
+        assert_eq!(p.kvm_flag, KvmFlag::Disabled);
+        assert_eq!(p.spice_ip_version, 6);
+    }
+}

@@ -1,0 +1,268 @@
+//! What to run: the instance definition cluster software and the CLI send.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, HvParams};
+
+/// An instance to start: the JSON interface of gkvm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// Instance name (a host name; used in paths and `-name`).
+    pub name: String,
+    /// System UUID (`-uuid`), when known.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// Memory in MiB (the maximum; the balloon can shrink it).
+    pub memory: u64,
+    /// Memory in MiB to balloon down to right after start (the seed's
+    /// startup memory); none means `memory`.
+    #[serde(default)]
+    pub startup_memory: Option<u64>,
+    /// Virtual CPUs.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Tags, passed to the NIC script as `TAGS`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Hypervisor parameters (seed key names; JSON types or strings).
+    #[serde(default)]
+    pub hvparams: HvParams,
+    /// Disks, in order (the first is the boot disk).
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// NICs, in order.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// The TCP port for VNC (display = port - 5900) or SPICE.
+    #[serde(default)]
+    pub network_port: Option<u16>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Read-write or read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum DiskMode {
+    /// Read-write.
+    #[default]
+    #[serde(rename = "rw")]
+    ReadWrite,
+    /// Read-only.
+    #[serde(rename = "ro")]
+    ReadOnly,
+}
+
+/// One disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Block device or image file on this node.
+    pub path: PathBuf,
+    /// Access mode.
+    #[serde(default)]
+    pub mode: DiskMode,
+    /// The Ganeti disk template (`plain`, `drbd`, `sharedfile`, `blockdev`,
+    /// `rbd`, `ext`, ...): shared-storage templates force `cache=none`.
+    #[serde(default)]
+    pub template: Option<String>,
+}
+
+/// Disk templates on storage shared between nodes: QEMU's page cache must
+/// be off for them or a migration can corrupt the disk.
+pub const SHARED_STORAGE_TEMPLATES: &[&str] = &["sharedfile", "blockdev", "rbd", "ext", "gluster"];
+
+impl DiskSpec {
+    /// Whether this disk lives on storage shared between nodes.
+    pub fn is_shared_storage(&self) -> bool {
+        self.template
+            .as_deref()
+            .is_some_and(|t| SHARED_STORAGE_TEMPLATES.contains(&t))
+    }
+}
+
+/// How a NIC reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NicMode {
+    /// TAP attached to the bridge named by `link`.
+    #[default]
+    Bridged,
+    /// TAP routed by the host (routing table `link`).
+    Routed,
+    /// TAP attached to the Open vSwitch named by `link`.
+    Openvswitch,
+}
+
+impl NicMode {
+    /// The seed's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NicMode::Bridged => "bridged",
+            NicMode::Routed => "routed",
+            NicMode::Openvswitch => "openvswitch",
+        }
+    }
+}
+
+/// The network a NIC belongs to (Ganeti's network objects).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct NetworkSpec {
+    /// Network name.
+    pub name: String,
+    /// IPv4 subnet.
+    pub subnet: Option<String>,
+    /// IPv4 gateway.
+    pub gateway: Option<String>,
+    /// IPv6 subnet.
+    pub subnet6: Option<String>,
+    /// IPv6 gateway.
+    pub gateway6: Option<String>,
+    /// MAC prefix.
+    pub mac_prefix: Option<String>,
+    /// Network type.
+    pub network_type: Option<String>,
+}
+
+/// One NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The guest's IP, for routed mode and the NIC script.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Bridged, routed or Open vSwitch.
+    #[serde(default)]
+    pub mode: NicMode,
+    /// Bridge name, routing table or switch.
+    #[serde(default)]
+    pub link: String,
+    /// The network, if the NIC belongs to one.
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// Checks an instance name: what is safe in a file name and in `-name`
+/// (ASCII letters, digits, `. _ - +`; no leading `-` or `.`; no `..`; at
+/// most 128 bytes). The same rule as kvm-runtime's, kept here so this crate
+/// stays usable alone.
+pub fn validate_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name.len() > 128 {
+        return Err("name longer than 128 bytes".into());
+    }
+    if name.starts_with('-') || name.starts_with('.') {
+        return Err("name starts with '-' or '.'".into());
+    }
+    if name.contains("..") {
+        return Err("name contains '..'".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
+    {
+        return Err("name may only have ASCII letters, digits and . _ - +".into());
+    }
+    Ok(())
+}
+
+/// Checks a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn validate_mac(mac: &str) -> Result<(), String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{mac:?} is not a MAC address like aa:00:00:12:34:56"
+        ))
+    }
+}
+
+fn validate_uuid(u: &str) -> bool {
+    let groups: Vec<&str> = u.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl InstanceSpec {
+    /// A minimal instance: `memory` MiB, one vCPU, default hvparams.
+    pub fn new(name: impl Into<String>, memory: u64) -> InstanceSpec {
+        InstanceSpec {
+            name: name.into(),
+            uuid: None,
+            memory,
+            startup_memory: None,
+            vcpus: 1,
+            tags: Vec::new(),
+            hvparams: HvParams::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            network_port: None,
+        }
+    }
+
+    /// Checks the fields that do not depend on hvparams.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |field: &str, reason: String| Error::Instance {
+            instance: self.name.clone(),
+            field: field.into(),
+            reason,
+        };
+        validate_instance_name(&self.name).map_err(|r| bad("name", r))?;
+        if self.memory == 0 {
+            return Err(bad("memory", "must be at least 1 MiB".into()));
+        }
+        if let Some(s) = self.startup_memory {
+            if s == 0 || s > self.memory {
+                return Err(bad(
+                    "startup_memory",
+                    format!("{s} MiB is not between 1 and memory ({} MiB)", self.memory),
+                ));
+            }
+        }
+        if self.vcpus == 0 || self.vcpus > 1024 {
+            return Err(bad(
+                "vcpus",
+                format!("{} is not between 1 and 1024", self.vcpus),
+            ));
+        }
+        if let Some(u) = &self.uuid {
+            if !validate_uuid(u) {
+                return Err(bad("uuid", format!("{u:?} is not a UUID")));
+            }
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            validate_mac(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
+            for (what, v) in [("link", Some(nic.link.as_str())), ("ip", nic.ip.as_deref())] {
+                if v.is_some_and(|v| v.chars().any(char::is_control)) {
+                    return Err(bad(
+                        &format!("nics[{i}].{what}"),
+                        "has control characters".into(),
+                    ));
+                }
+            }
+        }
+        for t in &self.tags {
+            if t.chars().any(char::is_control) {
+                return Err(bad("tags", format!("{t:?} has control characters")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! Two checks, kept apart as the seed keeps them: syntax (the parameters
+//! alone, no host access) and host validation (against facts about the
+//! node, passed in so this stays pure).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use crate::hvparams::{BootOrder, SecurityModel, VALID_SERIAL_SPEEDS};
+use crate::{Capabilities, Error, HvParams};
+
+fn syntax(key: &str, reason: impl Into<String>) -> Error {
+    Error::Syntax {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_abs(key: &str, p: Option<&Path>) -> Result<(), Error> {
+    match p {
+        Some(p) if !p.is_absolute() => Err(syntax(
+            key,
+            format!("{} is not an absolute path", p.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn is_norm_abs(p: &str) -> bool {
+    p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//")
+}
+
+impl HvParams {
+    /// The seed's `CheckParameterSyntax`: parameters that do not fit
+    /// together, and values outside their syntax. No host access.
+    pub fn check_syntax(&self) -> Result<(), Error> {
+        if !self.kvm_path.is_absolute() {
+            return Err(syntax(
+                "kvm_path",
+                format!("{} is not an absolute path", self.kvm_path.display()),
+            ));
+        }
+        for (key, p) in [
+            ("kernel_path", &self.kernel_path),
+            ("initrd_path", &self.initrd_path),
+            ("vnc_x509_path", &self.vnc_x509_path),
+            ("vnc_password_file", &self.vnc_password_file),
+            ("spice_password_file", &self.spice_password_file),
+            ("floppy_image_path", &self.floppy_image_path),
+            ("cdrom_image_path", &self.cdrom_image_path),
+            ("cdrom2_image_path", &self.cdrom2_image_path),
+            ("mem_path", &self.mem_path),
+        ] {
+            check_abs(key, p.as_deref())?;
+        }
+        if self.kernel_path.is_some() && self.root_path.is_empty() {
+            return Err(syntax("root_path", "needed when kernel_path is set"));
+        }
+        if self.vnc_x509_verify && self.vnc_x509_path.is_none() {
+            return Err(syntax(
+                "vnc_x509_path",
+                "must be set when vnc_x509_verify is",
+            ));
+        }
+        if self.serial_console && !VALID_SERIAL_SPEEDS.contains(&self.serial_speed) {
+            return Err(syntax(
+                "serial_speed",
+                format!(
+                    "{} is not one of {VALID_SERIAL_SPEEDS:?}",
+                    self.serial_speed
+                ),
+            ));
+        }
+        if self.boot_order == BootOrder::Cdrom && self.cdrom_image_path.is_none() {
+            return Err(syntax(
+                "boot_order",
+                "cannot boot from cdrom without cdrom_image_path",
+            ));
+        }
+        match self.security_model {
+            SecurityModel::User if self.security_domain.is_empty() => {
+                return Err(syntax(
+                    "security_domain",
+                    "security_model=user needs the user to run QEMU as",
+                ))
+            }
+            SecurityModel::None | SecurityModel::Pool if !self.security_domain.is_empty() => {
+                return Err(syntax(
+                    "security_domain",
+                    format!("must be empty with security_model={}", self.security_model),
+                ))
+            }
+            _ => {}
+        }
+        if !self.vnc_bind_address.is_empty() {
+            let ip4 = self.vnc_bind_address.parse::<std::net::Ipv4Addr>().is_ok();
+            if !ip4 && !is_norm_abs(&self.vnc_bind_address) {
+                return Err(syntax(
+                    "vnc_bind_address",
+                    format!(
+                        "{:?} is neither an IPv4 address nor an absolute path",
+                        self.vnc_bind_address
+                    ),
+                ));
+            }
+        }
+        if ![0, 4, 6].contains(&self.spice_ip_version) {
+            return Err(syntax("spice_ip_version", "must be 0 (any), 4 or 6"));
+        }
+        if self.migration_port == 0 {
+            return Err(syntax(
+                "migration_port",
+                "must be a TCP port from 1 to 65535",
+            ));
+        }
+        if !self.spice_bind.is_empty() {
+            if !self.vnc_bind_address.is_empty() {
+                return Err(syntax(
+                    "spice_bind",
+                    "SPICE and VNC cannot both be configured",
+                ));
+            }
+            if let Ok(ip) = self.spice_bind.parse::<IpAddr>() {
+                let v = if ip.is_ipv4() { 4 } else { 6 };
+                if self.spice_ip_version != 0 && self.spice_ip_version != v {
+                    return Err(syntax(
+                        "spice_ip_version",
+                        format!(
+                            "spice_bind {ip} is IPv{v} but spice_ip_version is {}",
+                            self.spice_ip_version
+                        ),
+                    ));
+                }
+            }
+        } else {
+            let set: [(&str, bool); 7] = [
+                ("spice_ip_version", self.spice_ip_version != 0),
+                ("spice_password_file", self.spice_password_file.is_some()),
+                (
+                    "spice_image_compression",
+                    self.spice_image_compression.is_some(),
+                ),
+                (
+                    "spice_jpeg_wan_compression",
+                    self.spice_jpeg_wan_compression.is_some(),
+                ),
+                (
+                    "spice_zlib_glz_wan_compression",
+                    self.spice_zlib_glz_wan_compression.is_some(),
+                ),
+                (
+                    "spice_streaming_video",
+                    self.spice_streaming_video.is_some(),
+                ),
+                ("spice_use_tls", self.spice_use_tls),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(syntax(key, "requires spice_bind to be set"));
+            }
+        }
+        for (key, v) in [
+            ("root_path", &self.root_path),
+            ("kernel_args", &self.kernel_args),
+            ("keymap", &self.keymap),
+            ("cpu_type", &self.cpu_type),
+            ("soundhw", &self.soundhw),
+            ("usb_devices", &self.usb_devices),
+            ("vga", &self.vga),
+            ("kvm_extra", &self.kvm_extra),
+            ("machine_version", &self.machine_version),
+            ("security_domain", &self.security_domain),
+            ("spice_bind", &self.spice_bind),
+            ("spice_tls_ciphers", &self.spice_tls_ciphers),
+        ] {
+            if v.chars().any(char::is_control) {
+                return Err(syntax(key, format!("{v:?} contains control characters")));
+            }
+        }
+        if self.keymap.contains('/') {
+            return Err(syntax(
+                "keymap",
+                "is a layout name such as de or fr-ch, not a path",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The seed's `ValidateParameters`: checks against the node. Call
+    /// [`HvParams::check_syntax`] first.
+    pub fn validate_host(&self, host: &dyn HostFacts, caps: &Capabilities) -> Result<(), Error> {
+        let host_err = |key: &str, reason: String| Error::Host {
+            key: key.into(),
+            reason,
+        };
+        if !host.is_file(&self.kvm_path) {
+            return Err(host_err(
+                "kvm_path",
+                format!("{} does not exist", self.kvm_path.display()),
+            ));
+        }
+        for (key, p) in [
+            ("kernel_path", &self.kernel_path),
+            ("initrd_path", &self.initrd_path),
+            ("vnc_password_file", &self.vnc_password_file),
+            ("spice_password_file", &self.spice_password_file),
+            ("floppy_image_path", &self.floppy_image_path),
+            ("cdrom_image_path", &self.cdrom_image_path),
+            ("cdrom2_image_path", &self.cdrom2_image_path),
+        ] {
+            if let Some(p) = p {
+                if !host.is_file(p) {
+                    return Err(host_err(key, format!("{} is not a file", p.display())));
+                }
+            }
+        }
+        for (key, p) in [
+            ("vnc_x509_path", &self.vnc_x509_path),
+            ("mem_path", &self.mem_path),
+        ] {
+            if let Some(p) = p {
+                if !host.is_dir(p) {
+                    return Err(host_err(key, format!("{} is not a directory", p.display())));
+                }
+            }
+        }
+        if self.security_model == SecurityModel::User && !host.user_exists(&self.security_domain) {
+            return Err(host_err(
+                "security_domain",
+                format!("unknown user {:?}", self.security_domain),
+            ));
+        }
+        if !self.spice_bind.is_empty() {
+            if !caps.features.spice {
+                return Err(Error::Unsupported {
+                    key: "spice_bind".into(),
+                    what: "SPICE (-spice)".into(),
+                    version: caps.version.text.clone(),
+                });
+            }
+            if self.spice_bind.parse::<IpAddr>().is_err()
+                && !host.interface_exists(&self.spice_bind)
+            {
+                return Err(host_err(
+                    "spice_bind",
+                    format!(
+                        "{:?} is neither an IP address nor a network interface",
+                        self.spice_bind
+                    ),
+                ));
+            }
+        }
+        if self.vhost_net && !(caps.features.vhost_net && host.vhost_net_available()) {
+            return Err(host_err(
+                "vhost_net",
+                "vhost-net is configured but not available (no /dev/vhost-net or QEMU lacks vhost)"
+                    .into(),
+            ));
+        }
+        caps.resolve_machine(&self.machine_version)?;
+        Ok(())
+    }
+}
+
+/// What host validation needs to know about the node.
+pub trait HostFacts {
+    /// Whether `path` is an existing regular file.
+    fn is_file(&self, path: &Path) -> bool;
+    /// Whether `path` is an existing directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Whether a user of this name exists.
+    fn user_exists(&self, name: &str) -> bool;
+    /// Whether a network interface of this name exists.
+    fn interface_exists(&self, name: &str) -> bool;
+    /// Whether `/dev/vhost-net` is usable.
+    fn vhost_net_available(&self) -> bool;
+}

@@ -1,0 +1,598 @@
+//! Golden tests, as libvirt does them: capabilities recorded from real QEMU
+//! 7.2 (bookworm) and 10.0 (bookworm-backports), expected argv files per
+//! variant and version, and real QEMU starting every golden argv of the
+//! versions installed here. Re-bless with `GKVM_BLESS=1 cargo test -p
+//! kvm-cmdline --test golden` and review the diff.
+
+use kvm_cmdline::{build, BuildEnv, Capabilities, InstanceSpec, Launch, NicBackend, NodePaths};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PROFILES: [&str; 2] = ["qemu-7.2", "qemu-10.0"];
+const FILES: &str = "/tmp/gkvm-golden/files";
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+fn bless() -> bool {
+    std::env::var("GKVM_BLESS").is_ok_and(|v| v == "1")
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn caps(profile: &str) -> Capabilities {
+    let d = data().join(profile);
+    Capabilities::from_help(
+        &read(&d.join("help.txt")),
+        &read(&d.join("machine.txt")),
+        &read(&d.join("device.txt")),
+    )
+    .unwrap()
+}
+
+#[derive(Deserialize)]
+struct Variant {
+    name: String,
+    spec: InstanceSpec,
+    launch: LaunchSpec,
+}
+
+#[derive(Deserialize)]
+struct LaunchSpec {
+    paused: bool,
+    nic_queues: Vec<usize>,
+    incoming: Option<String>,
+    pool_user: Option<String>,
+}
+
+fn variants() -> Vec<Variant> {
+    serde_json::from_str(&read(&data().join("variants.json"))).unwrap()
+}
+
+fn node_dir(profile: &str, variant: &str) -> PathBuf {
+    Path::new("/tmp/gkvm-golden").join(profile).join(variant)
+}
+
+/// The descriptor number NIC `nic`'s queue `q` gets in the child.
+fn nic_fd(nic: usize, q: usize) -> i32 {
+    (100 + 4 * nic + q) as i32
+}
+
+fn env() -> BuildEnv {
+    BuildEnv {
+        spice_cacert: Path::new(FILES).join("spice-ca.pem"),
+        spice_cert: Path::new(FILES).join("spice.pem"),
+        spice_address: None,
+    }
+}
+
+fn argv_for(
+    profile: &str,
+    caps: &Capabilities,
+    v: &Variant,
+) -> Result<Vec<String>, kvm_cmdline::Error> {
+    let dir = node_dir(profile, &v.name);
+    let launch = Launch {
+        node: NodePaths {
+            pidfile: dir.join("pid"),
+            qmp: dir.join("qmp"),
+            serial: dir.join("serial"),
+            chroot: dir.join("chroot"),
+            keymap: dir.join("keymap"),
+        },
+        paused: v.launch.paused,
+        daemonize: true,
+        incoming: v.launch.incoming.clone(),
+        nics: v
+            .launch
+            .nic_queues
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| NicBackend {
+                tap_fds: (0..q).map(|j| nic_fd(i, j)).collect(),
+            })
+            .collect(),
+        pool_user: v.launch.pool_user.clone(),
+        vhost_net_available: false,
+    };
+    let cmd = build(&v.spec, caps, &env())?;
+    cmd.launch_argv(&v.spec, caps, &launch)
+}
+
+#[test]
+fn capability_goldens() {
+    let mut failures = Vec::new();
+    for profile in PROFILES {
+        let c = caps(profile);
+        let got = serde_json::to_string_pretty(&c).unwrap() + "\n";
+        let path = data().join(profile).join("caps.json");
+        if bless() {
+            std::fs::write(&path, &got).unwrap();
+        } else if read(&path) != got {
+            failures.push(profile);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "capabilities differ from the goldens for {failures:?} (GKVM_BLESS=1 to re-bless)"
+    );
+
+    let c72 = caps("qemu-7.2");
+    assert_eq!(
+        (c72.version.major, c72.version.minor, c72.version.micro),
+        (7, 2, 22)
+    );
+    assert_eq!(c72.default_machine.as_deref(), Some("pc-i440fx-7.2"));
+    assert!(
+        c72.features.no_acpi && c72.features.chroot && c72.features.runas && !c72.features.run_with
+    );
+    assert!(!c72.features.balloon_option && !c72.features.localtime && !c72.features.soundhw);
+    assert!(
+        c72.features.audio
+            && c72.features.spice
+            && c72.features.vhost_net
+            && !c72.features.drive_boot
+    );
+    assert_eq!(c72.resolve_machine("pc").unwrap(), "pc-i440fx-7.2");
+
+    let c10 = caps("qemu-10.0");
+    assert_eq!((c10.version.major, c10.version.minor), (10, 0));
+    assert_eq!(c10.default_machine.as_deref(), Some("pc-i440fx-10.0"));
+    assert!(
+        !c10.features.no_acpi
+            && !c10.features.chroot
+            && !c10.features.runas
+            && c10.features.run_with
+    );
+    assert_eq!(c10.resolve_machine("q35").unwrap(), "pc-q35-10.0");
+    assert!(
+        c10.resolve_machine("pc-i440fx-1.0").is_err()
+            || c10.machines.iter().any(|m| m.name == "pc-i440fx-1.0")
+    );
+}
+
+#[test]
+fn qmp_probe_agrees_with_help_text() {
+    for profile in PROFILES {
+        let lines: Vec<serde_json::Value> = read(&data().join(profile).join("qmp.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        // greeting, qmp_capabilities, version, machines, types, options, quit
+        let ret = |i: usize| lines[i]["return"].clone();
+        let help = read(&data().join(profile).join("help.txt"));
+        let from_help = caps(profile);
+        for with_help in [Some(help.as_str()), None] {
+            let q = Capabilities::from_qmp(&ret(2), &ret(3), &ret(4), &ret(5), with_help).unwrap();
+            assert_eq!(q.version.text, from_help.version.text, "{profile}");
+            assert_eq!(q.default_machine, from_help.default_machine, "{profile}");
+            let names = |c: &Capabilities| {
+                c.machines
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            assert_eq!(names(&q), names(&from_help), "{profile}");
+            assert_eq!(
+                q.resolve_machine("pc").unwrap(),
+                from_help.resolve_machine("pc").unwrap()
+            );
+            for d in [
+                "virtio-net-pci",
+                "virtio-balloon-pci",
+                "usb-tablet",
+                "ide-cd",
+            ] {
+                assert!(q.devices.contains(d), "{profile}: {d}");
+            }
+            // Without the help text, flag options are inferred from the version:
+            // they must agree with what the help text says for these versions.
+            let (a, b) = (&q.features, &from_help.features);
+            assert_eq!(
+                (
+                    a.no_acpi,
+                    a.chroot,
+                    a.runas,
+                    a.run_with,
+                    a.balloon_option,
+                    a.localtime,
+                    a.soundhw,
+                    a.audio,
+                    a.spice
+                ),
+                (
+                    b.no_acpi,
+                    b.chroot,
+                    b.runas,
+                    b.run_with,
+                    b.balloon_option,
+                    b.localtime,
+                    b.soundhw,
+                    b.audio,
+                    b.spice
+                ),
+                "{profile} (help given: {})",
+                with_help.is_some()
+            );
+            // Both give the same argv.
+            for v in variants() {
+                assert_eq!(
+                    argv_for(profile, &q, &v).unwrap(),
+                    argv_for(profile, &from_help, &v).unwrap(),
+                    "{profile} {}",
+                    v.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn argv_goldens_for_both_versions() {
+    let vs = variants();
+    assert!(vs.len() >= 30, "at least 30 variants");
+    let mut diffs = Vec::new();
+    for profile in PROFILES {
+        let c = caps(profile);
+        let dir = data().join(profile).join("argv");
+        std::fs::create_dir_all(&dir).unwrap();
+        for v in &vs {
+            let argv =
+                argv_for(profile, &c, v).unwrap_or_else(|e| panic!("{profile} {}: {e}", v.name));
+            let got = argv.join("\n") + "\n";
+            let path = dir.join(format!("{}.argv", v.name));
+            if bless() {
+                std::fs::write(&path, &got).unwrap();
+            } else {
+                let want = std::fs::read_to_string(&path).unwrap_or_default();
+                if want != got {
+                    diffs.push(format!(
+                        "{profile}/{}:\n--- golden\n{want}+++ built\n{got}",
+                        v.name
+                    ));
+                }
+            }
+        }
+        eprintln!("{profile}: {} argv goldens checked", vs.len());
+    }
+    assert!(
+        diffs.is_empty(),
+        "argv differs from the goldens (GKVM_BLESS=1 to re-bless):\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn version_aware_spellings() {
+    let v = |profile: &str, name: &str| {
+        let c = caps(profile);
+        let var = variants().into_iter().find(|x| x.name == name).unwrap();
+        argv_for(profile, &c, &var).unwrap().join(" ")
+    };
+    for p in PROFILES {
+        assert!(v(p, "minimal").contains("-device virtio-balloon-pci,id=balloon0"));
+        assert!(v(p, "localtime").contains("-rtc base=localtime"));
+        assert!(v(p, "sound").contains("-audio none,model=ac97"));
+        assert!(v(p, "vnc-any-password").contains("-vnc :51,password=on"));
+        assert!(v(p, "minimal").contains(",server=on,wait=off"));
+        assert!(
+            !v(p, "vnc-any-password").contains("vnc.pass"),
+            "password file path leaked"
+        );
+        assert!(v(p, "comma-paths").contains("file=/tmp/gkvm-golden/files/disk,,odd.img"));
+        assert!(v(p, "shared-storage").contains(",cache=none"));
+        assert!(!v(p, "shared-storage").contains("writethrough"));
+    }
+    assert!(v("qemu-7.2", "acpi-off").contains("-no-acpi"));
+    assert!(v("qemu-10.0", "acpi-off").contains("-machine pc-i440fx-10.0,accel=kvm,acpi=off"));
+    assert!(v("qemu-7.2", "chroot").contains("-chroot /tmp/gkvm-golden/qemu-7.2/chroot/chroot"));
+    assert!(v("qemu-10.0", "chroot")
+        .contains("-run-with chroot=/tmp/gkvm-golden/qemu-10.0/chroot/chroot"));
+    assert!(v("qemu-7.2", "security-user").contains("-runas nobody"));
+    assert!(v("qemu-10.0", "security-pool").contains("-run-with user=nobody"));
+}
+
+/// Old QEMU, from excerpts of the help text of their day: the seed's
+/// spellings come back.
+#[test]
+fn old_qemu_gets_old_spellings() {
+    let help =
+        "QEMU emulator version 1.0 (qemu-kvm-1.0), Copyright (c) 2003-2008 Fabrice Bellard\n\
+-M machine      select emulated machine (-M ? for list)\n\
+-drive [file=file][,if=type][,bus=n][,unit=m][,media=d][,index=i]\n\
+       [,cyls=c,heads=h,secs=s[,trans=t]][,snapshot=on|off]\n\
+       [,cache=writethrough|writeback|none|unsafe][,format=f]\n\
+       [,serial=s][,addr=A][,id=name][,aio=threads|native]\n\
+       [,readonly=on|off][,boot=on|off]\n\
+-balloon virtio[,addr=str]\n\
+-localtime      set the real time clock to local time\n\
+-soundhw c1,... enable audio support\n\
+-usbdevice name add the host or guest USB device 'name'\n\
+-no-acpi        disable ACPI\n\
+-enable-kvm     enable KVM full virtualization support\n\
+-netdev tap,id=str[,ifname=name][,fd=h][,script=file][,downscript=dfile]\n\
+         [,vnet_hdr=on|off][,vhost=on|off][,vhostfd=h][,vhostforce=on|off]\n\
+-qmp dev        like -monitor but opens in 'control' mode\n\
+-nographic      disable graphical output\n\
+-chroot dir     chroot to dir just before starting the VM\n\
+-runas user     change to user id user just before starting the VM\n\
+-uuid %08x-%04x-%04x-%04x-%012x\n";
+    let machines = "Supported machines are:\npc         Standard PC (alias of pc-1.0)\npc-1.0     Standard PC (default)\n";
+    let devices = "name \"virtio-net-pci\", bus PCI\nname \"virtio-balloon-pci\", bus PCI\n";
+    let c = Capabilities::from_help(help, machines, devices).unwrap();
+    assert!(c.features.drive_boot && c.features.vhost_net && c.features.balloon_option);
+    let mut spec = InstanceSpec::new("old1", 256);
+    spec.disks.push(kvm_cmdline::DiskSpec {
+        path: "/dev/vg/old1".into(),
+        mode: Default::default(),
+        template: None,
+    });
+    spec.hvparams.set_pair("use_localtime=true").unwrap();
+    spec.hvparams.set_pair("soundhw=es1370").unwrap();
+    spec.hvparams.set_pair("acpi=false").unwrap();
+    let argv = build(&spec, &c, &BuildEnv::default())
+        .unwrap()
+        .argv
+        .join(" ");
+    for want in [
+        "-balloon virtio",
+        "-no-acpi",
+        "-M pc-1.0 -enable-kvm",
+        "-boot c -drive file=/dev/vg/old1,format=raw,if=virtio,boot=on",
+        "-localtime",
+        "-soundhw es1370",
+        "-nographic",
+    ] {
+        assert!(argv.contains(want), "{want:?} missing from {argv}");
+    }
+    // QEMU 0.9: no -device list, no -machine.
+    let c09 = Capabilities::from_help(
+        "QEMU PC emulator version 0.9.1, Copyright (c) 2003-2008 Fabrice Bellard\n-M machine      select emulated machine\n-localtime      set the real time clock to local time\n",
+        "Supported machines are:\npc         Standard PC (default)\nisapc      ISA-only PC\n",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        (c09.version.major, c09.version.minor, c09.version.micro),
+        (0, 9, 1)
+    );
+    assert!(!c09.features.qmp && !c09.features.machine);
+}
+
+// ---- real QEMU accepts every golden of the installed versions ----
+
+fn installed(profile: &str) -> Option<PathBuf> {
+    let candidate = match profile {
+        "qemu-7.2" => gkvm_testkit::qemu_binary()?,
+        _ => gkvm_testkit::target_dir().join("qemu-10.0/qemu-system-x86_64"),
+    };
+    let out = std::process::Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let want = format!("version {}.", profile.trim_start_matches("qemu-"));
+    String::from_utf8_lossy(&out.stdout)
+        .contains(&want)
+        .then_some(candidate)
+}
+
+fn sh(cmd: &str) {
+    let st = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn prepare_files(guest: &gkvm_testkit::Guest) {
+    let f = Path::new(FILES);
+    std::fs::create_dir_all(f.join("hugepages")).unwrap();
+    std::fs::create_dir_all(f.join("vnc")).unwrap();
+    for (name, size) in [
+        ("disk0.img", 1 << 20),
+        ("disk1.img", 1 << 20),
+        ("disk,odd.img", 1 << 20),
+        ("cd.iso", 1 << 20),
+        ("cd2.iso", 1 << 20),
+        ("cd,odd.iso", 1 << 20),
+        ("floppy.img", 1_474_560),
+    ] {
+        let file = std::fs::File::create(f.join(name)).unwrap();
+        file.set_len(size).unwrap();
+    }
+    std::fs::copy(&guest.kernel, f.join("vmlinuz")).unwrap();
+    std::fs::copy(&guest.initrd, f.join("initrd")).unwrap();
+    std::fs::write(f.join("vnc.pass"), "secret\n").unwrap();
+    std::fs::write(f.join("spice.pass"), "secret\n").unwrap();
+    if !f.join("x509/server-key.pem").exists() {
+        std::fs::create_dir_all(f.join("x509")).unwrap();
+        sh(&format!(
+            "cd {FILES}/x509 && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=gkvm-test-ca \
+             -keyout ca-key.pem -out ca-cert.pem 2>/dev/null && \
+             openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server-key.pem -out server.csr 2>/dev/null && \
+             openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -out server-cert.pem 2>/dev/null && \
+             cp ca-cert.pem ../spice-ca.pem && cat server-cert.pem server-key.pem > ../spice.pem"
+        ));
+    }
+}
+
+fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let dead = match state {
+            None => true,
+            Some(s) => s
+                .rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                .is_some_and(|st| st == "Z"),
+        };
+        if dead {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts one golden argv (daemonized, -S), checks QMP answers, quits.
+fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let argv_text = read(
+        &data()
+            .join(profile)
+            .join("argv")
+            .join(format!("{}.argv", v.name)),
+    );
+    let argv: Vec<&str> = argv_text.lines().collect();
+    let dir = node_dir(profile, &v.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("chroot")).unwrap();
+    std::fs::write(dir.join("keymap"), "include en-us\ninclude de\n").unwrap();
+
+    // TAPs onto the descriptor numbers the golden names.
+    let taps: Vec<gkvm_tap::Tap> = v
+        .launch
+        .nic_queues
+        .iter()
+        .map(|&q| {
+            gkvm_tap::TapBuilder::new()
+                .name_template("gkg%d")
+                .queues(q as u16)
+                .open()
+                .unwrap()
+        })
+        .collect();
+    let mut moves: Vec<(i32, i32)> = Vec::new();
+    for (i, tap) in taps.iter().enumerate() {
+        for (q, fd) in tap.fds().iter().enumerate() {
+            moves.push((std::os::fd::AsRawFd::as_raw_fd(fd), nic_fd(i, q)));
+        }
+    }
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &moves {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("QEMU did not finish initializing within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let errors = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("QEMU refused it ({status}): {errors}"));
+    }
+    let pid: i32 = read(&dir.join("pid"))
+        .trim()
+        .parse()
+        .map_err(|e| format!("pid file: {e}"))?;
+    let result = (|| {
+        let mut q = gkvm_qmp::blocking::Qmp::connect(dir.join("qmp"), gkvm_qmp::Options::default())
+            .map_err(|e| e.to_string())?;
+        let st = q
+            .run(&gkvm_qmp::commands::QueryStatus)
+            .map_err(|e| e.to_string())?;
+        let want = if v.launch.incoming.is_some() {
+            gkvm_qmp::commands::RunState::Inmigrate
+        } else if v.launch.paused {
+            gkvm_qmp::commands::RunState::Prelaunch
+        } else {
+            gkvm_qmp::commands::RunState::Running
+        };
+        if st.status != want {
+            return Err(format!("state {:?}, expected {want:?}", st.status));
+        }
+        let cpus = q
+            .run(&gkvm_qmp::commands::QueryCpusFast)
+            .map_err(|e| e.to_string())?;
+        if cpus.len() != v.spec.vcpus as usize {
+            return Err(format!("{} vCPUs, expected {}", cpus.len(), v.spec.vcpus));
+        }
+        let _ = q.run(&gkvm_qmp::commands::Quit);
+        Ok(())
+    })();
+    if !wait_gone(pid, Duration::from_secs(10)) {
+        // SAFETY: killing the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid, Duration::from_secs(5));
+    }
+    drop(taps);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| format!("{e} (QEMU said: {})", errors.trim()))
+}
+
+#[test]
+fn installed_qemu_accepts_every_golden() {
+    let Some(env) = gkvm_testkit::require(
+        "installed_qemu_accepts_every_golden",
+        &[gkvm_testkit::Need::Root, gkvm_testkit::Need::Guest],
+    ) else {
+        return;
+    };
+    prepare_files(env.guest.as_ref().unwrap());
+    let mut ran = 0;
+    let mut failures = Vec::new();
+    for profile in PROFILES {
+        let Some(qemu) = installed(profile) else {
+            gkvm_testkit::skip(
+                "installed_qemu_accepts_every_golden",
+                &format!("{profile} is not installed (scripts/install-qemu10)"),
+            );
+            continue;
+        };
+        let start = Instant::now();
+        for v in variants() {
+            if let Err(e) = accept(profile, &qemu, &v) {
+                failures.push(format!("{profile}/{}: {e}", v.name));
+            }
+            ran += 1;
+        }
+        eprintln!(
+            "{profile}: {} goldens started by real QEMU in {:?}",
+            variants().len(),
+            start.elapsed()
+        );
+    }
+    if ran == 0 {
+        gkvm_testkit::skip(
+            "installed_qemu_accepts_every_golden",
+            "neither QEMU 7.2 nor 10.0 is installed",
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "QEMU rejected goldens:\n{}",
+        failures.join("\n")
+    );
+}
