@@ -140,11 +140,6 @@ fn version_re() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r"\b(\d+)\.(\d+)(\.(\d+))?\b").expect("static regex"))
 }
 
-fn option_re() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"^-([A-Za-z0-9][A-Za-z0-9_.-]*)").expect("static regex"))
-}
-
 /// Parses QEMU's version from the first line of `--help` (or `--version`).
 pub fn parse_version(text: &str) -> Result<QemuVersion, Error> {
     let first = text.lines().next().unwrap_or("").trim();
@@ -176,20 +171,50 @@ pub fn parse_version(text: &str) -> Result<QemuVersion, Error> {
     })
 }
 
-/// The text of one option in `--help`: its line and the continuation lines
-/// up to the next line that starts an option.
-fn option_block<'a>(help: &'a str, name: &str) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    let mut inside = false;
+/// The option a `--help` line starts, if it starts one (`-name ...`).
+fn option_name(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('-')?;
+    if !rest.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
+}
+
+/// One pass over `--help`: every option name, and the text (option line
+/// plus continuation lines) of the few options whose sub-options matter.
+struct HelpScan<'a> {
+    options: BTreeSet<String>,
+    drive: Vec<&'a str>,
+    net: Vec<&'a str>,
+    audio: Vec<&'a str>,
+}
+
+fn scan_help(help: &str) -> HelpScan<'_> {
+    let mut scan = HelpScan {
+        options: BTreeSet::new(),
+        drive: Vec::new(),
+        net: Vec::new(),
+        audio: Vec::new(),
+    };
+    let mut current = "";
     for line in help.lines() {
         if line.starts_with('-') {
-            inside = option_re().captures(line).is_some_and(|c| &c[1] == name);
+            current = option_name(line).unwrap_or("");
+            if !current.is_empty() && !scan.options.contains(current) {
+                scan.options.insert(current.to_owned());
+            }
         }
-        if inside {
-            out.push(line);
+        match current {
+            "drive" => scan.drive.push(line),
+            "netdev" | "net" => scan.net.push(line),
+            "audio" => scan.audio.push(line),
+            _ => {}
         }
     }
-    out
+    scan
 }
 
 /// Parses `-machine ?` output.
@@ -237,11 +262,8 @@ impl Capabilities {
     /// (the last two may be empty: QEMU 0.9 has no `-device`).
     pub fn from_help(help: &str, machines: &str, devices: &str) -> Result<Capabilities, Error> {
         let version = parse_version(help)?;
-        let options: BTreeSet<String> = help
-            .lines()
-            .filter_map(|l| option_re().captures(l))
-            .map(|c| c[1].to_owned())
-            .collect();
+        let scan = scan_help(help);
+        let options = scan.options;
         if options.is_empty() {
             return Err(Error::Capabilities {
                 source_name: "--help".into(),
@@ -250,12 +272,9 @@ impl Capabilities {
         }
         let (machines, default_machine) = parse_machines(machines);
         let devices = parse_devices(devices);
-        let drive = option_block(help, "drive").join("\n");
+        let drive = scan.drive.join("\n");
         let has = |o: &str| options.contains(o);
-        let vhost = option_block(help, "netdev")
-            .into_iter()
-            .chain(option_block(help, "net"))
-            .any(|l| l.contains("vhost=on|off"));
+        let vhost = scan.net.iter().any(|l| l.contains("vhost=on|off"));
         let features = Features {
             drive_boot: drive.contains(",boot=on|off"),
             qmp: has("qmp"),
@@ -274,9 +293,7 @@ impl Capabilities {
             localtime: has("localtime"),
             rtc: has("rtc"),
             soundhw: has("soundhw"),
-            audio: option_block(help, "audio")
-                .iter()
-                .any(|l| l.contains("model=")),
+            audio: scan.audio.iter().any(|l| l.contains("model=")),
             chroot: has("chroot"),
             runas: has("runas"),
             run_with: has("run-with"),

@@ -28,7 +28,7 @@ pub struct InstanceSpec {
     #[serde(default)]
     pub tags: Vec<String>,
     /// Hypervisor parameters (seed key names; JSON types or strings).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "hvparams_from_map")]
     pub hvparams: HvParams,
     /// Disks, in order (the first is the boot disk).
     #[serde(default)]
@@ -43,6 +43,12 @@ pub struct InstanceSpec {
 
 fn one() -> u32 {
     1
+}
+
+/// Parses hvparams key by key, so an error names the key and the value.
+fn hvparams_from_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HvParams, D::Error> {
+    let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+    HvParams::from_map(&map).map_err(serde::de::Error::custom)
 }
 
 /// Read-write or read-only.

@@ -21,6 +21,9 @@ fn check_abs(key: &str, p: Option<&Path>) -> Result<(), Error> {
             key,
             format!("{} is not an absolute path", p.display()),
         )),
+        Some(p) if p.to_string_lossy().chars().any(char::is_control) => {
+            Err(syntax(key, format!("{p:?} contains control characters")))
+        }
         _ => Ok(()),
     }
 }
@@ -39,6 +42,7 @@ impl HvParams {
                 format!("{} is not an absolute path", self.kvm_path.display()),
             ));
         }
+        check_abs("kvm_path", Some(&self.kvm_path))?;
         for (key, p) in [
             ("kernel_path", &self.kernel_path),
             ("initrd_path", &self.initrd_path),

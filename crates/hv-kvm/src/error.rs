@@ -1,0 +1,113 @@
+//! The facade's one error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a hypervisor operation failed with. Every variant names the
+/// instance, path or step concerned, so one line tells an operator what
+/// went wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The QEMU binary is not there.
+    #[error("QEMU binary {path} not found: install qemu-system-x86 (scripts/install-deps)")]
+    QemuMissing {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// Probing QEMU's capabilities failed.
+    #[error("probing {path}: {reason}")]
+    Probe {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The instance definition, hvparams or capabilities do not allow a
+    /// command line.
+    #[error("instance {instance}: {source}")]
+    Params {
+        /// The instance.
+        instance: String,
+        /// The builder's error.
+        #[source]
+        source: kvm_cmdline::Error,
+    },
+    /// The node's state on disk.
+    #[error("instance {instance}: {source}")]
+    Runtime {
+        /// The instance.
+        instance: String,
+        /// The runtime crate's error.
+        #[source]
+        source: kvm_runtime::Error,
+    },
+    /// A QMP exchange failed.
+    #[error("instance {instance}: {op}: {source}")]
+    Qmp {
+        /// The instance.
+        instance: String,
+        /// What was being done.
+        op: String,
+        /// The QMP error.
+        #[source]
+        source: gkvm_qmp::Error,
+    },
+    /// Creating or configuring a TAP failed.
+    #[error("instance {instance}: NIC {nic}: {source}")]
+    Tap {
+        /// The instance.
+        instance: String,
+        /// The NIC index.
+        nic: usize,
+        /// The TAP error.
+        #[source]
+        source: gkvm_tap::Error,
+    },
+    /// The instance is already running.
+    #[error("instance {instance} is already running (pid {pid})")]
+    AlreadyRunning {
+        /// The instance.
+        instance: String,
+        /// Its QEMU.
+        pid: i32,
+    },
+    /// The instance is not running.
+    #[error("instance {instance} is not running")]
+    NotRunning {
+        /// The instance.
+        instance: String,
+    },
+    /// A start failed at one step; everything it had created is gone.
+    #[error("instance {instance}: start failed at {step}: {reason}")]
+    Start {
+        /// The instance.
+        instance: String,
+        /// The step (e.g. `spawn QEMU`, `NIC script`).
+        step: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An operation did not finish in time.
+    #[error("instance {instance}: {op} did not finish within {after:?}")]
+    Timeout {
+        /// The instance.
+        instance: String,
+        /// The operation.
+        op: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// Anything else the system refused.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,186 @@
+//! A KVM hypervisor driver for one node: the facade cluster software drives.
+//!
+//! `hv-kvm` does what Ganeti's KVM driver does — start QEMU from a typed
+//! instance definition with TAP NICs, talk to it over QMP, report on it,
+//! balloon, stop, reboot, pin vCPUs, migrate — by assembling four crates
+//! that are useful alone: [`gkvm_tap`] (TAP devices), [`gkvm_qmp`] (QMP),
+//! [`kvm_cmdline`] (hvparams, capabilities, argv) and [`kvm_runtime`]
+//! (state on disk). Inputs and answers are serde types: their JSON is the
+//! interface for cluster software.
+//!
+//! QEMU's capabilities are probed once per binary identity and cached on
+//! disk, so a warm start forks nothing but QEMU itself.
+#![deny(missing_docs)]
+
+mod error;
+pub mod probe;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+pub use kvm_cmdline::{Capabilities, HvParams, InstanceSpec};
+pub use kvm_runtime::RunDir;
+use serde::{Deserialize, Serialize};
+
+/// How a node's hypervisor is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The run directory (`/run/gkvm`, or the seed's layout).
+    pub run_dir: RunDir,
+    /// A QEMU binary to use instead of each instance's `kvm_path`.
+    pub kvm_path: Option<PathBuf>,
+    /// Where capability probes are cached (default: `<run dir>/caps`).
+    pub caps_cache_dir: Option<PathBuf>,
+    /// How long an operation waits for another one on the same instance.
+    pub lock_timeout: Duration,
+    /// Default timeout of one QMP command.
+    pub qmp_timeout: Duration,
+    /// Node-wide inputs of the argv (SPICE certificates).
+    pub build_env: kvm_cmdline::BuildEnv,
+}
+
+impl Config {
+    /// The defaults for a run directory.
+    pub fn new(run_dir: RunDir) -> Config {
+        Config {
+            run_dir,
+            kvm_path: None,
+            caps_cache_dir: None,
+            lock_timeout: Duration::from_secs(30),
+            qmp_timeout: Duration::from_secs(10),
+            build_env: kvm_cmdline::BuildEnv::default(),
+        }
+    }
+}
+
+/// What a start of an instance would run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    /// The instance.
+    pub instance: String,
+    /// The full command line.
+    pub argv: Vec<String>,
+    /// The concrete machine type.
+    pub machine: String,
+    /// The QEMU version it was built for.
+    pub qemu_version: String,
+}
+
+/// The hypervisor of one node.
+#[derive(Debug)]
+pub struct KvmHypervisor {
+    config: Config,
+    caps: probe::CapsCache,
+}
+
+impl KvmHypervisor {
+    /// A hypervisor over `config`.
+    pub fn new(config: Config) -> KvmHypervisor {
+        let dir = config
+            .caps_cache_dir
+            .clone()
+            .unwrap_or_else(|| config.run_dir.root().join("caps"));
+        KvmHypervisor {
+            caps: probe::CapsCache::new(Some(dir)),
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The capability cache (for figures such as probes run).
+    pub fn caps_cache(&self) -> &probe::CapsCache {
+        &self.caps
+    }
+
+    /// The QEMU binary an instance uses: the configured override, else its
+    /// `kvm_path`.
+    pub fn kvm_path_for(&self, spec: &InstanceSpec) -> PathBuf {
+        self.config
+            .kvm_path
+            .clone()
+            .unwrap_or_else(|| spec.hvparams.kvm_path.clone())
+    }
+
+    /// The capabilities of a QEMU binary (cached per binary identity).
+    pub async fn capabilities(&self, kvm_path: &std::path::Path) -> Result<Arc<Capabilities>> {
+        self.caps.get(kvm_path).await
+    }
+
+    /// The command line a start of `spec` would run on this node, without
+    /// starting anything (NIC descriptors numbered from 3, as a fresh
+    /// process would get them).
+    pub async fn plan(&self, spec: &InstanceSpec) -> Result<LaunchPlan> {
+        let params = |e| Error::Params {
+            instance: spec.name.clone(),
+            source: e,
+        };
+        spec.validate().map_err(params)?;
+        spec.hvparams.check_syntax().map_err(params)?;
+        let kvm_path = self.kvm_path_for(spec);
+        let caps = self.capabilities(&kvm_path).await?;
+        let mut spec = spec.clone();
+        spec.hvparams.kvm_path = kvm_path;
+        let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
+        let paths = self
+            .config
+            .run_dir
+            .instance(&spec.name)
+            .map_err(|e| Error::Runtime {
+                instance: spec.name.clone(),
+                source: e,
+            })?;
+        let mut next_fd = 3;
+        let nics = spec
+            .nics
+            .iter()
+            .map(|_| {
+                next_fd += 1;
+                kvm_cmdline::NicBackend {
+                    tap_fds: vec![next_fd - 1],
+                }
+            })
+            .collect();
+        let launch = kvm_cmdline::Launch {
+            node: node_paths(&paths),
+            paused: true,
+            daemonize: true,
+            incoming: None,
+            nics,
+            pool_user: None,
+            vhost_net_available: vhost_net_available(),
+        };
+        let argv = cmd.launch_argv(&spec, &caps, &launch).map_err(params)?;
+        Ok(LaunchPlan {
+            instance: spec.name.clone(),
+            argv,
+            machine: cmd.machine,
+            qemu_version: caps.version.text.clone(),
+        })
+    }
+}
+
+/// The node paths of an instance, as the argv builder wants them.
+pub(crate) fn node_paths(p: &kvm_runtime::InstancePaths) -> kvm_cmdline::NodePaths {
+    kvm_cmdline::NodePaths {
+        pidfile: p.pid.clone(),
+        qmp: p.qmp.clone(),
+        serial: p.serial.clone(),
+        chroot: p.chroot.clone(),
+        keymap: p.keymap.clone(),
+    }
+}
+
+/// Whether `/dev/vhost-net` can be opened.
+pub fn vhost_net_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-net")
+        .is_ok()
+}

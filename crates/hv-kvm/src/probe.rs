@@ -1,0 +1,222 @@
+//! Capabilities of a QEMU binary: probed once per binary identity (path,
+//! inode, size, mtime, ctime) and cached in memory and on disk, so a warm
+//! start forks no probe process. The probe runs `--help`, `-machine ?` and
+//! `-device ?` in parallel; the parsing is kvm-cmdline's.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_cmdline::Capabilities;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What identifies one build of a binary: any change re-probes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BinaryIdentity {
+    /// The path as configured.
+    pub path: PathBuf,
+    /// Inode of the file it resolves to.
+    pub inode: u64,
+    /// Its size.
+    pub size: u64,
+    /// Modification time (ns since the epoch).
+    pub mtime_ns: i128,
+    /// Status change time (ns since the epoch).
+    pub ctime_ns: i128,
+}
+
+impl BinaryIdentity {
+    /// Reads the identity of `path` (following symlinks, as exec does).
+    pub fn of(path: &Path) -> Result<BinaryIdentity> {
+        let m = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::QemuMissing {
+                path: path.to_owned(),
+            },
+            _ => Error::Io {
+                context: format!("stat {}", path.display()),
+                source: e,
+            },
+        })?;
+        if !m.is_file() {
+            return Err(Error::QemuMissing {
+                path: path.to_owned(),
+            });
+        }
+        Ok(BinaryIdentity {
+            path: path.to_owned(),
+            inode: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheEntry {
+    identity: BinaryIdentity,
+    capabilities: Capabilities,
+}
+
+/// Probes and caches capabilities.
+#[derive(Debug)]
+pub struct CapsCache {
+    dir: Option<PathBuf>,
+    memory: Mutex<HashMap<PathBuf, (BinaryIdentity, Arc<Capabilities>)>>,
+    probes: std::sync::atomic::AtomicUsize,
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl CapsCache {
+    /// A cache keeping files in `dir` (none: memory only).
+    pub fn new(dir: Option<PathBuf>) -> CapsCache {
+        CapsCache {
+            dir,
+            memory: Mutex::new(HashMap::new()),
+            probes: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// How many probes (process triples) this cache has run.
+    pub fn probes_run(&self) -> usize {
+        self.probes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn file_for(&self, path: &Path) -> Option<PathBuf> {
+        let name: String = path
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.as_ref().map(|d| d.join(format!("{name}.json")))
+    }
+
+    /// The capabilities of the binary at `path`, probing only when this
+    /// exact binary has not been seen.
+    pub async fn get(&self, path: &Path) -> Result<Arc<Capabilities>> {
+        let identity = BinaryIdentity::of(path)?;
+        if let Some((id, caps)) = self.lock().get(path) {
+            if *id == identity {
+                return Ok(caps.clone());
+            }
+        }
+        if let Some(file) = self.file_for(path) {
+            if let Ok(data) = std::fs::read(&file) {
+                if let Ok(entry) = serde_json::from_slice::<CacheEntry>(&data) {
+                    if entry.identity == identity {
+                        let caps = Arc::new(entry.capabilities);
+                        self.lock()
+                            .insert(path.to_owned(), (identity, caps.clone()));
+                        return Ok(caps);
+                    }
+                }
+            }
+        }
+        let caps = Arc::new(probe(path).await?);
+        self.probes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(file) = self.file_for(path) {
+            let entry = CacheEntry {
+                identity: identity.clone(),
+                capabilities: (*caps).clone(),
+            };
+            // A cache that cannot be written only costs a probe next time.
+            if let Err(e) = write_cache(&file, &entry) {
+                tracing::debug!(error = %e, file = %file.display(), "capability cache not written");
+            }
+        }
+        self.lock()
+            .insert(path.to_owned(), (identity, caps.clone()));
+        Ok(caps)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (BinaryIdentity, Arc<Capabilities>)>> {
+        self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn write_cache(file: &Path, entry: &CacheEntry) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = file.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec(entry).unwrap_or_default())?;
+    std::fs::rename(&tmp, file)
+}
+
+async fn run(path: &Path, args: &[&str], may_fail: bool) -> Result<String> {
+    let mut cmd = tokio::process::Command::new(path);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(PROBE_TIMEOUT, cmd.output()).await {
+        Err(_) => {
+            return Err(Error::Probe {
+                path: path.to_owned(),
+                reason: format!("{} did not answer within {PROBE_TIMEOUT:?}", args.join(" ")),
+            })
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::QemuMissing {
+                path: path.to_owned(),
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(Error::Probe {
+                path: path.to_owned(),
+                reason: format!("cannot run it: {e}"),
+            })
+        }
+        Ok(Ok(o)) => o,
+    };
+    if !out.status.success() && !may_fail {
+        return Err(Error::Probe {
+            path: path.to_owned(),
+            reason: format!("{} exited with {}", args.join(" "), out.status),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Probes a binary now (no cache): `--help`, `-machine ?` and `-device ?`
+/// in parallel.
+pub async fn probe(path: &Path) -> Result<Capabilities> {
+    let (help, machines, devices) = tokio::join!(
+        run(path, &["--help"], false),
+        run(path, &["-machine", "?"], false),
+        // Old QEMU has no -device; the seed accepted failure here too.
+        run(path, &["-device", "?"], true),
+    );
+    Capabilities::from_help(&help?, &machines?, &devices.unwrap_or_default()).map_err(|e| {
+        Error::Probe {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })
+}
