@@ -13,7 +13,12 @@
 #![deny(missing_docs)]
 
 mod error;
+mod lifecycle;
+mod nic;
 pub mod probe;
+mod process;
+mod query;
+mod types;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +27,11 @@ use std::time::Duration;
 pub use error::{Error, Result};
 pub use kvm_cmdline::{Capabilities, HvParams, InstanceSpec};
 pub use kvm_runtime::RunDir;
+pub use kvm_runtime::UidPool;
+pub use lifecycle::StopOutcome;
+pub use nic::nic_script_env;
 use serde::{Deserialize, Serialize};
+pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};
 
 /// How a node's hypervisor is set up.
 #[derive(Debug, Clone)]
@@ -39,6 +48,18 @@ pub struct Config {
     pub qmp_timeout: Duration,
     /// Node-wide inputs of the argv (SPICE certificates).
     pub build_env: kvm_cmdline::BuildEnv,
+    /// The NIC up script (the seed's `kvm-ifup`): run with the TAP name and
+    /// the seed's environment. Without one, TAPs are brought up and bridged
+    /// NICs attached to their bridge natively.
+    pub nic_script: Option<PathBuf>,
+    /// The uid pool for `security_model=pool`.
+    pub uid_pool: Option<kvm_runtime::UidPool>,
+    /// Kernel name template for TAP interfaces.
+    pub tap_template: String,
+    /// How long QEMU may take to initialize.
+    pub start_timeout: Duration,
+    /// Per-instance bound of `info_all`.
+    pub info_timeout: Duration,
 }
 
 impl Config {
@@ -51,6 +72,11 @@ impl Config {
             lock_timeout: Duration::from_secs(30),
             qmp_timeout: Duration::from_secs(10),
             build_env: kvm_cmdline::BuildEnv::default(),
+            nic_script: None,
+            uid_pool: None,
+            tap_template: "gkvm%d".into(),
+            start_timeout: Duration::from_secs(60),
+            info_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -184,3 +210,7 @@ pub fn vhost_net_available() -> bool {
         .open("/dev/vhost-net")
         .is_ok()
 }
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -2,32 +2,12 @@
 //! guest using a TAP handed over as a descriptor.
 
 use gkvm_tap::{Error, TapBuilder, VnetHdr};
-use gkvm_testkit::{require, Need, Vm};
+use gkvm_testkit::{require, Bridge, Need, Vm};
 use std::path::Path;
 use std::process::Command;
 
 fn sys_net(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().expect("run ip");
-    assert!(st.success(), "ip {args:?} failed");
-}
-
-/// A bridge that the test creates and removes.
-struct Bridge(String);
-impl Bridge {
-    fn new(name: &str) -> Bridge {
-        let _ = Command::new("ip").args(["link", "del", name]).status();
-        ip(&["link", "add", "name", name, "type", "bridge"]);
-        Bridge(name.to_owned())
-    }
-}
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
-    }
 }
 
 #[test]

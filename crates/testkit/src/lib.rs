@@ -367,3 +367,32 @@ impl Vm {
         }
     }
 }
+
+/// A Linux bridge created for a test (with `ip`) and deleted on drop.
+#[derive(Debug)]
+pub struct Bridge(pub String);
+
+impl Bridge {
+    /// Creates bridge `name` (replacing a leftover one) and brings it up.
+    pub fn new(name: &str) -> Bridge {
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+        };
+        let _ = ip(&["link", "del", name]);
+        let st = ip(&["link", "add", "name", name, "type", "bridge"]).expect("run ip");
+        assert!(st.success(), "ip link add {name} type bridge failed");
+        let _ = ip(&["link", "set", name, "up"]);
+        Bridge(name.to_owned())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}

@@ -1,0 +1,133 @@
+//! TAP interfaces for an instance's NICs, configured by the NIC script with
+//! the seed's environment or natively (link up, bridge attach).
+
+use std::path::Path;
+
+use gkvm_tap::{Tap, TapBuilder, VnetHdr};
+use kvm_cmdline::{InstanceSpec, NicMode, NicSpec};
+
+use crate::error::{Error, Result};
+
+/// Opens one TAP per NIC. vnet_hdr is used for virtio NICs when the kernel
+/// has it (as the seed does), never for emulated ones.
+pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Result<Vec<Tap>> {
+    spec.nics
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            TapBuilder::new()
+                .name_template(template)
+                .vnet_hdr(if virtio { VnetHdr::Auto } else { VnetHdr::Off })
+                .open()
+                .map_err(|source| Error::Tap {
+                    instance: spec.name.clone(),
+                    nic: i,
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// The environment the NIC script gets (the seed's names).
+pub fn nic_script_env(
+    spec: &InstanceSpec,
+    seq: usize,
+    nic: &NicSpec,
+    interface: &str,
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("INSTANCE".to_owned(), spec.name.clone()),
+        ("MAC".to_owned(), nic.mac.clone()),
+        ("MODE".to_owned(), nic.mode.as_str().to_owned()),
+        ("INTERFACE".to_owned(), interface.to_owned()),
+        ("INTERFACE_INDEX".to_owned(), seq.to_string()),
+        ("TAGS".to_owned(), spec.tags.join(" ")),
+    ];
+    if let Some(ip) = &nic.ip {
+        env.push(("IP".into(), ip.clone()));
+    }
+    if !nic.link.is_empty() {
+        env.push(("LINK".into(), nic.link.clone()));
+    }
+    if let Some(n) = &nic.network {
+        env.push(("NETWORK_NAME".into(), n.name.clone()));
+        for (k, v) in [
+            ("NETWORK_SUBNET", &n.subnet),
+            ("NETWORK_GATEWAY", &n.gateway),
+            ("NETWORK_SUBNET6", &n.subnet6),
+            ("NETWORK_GATEWAY6", &n.gateway6),
+            ("NETWORK_MAC_PREFIX", &n.mac_prefix),
+            ("NETWORK_TYPE", &n.network_type),
+        ] {
+            if let Some(v) = v {
+                env.push((k.into(), v.clone()));
+            }
+        }
+    }
+    if nic.mode == NicMode::Bridged {
+        env.push(("BRIDGE".into(), nic.link.clone()));
+    }
+    env
+}
+
+/// Configures NIC `seq`'s TAP: runs `script INTERFACE` with the seed's
+/// environment when one is configured, else brings the link up and, for
+/// bridged NICs, attaches it to the bridge.
+pub(crate) async fn configure(
+    spec: &InstanceSpec,
+    seq: usize,
+    tap: &Tap,
+    script: Option<&Path>,
+) -> Result<()> {
+    let nic = &spec.nics[seq];
+    let fail = |reason: String| Error::Start {
+        instance: spec.name.clone(),
+        step: "NIC configuration",
+        reason,
+    };
+    if let Some(script) = script {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let mut cmd = tokio::process::Command::new(script);
+        cmd.arg(tap.name())
+            .env_clear()
+            .env("PATH", format!("{path}:/sbin:/usr/sbin"))
+            .envs(nic_script_env(spec, seq, nic, tap.name()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "{} {} did not finish within 60 s",
+                    script.display(),
+                    tap.name()
+                ))
+            })?
+            .map_err(|e| fail(format!("cannot run {}: {e}", script.display())))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{} {} failed ({}): {}",
+                script.display(),
+                tap.name(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        return Ok(());
+    }
+    let tap_err = |source| Error::Tap {
+        instance: spec.name.clone(),
+        nic: seq,
+        source,
+    };
+    tap.set_up().map_err(tap_err)?;
+    match nic.mode {
+        NicMode::Bridged if !nic.link.is_empty() => {
+            tap.attach_to_bridge(&nic.link).map_err(tap_err)
+        }
+        NicMode::Bridged | NicMode::Routed => Ok(()),
+        NicMode::Openvswitch => Err(fail(format!(
+            "NIC {seq} is in openvswitch mode, which needs a NIC script (none configured)"
+        ))),
+    }
+}

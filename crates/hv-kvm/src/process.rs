@@ -1,0 +1,118 @@
+//! QEMU processes: waiting for exit with a pidfd (a zombie is dead, so a
+//! slow init reaping a daemonized QEMU costs nothing), killing only the
+//! process that really is the instance, CPU time and affinity.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Opens a pidfd for `pid`; `None` when the process is already gone.
+pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<Option<OwnedFd>> {
+    // SAFETY: pidfd_open(2) with flags 0; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: a new descriptor we own.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// Waits until `pid` has exited (a zombie counts), up to `timeout`.
+/// Returns whether it exited.
+pub(crate) async fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    let fd = match pidfd_open(pid) {
+        Ok(None) => return true,
+        Ok(Some(fd)) => fd,
+        Err(_) => return poll_exit(pid, timeout).await,
+    };
+    // SAFETY: `fd` is an OwnedFd, open for as long as the AsyncFd owns it.
+    let Ok(afd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) else {
+        return poll_exit(pid, timeout).await;
+    };
+    tokio::time::timeout(timeout, afd.readable()).await.is_ok()
+}
+
+async fn poll_exit(pid: i32, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if kvm_runtime::is_zombie_or_gone(pid) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends SIGKILL to `pid` if, and only if, it is the QEMU of `instance`
+/// (checked through a pidfd, so a reused pid is never hit). Returns
+/// whether a signal was sent.
+pub(crate) fn kill_instance(pid: i32, instance: &str) -> std::io::Result<bool> {
+    let Some(fd) = pidfd_open(pid)? else {
+        return Ok(false);
+    };
+    // The pidfd pins the process identity: check it is ours, then signal it.
+    if !kvm_runtime::process_runs_instance(pid, instance) {
+        return Ok(false);
+    }
+    // SAFETY: pidfd_send_signal(2) on our pidfd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// User plus system CPU time of a process, in seconds.
+pub(crate) fn cpu_time(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `after` starts at field 3.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz.max(1.0))
+}
+
+/// Restricts thread `tid` to `cpus`.
+pub(crate) fn set_affinity(tid: i32, cpus: &[u32]) -> std::io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c as usize)
+            .map_err(|_| std::io::Error::other(format!("CPU {c} is beyond the affinity mask")))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set)
+        .map_err(std::io::Error::from)
+}
+
+/// Thread ids of a process.
+pub(crate) fn threads(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,310 @@
+//! Questions about instances and the node: list, info, console, verify.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gkvm_qmp::{commands, Options, Qmp};
+use kvm_runtime::{InstancePaths, Liveness};
+
+use crate::error::{Error, Result};
+use crate::lifecycle::spec_from_record;
+use crate::types::{ConsoleInfo, InstanceInfo, NodeInfo, VerifyReport};
+use crate::{process, KvmHypervisor};
+
+/// The pid's `-m` and `-smp` from its command line (fallback values).
+fn cmdline_resources(pid: i32) -> (u64, u32) {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let arg = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+    };
+    let memory = arg("-m")
+        .and_then(|m| m.trim_end_matches(['M', 'm']).parse().ok())
+        .unwrap_or(0);
+    let vcpus = arg("-smp")
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.trim_start_matches("cpus=").parse().ok())
+        .unwrap_or(1);
+    (memory, vcpus)
+}
+
+/// Info of one running instance; QMP answers are bounded by `timeout` and
+/// replaced by command-line values (state `unknown`) when they do not come.
+async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceInfo {
+    let (mut memory_mib, mut vcpus) = cmdline_resources(pid);
+    let mut state = "unknown".to_owned();
+    let options = Options {
+        connect_timeout: timeout,
+        command_timeout: timeout,
+        ..Options::default()
+    };
+    let answers = tokio::time::timeout(timeout, async {
+        let qmp = Qmp::connect(&paths.qmp, options).await.ok()?;
+        let (status, balloon, cpus) = tokio::join!(
+            qmp.run(&commands::QueryStatus),
+            qmp.run(&commands::QueryBalloon),
+            qmp.run(&commands::QueryCpusFast)
+        );
+        Some((status.ok(), balloon.ok(), cpus.ok()))
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some((status, balloon, cpus)) = answers {
+        if let Some(s) = status {
+            state = match s.status {
+                // Started with -S and never run yet: paused, to a user.
+                commands::RunState::Prelaunch => "paused".to_owned(),
+                other => serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "unknown".into()),
+            };
+        }
+        if let Some(b) = balloon {
+            memory_mib = b.actual >> 20;
+        }
+        if let Some(c) = cpus {
+            vcpus = c.len() as u32;
+        }
+    }
+    InstanceInfo {
+        name: paths.name.clone(),
+        pid,
+        state,
+        memory_mib,
+        vcpus,
+        cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
+    }
+}
+
+impl KvmHypervisor {
+    /// Names of the running instances (pid file naming a live QEMU of that
+    /// name), sorted.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let names = self
+            .config
+            .run_dir
+            .instances_with_pid_files()
+            .map_err(|e| Error::Runtime {
+                instance: "*".into(),
+                source: e,
+            })?;
+        Ok(names
+            .into_iter()
+            .filter(|n| {
+                self.config
+                    .run_dir
+                    .instance(n)
+                    .ok()
+                    .and_then(|p| p.liveness().ok())
+                    .is_some_and(|l| matches!(l, Liveness::Running { .. }))
+            })
+            .collect())
+    }
+
+    /// Info of one running instance.
+    pub async fn info(&self, name: &str) -> Result<InstanceInfo> {
+        let paths = self.paths(name)?;
+        match self.liveness(&paths)? {
+            Liveness::Running { pid } => {
+                Ok(instance_info(paths, pid, self.config.qmp_timeout).await)
+            }
+            _ => Err(Error::NotRunning {
+                instance: name.into(),
+            }),
+        }
+    }
+
+    /// Info of every running instance, queried concurrently with a bounded
+    /// time each; an instance that dies meanwhile is left out, one that
+    /// does not answer shows state `unknown`.
+    pub async fn info_all(&self) -> Result<Vec<InstanceInfo>> {
+        let mut set = tokio::task::JoinSet::new();
+        for name in self.list()? {
+            let Ok(paths) = self.paths(&name) else {
+                continue;
+            };
+            let Ok(Liveness::Running { pid }) = paths.liveness() else {
+                continue;
+            };
+            set.spawn(instance_info(paths, pid, self.config.info_timeout));
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(info) = r {
+                if !kvm_runtime::is_zombie_or_gone(info.pid) {
+                    out.push(info);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Memory, CPUs and QEMU version of this node.
+    pub async fn node_info(&self) -> Result<NodeInfo> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::Io {
+            context: "reading /proc/meminfo".into(),
+            source: e,
+        })?;
+        let field = |name: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|l| l.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                >> 10
+        };
+        let total = field("MemTotal:");
+        let available = field("MemAvailable:");
+        let instances: u64 = self
+            .list()?
+            .iter()
+            .filter_map(|n| self.paths(n).ok())
+            .filter_map(|p| p.liveness().ok().and_then(|l| l.running_pid()))
+            .map(|pid| cmdline_resources(pid).0)
+            .sum();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let sockets = cpuinfo
+            .lines()
+            .filter_map(|l| l.strip_prefix("physical id"))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            .max(1) as u32;
+        let nodes = std::fs::read_dir("/sys/devices/system/node")
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n.starts_with("node") && n[4..].parse::<u32>().is_ok()
+                    })
+                    .count()
+            })
+            .unwrap_or(1)
+            .max(1) as u32;
+        // SAFETY: sysconf cannot fail for this name.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u32;
+        let hv_version = match self.capabilities(&self.default_kvm_path()).await {
+            Ok(c) => Some((c.version.major, c.version.minor, c.version.micro)),
+            Err(_) => None,
+        };
+        Ok(NodeInfo {
+            memory_total_mib: total,
+            memory_free_mib: available,
+            memory_dom0_mib: total.saturating_sub(available).saturating_sub(instances),
+            cpu_total: cpus,
+            cpu_sockets: sockets,
+            cpu_nodes: nodes,
+            hv_version,
+        })
+    }
+
+    /// The node's default QEMU: the configured one, `/usr/bin/kvm`, or
+    /// `qemu-system-x86_64` on PATH.
+    pub fn default_kvm_path(&self) -> PathBuf {
+        if let Some(p) = &self.config.kvm_path {
+            return p.clone();
+        }
+        let kvm = PathBuf::from("/usr/bin/kvm");
+        if kvm.is_file() {
+            return kvm;
+        }
+        std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("qemu-system-x86_64"))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or(kvm)
+    }
+
+    /// How to reach the console of a running instance, as the seed
+    /// describes it: the serial socket, else VNC, else SPICE.
+    pub fn console(&self, name: &str) -> Result<ConsoleInfo> {
+        let paths = self.paths(name)?;
+        if !matches!(self.liveness(&paths)?, Liveness::Running { .. }) {
+            return Err(Error::NotRunning {
+                instance: name.into(),
+            });
+        }
+        let record = paths.read_runtime().map_err(|e| Error::Runtime {
+            instance: name.into(),
+            source: e,
+        })?;
+        let spec = record.map(|r| spec_from_record(name, &r));
+        let hv = spec
+            .as_ref()
+            .map(|s| s.hvparams.clone())
+            .unwrap_or_default();
+        let port = spec.as_ref().and_then(|s| s.network_port).unwrap_or(0);
+        if hv.serial_console {
+            return Ok(ConsoleInfo::Serial {
+                instance: name.into(),
+                socket: paths.serial.clone(),
+                command: vec![
+                    "gkvm".into(),
+                    "--run-dir".into(),
+                    self.config.run_dir.root().display().to_string(),
+                    "console".into(),
+                    name.into(),
+                ],
+            });
+        }
+        if !hv.vnc_bind_address.is_empty() && port > kvm_cmdline::VNC_BASE_PORT {
+            return Ok(ConsoleInfo::Vnc {
+                instance: name.into(),
+                host: hv.vnc_bind_address.clone(),
+                port,
+                display: port - kvm_cmdline::VNC_BASE_PORT,
+            });
+        }
+        if !hv.spice_bind.is_empty() {
+            return Ok(ConsoleInfo::Spice {
+                instance: name.into(),
+                host: hv.spice_bind.clone(),
+                port,
+            });
+        }
+        Ok(ConsoleInfo::Message {
+            instance: name.into(),
+            message: format!("No serial shell for instance {name}"),
+        })
+    }
+
+    /// Checks the node: QEMU present and probeable, `/dev/kvm` usable,
+    /// `/dev/net/tun` present, the run directory sane.
+    pub async fn verify(&self) -> VerifyReport {
+        let mut problems = Vec::new();
+        let qemu = self.default_kvm_path();
+        if let Err(e) = self.capabilities(&qemu).await {
+            problems.push(e.to_string());
+        }
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            problems.push(
+                "/dev/kvm is not usable: instances with kvm_flag=enabled will not start".into(),
+            );
+        }
+        if !std::path::Path::new(gkvm_tap::TUN_DEVICE).exists() {
+            problems.push(format!(
+                "{} is missing: NICs cannot be created",
+                gkvm_tap::TUN_DEVICE
+            ));
+        }
+        if let Err(e) = self.config.run_dir.ensure() {
+            problems.push(format!("run directory: {e}"));
+        }
+        VerifyReport { problems }
+    }
+}

@@ -1,0 +1,675 @@
+//! The facade against real QEMU, real TAPs and a real run directory.
+//! Linux guests boot under TCG (this machine's nested KVM cannot run them);
+//! guest-less instances (SeaBIOS only) use KVM.
+
+use gkvm_testkit::{require, Bridge, Env, Need, ScratchDir, Serial, READY_LINE};
+use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir, StopOutcome};
+use kvm_cmdline::{NicMode, NicSpec};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Node {
+    hv: KvmHypervisor,
+    dir: ScratchDir,
+}
+
+impl Node {
+    fn new(env: &Env, tweak: impl FnOnce(&mut Config)) -> Node {
+        let dir = ScratchDir::new("gkvm-hv");
+        let mut config = Config::new(RunDir::new(dir.path().join("run")));
+        config.kvm_path = Some(env.qemu.clone());
+        config.caps_cache_dir = Some(dir.path().join("caps"));
+        tweak(&mut config);
+        Node {
+            hv: KvmHypervisor::new(config),
+            dir,
+        }
+    }
+
+    fn run(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Every file left under the run dir (directories themselves are fine).
+    fn leftovers(&self) -> Vec<PathBuf> {
+        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.run(), &mut out);
+        out.retain(|p| !p.starts_with(self.run().join("caps")));
+        out
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
+    let g = env.guest.as_ref().expect("test guest");
+    let mut spec = InstanceSpec::new(name, 128);
+    let args = g.cmdline.replace("console=ttyS0", "");
+    let accel = if gkvm_testkit::guest_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    for (k, v) in [
+        ("kernel_path", g.kernel.to_str().unwrap()),
+        ("initrd_path", g.initrd.to_str().unwrap()),
+        ("root_path", "/dev/ram0"),
+        ("kernel_args", args.trim()),
+        ("serial_speed", "115200"),
+        ("kvm_flag", accel),
+    ] {
+        spec.hvparams
+            .set(k, serde_json::Value::String(v.into()))
+            .unwrap();
+    }
+    spec
+}
+
+fn guestless_spec(name: &str) -> InstanceSpec {
+    let mut spec = InstanceSpec::new(name, 64);
+    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    spec.hvparams
+        .set_pair(&format!("kvm_flag={accel}"))
+        .unwrap();
+    spec
+}
+
+fn nic(mac: &str, bridge: &str) -> NicSpec {
+    NicSpec {
+        mac: mac.into(),
+        ip: None,
+        mode: NicMode::Bridged,
+        link: bridge.into(),
+        network: None,
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    !kvm_runtime::is_zombie_or_gone(pid)
+}
+
+#[test]
+fn start_info_balloon_graceful_stop_leaves_nothing() {
+    let Some(env) = require("hv_lifecycle", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let br = Bridge::new("gkvmhvbr0");
+    let mut spec = guest_spec(&env, "life1");
+    spec.nics.push(nic("52:54:00:00:10:01", &br.0));
+    rt().block_on(async {
+        let hv = &node.hv;
+        let t = Instant::now();
+        let report = hv.start(&spec, true).await.unwrap();
+        eprintln!("start (paused) took {:?}", t.elapsed());
+        assert!(report.paused);
+        assert_eq!(report.taps.len(), 1);
+        let paths = RunDir::new(node.run()).instance("life1").unwrap();
+        let info = hv.info("life1").await.unwrap();
+        assert_eq!(info.state, "paused");
+        assert_eq!(
+            (info.memory_mib, info.vcpus, info.pid),
+            (128, 1, report.pid)
+        );
+        assert_eq!(hv.list().unwrap(), vec!["life1"]);
+
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("life1").await.unwrap();
+        let seen = serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(seen.contains("eth0 up 52:54:00:00:10:01"), "{seen}");
+        assert_eq!(hv.info("life1").await.unwrap().state, "running");
+
+        hv.balloon("life1", 96).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = hv.info("life1").await.unwrap().memory_mib;
+            if m == 96 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "balloon stuck at {m} MiB");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let outcome = hv
+            .stop("life1", false, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(outcome, StopOutcome::PoweredOff);
+        assert!(!alive(report.pid));
+        assert!(!gkvm_tap::interface_exists(&report.taps[0]), "TAP left");
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+        assert!(hv.list().unwrap().is_empty());
+        assert!(matches!(
+            hv.info("life1").await,
+            Err(Error::NotRunning { .. })
+        ));
+        // Stopping again is harmless.
+        assert_eq!(
+            hv.stop("life1", false, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            StopOutcome::NotRunning
+        );
+    });
+}
+
+#[test]
+fn reboot_resets_the_guest_then_force_stop() {
+    let Some(env) = require("hv_reboot", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let spec = guest_spec(&env, "boot1");
+    rt().block_on(async {
+        let hv = &node.hv;
+        let report = hv.start(&spec, true).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("boot1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("boot1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        serial.clear();
+        hv.reboot("boot1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("after reboot: {e}"));
+        assert_eq!(
+            hv.info("boot1").await.unwrap().pid,
+            report.pid,
+            "reset in place"
+        );
+
+        let t = Instant::now();
+        assert_eq!(
+            hv.stop("boot1", true, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            StopOutcome::Killed
+        );
+        eprintln!("force stop took {:?}", t.elapsed());
+        assert!(!alive(report.pid));
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn reboot_with_exit_behavior_restarts_qemu() {
+    let Some(env) = require("hv_reboot_exit", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guestless_spec("rbexit1");
+    spec.hvparams.set_pair("reboot_behavior=exit").unwrap();
+    rt().block_on(async {
+        let hv = &node.hv;
+        let first = hv.start(&spec, false).await.unwrap();
+        hv.reboot("rbexit1").await.unwrap();
+        let info = hv.info("rbexit1").await.unwrap();
+        assert_ne!(info.pid, first.pid, "a new QEMU");
+        assert!(!alive(first.pid));
+        assert_eq!(info.state, "running");
+        hv.stop("rbexit1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn two_nics_on_a_bridge() {
+    let Some(env) = require("hv_two_nics", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let br = Bridge::new("gkvmhvbr1");
+    let mut spec = guest_spec(&env, "nics2");
+    spec.nics.push(nic("52:54:00:00:20:01", &br.0));
+    spec.nics.push(nic("52:54:00:00:20:02", &br.0));
+    rt().block_on(async {
+        let hv = &node.hv;
+        let report = hv.start(&spec, true).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("nics2").unwrap();
+        assert_eq!(paths.read_nics().unwrap(), report.taps);
+        for tap in &report.taps {
+            let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+            assert_eq!(master.file_name().unwrap().to_str(), Some(br.0.as_str()));
+        }
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("nics2").await.unwrap();
+        let seen = serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(seen.contains("eth0 up 52:54:00:00:20:01"), "{seen}");
+        let link = serial
+            .run("cat /sys/class/net/eth1/address", Duration::from_secs(20))
+            .unwrap();
+        assert!(link.contains("52:54:00:00:20:02"), "{link}");
+        hv.stop("nics2", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        for tap in &report.taps {
+            assert!(!gkvm_tap::interface_exists(tap));
+        }
+    });
+}
+
+fn cpus_allowed(tid: i64) -> String {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn cpu_mask_pins_each_vcpu() {
+    let Some(env) = require("hv_pinning", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guestless_spec("pin1");
+    spec.vcpus = 2;
+    spec.hvparams.set_pair("cpu_mask=1:0").unwrap();
+    rt().block_on(async {
+        node.hv.start(&spec, false).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("pin1").unwrap();
+        let mut q = gkvm_qmp::blocking::Qmp::connect(&paths.qmp, Default::default()).unwrap();
+        let cpus = q.run(&gkvm_qmp::commands::QueryCpusFast).unwrap();
+        q.close();
+        assert_eq!(cpus.len(), 2);
+        assert_eq!(cpus_allowed(cpus[0].thread_id), "1");
+        assert_eq!(cpus_allowed(cpus[1].thread_id), "0");
+        node.hv
+            .stop("pin1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+
+        // One set pins the whole VM, every thread.
+        let mut spec = guestless_spec("pin2");
+        spec.hvparams.set_pair("cpu_mask=1").unwrap();
+        let r = node.hv.start(&spec, false).await.unwrap();
+        for tid in std::fs::read_dir(format!("/proc/{}/task", r.pid))
+            .unwrap()
+            .flatten()
+        {
+            let tid: i64 = tid.file_name().to_str().unwrap().parse().unwrap();
+            assert_eq!(cpus_allowed(tid), "1", "thread {tid}");
+        }
+        node.hv
+            .stop("pin2", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn vnc_password_never_leaves_qmp() {
+    let Some(env) = require("hv_vnc_password", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let pw = node.dir.path().join("vnc.pass");
+    std::fs::write(&pw, "s3cr3t-pw-4711\n").unwrap();
+    let mut spec = guestless_spec("vnc1");
+    spec.hvparams
+        .set_pair("vnc_bind_address=127.0.0.1")
+        .unwrap();
+    spec.hvparams
+        .set_pair(&format!("vnc_password_file={}", pw.display()))
+        .unwrap();
+    spec.network_port = Some(5977);
+    rt().block_on(async {
+        let r = node.hv.start(&spec, false).await.unwrap();
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid)).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains("s3cr3t"));
+        assert!(String::from_utf8_lossy(&cmdline).contains("password=on"));
+        let paths = RunDir::new(node.run()).instance("vnc1").unwrap();
+        let runtime = std::fs::read_to_string(&paths.runtime).unwrap();
+        assert!(!runtime.contains("s3cr3t"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&paths.runtime)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        match node.hv.console("vnc1").unwrap() {
+            hv_kvm::ConsoleInfo::Serial { socket, .. } => assert_eq!(socket, paths.serial),
+            other => panic!("{other:?}"),
+        }
+        node.hv
+            .stop("vnc1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+}
+
+/// A fake QEMU for faults real QEMU will not produce: answers probes like
+/// the real one, but on a start it leaves a process that carries
+/// `-name NAME` and never opens a QMP socket.
+fn hanging_qemu(dir: &Path, real: &Path) -> PathBuf {
+    let script = dir.join("fake-qemu");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in --help|-machine|-device) exec {} \"$@\";; esac\n\
+             name=''; pidfile=''\n\
+             while [ $# -gt 0 ]; do case \"$1\" in -name) name=$2;; -pidfile) pidfile=$2;; esac; shift; done\n\
+             /bin/sh -c 'sleep 600' sh -name \"$name\" </dev/null >/dev/null 2>&1 &\n\
+             echo $! > \"$pidfile\"\nexit 0\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn failed_starts_leave_nothing_behind() {
+    let Some(env) = require("hv_failed_starts", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let br = Bridge::new("gkvmhvbr2");
+    rt().block_on(async {
+        // QEMU refuses to start: a disk that does not exist.
+        let node = Node::new(&env, |_| {});
+        let mut spec = guestless_spec("fail1");
+        spec.nics.push(nic("52:54:00:00:30:01", &br.0));
+        spec.disks.push(kvm_cmdline::DiskSpec {
+            path: "/nonexistent/disk.img".into(),
+            mode: Default::default(),
+            template: None,
+        });
+        match node.hv.start(&spec, false).await {
+            Err(Error::Start {
+                instance,
+                step,
+                reason,
+            }) => {
+                assert_eq!((instance.as_str(), step), ("fail1", "spawn QEMU"));
+                assert!(reason.contains("/nonexistent/disk.img"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+        assert!(
+            std::fs::read_dir("/sys/class/net/gkvmhvbr2/brif")
+                .unwrap()
+                .next()
+                .is_none(),
+            "TAP left on the bridge"
+        );
+
+        // QEMU dies right after starting: an option it rejects late.
+        let mut spec = guestless_spec("fail2");
+        spec.hvparams
+            .set_pair("kvm_extra=-device no-such-device-model")
+            .unwrap();
+        let err = node.hv.start(&spec, false).await.unwrap_err();
+        assert!(err.to_string().contains("fail2"), "{err}");
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+
+        // The QEMU binary is missing.
+        let node2 = Node::new(&env, |c| c.kvm_path = Some("/nonexistent/qemu".into()));
+        assert!(matches!(
+            node2.hv.start(&guestless_spec("fail3"), false).await,
+            Err(Error::QemuMissing { .. })
+        ));
+        assert_eq!(node2.leftovers(), Vec::<PathBuf>::new());
+
+        // QMP never appears: the start gives up, kills what it started.
+        let fake = hanging_qemu(node.dir.path(), &env.qemu);
+        let node3 = Node::new(&env, |c| {
+            c.kvm_path = Some(fake.clone());
+            c.qmp_timeout = Duration::from_secs(2);
+        });
+        let mut spec = guestless_spec("fail4");
+        spec.nics.push(nic("52:54:00:00:30:04", &br.0));
+        match node3.hv.start(&spec, false).await {
+            Err(Error::Start { step, .. }) => assert_eq!(step, "QMP"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(node3.leftovers(), Vec::<PathBuf>::new());
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", "-name fail4"])
+            .output()
+            .unwrap();
+        assert!(
+            out.stdout.is_empty(),
+            "fake QEMU left running: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    });
+}
+
+#[test]
+fn concurrent_starts_of_one_name() {
+    let Some(env) = require("hv_concurrent", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let spec = guestless_spec("race1");
+    rt().block_on(async {
+        let (a, b) = tokio::join!(node.hv.start(&spec, false), node.hv.start(&spec, false));
+        let (ok, err) = match (a, b) {
+            (Ok(r), Err(e)) | (Err(e), Ok(r)) => (r, e),
+            other => panic!("expected one winner: {other:?}"),
+        };
+        assert!(
+            matches!(&err, Error::AlreadyRunning { instance, pid } if instance == "race1" && *pid == ok.pid)
+                || err.to_string().contains("busy"),
+            "{err}"
+        );
+        node.hv.stop("race1", true, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn info_all_over_twenty_instances() {
+    let Some(env) = require("hv_info_all", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        let names: Vec<String> = (0..20).map(|i| format!("many{i:02}")).collect();
+        for n in &names {
+            node.hv.start(&guestless_spec(n), false).await.unwrap();
+        }
+        // One dies behind the facade's back: the list still comes.
+        let victim = node.hv.info("many07").await.unwrap().pid;
+        // SAFETY: killing a QEMU this test started.
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+        let t = Instant::now();
+        let all = node.hv.info_all().await.unwrap();
+        eprintln!("info_all over 20 took {:?}", t.elapsed());
+        assert!(all.len() == 19 || all.len() == 20, "{}", all.len());
+        assert!(all
+            .iter()
+            .filter(|i| i.name != "many07")
+            .all(|i| i.state == "running" && i.memory_mib == 64));
+        for n in &names {
+            node.hv.stop(n, true, Duration::from_secs(5)).await.unwrap();
+        }
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn nic_script_gets_the_seed_environment() {
+    let Some(env) = require("hv_nic_script", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let tmp = ScratchDir::new("gkvm-nicscript");
+    let script = tmp.path().join("ifup");
+    let dump = tmp.path().join("env");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nenv | sort > {}.$INTERFACE_INDEX\nip link set \"$1\" up\n",
+            dump.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let node = Node::new(&env, |c| c.nic_script = Some(script.clone()));
+    let mut spec = guestless_spec("script1");
+    spec.tags = vec!["web".into(), "prod".into()];
+    let mut n = nic("52:54:00:00:40:01", "br-none");
+    n.ip = Some("192.0.2.10".into());
+    n.network = Some(kvm_cmdline::NetworkSpec {
+        name: "net1".into(),
+        subnet: Some("192.0.2.0/24".into()),
+        gateway: Some("192.0.2.1".into()),
+        ..Default::default()
+    });
+    spec.nics.push(n);
+    let mut routed = nic("52:54:00:00:40:02", "100");
+    routed.mode = NicMode::Routed;
+    spec.nics.push(routed);
+    rt().block_on(async {
+        let r = node.hv.start(&spec, false).await.unwrap();
+        let e0 = std::fs::read_to_string(tmp.path().join("env.0")).unwrap();
+        for want in [
+            "INSTANCE=script1".to_owned(),
+            "MAC=52:54:00:00:40:01".into(),
+            "MODE=bridged".into(),
+            format!("INTERFACE={}", r.taps[0]),
+            "INTERFACE_INDEX=0".into(),
+            "TAGS=web prod".into(),
+            "IP=192.0.2.10".into(),
+            "LINK=br-none".into(),
+            "BRIDGE=br-none".into(),
+            "NETWORK_NAME=net1".into(),
+            "NETWORK_SUBNET=192.0.2.0/24".into(),
+            "NETWORK_GATEWAY=192.0.2.1".into(),
+        ] {
+            assert!(e0.lines().any(|l| l == want), "{want} missing from:\n{e0}");
+        }
+        let e1 = std::fs::read_to_string(tmp.path().join("env.1")).unwrap();
+        assert!(
+            e1.contains("MODE=routed") && e1.contains("LINK=100") && !e1.contains("BRIDGE="),
+            "{e1}"
+        );
+        node.hv
+            .stop("script1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn instances_started_by_the_seed_layout_are_managed() {
+    let Some(env) = require("hv_seed_layout", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    // A QEMU started the way the seed driver did, under a seed-style run dir.
+    let node = Node::new(&env, |_| {});
+    let run = RunDir::new(node.run());
+    run.ensure().unwrap();
+    let paths = run.instance("seed1.example.com").unwrap();
+    let accel = gkvm_testkit::guestless_accel();
+    let st = std::process::Command::new(&env.qemu)
+        .args([
+            "-name",
+            "seed1.example.com",
+            "-m",
+            "64",
+            "-smp",
+            "1",
+            "-daemonize",
+            "-display",
+            "none",
+        ])
+        .args(["-machine", &format!("pc,accel={accel}")])
+        .arg("-pidfile")
+        .arg(&paths.pid)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", paths.qmp.display()))
+        .arg("-serial")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            paths.serial.display()
+        ))
+        .args(["-device", "virtio-balloon-pci"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let data =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../kvm-runtime/tests/data/seed-runtime-3.json");
+    std::fs::copy(data, &paths.runtime).unwrap();
+    rt().block_on(async {
+        assert_eq!(node.hv.list().unwrap(), vec!["seed1.example.com"]);
+        let info = node.hv.info("seed1.example.com").await.unwrap();
+        assert_eq!((info.memory_mib, info.vcpus), (64, 1));
+        assert!(matches!(
+            node.hv.console("seed1.example.com").unwrap(),
+            hv_kvm::ConsoleInfo::Serial { .. }
+        ));
+        assert_eq!(
+            node.hv
+                .stop("seed1.example.com", true, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            StopOutcome::Killed
+        );
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn node_info_and_verify() {
+    let Some(env) = require("hv_node_info", &[Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        let n = node.hv.node_info().await.unwrap();
+        assert!(n.memory_total_mib > 0 && n.memory_free_mib <= n.memory_total_mib);
+        assert!(n.cpu_total >= 1 && n.cpu_sockets >= 1);
+        assert!(n.hv_version.unwrap().0 >= 7);
+        let report = node.hv.verify().await;
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        let bad = Node::new(&env, |c| c.kvm_path = Some("/nonexistent/kvm".into()));
+        let report = bad.hv.verify().await;
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("/nonexistent/kvm")),
+            "{:?}",
+            report.problems
+        );
+    });
+}
