@@ -8,6 +8,13 @@ use hv_kvm::{Capabilities, Config, InstanceSpec, KvmHypervisor, RunDir};
 
 const EXAMPLES: &str = "\
 Examples:
+  gkvm start web1 --memory 512 --vcpus 2 --disk /dev/vg/web1 --nic bridge=br0 -H kernel_path=/boot/vmlinuz
+  gkvm start --file web1.json --paused
+  gkvm list                         running instances, as a table
+  gkvm info web1 --json
+  gkvm balloon web1 384
+  gkvm stop web1                    ACPI power button, waits up to 120 s
+  gkvm stop web1 --force
   gkvm caps                         what the installed QEMU supports
   gkvm caps --json --kvm-path /usr/bin/qemu-system-x86_64
   gkvm caps --help-text help.txt --machine-text machines.txt --device-text devices.txt
@@ -55,11 +62,95 @@ enum Command {
         /// The instance definition (JSON).
         instance: PathBuf,
     },
+    /// Start an instance (from a JSON file, or from flags).
+    Start(StartArgs),
+    /// Stop an instance: ACPI power button and wait, or --force to kill.
+    Stop {
+        /// The instance.
+        name: String,
+        /// Kill QEMU instead of pressing the power button.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Reboot an instance (reset in place, or restart with reboot_behavior=exit).
+    Reboot {
+        /// The instance.
+        name: String,
+    },
+    /// Resume a paused instance.
+    Resume {
+        /// The instance.
+        name: String,
+    },
+    /// Remove what a stopped instance left behind.
+    Cleanup {
+        /// The instance.
+        name: String,
+    },
+    /// List running instances.
+    List,
+    /// Show instances (all when no name is given).
+    Info {
+        /// Instances to show.
+        names: Vec<String>,
+    },
+    /// Set an instance's memory through the balloon.
+    Balloon {
+        /// The instance.
+        name: String,
+        /// Target memory in MiB.
+        mib: u64,
+    },
+    /// Show the node's memory, CPUs and QEMU version.
+    NodeInfo,
+    /// Show how to reach an instance's console.
+    ConsoleInfo {
+        /// The instance.
+        name: String,
+    },
+    /// Check the node: QEMU, /dev/kvm, /dev/net/tun, the run directory.
+    Verify,
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(clap::Args)]
+struct StartArgs {
+    /// Instance name (or give --file).
+    name: Option<String>,
+    /// Instance definition (JSON); flags given beside it override its fields.
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// A disk: PATH or PATH:ro (repeatable).
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    disks: Vec<String>,
+    /// A NIC: bridge=BR | routed=TABLE | ovs=SWITCH, with ,mac=..,ip=.. (repeatable).
+    #[arg(long = "nic", value_name = "MODE=LINK[,mac=M][,ip=A]")]
+    nics: Vec<String>,
+    /// A hypervisor parameter, as Ganeti's -H kvm:key=value (repeatable).
+    #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+    hvparams: Vec<String>,
+    /// Tags (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// VNC/SPICE TCP port.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Leave the vCPUs stopped.
+    #[arg(long)]
+    paused: bool,
 }
 
 /// A failure: exit code 1 (operation) or 2 (usage), one line on stderr.
@@ -195,10 +286,326 @@ async fn run(cli: Cli) -> CliResult {
                 Ok(())
             }
         }
+        Command::Start(args) => {
+            let spec = spec_from_args(args)?;
+            let report = hypervisor(&cli).start(&spec, args.paused).await?;
+            if cli.json {
+                print_json(&report)
+            } else {
+                println!(
+                    "started {} (pid {}, machine {}{}{})",
+                    report.name,
+                    report.pid,
+                    report.machine,
+                    if report.taps.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", NICs on {}", report.taps.join(" "))
+                    },
+                    if report.paused { ", paused" } else { "" }
+                );
+                Ok(())
+            }
+        }
+        Command::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            let outcome = hypervisor(&cli)
+                .stop(name, *force, std::time::Duration::from_secs(*timeout))
+                .await?;
+            if cli.json {
+                print_json(&serde_json::json!({"name": name, "outcome": outcome}))
+            } else {
+                let what = match outcome {
+                    hv_kvm::StopOutcome::PoweredOff => "powered off",
+                    hv_kvm::StopOutcome::Killed => "killed",
+                    hv_kvm::StopOutcome::NotRunning => "was not running",
+                };
+                println!("{name} {what}");
+                Ok(())
+            }
+        }
+        Command::Reboot { name } => {
+            hypervisor(&cli).reboot(name).await?;
+            done(&cli, name, "rebooted")
+        }
+        Command::Resume { name } => {
+            hypervisor(&cli).resume(name).await?;
+            done(&cli, name, "resumed")
+        }
+        Command::Cleanup { name } => {
+            hypervisor(&cli).cleanup(name).await?;
+            done(&cli, name, "cleaned up")
+        }
+        Command::List => {
+            let all = hypervisor(&cli).info_all().await?;
+            if cli.json {
+                print_json(&all)
+            } else {
+                print_info_table(&all);
+                Ok(())
+            }
+        }
+        Command::Info { names } => {
+            let hv = hypervisor(&cli);
+            let infos = if names.is_empty() {
+                hv.info_all().await?
+            } else {
+                let mut v = Vec::new();
+                for n in names {
+                    v.push(hv.info(n).await?);
+                }
+                v
+            };
+            if cli.json {
+                if names.len() == 1 {
+                    print_json(&infos[0])
+                } else {
+                    print_json(&infos)
+                }
+            } else {
+                print_info_table(&infos);
+                Ok(())
+            }
+        }
+        Command::Balloon { name, mib } => {
+            hypervisor(&cli).balloon(name, *mib).await?;
+            done(
+                &cli,
+                name,
+                &format!("balloon target set to {}", human_mib(*mib)),
+            )
+        }
+        Command::NodeInfo => {
+            let n = hypervisor(&cli).node_info().await?;
+            if cli.json {
+                return print_json(&n);
+            }
+            println!("{:<14}{}", "memory total", human_mib(n.memory_total_mib));
+            println!("{:<14}{}", "memory free", human_mib(n.memory_free_mib));
+            println!("{:<14}{}", "memory node", human_mib(n.memory_dom0_mib));
+            println!(
+                "{:<14}{} ({} sockets, {} NUMA nodes)",
+                "CPUs", n.cpu_total, n.cpu_sockets, n.cpu_nodes
+            );
+            match n.hv_version {
+                Some((a, b, c)) => println!("{:<14}{a}.{b}.{c}", "QEMU"),
+                None => println!("{:<14}not found", "QEMU"),
+            }
+            Ok(())
+        }
+        Command::ConsoleInfo { name } => {
+            let c = hypervisor(&cli).console(name)?;
+            if cli.json {
+                return print_json(&c);
+            }
+            match c {
+                hv_kvm::ConsoleInfo::Serial {
+                    socket, command, ..
+                } => {
+                    println!(
+                        "serial console on {}
+attach with: {}",
+                        socket.display(),
+                        shell_join(&command)
+                    )
+                }
+                hv_kvm::ConsoleInfo::Vnc {
+                    host,
+                    port,
+                    display,
+                    ..
+                } => {
+                    println!("VNC on {host}:{port} (display :{display})")
+                }
+                hv_kvm::ConsoleInfo::Spice { host, port, .. } => println!("SPICE on {host}:{port}"),
+                hv_kvm::ConsoleInfo::Message { message, .. } => println!("{message}"),
+            }
+            Ok(())
+        }
+        Command::Verify => {
+            let report = hypervisor(&cli).verify().await;
+            if cli.json {
+                print_json(&report)?;
+            } else if report.problems.is_empty() {
+                println!("node OK");
+            } else {
+                for p in &report.problems {
+                    println!("problem: {p}");
+                }
+            }
+            if report.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    message: format!("{} problem(s) found", report.problems.len()),
+                })
+            }
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "gkvm", &mut std::io::stdout());
             Ok(())
         }
+    }
+}
+
+fn done(cli: &Cli, name: &str, what: &str) -> CliResult {
+    if cli.json {
+        print_json(&serde_json::json!({"name": name, "result": what}))
+    } else {
+        println!("{name} {what}");
+        Ok(())
+    }
+}
+
+fn usage(message: String) -> Failure {
+    Failure { code: 2, message }
+}
+
+/// An instance from `--file` and/or flags.
+fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
+    let mut spec = match (&a.file, &a.name) {
+        (Some(f), _) => load_instance(f)?,
+        (None, Some(n)) => InstanceSpec::new(n.clone(), 0),
+        (None, None) => return Err(usage("start needs an instance name or --file".into())),
+    };
+    if let Some(n) = &a.name {
+        spec.name = n.clone();
+    }
+    if let Some(m) = a.memory {
+        spec.memory = m;
+    }
+    if spec.memory == 0 {
+        spec.memory = 512;
+    }
+    if let Some(v) = a.vcpus {
+        spec.vcpus = v;
+    }
+    if let Some(p) = a.port {
+        spec.network_port = Some(p);
+    }
+    spec.tags.extend(a.tags.iter().cloned());
+    for d in &a.disks {
+        let (path, mode) = match d.strip_suffix(":ro") {
+            Some(p) => (p, hv_kvm::DiskMode::ReadOnly),
+            None => (
+                d.strip_suffix(":rw").unwrap_or(d),
+                hv_kvm::DiskMode::ReadWrite,
+            ),
+        };
+        spec.disks.push(hv_kvm::DiskSpec {
+            path: path.into(),
+            mode,
+            template: None,
+        });
+    }
+    for (i, n) in a.nics.iter().enumerate() {
+        spec.nics.push(parse_nic(n, &spec.name, i)?);
+    }
+    for h in &a.hvparams {
+        spec.hvparams
+            .set_pair(h.strip_prefix("kvm:").unwrap_or(h))?;
+    }
+    Ok(spec)
+}
+
+/// `bridge=br0,mac=52:54:00:..,ip=..` and friends; a MAC is made up when
+/// none is given (locally administered, stable for the name and index).
+fn parse_nic(text: &str, instance: &str, index: usize) -> Result<hv_kvm::NicSpec, Failure> {
+    let mut nic = hv_kvm::NicSpec {
+        mac: String::new(),
+        ip: None,
+        mode: hv_kvm::NicMode::Bridged,
+        link: String::new(),
+        network: None,
+    };
+    for part in text.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--nic {text}: expected key=value, got {part:?}")))?;
+        match k {
+            "bridge" => (nic.mode, nic.link) = (hv_kvm::NicMode::Bridged, v.into()),
+            "routed" => (nic.mode, nic.link) = (hv_kvm::NicMode::Routed, v.into()),
+            "ovs" | "openvswitch" => {
+                (nic.mode, nic.link) = (hv_kvm::NicMode::Openvswitch, v.into())
+            }
+            "mac" => nic.mac = v.into(),
+            "ip" => nic.ip = Some(v.into()),
+            other => {
+                return Err(usage(format!(
+                    "--nic {text}: unknown key {other:?} (bridge, routed, ovs, mac, ip)"
+                )))
+            }
+        }
+    }
+    if nic.mac.is_empty() {
+        let mut h: u32 = 2166136261;
+        for b in instance.bytes().chain([index as u8]) {
+            h = (h ^ u32::from(b)).wrapping_mul(16777619);
+        }
+        nic.mac = format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            h >> 16 & 0xff,
+            h >> 8 & 0xff,
+            h & 0xff
+        );
+    }
+    Ok(nic)
+}
+
+fn human_mib(mib: u64) -> String {
+    if mib >= 10 * 1024 {
+        format!("{:.1} GiB", mib as f64 / 1024.0)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+fn human_secs(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
+    }
+}
+
+fn print_info_table(infos: &[hv_kvm::InstanceInfo]) {
+    let rows: Vec<[String; 6]> = infos
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.state.clone(),
+                i.pid.to_string(),
+                human_mib(i.memory_mib),
+                i.vcpus.to_string(),
+                human_secs(i.cpu_time_secs),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "CPU TIME"].map(String::from);
+    let mut width = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
     }
 }
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{Error, Result};
-pub use kvm_cmdline::{Capabilities, HvParams, InstanceSpec};
+pub use kvm_cmdline::{Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, NicMode, NicSpec};
 pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;

@@ -181,6 +181,7 @@ impl KvmHypervisor {
         let hv = &spec.hvparams;
         hv.validate_host(&RealHost, &caps).map_err(params)?;
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
+        tracing::debug!(instance = %name, "argv built");
 
         let pool_user = if hv.security_model == SecurityModel::Pool {
             let pool = self.config.uid_pool.ok_or_else(|| {
@@ -291,6 +292,7 @@ impl KvmHypervisor {
                 },
                 _ => step("spawn QEMU", e.to_string()),
             })?;
+        tracing::debug!(instance = %name, "QEMU initialized");
         // QEMU holds its own descriptors now; the interfaces live with it.
         let tap_names: Vec<String> = taps.iter().map(|t| t.name().to_owned()).collect();
         drop(taps);
@@ -327,6 +329,7 @@ impl KvmHypervisor {
             .qmp(paths)
             .await
             .map_err(|e| step("QMP", e.to_string()))?;
+        tracing::debug!(instance = %name, "QMP connected");
         let qmp_err = |op: &str, e: gkvm_qmp::Error| Error::Qmp {
             instance: name.clone(),
             op: op.to_owned(),
@@ -367,6 +370,7 @@ impl KvmHypervisor {
                 .map_err(|e| qmp_err("cont", e))?;
         }
         qmp.close().await;
+        tracing::debug!(instance = %name, "configured over QMP");
 
         let record = RuntimeRecord {
             argv: cmd.argv.clone(),
@@ -465,7 +469,10 @@ impl KvmHypervisor {
             context: format!("killing instance {} (pid {pid})", paths.name),
             source: e,
         })?;
-        if !process::wait_exit(pid, Duration::from_secs(10)).await {
+        tracing::debug!(instance = %paths.name, pid, "SIGKILL sent");
+        let exited = process::wait_exit(pid, Duration::from_secs(10)).await;
+        tracing::debug!(instance = %paths.name, pid, exited, "waited for exit");
+        if !exited {
             return Err(Error::Timeout {
                 instance: paths.name.clone(),
                 op: format!("exit after SIGKILL (pid {pid})"),
