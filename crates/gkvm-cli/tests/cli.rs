@@ -209,3 +209,123 @@ fn completions_for_three_shells() {
         );
     }
 }
+
+#[test]
+fn lifecycle_subcommands() {
+    let Some(env) = require("gkvm_lifecycle_cli", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-cli-life");
+    let run = dir.path().join("run");
+    let qemu = env.qemu.to_str().unwrap().to_owned();
+    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    let g = |args: &[&str]| {
+        let mut all = vec!["--kvm-path", qemu.as_str()];
+        all.extend_from_slice(args);
+        gkvm(&run, &all)
+    };
+    let out = g(&[
+        "start",
+        "cli1",
+        "--memory",
+        "96",
+        "--vcpus",
+        "2",
+        "-H",
+        &format!("kvm_flag={accel}"),
+        "--json",
+    ]);
+    let started = json(&out);
+    assert_eq!(started["name"], "cli1");
+    let pid = started["pid"].as_i64().unwrap();
+    let out = g(&[
+        "start",
+        "cli2",
+        "--memory",
+        "64",
+        "--paused",
+        "-H",
+        &format!("kvm:kvm_flag={accel}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("paused"));
+
+    // Human table, aligned, with units.
+    let out = g(&["list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("MEMORY"));
+    assert!(
+        lines[1].starts_with("cli1") && lines[1].contains("96 MiB") && lines[1].contains("running"),
+        "{table}"
+    );
+    assert!(lines[2].contains("paused"), "{table}");
+    assert_eq!(
+        lines[1].find("STATE").or(lines[0].find("STATE")),
+        lines[0].find("STATE")
+    );
+
+    let all = json(&g(&["list", "--json"]));
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let info = json(&g(&["info", "cli1", "--json"]));
+    assert_eq!(
+        (
+            info["pid"].as_i64().unwrap(),
+            info["vcpus"].as_u64().unwrap()
+        ),
+        (pid, 2)
+    );
+    assert!(g(&["balloon", "cli1", "64"]).status.success());
+    assert!(g(&["resume", "cli2"]).status.success());
+    assert!(g(&["reboot", "cli1"]).status.success());
+    let c = json(&g(&["console-info", "cli1", "--json"]));
+    assert_eq!(c["kind"], "serial");
+    let n = json(&g(&["node-info", "--json"]));
+    assert!(n["memory_total_mib"].as_u64().unwrap() > 0);
+    assert!(g(&["verify"]).status.success());
+
+    // Errors: one line, naming the instance, exit 1.
+    for (args, needle) in [
+        (
+            vec!["start", "cli1", "--memory", "64"],
+            "cli1 is already running",
+        ),
+        (vec!["info", "nosuch"], "nosuch is not running"),
+        (vec!["cleanup", "cli1"], "cli1 is already running"),
+        (vec!["balloon", "nosuch", "64"], "nosuch"),
+        (vec!["start", "bad/name"], "bad/name"),
+        (
+            vec!["start", "nicbad", "--nic", "bridge=br0,speed=10"],
+            "unknown key",
+        ),
+    ] {
+        let out = g(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert_eq!(
+        g(&["start"]).status.code(),
+        Some(2),
+        "start without a name is a usage error"
+    );
+
+    let out = g(&["stop", "cli1", "--force"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cli1 killed"));
+    let out = g(&["stop", "cli2", "--force", "--json"]);
+    assert_eq!(json(&out)["outcome"], "killed");
+    let out = g(&["stop", "cli2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("was not running"));
+    assert!(g(&["cleanup", "cli2"]).status.success());
+    assert_eq!(json(&g(&["list", "--json"])).as_array().unwrap().len(), 0);
+}
