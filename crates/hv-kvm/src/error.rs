@@ -88,6 +88,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A migration failed or was cancelled.
+    #[error("instance {instance}: migration {status}: {reason}")]
+    Migration {
+        /// The instance.
+        instance: String,
+        /// QEMU's final migration status.
+        status: String,
+        /// Why.
+        reason: String,
+    },
     /// An operation did not finish in time.
     #[error("instance {instance}: {op} did not finish within {after:?}")]
     Timeout {

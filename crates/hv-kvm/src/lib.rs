@@ -14,6 +14,7 @@
 
 mod error;
 mod lifecycle;
+mod migration;
 mod nic;
 pub mod probe;
 mod process;
@@ -29,6 +30,7 @@ pub use kvm_cmdline::{Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, 
 pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
+pub use migration::MigrationStatus;
 pub use nic::nic_script_env;
 use serde::{Deserialize, Serialize};
 pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};
@@ -196,6 +198,7 @@ pub(crate) fn node_paths(p: &kvm_runtime::InstancePaths) -> kvm_cmdline::NodePat
     kvm_cmdline::NodePaths {
         pidfile: p.pid.clone(),
         qmp: p.qmp.clone(),
+        qmp_watch: Some(p.qmp_watch.clone()),
         serial: p.serial.clone(),
         chroot: p.chroot.clone(),
         keymap: p.keymap.clone(),

@@ -219,7 +219,7 @@ impl KvmHypervisor {
             if opts.incoming.is_some() && routed {
                 continue;
             }
-            crate::nic::configure(&spec, i, tap, self.config.nic_script.as_deref()).await?;
+            crate::nic::configure(&spec, i, tap.name(), self.config.nic_script.as_deref()).await?;
         }
         for (i, tap) in taps.iter().enumerate() {
             paths.write_nic(i, tap.name()).map_err(|e| Error::Runtime {

@@ -76,7 +76,7 @@ pub fn nic_script_env(
 pub(crate) async fn configure(
     spec: &InstanceSpec,
     seq: usize,
-    tap: &Tap,
+    tap: &str,
     script: Option<&Path>,
 ) -> Result<()> {
     let nic = &spec.nics[seq];
@@ -88,10 +88,10 @@ pub(crate) async fn configure(
     if let Some(script) = script {
         let path = std::env::var("PATH").unwrap_or_default();
         let mut cmd = tokio::process::Command::new(script);
-        cmd.arg(tap.name())
+        cmd.arg(tap)
             .env_clear()
             .env("PATH", format!("{path}:/sbin:/usr/sbin"))
-            .envs(nic_script_env(spec, seq, nic, tap.name()))
+            .envs(nic_script_env(spec, seq, nic, tap))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
@@ -100,7 +100,7 @@ pub(crate) async fn configure(
                 fail(format!(
                     "{} {} did not finish within 60 s",
                     script.display(),
-                    tap.name()
+                    tap
                 ))
             })?
             .map_err(|e| fail(format!("cannot run {}: {e}", script.display())))?;
@@ -108,7 +108,7 @@ pub(crate) async fn configure(
             return Err(fail(format!(
                 "{} {} failed ({}): {}",
                 script.display(),
-                tap.name(),
+                tap,
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
@@ -120,10 +120,10 @@ pub(crate) async fn configure(
         nic: seq,
         source,
     };
-    tap.set_up().map_err(tap_err)?;
+    gkvm_tap::set_link_up(tap).map_err(tap_err)?;
     match nic.mode {
         NicMode::Bridged if !nic.link.is_empty() => {
-            tap.attach_to_bridge(&nic.link).map_err(tap_err)
+            gkvm_tap::bridge_add_interface(&nic.link, tap).map_err(tap_err)
         }
         NicMode::Bridged | NicMode::Routed => Ok(()),
         NicMode::Openvswitch => Err(fail(format!(

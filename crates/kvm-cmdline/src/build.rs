@@ -59,6 +59,8 @@ pub struct NodePaths {
     pub pidfile: PathBuf,
     /// The QMP socket.
     pub qmp: PathBuf,
+    /// A second QMP socket for long-lived watchers, if wanted.
+    pub qmp_watch: Option<PathBuf>,
     /// The serial console socket.
     pub serial: PathBuf,
     /// The chroot directory (`use_chroot`).
@@ -828,6 +830,12 @@ impl QemuCommand {
             "-qmp",
             format!("unix:{},{socket_opts}", opt_path("qmp socket", &node.qmp)?),
         );
+        if let Some(watch) = &node.qmp_watch {
+            a.opt(
+                "-qmp",
+                format!("unix:{},{socket_opts}", opt_path("qmp socket", watch)?),
+            );
+        }
         if launch.paused {
             a.flag("-S");
         }

@@ -80,6 +80,7 @@ fn argv_for(
         node: NodePaths {
             pidfile: dir.join("pid"),
             qmp: dir.join("qmp"),
+            qmp_watch: None,
             serial: dir.join("serial"),
             chroot: dir.join("chroot"),
             keymap: dir.join("keymap"),

@@ -75,6 +75,7 @@ impl RunDir {
             monitor: ctrl.join(format!("{name}.monitor")),
             serial: ctrl.join(format!("{name}.serial")),
             qmp: ctrl.join(format!("{name}.qmp")),
+            qmp_watch: ctrl.join(format!("{name}.qmp-watch")),
             lock: ctrl.join(format!("{name}.lock")),
             runtime: self.root.join("conf").join(format!("{name}.runtime")),
             nic_dir: self.root.join("nic").join(name),
@@ -82,7 +83,7 @@ impl RunDir {
             chroot: self.root.join("chroot").join(name),
             quarantine_dir: self.root.join("chroot-quarantine"),
         };
-        for sock in [&paths.monitor, &paths.serial, &paths.qmp] {
+        for sock in [&paths.monitor, &paths.serial, &paths.qmp, &paths.qmp_watch] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong { path: sock.clone() });
             }
@@ -128,6 +129,10 @@ pub struct InstancePaths {
     pub serial: PathBuf,
     /// `ctrl/<name>.qmp`: the QMP socket.
     pub qmp: PathBuf,
+    /// `ctrl/<name>.qmp-watch`: a second QMP socket for long-lived
+    /// watchers (a migration being followed), so the first stays free for
+    /// short queries (QEMU serves one client per QMP socket).
+    pub qmp_watch: PathBuf,
     /// `ctrl/<name>.lock`: the per-instance operation lock.
     pub lock: PathBuf,
     /// `conf/<name>.runtime`: the runtime file.
@@ -191,6 +196,7 @@ impl InstancePaths {
             &self.monitor,
             &self.serial,
             &self.qmp,
+            &self.qmp_watch,
             &self.runtime,
             &self.keymap,
         ] {

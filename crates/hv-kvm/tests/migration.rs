@@ -1,0 +1,358 @@
+//! Live migration between two "nodes" (two run directories) on this
+//! machine, with real QEMU and the test guest. Every failure must leave
+//! the source guest running and the destination clean.
+
+use gkvm_testkit::{require, Env, Need, ScratchDir, Serial, READY_LINE};
+use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
+    let mut c = Config::new(RunDir::new(dir.join("run")));
+    c.kvm_path = Some(qemu.to_owned());
+    c.caps_cache_dir = Some(dir.join("caps"));
+    KvmHypervisor::new(c)
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("run")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if !p.ends_with("caps") {
+                    stack.push(p);
+                }
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A port nobody else uses in this run.
+fn port(offset: u16) -> u16 {
+    20000 + (std::process::id() % 20000) as u16 + offset
+}
+
+fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
+    let g = env.guest.as_ref().unwrap();
+    let mut spec = InstanceSpec::new(name, 128);
+    let accel = if gkvm_testkit::guest_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    for (k, v) in [
+        ("kernel_path", g.kernel.to_str().unwrap()),
+        ("initrd_path", g.initrd.to_str().unwrap()),
+        ("root_path", "/dev/ram0"),
+        ("kernel_args", g.cmdline.replace("console=ttyS0", "").trim()),
+        ("serial_speed", "115200"),
+        ("kvm_flag", accel),
+    ] {
+        spec.hvparams
+            .set(k, serde_json::Value::String(v.into()))
+            .unwrap();
+    }
+    spec
+}
+
+fn guestless(name: &str) -> InstanceSpec {
+    let mut spec = InstanceSpec::new(name, 64);
+    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    spec.hvparams
+        .set_pair(&format!("kvm_flag={accel}"))
+        .unwrap();
+    spec
+}
+
+async fn boot(hv: &KvmHypervisor, spec: &InstanceSpec, dir: &Path) -> Serial {
+    hv.start(spec, true).await.unwrap();
+    let paths = RunDir::new(dir.join("run")).instance(&spec.name).unwrap();
+    let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+    hv.resume(&spec.name).await.unwrap();
+    serial
+        .wait_for(READY_LINE, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}"));
+    serial
+}
+
+/// One hop: accept on `dst`, migrate from `src`, finalize both.
+async fn hop(
+    src: &KvmHypervisor,
+    dst: &KvmHypervisor,
+    name: &str,
+    port: u16,
+) -> hv_kvm::MigrationStatus {
+    let info = src.migration_info(name).unwrap();
+    dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
+    let mut seen = Vec::new();
+    let status = src
+        .migrate(name, "127.0.0.1", port, true, |s| {
+            seen.push(s.status.clone())
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.status, "completed");
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("completed"),
+        "{seen:?}"
+    );
+    dst.wait_incoming(name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    src.finalize_migration_source(name, true).await.unwrap();
+    dst.finalize_migration_dst(name, true).await.unwrap();
+    status
+}
+
+#[test]
+fn migrate_a_running_guest_there_and_back() {
+    let Some(env) = require("migrate_there_and_back", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let (da, db) = (ScratchDir::new("gkvm-mig-a"), ScratchDir::new("gkvm-mig-b"));
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let spec = guest_spec(&env, "mig1");
+    rt().block_on(async {
+        let _serial_a = boot(&a, &spec, da.path()).await;
+        let status = hop(&a, &b, "mig1", port(0)).await;
+        eprintln!(
+            "A->B: total {:?} ms, downtime {:?} ms",
+            status.total_time_ms, status.downtime_ms
+        );
+        // The source node is empty; the guest answers on the destination.
+        assert!(a.list().unwrap().is_empty());
+        assert_eq!(files(da.path()), Vec::<PathBuf>::new());
+        assert_eq!(b.info("mig1").await.unwrap().state, "running");
+        let pb = RunDir::new(db.path().join("run")).instance("mig1").unwrap();
+        let mut serial_b = Serial::connect(&pb.serial, Duration::from_secs(5)).unwrap();
+        let out = serial_b
+            .run("echo hop-$((40+2))", Duration::from_secs(30))
+            .unwrap();
+        assert!(out.contains("hop-42"), "{out}");
+
+        let status = hop(&b, &a, "mig1", port(1)).await;
+        eprintln!(
+            "B->A: total {:?} ms, downtime {:?} ms",
+            status.total_time_ms, status.downtime_ms
+        );
+        assert!(b.list().unwrap().is_empty());
+        assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+        let pa = RunDir::new(da.path().join("run")).instance("mig1").unwrap();
+        let mut serial_a = Serial::connect(&pa.serial, Duration::from_secs(5)).unwrap();
+        let out = serial_a
+            .run("echo back-$((40+3))", Duration::from_secs(30))
+            .unwrap();
+        assert!(out.contains("back-43"), "{out}");
+        a.stop("mig1", true, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(files(da.path()), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn wrong_port_leaves_the_source_running_with_its_limits() {
+    let Some(env) = require("migrate_wrong_port", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let da = ScratchDir::new("gkvm-mig-port");
+    let a = node(da.path(), &env.qemu);
+    rt().block_on(async {
+        a.start(&guestless("port1"), false).await.unwrap();
+        match a.migrate("port1", "127.0.0.1", port(2), true, |_| {}).await {
+            Err(Error::Migration {
+                instance, status, ..
+            }) => assert_eq!((instance.as_str(), status.as_str()), ("port1", "failed")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.info("port1").await.unwrap().state, "running");
+        // The seed's limits reached QEMU: 30 ms, 32 MiB/s.
+        let paths = RunDir::new(da.path().join("run"))
+            .instance("port1")
+            .unwrap();
+        let mut q = gkvm_qmp::blocking::Qmp::connect(&paths.qmp, Default::default()).unwrap();
+        let p = q.run(&gkvm_qmp::commands::QueryMigrateParameters).unwrap();
+        assert_eq!(
+            (p.downtime_limit, p.max_bandwidth),
+            (Some(30), Some(32 << 20))
+        );
+        q.close();
+        a.finalize_migration_source("port1", false).await.unwrap();
+        assert_eq!(a.info("port1").await.unwrap().state, "running");
+        a.stop("port1", true, Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+#[test]
+fn bad_runtime_is_refused_by_the_destination() {
+    let Some(env) = require("migrate_bad_runtime", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let db = ScratchDir::new("gkvm-mig-bad");
+    let b = node(db.path(), &env.qemu);
+    rt().block_on(async {
+        for info in [
+            "{garbage",
+            "[1, 2]",
+            r#"{"gkvm_runtime": 1, "argv": ["kvm"]}"#,
+        ] {
+            let err = b
+                .accept_instance(info, "127.0.0.1", port(3))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::Start { .. }), "{err}");
+        }
+        let err = b
+            .accept_instance(r#"{"name": "x1", "memory": 64}"#, "0.0.0.0.0", port(3))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not an IP address"), "{err}");
+        assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+    });
+}
+
+/// A slow migration (1 MiB/s of a booted guest) that the test breaks.
+async fn slow_migration(
+    env: &Env,
+    name: &str,
+    break_it: impl FnOnce(&KvmHypervisor, &KvmHypervisor) + Send,
+) {
+    let (da, db) = (ScratchDir::new("gkvm-mig-s"), ScratchDir::new("gkvm-mig-d"));
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let mut spec = guest_spec(env, name);
+    spec.hvparams.set_pair("migration_bandwidth=1").unwrap();
+    let mut serial = boot(&a, &spec, da.path()).await;
+    let info = a.migration_info(name).unwrap();
+    let p = port(4 + name.len() as u16);
+    b.accept_instance(&info, "127.0.0.1", p).await.unwrap();
+    let mut active = false;
+    let mut broke = Some(break_it);
+    let result = a
+        .migrate(name, "127.0.0.1", p, true, |s| {
+            if s.status == "active" && s.transferred_bytes > 0 && !active {
+                active = true;
+                if let Some(f) = broke.take() {
+                    f(&a, &b);
+                }
+            }
+        })
+        .await;
+    let err = result.expect_err("the migration must fail");
+    assert!(matches!(err, Error::Migration { .. }), "{err}");
+    // The source guest still runs and answers.
+    assert_eq!(a.info(name).await.unwrap().state, "running");
+    let out = serial
+        .run("echo still-$((1+1))", Duration::from_secs(30))
+        .unwrap();
+    assert!(out.contains("still-2"), "{out}");
+    // The destination cleans up.
+    b.finalize_migration_dst(name, false).await.unwrap();
+    assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+    a.stop(name, true, Duration::from_secs(5)).await.unwrap();
+}
+
+#[test]
+fn destination_dying_mid_migration() {
+    let Some(env) = require("migrate_dst_dies", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    rt().block_on(slow_migration(&env, "die1", |_, b| {
+        let pid = b.list().unwrap().first().map(|n| n.to_owned()).unwrap();
+        let paths = b.config().run_dir.instance(&pid).unwrap();
+        let pid: i32 = std::fs::read_to_string(&paths.pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: killing the destination QEMU this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }));
+}
+
+#[test]
+fn cancelled_migration() {
+    let Some(env) = require("migrate_cancel", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    rt().block_on(slow_migration(&env, "cancel1", |a, _| {
+        // From another thread, as another `gkvm` process would: the main
+        // QMP socket is free while the migration is followed on the watch one.
+        let name = "cancel1".to_owned();
+        let config = a.config().clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let hv = KvmHypervisor::new(config);
+            let s = rt.block_on(hv.migration_status(&name)).unwrap();
+            assert_eq!(s.status, "active");
+            rt.block_on(hv.cancel_migration(&name)).unwrap();
+        })
+        .join()
+        .unwrap();
+    }));
+}
+
+#[test]
+fn machine_type_mismatch_is_refused_naming_the_machine() {
+    let Some(env) = require("migrate_machine_mismatch", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let q10 = gkvm_testkit::target_dir().join("qemu-10.0/qemu-system-x86_64");
+    if !q10.exists() {
+        gkvm_testkit::skip(
+            "migrate_machine_mismatch",
+            "QEMU 10.0 is not installed (scripts/install-qemu10)",
+        );
+        return;
+    }
+    let (da, db) = (
+        ScratchDir::new("gkvm-mig-10"),
+        ScratchDir::new("gkvm-mig-72"),
+    );
+    let (a10, b72) = (node(da.path(), &q10), node(db.path(), &env.qemu));
+    rt().block_on(async {
+        let r = a10.start(&guestless("ver1"), false).await.unwrap();
+        assert_eq!(r.machine, "pc-i440fx-10.0");
+        let info = a10.migration_info("ver1").unwrap();
+        let err = b72
+            .accept_instance(&info, "127.0.0.1", port(9))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("pc-i440fx-10.0"), "{err}");
+        assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+        assert_eq!(a10.info("ver1").await.unwrap().state, "running");
+        a10.stop("ver1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+
+        // 7.2 -> 10.0 works: the destination gets the source's machine.
+        let a72 = node(db.path(), &env.qemu);
+        let b10 = node(da.path(), &q10);
+        let r = a72.start(&guestless("ver2"), false).await.unwrap();
+        assert_eq!(r.machine, "pc-i440fx-7.2");
+        let s = hop(&a72, &b10, "ver2", port(10)).await;
+        assert_eq!(s.status, "completed");
+        assert_eq!(b10.info("ver2").await.unwrap().state, "running");
+        b10.stop("ver2", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+}
