@@ -15,6 +15,9 @@ Examples:
   gkvm balloon web1 384
   gkvm stop web1                    ACPI power button, waits up to 120 s
   gkvm stop web1 --force
+  gkvm migration-info web1 > web1.mig; scp web1.mig node2:
+  node2# gkvm accept web1.mig --listen 192.0.2.2:8102
+  gkvm migrate web1 --to 192.0.2.2:8102
   gkvm caps                         what the installed QEMU supports
   gkvm caps --json --kvm-path /usr/bin/qemu-system-x86_64
   gkvm caps --help-text help.txt --machine-text machines.txt --device-text devices.txt
@@ -113,6 +116,44 @@ enum Command {
     },
     /// Check the node: QEMU, /dev/kvm, /dev/net/tun, the run directory.
     Verify,
+    /// Print what a migration target needs (the source's runtime, JSON).
+    MigrationInfo {
+        /// The instance.
+        name: String,
+    },
+    /// Receive an instance: start it waiting for the migration, wait until
+    /// it has landed, then resume it (or clean up if it failed).
+    Accept {
+        /// The source's migration info (or an instance definition), JSON.
+        info: PathBuf,
+        /// Address and port to listen on (never 0.0.0.0 unless you say so).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// Seconds to wait for the migration.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Live-migrate an instance to a node where `gkvm accept` waits.
+    Migrate {
+        /// The instance.
+        name: String,
+        /// The target, as given to its `gkvm accept --listen`.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Pause the guest for the whole transfer.
+        #[arg(long)]
+        non_live: bool,
+    },
+    /// Show the migration of an instance now.
+    MigrationStatus {
+        /// The instance.
+        name: String,
+    },
+    /// Cancel the running migration of an instance (it keeps running here).
+    MigrateCancel {
+        /// The instance.
+        name: String,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, ...
@@ -445,6 +486,109 @@ attach with: {}",
                 })
             }
         }
+        Command::MigrationInfo { name } => {
+            println!("{}", hypervisor(&cli).migration_info(name)?);
+            Ok(())
+        }
+        Command::Accept {
+            info,
+            listen,
+            timeout,
+        } => {
+            let (addr, port) = split_host_port(listen)?;
+            let text = read_file(info, "migration info")?;
+            let hv = hypervisor(&cli);
+            let report = hv.accept_instance(&text, &addr, port).await?;
+            let name = report.name.clone();
+            if !cli.json {
+                eprintln!("{name}: waiting for the migration on {listen}");
+            }
+            match hv
+                .wait_incoming(&name, std::time::Duration::from_secs(*timeout))
+                .await
+            {
+                Ok(()) => {
+                    hv.finalize_migration_dst(&name, true).await?;
+                    done(&cli, &name, "arrived and is running")
+                }
+                Err(e) => {
+                    if let Err(clean) = hv.finalize_migration_dst(&name, false).await {
+                        eprintln!("gkvm: warning: cleaning up {name}: {clean}");
+                    }
+                    Err(e.into())
+                }
+            }
+        }
+        Command::Migrate { name, to, non_live } => {
+            let (host, port) = split_host_port(to)?;
+            let hv = hypervisor(&cli);
+            let json = cli.json;
+            let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+                let b = indicatif::ProgressBar::new(0);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg:10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                b
+            });
+            let started = std::time::Instant::now();
+            let result = hv
+                .migrate(name, &host, port, !*non_live, |s| {
+                    if let Some(b) = &bar {
+                        b.set_length(s.total_bytes);
+                        b.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
+                        b.set_message(s.status.clone());
+                    } else if json {
+                        println!("{}", serde_json::to_string(s).unwrap_or_default());
+                    }
+                })
+                .await;
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            match result {
+                Ok(status) => {
+                    hv.finalize_migration_source(name, true).await?;
+                    if !json {
+                        println!(
+                            "{name} migrated to {to} in {:.0} ms (QEMU: {} ms, downtime {} ms)",
+                            started.elapsed().as_secs_f64() * 1000.0,
+                            status.total_time_ms.unwrap_or(0),
+                            status.downtime_ms.unwrap_or(0)
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Err(resume) = hv.finalize_migration_source(name, false).await {
+                        eprintln!("gkvm: warning: resuming {name}: {resume}");
+                    }
+                    Err(e.into())
+                }
+            }
+        }
+        Command::MigrationStatus { name } => {
+            let s = hypervisor(&cli).migration_status(name).await?;
+            if cli.json {
+                return print_json(&s);
+            }
+            println!(
+                "{name}: {} {:.0}% ({} of {} MiB sent, {} MiB left)",
+                s.status,
+                s.progress * 100.0,
+                s.transferred_bytes >> 20,
+                s.total_bytes >> 20,
+                s.remaining_bytes >> 20
+            );
+            Ok(())
+        }
+        Command::MigrateCancel { name } => {
+            hypervisor(&cli).cancel_migration(name).await?;
+            done(&cli, name, "migration cancelled")
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "gkvm", &mut std::io::stdout());
             Ok(())
@@ -459,6 +603,22 @@ fn done(cli: &Cli, name: &str, what: &str) -> CliResult {
         println!("{name} {what}");
         Ok(())
     }
+}
+
+/// `HOST:PORT` or `[V6]:PORT`.
+fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| usage(format!("{s:?}: expected HOST:PORT")))?;
+    let port = port
+        .parse()
+        .map_err(|_| usage(format!("{s:?}: {port:?} is not a port")))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
 }
 
 fn usage(message: String) -> Failure {
