@@ -1,0 +1,271 @@
+//! Local live migration of the idle 128 MiB test guest (TCG here): time
+//! from the migrate call to a running destination, and QEMU's downtime,
+//! for gkvm (accept, migrate, finalize both sides) beside a bare-QEMU
+//! migration driven by raw QMP, same argv and limits, same run.
+//! Goal: ≤ 400 ms total. Limits: bandwidth 10 GiB/s, downtime 30 ms.
+
+use gkvm_benches::{print_table, Row, Stats};
+use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const HOPS: usize = 6;
+
+fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
+    let mut c = Config::new(RunDir::new(dir.join("run")));
+    c.kvm_path = Some(qemu.to_owned());
+    c.caps_cache_dir = Some(dir.join("caps"));
+    KvmHypervisor::new(c)
+}
+
+/// A minimal QMP client on a raw socket.
+struct Raw {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let s = gkvm_testkit::connect_retry(path, Duration::from_secs(10)).unwrap();
+        let mut raw = Raw {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        raw.line();
+        raw.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        raw
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        l
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        self.w.write_all(format!("{c}\n").as_bytes()).unwrap();
+        loop {
+            let l = self.line();
+            if !l.contains("\"event\"") {
+                return l;
+            }
+        }
+    }
+    fn wait_event(&mut self, needle: &str) {
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "QMP closed");
+            if l.contains(needle) {
+                return;
+            }
+        }
+    }
+}
+
+fn main() {
+    let Some(qemu) = gkvm_testkit::qemu_binary() else {
+        println!("migration: skipped, no QEMU");
+        return;
+    };
+    let Some(guest) = gkvm_testkit::test_guest() else {
+        println!("migration: skipped, no test guest (scripts/build-test-guest)");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (da, db) = (
+        gkvm_testkit::ScratchDir::new("gkvm-bm-a"),
+        gkvm_testkit::ScratchDir::new("gkvm-bm-b"),
+    );
+    let (a, b) = (node(da.path(), &qemu), node(db.path(), &qemu));
+    let mut spec = InstanceSpec::new("bm1", 128);
+    let accel = if gkvm_testkit::guest_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    for (k, v) in [
+        ("kernel_path", guest.kernel.to_str().unwrap()),
+        ("initrd_path", guest.initrd.to_str().unwrap()),
+        ("root_path", "/dev/ram0"),
+        (
+            "kernel_args",
+            guest.cmdline.replace("console=ttyS0", "").trim(),
+        ),
+        ("serial_speed", "115200"),
+        ("kvm_flag", accel),
+        ("migration_bandwidth", "10240"),
+        ("migration_downtime", "30"),
+    ] {
+        spec.hvparams
+            .set(k, serde_json::Value::String(v.into()))
+            .unwrap();
+    }
+
+    // gkvm: boot once, then hop back and forth.
+    rt.block_on(a.start(&spec, true)).unwrap();
+    let pa = RunDir::new(da.path().join("run")).instance("bm1").unwrap();
+    let mut serial = gkvm_testkit::Serial::connect(&pa.serial, Duration::from_secs(5)).unwrap();
+    rt.block_on(a.resume("bm1")).unwrap();
+    serial
+        .wait_for(gkvm_testkit::READY_LINE, Duration::from_secs(90))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut totals, mut downtimes) = (Vec::new(), Vec::new());
+    for i in 0..HOPS {
+        let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let port = 21000 + i as u16;
+        let info = src.migration_info("bm1").unwrap();
+        rt.block_on(dst.accept_instance(&info, "127.0.0.1", port))
+            .unwrap();
+        let t = Instant::now();
+        let status = rt
+            .block_on(src.migrate("bm1", "127.0.0.1", port, true, |_| {}))
+            .unwrap();
+        rt.block_on(dst.wait_incoming("bm1", Duration::from_secs(30)))
+            .unwrap();
+        rt.block_on(dst.finalize_migration_dst("bm1", true))
+            .unwrap();
+        totals.push(t.elapsed());
+        rt.block_on(src.finalize_migration_source("bm1", true))
+            .unwrap();
+        downtimes.push(Duration::from_millis(status.downtime_ms.unwrap_or(0)));
+    }
+    let last = if HOPS % 2 == 0 { &a } else { &b };
+    let plan_argv = {
+        let mut s = spec.clone();
+        s.name = "bare1".into();
+        rt.block_on(a.plan(&s)).unwrap().argv
+    };
+    rt.block_on(last.stop("bm1", true, Duration::from_secs(5)))
+        .unwrap();
+
+    // Bare QEMU: the same argv, two processes, raw QMP.
+    let bare_dir = gkvm_testkit::ScratchDir::new("gkvm-bm-bare");
+    let rewrite = |argv: &[String], tag: &str, incoming: Option<u16>| -> Vec<String> {
+        let mut out: Vec<String> = argv
+            .iter()
+            .map(|x| {
+                x.replace(
+                    &da.path().join("run").display().to_string(),
+                    &bare_dir.path().join(tag).display().to_string(),
+                )
+            })
+            .collect();
+        if let Some(p) = incoming {
+            out.push("-incoming".into());
+            out.push(format!("tcp:127.0.0.1:{p}"));
+        }
+        out
+    };
+    for tag in ["s", "d"] {
+        for sub in ["pid", "ctrl"] {
+            std::fs::create_dir_all(bare_dir.path().join(tag).join(sub)).unwrap();
+        }
+    }
+    let start = |argv: &[String]| {
+        let st = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let src_argv = rewrite(&plan_argv, "s", None);
+    start(&src_argv);
+    let sock = |tag: &str| bare_dir.path().join(tag).join("ctrl/bare1.qmp");
+    let serial_path = bare_dir.path().join("s").join("ctrl/bare1.serial");
+    let mut bare_serial =
+        gkvm_testkit::Serial::connect(&serial_path, Duration::from_secs(5)).unwrap();
+    Raw::connect(&sock("s")).cmd(r#"{"execute":"cont"}"#);
+    bare_serial
+        .wait_for(gkvm_testkit::READY_LINE, Duration::from_secs(90))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut bare_totals, mut bare_downtimes) = (Vec::new(), Vec::new());
+    let mut from = "s";
+    for i in 0..HOPS {
+        let to = if from == "s" { "d" } else { "s" };
+        let port = 22000 + i as u16;
+        for f in [
+            "ctrl/bare1.qmp",
+            "ctrl/bare1.qmp-watch",
+            "ctrl/bare1.serial",
+            "pid/bare1",
+        ] {
+            let _ = std::fs::remove_file(bare_dir.path().join(to).join(f));
+        }
+        start(
+            &rewrite(&rewrite(&plan_argv, to, None), to, Some(port))
+                .iter()
+                .map(|x| x.replace("/s/", &format!("/{to}/")))
+                .collect::<Vec<_>>(),
+        );
+        let mut src = Raw::connect(&sock(from));
+        let mut dst = Raw::connect(&sock(to));
+        src.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"events","state":true}]}}"#);
+        src.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":30,"max-bandwidth":10737418240}}"#);
+        let t = Instant::now();
+        src.cmd(&format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+        ));
+        src.wait_event(r#""status": "completed""#);
+        dst.cmd(r#"{"execute":"cont"}"#);
+        bare_totals.push(t.elapsed());
+        let info = src.cmd(r#"{"execute":"query-migrate"}"#);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        bare_downtimes.push(Duration::from_millis(
+            v["return"]["downtime"].as_u64().unwrap_or(0),
+        ));
+        src.cmd(r#"{"execute":"quit"}"#);
+        from = to;
+    }
+    let _ = Raw::connect(&sock(from)).cmd(r#"{"execute":"quit"}"#);
+
+    let st = |mut v: Vec<Duration>| {
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+        }
+    };
+    let (gt, bt) = (st(totals), st(bare_totals));
+    print_table(
+        "live migration of the idle 128 MiB test guest over 127.0.0.1 (TCG), same run",
+        &[
+            Row {
+                name: "bare QEMU, raw QMP: migrate -> dst cont".into(),
+                stats: bt,
+                baseline: None,
+                goal: None,
+            },
+            Row {
+                name: "gkvm: migrate -> finalized destination".into(),
+                stats: gt,
+                baseline: Some(bt.median),
+                goal: None,
+            },
+            Row {
+                name: "bare QEMU downtime (QEMU's figure)".into(),
+                stats: st(bare_downtimes),
+                baseline: None,
+                goal: None,
+            },
+            Row {
+                name: "gkvm downtime (QEMU's figure)".into(),
+                stats: st(downtimes),
+                baseline: None,
+                goal: None,
+            },
+        ],
+    );
+    println!(
+        "goal: gkvm total <= 400 ms; median {}",
+        gkvm_benches::fmt(gt.median)
+    );
+}
