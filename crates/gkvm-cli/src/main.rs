@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+
+mod console;
 use hv_kvm::{Capabilities, Config, InstanceSpec, KvmHypervisor, RunDir};
 
 const EXAMPLES: &str = "\
@@ -13,6 +15,7 @@ Examples:
   gkvm list                         running instances, as a table
   gkvm info web1 --json
   gkvm balloon web1 384
+  gkvm console web1                 serial console; ^] detaches
   gkvm stop web1                    ACPI power button, waits up to 120 s
   gkvm stop web1 --force
   gkvm migration-info web1 > web1.mig; scp web1.mig node2:
@@ -109,6 +112,11 @@ enum Command {
     },
     /// Show the node's memory, CPUs and QEMU version.
     NodeInfo,
+    /// Attach this terminal to an instance's serial console (^] detaches).
+    Console {
+        /// The instance.
+        name: String,
+    },
     /// Show how to reach an instance's console.
     ConsoleInfo {
         /// The instance.
@@ -434,6 +442,30 @@ async fn run(cli: Cli) -> CliResult {
             match n.hv_version {
                 Some((a, b, c)) => println!("{:<14}{a}.{b}.{c}", "QEMU"),
                 None => println!("{:<14}not found", "QEMU"),
+            }
+            Ok(())
+        }
+        Command::Console { name } => {
+            let socket = match hypervisor(&cli).console(name)? {
+                hv_kvm::ConsoleInfo::Serial { socket, .. } => socket,
+                other => return Err(Failure {
+                    code: 1,
+                    message: format!(
+                        "instance {name} has no serial console ({other:?}); see gkvm console-info"
+                    ),
+                }),
+            };
+            let name = name.clone();
+            let ended = tokio::task::spawn_blocking(move || console::attach(&name, &socket))
+                .await
+                .map_err(|e| Failure {
+                    code: 1,
+                    message: e.to_string(),
+                })??;
+            match ended {
+                console::Ended::Detached => eprintln!("\r\ndetached"),
+                console::Ended::Closed => eprintln!("\r\nconsole closed: the instance stopped"),
+                console::Ended::Signalled => eprintln!("\r\nconsole closed by a signal"),
             }
             Ok(())
         }
