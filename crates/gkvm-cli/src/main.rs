@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod console;
+mod demo;
 use hv_kvm::{Capabilities, Config, InstanceSpec, KvmHypervisor, RunDir};
 
 const EXAMPLES: &str = "\
 Examples:
+  gkvm demo                         boot, inspect, balloon, migrate and stop a tiny guest
   gkvm start web1 --memory 512 --vcpus 2 --disk /dev/vg/web1 --nic bridge=br0 -H kernel_path=/boot/vmlinuz
   gkvm start --file web1.json --paused
   gkvm list                         running instances, as a table
@@ -161,6 +163,15 @@ enum Command {
     MigrateCancel {
         /// The instance.
         name: String,
+    },
+    /// Boot a built-in tiny instance and show what gkvm does, step by step.
+    Demo {
+        /// The test guest (scripts/build-test-guest).
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Run the Linux guest on KVM instead of TCG.
+        #[arg(long)]
+        kvm: bool,
     },
     /// Print shell completions.
     Completions {
@@ -448,12 +459,14 @@ async fn run(cli: Cli) -> CliResult {
         Command::Console { name } => {
             let socket = match hypervisor(&cli).console(name)? {
                 hv_kvm::ConsoleInfo::Serial { socket, .. } => socket,
-                other => return Err(Failure {
-                    code: 1,
-                    message: format!(
+                other => {
+                    return Err(Failure {
+                        code: 1,
+                        message: format!(
                         "instance {name} has no serial console ({other:?}); see gkvm console-info"
                     ),
-                }),
+                    })
+                }
             };
             let name = name.clone();
             let ended = tokio::task::spawn_blocking(move || console::attach(&name, &socket))
@@ -620,6 +633,17 @@ attach with: {}",
         Command::MigrateCancel { name } => {
             hypervisor(&cli).cancel_migration(name).await?;
             done(&cli, name, "migration cancelled")
+        }
+        Command::Demo { guest_dir, kvm } => {
+            let opts = demo::DemoOptions {
+                guest_dir: guest_dir.clone().unwrap_or_else(demo::default_guest_dir),
+                qemu: default_qemu(&cli),
+                kvm: *kvm,
+            };
+            demo::run(opts).await.map_err(|message| Failure {
+                code: 1,
+                message: format!("demo: {message}"),
+            })
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "gkvm", &mut std::io::stdout());

@@ -329,3 +329,48 @@ fn lifecycle_subcommands() {
     assert!(g(&["cleanup", "cli2"]).status.success());
     assert_eq!(json(&g(&["list", "--json"])).as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn demo_runs_end_to_end() {
+    let Some(env) = require("gkvm_demo", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let guest_dir = env
+        .guest
+        .as_ref()
+        .unwrap()
+        .kernel
+        .parent()
+        .unwrap()
+        .to_owned();
+    let dir = ScratchDir::new("gkvm-cli-demo");
+    let out = gkvm(
+        dir.path(),
+        &[
+            "--kvm-path",
+            env.qemu.to_str().unwrap(),
+            "demo",
+            "--guest-dir",
+            guest_dir.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "prepare", "start", "boot", "info", "balloon", "console", "migrate", "stop", "cleanup",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.contains(&format!("] {step}"))),
+            "step {step} missing:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("nothing left"), "{stdout}");
+    assert!(
+        stdout.contains("Linux "),
+        "console lines missing:\n{stdout}"
+    );
+}

@@ -205,6 +205,11 @@ pub(crate) fn node_paths(p: &kvm_runtime::InstancePaths) -> kvm_cmdline::NodePat
     }
 }
 
+/// Whether a process is alive (a zombie is dead).
+pub fn process_alive(pid: i32) -> bool {
+    !kvm_runtime::is_zombie_or_gone(pid)
+}
+
 /// Whether `/dev/vhost-net` can be opened.
 pub fn vhost_net_available() -> bool {
     std::fs::OpenOptions::new()

@@ -1,0 +1,407 @@
+//! `gkvm demo`: a guided run of the whole tool on a built-in tiny instance.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hv_kvm::{Config, InstanceSpec, KvmHypervisor, NicMode, NicSpec, RunDir};
+
+const NAME: &str = "gkvm-demo";
+const READY: &str = "gkvm-test-guest: ready";
+
+/// Options of the demo.
+pub struct DemoOptions {
+    /// Where the test guest is (vmlinux, initramfs.cpio.gz, cmdline).
+    pub guest_dir: PathBuf,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Use KVM for the Linux guest (default: TCG).
+    pub kvm: bool,
+}
+
+/// The guest directory: `$GKVM_TEST_GUEST_DIR`, next to the binary's
+/// target dir, or `./target/test-guest`.
+pub fn default_guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GKVM_TEST_GUEST_DIR") {
+        return PathBuf::from(d);
+    }
+    let beside_exe = std::env::current_exe().ok().and_then(|e| {
+        e.parent()
+            .and_then(Path::parent)
+            .map(|t| t.join("test-guest"))
+    });
+    match beside_exe {
+        Some(d) if d.join("vmlinux").exists() => d,
+        _ => PathBuf::from("target/test-guest"),
+    }
+}
+
+/// Reads a serial socket in the background into a shared buffer.
+struct Console {
+    stream: UnixStream,
+    seen: Arc<Mutex<String>>,
+}
+
+impl Console {
+    fn connect(path: &Path) -> std::io::Result<Console> {
+        let stream = UnixStream::connect(path)?;
+        let mut reader = stream.try_clone()?;
+        let seen = Arc::new(Mutex::new(String::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        Ok(Console { stream, seen })
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+            if let Some(i) = text.find(needle) {
+                return Ok(text[..i + needle.len()].to_owned());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{needle:?} did not appear on the serial console within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a shell command in the guest; returns its output lines.
+    fn run(&mut self, command: &str) -> Result<Vec<String>, String> {
+        let marker = format!("demo-end-{}", std::process::id());
+        if let Ok(mut s) = self.seen.lock() {
+            s.clear();
+        }
+        let (a, b) = marker.split_at(4);
+        self.stream
+            .write_all(format!("{command}; echo '{a}''{b}'\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let text = self.wait_for(&format!("\n{marker}"), Duration::from_secs(30))?;
+        Ok(text
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .filter(|l| {
+                !l.is_empty()
+                    && !l.contains(&marker[..4])
+                    && !l.starts_with("/ #")
+                    && !l.contains("echo '")
+            })
+            .collect())
+    }
+}
+
+fn step(t0: Instant, what: &str, text: &str) {
+    println!("[{:>6.2}s] {what:<9} {text}", t0.elapsed().as_secs_f64());
+}
+
+fn node(root: &Path, qemu: &Path, caps: &Path) -> KvmHypervisor {
+    let mut c = Config::new(RunDir::new(root));
+    c.kvm_path = Some(qemu.to_owned());
+    c.caps_cache_dir = Some(caps.to_owned());
+    KvmHypervisor::new(c)
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if !p.ends_with("caps") {
+                    stack.push(p);
+                }
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Runs the demo; returns an error message naming the step that failed.
+pub async fn run(opts: DemoOptions) -> Result<(), String> {
+    let g = &std::fs::canonicalize(&opts.guest_dir).unwrap_or_else(|_| opts.guest_dir.clone());
+    let (kernel, initrd) = (g.join("vmlinux"), g.join("initramfs.cpio.gz"));
+    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap_or_default();
+    if !kernel.is_file() || !initrd.is_file() {
+        return Err(format!(
+            "the test guest is not in {} (run scripts/demo, which builds it, or scripts/build-test-guest)",
+            g.display()
+        ));
+    }
+    let base = std::env::temp_dir().join(format!("gkvm-demo-{}", std::process::id()));
+    let (root_a, root_b, caps) = (base.join("node-a"), base.join("node-b"), base.join("caps"));
+    let a = node(&root_a, &opts.qemu, &caps);
+    let b = node(&root_b, &opts.qemu, &caps);
+    let result = demo(
+        &opts,
+        &a,
+        &b,
+        &kernel,
+        &initrd,
+        cmdline.trim(),
+        &root_a,
+        &root_b,
+    )
+    .await;
+    if result.is_err() {
+        // Leave nothing behind, whatever failed.
+        for n in [&a, &b] {
+            let _ = n.stop(NAME, true, Duration::from_secs(5)).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn demo(
+    opts: &DemoOptions,
+    a: &KvmHypervisor,
+    b: &KvmHypervisor,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    root_a: &Path,
+    root_b: &Path,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let e = |what: &str| {
+        let what = what.to_owned();
+        move |err: hv_kvm::Error| format!("{what}: {err}")
+    };
+    let caps = a.capabilities(&opts.qemu).await.map_err(e("probe QEMU"))?;
+    let accel = if opts.kvm { "kvm" } else { "tcg" };
+    step(
+        t0,
+        "prepare",
+        &format!(
+            "QEMU {} at {}, guest from {}, accel {accel}{}",
+            caps.version.text,
+            opts.qemu.display(),
+            opts.guest_dir.display(),
+            if opts.kvm {
+                ""
+            } else {
+                " (this host's nested KVM cannot run Linux; --kvm on real hardware)"
+            }
+        ),
+    );
+
+    let mut spec = InstanceSpec::new(NAME, 128);
+    for (k, v) in [
+        ("kernel_path", kernel.to_string_lossy().into_owned()),
+        ("initrd_path", initrd.to_string_lossy().into_owned()),
+        ("root_path", "/dev/ram0".to_owned()),
+        (
+            "kernel_args",
+            cmdline.replace("console=ttyS0", "").trim().to_owned(),
+        ),
+        ("serial_speed", "115200".to_owned()),
+        (
+            "kvm_flag",
+            if opts.kvm { "enabled" } else { "disabled" }.to_owned(),
+        ),
+        ("migration_bandwidth", "10240".to_owned()),
+    ] {
+        spec.hvparams
+            .set(k, serde_json::Value::String(v))
+            .map_err(|err| format!("hvparams: {err}"))?;
+    }
+    spec.nics.push(NicSpec {
+        mac: "52:54:00:de:00:01".into(),
+        ip: None,
+        mode: NicMode::Routed,
+        link: String::new(),
+        network: None,
+    });
+
+    let t = Instant::now();
+    let report = a.start(&spec, true).await.map_err(e("start"))?;
+    step(
+        t0,
+        "start",
+        &format!(
+            "{NAME} started paused in {:.0} ms (pid {}, machine {}, NIC on TAP {})",
+            t.elapsed().as_secs_f64() * 1000.0,
+            report.pid,
+            report.machine,
+            report.taps.join(" ")
+        ),
+    );
+    let paths_a = RunDir::new(root_a)
+        .instance(NAME)
+        .map_err(|err| err.to_string())?;
+    let mut console =
+        Console::connect(&paths_a.serial).map_err(|err| format!("serial console: {err}"))?;
+    let t = Instant::now();
+    a.resume(NAME).await.map_err(e("resume"))?;
+    let boot = console
+        .wait_for(READY, Duration::from_secs(120))
+        .map_err(|err| format!("boot: {err}"))?;
+    step(
+        t0,
+        "boot",
+        &format!("guest ready in {:.2} s", t.elapsed().as_secs_f64()),
+    );
+    for line in boot.lines().filter(|l| l.contains("gkvm-test-guest")) {
+        println!("{:>10} | {}", "", line.trim_end_matches('\r'));
+    }
+
+    let info = a.info(NAME).await.map_err(e("info"))?;
+    step(t0, "info", "");
+    println!(
+        "{:>10} | NAME       STATE    PID      MEMORY   VCPUS  CPU TIME",
+        ""
+    );
+    println!(
+        "{:>10} | {:<10} {:<8} {:<8} {:<8} {:<6} {:.1}s",
+        "",
+        info.name,
+        info.state,
+        info.pid,
+        format!("{} MiB", info.memory_mib),
+        info.vcpus,
+        info.cpu_time_secs
+    );
+
+    let t = Instant::now();
+    a.balloon(NAME, 96).await.map_err(e("balloon"))?;
+    loop {
+        let m = a.info(NAME).await.map_err(e("info"))?.memory_mib;
+        if m == 96 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(format!("balloon: stuck at {m} MiB"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    step(
+        t0,
+        "balloon",
+        &format!("128 MiB -> 96 MiB in {:.2} s", t.elapsed().as_secs_f64()),
+    );
+
+    let lines = console
+        .run("uname -sr; grep MemTotal /proc/meminfo")
+        .map_err(|err| format!("console: {err}"))?;
+    step(
+        t0,
+        "console",
+        "the guest's shell answers on the serial socket:",
+    );
+    for l in &lines {
+        println!("{:>10} | {l}", "");
+    }
+
+    let info_json = a.migration_info(NAME).map_err(e("migration info"))?;
+    let port = 24000 + (std::process::id() % 1000) as u16;
+    b.accept_instance(&info_json, "127.0.0.1", port)
+        .await
+        .map_err(e("accept"))?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let t = Instant::now();
+    let status = a
+        .migrate(NAME, "127.0.0.1", port, true, |s| {
+            bar.set_length(s.total_bytes);
+            bar.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
+            bar.set_message(s.status.clone());
+        })
+        .await
+        .map_err(e("migrate"))?;
+    bar.finish_and_clear();
+    b.wait_incoming(NAME, Duration::from_secs(60))
+        .await
+        .map_err(e("migrate"))?;
+    b.finalize_migration_dst(NAME, true)
+        .await
+        .map_err(e("finalize destination"))?;
+    a.finalize_migration_source(NAME, true)
+        .await
+        .map_err(e("finalize source"))?;
+    step(
+        t0,
+        "migrate",
+        &format!(
+            "to a second run dir over 127.0.0.1:{port} in {:.0} ms ({} MiB sent, downtime {} ms); source node empty",
+            t.elapsed().as_secs_f64() * 1000.0,
+            status.transferred_bytes >> 20,
+            status.downtime_ms.unwrap_or(0)
+        ),
+    );
+    drop(console);
+    let paths_b = RunDir::new(root_b)
+        .instance(NAME)
+        .map_err(|err| err.to_string())?;
+    let mut console =
+        Console::connect(&paths_b.serial).map_err(|err| format!("serial console: {err}"))?;
+    let lines = console
+        .run("cat /proc/uptime")
+        .map_err(|err| format!("console: {err}"))?;
+    for l in &lines {
+        println!(
+            "{:>10} | guest still running after the migration, uptime {l}",
+            ""
+        );
+    }
+
+    let t = Instant::now();
+    let outcome = b
+        .stop(NAME, false, Duration::from_secs(60))
+        .await
+        .map_err(e("stop"))?;
+    step(
+        t0,
+        "stop",
+        &format!(
+            "{outcome:?} after the ACPI power button, in {:.2} s",
+            t.elapsed().as_secs_f64()
+        ),
+    );
+
+    let mut left: Vec<String> = files_under(root_a)
+        .into_iter()
+        .chain(files_under(root_b))
+        .map(|p| p.display().to_string())
+        .collect();
+    if hv_kvm::process_alive(report.pid) {
+        left.push(format!("process {}", report.pid));
+    }
+    for tap in &report.taps {
+        if Path::new("/sys/class/net").join(tap).exists() {
+            left.push(format!("TAP {tap}"));
+        }
+    }
+    if !left.is_empty() {
+        return Err(format!("cleanup: left behind: {}", left.join(", ")));
+    }
+    step(
+        t0,
+        "cleanup",
+        "nothing left: no QEMU, no TAP, no socket, no file",
+    );
+    Ok(())
+}
