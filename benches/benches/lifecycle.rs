@@ -143,7 +143,7 @@ fn main() {
                 stops.push(stopped);
             }
         }
-        (stats(starts), stats(stops))
+        (Stats::of(starts), Stats::of(stops))
     };
     let (cold, _) = start_stop(true);
     let (warm, force_stop) = start_stop(false);
@@ -177,7 +177,7 @@ fn main() {
             .unwrap();
     }
 
-    let kills = stats(bare_kills);
+    let kills = Stats::of(bare_kills);
     let row = |name: &str, stats: Stats, baseline: Option<Duration>, goal: Option<f64>| Row {
         name: name.into(),
         stats,
@@ -221,14 +221,4 @@ fn main() {
             row("gkvm info_all over 10 instances", all, None, None),
         ],
     );
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    v.sort_unstable();
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    Stats {
-        median: at(0.5),
-        p10: at(0.1),
-        p90: at(0.9),
-    }
 }

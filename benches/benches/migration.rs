@@ -82,27 +82,11 @@ fn main() {
     );
     let (a, b) = (node(da.path(), &qemu), node(db.path(), &qemu));
     let mut spec = InstanceSpec::new("bm1", 128);
-    let accel = if gkvm_testkit::guest_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    for (k, v) in [
-        ("kernel_path", guest.kernel.to_str().unwrap()),
-        ("initrd_path", guest.initrd.to_str().unwrap()),
-        ("root_path", "/dev/ram0"),
-        (
-            "kernel_args",
-            guest.cmdline.replace("console=ttyS0", "").trim(),
-        ),
-        ("serial_speed", "115200"),
-        ("kvm_flag", accel),
-        ("migration_bandwidth", "10240"),
-        ("migration_downtime", "30"),
-    ] {
-        spec.hvparams
-            .set(k, serde_json::Value::String(v.into()))
-            .unwrap();
+    let mut params = guest.hvparams();
+    params.push(("migration_bandwidth", "10240".into()));
+    params.push(("migration_downtime", "30".into()));
+    for (k, v) in params {
+        spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
     }
 
     // gkvm: boot once, then hop back and forth.
@@ -225,15 +209,7 @@ fn main() {
     }
     let _ = Raw::connect(&sock(from)).cmd(r#"{"execute":"quit"}"#);
 
-    let st = |mut v: Vec<Duration>| {
-        v.sort_unstable();
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Stats {
-            median: at(0.5),
-            p10: at(0.1),
-            p90: at(0.9),
-        }
-    };
+    let st = Stats::of;
     let (gt, bt) = (st(totals), st(bare_totals));
     print_table(
         "live migration of the idle 128 MiB test guest over 127.0.0.1 (TCG), same run",

@@ -17,25 +17,36 @@ pub struct Stats {
     pub p90: Duration,
 }
 
+impl Stats {
+    /// The median and spread of samples (at least one).
+    pub fn of(mut samples: Vec<Duration>) -> Stats {
+        if samples.is_empty() {
+            samples.push(Duration::ZERO);
+        }
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+        }
+    }
+}
+
 /// Times `f` `n` times (after `warmup` untimed runs).
 pub fn measure(n: usize, warmup: usize, mut f: impl FnMut()) -> Stats {
     for _ in 0..warmup {
         f();
     }
-    let mut times: Vec<Duration> = (0..n.max(1))
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    times.sort_unstable();
-    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    Stats {
-        median: at(0.5),
-        p10: at(0.1),
-        p90: at(0.9),
-    }
+    Stats::of(
+        (0..n.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
 }
 
 /// One row of a ratio table.

@@ -115,24 +115,6 @@ fn node(root: &Path, qemu: &Path, caps: &Path) -> KvmHypervisor {
     KvmHypervisor::new(c)
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if !p.ends_with("caps") {
-                    stack.push(p);
-                }
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// Runs the demo; returns an error message naming the step that failed.
 pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let g = &std::fs::canonicalize(&opts.guest_dir).unwrap_or_else(|_| opts.guest_dir.clone());
@@ -382,9 +364,10 @@ async fn demo(
         ),
     );
 
-    let mut left: Vec<String> = files_under(root_a)
+    let mut left: Vec<String> = a
+        .state_files()
         .into_iter()
-        .chain(files_under(root_b))
+        .chain(b.state_files())
         .map(|p| p.display().to_string())
         .collect();
     if hv_kvm::process_alive(report.pid) {

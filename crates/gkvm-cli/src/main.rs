@@ -271,22 +271,9 @@ fn hypervisor(cli: &Cli) -> KvmHypervisor {
     KvmHypervisor::new(config)
 }
 
-/// `--kvm-path`, else `/usr/bin/kvm`, else `qemu-system-x86_64` on PATH.
+/// `--kvm-path`, else the node's default QEMU.
 fn default_qemu(cli: &Cli) -> PathBuf {
-    if let Some(p) = &cli.kvm_path {
-        return p.clone();
-    }
-    let kvm = PathBuf::from("/usr/bin/kvm");
-    if kvm.is_file() {
-        return kvm;
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("qemu-system-x86_64"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or(kvm)
+    hypervisor(cli).default_kvm_path()
 }
 
 fn read_file(path: &Path, what: &str) -> Result<String, Failure> {

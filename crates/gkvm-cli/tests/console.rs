@@ -41,15 +41,15 @@ fn console_in_a_real_terminal() {
     };
     let dir = ScratchDir::new("gkvm-console");
     let run = dir.path().join("run");
-    let g = env.guest.as_ref().unwrap();
-    let accel = if gkvm_testkit::guest_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    let spec = serde_json::json!({"name": "con1", "memory": 128, "hvparams": {
-        "kernel_path": g.kernel, "initrd_path": g.initrd, "root_path": "/dev/ram0",
-        "kernel_args": g.cmdline.replace("console=ttyS0", "").trim(), "serial_speed": 115200, "kvm_flag": accel}});
+    let hvparams: serde_json::Map<String, serde_json::Value> = env
+        .guest
+        .as_ref()
+        .unwrap()
+        .hvparams()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.into()))
+        .collect();
+    let spec = serde_json::json!({"name": "con1", "memory": 128, "hvparams": hvparams});
     let spec_file = dir.path().join("con1.json");
     std::fs::write(&spec_file, spec.to_string()).unwrap();
     let gkvm = |args: &[&str]| {

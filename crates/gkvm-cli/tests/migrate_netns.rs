@@ -82,41 +82,22 @@ impl Node {
         self.run.join("ctrl").join(format!("{name}.serial"))
     }
     fn files(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.run.clone()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    if !p.ends_with("caps") {
-                        stack.push(p);
-                    }
-                } else {
-                    out.push(p);
-                }
-            }
-        }
-        out
+        hv_kvm::KvmHypervisor::new(hv_kvm::Config::new(hv_kvm::RunDir::new(&self.run)))
+            .state_files()
     }
 }
 
 fn instance_json(env: &Env, dir: &Path) -> PathBuf {
-    let g = env.guest.as_ref().unwrap();
-    let accel = if gkvm_testkit::guest_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    let spec = serde_json::json!({
-        "name": "roamer",
-        "memory": 128,
-        "hvparams": {
-            "kernel_path": g.kernel, "initrd_path": g.initrd, "root_path": "/dev/ram0",
-            "kernel_args": g.cmdline.replace("console=ttyS0", "").trim(),
-            "serial_speed": 115200, "kvm_flag": accel,
-            "migration_bandwidth": 1024
-        }
-    });
+    let mut hvparams: serde_json::Map<String, serde_json::Value> = env
+        .guest
+        .as_ref()
+        .unwrap()
+        .hvparams()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.into()))
+        .collect();
+    hvparams.insert("migration_bandwidth".into(), 1024.into());
+    let spec = serde_json::json!({"name": "roamer", "memory": 128, "hvparams": hvparams});
     let p = dir.join("roamer.json");
     std::fs::write(&p, spec.to_string()).unwrap();
     p

@@ -106,14 +106,16 @@ pub struct KvmHypervisor {
 impl KvmHypervisor {
     /// A hypervisor over `config`.
     pub fn new(config: Config) -> KvmHypervisor {
-        let dir = config
-            .caps_cache_dir
-            .clone()
-            .unwrap_or_else(|| config.run_dir.root().join("caps"));
+        let dir = caps_dir(&config);
         KvmHypervisor {
             caps: probe::CapsCache::new(Some(dir)),
             config,
         }
+    }
+
+    /// Where capability probes are cached.
+    pub fn caps_cache_dir(&self) -> PathBuf {
+        caps_dir(&self.config)
     }
 
     /// The configuration.
@@ -191,6 +193,13 @@ impl KvmHypervisor {
             qemu_version: caps.version.text.clone(),
         })
     }
+}
+
+fn caps_dir(config: &Config) -> PathBuf {
+    config
+        .caps_cache_dir
+        .clone()
+        .unwrap_or_else(|| config.run_dir.root().join("caps"))
 }
 
 /// The node paths of an instance, as the argv builder wants them.

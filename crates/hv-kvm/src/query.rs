@@ -278,6 +278,30 @@ impl KvmHypervisor {
         })
     }
 
+    /// Every file under the run directory except the capability cache:
+    /// what instances keep on this node. Empty when nothing runs and
+    /// everything was cleaned up.
+    pub fn state_files(&self) -> Vec<PathBuf> {
+        let root = self.config.run_dir.root().to_owned();
+        let cache = self.caps_cache_dir();
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p == cache {
+                    continue;
+                }
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(p),
+                    _ => out.push(p),
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// Checks the node: QEMU present and probeable, `/dev/kvm` usable,
     /// `/dev/net/tun` present, the run directory sane.
     pub async fn verify(&self) -> VerifyReport {

@@ -30,22 +30,9 @@ impl Node {
         self.dir.path().join("run")
     }
 
-    /// Every file left under the run dir (directories themselves are fine).
+    /// Every file left under the run dir (the capability cache aside).
     fn leftovers(&self) -> Vec<PathBuf> {
-        fn walk(p: &Path, out: &mut Vec<PathBuf>) {
-            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-                let path = e.path();
-                if path.is_dir() {
-                    walk(&path, out);
-                } else {
-                    out.push(path);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(&self.run(), &mut out);
-        out.retain(|p| !p.starts_with(self.run().join("caps")));
-        out
+        self.hv.state_files()
     }
 }
 
@@ -58,25 +45,9 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
-    let g = env.guest.as_ref().expect("test guest");
     let mut spec = InstanceSpec::new(name, 128);
-    let args = g.cmdline.replace("console=ttyS0", "");
-    let accel = if gkvm_testkit::guest_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    for (k, v) in [
-        ("kernel_path", g.kernel.to_str().unwrap()),
-        ("initrd_path", g.initrd.to_str().unwrap()),
-        ("root_path", "/dev/ram0"),
-        ("kernel_args", args.trim()),
-        ("serial_speed", "115200"),
-        ("kvm_flag", accel),
-    ] {
-        spec.hvparams
-            .set(k, serde_json::Value::String(v.into()))
-            .unwrap();
+    for (k, v) in env.guest.as_ref().expect("test guest").hvparams() {
+        spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
     }
     spec
 }

@@ -14,22 +14,9 @@ fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
     KvmHypervisor::new(c)
 }
 
+/// What the node at `dir` keeps on disk (the capability cache aside).
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("run")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if !p.ends_with("caps") {
-                    stack.push(p);
-                }
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    KvmHypervisor::new(Config::new(RunDir::new(dir.join("run")))).state_files()
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -46,24 +33,9 @@ fn port(offset: u16) -> u16 {
 }
 
 fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
-    let g = env.guest.as_ref().unwrap();
     let mut spec = InstanceSpec::new(name, 128);
-    let accel = if gkvm_testkit::guest_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    for (k, v) in [
-        ("kernel_path", g.kernel.to_str().unwrap()),
-        ("initrd_path", g.initrd.to_str().unwrap()),
-        ("root_path", "/dev/ram0"),
-        ("kernel_args", g.cmdline.replace("console=ttyS0", "").trim()),
-        ("serial_speed", "115200"),
-        ("kvm_flag", accel),
-    ] {
-        spec.hvparams
-            .set(k, serde_json::Value::String(v.into()))
-            .unwrap();
+    for (k, v) in env.guest.as_ref().unwrap().hvparams() {
+        spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
     }
     spec
 }

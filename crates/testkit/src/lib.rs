@@ -43,6 +43,31 @@ pub struct Guest {
     pub cmdline: String,
 }
 
+impl Guest {
+    /// The hvparams (seed key names) that boot this guest with its
+    /// console on the serial socket, on the accelerator of
+    /// [`guest_accel`].
+    pub fn hvparams(&self) -> Vec<(&'static str, String)> {
+        let accel = if guest_accel() == "kvm" {
+            "enabled"
+        } else {
+            "disabled"
+        };
+        vec![
+            ("kernel_path", self.kernel.display().to_string()),
+            ("initrd_path", self.initrd.display().to_string()),
+            ("root_path", "/dev/ram0".into()),
+            // gkvm adds console=ttyS0,SPEED itself.
+            (
+                "kernel_args",
+                self.cmdline.replace("console=ttyS0", "").trim().to_owned(),
+            ),
+            ("serial_speed", "115200".into()),
+            ("kvm_flag", accel.into()),
+        ]
+    }
+}
+
 /// The line the guest prints on its serial console once it is ready.
 pub const READY_LINE: &str = "gkvm-test-guest: ready";
 
