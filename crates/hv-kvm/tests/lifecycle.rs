@@ -644,3 +644,59 @@ fn node_info_and_verify() {
         );
     });
 }
+
+#[test]
+fn warm_start_forks_no_probe() {
+    let Some(env) = require("hv_warm_start", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        node.hv
+            .start(&guestless_spec("warm1"), false)
+            .await
+            .unwrap();
+        node.hv
+            .stop("warm1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        node.hv
+            .start(&guestless_spec("warm1"), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            node.hv.caps_cache().probes_run(),
+            1,
+            "probed once for two starts"
+        );
+        node.hv
+            .stop("warm1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // A new facade (a new `gkvm` process) reads the cache from disk.
+        let again = Node {
+            hv: KvmHypervisor::new({
+                let mut c = Config::new(RunDir::new(node.run()));
+                c.kvm_path = Some(env.qemu.clone());
+                c.caps_cache_dir = Some(node.dir.path().join("caps"));
+                c
+            }),
+            dir: ScratchDir::new("gkvm-hv-unused"),
+        };
+        again
+            .hv
+            .start(&guestless_spec("warm1"), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            again.hv.caps_cache().probes_run(),
+            0,
+            "warm start from the disk cache"
+        );
+        again
+            .hv
+            .stop("warm1", true, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+}
