@@ -134,6 +134,7 @@ fn main() {
             let t = Instant::now();
             rt.block_on(h.start(&s, false)).unwrap();
             let started = t.elapsed();
+            std::thread::sleep(Duration::from_millis(50));
             let t = Instant::now();
             rt.block_on(h.stop("bench1", true, Duration::from_secs(5)))
                 .unwrap();
