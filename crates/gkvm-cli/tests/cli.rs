@@ -287,6 +287,10 @@ fn lifecycle_subcommands() {
     assert!(g(&["balloon", "cli1", "64"]).status.success());
     assert!(g(&["resume", "cli2"]).status.success());
     assert!(g(&["reboot", "cli1"]).status.success());
+    let m = json(&g(&["migration-status", "cli1", "--json"]));
+    assert_eq!(m["status"], "none");
+    let out = g(&["migration-status", "cli1"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cli1: none"));
     let c = json(&g(&["console-info", "cli1", "--json"]));
     assert_eq!(c["kind"], "serial");
     let n = json(&g(&["node-info", "--json"]));
@@ -307,6 +311,12 @@ fn lifecycle_subcommands() {
             vec!["start", "nicbad", "--nic", "bridge=br0,speed=10"],
             "unknown key",
         ),
+        (vec!["migrate-cancel", "nosuch"], "nosuch is not running"),
+        (
+            vec!["migrate", "cli1", "--to", "127.0.0.1:1"],
+            "cli1: migration failed",
+        ),
+        (vec!["migration-info", "nosuch"], "nosuch is not running"),
     ] {
         let out = g(&args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -217,6 +217,8 @@ fn two_nics_on_a_bridge() {
     let node = Node::new(&env, |_| {});
     let br = Bridge::new("gkvmhvbr1");
     let mut spec = guest_spec(&env, "nics2");
+    // Also: the balloon takes it to its startup memory once the driver is up.
+    spec.startup_memory = Some(96);
     spec.nics.push(nic("52:54:00:00:20:01", &br.0));
     spec.nics.push(nic("52:54:00:00:20:02", &br.0));
     rt().block_on(async {
@@ -238,6 +240,14 @@ fn two_nics_on_a_bridge() {
             .run("cat /sys/class/net/eth1/address", Duration::from_secs(20))
             .unwrap();
         assert!(link.contains("52:54:00:00:20:02"), "{link}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hv.info("nics2").await.unwrap().memory_mib != 96 {
+            assert!(
+                Instant::now() < deadline,
+                "never ballooned to the startup memory"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         hv.stop("nics2", true, Duration::from_secs(5))
             .await
             .unwrap();

@@ -328,3 +328,38 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
             .unwrap();
     });
 }
+
+#[test]
+fn non_live_migration_pauses_then_lands_running() {
+    let Some(env) = require("migrate_non_live", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (da, db) = (
+        ScratchDir::new("gkvm-mig-nl-a"),
+        ScratchDir::new("gkvm-mig-nl-b"),
+    );
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    rt().block_on(async {
+        a.start(&guestless("nl1"), false).await.unwrap();
+        let info = a.migration_info("nl1").unwrap();
+        b.accept_instance(&info, "127.0.0.1", port(11))
+            .await
+            .unwrap();
+        let mut states = Vec::new();
+        let s = a
+            .migrate("nl1", "127.0.0.1", port(11), false, |s| {
+                states.push(s.status.clone())
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.status, "completed", "{states:?}");
+        b.wait_incoming("nl1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        a.finalize_migration_source("nl1", true).await.unwrap();
+        b.finalize_migration_dst("nl1", true).await.unwrap();
+        assert_eq!(b.info("nl1").await.unwrap().state, "running");
+        assert_eq!(files(da.path()), Vec::<PathBuf>::new());
+        b.stop("nl1", true, Duration::from_secs(5)).await.unwrap();
+    });
+}
