@@ -2,8 +2,10 @@
 //! Linux guests boot under TCG (this machine's nested KVM cannot run them);
 //! guest-less instances (SeaBIOS only) use KVM.
 
+mod common;
+use common::{guest_spec, guestless_spec, rt};
 use gkvm_testkit::{require, Bridge, Env, Need, ScratchDir, Serial, READY_LINE};
-use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir, StopOutcome};
+use hv_kvm::{Config, Error, KvmHypervisor, RunDir, StopOutcome};
 use kvm_cmdline::{NicMode, NicSpec};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,35 +36,6 @@ impl Node {
     fn leftovers(&self) -> Vec<PathBuf> {
         self.hv.state_files()
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
-    let mut spec = InstanceSpec::new(name, 128);
-    for (k, v) in env.guest.as_ref().expect("test guest").hvparams() {
-        spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
-    }
-    spec
-}
-
-fn guestless_spec(name: &str) -> InstanceSpec {
-    let mut spec = InstanceSpec::new(name, 64);
-    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    spec.hvparams
-        .set_pair(&format!("kvm_flag={accel}"))
-        .unwrap();
-    spec
 }
 
 fn nic(mac: &str, bridge: &str) -> NicSpec {

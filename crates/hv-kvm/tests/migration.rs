@@ -2,6 +2,8 @@
 //! machine, with real QEMU and the test guest. Every failure must leave
 //! the source guest running and the destination clean.
 
+mod common;
+use common::{guest_spec, guestless_spec, rt};
 use gkvm_testkit::{require, Env, Need, ScratchDir, Serial, READY_LINE};
 use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir};
 use std::path::{Path, PathBuf};
@@ -19,38 +21,9 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     KvmHypervisor::new(Config::new(RunDir::new(dir.join("run")))).state_files()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A port nobody else uses in this run.
 fn port(offset: u16) -> u16 {
     20000 + (std::process::id() % 20000) as u16 + offset
-}
-
-fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
-    let mut spec = InstanceSpec::new(name, 128);
-    for (k, v) in env.guest.as_ref().unwrap().hvparams() {
-        spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
-    }
-    spec
-}
-
-fn guestless(name: &str) -> InstanceSpec {
-    let mut spec = InstanceSpec::new(name, 64);
-    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    spec.hvparams
-        .set_pair(&format!("kvm_flag={accel}"))
-        .unwrap();
-    spec
 }
 
 async fn boot(hv: &KvmHypervisor, spec: &InstanceSpec, dir: &Path) -> Serial {
@@ -146,7 +119,7 @@ fn wrong_port_leaves_the_source_running_with_its_limits() {
     let da = ScratchDir::new("gkvm-mig-port");
     let a = node(da.path(), &env.qemu);
     rt().block_on(async {
-        a.start(&guestless("port1"), false).await.unwrap();
+        a.start(&guestless_spec("port1"), false).await.unwrap();
         match a.migrate("port1", "127.0.0.1", port(2), true, |_| {}).await {
             Err(Error::Migration {
                 instance, status, ..
@@ -301,7 +274,7 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
     );
     let (a10, b72) = (node(da.path(), &q10), node(db.path(), &env.qemu));
     rt().block_on(async {
-        let r = a10.start(&guestless("ver1"), false).await.unwrap();
+        let r = a10.start(&guestless_spec("ver1"), false).await.unwrap();
         assert_eq!(r.machine, "pc-i440fx-10.0");
         let info = a10.migration_info("ver1").unwrap();
         let err = b72
@@ -318,7 +291,7 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
         // 7.2 -> 10.0 works: the destination gets the source's machine.
         let a72 = node(db.path(), &env.qemu);
         let b10 = node(da.path(), &q10);
-        let r = a72.start(&guestless("ver2"), false).await.unwrap();
+        let r = a72.start(&guestless_spec("ver2"), false).await.unwrap();
         assert_eq!(r.machine, "pc-i440fx-7.2");
         let s = hop(&a72, &b10, "ver2", port(10)).await;
         assert_eq!(s.status, "completed");
@@ -340,7 +313,7 @@ fn non_live_migration_pauses_then_lands_running() {
     );
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     rt().block_on(async {
-        a.start(&guestless("nl1"), false).await.unwrap();
+        a.start(&guestless_spec("nl1"), false).await.unwrap();
         let info = a.migration_info("nl1").unwrap();
         b.accept_instance(&info, "127.0.0.1", port(11))
             .await
