@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 struct Node {
     hv: KvmHypervisor,
+    // Declared before `dir`: kills leftovers before the directory goes.
+    _guard: gkvm_testkit::KillRunDir,
     dir: ScratchDir,
 }
 
@@ -24,6 +26,7 @@ impl Node {
         tweak(&mut config);
         Node {
             hv: KvmHypervisor::new(config),
+            _guard: gkvm_testkit::KillRunDir(dir.path().join("run")),
             dir,
         }
     }
@@ -325,19 +328,15 @@ fn vnc_password_never_leaves_qmp() {
     });
 }
 
-/// A fake QEMU for faults real QEMU will not produce: answers probes like
-/// the real one, but on a start it leaves a process that carries
-/// `-name NAME` and never opens a QMP socket.
-fn hanging_qemu(dir: &Path, real: &Path) -> PathBuf {
-    let script = dir.join("fake-qemu");
+/// A QEMU whose QMP never appears: the real binary (so probes answer and
+/// the process carries `-name`) with every `-qmp` option removed.
+fn qemu_without_qmp(dir: &Path, real: &Path) -> PathBuf {
+    let script = dir.join("qemu-without-qmp");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\ncase \"$1\" in --help|-machine|-device) exec {} \"$@\";; esac\n\
-             name=''; pidfile=''\n\
-             while [ $# -gt 0 ]; do case \"$1\" in -name) name=$2;; -pidfile) pidfile=$2;; esac; shift; done\n\
-             /bin/sh -c 'sleep 600' sh -name \"$name\" </dev/null >/dev/null 2>&1 &\n\
-             echo $! > \"$pidfile\"\nexit 0\n",
+            "#!/bin/sh\nskip=0\nfor a do\n  shift\n  if [ $skip = 1 ]; then skip=0; continue; fi\n  \
+             if [ \"$a\" = -qmp ]; then skip=1; continue; fi\n  set -- \"$@\" \"$a\"\ndone\nexec {} \"$@\"\n",
             real.display()
         ),
     )
@@ -401,7 +400,7 @@ fn failed_starts_leave_nothing_behind() {
         assert_eq!(node2.leftovers(), Vec::<PathBuf>::new());
 
         // QMP never appears: the start gives up, kills what it started.
-        let fake = hanging_qemu(node.dir.path(), &env.qemu);
+        let fake = qemu_without_qmp(node.dir.path(), &env.qemu);
         let node3 = Node::new(&env, |c| {
             c.kvm_path = Some(fake.clone());
             c.qmp_timeout = Duration::from_secs(2);
@@ -419,8 +418,16 @@ fn failed_starts_leave_nothing_behind() {
             .unwrap();
         assert!(
             out.stdout.is_empty(),
-            "fake QEMU left running: {}",
+            "QEMU without QMP left running: {}",
             String::from_utf8_lossy(&out.stdout)
+        );
+        // Its TAP went with it.
+        assert!(
+            std::fs::read_dir("/sys/class/net/gkvmhvbr2/brif")
+                .unwrap()
+                .next()
+                .is_none(),
+            "TAP left on the bridge"
         );
     });
 }
@@ -658,6 +665,7 @@ fn warm_start_forks_no_probe() {
             .unwrap();
         // A new facade (a new `gkvm` process) reads the cache from disk.
         let again = Node {
+            _guard: gkvm_testkit::KillRunDir(node.run()),
             hv: KvmHypervisor::new({
                 let mut c = Config::new(RunDir::new(node.run()));
                 c.kvm_path = Some(env.qemu.clone());

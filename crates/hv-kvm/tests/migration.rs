@@ -9,6 +9,13 @@ use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Kill-on-drop guards for the nodes' run dirs (a failing test leaves no QEMU).
+fn guards(dirs: &[&ScratchDir]) -> Vec<gkvm_testkit::KillRunDir> {
+    dirs.iter()
+        .map(|d| gkvm_testkit::KillRunDir(d.path().join("run")))
+        .collect()
+}
+
 fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
     let mut c = Config::new(RunDir::new(dir.join("run")));
     c.kvm_path = Some(qemu.to_owned());
@@ -73,6 +80,7 @@ fn migrate_a_running_guest_there_and_back() {
         return;
     };
     let (da, db) = (ScratchDir::new("gkvm-mig-a"), ScratchDir::new("gkvm-mig-b"));
+    let _guards = guards(&[&da, &db]);
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     let spec = guest_spec(&env, "mig1");
     rt().block_on(async {
@@ -117,6 +125,7 @@ fn wrong_port_leaves_the_source_running_with_its_limits() {
         return;
     };
     let da = ScratchDir::new("gkvm-mig-port");
+    let _guards = guards(&[&da]);
     let a = node(da.path(), &env.qemu);
     rt().block_on(async {
         a.start(&guestless_spec("port1"), false).await.unwrap();
@@ -179,6 +188,7 @@ async fn slow_migration(
     break_it: impl FnOnce(&KvmHypervisor, &KvmHypervisor) + Send,
 ) {
     let (da, db) = (ScratchDir::new("gkvm-mig-s"), ScratchDir::new("gkvm-mig-d"));
+    let _guards = guards(&[&da, &db]);
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     let mut spec = guest_spec(env, name);
     spec.hvparams.set_pair("migration_bandwidth=1").unwrap();
@@ -272,6 +282,7 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
         ScratchDir::new("gkvm-mig-10"),
         ScratchDir::new("gkvm-mig-72"),
     );
+    let _guards = guards(&[&da, &db]);
     let (a10, b72) = (node(da.path(), &q10), node(db.path(), &env.qemu));
     rt().block_on(async {
         let r = a10.start(&guestless_spec("ver1"), false).await.unwrap();
@@ -311,6 +322,7 @@ fn non_live_migration_pauses_then_lands_running() {
         ScratchDir::new("gkvm-mig-nl-a"),
         ScratchDir::new("gkvm-mig-nl-b"),
     );
+    let _guards = guards(&[&da, &db]);
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     rt().block_on(async {
         a.start(&guestless_spec("nl1"), false).await.unwrap();

@@ -421,3 +421,27 @@ impl Drop for Bridge {
             .status();
     }
 }
+
+/// Kills, when dropped, every process named by a pid file under
+/// `<run dir>/pid/`, so a test that fails half-way does not leave
+/// daemonized QEMUs (and their TAPs) behind.
+#[derive(Debug)]
+pub struct KillRunDir(pub PathBuf);
+
+impl Drop for KillRunDir {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("pid"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let pid = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|&p| p > 1) {
+                // SAFETY: kill(2); the pid came from this test's own run dir.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
