@@ -33,19 +33,8 @@ fn hv(run: &Path, caps: &Path, qemu: &Path) -> KvmHypervisor {
 }
 
 fn wait_gone(pid: i32) {
-    while !kvm_runtime_gone(pid) {
+    while hv_kvm::process_alive(pid) {
         std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-fn kvm_runtime_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next())
-                == Some("Z")
-        }
     }
 }
 

@@ -72,18 +72,21 @@ impl KvmHypervisor {
     }
 
     pub(crate) async fn qmp(&self, paths: &InstancePaths) -> Result<Qmp> {
+        self.qmp_at(&paths.name, &paths.qmp).await
+    }
+
+    /// A QMP connection on `socket` with this node's timeouts.
+    pub(crate) async fn qmp_at(&self, instance: &str, socket: &std::path::Path) -> Result<Qmp> {
         let options = Options {
             connect_timeout: Duration::from_secs(5),
             command_timeout: self.config.qmp_timeout,
             ..Options::default()
         };
-        Qmp::connect(&paths.qmp, options)
-            .await
-            .map_err(|e| Error::Qmp {
-                instance: paths.name.clone(),
-                op: "connect to QMP".into(),
-                source: e,
-            })
+        Qmp::connect(socket, options).await.map_err(|e| Error::Qmp {
+            instance: instance.to_owned(),
+            op: "connect to QMP".into(),
+            source: e,
+        })
     }
 
     /// The instance definition saved at start (for instances started by the
@@ -589,17 +592,7 @@ pub(crate) fn spec_from_record(name: &str, r: &RuntimeRecord) -> InstanceSpec {
     {
         return spec;
     }
-    let arg = |flag: &str| {
-        r.argv
-            .iter()
-            .position(|a| a == flag)
-            .and_then(|i| r.argv.get(i + 1))
-    };
-    let memory = arg("-m").and_then(|m| m.parse().ok()).unwrap_or(0);
-    let vcpus = arg("-smp")
-        .and_then(|s| s.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1);
+    let (memory, vcpus) = crate::query::argv_resources(&r.argv);
     let mut spec = InstanceSpec::new(name, memory);
     spec.vcpus = vcpus;
     // Keys this build knows; anything else from another Ganeti version is ignored.

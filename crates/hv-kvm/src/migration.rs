@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use gkvm_qmp::commands::{self, RunState};
-use gkvm_qmp::{Options, Qmp, TypedEvent};
+use gkvm_qmp::{Qmp, TypedEvent};
 use kvm_runtime::{InstancePaths, Liveness, RuntimeRecord};
 use serde::{Deserialize, Serialize};
 
@@ -92,23 +92,28 @@ fn tcp_uri(host: &str, port: u16) -> String {
     }
 }
 
+/// Turns on MIGRATION events (off by default in QEMU).
+async fn enable_migration_events(qmp: &Qmp, instance: &str) -> Result<()> {
+    qmp.run(&commands::MigrateSetCapabilities {
+        capabilities: vec![commands::MigrationCapabilityStatus {
+            capability: "events".into(),
+            state: true,
+        }],
+    })
+    .await
+    .map_err(qmp_err(instance, "enable migration events"))
+}
+
 impl KvmHypervisor {
     /// A connection on the watch socket (falls back to the main one for
     /// instances started without it, e.g. by the seed driver).
     async fn watch_qmp(&self, paths: &InstancePaths) -> Result<Qmp> {
-        let options = Options {
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: self.config.qmp_timeout,
-            ..Options::default()
-        };
         let path = if paths.qmp_watch.exists() {
             &paths.qmp_watch
         } else {
             &paths.qmp
         };
-        Qmp::connect(path, options)
-            .await
-            .map_err(qmp_err(&paths.name, "connect to QMP"))
+        self.qmp_at(&paths.name, path).await
     }
 
     fn running_pid(&self, paths: &InstancePaths) -> Result<i32> {
@@ -196,14 +201,7 @@ impl KvmHypervisor {
             .await?;
         // Migration events on this side too, for wait_incoming.
         let qmp = self.qmp(&paths).await?;
-        qmp.run(&commands::MigrateSetCapabilities {
-            capabilities: vec![commands::MigrationCapabilityStatus {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qmp_err(&spec.name, "enable migration events"))?;
+        enable_migration_events(&qmp, &spec.name).await?;
         Ok(report)
     }
 
@@ -232,14 +230,7 @@ impl KvmHypervisor {
             .await
             .map_err(qmp_err(name, "query-status"))?
             .running;
-        qmp.run(&commands::MigrateSetCapabilities {
-            capabilities: vec![commands::MigrationCapabilityStatus {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qmp_err(name, "enable migration events"))?;
+        enable_migration_events(&qmp, name).await?;
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),
             max_bandwidth: Some(u64::from(spec.hvparams.migration_bandwidth) << 20),

@@ -18,6 +18,12 @@ fn cmdline_resources(pid: i32) -> (u64, u32) {
         .split(|&b| b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
+    argv_resources(&args)
+}
+
+/// Memory (MiB) and vCPUs from a QEMU argv's `-m` and `-smp`; 0 MiB and one
+/// vCPU when absent.
+pub(crate) fn argv_resources(args: &[String]) -> (u64, u32) {
     let arg = |f: &str| {
         args.iter()
             .position(|a| a == f)
@@ -87,6 +93,11 @@ impl KvmHypervisor {
     /// Names of the running instances (pid file naming a live QEMU of that
     /// name), sorted.
     pub fn list(&self) -> Result<Vec<String>> {
+        Ok(self.running()?.into_iter().map(|(p, _)| p.name).collect())
+    }
+
+    /// The running instances with their QEMU pids, checked once each.
+    fn running(&self) -> Result<Vec<(InstancePaths, i32)>> {
         let names = self
             .config
             .run_dir
@@ -96,14 +107,11 @@ impl KvmHypervisor {
                 source: e,
             })?;
         Ok(names
-            .into_iter()
-            .filter(|n| {
-                self.config
-                    .run_dir
-                    .instance(n)
-                    .ok()
-                    .and_then(|p| p.liveness().ok())
-                    .is_some_and(|l| matches!(l, Liveness::Running { .. }))
+            .iter()
+            .filter_map(|n| self.config.run_dir.instance(n).ok())
+            .filter_map(|p| {
+                let pid = p.liveness().ok()?.running_pid()?;
+                Some((p, pid))
             })
             .collect())
     }
@@ -126,13 +134,7 @@ impl KvmHypervisor {
     /// does not answer shows state `unknown`.
     pub async fn info_all(&self) -> Result<Vec<InstanceInfo>> {
         let mut set = tokio::task::JoinSet::new();
-        for name in self.list()? {
-            let Ok(paths) = self.paths(&name) else {
-                continue;
-            };
-            let Ok(Liveness::Running { pid }) = paths.liveness() else {
-                continue;
-            };
+        for (paths, pid) in self.running()? {
             set.spawn(instance_info(paths, pid, self.config.info_timeout));
         }
         let mut out = Vec::new();
@@ -164,11 +166,9 @@ impl KvmHypervisor {
         let total = field("MemTotal:");
         let available = field("MemAvailable:");
         let instances: u64 = self
-            .list()?
+            .running()?
             .iter()
-            .filter_map(|n| self.paths(n).ok())
-            .filter_map(|p| p.liveness().ok().and_then(|l| l.running_pid()))
-            .map(|pid| cmdline_resources(pid).0)
+            .map(|(_, pid)| cmdline_resources(*pid).0)
             .sum();
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let sockets = cpuinfo
