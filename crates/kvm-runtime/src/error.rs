@@ -50,7 +50,7 @@ pub enum Error {
         version: u64,
     },
     /// Another operation holds the instance's lock.
-    #[error("instance {instance} is busy: another operation holds its lock (waited {waited:?})")]
+    #[error("instance {instance} is busy: another operation holds its lock (waited {})", human_duration(.waited))]
     Busy {
         /// The instance.
         instance: String,
@@ -58,7 +58,7 @@ pub enum Error {
         waited: Duration,
     },
     /// Another operation holds the node-wide lock.
-    #[error("node lock {path} is held by another operation (waited {waited:?})")]
+    #[error("node lock {path} is held by another operation (waited {})", human_duration(.waited))]
     NodeBusy {
         /// The lock file.
         path: PathBuf,
@@ -75,6 +75,37 @@ pub enum Error {
         /// The instance asking.
         instance: String,
     },
+    /// A directory another user could write into, or owns.
+    #[error("refusing to use {path}: {reason}")]
+    Untrusted {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file is larger than anything this crate writes.
+    #[error("{path} is larger than {max} bytes; refusing to read it")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        max: u64,
+    },
+    /// A socket still accepts connections: some process serves it.
+    #[error("{path} still accepts connections: a process serves it (refusing to remove it)")]
+    SocketInUse {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The pid file is missing or unreadable, yet something serves the
+    /// instance's sockets: its QEMU could not be identified.
+    #[error("instance {instance}: its pid file is missing or garbled but {socket} accepts connections; not touching it (find its process, or stop it by hand)")]
+    Unidentified {
+        /// The instance.
+        instance: String,
+        /// The socket that answers.
+        socket: PathBuf,
+    },
     /// A path that must be a regular file or directory is a symlink or
     /// something else (someone may be planting links).
     #[error("{path} is not a {expected} (refusing to follow or replace it)")]
@@ -84,6 +115,15 @@ pub enum Error {
         /// What it should be.
         expected: &'static str,
     },
+}
+
+/// A duration as an operator reads it: `1.5 s`, `30 ms`.
+pub fn human_duration(d: &Duration) -> String {
+    if *d >= Duration::from_secs(1) {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
 
 impl Error {

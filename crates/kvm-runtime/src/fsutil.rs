@@ -1,53 +1,120 @@
-//! File primitives: atomic replace, no-follow reads, private directories.
+//! File primitives: trusted private directories, atomic replace with
+//! unpredictable temp names, no-follow reads with a size cap.
+//!
+//! The run directory is root's: anything another user can write into is a
+//! way to make root overwrite or read what it should not. So a directory
+//! is used only if this user owns it and nobody else can write it (one we
+//! did not create is never chmodded), no path component we create or
+//! replace is followed when it is a symlink, and temp files are created
+//! exclusively under names nobody can guess.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::Error;
 
-/// Creates `dir` (and parents) with mode 0700, or checks that an existing
-/// one is a real directory (not a symlink) and tightens its mode.
-pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
-    match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {
-            if m.permissions().mode() & 0o077 != 0 {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| Error::io("chmod", dir, e))?;
-            }
-            Ok(())
-        }
-        Ok(_) => Err(Error::UnexpectedFileType {
+/// Largest runtime, pid, NIC or uid file read (a runtime record is a few
+/// KiB; anything near this is not ours).
+pub const MAX_STATE_FILE: u64 = 4 << 20;
+
+/// Checks that `dir` is a directory this user may trust: not a symlink,
+/// owned by the effective uid, not writable by group or others.
+pub fn check_trusted_dir(dir: &Path) -> Result<(), Error> {
+    let m = fs::symlink_metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
+    trusted(dir, &m)
+}
+
+fn trusted(dir: &Path, m: &fs::Metadata) -> Result<(), Error> {
+    if !m.is_dir() {
+        return Err(Error::UnexpectedFileType {
             path: dir.to_owned(),
             expected: "directory",
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io("create directory", dir, e)),
+        });
+    }
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if m.uid() != euid {
+        return Err(Error::Untrusted {
+            path: dir.to_owned(),
+            reason: format!("owned by uid {}, not by this user (uid {euid})", m.uid()),
+        });
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(Error::Untrusted {
+            path: dir.to_owned(),
+            reason: format!(
+                "mode {:04o} lets other users write into it (use a private directory)",
+                m.mode() & 0o7777
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an
+/// existing one is trusted ([`check_trusted_dir`]). An existing directory
+/// is never chmodded: what this process did not create is not its to fix.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), Error> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) => trusted(dir, &m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io("create directory", dir, e))?;
+            // A racing creator may have won with other permissions.
+            check_trusted_dir(dir)
+        }
         Err(e) => Err(Error::io("stat", dir, e)),
     }
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
+/// 128 bits from the kernel's random pool, in hex.
+pub(crate) fn random_hex() -> String {
+    let mut buf = [0u8; 16];
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom(2) writes at most the given length into `buf`.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n <= 0 {
+            // Only EINTR is possible with flags 0 on Linux ≥ 3.17; retry.
+            continue;
+        }
+        filled += n as usize;
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The prefix of every temp file made for `path` (used by cleanup).
+pub(crate) fn tmp_prefix(path: &Path) -> String {
     let file = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{file}.tmp.{}.{n}", std::process::id()))
+    format!(".{file}.tmp.")
 }
 
 /// Replaces `path` with `data` atomically: a new 0600 file in the same
-/// directory (never following a planted symlink), fsync, rename over the
-/// old one, fsync the directory. A reader sees the old or the new content,
-/// never a mix, even if this process dies at any point.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let tmp = tmp_name(path);
+/// directory, created exclusively under an unpredictable name (never
+/// through a planted symlink), fsync, rename over the old one, fsync the
+/// directory. A reader sees the old or the new content, never a mix, even
+/// if this process dies at any point.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    write_atomic_opts(path, data, true)
+}
+
+/// [`write_atomic`] without the fsyncs: atomic for readers, not durable
+/// across a power cut (for caches that can be rebuilt).
+pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), Error> {
+    write_atomic_opts(path, data, false)
+}
+
+fn write_atomic_opts(path: &Path, data: &[u8], durable: bool) -> Result<(), Error> {
+    let tmp = path.with_file_name(format!("{}{}", tmp_prefix(path), random_hex()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -57,12 +124,16 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
             .open(&tmp)
             .map_err(|e| Error::io("create", &tmp, e))?;
         f.write_all(data).map_err(|e| Error::io("write", &tmp, e))?;
-        f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        if durable {
+            f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+        }
         fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io("fsync directory", dir, e))?;
+        if durable {
+            if let Some(dir) = path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io("fsync directory", dir, e))?;
+            }
         }
         Ok(())
     })();
@@ -72,12 +143,14 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     result
 }
 
-/// Reads a regular file without following a symlink at `path`; `Ok(None)`
-/// when it does not exist.
-pub(crate) fn read_nofollow(path: &Path) -> Result<Option<Vec<u8>>, Error> {
-    let mut f = match OpenOptions::new()
+/// Reads a regular file of at most `max` bytes without following a
+/// symlink at `path`; `Ok(None)` when it does not exist. A device, FIFO or
+/// directory is refused before anything is read, so `/dev/zero` cannot
+/// exhaust memory.
+pub fn read_capped(path: &Path, max: u64) -> Result<Option<Vec<u8>>, Error> {
+    let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,
@@ -90,17 +163,100 @@ pub(crate) fn read_nofollow(path: &Path) -> Result<Option<Vec<u8>>, Error> {
         }
         Err(e) => return Err(Error::io("open", path, e)),
     };
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf)
-        .map_err(|e| Error::io("read", path, e))?;
-    Ok(Some(buf))
+    read_open_capped(f, path, max).map(Some)
 }
 
-/// Removes a file or socket; a missing one is fine.
+/// Reads an open file of at most `max` bytes (must be a regular file).
+pub fn read_open_capped(f: File, path: &Path, max: u64) -> Result<Vec<u8>, Error> {
+    let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::UnexpectedFileType {
+            path: path.to_owned(),
+            expected: "regular file",
+        });
+    }
+    if meta.len() > max {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            max,
+        });
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read", path, e))?;
+    if buf.len() as u64 > max {
+        return Err(Error::TooLarge {
+            path: path.to_owned(),
+            max,
+        });
+    }
+    Ok(buf)
+}
+
+/// Reads a regular file without following a symlink at `path`, capped at
+/// [`MAX_STATE_FILE`]; `Ok(None)` when it does not exist.
+pub(crate) fn read_nofollow(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+    read_capped(path, MAX_STATE_FILE)
+}
+
+/// Removes a file; a missing one is fine.
 pub(crate) fn remove_file(path: &Path) -> Result<(), Error> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("remove", path, e)),
     }
+}
+
+/// Whether something listens on the Unix socket at `path` (a connection is
+/// accepted into its backlog). Only a socket nobody serves may be removed.
+pub fn socket_in_use(path: &Path) -> bool {
+    match fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::os::unix::net::UnixStream::connect(path).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// Removes a socket unless something still serves it.
+pub(crate) fn remove_socket(path: &Path) -> Result<(), Error> {
+    if socket_in_use(path) {
+        return Err(Error::SocketInUse {
+            path: path.to_owned(),
+        });
+    }
+    remove_file(path)
+}
+
+/// Removes the temp files a killed writer left for `path`.
+pub(crate) fn remove_tmp_files(path: &Path) -> Result<(), Error> {
+    let (Some(dir), prefix) = (path.parent(), tmp_prefix(path)) else {
+        return Ok(());
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            remove_file(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// `dir/name` for every `name` in `dir` (empty when `dir` is missing).
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("list", dir, e)),
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect())
 }

@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{ensure_private_dir, read_nofollow, remove_file, write_atomic};
+use crate::fsutil::{
+    ensure_private_dir, list_dir, read_nofollow, remove_file, remove_socket, remove_tmp_files,
+    write_atomic,
+};
 use crate::{validate_name, Error};
 
 /// gkvm's default run directory.
@@ -56,6 +59,8 @@ impl RunDir {
 
     /// Creates the root and its subdirectories with mode 0700 (fine to
     /// call on every operation: the run dir may live on a wiped tmpfs).
+    /// Existing ones must be owned by this user and writable by nobody
+    /// else ([`Error::Untrusted`] otherwise); they are never chmodded.
     pub fn ensure(&self) -> Result<(), Error> {
         ensure_private_dir(&self.root)?;
         for d in SUBDIRS {
@@ -93,18 +98,31 @@ impl RunDir {
 
     /// Names of the instances that have a pid file (running or stale).
     pub fn instances_with_pid_files(&self) -> Result<Vec<String>, Error> {
-        let dir = self.root.join("pid");
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io("list", dir, e)),
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
+        let mut names: Vec<String> = list_dir(&self.root.join("pid"))?
+            .into_iter()
+            .map(|(n, _)| n)
             .filter(|n| validate_name(n).is_ok())
             .collect();
         names.sort();
+        Ok(names)
+    }
+
+    /// Names of every instance this run dir knows of: a pid file, a
+    /// runtime file or a QMP socket is enough (a lost pid file must not
+    /// make a running instance invisible), sorted and without duplicates.
+    pub fn instances(&self) -> Result<Vec<String>, Error> {
+        let mut names = self.instances_with_pid_files()?;
+        for (dir, suffix) in [("conf", ".runtime"), ("ctrl", ".qmp")] {
+            for (file, _) in list_dir(&self.root.join(dir))? {
+                if let Some(n) = file.strip_suffix(suffix) {
+                    if validate_name(n).is_ok() {
+                        names.push(n.to_owned());
+                    }
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
         Ok(names)
     }
 
@@ -186,21 +204,19 @@ impl InstancePaths {
     }
 
     /// Removes everything the instance left: pid file, sockets, runtime
-    /// file, NIC records, keymap and lock; gives its uid back (the uid file
-    /// goes); removes an empty chroot and moves a non-empty one to the
-    /// quarantine. Idempotent.
+    /// file (and temp files of killed writers), NIC records, keymap and
+    /// lock; gives its uid back (the uid file goes); removes an empty
+    /// chroot and moves a non-empty one to the quarantine. Idempotent.
+    /// A socket that still accepts connections is never removed
+    /// ([`Error::SocketInUse`]): its QEMU still runs.
     pub fn cleanup(&self) -> Result<CleanupReport, Error> {
         let mut report = CleanupReport::default();
-        for f in [
-            &self.pid,
-            &self.monitor,
-            &self.serial,
-            &self.qmp,
-            &self.qmp_watch,
-            &self.runtime,
-            &self.keymap,
-        ] {
+        for s in [&self.monitor, &self.serial, &self.qmp, &self.qmp_watch] {
+            remove_socket(s)?;
+        }
+        for f in [&self.pid, &self.runtime, &self.keymap] {
             remove_file(f)?;
+            remove_tmp_files(f)?;
         }
         report.released_uid = crate::uid::release(self)?;
         match std::fs::remove_dir_all(&self.nic_dir) {

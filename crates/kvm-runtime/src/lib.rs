@@ -38,7 +38,7 @@
 #![deny(missing_docs)]
 
 mod error;
-mod fsutil;
+pub mod fsutil;
 mod layout;
 mod live;
 mod lock;
@@ -46,7 +46,7 @@ mod name;
 mod record;
 mod uid;
 
-pub use error::Error;
+pub use error::{human_duration, Error};
 pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, SEED_ROOT};
 pub use live::{is_zombie_or_gone, process_runs_instance, Liveness};
 pub use lock::{InstanceLock, LockGuard};

@@ -1,6 +1,7 @@
 //! Pid files and liveness: is the process named in the pid file the QEMU
 //! of this instance?
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::fsutil::{read_nofollow, remove_file, write_atomic};
@@ -60,22 +61,88 @@ impl InstancePaths {
         remove_file(&self.pid)
     }
 
-    /// Whether the instance runs, checked against `/proc` (a pid file is
-    /// never trusted alone: the pid may be reused or the process a zombie).
+    /// Whether the instance runs. The pid file is a hint, never the only
+    /// identity: a pid is trusted only if `/proc` shows a live (non-zombie)
+    /// process with this instance's `-name` (and `-pidfile`, when its
+    /// command line has one). When the pid file is missing, garbled or
+    /// stale, `/proc` is searched for the QEMU that owns the instance (its
+    /// `-pidfile` is this instance's pid file); if none is found but one of
+    /// the instance's sockets still accepts connections, the owner cannot
+    /// be identified and [`Error::Unidentified`] is returned, so that no
+    /// caller cleans up or starts a second copy.
     pub fn liveness(&self) -> Result<Liveness, Error> {
-        let pid = match self.read_pid() {
-            Ok(Some(pid)) => pid,
-            Ok(None) => return Ok(Liveness::NoPidFile),
+        let from_file = match self.read_pid() {
+            Ok(Some(pid)) if self.is_our_process(pid) => return Ok(Liveness::Running { pid }),
+            Ok(Some(pid)) => Liveness::Stale { pid },
+            Ok(None) => Liveness::NoPidFile,
             // A torn or garbage pid file cannot name a running instance.
-            Err(Error::Corrupt { .. }) => return Ok(Liveness::Stale { pid: 0 }),
+            Err(Error::Corrupt { .. }) | Err(Error::TooLarge { .. }) => Liveness::Stale { pid: 0 },
             Err(e) => return Err(e),
         };
-        Ok(if process_runs_instance(pid, &self.name) {
-            Liveness::Running { pid }
-        } else {
-            Liveness::Stale { pid }
-        })
+        if let Some(pid) = self.find_process() {
+            tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
+                "the pid file does not name the running QEMU; found it in /proc");
+            return Ok(Liveness::Running { pid });
+        }
+        for socket in [&self.qmp, &self.qmp_watch, &self.serial] {
+            if crate::fsutil::socket_in_use(socket) {
+                return Err(Error::Unidentified {
+                    instance: self.name.clone(),
+                    socket: socket.clone(),
+                });
+            }
+        }
+        Ok(from_file)
     }
+
+    /// Whether `pid` is a live QEMU of this instance: `-name` matches and,
+    /// if its command line names a pid file, it is this one.
+    pub fn is_our_process(&self, pid: i32) -> bool {
+        if pid <= 0 || is_zombie_or_gone(pid) {
+            return false;
+        }
+        cmdline(pid).is_some_and(|args| self.cmdline_is_ours(&args))
+    }
+
+    fn cmdline_is_ours(&self, args: &[Vec<u8>]) -> bool {
+        let value = |flag: &[u8]| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+        };
+        let name_ok = value(b"-name").is_some_and(|v| name_matches(v, &self.name));
+        let pidfile_ok = value(b"-pidfile").map_or(true, |v| {
+            Path::new(std::ffi::OsStr::from_bytes(v)) == self.pid
+        });
+        name_ok && pidfile_ok
+    }
+
+    /// The live QEMU whose `-pidfile` is this instance's pid file and whose
+    /// `-name` is this instance, found by scanning `/proc`.
+    pub fn find_process(&self) -> Option<i32> {
+        let me = std::process::id() as i32;
+        let needle = self.pid.as_os_str().as_bytes();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me)
+            .find(|&pid| {
+                let Some(args) = cmdline(pid) else {
+                    return false;
+                };
+                args.windows(2)
+                    .any(|w| w[0] == b"-pidfile" && w[1] == needle)
+                    && self.cmdline_is_ours(&args)
+                    && !is_zombie_or_gone(pid)
+            })
+    }
+}
+
+fn cmdline(pid: i32) -> Option<Vec<Vec<u8>>> {
+    let raw = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline")).ok()?;
+    let raw = raw.strip_suffix(&[0]).unwrap_or(&raw);
+    Some(raw.split(|&b| b == 0).map(<[u8]>::to_vec).collect())
 }
 
 /// Whether `pid` is a live, non-zombie process whose command line has
@@ -84,17 +151,13 @@ pub fn process_runs_instance(pid: i32, name: &str) -> bool {
     if pid <= 0 || is_zombie_or_gone(pid) {
         return false;
     }
-    let Ok(cmdline) = std::fs::read(Path::new("/proc").join(pid.to_string()).join("cmdline"))
-    else {
+    let Some(args) = cmdline(pid) else {
         return false;
     };
-    let mut args = cmdline.split(|&b| b == 0);
-    while let Some(arg) = args.next() {
-        if arg == b"-name" {
-            return args.next().is_some_and(|v| name_matches(v, name));
-        }
-    }
-    false
+    args.iter()
+        .position(|a| a == b"-name")
+        .and_then(|i| args.get(i + 1))
+        .is_some_and(|v| name_matches(v, name))
 }
 
 fn name_matches(value: &[u8], name: &str) -> bool {

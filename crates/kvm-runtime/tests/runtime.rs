@@ -58,14 +58,158 @@ fn layout_is_private_and_seed_named() {
         RunDir::seed().root(),
         Path::new("/var/run/ganeti/kvm-hypervisor")
     );
-    // A world-readable existing dir is tightened.
+    // An existing dir that only its owner can write is used as it is:
+    // what gkvm did not create, it does not chmod.
     std::fs::set_permissions(
         run.root().join("conf"),
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
     run.ensure().unwrap();
-    assert_eq!(mode(&run.root().join("conf")), 0o700);
+    assert_eq!(mode(&run.root().join("conf")), 0o755);
+}
+
+#[test]
+fn untrusted_run_dirs_are_refused_and_never_chmodded() {
+    let tmp = ScratchDir::new("kvm-runtime-trust");
+    // A shared sticky directory, as /tmp: refused, mode untouched.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let err = RunDir::new(&shared).ensure().unwrap_err();
+    assert!(matches!(err, Error::Untrusted { .. }), "{err}");
+    assert!(err.to_string().contains("1777"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777,
+        0o1777
+    );
+
+    // A subdirectory writable by its group.
+    let (_t, run) = run_dir();
+    std::fs::set_permissions(
+        run.root().join("pid"),
+        std::fs::Permissions::from_mode(0o770),
+    )
+    .unwrap();
+    assert!(matches!(run.ensure(), Err(Error::Untrusted { .. })));
+    assert_eq!(mode(&run.root().join("pid")), 0o770);
+
+    // Owned by another user (root can chown; elsewhere this part is moot).
+    if gkvm_testkit::is_root() {
+        let (_t, run) = run_dir();
+        std::os::unix::fs::chown(run.root().join("ctrl"), Some(65534), None).unwrap();
+        let err = run.ensure().unwrap_err();
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+        let p = run.instance("x1").unwrap();
+        assert!(p.lock(Duration::from_millis(10)).is_err());
+    }
+
+    // A subdirectory replaced by a symlink to elsewhere.
+    let (_t, run) = run_dir();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir(run.root().join("conf")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, run.root().join("conf")).unwrap();
+    assert!(matches!(
+        run.ensure(),
+        Err(Error::UnexpectedFileType { .. })
+    ));
+}
+
+#[test]
+fn temp_names_are_unpredictable_and_cleanup_removes_leftovers() {
+    let (_t, run) = run_dir();
+    let p = run.instance("tmp1").unwrap();
+    // A planted file at a guessable temp name does not stop the write and
+    // is not written through.
+    let target = run.root().join("victim");
+    std::fs::write(&target, "precious").unwrap();
+    for n in 0..4 {
+        let guess = p
+            .runtime
+            .with_file_name(format!(".tmp1.runtime.tmp.{}.{n}", std::process::id()));
+        std::os::unix::fs::symlink(&target, guess).unwrap();
+    }
+    p.write_runtime(&record("a")).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    // What a killed writer leaves is removed by cleanup.
+    let left = p
+        .runtime
+        .with_file_name(".tmp1.runtime.tmp.0123456789abcdef");
+    std::fs::write(&left, "half").unwrap();
+    p.cleanup().unwrap();
+    assert!(!left.exists());
+    let conf: Vec<_> = std::fs::read_dir(run.root().join("conf"))
+        .unwrap()
+        .collect();
+    assert!(conf.is_empty(), "{conf:?}");
+}
+
+#[test]
+fn oversized_and_special_files_are_not_read() {
+    let (_t, run) = run_dir();
+    let p = run.instance("big1").unwrap();
+    let f = std::fs::File::create(&p.runtime).unwrap();
+    f.set_len(kvm_runtime::fsutil::MAX_STATE_FILE + 1).unwrap();
+    assert!(matches!(p.read_runtime(), Err(Error::TooLarge { .. })));
+    let zero = kvm_runtime::fsutil::read_capped(Path::new("/dev/zero"), 1 << 20);
+    assert!(
+        matches!(zero, Err(Error::UnexpectedFileType { .. })),
+        "{zero:?}"
+    );
+}
+
+/// A process that looks like the QEMU of `name` in run dir `run`.
+fn spawn_qemu_like(p: &kvm_runtime::InstancePaths) -> std::process::Child {
+    Command::new("sh")
+        .args(["-c", "sleep 30; :", "-name", &p.name, "-pidfile"])
+        .arg(&p.pid)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_lost_or_garbled_pid_file_does_not_hide_a_running_instance() {
+    let (_t, run) = run_dir();
+    let p = run.instance("lost1").unwrap();
+    let mut child = spawn_qemu_like(&p);
+    let pid = child.id() as i32;
+    p.write_runtime(&record("lost1")).unwrap();
+    // No pid file at all: found in /proc by its -pidfile and -name.
+    assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
+    assert!(run.instances().unwrap().contains(&"lost1".to_owned()));
+    // Garbled.
+    std::fs::write(&p.pid, "garbage\n\x01").unwrap();
+    assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
+    // Pointing at another process.
+    p.write_pid(std::process::id() as i32).unwrap();
+    assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
+    // The same name in another run dir is another instance.
+    let (_t2, run2) = run_dir();
+    let q = run2.instance("lost1").unwrap();
+    q.write_pid(pid).unwrap();
+    assert!(matches!(q.liveness().unwrap(), Liveness::Stale { .. }));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(matches!(p.liveness().unwrap(), Liveness::Stale { .. }));
+}
+
+#[test]
+fn a_served_socket_is_never_removed() {
+    let (_t, run) = run_dir();
+    let p = run.instance("sock1").unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&p.qmp).unwrap();
+    // No process can be identified, yet the socket answers: unknown.
+    let err = p.liveness().unwrap_err();
+    assert!(matches!(err, Error::Unidentified { .. }), "{err}");
+    let err = p.cleanup().unwrap_err();
+    assert!(matches!(err, Error::SocketInUse { .. }), "{err}");
+    assert!(p.qmp.exists());
+    drop(listener);
+    // Nobody serves it any more: stale, removable.
+    assert_eq!(p.liveness().unwrap(), Liveness::NoPidFile);
+    p.cleanup().unwrap();
+    assert!(!p.qmp.exists());
 }
 
 #[test]
