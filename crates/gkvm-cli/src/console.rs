@@ -69,7 +69,13 @@ pub fn attach(instance: &str, socket: &Path) -> std::io::Result<Ended> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGHUP, on_signal as *const () as libc::sighandler_t);
     }
-    eprint!("Connected to the serial console of {instance}; escape character is ^]\r\n");
+    {
+        use std::io::Write as _;
+        let _ = write!(
+            std::io::stderr(),
+            "Connected to the serial console of {instance}; escape character is ^]\r\n"
+        );
+    }
     let _raw = RawMode::enter();
     let stdin = std::io::stdin();
     let mut stdout = std::io::stdout();

@@ -104,8 +104,28 @@ impl Console {
     }
 }
 
+/// The first error writing the demo's output (a closed pipe, a full
+/// disk): the demo goes on and cleans up, and the error is reported after.
+static WRITE_ERROR: std::sync::Mutex<Option<std::io::Error>> = std::sync::Mutex::new(None);
+
+/// `println!` that never panics; the first error is kept in WRITE_ERROR.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            let mut first = WRITE_ERROR.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert(e);
+        }
+    }};
+}
+
+/// The first error writing the demo's output, if any.
+pub fn take_write_error() -> Option<std::io::Error> {
+    WRITE_ERROR.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 fn step(t0: Instant, what: &str, text: &str) {
-    println!("[{:>6.2}s] {what:<9} {text}", t0.elapsed().as_secs_f64());
+    say!("[{:>6.2}s] {what:<9} {text}", t0.elapsed().as_secs_f64());
 }
 
 fn node(root: &Path, qemu: &Path, caps: &Path) -> KvmHypervisor {
@@ -242,16 +262,16 @@ async fn demo(
         &format!("guest ready in {:.2} s", t.elapsed().as_secs_f64()),
     );
     for line in boot.lines().filter(|l| l.contains("gkvm-test-guest")) {
-        println!("{:>10} | {}", "", line.trim_end_matches('\r'));
+        say!("{:>10} | {}", "", line.trim_end_matches('\r'));
     }
 
     let info = a.info(NAME).await.map_err(e("info"))?;
     step(t0, "info", "");
-    println!(
+    say!(
         "{:>10} | NAME       STATE    PID      MEMORY   VCPUS  CPU TIME",
         ""
     );
-    println!(
+    say!(
         "{:>10} | {:<10} {:<8} {:<8} {:<8} {:<6} {:.1}s",
         "",
         info.name,
@@ -289,7 +309,7 @@ async fn demo(
         "the guest's shell answers on the serial socket:",
     );
     for l in &lines {
-        println!("{:>10} | {l}", "");
+        say!("{:>10} | {l}", "");
     }
 
     let info_json = a.migration_info(NAME).map_err(e("migration info"))?;
@@ -344,7 +364,7 @@ async fn demo(
         .run("cat /proc/uptime")
         .map_err(|err| format!("console: {err}"))?;
     for l in &lines {
-        println!(
+        say!(
             "{:>10} | guest still running after the migration, uptime {l}",
             ""
         );

@@ -47,6 +47,10 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// The key the nodes share to seal migration info (default
+    /// /etc/gkvm/migration.key when it exists; mode 0600).
+    #[arg(long, global = true, env = "GKVM_MIGRATION_KEY", value_name = "FILE")]
+    migration_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -142,6 +146,11 @@ enum Command {
         /// Seconds to wait for the migration.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// This node's value of a node-local hvparam (kvm_extra,
+        /// security_model, ...) that the incoming instance may have
+        /// (repeatable); any other value in the file is refused.
+        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+        hvparams: Vec<String>,
     },
     /// Live-migrate an instance to a node where `gkvm accept` waits.
     Migrate {
@@ -178,6 +187,29 @@ enum Command {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
     },
+}
+
+impl Command {
+    /// What the command does, for "X succeeded, but..." and "X interrupted".
+    fn describe(&self) -> String {
+        let (verb, name): (&str, Option<&str>) = match self {
+            Command::Start(a) => ("start", a.name.as_deref()),
+            Command::Stop { name, .. } => ("stop", Some(name)),
+            Command::Reboot { name } => ("reboot", Some(name)),
+            Command::Resume { name } => ("resume", Some(name)),
+            Command::Cleanup { name } => ("cleanup", Some(name)),
+            Command::Balloon { name, .. } => ("balloon", Some(name)),
+            Command::Migrate { name, .. } => ("migrate", Some(name)),
+            Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
+            Command::Accept { .. } => ("accept", None),
+            Command::Demo { .. } => ("demo", None),
+            _ => ("the command", None),
+        };
+        match name {
+            Some(n) => format!("{verb} of {}", escape_controls(n)),
+            None => verb.to_owned(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -217,6 +249,8 @@ struct StartArgs {
 struct Failure {
     code: u8,
     message: String,
+    /// Writing the output failed (the operation itself may have succeeded).
+    output: Option<std::io::Error>,
 }
 
 impl<E: std::fmt::Display> From<E> for Failure {
@@ -224,11 +258,71 @@ impl<E: std::fmt::Display> From<E> for Failure {
         Failure {
             code: 1,
             message: e.to_string(),
+            output: None,
+        }
+    }
+}
+
+impl Failure {
+    fn output(e: std::io::Error) -> Failure {
+        Failure {
+            code: 1,
+            message: String::new(),
+            output: Some(e),
         }
     }
 }
 
 type CliResult = Result<(), Failure>;
+
+/// `println!` that returns write errors instead of panicking (a closed
+/// pipe, a full disk).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err(Failure::output)
+    }};
+}
+
+/// `eprintln!` that never panics (stderr may be closed too).
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Control characters from names, paths or QEMU are shown escaped, so an
+/// error stays one line and cannot rewrite the terminal.
+fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The exit of a command that failed or was interrupted.
+fn report_failure(f: Failure, succeeded: &str) -> ExitCode {
+    match f.output {
+        // The reader went away (`gkvm list | head -1`): end quietly.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Some(e) => {
+            errln!("gkvm: error: {succeeded}, but writing its output failed: {e}");
+            ExitCode::from(1)
+        }
+        None => {
+            errln!("gkvm: error: {}", escape_controls(&f.message));
+            ExitCode::from(f.code)
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -252,35 +346,134 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("gkvm: error: cannot start the async runtime: {e}");
+            errln!("gkvm: error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("gkvm: error: {}", f.message);
-            ExitCode::from(f.code)
+    let what = cli.command.describe();
+    let result = runtime.block_on(async {
+        let interrupted = interrupted();
+        tokio::select! {
+            r = run(cli) => r.map(|()| None),
+            signal = interrupted => Ok(Some(signal)),
         }
+    });
+    // The operation's future is dropped by now: its guards have rolled
+    // back whatever it had half done.
+    let result = result.and_then(|signal| {
+        use std::io::Write as _;
+        std::io::stdout().flush().map_err(Failure::output)?;
+        Ok(signal)
+    });
+    match result {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some((signal, code))) => {
+            errln!("gkvm: {what} interrupted by {signal}; what it had started was rolled back");
+            ExitCode::from(code)
+        }
+        Err(f) => report_failure(f, &format!("{what} succeeded")),
     }
 }
 
-fn hypervisor(cli: &Cli) -> KvmHypervisor {
+/// Resolves on SIGINT, SIGTERM or SIGHUP with the signal's name and the
+/// shell's exit code for it.
+async fn interrupted() -> (&'static str, u8) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut streams = Vec::new();
+    for (kind, name, code) in [
+        (SignalKind::interrupt(), "SIGINT", 130),
+        (SignalKind::terminate(), "SIGTERM", 143),
+        (SignalKind::hangup(), "SIGHUP", 129),
+    ] {
+        match signal(kind) {
+            Ok(s) => streams.push((s, name, code)),
+            Err(e) => errln!("gkvm: warning: cannot handle {name}: {e}"),
+        }
+    }
+    if streams.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = streams.iter_mut().map(|(s, name, code)| {
+        let (name, code) = (*name, *code);
+        Box::pin(async move {
+            s.recv().await;
+            (name, code)
+        })
+    });
+    futures_select_all(waits).await
+}
+
+/// The first of several futures to finish.
+async fn futures_select_all<F: std::future::Future<Output = T> + Unpin, T>(
+    futures: impl IntoIterator<Item = F>,
+) -> T {
+    let mut futures: Vec<F> = futures.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
     let mut config = Config::new(RunDir::new(&cli.run_dir));
     config.kvm_path = cli.kvm_path.clone();
-    KvmHypervisor::new(config)
+    config.migration_key = migration_key(cli)?;
+    Ok(KvmHypervisor::new(config))
+}
+
+/// Where the nodes' shared migration key is looked for by default.
+const DEFAULT_MIGRATION_KEY: &str = "/etc/gkvm/migration.key";
+
+/// The migration key: `--migration-key`, else the default file if it
+/// exists. A key others can read is no secret, and is refused.
+fn migration_key(cli: &Cli) -> Result<Option<Vec<u8>>, Failure> {
+    let path = match &cli.migration_key {
+        Some(p) => p.clone(),
+        None if Path::new(DEFAULT_MIGRATION_KEY).exists() => PathBuf::from(DEFAULT_MIGRATION_KEY),
+        None => return Ok(None),
+    };
+    let fail = |e: String| Failure::from(format!("migration key {}: {e}", path.display()));
+    let file = std::fs::File::open(&path).map_err(|e| fail(e.to_string()))?;
+    let mode =
+        std::os::unix::fs::MetadataExt::mode(&file.metadata().map_err(|e| fail(e.to_string()))?);
+    if mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "mode {:04o} lets others read it; chmod 600 it",
+            mode & 0o7777
+        )));
+    }
+    let key = hv_kvm::read_open_capped(file, &path, 4096).map_err(|e| fail(e.to_string()))?;
+    let key: Vec<u8> = key.trim_ascii().to_vec();
+    if key.len() < 16 {
+        return Err(fail("shorter than 16 bytes".into()));
+    }
+    Ok(Some(key))
 }
 
 /// `--kvm-path`, else the node's default QEMU.
-fn default_qemu(cli: &Cli) -> PathBuf {
-    hypervisor(cli).default_kvm_path()
+fn default_qemu(cli: &Cli) -> Result<PathBuf, Failure> {
+    Ok(hypervisor(cli)?.default_kvm_path())
 }
 
+/// Largest input file read (instance definitions, migration info,
+/// captured help text are a few KiB to a few hundred).
+const MAX_INPUT_FILE: u64 = 4 << 20;
+
 fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
-    std::fs::read_to_string(path).map_err(|e| Failure {
+    let fail = |e: String| Failure {
         code: 1,
         message: format!("cannot read {what} {}: {e}", path.display()),
-    })
+        output: None,
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let data =
+        hv_kvm::read_open_capped(file, path, MAX_INPUT_FILE).map_err(|e| fail(e.to_string()))?;
+    String::from_utf8(data).map_err(|_| fail("not UTF-8 text".into()))
 }
 
 fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
@@ -288,11 +481,12 @@ fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
     serde_json::from_str(&text).map_err(|e| Failure {
         code: 1,
         message: format!("{}: not a valid instance definition: {e}", path.display()),
+        output: None,
     })
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> CliResult {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
@@ -314,32 +508,31 @@ async fn run(cli: Cli) -> CliResult {
                         &opt(device_text, "device list")?.unwrap_or_default(),
                     )?
                 }
-                None => (*hypervisor(&cli).capabilities(&default_qemu(&cli)).await?).clone(),
+                None => (*hypervisor(&cli)?.capabilities(&default_qemu(&cli)?).await?).clone(),
             };
             if cli.json {
                 print_json(&caps)
             } else {
-                print_caps(&caps);
-                Ok(())
+                print_caps(&caps)
             }
         }
         Command::Argv { instance } => {
             let spec = load_instance(instance)?;
-            let plan = hypervisor(&cli).plan(&spec).await?;
+            let plan = hypervisor(&cli)?.plan(&spec).await?;
             if cli.json {
                 print_json(&plan)
             } else {
-                println!("{}", shell_join(&plan.argv));
+                outln!("{}", shell_join(&plan.argv))?;
                 Ok(())
             }
         }
         Command::Start(args) => {
             let spec = spec_from_args(args)?;
-            let report = hypervisor(&cli).start(&spec, args.paused).await?;
+            let report = hypervisor(&cli)?.start(&spec, args.paused).await?;
             if cli.json {
                 print_json(&report)
             } else {
-                println!(
+                outln!(
                     "started {} (pid {}, machine {}{}{})",
                     report.name,
                     report.pid,
@@ -350,7 +543,7 @@ async fn run(cli: Cli) -> CliResult {
                         format!(", NICs on {}", report.taps.join(" "))
                     },
                     if report.paused { ", paused" } else { "" }
-                );
+                )?;
                 Ok(())
             }
         }
@@ -359,7 +552,7 @@ async fn run(cli: Cli) -> CliResult {
             force,
             timeout,
         } => {
-            let outcome = hypervisor(&cli)
+            let outcome = hypervisor(&cli)?
                 .stop(name, *force, std::time::Duration::from_secs(*timeout))
                 .await?;
             if cli.json {
@@ -370,33 +563,32 @@ async fn run(cli: Cli) -> CliResult {
                     hv_kvm::StopOutcome::Killed => "killed",
                     hv_kvm::StopOutcome::NotRunning => "was not running",
                 };
-                println!("{name} {what}");
+                outln!("{name} {what}")?;
                 Ok(())
             }
         }
         Command::Reboot { name } => {
-            hypervisor(&cli).reboot(name).await?;
+            hypervisor(&cli)?.reboot(name).await?;
             done(&cli, name, "rebooted")
         }
         Command::Resume { name } => {
-            hypervisor(&cli).resume(name).await?;
+            hypervisor(&cli)?.resume(name).await?;
             done(&cli, name, "resumed")
         }
         Command::Cleanup { name } => {
-            hypervisor(&cli).cleanup(name).await?;
+            hypervisor(&cli)?.cleanup(name).await?;
             done(&cli, name, "cleaned up")
         }
         Command::List => {
-            let all = hypervisor(&cli).info_all().await?;
+            let all = hypervisor(&cli)?.info_all().await?;
             if cli.json {
                 print_json(&all)
             } else {
-                print_info_table(&all);
-                Ok(())
+                print_info_table(&all)
             }
         }
         Command::Info { names } => {
-            let hv = hypervisor(&cli);
+            let hv = hypervisor(&cli)?;
             let infos = if names.is_empty() {
                 hv.info_all().await?
             } else {
@@ -413,12 +605,11 @@ async fn run(cli: Cli) -> CliResult {
                     print_json(&infos)
                 }
             } else {
-                print_info_table(&infos);
-                Ok(())
+                print_info_table(&infos)
             }
         }
         Command::Balloon { name, mib } => {
-            hypervisor(&cli).balloon(name, *mib).await?;
+            hypervisor(&cli)?.balloon(name, *mib).await?;
             done(
                 &cli,
                 name,
@@ -426,51 +617,47 @@ async fn run(cli: Cli) -> CliResult {
             )
         }
         Command::NodeInfo => {
-            let n = hypervisor(&cli).node_info().await?;
+            let n = hypervisor(&cli)?.node_info().await?;
             if cli.json {
                 return print_json(&n);
             }
-            println!("{:<14}{}", "memory total", human_mib(n.memory_total_mib));
-            println!("{:<14}{}", "memory free", human_mib(n.memory_free_mib));
-            println!("{:<14}{}", "memory node", human_mib(n.memory_dom0_mib));
-            println!(
+            outln!("{:<14}{}", "memory total", human_mib(n.memory_total_mib))?;
+            outln!("{:<14}{}", "memory free", human_mib(n.memory_free_mib))?;
+            outln!("{:<14}{}", "memory node", human_mib(n.memory_dom0_mib))?;
+            outln!(
                 "{:<14}{} ({} sockets, {} NUMA nodes)",
-                "CPUs", n.cpu_total, n.cpu_sockets, n.cpu_nodes
-            );
+                "CPUs",
+                n.cpu_total,
+                n.cpu_sockets,
+                n.cpu_nodes
+            )?;
             match n.hv_version {
-                Some((a, b, c)) => println!("{:<14}{a}.{b}.{c}", "QEMU"),
-                None => println!("{:<14}not found", "QEMU"),
+                Some((a, b, c)) => outln!("{:<14}{a}.{b}.{c}", "QEMU"),
+                None => outln!("{:<14}not found", "QEMU"),
             }
-            Ok(())
         }
         Command::Console { name } => {
-            let socket = match hypervisor(&cli).console(name)? {
+            let socket = match hypervisor(&cli)?.console(name)? {
                 hv_kvm::ConsoleInfo::Serial { socket, .. } => socket,
                 other => {
-                    return Err(Failure {
-                        code: 1,
-                        message: format!(
+                    return Err(Failure::from(format!(
                         "instance {name} has no serial console ({other:?}); see gkvm console-info"
-                    ),
-                    })
+                    )))
                 }
             };
             let name = name.clone();
             let ended = tokio::task::spawn_blocking(move || console::attach(&name, &socket))
                 .await
-                .map_err(|e| Failure {
-                    code: 1,
-                    message: e.to_string(),
-                })??;
+                .map_err(Failure::from)??;
             match ended {
-                console::Ended::Detached => eprintln!("\r\ndetached"),
-                console::Ended::Closed => eprintln!("\r\nconsole closed: the instance stopped"),
-                console::Ended::Signalled => eprintln!("\r\nconsole closed by a signal"),
+                console::Ended::Detached => errln!("\r\ndetached"),
+                console::Ended::Closed => errln!("\r\nconsole closed: the instance stopped"),
+                console::Ended::Signalled => errln!("\r\nconsole closed by a signal"),
             }
             Ok(())
         }
         Command::ConsoleInfo { name } => {
-            let c = hypervisor(&cli).console(name)?;
+            let c = hypervisor(&cli)?.console(name)?;
             if cli.json {
                 return print_json(&c);
             }
@@ -478,9 +665,8 @@ async fn run(cli: Cli) -> CliResult {
                 hv_kvm::ConsoleInfo::Serial {
                     socket, command, ..
                 } => {
-                    println!(
-                        "serial console on {}
-attach with: {}",
+                    outln!(
+                        "serial console on {}\nattach with: {}",
                         socket.display(),
                         shell_join(&command)
                     )
@@ -491,69 +677,68 @@ attach with: {}",
                     display,
                     ..
                 } => {
-                    println!("VNC on {host}:{port} (display :{display})")
+                    outln!("VNC on {host}:{port} (display :{display})")
                 }
-                hv_kvm::ConsoleInfo::Spice { host, port, .. } => println!("SPICE on {host}:{port}"),
-                hv_kvm::ConsoleInfo::Message { message, .. } => println!("{message}"),
+                hv_kvm::ConsoleInfo::Spice { host, port, .. } => outln!("SPICE on {host}:{port}"),
+                hv_kvm::ConsoleInfo::Message { message, .. } => outln!("{message}"),
             }
-            Ok(())
         }
         Command::Verify => {
-            let report = hypervisor(&cli).verify().await;
+            let report = hypervisor(&cli)?.verify().await;
             if cli.json {
                 print_json(&report)?;
             } else if report.problems.is_empty() {
-                println!("node OK");
+                outln!("node OK")?;
             } else {
                 for p in &report.problems {
-                    println!("problem: {p}");
+                    outln!("problem: {p}")?;
                 }
             }
             if report.problems.is_empty() {
                 Ok(())
             } else {
-                Err(Failure {
-                    code: 1,
-                    message: format!("{} problem(s) found", report.problems.len()),
-                })
+                Err(Failure::from(format!(
+                    "{} problem(s) found",
+                    report.problems.len()
+                )))
             }
         }
         Command::MigrationInfo { name } => {
-            println!("{}", hypervisor(&cli).migration_info(name)?);
+            outln!("{}", hypervisor(&cli)?.migration_info(name)?)?;
             Ok(())
         }
         Command::Accept {
             info,
             listen,
             timeout,
+            hvparams,
         } => {
             let (addr, port) = split_host_port(listen)?;
             let text = read_file(info, "migration info")?;
-            let hv = hypervisor(&cli);
-            let report = hv.accept_instance(&text, &addr, port).await?;
-            let name = report.name.clone();
-            if !cli.json {
-                eprintln!("{name}: waiting for the migration on {listen}");
+            let mut hv = hypervisor(&cli)?;
+            for h in hvparams {
+                let pair = h.strip_prefix("kvm:").unwrap_or(h);
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| usage(format!("-H {h}: expected KEY=VALUE")))?;
+                // Checked like an instance's hvparam, then kept as this
+                // node's value for the comparison.
+                hv_kvm::HvParams::default().set_pair(pair)?;
+                hv.config_mut()
+                    .node_hvparams
+                    .insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
             }
-            match hv
-                .wait_incoming(&name, std::time::Duration::from_secs(*timeout))
-                .await
-            {
-                Ok(()) => {
-                    hv.finalize_migration_dst(&name, true).await?;
-                    done(&cli, &name, "arrived and is running")
-                }
-                Err(e) => {
-                    if let Err(clean) = hv.finalize_migration_dst(&name, false).await {
-                        eprintln!("gkvm: warning: cleaning up {name}: {clean}");
-                    }
-                    Err(e.into())
-                }
+            if !cli.json && !cli.quiet {
+                errln!("waiting for the migration on {listen}");
             }
+            let report = hv
+                .receive(&text, &addr, port, std::time::Duration::from_secs(*timeout))
+                .await?;
+            done(&cli, &report.name, "arrived and is running")
         }
         Command::Migrate { name, to, non_live } => {
             let (host, port) = split_host_port(to)?;
-            let hv = hypervisor(&cli);
+            let hv = hypervisor(&cli)?;
             let json = cli.json;
             let bar = (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
                 let b = indicatif::ProgressBar::new(0);
@@ -567,74 +752,73 @@ attach with: {}",
                 b
             });
             let started = std::time::Instant::now();
+            let mut write_error = None;
             let result = hv
-                .migrate(name, &host, port, !*non_live, |s| {
+                .migrate_to(name, &host, port, !*non_live, |s| {
                     if let Some(b) = &bar {
                         b.set_length(s.total_bytes);
                         b.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
                         b.set_message(s.status.clone());
-                    } else if json {
-                        println!("{}", serde_json::to_string(s).unwrap_or_default());
+                    } else if json && write_error.is_none() {
+                        // A closed reader must not stop a migration half way.
+                        write_error =
+                            outln!("{}", serde_json::to_string(s).unwrap_or_default()).err();
                     }
                 })
                 .await;
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            match result {
-                Ok(status) => {
-                    hv.finalize_migration_source(name, true).await?;
-                    if !json {
-                        println!(
-                            "{name} migrated to {to} in {:.0} ms (QEMU: {} ms, downtime {} ms)",
-                            started.elapsed().as_secs_f64() * 1000.0,
-                            status.total_time_ms.unwrap_or(0),
-                            status.downtime_ms.unwrap_or(0)
-                        );
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    if let Err(resume) = hv.finalize_migration_source(name, false).await {
-                        eprintln!("gkvm: warning: resuming {name}: {resume}");
-                    }
-                    Err(e.into())
-                }
+            let status = result?;
+            if let Some(e) = write_error {
+                return Err(e);
             }
+            if !json {
+                outln!(
+                    "{name} migrated to {to} in {} (QEMU: {} ms, downtime {} ms)",
+                    hv_kvm::human_duration(&started.elapsed()),
+                    status.total_time_ms.unwrap_or(0),
+                    status.downtime_ms.unwrap_or(0)
+                )?;
+            }
+            Ok(())
         }
         Command::MigrationStatus { name } => {
-            let s = hypervisor(&cli).migration_status(name).await?;
+            let s = hypervisor(&cli)?.migration_status(name).await?;
             if cli.json {
                 return print_json(&s);
             }
-            println!(
+            outln!(
                 "{name}: {} {:.0}% ({} of {} MiB sent, {} MiB left)",
                 s.status,
                 s.progress * 100.0,
                 s.transferred_bytes >> 20,
                 s.total_bytes >> 20,
                 s.remaining_bytes >> 20
-            );
+            )?;
             Ok(())
         }
         Command::MigrateCancel { name } => {
-            hypervisor(&cli).cancel_migration(name).await?;
+            hypervisor(&cli)?.cancel_migration(name).await?;
             done(&cli, name, "migration cancelled")
         }
         Command::Demo { guest_dir, kvm } => {
             let opts = demo::DemoOptions {
                 guest_dir: guest_dir.clone().unwrap_or_else(demo::default_guest_dir),
-                qemu: default_qemu(&cli),
+                qemu: default_qemu(&cli)?,
                 kvm: *kvm,
             };
-            demo::run(opts).await.map_err(|message| Failure {
-                code: 1,
-                message: format!("demo: {message}"),
-            })
+            demo::run(opts)
+                .await
+                .map_err(|message| Failure::from(format!("demo: {message}")))?;
+            demo::take_write_error().map_or(Ok(()), |e| Err(Failure::output(e)))
         }
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "gkvm", &mut std::io::stdout());
-            Ok(())
+            // Into a buffer first: clap_complete panics on a write error.
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "gkvm", &mut buf);
+            use std::io::Write as _;
+            std::io::stdout().write_all(&buf).map_err(Failure::output)
         }
     }
 }
@@ -643,7 +827,7 @@ fn done(cli: &Cli, name: &str, what: &str) -> CliResult {
     if cli.json {
         print_json(&serde_json::json!({"name": name, "result": what}))
     } else {
-        println!("{name} {what}");
+        outln!("{name} {what}")?;
         Ok(())
     }
 }
@@ -655,7 +839,9 @@ fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
         .ok_or_else(|| usage(format!("{s:?}: expected HOST:PORT")))?;
     let port = port
         .parse()
-        .map_err(|_| usage(format!("{s:?}: {port:?} is not a port")))?;
+        .ok()
+        .filter(|&p: &u16| p != 0)
+        .ok_or_else(|| usage(format!("{s:?}: {port:?} is not a port (1-65535)")))?;
     Ok((
         host.trim_start_matches('[')
             .trim_end_matches(']')
@@ -665,14 +851,21 @@ fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
 }
 
 fn usage(message: String) -> Failure {
-    Failure { code: 2, message }
+    Failure {
+        code: 2,
+        message,
+        output: None,
+    }
 }
+
+/// Memory of an instance given by flags alone, without `--memory`.
+const DEFAULT_MEMORY_MIB: u64 = 512;
 
 /// An instance from `--file` and/or flags.
 fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
     let mut spec = match (&a.file, &a.name) {
         (Some(f), _) => load_instance(f)?,
-        (None, Some(n)) => InstanceSpec::new(n.clone(), 0),
+        (None, Some(n)) => InstanceSpec::new(n.clone(), DEFAULT_MEMORY_MIB),
         (None, None) => return Err(usage("start needs an instance name or --file".into())),
     };
     if let Some(n) = &a.name {
@@ -680,9 +873,6 @@ fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
     }
     if let Some(m) = a.memory {
         spec.memory = m;
-    }
-    if spec.memory == 0 {
-        spec.memory = 512;
     }
     if let Some(v) = a.vcpus {
         spec.vcpus = v;
@@ -781,7 +971,7 @@ fn human_secs(s: f64) -> String {
     }
 }
 
-fn print_info_table(infos: &[hv_kvm::InstanceInfo]) {
+fn print_info_table(infos: &[hv_kvm::InstanceInfo]) -> CliResult {
     let rows: Vec<[String; 6]> = infos
         .iter()
         .map(|i| {
@@ -808,11 +998,12 @@ fn print_info_table(infos: &[hv_kvm::InstanceInfo]) {
             .zip(width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end())?;
     }
+    Ok(())
 }
 
-fn print_caps(c: &Capabilities) {
+fn print_caps(c: &Capabilities) -> CliResult {
     let features = serde_json::to_value(&c.features).unwrap_or_default();
     let (on, off): (Vec<_>, Vec<_>) = features
         .as_object()
@@ -829,22 +1020,22 @@ fn print_caps(c: &Capabilities) {
         .iter()
         .filter_map(|m| m.alias_of.as_ref().map(|a| format!("{} → {a}", m.name)))
         .collect();
-    println!("{:<16}{}", "QEMU", c.version.text);
-    println!("{:<16}{}", "banner", c.version.banner);
-    println!(
+    outln!("{:<16}{}", "QEMU", c.version.text)?;
+    outln!("{:<16}{}", "banner", c.version.banner)?;
+    outln!(
         "{:<16}{}",
         "default machine",
         c.default_machine.as_deref().unwrap_or("-")
-    );
-    println!(
+    )?;
+    outln!(
         "{:<16}{} ({})",
         "machines",
         c.machines.len(),
         aliases.join(", ")
-    );
-    println!("{:<16}{}", "devices", c.devices.len());
-    println!("{:<16}{}", "features", names(on));
-    println!("{:<16}{}", "lacks", names(off));
+    )?;
+    outln!("{:<16}{}", "devices", c.devices.len())?;
+    outln!("{:<16}{}", "features", names(on))?;
+    outln!("{:<16}{}", "lacks", names(off))
 }
 
 /// Joins argv for a POSIX shell, quoting what needs it.

@@ -72,6 +72,23 @@ pub enum Error {
         /// Its QEMU.
         pid: i32,
     },
+    /// The instance's migration completed: its guest runs on the
+    /// destination and must never run here again.
+    #[error("instance {instance} was migrated away (QEMU pid {pid} is in state postmigrate); it must not run here again: `gkvm cleanup {instance}` removes what is left")]
+    HandedOver {
+        /// The instance.
+        instance: String,
+        /// The idle source QEMU.
+        pid: i32,
+    },
+    /// A migration info file was refused.
+    #[error("migration info for {instance}: {reason}")]
+    MigrationInfo {
+        /// The instance (or `(unknown)` before the file names one).
+        instance: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The instance is not running.
     #[error("instance {instance} is not running")]
     NotRunning {
@@ -99,7 +116,7 @@ pub enum Error {
         reason: String,
     },
     /// An operation did not finish in time.
-    #[error("instance {instance}: {op} did not finish within {after:?}")]
+    #[error("instance {instance}: {op} did not finish within {}", kvm_runtime::human_duration(.after))]
     Timeout {
         /// The instance.
         instance: String,

@@ -13,12 +13,14 @@
 #![deny(missing_docs)]
 
 mod error;
+mod guard;
 mod lifecycle;
 mod migration;
 mod nic;
 pub mod probe;
 mod process;
 mod query;
+pub mod trust;
 mod types;
 
 use std::path::PathBuf;
@@ -27,6 +29,8 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 pub use kvm_cmdline::{Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, NicMode, NicSpec};
+pub use kvm_runtime::fsutil::read_open_capped;
+pub use kvm_runtime::human_duration;
 pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
@@ -62,6 +66,14 @@ pub struct Config {
     pub start_timeout: Duration,
     /// Per-instance bound of `info_all`.
     pub info_timeout: Duration,
+    /// The key shared by the nodes to seal migration info (HMAC-SHA256).
+    /// With a key, `migration_info` seals and accepting refuses anything
+    /// not sealed with it.
+    pub migration_key: Option<Vec<u8>>,
+    /// This node's values of node-local hvparams (see
+    /// [`trust::NODE_LOCAL_HVPARAMS`]) that differ from the defaults: an
+    /// incoming instance must have the same.
+    pub node_hvparams: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Config {
@@ -79,6 +91,8 @@ impl Config {
             tap_template: "gkvm%d".into(),
             start_timeout: Duration::from_secs(60),
             info_timeout: Duration::from_secs(3),
+            migration_key: None,
+            node_hvparams: serde_json::Map::new(),
         }
     }
 }
@@ -121,6 +135,11 @@ impl KvmHypervisor {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The configuration, to adjust before use.
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
     }
 
     /// The capability cache (for figures such as probes run).

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use gkvm_qmp::commands::RunState;
 use gkvm_qmp::{commands, Options, Qmp};
 use kvm_cmdline::hvparams::{RebootBehavior, SecurityModel};
 use kvm_cmdline::{InstanceSpec, Launch, NicBackend};
@@ -9,6 +10,7 @@ use kvm_runtime::{InstanceLock, InstancePaths, Liveness, RuntimeRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::guard::RollbackGuard;
 use crate::types::StartReport;
 use crate::{node_paths, process, KvmHypervisor};
 
@@ -45,8 +47,16 @@ impl KvmHypervisor {
     }
 
     pub(crate) async fn lock(&self, paths: &InstancePaths) -> Result<InstanceLock> {
+        self.lock_for(paths, self.config.lock_timeout).await
+    }
+
+    /// Takes the instance's lock, waiting up to `timeout`.
+    pub(crate) async fn lock_for(
+        &self,
+        paths: &InstancePaths,
+        timeout: Duration,
+    ) -> Result<InstanceLock> {
         let p = paths.clone();
-        let timeout = self.config.lock_timeout;
         let name = paths.name.clone();
         self.config.run_dir.ensure().map_err(|e| Error::Runtime {
             instance: name.clone(),
@@ -82,10 +92,24 @@ impl KvmHypervisor {
             command_timeout: self.config.qmp_timeout,
             ..Options::default()
         };
-        Qmp::connect(socket, options).await.map_err(|e| Error::Qmp {
-            instance: instance.to_owned(),
-            op: "connect to QMP".into(),
-            source: e,
+        Qmp::connect(socket, options).await.map_err(|e| {
+            // "Not running" is only true if the process is gone too.
+            let pid = self
+                .paths(instance)
+                .ok()
+                .and_then(|p| p.liveness().ok())
+                .and_then(|l| l.running_pid());
+            let op = match (&e, pid) {
+                (gkvm_qmp::Error::NotRunning { .. }, Some(pid)) => format!(
+                    "connect to QMP (QEMU pid {pid} runs, but its socket is gone or refuses connections)"
+                ),
+                _ => "connect to QMP".into(),
+            };
+            Error::Qmp {
+                instance: instance.to_owned(),
+                op,
+                source: e,
+            }
         })
     }
 
@@ -101,10 +125,13 @@ impl KvmHypervisor {
 
     /// Starts an instance: validates it, creates its TAPs and configures
     /// them, starts QEMU (daemonized, stopped), sets VNC/SPICE passwords
-    /// over QMP, pins vCPUs, balloons to the startup memory, resumes it
-    /// unless `paused`, and saves its runtime file. On any failure,
-    /// everything created is removed and the error names the step.
+    /// over QMP, pins vCPUs, balloons to the startup memory, saves its
+    /// runtime file and resumes it unless `paused`. On any failure — or if
+    /// this future is dropped (SIGINT, a timeout) — everything created is
+    /// removed and the error names the step. Leftovers of a start that was
+    /// SIGKILLed (a QEMU that never ran its guest) are removed first.
     pub async fn start(&self, spec: &InstanceSpec, paused: bool) -> Result<StartReport> {
+        check_spec(spec)?;
         let paths = self.paths(&spec.name)?;
         let _lock = self.lock(&paths).await?;
         self.start_locked(
@@ -124,40 +151,60 @@ impl KvmHypervisor {
         paths: &InstancePaths,
         opts: StartOpts,
     ) -> Result<StartReport> {
-        let params = |e| Error::Params {
-            instance: spec.name.clone(),
-            source: e,
-        };
-        spec.validate().map_err(params)?;
-        spec.hvparams.check_syntax().map_err(params)?;
+        check_spec(spec)?;
+        self.reconcile_before_start(paths).await?;
+        let mut guard = RollbackGuard::new(paths, "start");
+        let report = self.start_steps(spec, paths, &opts).await?;
+        guard.disarm();
+        Ok(report)
+    }
+
+    /// Under the instance's lock, before a start: a running instance is
+    /// refused (with why, when it was migrated away), one that a killed
+    /// gkvm left half-started is removed, stale files are cleared.
+    async fn reconcile_before_start(&self, paths: &InstancePaths) -> Result<()> {
+        let name = &paths.name;
         match self.liveness(paths)? {
-            Liveness::Running { pid } => {
-                return Err(Error::AlreadyRunning {
-                    instance: spec.name.clone(),
+            Liveness::Running { pid } => match self.condition(paths, pid).await {
+                Condition::HalfStarted => {
+                    tracing::warn!(instance = %name, pid,
+                        "removing a QEMU left half-started by an interrupted gkvm");
+                    self.kill(paths, pid).await?;
+                    self.clear_state(paths)
+                }
+                Condition::MigratedAway => Err(Error::HandedOver {
+                    instance: name.clone(),
                     pid,
-                })
-            }
-            // Leftovers of an instance that died: clear them first.
-            Liveness::Stale { .. } => {
-                paths.cleanup().map_err(|e| Error::Runtime {
-                    instance: spec.name.clone(),
-                    source: e,
-                })?;
-            }
-            Liveness::NoPidFile => {}
+                }),
+                _ => Err(Error::AlreadyRunning {
+                    instance: name.clone(),
+                    pid,
+                }),
+            },
+            Liveness::Stale { .. } | Liveness::NoPidFile => self.clear_state(paths),
         }
-        let mut pid = None;
-        let result = self.start_steps(spec, paths, &opts, &mut pid).await;
-        if result.is_err() {
-            if let Some(pid) = pid {
-                let _ = process::kill_instance(pid, &spec.name);
-                process::wait_exit(pid, Duration::from_secs(10)).await;
-            }
-            if let Err(e) = paths.cleanup() {
-                tracing::warn!(instance = %spec.name, error = %e, "cleanup after a failed start");
-            }
+    }
+
+    /// What a running QEMU of this instance is, beyond "a process".
+    pub(crate) async fn condition(&self, paths: &InstancePaths, pid: i32) -> Condition {
+        let record = paths.read_runtime().ok().flatten();
+        let starting = record.as_ref().is_some_and(is_starting);
+        let status = match self.qmp(paths).await {
+            Ok(qmp) => qmp.run(&commands::QueryStatus).await.ok(),
+            Err(_) => None,
+        };
+        let state = status.map(|s| s.status);
+        tracing::debug!(instance = %paths.name, pid, starting, ?state, "condition");
+        match state {
+            // The guest never ran: a start that did not finish.
+            _ if starting => Condition::HalfStarted,
+            Some(RunState::Prelaunch) if record.is_none() => Condition::HalfStarted,
+            Some(RunState::Postmigrate) => Condition::MigratedAway,
+            Some(RunState::FinishMigrate) => Condition::MigratingAway,
+            Some(RunState::Inmigrate) => Condition::Incoming,
+            Some(s) => Condition::Live(s),
+            None => Condition::Unknown,
         }
-        result
     }
 
     async fn start_steps(
@@ -165,7 +212,6 @@ impl KvmHypervisor {
         spec: &InstanceSpec,
         paths: &InstancePaths,
         opts: &StartOpts,
-        pid_out: &mut Option<i32>,
     ) -> Result<StartReport> {
         let name = &spec.name;
         let params = |e| Error::Params {
@@ -185,6 +231,15 @@ impl KvmHypervisor {
         hv.validate_host(&RealHost, &caps).map_err(params)?;
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
         tracing::debug!(instance = %name, "argv built");
+        // Marks the start as unfinished until the guest is allowed to run:
+        // if this process is SIGKILLed, the next operation knows the QEMU
+        // it finds never ran the guest and may be removed.
+        let mut record = runtime_record(&spec, &cmd, &caps, &[]);
+        set_starting(&mut record, true);
+        paths.write_runtime(&record).map_err(|e| Error::Runtime {
+            instance: name.clone(),
+            source: e,
+        })?;
 
         let pool_user = if hv.security_model == SecurityModel::Pool {
             let pool = self.config.uid_pool.ok_or_else(|| {
@@ -260,9 +315,11 @@ impl KvmHypervisor {
             .collect();
         let launch = Launch {
             node: node_paths(paths),
-            // Always stopped at first: pinning, ballooning and passwords come
-            // before the guest runs (as the seed does).
-            paused: true,
+            // Stopped at first: pinning, ballooning and passwords come before
+            // the guest runs (as the seed does). An incoming instance runs as
+            // soon as its migration lands (the source has then stopped for
+            // good), so a killed `accept` cannot leave the only copy paused.
+            paused: opts.incoming.is_none(),
             daemonize: true,
             incoming: opts.incoming.clone(),
             nics,
@@ -299,10 +356,6 @@ impl KvmHypervisor {
         // QEMU holds its own descriptors now; the interfaces live with it.
         let tap_names: Vec<String> = taps.iter().map(|t| t.name().to_owned()).collect();
         drop(taps);
-        // The pid file exists as soon as QEMU started, even if it then failed.
-        if let Ok(Some(pid)) = paths.read_pid() {
-            *pid_out = Some(pid);
-        }
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let msg: Vec<&str> = stderr
@@ -326,7 +379,6 @@ impl KvmHypervisor {
                 ))
             }
         };
-        *pid_out = Some(pid);
 
         let qmp = self
             .qmp(paths)
@@ -359,14 +411,24 @@ impl KvmHypervisor {
                 .map_err(|e| qmp_err("query-cpus-fast", e))?;
             pin_vcpus(pid, &hv.cpu_mask, &cpus).map_err(|e| step("CPU pinning", e))?;
         }
-        if let Some(startup) = spec.startup_memory.filter(|&m| m < spec.memory) {
+        let incoming = opts.incoming.is_some();
+        if let Some(startup) = spec
+            .startup_memory
+            .filter(|&m| m < spec.memory && !incoming)
+        {
             qmp.run(&commands::Balloon {
                 value: startup << 20,
             })
             .await
             .map_err(|e| qmp_err("balloon to startup memory", e))?;
         }
-        let stay_paused = opts.paused || opts.incoming.is_some();
+        // The record is complete before the guest may run.
+        let record = runtime_record(&spec, &cmd, &caps, &tap_names);
+        paths.write_runtime(&record).map_err(|e| Error::Runtime {
+            instance: name.clone(),
+            source: e,
+        })?;
+        let stay_paused = opts.paused || incoming;
         if !stay_paused {
             qmp.run(&commands::Cont)
                 .await
@@ -374,32 +436,6 @@ impl KvmHypervisor {
         }
         qmp.close().await;
         tracing::debug!(instance = %name, "configured over QMP");
-
-        let record = RuntimeRecord {
-            argv: cmd.argv.clone(),
-            nics: spec
-                .nics
-                .iter()
-                .filter_map(|n| serde_json::to_value(n).ok())
-                .collect(),
-            hvparams: spec.hvparams.to_map(),
-            disks: spec
-                .disks
-                .iter()
-                .filter_map(|d| serde_json::to_value(d).ok())
-                .collect(),
-            payload: serde_json::json!({
-                "spec": spec,
-                "machine": cmd.machine,
-                "taps": tap_names,
-                "qemu_version": caps.version.text,
-            }),
-            origin: Default::default(),
-        };
-        paths.write_runtime(&record).map_err(|e| Error::Runtime {
-            instance: name.clone(),
-            source: e,
-        })?;
         tracing::info!(instance = %name, pid, "started");
         Ok(StartReport {
             name: name.clone(),
@@ -414,10 +450,42 @@ impl KvmHypervisor {
     /// `timeout` for QEMU to exit) or by force (kill), then cleans up.
     /// A graceful stop that times out leaves the instance running and
     /// returns [`Error::Timeout`]; an instance without ACPI is killed.
+    /// A forced stop does not queue behind another operation: if the lock
+    /// is held (a graceful stop waiting for the guest, a hung start), it
+    /// kills QEMU first — which ends that operation — then takes the lock
+    /// and cleans up.
     pub async fn stop(&self, name: &str, force: bool, timeout: Duration) -> Result<StopOutcome> {
         let paths = self.paths(name)?;
+        if force {
+            match self.lock_for(&paths, Duration::from_millis(100)).await {
+                Ok(_lock) => return self.stop_locked(&paths, true, timeout).await,
+                Err(Error::Runtime {
+                    source: kvm_runtime::Error::Busy { .. },
+                    ..
+                }) => {
+                    let killed = self.preempt(&paths).await?;
+                    let _lock = self.lock(&paths).await?;
+                    let outcome = self.stop_locked(&paths, true, timeout).await?;
+                    return Ok(if killed { StopOutcome::Killed } else { outcome });
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let _lock = self.lock(&paths).await?;
         self.stop_locked(&paths, force, timeout).await
+    }
+
+    /// Kills the instance's QEMU without its lock (a forced stop's right).
+    async fn preempt(&self, paths: &InstancePaths) -> Result<bool> {
+        match self.liveness(paths)? {
+            Liveness::Running { pid } => {
+                tracing::info!(instance = %paths.name, pid,
+                    "another operation holds the lock; killing QEMU to preempt it");
+                self.kill(paths, pid).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     pub(crate) async fn stop_locked(
@@ -492,16 +560,35 @@ impl KvmHypervisor {
         })
     }
 
-    /// Removes what a stopped instance left behind (pid file, sockets,
-    /// runtime file, NIC records, uid...). Refuses a running instance.
+    /// Clears leftovers but keeps the (held) lock file.
+    pub(crate) fn clear_state(&self, paths: &InstancePaths) -> Result<()> {
+        paths.clear_state().map(|_| ()).map_err(|e| Error::Runtime {
+            instance: paths.name.clone(),
+            source: e,
+        })
+    }
+
+    /// Removes what an instance left behind (pid file, sockets, runtime
+    /// file, NIC records, uid...). A QEMU that holds no guest of its own —
+    /// a start interrupted before the guest ran, a source whose migration
+    /// completed, a destination still waiting for its migration — is
+    /// killed first; an instance whose guest runs here is refused.
     pub async fn cleanup(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
         if let Liveness::Running { pid } = self.liveness(&paths)? {
-            return Err(Error::AlreadyRunning {
-                instance: name.to_owned(),
-                pid,
-            });
+            match self.condition(&paths, pid).await {
+                Condition::HalfStarted | Condition::MigratedAway | Condition::Incoming => {
+                    tracing::info!(instance = %name, pid, "cleanup: killing a QEMU without a guest of its own");
+                    self.kill(&paths, pid).await?;
+                }
+                _ => {
+                    return Err(Error::AlreadyRunning {
+                        instance: name.to_owned(),
+                        pid,
+                    })
+                }
+            }
         }
         self.cleanup_files(&paths)
     }
@@ -540,25 +627,65 @@ impl KvmHypervisor {
         }
     }
 
-    /// Resumes a paused instance (`cont`).
+    /// Resumes a paused instance (`cont`). Refused for a source whose
+    /// migration completed or is completing (the guest lives on the
+    /// destination) and for a destination still waiting for its migration.
     pub async fn resume(&self, name: &str) -> Result<()> {
-        self.simple_command(name, "cont", &commands::Cont).await
+        let paths = self.paths(name)?;
+        let pid = self.running_pid(&paths)?;
+        let qmp = self.qmp(&paths).await?;
+        let status = qmp
+            .run(&commands::QueryStatus)
+            .await
+            .map_err(|e| Error::Qmp {
+                instance: name.into(),
+                op: "query-status".into(),
+                source: e,
+            })?;
+        refuse_cont(name, pid, status.status)?;
+        qmp.run(&commands::Cont).await.map_err(|e| Error::Qmp {
+            instance: name.into(),
+            op: "cont".into(),
+            source: e,
+        })
     }
 
-    /// Sets the balloon target to `mib` MiB.
+    /// Sets the balloon target to `mib` MiB (between 1 MiB and the
+    /// instance's memory).
     pub async fn balloon(&self, name: &str, mib: u64) -> Result<()> {
-        if mib == 0 {
-            return Err(Error::Params {
-                instance: name.into(),
-                source: kvm_cmdline::Error::Instance {
+        let paths = self.paths(name)?;
+        let pid = self.running_pid(&paths)?;
+        let memory = match self.saved_spec(&paths).ok().flatten() {
+            Some(spec) if spec.memory > 0 => spec.memory,
+            _ => crate::query::cmdline_resources(pid).0,
+        };
+        let bytes = mib.checked_mul(1 << 20).filter(|_| mib >= 1);
+        let bytes = match bytes {
+            Some(b) if memory == 0 || mib <= memory => b,
+            _ => {
+                return Err(Error::Params {
                     instance: name.into(),
-                    field: "balloon".into(),
-                    reason: "target memory must be at least 1 MiB".into(),
-                },
-            });
-        }
-        self.simple_command(name, "balloon", &commands::Balloon { value: mib << 20 })
+                    source: kvm_cmdline::Error::Instance {
+                        instance: name.into(),
+                        field: "balloon".into(),
+                        reason: format!(
+                            "target {mib} MiB is not between 1 MiB and the instance's memory ({memory} MiB)"
+                        ),
+                    },
+                })
+            }
+        };
+        self.simple_command(name, "balloon", &commands::Balloon { value: bytes })
             .await
+    }
+
+    pub(crate) fn running_pid(&self, paths: &InstancePaths) -> Result<i32> {
+        match self.liveness(paths)? {
+            Liveness::Running { pid } => Ok(pid),
+            _ => Err(Error::NotRunning {
+                instance: paths.name.clone(),
+            }),
+        }
     }
 
     async fn simple_command<C: commands::Command<Output = ()>>(
@@ -603,6 +730,100 @@ pub(crate) fn spec_from_record(name: &str, r: &RuntimeRecord) -> InstanceSpec {
         }
     }
     spec
+}
+
+/// Checks an instance definition before anything is created for it.
+pub(crate) fn check_spec(spec: &InstanceSpec) -> Result<()> {
+    let params = |e| Error::Params {
+        instance: spec.name.clone(),
+        source: e,
+    };
+    spec.validate().map_err(params)?;
+    spec.hvparams.check_syntax().map_err(params)
+}
+
+/// Refuses `cont` where it would run a second copy of a guest, or run a
+/// guest that has not arrived.
+pub(crate) fn refuse_cont(name: &str, pid: i32, state: RunState) -> Result<()> {
+    match state {
+        RunState::Postmigrate | RunState::FinishMigrate => Err(Error::HandedOver {
+            instance: name.into(),
+            pid,
+        }),
+        RunState::Inmigrate => Err(Error::Migration {
+            instance: name.into(),
+            status: "incoming".into(),
+            reason: "the guest has not arrived yet; it starts by itself when its migration lands"
+                .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What a running QEMU of an instance is, beyond "a process".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Condition {
+    /// A start that never finished (its gkvm was killed): the guest never
+    /// ran, so the QEMU may be removed.
+    HalfStarted,
+    /// Its migration completed (QMP `postmigrate`): the guest runs on the
+    /// destination now and must never run here again.
+    MigratedAway,
+    /// Its migration is in its final stage (`finish-migrate`).
+    MigratingAway,
+    /// Waiting for an incoming migration (`inmigrate`): no guest yet.
+    Incoming,
+    /// Anything else QEMU says.
+    Live(RunState),
+    /// QEMU does not answer.
+    Unknown,
+}
+
+const STARTING: &str = "starting";
+
+/// Whether a runtime record marks a start that has not finished.
+pub(crate) fn is_starting(record: &RuntimeRecord) -> bool {
+    record.payload.get(STARTING) == Some(&serde_json::Value::Bool(true))
+}
+
+fn set_starting(record: &mut RuntimeRecord, starting: bool) {
+    if let Some(obj) = record.payload.as_object_mut() {
+        if starting {
+            obj.insert(STARTING.into(), serde_json::Value::Bool(true));
+        } else {
+            obj.remove(STARTING);
+        }
+    }
+}
+
+/// The runtime record of an instance started with `cmd`.
+fn runtime_record(
+    spec: &InstanceSpec,
+    cmd: &kvm_cmdline::QemuCommand,
+    caps: &kvm_cmdline::Capabilities,
+    taps: &[String],
+) -> RuntimeRecord {
+    RuntimeRecord {
+        argv: cmd.argv.clone(),
+        nics: spec
+            .nics
+            .iter()
+            .filter_map(|n| serde_json::to_value(n).ok())
+            .collect(),
+        hvparams: spec.hvparams.to_map(),
+        disks: spec
+            .disks
+            .iter()
+            .filter_map(|d| serde_json::to_value(d).ok())
+            .collect(),
+        payload: serde_json::json!({
+            "spec": spec,
+            "machine": cmd.machine,
+            "taps": taps,
+            "qemu_version": caps.version.text,
+        }),
+        origin: Default::default(),
+    }
 }
 
 fn read_password(file: &std::path::Path) -> std::result::Result<String, String> {

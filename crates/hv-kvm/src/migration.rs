@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use gkvm_qmp::commands::{self, RunState};
 use gkvm_qmp::{Qmp, TypedEvent};
-use kvm_runtime::{InstancePaths, Liveness, RuntimeRecord};
+use kvm_runtime::{InstancePaths, RuntimeRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::{spec_from_record, StartOpts};
+use crate::guard::{kill_and_clean_blocking, RollbackGuard};
+use crate::lifecycle::{refuse_cont, spec_from_record, StartOpts};
 use crate::types::StartReport;
 use crate::KvmHypervisor;
 
@@ -116,16 +117,10 @@ impl KvmHypervisor {
         self.qmp_at(&paths.name, path).await
     }
 
-    fn running_pid(&self, paths: &InstancePaths) -> Result<i32> {
-        match self.liveness(paths)? {
-            Liveness::Running { pid } => Ok(pid),
-            _ => Err(Error::NotRunning {
-                instance: paths.name.clone(),
-            }),
-        }
-    }
-
-    /// What the destination needs: the source's runtime file.
+    /// What the destination needs: the source's runtime file — sealed with
+    /// the node's migration key when one is configured
+    /// ([`crate::Config::migration_key`]), so the destination can tell it
+    /// was not edited on the way.
     pub fn migration_info(&self, name: &str) -> Result<String> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
@@ -138,61 +133,107 @@ impl KvmHypervisor {
             .ok_or_else(|| Error::NotRunning {
                 instance: name.into(),
             })?;
-        Ok(String::from_utf8_lossy(&record.to_json()).into_owned())
+        let runtime = String::from_utf8_lossy(&record.to_json()).into_owned();
+        Ok(match &self.config.migration_key {
+            Some(key) => crate::trust::seal(key, &runtime),
+            None => runtime,
+        })
+    }
+
+    /// The instance a migration info file describes, once it is trusted:
+    /// its seal checked when this node has a migration key, and every
+    /// node-local hvparam (QEMU binary, extra arguments, password and
+    /// certificate files, chroot and security settings) equal to this
+    /// node's own value — the file decides nothing this node runs as root.
+    pub fn incoming_spec(&self, info: &str) -> Result<crate::InstanceSpec> {
+        let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
+        let mut spec = match serde_json::from_str::<crate::InstanceSpec>(&body) {
+            Ok(spec) => spec,
+            Err(_) => spec_from_migration_record(&body)?,
+        };
+        crate::trust::check_node_local(
+            &spec,
+            &self.node_local_hvparams(),
+            self.config.kvm_path.is_some(),
+        )?;
+        spec.hvparams.kvm_path = self.kvm_path_for(&spec);
+        Ok(spec)
+    }
+
+    /// This node's values of the node-local hvparams.
+    fn node_local_hvparams(&self) -> kvm_cmdline::HvParams {
+        let mut hv = kvm_cmdline::HvParams::default();
+        for (k, v) in &self.config.node_hvparams {
+            if let Err(e) = hv.set(k, v.clone()) {
+                tracing::warn!(key = %k, error = %e, "node hvparam ignored");
+            }
+        }
+        if let Some(p) = &self.config.kvm_path {
+            hv.kvm_path = p.clone();
+        }
+        hv
+    }
+
+    /// On the destination, the whole of Ganeti's accept → wait → finalize
+    /// sequence under the instance's lock: starts QEMU from the trusted
+    /// migration info listening on `address:port`, waits up to `timeout`
+    /// for the guest to land (it runs as soon as it has), then configures
+    /// routed NICs. If the migration fails, times out, or this future is
+    /// dropped (SIGINT) before the guest landed, the waiting QEMU is killed
+    /// and its files removed; once landed, the guest is kept.
+    pub async fn receive(
+        &self,
+        info: &str,
+        address: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<StartReport> {
+        let spec = self.incoming_spec(info)?;
+        check_listen(&spec.name, address, port)?;
+        crate::lifecycle::check_spec(&spec)?;
+        let paths = self.paths(&spec.name)?;
+        let _lock = self.lock(&paths).await?;
+        let _guard = IncomingGuard {
+            paths: paths.clone(),
+            qmp_timeout: self.config.qmp_timeout,
+        };
+        let report = self.accept_locked(&spec, &paths, address, port).await?;
+        self.wait_incoming(&spec.name, timeout).await?;
+        self.finalize_dst_locked(&paths, true).await?;
+        Ok(report)
     }
 
     /// On the destination: starts QEMU from the source's runtime (or an
-    /// instance definition), waiting for the migration on `address:port`.
-    /// The machine type is the source's, so guest state fits; a QEMU that
-    /// lacks it is refused here with an error naming the machine.
+    /// instance definition), waiting for the migration on `address:port`;
+    /// the guest runs as soon as it has landed. The machine type is the
+    /// source's, so guest state fits; a QEMU that lacks it is refused here
+    /// with an error naming the machine. The info is checked as
+    /// [`KvmHypervisor::incoming_spec`] says.
     pub async fn accept_instance(
         &self,
         info: &str,
         address: &str,
         port: u16,
     ) -> Result<StartReport> {
-        let bad = |reason: String| Error::Start {
-            instance: "(incoming)".into(),
-            step: "accept",
-            reason,
-        };
-        let spec = match serde_json::from_str::<crate::InstanceSpec>(info) {
-            Ok(spec) => spec,
-            Err(_) => {
-                let record = RuntimeRecord::from_json(
-                    info.as_bytes(),
-                    std::path::Path::new("migration info"),
-                )
-                .map_err(|e| bad(e.to_string()))?;
-                let name = record
-                    .payload
-                    .get("spec")
-                    .and_then(|s| s.get("name"))
-                    .and_then(|n| n.as_str())
-                    .map(str::to_owned)
-                    .or_else(|| {
-                        let i = record.argv.iter().position(|a| a == "-name")?;
-                        record.argv.get(i + 1).cloned()
-                    })
-                    .ok_or_else(|| bad("the runtime names no instance".into()))?;
-                let mut spec = spec_from_record(&name, &record);
-                if let Some(machine) = record.payload.get("machine").and_then(|m| m.as_str()) {
-                    spec.hvparams.machine_version = machine.to_owned();
-                }
-                spec
-            }
-        };
-        if address.parse::<std::net::IpAddr>().is_err() {
-            return Err(bad(format!(
-                "{address:?} is not an IP address to listen on"
-            )));
-        }
+        let spec = self.incoming_spec(info)?;
+        check_listen(&spec.name, address, port)?;
+        crate::lifecycle::check_spec(&spec)?;
         let paths = self.paths(&spec.name)?;
         let _lock = self.lock(&paths).await?;
+        self.accept_locked(&spec, &paths, address, port).await
+    }
+
+    async fn accept_locked(
+        &self,
+        spec: &crate::InstanceSpec,
+        paths: &InstancePaths,
+        address: &str,
+        port: u16,
+    ) -> Result<StartReport> {
         let report = self
             .start_locked(
-                &spec,
-                &paths,
+                spec,
+                paths,
                 StartOpts {
                     paused: true,
                     incoming: Some(tcp_uri(address, port)),
@@ -200,7 +241,7 @@ impl KvmHypervisor {
             )
             .await?;
         // Migration events on this side too, for wait_incoming.
-        let qmp = self.qmp(&paths).await?;
+        let qmp = self.qmp(paths).await?;
         enable_migration_events(&qmp, &spec.name).await?;
         Ok(report)
     }
@@ -209,8 +250,11 @@ impl KvmHypervisor {
     /// starts the migration to `target:port` (stopping the guest first when
     /// not `live`) and follows it by events, calling `progress` on each
     /// change and every ~200 ms while active. Returns the final status;
-    /// on failure or cancellation the source is running again and the
-    /// error says why.
+    /// on failure or cancellation the source is running again (unless the
+    /// guest had already been handed over) and the error says why. Holds
+    /// the instance's lock throughout. If this future is dropped (SIGINT),
+    /// a migration in flight is cancelled and the source resumed, and one
+    /// that completed finalizes the source: it never runs again.
     pub async fn migrate(
         &self,
         name: &str,
@@ -219,17 +263,32 @@ impl KvmHypervisor {
         live: bool,
         mut progress: impl FnMut(&MigrationStatus),
     ) -> Result<MigrationStatus> {
+        if port == 0 {
+            return Err(Error::Migration {
+                instance: name.into(),
+                status: "refused".into(),
+                reason: "port 0 is not a migration target".into(),
+            });
+        }
         let paths = self.paths(name)?;
-        self.running_pid(&paths)?;
+        let _lock = self.lock(&paths).await?;
+        let pid = self.running_pid(&paths)?;
         let spec = self
             .saved_spec(&paths)?
             .unwrap_or_else(|| crate::InstanceSpec::new(name, 0));
         let qmp = self.watch_qmp(&paths).await?;
-        let was_running = qmp
+        let state = qmp
             .run(&commands::QueryStatus)
             .await
-            .map_err(qmp_err(name, "query-status"))?
-            .running;
+            .map_err(qmp_err(name, "query-status"))?;
+        refuse_cont(name, pid, state.status)?;
+        let was_running = state.running;
+        let mut guard = MigrationGuard {
+            paths: paths.clone(),
+            was_running,
+            qmp_timeout: self.config.qmp_timeout,
+            armed: false,
+        };
         enable_migration_events(&qmp, name).await?;
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),
@@ -237,6 +296,7 @@ impl KvmHypervisor {
         })
         .await
         .map_err(qmp_err(name, "migrate-set-parameters"))?;
+        guard.armed = true;
         if !live {
             qmp.run(&commands::Stop)
                 .await
@@ -245,10 +305,12 @@ impl KvmHypervisor {
         let uri = tcp_uri(target, port);
         tracing::info!(instance = %name, %uri, live, "migrating");
         if let Err(e) = qmp.run(&commands::Migrate { uri: uri.clone() }).await {
+            guard.armed = false;
             self.resume_after_failure(&qmp, name, was_running).await;
             return Err(qmp_err(name, &format!("migrate to {uri}"))(e));
         }
         let result = self.follow(&qmp, name, &mut progress).await;
+        guard.armed = false;
         match result {
             Ok(status) if status.status == "completed" => {
                 tracing::info!(instance = %name, total_ms = ?status.total_time_ms, downtime_ms = ?status.downtime_ms, "migration completed");
@@ -266,6 +328,35 @@ impl KvmHypervisor {
             }
             Err(e) => {
                 self.resume_after_failure(&qmp, name, was_running).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The source side of a migration as one call: [`KvmHypervisor::migrate`]
+    /// then [`KvmHypervisor::finalize_migration_source`] — on success the
+    /// source QEMU is stopped and its files removed (even if this future
+    /// is dropped between the two), on failure it runs again.
+    pub async fn migrate_to(
+        &self,
+        name: &str,
+        target: &str,
+        port: u16,
+        live: bool,
+        progress: impl FnMut(&MigrationStatus),
+    ) -> Result<MigrationStatus> {
+        match self.migrate(name, target, port, live, progress).await {
+            Ok(status) => {
+                let paths = self.paths(name)?;
+                let mut guard = RollbackGuard::new(&paths, "finalize migration source");
+                self.finalize_migration_source(name, true).await?;
+                guard.disarm();
+                Ok(status)
+            }
+            Err(e) => {
+                if let Err(resume) = self.finalize_migration_source(name, false).await {
+                    tracing::warn!(instance = %name, error = %resume, "after a failed migration");
+                }
                 Err(e)
             }
         }
@@ -301,7 +392,11 @@ impl KvmHypervisor {
         }
     }
 
-    /// After a failed migration: the source must run again if it ran before.
+    /// After a failed migration: the source must run again if it ran
+    /// before. QEMU resumes a live migration's source by itself; only a
+    /// guest this call paused (non-live) needs `cont`. A source in
+    /// `postmigrate`/`finish-migrate` has handed its guest over and is
+    /// never resumed.
     async fn resume_after_failure(&self, qmp: &Qmp, name: &str, was_running: bool) {
         if !was_running {
             return;
@@ -310,15 +405,15 @@ impl KvmHypervisor {
         while Instant::now() < deadline {
             match qmp.run(&commands::QueryStatus).await {
                 Ok(s) if s.running => return,
-                Ok(s)
-                    if matches!(
-                        s.status,
-                        RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate
-                    ) =>
-                {
+                Ok(s) if s.status == RunState::Paused => {
                     if let Err(e) = qmp.run(&commands::Cont).await {
                         tracing::warn!(instance = %name, error = %e, "cont after failed migration");
                     }
+                }
+                Ok(s) if s.status == RunState::Postmigrate => {
+                    tracing::error!(instance = %name,
+                        "the migration failed after the guest was handed over; not resuming it here");
+                    return;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -390,18 +485,23 @@ impl KvmHypervisor {
     }
 
     /// On the destination: on success, configures the routed NICs (bridged
-    /// ones were done at accept, as the seed does) and resumes the guest;
-    /// on failure, kills the incoming QEMU and removes its files.
+    /// ones were done at accept, as Ganeti does) and makes sure the guest
+    /// runs; on failure, kills the incoming QEMU and removes its files.
     pub async fn finalize_migration_dst(&self, name: &str, success: bool) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
+        self.finalize_dst_locked(&paths, success).await
+    }
+
+    async fn finalize_dst_locked(&self, paths: &InstancePaths, success: bool) -> Result<()> {
+        let name = paths.name.as_str();
         if !success {
-            self.stop_locked(&paths, true, Duration::from_secs(10))
+            self.stop_locked(paths, true, Duration::from_secs(10))
                 .await?;
             return Ok(());
         }
-        self.running_pid(&paths)?;
-        let spec = self.saved_spec(&paths)?.ok_or_else(|| Error::NotRunning {
+        self.running_pid(paths)?;
+        let spec = self.saved_spec(paths)?.ok_or_else(|| Error::NotRunning {
             instance: name.into(),
         })?;
         let taps = paths.read_nics().map_err(|e| Error::Runtime {
@@ -413,7 +513,7 @@ impl KvmHypervisor {
                 crate::nic::configure(&spec, i, tap, self.config.nic_script.as_deref()).await?;
             }
         }
-        let qmp = self.qmp(&paths).await?;
+        let qmp = self.qmp(paths).await?;
         let status = qmp
             .run(&commands::QueryStatus)
             .await
@@ -425,6 +525,7 @@ impl KvmHypervisor {
                 reason: "the incoming migration has not finished".into(),
             });
         }
+        // A non-live migration's guest arrives paused, as it left.
         if !status.running {
             qmp.run(&commands::Cont)
                 .await
@@ -434,7 +535,8 @@ impl KvmHypervisor {
     }
 
     /// On the source: on success, stops the (now idle) source QEMU and
-    /// removes its files; on failure, makes sure the guest runs again.
+    /// removes its files; on failure, makes sure the guest runs again —
+    /// unless it was handed over ([`Error::HandedOver`]).
     pub async fn finalize_migration_source(&self, name: &str, success: bool) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
@@ -443,17 +545,150 @@ impl KvmHypervisor {
                 .await?;
             return Ok(());
         }
-        self.running_pid(&paths)?;
+        let pid = self.running_pid(&paths)?;
         let qmp = self.qmp(&paths).await?;
         let status = qmp
             .run(&commands::QueryStatus)
             .await
             .map_err(qmp_err(name, "query-status"))?;
         if !status.running {
+            refuse_cont(name, pid, status.status)?;
             qmp.run(&commands::Cont)
                 .await
                 .map_err(qmp_err(name, "cont"))?;
         }
         Ok(())
+    }
+}
+
+/// A listen address must be an IP address, and the port a real one.
+fn check_listen(instance: &str, address: &str, port: u16) -> Result<()> {
+    let bad = |reason: String| Error::Start {
+        instance: instance.into(),
+        step: "accept",
+        reason,
+    };
+    if address.parse::<std::net::IpAddr>().is_err() {
+        return Err(bad(format!(
+            "{address:?} is not an IP address to listen on"
+        )));
+    }
+    if port == 0 {
+        return Err(bad("port 0 is not a port to listen on".into()));
+    }
+    Ok(())
+}
+
+/// The instance in a runtime record used as migration info (gkvm's or
+/// Ganeti's format).
+fn spec_from_migration_record(body: &str) -> Result<crate::InstanceSpec> {
+    let bad = |reason: String| Error::MigrationInfo {
+        instance: "(unknown)".into(),
+        reason,
+    };
+    let record = RuntimeRecord::from_json(body.as_bytes(), std::path::Path::new("migration info"))
+        .map_err(|e| bad(e.to_string()))?;
+    let name = record
+        .payload
+        .get("spec")
+        .and_then(|s| s.get("name"))
+        .and_then(|n| n.as_str())
+        .map(str::to_owned)
+        .or_else(|| {
+            let i = record.argv.iter().position(|a| a == "-name")?;
+            record.argv.get(i + 1).cloned()
+        })
+        .ok_or_else(|| bad("the runtime names no instance".into()))?;
+    kvm_runtime::validate_name(&name).map_err(|e| bad(e.to_string()))?;
+    let mut spec = spec_from_record(&name, &record);
+    if let Some(machine) = record.payload.get("machine").and_then(|m| m.as_str()) {
+        spec.hvparams.machine_version = machine.to_owned();
+    }
+    Ok(spec)
+}
+
+fn blocking_qmp(paths: &InstancePaths, timeout: Duration) -> Option<gkvm_qmp::blocking::Qmp> {
+    let options = gkvm_qmp::Options {
+        connect_timeout: timeout.min(Duration::from_secs(2)),
+        command_timeout: timeout,
+        ..gkvm_qmp::Options::default()
+    };
+    gkvm_qmp::blocking::Qmp::connect(&paths.qmp, options).ok()
+}
+
+/// While a migration is in flight on the source: if the operation is
+/// dropped, cancel it and resume the source — or, if the guest was handed
+/// over meanwhile, finalize the source so it never runs again.
+struct MigrationGuard {
+    paths: InstancePaths,
+    was_running: bool,
+    qmp_timeout: Duration,
+    armed: bool,
+}
+
+impl Drop for MigrationGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let name = self.paths.name.clone();
+        tracing::warn!(instance = %name, "migration interrupted; cancelling it");
+        let Some(mut qmp) = blocking_qmp(&self.paths, self.qmp_timeout) else {
+            return;
+        };
+        let handed_over = |qmp: &mut gkvm_qmp::blocking::Qmp| {
+            let migrated = qmp
+                .run(&commands::QueryMigrate)
+                .ok()
+                .and_then(|m| m.status)
+                .is_some_and(|s| s == "completed");
+            let state = qmp.run(&commands::QueryStatus).ok().map(|s| s.status);
+            migrated || state == Some(RunState::Postmigrate)
+        };
+        if !handed_over(&mut qmp) {
+            let _ = qmp.run(&commands::MigrateCancel);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let status = qmp.run(&commands::QueryMigrate).ok().and_then(|m| m.status);
+                match status.as_deref() {
+                    Some("completed" | "failed" | "cancelled" | "none") | None => break,
+                    _ => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        if handed_over(&mut qmp) {
+            tracing::warn!(instance = %name, "the guest was handed over; finalizing the source");
+            qmp.close();
+            kill_and_clean_blocking(&self.paths);
+            return;
+        }
+        if self.was_running {
+            if let Ok(s) = qmp.run(&commands::QueryStatus) {
+                if s.status == RunState::Paused {
+                    let _ = qmp.run(&commands::Cont);
+                }
+            }
+        }
+    }
+}
+
+/// While an incoming migration has not landed: if the operation fails or
+/// is dropped, the waiting QEMU is killed and its files removed. A guest
+/// that has landed is kept (it is the only copy now).
+struct IncomingGuard {
+    paths: InstancePaths,
+    qmp_timeout: Duration,
+}
+
+impl Drop for IncomingGuard {
+    fn drop(&mut self) {
+        let landed = blocking_qmp(&self.paths, self.qmp_timeout)
+            .and_then(|mut q| q.run(&commands::QueryStatus).ok())
+            .is_some_and(|s| s.status != RunState::Inmigrate);
+        if landed {
+            return;
+        }
+        tracing::warn!(instance = %self.paths.name, "incoming migration did not land; removing the waiting QEMU");
+        kill_and_clean_blocking(&self.paths);
     }
 }

@@ -112,7 +112,17 @@ impl CapsCache {
             }
         }
         if let Some(file) = self.file_for(path) {
-            if let Ok(data) = std::fs::read(&file) {
+            let trusted = file
+                .parent()
+                .is_some_and(|d| kvm_runtime::fsutil::check_trusted_dir(d).is_ok());
+            if let Some(data) = trusted
+                .then(|| {
+                    kvm_runtime::fsutil::read_capped(&file, MAX_CACHE_FILE)
+                        .ok()
+                        .flatten()
+                })
+                .flatten()
+            {
                 if let Ok(entry) = serde_json::from_slice::<CacheEntry>(&data) {
                     if entry.identity == identity {
                         let caps = Arc::new(entry.capabilities);
@@ -148,25 +158,18 @@ impl CapsCache {
     }
 }
 
-fn write_cache(file: &Path, entry: &CacheEntry) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+/// Writes a cache file: in a directory this user owns and nobody else can
+/// write, under an unguessable temp name created exclusively, never
+/// following a planted symlink (a cache is not worth an fsync).
+fn write_cache(file: &Path, entry: &CacheEntry) -> std::result::Result<(), kvm_runtime::Error> {
     if let Some(dir) = file.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+        kvm_runtime::fsutil::ensure_private_dir(dir)?;
     }
-    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec(entry).unwrap_or_default())?;
-    std::fs::rename(&tmp, file)
+    kvm_runtime::fsutil::write_atomic_volatile(file, &serde_json::to_vec(entry).unwrap_or_default())
 }
+
+/// Largest cache file read back (a probe of QEMU 10.0 is about 60 KiB).
+const MAX_CACHE_FILE: u64 = 8 << 20;
 
 async fn run(path: &Path, args: &[&str], may_fail: bool) -> Result<String> {
     let mut cmd = tokio::process::Command::new(path);

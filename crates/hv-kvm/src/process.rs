@@ -38,6 +38,34 @@ pub(crate) async fn wait_exit(pid: i32, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, afd.readable()).await.is_ok()
 }
 
+/// [`wait_exit`] for places that cannot await (drop guards): blocks the
+/// calling thread on the pidfd for up to `timeout`.
+pub(crate) fn wait_exit_blocking(pid: i32, timeout: Duration) -> bool {
+    let fd = match pidfd_open(pid) {
+        Ok(None) => return true,
+        Ok(Some(fd)) => fd,
+        Err(_) => {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                if kvm_runtime::is_zombie_or_gone(pid) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return kvm_runtime::is_zombie_or_gone(pid);
+        }
+    };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll(2) on one pollfd that lives on this stack frame.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0 || kvm_runtime::is_zombie_or_gone(pid)
+}
+
 async fn poll_exit(pid: i32, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

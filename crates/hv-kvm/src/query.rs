@@ -12,7 +12,7 @@ use crate::types::{ConsoleInfo, InstanceInfo, NodeInfo, VerifyReport};
 use crate::{process, KvmHypervisor};
 
 /// The pid's `-m` and `-smp` from its command line (fallback values).
-fn cmdline_resources(pid: i32) -> (u64, u32) {
+pub(crate) fn cmdline_resources(pid: i32) -> (u64, u32) {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<String> = raw
         .split(|&b| b == 0)
@@ -61,11 +61,22 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     .await
     .ok()
     .flatten();
+    let starting = paths
+        .read_runtime()
+        .ok()
+        .flatten()
+        .is_some_and(|r| crate::lifecycle::is_starting(&r));
     if let Some((status, balloon, cpus)) = answers {
         if let Some(s) = status {
             state = match s.status {
                 // Started with -S and never run yet: paused, to a user.
                 commands::RunState::Prelaunch => "paused".to_owned(),
+                // The guest runs on the destination now: this QEMU is an
+                // idle leftover until cleaned up, never to be resumed.
+                commands::RunState::Postmigrate => "migrated".to_owned(),
+                commands::RunState::FinishMigrate => "migrating".to_owned(),
+                // Waiting for an incoming migration: no guest yet.
+                commands::RunState::Inmigrate => "incoming".to_owned(),
                 other => serde_json::to_value(other)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
@@ -78,6 +89,11 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         if let Some(c) = cpus {
             vcpus = c.len() as u32;
         }
+    }
+    if starting && state != "incoming" {
+        // A start in progress, or one whose gkvm was killed (cleanup
+        // removes it): the guest has not run.
+        state = "starting".to_owned();
     }
     InstanceInfo {
         name: paths.name.clone(),
@@ -101,7 +117,7 @@ impl KvmHypervisor {
         let names = self
             .config
             .run_dir
-            .instances_with_pid_files()
+            .instances()
             .map_err(|e| Error::Runtime {
                 instance: "*".into(),
                 source: e,
@@ -109,9 +125,12 @@ impl KvmHypervisor {
         Ok(names
             .iter()
             .filter_map(|n| self.config.run_dir.instance(n).ok())
-            .filter_map(|p| {
-                let pid = p.liveness().ok()?.running_pid()?;
-                Some((p, pid))
+            .filter_map(|p| match p.liveness() {
+                Ok(l) => Some((p, l.running_pid()?)),
+                Err(e) => {
+                    tracing::warn!(instance = %p.name, error = %e, "left out of the list");
+                    None
+                }
             })
             .collect())
     }
@@ -349,6 +368,15 @@ impl KvmHypervisor {
         }
         if let Err(e) = self.config.run_dir.ensure() {
             problems.push(format!("run directory: {e}"));
+        } else {
+            // Trusted is not enough: a read-only mount fails every start.
+            let probe = self.config.run_dir.root().join("ctrl").join(".verify");
+            match kvm_runtime::fsutil::write_atomic_volatile(&probe, b"") {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&probe);
+                }
+                Err(e) => problems.push(format!("run directory is not writable: {e}")),
+            }
         }
         VerifyReport { problems }
     }

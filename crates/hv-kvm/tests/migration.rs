@@ -170,7 +170,7 @@ fn bad_runtime_is_refused_by_the_destination() {
                 .accept_instance(info, "127.0.0.1", port(3))
                 .await
                 .unwrap_err();
-            assert!(matches!(err, Error::Start { .. }), "{err}");
+            assert!(matches!(err, Error::MigrationInfo { .. }), "{err}");
         }
         let err = b
             .accept_instance(r#"{"name": "x1", "memory": 64}"#, "0.0.0.0.0", port(3))

@@ -381,7 +381,11 @@ pub fn build(
             whole_arg("kernel_path", path_str("kernel_path", k)?)?,
         );
         if let Some(i) = &hv.initrd_path {
-            a.opt("-initrd", opt_path("initrd_path", i)?);
+            // A whole argument: QEMU does not split a Linux initrd on commas.
+            a.opt(
+                "-initrd",
+                whole_arg("initrd_path", path_str("initrd_path", i)?)?,
+            );
         }
         let mut append = vec![format!("root={}", hv.root_path)];
         if !hv.kernel_args.is_empty() {

@@ -41,6 +41,13 @@ pub struct InstanceSpec {
     pub network_port: Option<u16>,
 }
 
+/// Most NICs an instance may have (Ganeti's `MAX_NICS`).
+pub const MAX_NICS: usize = 8;
+/// Most disks an instance may have (Ganeti's `MAX_DISKS`).
+pub const MAX_DISKS: usize = 16;
+/// Largest memory size accepted, in MiB (16 TiB, beyond any x86 host).
+pub const MAX_MEMORY_MIB: u64 = 16 << 20;
+
 fn one() -> u32 {
     1
 }
@@ -184,17 +191,25 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
 /// Checks a MAC address `aa:bb:cc:dd:ee:ff`.
 pub fn validate_mac(mac: &str) -> Result<(), String> {
     let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() == 6
-        && parts
+    if parts.len() != 6
+        || !parts
             .iter()
             .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        Ok(())
-    } else {
-        Err(format!(
+        return Err(format!(
             "{mac:?} is not a MAC address like aa:00:00:12:34:56"
-        ))
+        ));
     }
+    let first = u8::from_str_radix(parts[0], 16).unwrap_or(0);
+    if first & 1 == 1 {
+        return Err(format!(
+            "{mac} is a multicast address (a NIC needs a unicast one)"
+        ));
+    }
+    if parts.iter().all(|p| *p == "00") {
+        return Err("00:00:00:00:00:00 is not a usable MAC address".into());
+    }
+    Ok(())
 }
 
 fn validate_uuid(u: &str) -> bool {
@@ -231,8 +246,29 @@ impl InstanceSpec {
             reason,
         };
         validate_instance_name(&self.name).map_err(|r| bad("name", r))?;
-        if self.memory == 0 {
-            return Err(bad("memory", "must be at least 1 MiB".into()));
+        if self.memory == 0 || self.memory > MAX_MEMORY_MIB {
+            return Err(bad(
+                "memory",
+                format!(
+                    "{} MiB is not between 1 MiB and {MAX_MEMORY_MIB} MiB",
+                    self.memory
+                ),
+            ));
+        }
+        if self.nics.len() > MAX_NICS {
+            return Err(bad(
+                "nics",
+                format!("{} NICs; at most {MAX_NICS} are allowed", self.nics.len()),
+            ));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(bad(
+                "disks",
+                format!(
+                    "{} disks; at most {MAX_DISKS} are allowed",
+                    self.disks.len()
+                ),
+            ));
         }
         if let Some(s) = self.startup_memory {
             if s == 0 || s > self.memory {
@@ -255,6 +291,21 @@ impl InstanceSpec {
         }
         for (i, nic) in self.nics.iter().enumerate() {
             validate_mac(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
+            if let Some(j) = self.nics[..i]
+                .iter()
+                .position(|o| o.mac.eq_ignore_ascii_case(&nic.mac))
+            {
+                return Err(bad(
+                    &format!("nics[{i}].mac"),
+                    format!("{} is already the MAC of NIC {j}", nic.mac),
+                ));
+            }
+            if nic.mode == NicMode::Bridged && nic.link.is_empty() {
+                return Err(bad(
+                    &format!("nics[{i}].link"),
+                    "a bridged NIC needs the bridge to attach to".into(),
+                ));
+            }
             for (what, v) in [("link", Some(nic.link.as_str())), ("ip", nic.ip.as_deref())] {
                 if v.is_some_and(|v| v.chars().any(char::is_control)) {
                     return Err(bad(
@@ -270,5 +321,70 @@ impl InstanceSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic(mac: &str, link: &str) -> NicSpec {
+        NicSpec {
+            mac: mac.into(),
+            ip: None,
+            mode: NicMode::Bridged,
+            link: link.into(),
+            network: None,
+        }
+    }
+
+    fn field_of(spec: &InstanceSpec) -> String {
+        match spec.validate() {
+            Err(Error::Instance { field, .. }) => field,
+            other => panic!("expected an instance error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounds_macs_and_links() {
+        let mut s = InstanceSpec::new("b1", 0);
+        assert_eq!(field_of(&s), "memory");
+        s.memory = MAX_MEMORY_MIB + 1;
+        assert_eq!(field_of(&s), "memory");
+        s.memory = 128;
+        s.validate().unwrap();
+
+        s.nics = (0..=MAX_NICS)
+            .map(|i| nic(&format!("52:54:00:00:00:{i:02x}"), "br0"))
+            .collect();
+        assert_eq!(field_of(&s), "nics");
+        s.nics.truncate(MAX_NICS);
+        s.validate().unwrap();
+
+        for bad in [
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+        ] {
+            s.nics = vec![nic(bad, "br0")];
+            assert_eq!(field_of(&s), "nics[0].mac", "{bad}");
+        }
+        s.nics = vec![
+            nic("52:54:00:00:00:01", "br0"),
+            nic("52:54:00:00:00:01", "br0"),
+        ];
+        assert_eq!(field_of(&s), "nics[1].mac");
+        s.nics = vec![nic("52:54:00:00:00:01", "")];
+        assert_eq!(field_of(&s), "nics[0].link");
+        s.nics.clear();
+
+        s.disks = (0..=MAX_DISKS)
+            .map(|i| DiskSpec {
+                path: format!("/dev/vg/d{i}").into(),
+                mode: DiskMode::ReadWrite,
+                template: None,
+            })
+            .collect();
+        assert_eq!(field_of(&s), "disks");
     }
 }

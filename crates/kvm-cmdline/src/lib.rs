@@ -56,7 +56,7 @@ pub use error::Error;
 pub use hvparams::HvParams;
 pub use instance::{
     validate_instance_name, validate_mac, DiskMode, DiskSpec, InstanceSpec, NetworkSpec, NicMode,
-    NicSpec, SHARED_STORAGE_TEMPLATES,
+    NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, SHARED_STORAGE_TEMPLATES,
 };
 pub use validate::HostFacts;
 

@@ -210,6 +210,16 @@ impl InstancePaths {
     /// A socket that still accepts connections is never removed
     /// ([`Error::SocketInUse`]): its QEMU still runs.
     pub fn cleanup(&self) -> Result<CleanupReport, Error> {
+        let report = self.clear_state()?;
+        // Last: the lock file (lockers re-check the inode after locking).
+        remove_file(&self.lock)?;
+        Ok(report)
+    }
+
+    /// [`InstancePaths::cleanup`] without removing the lock file: for an
+    /// operation that clears leftovers and then goes on under its lock
+    /// (removing a held lock's file would let a second locker in).
+    pub fn clear_state(&self) -> Result<CleanupReport, Error> {
         let mut report = CleanupReport::default();
         for s in [&self.monitor, &self.serial, &self.qmp, &self.qmp_watch] {
             remove_socket(s)?;
@@ -225,8 +235,6 @@ impl InstancePaths {
             Err(e) => return Err(Error::io("remove", &self.nic_dir, e)),
         }
         report.quarantined_chroot = self.remove_chroot()?;
-        // Last: the lock file (lockers re-check the inode after locking).
-        remove_file(&self.lock)?;
         Ok(report)
     }
 

@@ -47,7 +47,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// The socket is missing or nobody listens: QEMU is not running.
-    #[error("QEMU is not running: no QMP server at {path}: {source}")]
+    #[error("no QMP server at {path} (QEMU is not running, or its socket is gone): {source}")]
     NotRunning {
         /// The QMP socket path.
         path: PathBuf,

@@ -1,0 +1,72 @@
+//! Rollback that survives cancellation.
+//!
+//! An operation future can be dropped at any await point: the CLI drops it
+//! on SIGINT or SIGTERM, a caller's timeout drops it, a panic unwinds it.
+//! What the operation had created must not outlive it. These guards undo
+//! synchronously in `Drop` (kill the instance's QEMU through a pidfd, wait
+//! for it on the pidfd, remove its files) unless the operation disarms
+//! them on success. After a SIGKILL nothing can run, so the next operation
+//! on the instance reconciles what it finds instead (see `lifecycle`).
+
+use std::time::Duration;
+
+use kvm_runtime::{InstancePaths, Liveness};
+
+use crate::process;
+
+/// Kills whatever QEMU the instance has and removes its files, unless
+/// disarmed.
+#[derive(Debug)]
+pub(crate) struct RollbackGuard {
+    paths: InstancePaths,
+    what: &'static str,
+    armed: bool,
+}
+
+impl RollbackGuard {
+    /// A guard for `paths`; `what` names the operation in logs.
+    pub(crate) fn new(paths: &InstancePaths, what: &'static str) -> RollbackGuard {
+        RollbackGuard {
+            paths: paths.clone(),
+            what,
+            armed: true,
+        }
+    }
+
+    /// The operation succeeded: keep what it made.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+/// Kills the instance's QEMU (found from its pid file or `/proc`) and
+/// removes its files, blocking for at most about ten seconds.
+pub(crate) fn kill_and_clean_blocking(paths: &InstancePaths) {
+    for _ in 0..3 {
+        match paths.liveness() {
+            Ok(Liveness::Running { pid }) => {
+                if let Err(e) = process::kill_instance(pid, &paths.name) {
+                    tracing::warn!(instance = %paths.name, pid, error = %e, "rollback: kill");
+                }
+                process::wait_exit_blocking(pid, Duration::from_secs(10));
+            }
+            // A QEMU that has forked but not yet written its pid file is
+            // found in /proc by liveness(); anything else is gone.
+            _ => break,
+        }
+    }
+    if let Err(e) = paths.cleanup() {
+        tracing::warn!(instance = %paths.name, error = %e, "rollback: cleanup");
+    }
+}
+
+impl Drop for RollbackGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::warn!(instance = %self.paths.name, operation = self.what,
+            "operation failed or was interrupted; rolling back");
+        kill_and_clean_blocking(&self.paths);
+    }
+}
