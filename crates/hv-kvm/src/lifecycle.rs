@@ -307,6 +307,7 @@ impl KvmHypervisor {
         }
 
         let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
+        process::die_with_parent(&mut std_cmd);
         let nics: Vec<NicBackend> = taps
             .iter()
             .map(|t| NicBackend {

@@ -144,3 +144,29 @@ pub(crate) fn threads(pid: i32) -> Vec<i32> {
         })
         .unwrap_or_default()
 }
+
+/// Makes the child (QEMU before it daemonizes) die with this process: if
+/// gkvm is killed while QEMU initializes, QEMU's parent half is killed
+/// too, and its daemon half then fails to report its start and exits —
+/// so no QEMU can appear after its starter died, behind the back of the
+/// next operation's reconciliation. (Once daemonized, QEMU is on its own:
+/// the death signal is not inherited across its fork.)
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe and called before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the hook runs in the forked child before exec and only
+    // makes async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}

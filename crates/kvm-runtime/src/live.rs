@@ -7,6 +7,10 @@ use std::path::Path;
 use crate::fsutil::{read_nofollow, remove_file, write_atomic};
 use crate::{Error, InstancePaths};
 
+/// How long a socket may stay served by no identifiable process before
+/// the instance counts as unidentified.
+const UNIDENTIFIED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the pid file says about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
@@ -76,23 +80,35 @@ impl InstancePaths {
             Ok(Some(pid)) => Liveness::Stale { pid },
             Ok(None) => Liveness::NoPidFile,
             // A torn or garbage pid file cannot name a running instance.
-            Err(Error::Corrupt { .. }) | Err(Error::TooLarge { .. }) => Liveness::Stale { pid: 0 },
+            // Nor can a symlink or a device planted in its place.
+            Err(
+                Error::Corrupt { .. } | Error::TooLarge { .. } | Error::UnexpectedFileType { .. },
+            ) => Liveness::Stale { pid: 0 },
             Err(e) => return Err(e),
         };
-        if let Some(pid) = self.find_process() {
-            tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
-                "the pid file does not name the running QEMU; found it in /proc");
-            return Ok(Liveness::Running { pid });
-        }
-        for socket in [&self.qmp, &self.qmp_watch, &self.serial] {
-            if crate::fsutil::socket_in_use(socket) {
-                return Err(Error::Unidentified {
-                    instance: self.name.clone(),
-                    socket: socket.clone(),
-                });
+        // A process that is exiting has lost its command line before its
+        // sockets close: give such a transient state a moment to pass.
+        let deadline = std::time::Instant::now() + UNIDENTIFIED_GRACE;
+        loop {
+            if let Some(pid) = self.find_process() {
+                tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
+                    "the pid file does not name the running QEMU; found it in /proc");
+                return Ok(Liveness::Running { pid });
+            }
+            let served = [&self.qmp, &self.qmp_watch, &self.serial]
+                .into_iter()
+                .find(|s| crate::fsutil::socket_in_use(s));
+            match served {
+                None => return Ok(from_file),
+                Some(socket) if std::time::Instant::now() >= deadline => {
+                    return Err(Error::Unidentified {
+                        instance: self.name.clone(),
+                        socket: socket.clone(),
+                    })
+                }
+                Some(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
-        Ok(from_file)
     }
 
     /// Whether `pid` is a live QEMU of this instance: `-name` matches and,

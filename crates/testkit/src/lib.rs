@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -422,26 +423,49 @@ impl Drop for Bridge {
     }
 }
 
-/// Kills, when dropped, every process named by a pid file under
-/// `<run dir>/pid/`, so a test that fails half-way does not leave
-/// daemonized QEMUs (and their TAPs) behind.
+/// Live processes whose command line has `-pidfile <run_dir>/pid/...`:
+/// the QEMUs of a run dir, found without trusting its pid files.
+pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
+    let prefix = run_dir.join("pid");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
+        let ours = args.windows(2).any(|w| {
+            w[0] == b"-pidfile" && Path::new(std::ffi::OsStr::from_bytes(w[1])).starts_with(&prefix)
+        });
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if ours && !zombie {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Kills, when dropped, every QEMU of a run dir (found in `/proc` by its
+/// `-pidfile`, so a test that removed or garbled a pid file still cleans
+/// up), so a test that fails half-way does not leave daemonized QEMUs
+/// (and their TAPs) behind.
 #[derive(Debug)]
 pub struct KillRunDir(pub PathBuf);
 
 impl Drop for KillRunDir {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("pid"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let pid = std::fs::read_to_string(e.path())
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            if let Some(pid) = pid.filter(|&p| p > 1) {
-                // SAFETY: kill(2); the pid came from this test's own run dir.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        for pid in qemus_in(&self.0) {
+            // SAFETY: kill(2); the process is a QEMU of this test's run dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }

@@ -1,0 +1,877 @@
+//! Faults of gkvm itself and of what it reads, as a hostile operator (or a
+//! bad day) produces them: `gkvm` interrupted by SIGINT, SIGTERM or SIGKILL
+//! at several points of a start, a migration and an accept; a pid file
+//! removed or garbled behind its back; a migration info file edited on the
+//! way; symlinks planted in and foreign owners of its run directory; a
+//! forced stop racing a graceful one; closed and full outputs; inputs far
+//! out of bounds. Each test asserts the invariants that matter: one
+//! instance is never two running QEMUs, a migrated-away source never runs
+//! again, and nothing is left behind once the reconciling operation ran.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gkvm_testkit::{qemus_in, require, Bridge, KillRunDir, Need, ScratchDir};
+use hv_kvm::{Config, KvmHypervisor, RunDir};
+
+/// One node: a run dir, the QEMU to use, and a guard killing its QEMUs.
+struct Node {
+    run: PathBuf,
+    qemu: PathBuf,
+    _kill: KillRunDir,
+    dir: ScratchDir,
+}
+
+impl Node {
+    fn new(tag: &str, qemu: &Path) -> Node {
+        let dir = ScratchDir::new(tag);
+        let run = dir.path().join("run");
+        Node {
+            _kill: KillRunDir(run.clone()),
+            run,
+            qemu: qemu.to_owned(),
+            dir,
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
+        c.arg("--run-dir")
+            .arg(&self.run)
+            .arg("--kvm-path")
+            .arg(&self.qemu)
+            .args(args)
+            .env_remove("GKVM_MIGRATION_KEY")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run gkvm")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "gkvm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `info --json`'s state, or `None` when the instance does not run.
+    fn state(&self, name: &str) -> Option<String> {
+        let out = self.run(&["--json", "info", name]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info --json");
+        v["state"].as_str().map(str::to_owned)
+    }
+
+    fn qemus(&self) -> Vec<i32> {
+        qemus_in(&self.run)
+    }
+
+    /// Files kept about instances (the capability cache aside).
+    fn files(&self) -> Vec<PathBuf> {
+        KvmHypervisor::new(Config::new(RunDir::new(&self.run))).state_files()
+    }
+
+    fn assert_empty(&self, why: &str) {
+        assert_eq!(self.qemus(), Vec::<i32>::new(), "{why}: QEMU left");
+        assert_eq!(self.files(), Vec::<PathBuf>::new(), "{why}: files left");
+    }
+
+    /// Waits until `name`'s state is `want` (or the time is up).
+    fn wait_state(&self, name: &str, want: Option<&str>, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.state(name);
+            if s.as_deref() == want || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn accel() -> String {
+    let a = if gkvm_testkit::guestless_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    format!("kvm_flag={a}")
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Interfaces attached to a bridge.
+fn brif(bridge: &Bridge) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/class/net/{}/brif", bridge.0))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A port nobody else uses in this run.
+fn port(offset: u16) -> u16 {
+    30000 + (std::process::id() % 15000) as u16 + offset
+}
+
+#[test]
+fn interrupted_start_rolls_back_or_is_reconciled() {
+    let Some(env) = require("faults_interrupted_start", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-start", &env.qemu);
+    let br = Bridge::new("gkvmflt0");
+    let nic = format!("bridge={}", br.0);
+    let accel = accel();
+    let start: Vec<&str> = vec![
+        "start", "fs1", "--memory", "64", "--nic", &nic, "-H", &accel, "--paused",
+    ];
+    // Warm the capability cache so the delays land inside the start proper.
+    node.ok(&["caps"]);
+    let mut reconciled_half_started = 0;
+    for (sig, code) in [
+        (libc::SIGINT, 130),
+        (libc::SIGTERM, 143),
+        (libc::SIGKILL, 0),
+    ] {
+        for (round, ms) in [3u64, 15, 30, 45, 60, 80, 120, 200].into_iter().enumerate() {
+            let why = format!("signal {sig} after {ms} ms");
+            let child = node
+                .cmd(&start)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(ms));
+            signal(&child, sig);
+            let out = child.wait_with_output().unwrap();
+            // A QEMU that daemonizes is two processes for a moment (the
+            // parent waits for the child's initialization, then exits):
+            // that is one instance, and settles at once.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while node.qemus().len() > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(node.qemus().len() <= 1, "{why}: two QEMUs");
+            match out.status.code() {
+                // Done before the signal came: one instance, running.
+                Some(0) => assert_eq!(node.qemus().len(), 1, "{why}"),
+                // Rolled back: nothing at all.
+                Some(c) if c == code => {
+                    assert!(
+                        stderr(&out).contains("rolled back"),
+                        "{why}: {}",
+                        stderr(&out)
+                    );
+                    node.assert_empty(&why);
+                    assert_eq!(brif(&br), Vec::<String>::new(), "{why}: TAP left");
+                    continue;
+                }
+                Some(c) => panic!("{why}: exit {c}: {}", stderr(&out)),
+                // Killed (SIGKILL, or a signal before the handlers were
+                // set): the next operation reconciles.
+                None => {
+                    let had = node.qemus().len();
+                    let op = if round % 2 == 0 { "start" } else { "cleanup" };
+                    let again = if op == "start" {
+                        node.run(&start)
+                    } else {
+                        node.run(&["cleanup", "fs1"])
+                    };
+                    if !again.status.success() {
+                        assert!(
+                            stderr(&again).contains("already running"),
+                            "{why}: {op}: {}",
+                            stderr(&again)
+                        );
+                    } else if had == 1 && op == "cleanup" {
+                        reconciled_half_started += 1;
+                        node.assert_empty(&why);
+                        assert_eq!(brif(&br), Vec::<String>::new(), "{why}: TAP left");
+                        continue;
+                    } else if had == 1 {
+                        reconciled_half_started += 1;
+                    }
+                    if op == "cleanup" && again.status.success() {
+                        node.assert_empty(&why);
+                        continue;
+                    }
+                    assert_eq!(node.qemus().len(), 1, "{why}: after {op}");
+                    assert_eq!(brif(&br).len(), 1, "{why}: after {op}");
+                }
+            }
+            node.ok(&["stop", "fs1", "--force"]);
+            node.assert_empty(&why);
+            assert_eq!(brif(&br), Vec::<String>::new(), "{why}: TAP left");
+        }
+    }
+    eprintln!("half-started instances reconciled: {reconciled_half_started}");
+}
+
+#[test]
+fn lost_or_garbled_pid_file_never_makes_a_second_copy() {
+    let Some(env) = require("faults_pid_file", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-pid", &env.qemu);
+    let accel = accel();
+    let start = ["start", "pf1", "--memory", "64", "-H", &accel, "--paused"];
+    let pid_file = node.run.join("pid/pf1");
+    for tamper in ["remove", "garble", "point at init", "point at gkvm"] {
+        node.ok(&start);
+        let qemu = node.qemus();
+        assert_eq!(qemu.len(), 1);
+        match tamper {
+            "remove" => std::fs::remove_file(&pid_file).unwrap(),
+            "garble" => std::fs::write(&pid_file, "\u{1}garbage\n").unwrap(),
+            "point at init" => std::fs::write(&pid_file, "1\n").unwrap(),
+            _ => std::fs::write(&pid_file, format!("{}\n", std::process::id())).unwrap(),
+        }
+        // Still listed and inspected, with the real pid.
+        let list = node.ok(&["--json", "list"]);
+        assert!(list.contains("\"pf1\""), "{tamper}: {list}");
+        assert_eq!(node.state("pf1").as_deref(), Some("paused"), "{tamper}");
+        // No second copy.
+        let again = node.run(&start);
+        assert!(
+            stderr(&again).contains("already running"),
+            "{tamper}: {}",
+            stderr(&again)
+        );
+        assert_eq!(node.qemus(), qemu, "{tamper}");
+        // cleanup refuses; a forced stop kills the real QEMU.
+        assert!(!node.run(&["cleanup", "pf1"]).status.success(), "{tamper}");
+        assert!(node.run.join("ctrl/pf1.qmp").exists(), "{tamper}");
+        let out = node.ok(&["stop", "pf1", "--force"]);
+        assert!(out.contains("killed"), "{tamper}: {out}");
+        node.assert_empty(tamper);
+    }
+    // Socket gone, process alive: the error says so instead of "not running".
+    node.ok(&start);
+    std::fs::remove_file(node.run.join("ctrl/pf1.qmp")).unwrap();
+    let out = node.run(&["resume", "pf1"]);
+    assert!(
+        stderr(&out).contains("runs, but its socket is gone"),
+        "{}",
+        stderr(&out)
+    );
+    node.ok(&["stop", "pf1", "--force"]);
+    node.assert_empty("socket removed");
+}
+
+#[test]
+fn force_stop_preempts_a_graceful_stop() {
+    let Some(env) = require("faults_force_stop", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-force", &env.qemu);
+    let accel = accel();
+    // No guest OS: the ACPI power button is never answered.
+    node.ok(&["start", "ff1", "--memory", "64", "-H", &accel]);
+    let graceful = node
+        .cmd(&["stop", "ff1", "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let out = node.ok(&["stop", "ff1", "--force"]);
+    assert!(out.contains("killed"), "{out}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "force stop waited {:?} behind the graceful one",
+        t.elapsed()
+    );
+    let g = graceful.wait_with_output().unwrap();
+    assert!(g.status.code().is_some(), "graceful stop: {}", stderr(&g));
+    node.assert_empty("force during graceful");
+}
+
+#[test]
+fn tampered_migration_info_is_refused() {
+    let Some(env) = require("faults_migration_info", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let a = Node::new("gkvm-fault-info-a", &env.qemu);
+    let b = Node::new("gkvm-fault-info-b", &env.qemu);
+    let accel = accel();
+    a.ok(&["start", "ti1", "--memory", "64", "-H", &accel]);
+    let info = a.ok(&["migration-info", "ti1"]);
+    let file = b.dir.path().join("ti1.mig");
+    let listen = format!("127.0.0.1:{}", port(1));
+    let accept = |text: &str, extra: &[&str]| {
+        std::fs::write(&file, text).unwrap();
+        let mut args = vec![
+            "accept",
+            file.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--timeout",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        b.run(&args)
+    };
+    let mut v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    for (key, value) in [
+        ("kvm_extra", "-qmp tcp:0.0.0.0:4444,server=on,wait=off"),
+        ("use_chroot", "true"),
+        ("security_model", "user"),
+        ("vnc_password_file", "/etc/shadow"),
+    ] {
+        let mut edited = v.clone();
+        edited["hvparams"][key] = serde_json::Value::String(value.into());
+        edited["payload"]["spec"]["hvparams"][key] = serde_json::Value::String(value.into());
+        let out = accept(&edited.to_string(), &[]);
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        assert!(
+            stderr(&out).contains(&format!("hvparam {key}")),
+            "{key}: {}",
+            stderr(&out)
+        );
+        b.assert_empty(key);
+    }
+    // Without a node override of the QEMU binary, the file's is compared too.
+    let mut edited = v.clone();
+    edited["payload"]["spec"]["hvparams"]["kvm_path"] = "/bin/sh".into();
+    std::fs::write(&file, edited.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gkvm"))
+        .arg("--run-dir")
+        .arg(&b.run)
+        .args(["accept", file.to_str().unwrap(), "--listen", &listen])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("hvparam kvm_path"),
+        "{}",
+        stderr(&out)
+    );
+    b.assert_empty("kvm_path");
+
+    // Sealed with a key both nodes share.
+    let key = a.dir.path().join("migration.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = a.run(&[
+        "--migration-key",
+        key.to_str().unwrap(),
+        "migration-info",
+        "ti1",
+    ]);
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = ["--migration-key", key.to_str().unwrap()];
+    let sealed = a.ok(&[k[0], k[1], "migration-info", "ti1"]);
+    v = serde_json::from_str(&sealed).unwrap();
+    assert!(v["hmac_sha256"].is_string(), "{sealed}");
+    // An unsealed file on a keyed node.
+    let out = accept(&info, &k);
+    assert!(stderr(&out).contains("not sealed"), "{}", stderr(&out));
+    // An edited sealed file.
+    let edited = sealed.replace("\\\"memory\\\": 64", "\\\"memory\\\": 65");
+    assert_ne!(edited, sealed);
+    let out = accept(&edited, &k);
+    assert!(
+        stderr(&out).contains("integrity check failed"),
+        "{}",
+        stderr(&out)
+    );
+    b.assert_empty("sealed");
+    // The intact sealed file is accepted (and times out waiting here).
+    let out = accept(&sealed, &k);
+    assert!(
+        stderr(&out).contains("incoming migration did not finish"),
+        "{}",
+        stderr(&out)
+    );
+    b.assert_empty("accepted, then timed out");
+    a.ok(&["stop", "ti1", "--force"]);
+}
+
+#[test]
+fn untrusted_run_dirs_and_planted_symlinks() {
+    let Some(env) = require("faults_run_dir", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-fault-trust");
+    let gkvm = |run: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .arg("--run-dir")
+            .arg(run)
+            .arg("--kvm-path")
+            .arg(&env.qemu)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let accel = accel();
+    // A shared sticky directory is refused and keeps its mode.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = gkvm(&shared, &["start", "rd1", "--memory", "64", "-H", &accel]);
+    assert!(stderr(&out).contains("refusing to use"), "{}", stderr(&out));
+    let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o1777);
+    assert!(qemus_in(&shared).is_empty());
+    // Owned by another user.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let out = gkvm(&foreign, &["start", "rd1", "--memory", "64", "-H", &accel]);
+    assert!(
+        stderr(&out).contains("owned by uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+    let out = gkvm(&foreign, &["verify"]);
+    assert!(!out.status.success());
+
+    // Symlinks planted where gkvm writes: the targets are never touched.
+    let run = dir.path().join("run");
+    let _kill = KillRunDir(run.clone());
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::create_dir_all(run.join("caps")).unwrap();
+    std::fs::create_dir_all(run.join("pid")).unwrap();
+    for n in 0..8 {
+        let _ = std::os::unix::fs::symlink(&victim, run.join(format!("caps/x.tmp.{n}")));
+    }
+    std::os::unix::fs::symlink(&victim, run.join("pid/rd1")).unwrap();
+    let out = gkvm(&run, &["caps"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = gkvm(
+        &run,
+        &["start", "rd1", "--memory", "64", "-H", &accel, "--paused"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(!std::fs::symlink_metadata(run.join("pid/rd1"))
+        .unwrap()
+        .is_symlink());
+    let out = gkvm(&run, &["stop", "rd1", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    // A symlink in place of the caps directory is refused, not followed.
+    let caps = run.join("caps");
+    std::fs::remove_dir_all(&caps).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &caps).unwrap();
+    let _ = gkvm(&run, &["caps"]);
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+}
+
+#[test]
+fn closed_and_full_outputs() {
+    let dir = ScratchDir::new("gkvm-fault-out");
+    let gkvm = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
+        c.arg("--run-dir").arg(dir.path().join("run")).args(args);
+        c
+    };
+    // The reader went away before the first byte: quiet, success.
+    for args in [
+        vec!["completions", "bash"],
+        vec!["completions", "zsh"],
+        vec!["list"],
+        vec!["--json", "list"],
+        vec!["--help"],
+    ] {
+        let mut child = gkvm(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            out.status.code() == Some(0) || out.status.code() == Some(2),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+    // A full disk is an error that says what succeeded.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = gkvm(&["completions", "bash"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("succeeded, but writing its output failed"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn start_to_a_full_disk_says_the_instance_started() {
+    let Some(env) = require("faults_full_output", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-full", &env.qemu);
+    let accel = accel();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = node
+        .cmd(&["start", "of1", "--memory", "64", "-H", &accel, "--paused"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("start of of1 succeeded, but writing its output failed"),
+        "{err}"
+    );
+    assert_eq!(node.state("of1").as_deref(), Some("paused"));
+    node.ok(&["stop", "of1", "--force"]);
+    node.assert_empty("after stop");
+}
+
+#[test]
+fn inputs_out_of_bounds_are_clear_errors() {
+    let Some(env) = require("faults_bounds", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-bounds", &env.qemu);
+    let accel = accel();
+    let one_line = |out: &Output, needle: &str| {
+        let err = stderr(out);
+        assert_eq!(out.status.code(), Some(1), "{needle}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    one_line(
+        &node.run(&["start", "--file", "/dev/zero"]),
+        "not a regular file",
+    );
+    one_line(
+        &node.run(&["start", "b1", "--memory", "0", "-H", &accel]),
+        "memory",
+    );
+    let nics: Vec<String> = (0..9).map(|_| "--nic=bridge=br0".to_owned()).collect();
+    let mut args = vec!["start", "b1", "--memory", "64"];
+    args.extend(nics.iter().map(String::as_str));
+    one_line(&node.run(&args), "at most 8");
+    one_line(
+        &node.run(&["start", "b1", "--nic", "bridge=br0,mac=01:00:5e:00:00:01"]),
+        "multicast",
+    );
+    one_line(&node.run(&["start", "b1", "--nic", "bridge="]), "bridge");
+    let long = "n".repeat(100);
+    one_line(&node.run(&["start", &long, "-H", &accel]), "too long");
+    one_line(
+        &node.run(&["start", "bad\nname\u{1b}[31m"]),
+        "bad\\nname\\u{1b}",
+    );
+    for listen in ["127.0.0.1:0", "127.0.0.1:x"] {
+        let out = node.run(&["accept", "/dev/null", "--listen", listen]);
+        assert_eq!(out.status.code(), Some(2), "{listen}: {}", stderr(&out));
+    }
+    let out = node.run(&["migrate", "b1", "--to", "10.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Nothing was created by refused input.
+    assert_eq!(node.files(), Vec::<PathBuf>::new());
+
+    node.ok(&["start", "b1", "--memory", "64", "-H", &accel, "--paused"]);
+    for mib in ["17592186044417", "65", "0"] {
+        let out = node.run(&["balloon", "b1", mib]);
+        one_line(&out, "not between 1 MiB and the instance's memory (64 MiB)");
+    }
+    node.ok(&["stop", "b1", "--force"]);
+    node.assert_empty("bounds");
+}
+
+/// Two nodes on this host and a guest-less instance on the first.
+fn migration_pair(tag: &str, qemu: &Path) -> (Node, Node) {
+    let a = Node::new(&format!("{tag}-a"), qemu);
+    let b = Node::new(&format!("{tag}-b"), qemu);
+    (a, b)
+}
+
+/// Starts `gkvm accept` on `b` for `name` (info from `a`) and waits until
+/// its QEMU listens.
+fn spawn_accept(a: &Node, b: &Node, name: &str, listen: &str) -> Child {
+    let info = a.ok(&["migration-info", name]);
+    let file = b.dir.path().join(format!("{name}.mig"));
+    std::fs::write(&file, info).unwrap();
+    let child = b
+        .cmd(&[
+            "accept",
+            file.to_str().unwrap(),
+            "--listen",
+            listen,
+            "--timeout",
+            "60",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = b.wait_state(name, Some("incoming"), Duration::from_secs(20));
+    assert_eq!(
+        state.as_deref(),
+        Some("incoming"),
+        "destination never listened"
+    );
+    child
+}
+
+/// Running copies of `name`, source `a` and destination `b`. The
+/// destination is asked first: QEMU stops the source before the
+/// destination runs, so a destination seen running and a source seen
+/// running after it is a real second copy, never a race of the two looks.
+fn running_copies(a: &Node, b: &Node, name: &str) -> usize {
+    let dst = b.state(name);
+    let src = a.state(name);
+    [src, dst]
+        .iter()
+        .filter(|s| s.as_deref() == Some("running"))
+        .count()
+}
+
+#[test]
+fn killed_migrate_never_leaves_two_running_copies() {
+    let Some(env) = require("faults_killed_migrate", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (a, b) = migration_pair("gkvm-fault-mig", &env.qemu);
+    let accel = accel();
+    let mut handed_over = 0;
+    for (i, ms) in [0u64, 5, 15, 30, 60, 120].into_iter().enumerate() {
+        let why = format!("migrate SIGKILLed after {ms} ms");
+        a.ok(&["start", "km1", "--memory", "64", "-H", &accel]);
+        assert_eq!(a.state("km1").as_deref(), Some("running"));
+        let listen = format!("127.0.0.1:{}", port(10 + i as u16));
+        let accept = spawn_accept(&a, &b, "km1", &listen);
+        let migrate = a
+            .cmd(&["migrate", "km1", "--to", &listen])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        signal(&migrate, libc::SIGKILL);
+        let _ = { migrate }.wait();
+        // QEMU may finish the migration on its own: let it settle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            assert!(
+                running_copies(&a, &b, "km1") <= 1,
+                "{why}: two running copies"
+            );
+            let src = a.state("km1");
+            if src.as_deref() == Some("migrated") || b.state("km1").as_deref() == Some("running") {
+                break;
+            }
+            if src.as_deref() == Some("running") && b.state("km1").as_deref() == Some("incoming") {
+                // Killed before QEMU was asked to migrate.
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            running_copies(&a, &b, "km1") <= 1,
+            "{why}: two running copies"
+        );
+        match a.state("km1").as_deref() {
+            Some("migrated") => {
+                handed_over += 1;
+                // The source never runs again: not resumed, not restarted,
+                // shown as migrated until cleaned up.
+                let out = a.run(&["resume", "km1"]);
+                assert!(
+                    stderr(&out).contains("migrated away"),
+                    "{why}: {}",
+                    stderr(&out)
+                );
+                let out = a.run(&["start", "km1", "--memory", "64", "-H", &accel]);
+                assert!(
+                    stderr(&out).contains("migrated away"),
+                    "{why}: {}",
+                    stderr(&out)
+                );
+                assert!(a.ok(&["list"]).contains("migrated"), "{why}");
+                a.ok(&["cleanup", "km1"]);
+                a.assert_empty(&why);
+                let out = accept.wait_with_output().unwrap();
+                assert!(out.status.success(), "{why}: accept: {}", stderr(&out));
+                assert_eq!(b.state("km1").as_deref(), Some("running"), "{why}");
+                b.ok(&["stop", "km1", "--force"]);
+            }
+            Some("running") => {
+                // Nothing was handed over: the destination still waits.
+                signal(&accept, libc::SIGINT);
+                let out = accept.wait_with_output().unwrap();
+                assert_eq!(out.status.code(), Some(130), "{why}: {}", stderr(&out));
+                a.ok(&["stop", "km1", "--force"]);
+            }
+            None => {
+                // The migration was done and the source's QEMU stopped
+                // before the kill (its files may remain if the kill came
+                // in the middle of finalizing: the next operation clears
+                // them).
+                handed_over += 1;
+                assert_eq!(a.qemus(), Vec::<i32>::new(), "{why}");
+                a.ok(&["cleanup", "km1"]);
+                let out = accept.wait_with_output().unwrap();
+                assert!(out.status.success(), "{why}: accept: {}", stderr(&out));
+                assert_eq!(b.state("km1").as_deref(), Some("running"), "{why}");
+                b.ok(&["stop", "km1", "--force"]);
+            }
+            other => panic!("{why}: source in state {other:?}"),
+        }
+        a.assert_empty(&why);
+        b.assert_empty(&why);
+    }
+    eprintln!("handed over before the kill landed: {handed_over} of 6");
+}
+
+#[test]
+fn interrupted_accept_leaves_nothing_or_is_cleaned_up() {
+    let Some(env) = require("faults_interrupted_accept", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (a, b) = migration_pair("gkvm-fault-acc", &env.qemu);
+    let accel = accel();
+    a.ok(&["start", "ia1", "--memory", "64", "-H", &accel]);
+    let listen = format!("127.0.0.1:{}", port(30));
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let accept = spawn_accept(&a, &b, "ia1", &listen);
+        signal(&accept, sig);
+        let out = accept.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        b.assert_empty("interrupted accept");
+    }
+    // SIGKILL: the waiting QEMU stays, shown as incoming, never resumable;
+    // cleanup removes it and frees the port.
+    let accept = spawn_accept(&a, &b, "ia1", &listen);
+    signal(&accept, libc::SIGKILL);
+    let _ = { accept }.wait();
+    assert_eq!(b.state("ia1").as_deref(), Some("incoming"));
+    let out = b.run(&["resume", "ia1"]);
+    assert!(stderr(&out).contains("has not arrived"), "{}", stderr(&out));
+    b.ok(&["cleanup", "ia1"]);
+    b.assert_empty("cleanup after killed accept");
+    // The port is free again: a real migration goes through.
+    let accept = spawn_accept(&a, &b, "ia1", &listen);
+    a.ok(&["migrate", "ia1", "--to", &listen]);
+    let out = accept.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.assert_empty("migrated");
+    assert_eq!(b.state("ia1").as_deref(), Some("running"));
+    b.ok(&["stop", "ia1", "--force"]);
+    b.assert_empty("end");
+}
+
+#[test]
+fn interrupted_slow_migrations_keep_exactly_one_copy() {
+    let Some(env) = require("faults_slow_migration", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let guest = env.guest.clone().unwrap();
+    let (a, b) = migration_pair("gkvm-fault-slow", &env.qemu);
+    let mut hv: Vec<String> = guest
+        .hvparams()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    // About two seconds for the loaded kernel's pages.
+    hv.push("migration_bandwidth=16".into());
+    let mut start = vec!["start", "sm1", "--memory", "128"];
+    for h in &hv {
+        start.push("-H");
+        start.push(h);
+    }
+    let listen = format!("127.0.0.1:{}", port(40));
+    // SIGINT / SIGTERM of the source's migrate in flight, live and not:
+    // cancelled, the source runs again, the destination is gone.
+    for (sig, code, extra) in [
+        (libc::SIGINT, 130, None),
+        (libc::SIGTERM, 143, Some("--non-live")),
+    ] {
+        a.ok(&start);
+        let accept = spawn_accept(&a, &b, "sm1", &listen);
+        let mut args = vec!["migrate", "sm1", "--to", &listen];
+        args.extend(extra);
+        let migrate = a
+            .cmd(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(
+            a.state("sm1").as_deref().map(|s| s != "migrated"),
+            Some(true)
+        );
+        signal(&migrate, sig);
+        let out = migrate.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        assert_eq!(
+            a.wait_state("sm1", Some("running"), Duration::from_secs(5))
+                .as_deref(),
+            Some("running"),
+            "{extra:?}"
+        );
+        let out = accept.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        b.assert_empty("destination of a cancelled migration");
+        a.ok(&["stop", "sm1", "--force"]);
+        a.assert_empty("cancelled");
+    }
+    // SIGKILL of accept mid-transfer: the migration still lands, the guest
+    // runs on the destination by itself, the source finalizes itself.
+    a.ok(&start);
+    let accept = spawn_accept(&a, &b, "sm1", &listen);
+    let migrate = a
+        .cmd(&["migrate", "sm1", "--to", &listen])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    signal(&accept, libc::SIGKILL);
+    let _ = { accept }.wait();
+    let out = migrate.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    a.assert_empty("source after the hand-over");
+    assert_eq!(
+        b.wait_state("sm1", Some("running"), Duration::from_secs(5))
+            .as_deref(),
+        Some("running")
+    );
+    b.ok(&["stop", "sm1", "--force"]);
+    b.assert_empty("end");
+}
