@@ -882,71 +882,21 @@ fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
     }
     spec.tags.extend(a.tags.iter().cloned());
     for d in &a.disks {
-        let (path, mode) = match d.strip_suffix(":ro") {
-            Some(p) => (p, hv_kvm::DiskMode::ReadOnly),
-            None => (
-                d.strip_suffix(":rw").unwrap_or(d),
-                hv_kvm::DiskMode::ReadWrite,
-            ),
-        };
-        spec.disks.push(hv_kvm::DiskSpec {
-            path: path.into(),
-            mode,
-            template: None,
-        });
+        spec.disks.push(
+            d.parse()
+                .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?,
+        );
     }
     for (i, n) in a.nics.iter().enumerate() {
-        spec.nics.push(parse_nic(n, &spec.name, i)?);
+        spec.nics.push(
+            hv_kvm::NicSpec::parse_option(n, &spec.name, i).map_err(|e| usage(e.to_string()))?,
+        );
     }
     for h in &a.hvparams {
         spec.hvparams
             .set_pair(h.strip_prefix("kvm:").unwrap_or(h))?;
     }
     Ok(spec)
-}
-
-/// `bridge=br0,mac=52:54:00:..,ip=..` and friends; a MAC is made up when
-/// none is given (locally administered, stable for the name and index).
-fn parse_nic(text: &str, instance: &str, index: usize) -> Result<hv_kvm::NicSpec, Failure> {
-    let mut nic = hv_kvm::NicSpec {
-        mac: String::new(),
-        ip: None,
-        mode: hv_kvm::NicMode::Bridged,
-        link: String::new(),
-        network: None,
-    };
-    for part in text.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| usage(format!("--nic {text}: expected key=value, got {part:?}")))?;
-        match k {
-            "bridge" => (nic.mode, nic.link) = (hv_kvm::NicMode::Bridged, v.into()),
-            "routed" => (nic.mode, nic.link) = (hv_kvm::NicMode::Routed, v.into()),
-            "ovs" | "openvswitch" => {
-                (nic.mode, nic.link) = (hv_kvm::NicMode::Openvswitch, v.into())
-            }
-            "mac" => nic.mac = v.into(),
-            "ip" => nic.ip = Some(v.into()),
-            other => {
-                return Err(usage(format!(
-                    "--nic {text}: unknown key {other:?} (bridge, routed, ovs, mac, ip)"
-                )))
-            }
-        }
-    }
-    if nic.mac.is_empty() {
-        let mut h: u32 = 2166136261;
-        for b in instance.bytes().chain([index as u8]) {
-            h = (h ^ u32::from(b)).wrapping_mul(16777619);
-        }
-        nic.mac = format!(
-            "52:54:00:{:02x}:{:02x}:{:02x}",
-            h >> 16 & 0xff,
-            h >> 8 & 0xff,
-            h & 0xff
-        );
-    }
-    Ok(nic)
 }
 
 fn human_mib(mib: u64) -> String {

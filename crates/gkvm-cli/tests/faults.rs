@@ -875,3 +875,39 @@ fn interrupted_slow_migrations_keep_exactly_one_copy() {
     b.ok(&["stop", "sm1", "--force"]);
     b.assert_empty("end");
 }
+
+#[test]
+fn verify_reports_a_read_only_run_dir() {
+    let Some(env) = require("faults_verify_read_only", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-fault-ro");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let sh = |cmd: &str| {
+        Command::new("sh")
+            .args(["-c", cmd])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(sh(&format!(
+        "mount -t tmpfs -o size=1m,mode=0700 gkvm-ro {}",
+        mnt.display()
+    )));
+    let node = Node {
+        run: mnt.join("run"),
+        qemu: env.qemu.clone(),
+        _kill: KillRunDir(mnt.join("run")),
+        dir: ScratchDir::new("gkvm-fault-ro-scratch"),
+    };
+    let ok = node.run(&["verify"]);
+    let remounted = sh(&format!("mount -o remount,ro {}", mnt.display()));
+    let ro = node.run(&["verify"]);
+    let _ = sh(&format!("umount {}", mnt.display()));
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(remounted);
+    assert_eq!(ro.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&ro.stdout);
+    assert!(out.contains("run directory is not writable"), "{out}");
+}

@@ -28,13 +28,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{Error, Result};
+pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, NicMode, NicSpec};
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;
 pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
-pub use migration::MigrationStatus;
+pub use migration::{parse_migration_info, MigrationStatus};
 pub use nic::nic_script_env;
 use serde::{Deserialize, Serialize};
 pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};

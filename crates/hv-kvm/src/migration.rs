@@ -146,11 +146,7 @@ impl KvmHypervisor {
     /// certificate files, chroot and security settings) equal to this
     /// node's own value — the file decides nothing this node runs as root.
     pub fn incoming_spec(&self, info: &str) -> Result<crate::InstanceSpec> {
-        let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
-        let mut spec = match serde_json::from_str::<crate::InstanceSpec>(&body) {
-            Ok(spec) => spec,
-            Err(_) => spec_from_migration_record(&body)?,
-        };
+        let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
         crate::trust::check_node_local(
             &spec,
             &self.node_local_hvparams(),
@@ -577,6 +573,18 @@ fn check_listen(instance: &str, address: &str, port: u16) -> Result<()> {
         return Err(bad("port 0 is not a port to listen on".into()));
     }
     Ok(())
+}
+
+/// The instance a migration info file describes: its seal checked with
+/// `key` (when given), then read as an instance definition or as a
+/// runtime record (gkvm's or Ganeti's format). Pure: no node checks (see
+/// [`KvmHypervisor::incoming_spec`]).
+pub fn parse_migration_info(info: &str, key: Option<&[u8]>) -> Result<crate::InstanceSpec> {
+    let body = crate::trust::unseal(key, info)?;
+    match serde_json::from_str::<crate::InstanceSpec>(&body) {
+        Ok(spec) => Ok(spec),
+        Err(_) => spec_from_migration_record(&body),
+    }
 }
 
 /// The instance in a runtime record used as migration info (gkvm's or

@@ -846,3 +846,22 @@ impl QemuCommand {
         Ok(a.0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_initrd_path_is_one_whole_argument() {
+        let caps = crate::Capabilities::from_help(
+            include_str!("../tests/data/qemu-10.0/help.txt"),
+            include_str!("../tests/data/qemu-10.0/machine.txt"),
+            include_str!("../tests/data/qemu-10.0/device.txt"),
+        )
+        .unwrap();
+        let mut spec = crate::InstanceSpec::new("i1", 64);
+        spec.hvparams.set_pair("kernel_path=/boot/vmlinuz").unwrap();
+        spec.hvparams.set_pair("initrd_path=/boot/a,b.img").unwrap();
+        let cmd = crate::build(&spec, &caps, &crate::BuildEnv::default()).unwrap();
+        let i = cmd.argv.iter().position(|a| a == "-initrd").unwrap();
+        assert_eq!(cmd.argv[i + 1], "/boot/a,b.img");
+    }
+}

@@ -43,6 +43,7 @@ mod error;
 pub mod escape;
 pub mod hvparams;
 mod instance;
+mod options;
 mod validate;
 
 pub use build::{
@@ -58,6 +59,7 @@ pub use instance::{
     validate_instance_name, validate_mac, DiskMode, DiskSpec, InstanceSpec, NetworkSpec, NicMode,
     NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, SHARED_STORAGE_TEMPLATES,
 };
+pub use options::generated_mac;
 pub use validate::HostFacts;
 
 #[doc = include_str!("../README.md")]

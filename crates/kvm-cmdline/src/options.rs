@@ -1,0 +1,161 @@
+//! The command-line syntax of disks and NICs (`gkvm start --disk`,
+//! `--nic`), so every tool that takes them parses them the same way.
+//!
+//! - Disk: `PATH`, `PATH:ro` or `PATH:rw` (read-write is the default).
+//! - NIC: comma-separated `key=value` pairs: one of `bridge=BRIDGE`,
+//!   `routed=TABLE` or `ovs=SWITCH` (`openvswitch=` too) for the mode and
+//!   link, then optionally `mac=52:54:00:12:34:56` and `ip=ADDRESS`. A NIC
+//!   without a MAC gets one made from the instance name and NIC index
+//!   ([`generated_mac`]): locally administered, stable across restarts.
+
+use std::str::FromStr;
+
+use crate::{DiskMode, DiskSpec, Error, NicMode, NicSpec};
+
+fn bad(instance: &str, field: &str, reason: String) -> Error {
+    Error::Instance {
+        instance: instance.into(),
+        field: field.into(),
+        reason,
+    }
+}
+
+impl FromStr for DiskSpec {
+    type Err = Error;
+
+    /// `PATH`, `PATH:ro` or `PATH:rw`.
+    fn from_str(text: &str) -> Result<DiskSpec, Error> {
+        let (path, mode) = match text.strip_suffix(":ro") {
+            Some(p) => (p, DiskMode::ReadOnly),
+            None => (
+                text.strip_suffix(":rw").unwrap_or(text),
+                DiskMode::ReadWrite,
+            ),
+        };
+        if path.is_empty() {
+            return Err(bad("(cli)", "--disk", format!("{text:?}: no path")));
+        }
+        Ok(DiskSpec {
+            path: path.into(),
+            mode,
+            template: None,
+        })
+    }
+}
+
+impl NicSpec {
+    /// Parses a `--nic` value for NIC `index` of `instance` (see the
+    /// module documentation for the syntax).
+    pub fn parse_option(text: &str, instance: &str, index: usize) -> Result<NicSpec, Error> {
+        let field = format!("--nic {text}");
+        let mut nic = NicSpec {
+            mac: String::new(),
+            ip: None,
+            mode: NicMode::Bridged,
+            link: String::new(),
+            network: None,
+        };
+        let mut mode_given = false;
+        for part in text.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                bad(
+                    instance,
+                    &field,
+                    format!("expected key=value, got {part:?}"),
+                )
+            })?;
+            let mode = match k {
+                "bridge" => Some(NicMode::Bridged),
+                "routed" => Some(NicMode::Routed),
+                "ovs" | "openvswitch" => Some(NicMode::Openvswitch),
+                "mac" => {
+                    nic.mac = v.into();
+                    None
+                }
+                "ip" => {
+                    nic.ip = Some(v.into());
+                    None
+                }
+                other => {
+                    return Err(bad(
+                        instance,
+                        &field,
+                        format!("unknown key {other:?} (bridge, routed, ovs, mac, ip)"),
+                    ))
+                }
+            };
+            if let Some(mode) = mode {
+                if mode_given {
+                    return Err(bad(instance, &field, "more than one mode".into()));
+                }
+                (nic.mode, nic.link, mode_given) = (mode, v.into(), true);
+            }
+        }
+        if nic.mac.is_empty() {
+            nic.mac = generated_mac(instance, index);
+        }
+        Ok(nic)
+    }
+}
+
+/// A MAC for NIC `index` of `instance`: QEMU's `52:54:00` prefix and 24
+/// bits of an FNV-1a hash of the name and index, so the same instance gets
+/// the same MACs each time it is started from flags.
+pub fn generated_mac(instance: &str, index: usize) -> String {
+    let mut h: u32 = 2166136261;
+    // The index as one byte, as gkvm 0.1 hashed it (NICs are at most 8).
+    for b in instance.bytes().chain([index as u8]) {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        h >> 16 & 0xff,
+        h >> 8 & 0xff,
+        h & 0xff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks() {
+        let d: DiskSpec = "/dev/vg/a:ro".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.mode),
+            (Some("/dev/vg/a"), DiskMode::ReadOnly)
+        );
+        let d: DiskSpec = "/srv/a,b.img".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str(), d.mode),
+            (Some("/srv/a,b.img"), DiskMode::ReadWrite)
+        );
+        let d: DiskSpec = "/x:rw".parse().unwrap();
+        assert_eq!(d.path.to_str(), Some("/x"));
+        assert!("".parse::<DiskSpec>().is_err());
+        assert!(":ro".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn nics() {
+        let n =
+            NicSpec::parse_option("bridge=br0,mac=52:54:00:aa:bb:cc,ip=10.0.0.2", "w1", 0).unwrap();
+        assert_eq!(
+            (n.mode, n.link.as_str(), n.mac.as_str(), n.ip.as_deref()),
+            (
+                NicMode::Bridged,
+                "br0",
+                "52:54:00:aa:bb:cc",
+                Some("10.0.0.2")
+            )
+        );
+        let n = NicSpec::parse_option("ovs=sw0", "w1", 1).unwrap();
+        assert_eq!(n.mode, NicMode::Openvswitch);
+        assert_eq!(n.mac, generated_mac("w1", 1));
+        assert_ne!(generated_mac("w1", 0), generated_mac("w1", 1));
+        for bad in ["br0", "bridge=a,routed=b", "colour=red", ""] {
+            assert!(NicSpec::parse_option(bad, "w1", 0).is_err(), "{bad}");
+        }
+    }
+}

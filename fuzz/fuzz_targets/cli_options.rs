@@ -1,0 +1,15 @@
+//! `--nic` and `--disk` option values.
+#![no_main]
+
+use kvm_cmdline::{DiskSpec, NicSpec};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = text.parse::<DiskSpec>();
+    if let Ok(nic) = NicSpec::parse_option(text, "fuzz1", 0) {
+        assert!(!nic.mac.is_empty());
+    }
+});
