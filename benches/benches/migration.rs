@@ -118,7 +118,7 @@ fn main() {
             .unwrap();
         downtimes.push(Duration::from_millis(status.downtime_ms.unwrap_or(0)));
     }
-    let last = if HOPS % 2 == 0 { &a } else { &b };
+    let last = if HOPS.is_multiple_of(2) { &a } else { &b };
     let plan_argv = {
         let mut s = spec.clone();
         s.name = "bare1".into();

@@ -127,9 +127,8 @@ impl InstancePaths {
                 .and_then(|i| args.get(i + 1))
         };
         let name_ok = value(b"-name").is_some_and(|v| name_matches(v, &self.name));
-        let pidfile_ok = value(b"-pidfile").map_or(true, |v| {
-            Path::new(std::ffi::OsStr::from_bytes(v)) == self.pid
-        });
+        let pidfile_ok = value(b"-pidfile")
+            .is_none_or(|v| Path::new(std::ffi::OsStr::from_bytes(v)) == self.pid);
         name_ok && pidfile_ok
     }
 

@@ -1,15 +1,24 @@
 //! kvm-runtime against the real file system and real processes.
 
-use gkvm_testkit::ScratchDir;
 use kvm_runtime::{Error, Liveness, Origin, RunDir, RuntimeRecord, UidPool};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tempfile::TempDir as ScratchDir;
+
+fn scratch(prefix: &str) -> ScratchDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
 
 fn run_dir() -> (ScratchDir, RunDir) {
-    let tmp = ScratchDir::new("kvm-runtime");
+    let tmp = scratch("kvm-runtime");
     let run = RunDir::new(tmp.path().join("run"));
     run.ensure().unwrap();
     (tmp, run)
@@ -71,7 +80,7 @@ fn layout_is_private_and_seed_named() {
 
 #[test]
 fn untrusted_run_dirs_are_refused_and_never_chmodded() {
-    let tmp = ScratchDir::new("kvm-runtime-trust");
+    let tmp = scratch("kvm-runtime-trust");
     // A shared sticky directory, as /tmp: refused, mode untouched.
     let shared = tmp.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
@@ -95,7 +104,7 @@ fn untrusted_run_dirs_are_refused_and_never_chmodded() {
     assert_eq!(mode(&run.root().join("pid")), 0o770);
 
     // Owned by another user (root can chown; elsewhere this part is moot).
-    if gkvm_testkit::is_root() {
+    if is_root() {
         let (_t, run) = run_dir();
         std::os::unix::fs::chown(run.root().join("ctrl"), Some(65534), None).unwrap();
         let err = run.ensure().unwrap_err();
@@ -214,7 +223,7 @@ fn a_served_socket_is_never_removed() {
 
 #[test]
 fn socket_paths_too_long_are_refused() {
-    let tmp = ScratchDir::new("kvm-runtime-long");
+    let tmp = scratch("kvm-runtime-long");
     let run = RunDir::new(tmp.path().join("x".repeat(60)));
     match run.instance(&"a".repeat(60)) {
         Err(Error::SocketPathTooLong { path }) => assert!(path.as_os_str().len() > 107),
@@ -626,7 +635,7 @@ fn bad_names_are_rejected_before_any_path() {
         "back\\slash",
         "percent%d",
     ];
-    let tmp = ScratchDir::new("kvm-runtime-names");
+    let tmp = scratch("kvm-runtime-names");
     // A root that does not exist: nothing may be created for a bad name.
     let run = RunDir::new(tmp.path().join("never-created"));
     for name in bad {

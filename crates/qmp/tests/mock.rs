@@ -3,7 +3,6 @@
 //! that never come, EOF mid-message, over-long lines, broken greetings.
 
 use gkvm_qmp::{blocking, commands, Error, Options, Qmp, TypedEvent};
-use gkvm_testkit::ScratchDir;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -46,12 +45,12 @@ impl Conn {
 struct Mock {
     path: PathBuf,
     thread: Option<JoinHandle<()>>,
-    _dir: ScratchDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Mock {
     fn start(script: impl FnOnce(Conn) + Send + 'static) -> Mock {
-        let dir = ScratchDir::new("gkvm-qmp-mock");
+        let dir = scratch("gkvm-qmp-mock");
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let thread = std::thread::spawn(move || {
@@ -70,6 +69,10 @@ impl Mock {
             t.join().expect("mock script panicked");
         }
     }
+}
+
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }
 
 fn fast() -> Options {
@@ -230,7 +233,7 @@ fn greeting_faults_are_typed_errors() {
 
 #[test]
 fn missing_socket_is_not_running() {
-    let dir = ScratchDir::new("gkvm-qmp-none");
+    let dir = scratch("gkvm-qmp-none");
     let path = dir.path().join("nothing.sock");
     match blocking::Qmp::connect(&path, fast()) {
         Err(Error::NotRunning { path: p, .. }) => assert_eq!(p, path),

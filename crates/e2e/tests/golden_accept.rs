@@ -1,0 +1,280 @@
+//! Real QEMU 7.2 and 10.0 start every golden argv of kvm-cmdline (with
+//! real TAP descriptors and TLS certificates), as libvirt's tests start
+//! theirs: a golden that compares equal but that QEMU refuses is a bug.
+
+use kvm_cmdline::InstanceSpec;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PROFILES: [&str; 2] = ["qemu-7.2", "qemu-10.0"];
+const FILES: &str = "/tmp/gkvm-golden/files";
+
+fn data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kvm-cmdline/tests/data")
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[derive(Deserialize)]
+struct Variant {
+    name: String,
+    spec: InstanceSpec,
+    launch: LaunchSpec,
+}
+
+#[derive(Deserialize)]
+struct LaunchSpec {
+    paused: bool,
+    nic_queues: Vec<usize>,
+    incoming: Option<String>,
+}
+
+fn variants() -> Vec<Variant> {
+    serde_json::from_str(&read(&data().join("variants.json"))).unwrap()
+}
+
+fn node_dir(profile: &str, variant: &str) -> PathBuf {
+    Path::new("/tmp/gkvm-golden").join(profile).join(variant)
+}
+
+/// The descriptor number NIC `nic`'s queue `q` gets in the child.
+fn nic_fd(nic: usize, q: usize) -> i32 {
+    (100 + 4 * nic + q) as i32
+}
+
+// ---- real QEMU accepts every golden of the installed versions ----
+
+fn installed(profile: &str) -> Option<PathBuf> {
+    let candidate = match profile {
+        "qemu-7.2" => gkvm_testkit::qemu_binary()?,
+        _ => gkvm_testkit::target_dir().join("qemu-10.0/qemu-system-x86_64"),
+    };
+    let out = std::process::Command::new(&candidate)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let want = format!("version {}.", profile.trim_start_matches("qemu-"));
+    String::from_utf8_lossy(&out.stdout)
+        .contains(&want)
+        .then_some(candidate)
+}
+
+fn sh(cmd: &str) {
+    let st = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+fn prepare_files(guest: &gkvm_testkit::Guest) {
+    let f = Path::new(FILES);
+    std::fs::create_dir_all(f.join("hugepages")).unwrap();
+    std::fs::create_dir_all(f.join("vnc")).unwrap();
+    for (name, size) in [
+        ("disk0.img", 1 << 20),
+        ("disk1.img", 1 << 20),
+        ("disk,odd.img", 1 << 20),
+        ("cd.iso", 1 << 20),
+        ("cd2.iso", 1 << 20),
+        ("cd,odd.iso", 1 << 20),
+        ("floppy.img", 1_474_560),
+    ] {
+        let file = std::fs::File::create(f.join(name)).unwrap();
+        file.set_len(size).unwrap();
+    }
+    std::fs::copy(&guest.kernel, f.join("vmlinuz")).unwrap();
+    std::fs::copy(&guest.initrd, f.join("initrd")).unwrap();
+    std::fs::write(f.join("vnc.pass"), "secret\n").unwrap();
+    std::fs::write(f.join("spice.pass"), "secret\n").unwrap();
+    if !f.join("x509/server-key.pem").exists() {
+        std::fs::create_dir_all(f.join("x509")).unwrap();
+        sh(&format!(
+            "cd {FILES}/x509 && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=gkvm-test-ca \
+             -keyout ca-key.pem -out ca-cert.pem 2>/dev/null && \
+             openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server-key.pem -out server.csr 2>/dev/null && \
+             openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -out server-cert.pem 2>/dev/null && \
+             cp ca-cert.pem ../spice-ca.pem && cat server-cert.pem server-key.pem > ../spice.pem"
+        ));
+    }
+}
+
+fn wait_gone(pid: i32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        let dead = match state {
+            None => true,
+            Some(s) => s
+                .rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                .is_some_and(|st| st == "Z"),
+        };
+        if dead {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Starts one golden argv (daemonized, -S), checks QMP answers, quits.
+fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let argv_text = read(
+        &data()
+            .join(profile)
+            .join("argv")
+            .join(format!("{}.argv", v.name)),
+    );
+    let argv: Vec<&str> = argv_text.lines().collect();
+    let dir = node_dir(profile, &v.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("chroot")).unwrap();
+    std::fs::write(dir.join("keymap"), "include en-us\ninclude de\n").unwrap();
+
+    // TAPs onto the descriptor numbers the golden names.
+    let taps: Vec<gkvm_tap::Tap> = v
+        .launch
+        .nic_queues
+        .iter()
+        .map(|&q| {
+            gkvm_tap::TapBuilder::new()
+                .name_template("gkg%d")
+                .queues(q as u16)
+                .open()
+                .unwrap()
+        })
+        .collect();
+    let mut moves: Vec<(i32, i32)> = Vec::new();
+    for (i, tap) in taps.iter().enumerate() {
+        for (q, fd) in tap.fds().iter().enumerate() {
+            moves.push((std::os::fd::AsRawFd::as_raw_fd(fd), nic_fd(i, q)));
+        }
+    }
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &moves {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("QEMU did not finish initializing within 60 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let errors = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("QEMU refused it ({status}): {errors}"));
+    }
+    let pid: i32 = read(&dir.join("pid"))
+        .trim()
+        .parse()
+        .map_err(|e| format!("pid file: {e}"))?;
+    let result = (|| {
+        let mut q = gkvm_qmp::blocking::Qmp::connect(dir.join("qmp"), gkvm_qmp::Options::default())
+            .map_err(|e| e.to_string())?;
+        let st = q
+            .run(&gkvm_qmp::commands::QueryStatus)
+            .map_err(|e| e.to_string())?;
+        let want = if v.launch.incoming.is_some() {
+            gkvm_qmp::commands::RunState::Inmigrate
+        } else if v.launch.paused {
+            gkvm_qmp::commands::RunState::Prelaunch
+        } else {
+            gkvm_qmp::commands::RunState::Running
+        };
+        if st.status != want {
+            return Err(format!("state {:?}, expected {want:?}", st.status));
+        }
+        let cpus = q
+            .run(&gkvm_qmp::commands::QueryCpusFast)
+            .map_err(|e| e.to_string())?;
+        if cpus.len() != v.spec.vcpus as usize {
+            return Err(format!("{} vCPUs, expected {}", cpus.len(), v.spec.vcpus));
+        }
+        let _ = q.run(&gkvm_qmp::commands::Quit);
+        Ok(())
+    })();
+    if !wait_gone(pid, Duration::from_secs(10)) {
+        // SAFETY: killing the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_gone(pid, Duration::from_secs(5));
+    }
+    drop(taps);
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| format!("{e} (QEMU said: {})", errors.trim()))
+}
+
+#[test]
+fn installed_qemu_accepts_every_golden() {
+    let Some(env) = gkvm_testkit::require(
+        "installed_qemu_accepts_every_golden",
+        &[gkvm_testkit::Need::Root, gkvm_testkit::Need::Guest],
+    ) else {
+        return;
+    };
+    prepare_files(env.guest.as_ref().unwrap());
+    let mut ran = 0;
+    let mut failures = Vec::new();
+    for profile in PROFILES {
+        let Some(qemu) = installed(profile) else {
+            gkvm_testkit::skip(
+                "installed_qemu_accepts_every_golden",
+                &format!("{profile} is not installed (scripts/install-qemu10)"),
+            );
+            continue;
+        };
+        let start = Instant::now();
+        for v in variants() {
+            if let Err(e) = accept(profile, &qemu, &v) {
+                failures.push(format!("{profile}/{}: {e}", v.name));
+            }
+            ran += 1;
+        }
+        eprintln!(
+            "{profile}: {} goldens started by real QEMU in {:?}",
+            variants().len(),
+            start.elapsed()
+        );
+    }
+    if ran == 0 {
+        gkvm_testkit::skip(
+            "installed_qemu_accepts_every_golden",
+            "neither QEMU 7.2 nor 10.0 is installed",
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "QEMU rejected goldens:\n{}",
+        failures.join("\n")
+    );
+}
