@@ -187,6 +187,12 @@ enum Command {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
     },
+    /// Write the manual pages (gkvm.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Manpages {
+        /// Where to write them.
+        dir: PathBuf,
+    },
 }
 
 impl Command {
@@ -245,31 +251,68 @@ struct StartArgs {
     paused: bool,
 }
 
-/// A failure: exit code 1 (operation) or 2 (usage), one line on stderr.
+/// A failure: exit code 1 (operation) or 2 (usage), one line on stderr
+/// (a JSON object with `--json`).
 struct Failure {
     code: u8,
+    /// Machine-readable kind (`hv_kvm::Error::kind`, or `usage`, ...).
+    kind: &'static str,
+    /// The instance concerned, when there is one.
+    instance: Option<String>,
     message: String,
     /// Writing the output failed (the operation itself may have succeeded).
     output: Option<std::io::Error>,
 }
 
-impl<E: std::fmt::Display> From<E> for Failure {
-    fn from(e: E) -> Failure {
+impl Failure {
+    fn new(code: u8, kind: &'static str, message: String) -> Failure {
         Failure {
-            code: 1,
-            message: e.to_string(),
+            code,
+            kind,
+            instance: None,
+            message,
             output: None,
+        }
+    }
+
+    fn output(e: std::io::Error) -> Failure {
+        Failure {
+            output: Some(e),
+            ..Failure::new(1, "output", String::new())
         }
     }
 }
 
-impl Failure {
-    fn output(e: std::io::Error) -> Failure {
+impl From<hv_kvm::Error> for Failure {
+    fn from(e: hv_kvm::Error) -> Failure {
         Failure {
-            code: 1,
-            message: String::new(),
-            output: Some(e),
+            instance: e.instance().map(str::to_owned),
+            ..Failure::new(1, e.kind(), e.to_string())
         }
+    }
+}
+
+impl From<hv_kvm::CmdlineError> for Failure {
+    fn from(e: hv_kvm::CmdlineError) -> Failure {
+        Failure::new(1, "params", e.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::new(1, "failed", message)
+    }
+}
+
+impl From<serde_json::Error> for Failure {
+    fn from(e: serde_json::Error) -> Failure {
+        Failure::new(1, "internal", e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for Failure {
+    fn from(e: tokio::task::JoinError) -> Failure {
+        Failure::new(1, "internal", e.to_string())
     }
 }
 
@@ -308,24 +351,34 @@ fn escape_controls(text: &str) -> String {
     out
 }
 
-/// The exit of a command that failed or was interrupted.
-fn report_failure(f: Failure, succeeded: &str) -> ExitCode {
-    match f.output {
+/// The exit of a command that failed: one line on stderr, or with
+/// `--json` one JSON object (schemas/v1/error.json).
+fn report_failure(mut f: Failure, succeeded: &str, json: bool) -> ExitCode {
+    match f.output.take() {
         // The reader went away (`gkvm list | head -1`): end quietly.
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Some(e) => {
-            errln!("gkvm: error: {succeeded}, but writing its output failed: {e}");
-            ExitCode::from(1)
-        }
-        None => {
-            errln!("gkvm: error: {}", escape_controls(&f.message));
-            ExitCode::from(f.code)
-        }
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Some(e) => f.message = format!("{succeeded}, but writing its output failed: {e}"),
+        None => {}
     }
+    if json {
+        let obj = serde_json::json!({
+            "kind": f.kind,
+            "instance": f.instance,
+            "message": f.message,
+            "exit_code": f.code,
+        });
+        errln!("{obj}");
+    } else {
+        errln!("gkvm: error: {}", escape_controls(&f.message));
+    }
+    ExitCode::from(f.code)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let level = if cli.quiet {
         "error"
     } else {
@@ -338,6 +391,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| level.into()),
         )
         .with_target(false)
+        // Escape codes only for a person at a terminal: never in a
+        // redirected file, and never when NO_COLOR is set (no-color.org).
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -351,6 +410,7 @@ fn main() -> ExitCode {
         }
     };
     let what = cli.command.describe();
+    let json = cli.json;
     let result = runtime.block_on(async {
         let interrupted = interrupted();
         tokio::select! {
@@ -367,12 +427,39 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(None) => ExitCode::SUCCESS,
-        Ok(Some((signal, code))) => {
-            errln!("gkvm: {what} interrupted by {signal}; what it had started was rolled back");
-            ExitCode::from(code)
-        }
-        Err(f) => report_failure(f, &format!("{what} succeeded")),
+        Ok(Some((signal, code))) => report_failure(
+            Failure::new(
+                code,
+                "interrupted",
+                format!("{what} interrupted by {signal}; what it had started was rolled back"),
+            ),
+            "",
+            json,
+        ),
+        Err(f) => report_failure(f, &format!("{what} succeeded"), json),
     }
+}
+
+/// A command line clap refused: its own message, or with `--json` (seen
+/// anywhere among the arguments) an error object; help and version are
+/// printed as asked.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let json = std::env::args().any(|a| a == "--json");
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let code = e.exit_code();
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+    }
+    let message = e.kind().as_str().map_or_else(
+        || e.to_string().lines().next().unwrap_or("").to_owned(),
+        |k| {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or(k);
+            first.trim_start_matches("error: ").to_owned()
+        },
+    );
+    report_failure(Failure::new(2, "usage", message), "", true)
 }
 
 /// Resolves on SIGINT, SIGTERM or SIGHUP with the signal's name and the
@@ -465,10 +552,12 @@ fn default_qemu(cli: &Cli) -> Result<PathBuf, Failure> {
 const MAX_INPUT_FILE: u64 = 4 << 20;
 
 fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
-    let fail = |e: String| Failure {
-        code: 1,
-        message: format!("cannot read {what} {}: {e}", path.display()),
-        output: None,
+    let fail = |e: String| {
+        Failure::new(
+            1,
+            "input",
+            format!("cannot read {what} {}: {e}", path.display()),
+        )
     };
     let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let data =
@@ -478,10 +567,12 @@ fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
 
 fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
     let text = read_file(path, "instance file")?;
-    serde_json::from_str(&text).map_err(|e| Failure {
-        code: 1,
-        message: format!("{}: not a valid instance definition: {e}", path.display()),
-        output: None,
+    serde_json::from_str(&text).map_err(|e| {
+        Failure::new(
+            1,
+            "params",
+            format!("{}: not a valid instance definition: {e}", path.display()),
+        )
     })
 }
 
@@ -491,6 +582,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> CliResult {
 }
 
 async fn run(cli: Cli) -> CliResult {
+    tracing::debug!(run_dir = %cli.run_dir.display(), version = env!("CARGO_PKG_VERSION"), "gkvm: {}", cli.command.describe());
     match &cli.command {
         Command::Caps {
             help_text,
@@ -556,12 +648,16 @@ async fn run(cli: Cli) -> CliResult {
                 .stop(name, *force, std::time::Duration::from_secs(*timeout))
                 .await?;
             if cli.json {
-                print_json(&serde_json::json!({"name": name, "outcome": outcome}))
+                print_json(&Operation {
+                    outcome: Some(outcome.clone()),
+                    ..Operation::new(name, "stop")
+                })
             } else {
                 let what = match outcome {
                     hv_kvm::StopOutcome::PoweredOff => "powered off",
                     hv_kvm::StopOutcome::Killed => "killed",
                     hv_kvm::StopOutcome::NotRunning => "was not running",
+                    _ => "stopped",
                 };
                 outln!("{name} {what}")?;
                 Ok(())
@@ -569,15 +665,15 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Reboot { name } => {
             hypervisor(&cli)?.reboot(name).await?;
-            done(&cli, name, "rebooted")
+            done(&cli, Operation::new(name, "reboot"), "rebooted")
         }
         Command::Resume { name } => {
             hypervisor(&cli)?.resume(name).await?;
-            done(&cli, name, "resumed")
+            done(&cli, Operation::new(name, "resume"), "resumed")
         }
         Command::Cleanup { name } => {
             hypervisor(&cli)?.cleanup(name).await?;
-            done(&cli, name, "cleaned up")
+            done(&cli, Operation::new(name, "cleanup"), "cleaned up")
         }
         Command::List => {
             let all = hypervisor(&cli)?.info_all().await?;
@@ -599,11 +695,8 @@ async fn run(cli: Cli) -> CliResult {
                 v
             };
             if cli.json {
-                if names.len() == 1 {
-                    print_json(&infos[0])
-                } else {
-                    print_json(&infos)
-                }
+                // Always a list, however many were asked for.
+                print_json(&infos)
             } else {
                 print_info_table(&infos)
             }
@@ -612,7 +705,10 @@ async fn run(cli: Cli) -> CliResult {
             hypervisor(&cli)?.balloon(name, *mib).await?;
             done(
                 &cli,
-                name,
+                Operation {
+                    target_mib: Some(*mib),
+                    ..Operation::new(name, "balloon")
+                },
                 &format!("balloon target set to {}", human_mib(*mib)),
             )
         }
@@ -645,10 +741,11 @@ async fn run(cli: Cli) -> CliResult {
                     )))
                 }
             };
-            let name = name.clone();
-            let ended = tokio::task::spawn_blocking(move || console::attach(&name, &socket))
+            let owned = name.clone();
+            let ended = tokio::task::spawn_blocking(move || console::attach(&owned, &socket))
                 .await
-                .map_err(Failure::from)??;
+                .map_err(Failure::from)?
+                .map_err(|e| Failure::new(1, "console", format!("console of {name}: {e}")))?;
             match ended {
                 console::Ended::Detached => errln!("\r\ndetached"),
                 console::Ended::Closed => errln!("\r\nconsole closed: the instance stopped"),
@@ -681,6 +778,7 @@ async fn run(cli: Cli) -> CliResult {
                 }
                 hv_kvm::ConsoleInfo::Spice { host, port, .. } => outln!("SPICE on {host}:{port}"),
                 hv_kvm::ConsoleInfo::Message { message, .. } => outln!("{message}"),
+                other => outln!("{}", serde_json::to_string(&other)?),
             }
         }
         Command::Verify => {
@@ -734,7 +832,11 @@ async fn run(cli: Cli) -> CliResult {
             let report = hv
                 .receive(&text, &addr, port, std::time::Duration::from_secs(*timeout))
                 .await?;
-            done(&cli, &report.name, "arrived and is running")
+            done(
+                &cli,
+                Operation::new(&report.name, "accept"),
+                "arrived and is running",
+            )
         }
         Command::Migrate { name, to, non_live } => {
             let (host, port) = split_host_port(to)?;
@@ -800,7 +902,11 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::MigrateCancel { name } => {
             hypervisor(&cli)?.cancel_migration(name).await?;
-            done(&cli, name, "migration cancelled")
+            done(
+                &cli,
+                Operation::new(name, "migrate-cancel"),
+                "migration cancelled",
+            )
         }
         Command::Demo { guest_dir, kvm } => {
             let opts = demo::DemoOptions {
@@ -813,6 +919,7 @@ async fn run(cli: Cli) -> CliResult {
                 .map_err(|message| Failure::from(format!("demo: {message}")))?;
             demo::take_write_error().map_or(Ok(()), |e| Err(Failure::output(e)))
         }
+        Command::Manpages { dir } => write_manpages(dir),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error.
             let mut buf = Vec::new();
@@ -823,12 +930,61 @@ async fn run(cli: Cli) -> CliResult {
     }
 }
 
-fn done(cli: &Cli, name: &str, what: &str) -> CliResult {
+/// `gkvm.1` and `gkvm-<subcommand>.1`, from the clap definitions.
+fn write_manpages(dir: &Path) -> CliResult {
+    let write = |cmd: clap::Command, file: String| -> CliResult {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut buf)
+            .map_err(|e| Failure::from(format!("rendering {file}: {e}")))?;
+        std::fs::write(dir.join(&file), buf)
+            .map_err(|e| Failure::from(format!("writing {}: {e}", dir.join(&file).display())))
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::from(format!("creating {}: {e}", dir.display())))?;
+    let top = Cli::command();
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("gkvm-{}", sub.get_name());
+        write(sub.clone().name(name.clone()), format!("{name}.1"))?;
+    }
+    write(top, "gkvm.1".into())
+}
+
+/// What an operation without a report of its own did, for `--json`
+/// (schemas/v1/operation.json).
+#[derive(serde::Serialize)]
+struct Operation {
+    /// The instance.
+    instance: String,
+    /// The subcommand: `stop`, `reboot`, `resume`, `cleanup`, `balloon`,
+    /// `accept`, `migrate-cancel`.
+    operation: &'static str,
+    /// How a stop ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<hv_kvm::StopOutcome>,
+    /// A balloon's target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_mib: Option<u64>,
+}
+
+impl Operation {
+    fn new(instance: &str, operation: &'static str) -> Operation {
+        Operation {
+            instance: instance.to_owned(),
+            operation,
+            outcome: None,
+            target_mib: None,
+        }
+    }
+}
+
+/// Reports an operation: a typed object with `--json`, else
+/// `<instance> <what>`.
+fn done(cli: &Cli, op: Operation, what: &str) -> CliResult {
     if cli.json {
-        print_json(&serde_json::json!({"name": name, "result": what}))
+        print_json(&op)
     } else {
-        outln!("{name} {what}")?;
-        Ok(())
+        outln!("{} {what}", op.instance)
     }
 }
 
@@ -851,11 +1007,7 @@ fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
 }
 
 fn usage(message: String) -> Failure {
-    Failure {
-        code: 2,
-        message,
-        output: None,
-    }
+    Failure::new(2, "usage", message)
 }
 
 /// Memory of an instance given by flags alone, without `--memory`.

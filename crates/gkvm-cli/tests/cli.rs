@@ -276,7 +276,7 @@ fn lifecycle_subcommands() {
 
     let all = json(&g(&["list", "--json"]));
     assert_eq!(all.as_array().unwrap().len(), 2);
-    let info = json(&g(&["info", "cli1", "--json"]));
+    let info = json(&g(&["info", "cli1", "--json"]))[0].clone();
     assert_eq!(
         (
             info["pid"].as_i64().unwrap(),

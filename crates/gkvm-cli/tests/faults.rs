@@ -69,7 +69,7 @@ impl Node {
             return None;
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info --json");
-        v["state"].as_str().map(str::to_owned)
+        v[0]["state"].as_str().map(str::to_owned)
     }
 
     fn qemus(&self) -> Vec<i32> {

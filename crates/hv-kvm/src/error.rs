@@ -138,3 +138,53 @@ pub enum Error {
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A stable, machine-readable name of the error's kind (the `kind` of
+    /// `gkvm --json` errors): `qemu_missing`, `probe`, `params`, `busy`,
+    /// `runtime`, `qmp`, `tap`, `already_running`, `handed_over`,
+    /// `migration_info`, `not_running`, `start`, `migration`, `timeout`,
+    /// `io`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::QemuMissing { .. } => "qemu_missing",
+            Error::Probe { .. } => "probe",
+            Error::Params { .. } => "params",
+            Error::Runtime {
+                source: kvm_runtime::Error::Busy { .. },
+                ..
+            } => "busy",
+            Error::Runtime { .. } => "runtime",
+            Error::Qmp { .. } => "qmp",
+            Error::Tap { .. } => "tap",
+            Error::AlreadyRunning { .. } => "already_running",
+            Error::HandedOver { .. } => "handed_over",
+            Error::MigrationInfo { .. } => "migration_info",
+            Error::NotRunning { .. } => "not_running",
+            Error::Start { .. } => "start",
+            Error::Migration { .. } => "migration",
+            Error::Timeout { .. } => "timeout",
+            Error::Io { .. } => "io",
+        }
+    }
+
+    /// The instance the error is about, when there is one.
+    pub fn instance(&self) -> Option<&str> {
+        match self {
+            Error::Params { instance, .. }
+            | Error::Runtime { instance, .. }
+            | Error::Qmp { instance, .. }
+            | Error::Tap { instance, .. }
+            | Error::AlreadyRunning { instance, .. }
+            | Error::HandedOver { instance, .. }
+            | Error::MigrationInfo { instance, .. }
+            | Error::NotRunning { instance }
+            | Error::Start { instance, .. }
+            | Error::Migration { instance, .. }
+            | Error::Timeout { instance, .. } => {
+                Some(instance.as_str()).filter(|i| !i.starts_with('('))
+            }
+            Error::QemuMissing { .. } | Error::Probe { .. } | Error::Io { .. } => None,
+        }
+    }
+}

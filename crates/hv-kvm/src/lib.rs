@@ -42,6 +42,7 @@ pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};
 
 /// How a node's hypervisor is set up.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// The run directory (`/run/gkvm`, or the seed's layout).
     pub run_dir: RunDir,
@@ -100,6 +101,7 @@ impl Config {
 
 /// What a start of an instance would run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct LaunchPlan {
     /// The instance.
     pub instance: String,

@@ -17,6 +17,7 @@ use crate::{node_paths, process, KvmHypervisor};
 /// How a stop ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum StopOutcome {
     /// The guest powered off after the ACPI power button.
     PoweredOff,
@@ -181,7 +182,8 @@ impl KvmHypervisor {
                     pid,
                 }),
             },
-            Liveness::Stale { .. } | Liveness::NoPidFile => self.clear_state(paths),
+            // Stale, no pid file, or anything a newer kvm-runtime adds: no QEMU.
+            _ => self.clear_state(paths),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::KvmHypervisor;
 
 /// Where a migration stands.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct MigrationStatus {
     /// QEMU's status: `none`, `setup`, `active`, `completed`, `failed`,
     /// `cancelled`, ...

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// A running instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct InstanceInfo {
     /// Its name.
     pub name: String,
@@ -24,6 +25,7 @@ pub struct InstanceInfo {
 
 /// The node's resources.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct NodeInfo {
     /// Total memory in MiB.
     pub memory_total_mib: u64,
@@ -44,6 +46,7 @@ pub struct NodeInfo {
 /// How to reach an instance's console.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum ConsoleInfo {
     /// The serial console on a Unix socket.
     Serial {
@@ -85,6 +88,7 @@ pub enum ConsoleInfo {
 
 /// Problems `verify` found; empty means healthy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// One line per problem.
     pub problems: Vec<String>,
@@ -92,6 +96,7 @@ pub struct VerifyReport {
 
 /// What a successful start did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StartReport {
     /// The instance.
     pub name: String,

@@ -22,6 +22,7 @@ pub const VNC_BASE_PORT: u16 = 5900;
 /// what the runtime file keeps and what a migration target receives: it
 /// holds no node-local path or descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct QemuCommand {
     /// The command line; `argv[0]` is the QEMU binary.
     pub argv: Vec<String>,

@@ -55,6 +55,7 @@ pub struct MachineType {
 /// The option features the builder and the seed's checks depend on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct Features {
     /// `-drive ...,boot=on|off` (qemu-kvm before 1.0).
     pub drive_boot: bool,
@@ -120,6 +121,7 @@ pub struct Features {
 
 /// What one QEMU binary supports. Serializable so it can be cached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Its version.
     pub version: QemuVersion,

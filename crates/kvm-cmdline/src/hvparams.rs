@@ -98,6 +98,7 @@ pub const DEFAULT_SPICE_TLS_CIPHERS: &str = "HIGH:-DES:-3DES:-EXPORT:-ADH";
 /// in the seed's format are `None` here for optional values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HvParams {
     /// QEMU binary.
     pub kvm_path: PathBuf,

@@ -167,6 +167,7 @@ pub struct InstancePaths {
 
 /// What [`InstancePaths::cleanup`] did that the caller may want to report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CleanupReport {
     /// The uid given back to the pool, if one was recorded.
     pub released_uid: Option<u32>,

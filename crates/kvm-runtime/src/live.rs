@@ -13,6 +13,7 @@ const UNIDENTIFIED_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 
 /// What the pid file says about an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Liveness {
     /// The pid file names a live (non-zombie) process whose command line
     /// carries `-name <instance>`.

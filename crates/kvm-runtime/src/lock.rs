@@ -14,6 +14,9 @@ use crate::{Error, InstancePaths, RunDir};
 pub struct LockGuard {
     file: File,
     path: PathBuf,
+    /// For an instance's lock: its paths, so that a lock file left by an
+    /// operation that created nothing (refused, interrupted) is removed.
+    instance: Option<Box<InstancePaths>>,
 }
 
 impl LockGuard {
@@ -23,8 +26,34 @@ impl LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Removes the lock file if it is still the one held and the instance
+    /// has no state at all (no pid file, runtime file or QMP socket).
+    /// Safe under the lock: only a holder removes the file, and lockers
+    /// re-check the inode after locking.
+    fn remove_if_unused(&self) {
+        let Some(p) = &self.instance else {
+            return;
+        };
+        if p.pid.symlink_metadata().is_ok()
+            || p.runtime.symlink_metadata().is_ok()
+            || p.qmp.symlink_metadata().is_ok()
+        {
+            return;
+        }
+        let (Ok(ours), Ok(now)) = (self.file.metadata(), std::fs::symlink_metadata(&self.path))
+        else {
+            return;
+        };
+        if ours.ino() == now.ino() && ours.dev() == now.dev() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.remove_if_unused();
         // SAFETY: flock on a descriptor this guard owns.
         unsafe {
             libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
@@ -67,6 +96,7 @@ fn try_lock(path: &Path) -> Result<Acquire, Error> {
             Ok(Acquire::Got(LockGuard {
                 file,
                 path: path.to_owned(),
+                instance: None,
             }))
         }
         _ => Ok(Acquire::WouldBlock),
@@ -90,16 +120,20 @@ fn lock_with_timeout(path: &Path, timeout: Duration) -> Result<Option<LockGuard>
 
 impl InstancePaths {
     /// Takes the instance's lock, waiting up to `timeout`; [`Error::Busy`]
-    /// names the instance when another operation keeps it.
+    /// names the instance when another operation keeps it. Dropping the
+    /// guard of an instance that has no state (the operation was refused
+    /// or interrupted before creating anything) also removes the lock file.
     pub fn lock(&self, timeout: Duration) -> Result<InstanceLock, Error> {
         if let Some(dir) = self.lock.parent() {
             crate::fsutil::ensure_private_dir(dir)?;
         }
         let start = Instant::now();
-        lock_with_timeout(&self.lock, timeout)?.ok_or_else(|| Error::Busy {
+        let mut guard = lock_with_timeout(&self.lock, timeout)?.ok_or_else(|| Error::Busy {
             instance: self.name.clone(),
             waited: start.elapsed(),
-        })
+        })?;
+        guard.instance = Some(Box::new(self.clone()));
+        Ok(guard)
     }
 }
 

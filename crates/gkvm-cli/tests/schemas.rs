@@ -1,0 +1,252 @@
+//! The `--json` contract: real output of real QEMU validated against the
+//! schemas in `schemas/v1/`, errors as JSON on stderr with their exit
+//! codes, and log colours only on a terminal.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use gkvm_testkit::{require, KillRunDir, Need, ScratchDir};
+use serde_json::Value;
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../schemas/v1")
+        .join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let value: Value = serde_json::from_str(&text).unwrap();
+    jsonschema::validator_for(&value).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn check(name: &str, doc: &Value) {
+    let v = schema(name);
+    let errors: Vec<String> = v.iter_errors(doc).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{name}: {errors:?}\n{doc:#}");
+}
+
+struct Node {
+    run: PathBuf,
+    qemu: PathBuf,
+    _kill: KillRunDir,
+}
+
+impl Node {
+    fn new(dir: &Path, qemu: &Path) -> Node {
+        let run = dir.join("run");
+        Node {
+            _kill: KillRunDir(run.clone()),
+            run,
+            qemu: qemu.to_owned(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
+        c.arg("--run-dir")
+            .arg(&self.run)
+            .arg("--kvm-path")
+            .arg(&self.qemu)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; its stdout as JSON.
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs a command that must fail; its stderr as JSON (checked against
+    /// error.json, and its exit_code against the real one).
+    fn error(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err: Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        check("error", &err);
+        assert_eq!(
+            err["exit_code"].as_i64(),
+            out.status.code().map(i64::from),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+        err
+    }
+}
+
+fn accel() -> String {
+    let a = if gkvm_testkit::guestless_accel() == "kvm" {
+        "enabled"
+    } else {
+        "disabled"
+    };
+    format!("kvm_flag={a}")
+}
+
+#[test]
+fn every_json_output_matches_its_schema() {
+    let Some(env) = require("json_schemas", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-schemas");
+    let a = Node::new(&dir.path().join("a"), &env.qemu);
+    let b = Node::new(&dir.path().join("b"), &env.qemu);
+    let accel = accel();
+
+    check("caps", &a.json(&["caps"]));
+    let spec = dir.path().join("sc1.json");
+    std::fs::write(
+        &spec,
+        r#"{"name": "sc1", "memory": 64, "hvparams": {"kvm_flag": "disabled"}}"#,
+    )
+    .unwrap();
+    check("argv", &a.json(&["argv", spec.to_str().unwrap()]));
+
+    check(
+        "start",
+        &a.json(&["start", "sc1", "--memory", "64", "-H", &accel, "--paused"]),
+    );
+    a.json(&["start", "sc2", "--memory", "64", "-H", &accel]);
+    for args in [
+        vec!["list"],
+        vec!["info"],
+        vec!["info", "sc1"],
+        vec!["info", "sc1", "sc2"],
+    ] {
+        let v = a.json(&args);
+        check("instance-list", &v);
+        assert!(!v.as_array().unwrap().is_empty(), "{args:?}");
+    }
+    assert_eq!(a.json(&["info", "sc1"])[0]["state"], "paused");
+    for (args, op) in [
+        (vec!["balloon", "sc1", "32"], "balloon"),
+        (vec!["resume", "sc1"], "resume"),
+        (vec!["reboot", "sc1"], "reboot"),
+    ] {
+        let v = a.json(&args);
+        check("operation", &v);
+        assert_eq!(v["operation"], op);
+    }
+    check("migration-status", &a.json(&["migration-status", "sc1"]));
+    check("console-info", &a.json(&["console-info", "sc1"]));
+    check("node-info", &a.json(&["node-info"]));
+    check("verify", &a.json(&["verify"]));
+
+    // A migration: accept's report, and migrate's JSON Lines.
+    let info = dir.path().join("sc2.mig");
+    std::fs::write(&info, a.run(&["migration-info", "sc2"]).stdout).unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16 + 77;
+    let listen = format!("127.0.0.1:{port}");
+    let accept = b
+        .cmd(&["accept", info.to_str().unwrap(), "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let incoming = || {
+        serde_json::from_slice::<Value>(&b.run(&["info", "sc2"]).stdout)
+            .is_ok_and(|v| v[0]["state"] == "incoming")
+    };
+    while !incoming() {
+        assert!(Instant::now() < deadline, "destination never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = a.run(&["migrate", "sc2", "--to", &listen]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        check("migration-status", l);
+    }
+    assert_eq!(lines.last().unwrap()["status"], "completed");
+    let accepted = accept.wait_with_output().unwrap();
+    assert!(accepted.status.success());
+    let v: Value = serde_json::from_slice(&accepted.stdout).unwrap();
+    check("operation", &v);
+    assert_eq!(v["operation"], "accept");
+
+    for (node, name) in [(&a, "sc1"), (&b, "sc2")] {
+        let v = node.json(&["stop", name, "--force"]);
+        check("operation", &v);
+        assert_eq!(v["outcome"], "killed");
+    }
+
+    // Errors, as JSON on stderr with the exit code they state.
+    let e = a.error(&["info", "nosuch"]);
+    assert_eq!(
+        (e["kind"].as_str(), e["instance"].as_str()),
+        (Some("not_running"), Some("nosuch"))
+    );
+    let e = a.error(&["start", "sc1", "--memory", "lots"]);
+    assert_eq!(
+        (e["kind"].as_str(), e["exit_code"].as_i64()),
+        (Some("usage"), Some(2))
+    );
+    let e = a.error(&["no-such-command"]);
+    assert_eq!(e["kind"], "usage");
+    let e = a.error(&["balloon", "sc1", "0"]);
+    assert_eq!(e["kind"], "not_running");
+    let e = a.error(&["start", "--file", "/dev/zero"]);
+    assert_eq!(e["kind"], "input");
+}
+
+/// Runs `gkvm` under a pseudo-terminal (util-linux `script`), so its
+/// stderr is a terminal; returns what the terminal showed.
+fn on_a_terminal(args: &str, no_color: bool) -> String {
+    let gkvm = env!("CARGO_BIN_EXE_gkvm");
+    let mut c = Command::new("script");
+    c.args(["-qec", &format!("{gkvm} {args}"), "/dev/null"])
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null());
+    if no_color {
+        c.env("NO_COLOR", "1");
+    }
+    String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+}
+
+#[test]
+fn log_colours_only_on_a_terminal() {
+    let dir = ScratchDir::new("gkvm-colour");
+    let run = dir.path().join("run");
+    let args = format!("--run-dir {} -vv list", run.display());
+    let coloured = on_a_terminal(&args, false);
+    assert!(
+        coloured.contains("DEBUG") || coloured.contains("INFO"),
+        "{coloured:?}"
+    );
+    assert!(
+        coloured.contains('\u{1b}'),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_a_terminal(&args, true);
+    assert!(!plain.contains('\u{1b}'), "NO_COLOR ignored: {plain:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gkvm"))
+        .args(["--run-dir", run.to_str().unwrap(), "-vv", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains('\u{1b}'),
+        "escape codes in a redirected file: {err:?}"
+    );
+}
