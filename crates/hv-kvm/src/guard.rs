@@ -8,6 +8,8 @@
 //! them on success. After a SIGKILL nothing can run, so the next operation
 //! on the instance reconciles what it finds instead (see `lifecycle`).
 
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use kvm_runtime::{InstancePaths, Liveness};
@@ -21,6 +23,10 @@ pub(crate) struct RollbackGuard {
     paths: InstancePaths,
     what: &'static str,
     armed: bool,
+    /// A pidfd of the QEMU process this operation spawned (before it
+    /// daemonized): it names that process even once reaped, so no reused
+    /// pid is ever signalled.
+    child: Mutex<Option<OwnedFd>>,
 }
 
 impl RollbackGuard {
@@ -30,7 +36,17 @@ impl RollbackGuard {
             paths: paths.clone(),
             what,
             armed: true,
+            child: Mutex::new(None),
         }
+    }
+
+    /// Records the QEMU process the operation spawned (call at once after
+    /// the spawn, before anything may reap it).
+    pub(crate) fn set_child(&self, pid: u32) {
+        let fd = i32::try_from(pid)
+            .ok()
+            .and_then(|pid| process::pidfd_open(pid).ok().flatten());
+        *self.child.lock().unwrap_or_else(|p| p.into_inner()) = fd;
     }
 
     /// The operation succeeded: keep what it made.
@@ -67,6 +83,9 @@ impl Drop for RollbackGuard {
         }
         tracing::warn!(instance = %self.paths.name, operation = self.what,
             "operation failed or was interrupted; rolling back");
+        if let Some(fd) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            process::kill_and_wait_pidfd(&fd, Duration::from_secs(10));
+        }
         kill_and_clean_blocking(&self.paths);
     }
 }

@@ -155,7 +155,7 @@ impl KvmHypervisor {
         check_spec(spec)?;
         self.reconcile_before_start(paths).await?;
         let mut guard = RollbackGuard::new(paths, "start");
-        let report = self.start_steps(spec, paths, &opts).await?;
+        let report = self.start_steps(spec, paths, &opts, &guard).await?;
         guard.disarm();
         Ok(report)
     }
@@ -214,6 +214,7 @@ impl KvmHypervisor {
         spec: &InstanceSpec,
         paths: &InstancePaths,
         opts: &StartOpts,
+        guard: &RollbackGuard,
     ) -> Result<StartReport> {
         let name = &spec.name;
         let params = |e| Error::Params {
@@ -338,23 +339,29 @@ impl KvmHypervisor {
         let mut qemu = tokio::process::Command::from(std_cmd);
         qemu.kill_on_drop(true);
         tracing::debug!(instance = %name, argv = ?argv, "starting QEMU");
-        let out = tokio::time::timeout(self.config.start_timeout, qemu.output())
+        let child = qemu.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::QemuMissing {
+                path: spec.hvparams.kvm_path.clone(),
+            },
+            _ => step("spawn QEMU", e.to_string()),
+        })?;
+        // The rollback must see QEMU's first half dead before it looks for
+        // the daemonized half: only then can no new one appear.
+        if let Some(pid) = child.id() {
+            guard.set_child(pid);
+        }
+        let out = tokio::time::timeout(self.config.start_timeout, child.wait_with_output())
             .await
             .map_err(|_| {
                 step(
                     "spawn QEMU",
                     format!(
-                        "QEMU did not finish initializing within {:?}",
-                        self.config.start_timeout
+                        "QEMU did not finish initializing within {}",
+                        kvm_runtime::human_duration(&self.config.start_timeout)
                     ),
                 )
             })?
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::QemuMissing {
-                    path: spec.hvparams.kvm_path.clone(),
-                },
-                _ => step("spawn QEMU", e.to_string()),
-            })?;
+            .map_err(|e| step("spawn QEMU", e.to_string()))?;
         tracing::debug!(instance = %name, "QEMU initialized");
         // QEMU holds its own descriptors now; the interfaces live with it.
         let tap_names: Vec<String> = taps.iter().map(|t| t.name().to_owned()).collect();

@@ -170,3 +170,26 @@ pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// SIGKILLs the process behind `pidfd` (if it still runs) and waits up to
+/// `timeout` for it to exit, blocking the thread.
+pub(crate) fn kill_and_wait_pidfd(pidfd: &OwnedFd, timeout: Duration) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd we own; ESRCH (gone) is fine.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: poll(2) on one pollfd that lives on this stack frame.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
