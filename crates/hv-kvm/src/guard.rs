@@ -27,6 +27,10 @@ pub(crate) struct RollbackGuard {
     /// daemonized): it names that process even once reaped, so no reused
     /// pid is ever signalled.
     child: Mutex<Option<OwnedFd>>,
+    /// The TAPs this operation created: a rollback returns only once the
+    /// kernel has removed them (their last holder may exit a moment after
+    /// QEMU reported its failure).
+    taps: Mutex<Vec<String>>,
 }
 
 impl RollbackGuard {
@@ -37,7 +41,16 @@ impl RollbackGuard {
             what,
             armed: true,
             child: Mutex::new(None),
+            taps: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records a TAP the operation created.
+    pub(crate) fn add_tap(&self, name: &str) {
+        self.taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_owned());
     }
 
     /// Records the QEMU process the operation spawned (call at once after
@@ -87,5 +100,12 @@ impl Drop for RollbackGuard {
             process::kill_and_wait_pidfd(&fd, Duration::from_secs(10));
         }
         kill_and_clean_blocking(&self.paths);
+        let taps = std::mem::take(&mut *self.taps.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        for tap in taps {
+            while gkvm_tap::interface_exists(&tap) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 }

@@ -273,6 +273,9 @@ impl KvmHypervisor {
         let virtio = hv.nic_type == kvm_cmdline::hvparams::NicType::Paravirtual
             && caps.features.virtio_net_pci;
         let taps = crate::nic::open_taps(&spec, &self.config.tap_template, virtio)?;
+        for tap in &taps {
+            guard.add_tap(tap.name());
+        }
         for (i, tap) in taps.iter().enumerate() {
             let routed = spec.nics[i].mode != kvm_cmdline::NicMode::Bridged;
             // As the seed: an incoming instance's routed NICs wait for the
