@@ -35,8 +35,16 @@ impl CpuMask {
         self.0.iter().all(|s| *s == CpuSet::All)
     }
 
-    /// Parses the seed's syntax.
-    pub fn parse(text: &str) -> Result<CpuMask, String> {
+    /// Parses Ganeti's `cpu_mask` syntax; the error names the parameter.
+    pub fn parse(text: &str) -> Result<CpuMask, crate::Error> {
+        Self::parse_text(text).map_err(|reason| crate::Error::InvalidValue {
+            key: "cpu_mask".into(),
+            value: text.into(),
+            reason,
+        })
+    }
+
+    fn parse_text(text: &str) -> Result<CpuMask, String> {
         let text = text.trim();
         if text.is_empty() {
             return Ok(CpuMask::all());
@@ -147,7 +155,7 @@ impl Serialize for CpuMask {
 impl<'de> Deserialize<'de> for CpuMask {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CpuMask, D::Error> {
         let s = String::deserialize(d)?;
-        CpuMask::parse(&s).map_err(serde::de::Error::custom)
+        CpuMask::parse_text(&s).map_err(serde::de::Error::custom)
     }
 }
 

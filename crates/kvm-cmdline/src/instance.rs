@@ -166,7 +166,15 @@ pub struct NicSpec {
 /// (ASCII letters, digits, `. _ - +`; no leading `-` or `.`; no `..`; at
 /// most 128 bytes). The same rule as kvm-runtime's, kept here so this crate
 /// stays usable alone.
-pub fn validate_instance_name(name: &str) -> Result<(), String> {
+pub fn validate_instance_name(name: &str) -> Result<(), Error> {
+    name_problem(name).map_err(|reason| Error::Instance {
+        instance: name.into(),
+        field: "name".into(),
+        reason,
+    })
+}
+
+fn name_problem(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty name".into());
     }
@@ -189,7 +197,15 @@ pub fn validate_instance_name(name: &str) -> Result<(), String> {
 }
 
 /// Checks a MAC address `aa:bb:cc:dd:ee:ff`.
-pub fn validate_mac(mac: &str) -> Result<(), String> {
+pub fn validate_mac(mac: &str) -> Result<(), Error> {
+    mac_problem(mac).map_err(|reason| Error::InvalidValue {
+        key: "mac".into(),
+        value: mac.into(),
+        reason,
+    })
+}
+
+fn mac_problem(mac: &str) -> Result<(), String> {
     let parts: Vec<&str> = mac.split(':').collect();
     if parts.len() != 6
         || !parts
@@ -245,7 +261,7 @@ impl InstanceSpec {
             field: field.into(),
             reason,
         };
-        validate_instance_name(&self.name).map_err(|r| bad("name", r))?;
+        name_problem(&self.name).map_err(|r| bad("name", r))?;
         if self.memory == 0 || self.memory > MAX_MEMORY_MIB {
             return Err(bad(
                 "memory",
@@ -290,7 +306,7 @@ impl InstanceSpec {
             }
         }
         for (i, nic) in self.nics.iter().enumerate() {
-            validate_mac(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
+            mac_problem(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
             if let Some(j) = self.nics[..i]
                 .iter()
                 .position(|o| o.mac.eq_ignore_ascii_case(&nic.mac))
