@@ -25,7 +25,7 @@ pub enum Error {
     },
     /// The instance definition, hvparams or capabilities do not allow a
     /// command line.
-    #[error("instance {instance}: {source}")]
+    #[error("{}", named(instance, source))]
     Params {
         /// The instance.
         instance: String,
@@ -34,7 +34,7 @@ pub enum Error {
         source: kvm_cmdline::Error,
     },
     /// The node's state on disk.
-    #[error("instance {instance}: {source}")]
+    #[error("{}", named(instance, source))]
     Runtime {
         /// The instance.
         instance: String,
@@ -136,6 +136,17 @@ pub enum Error {
     },
 }
 
+/// `instance NAME: <source>`, unless the source names the instance already
+/// (so a message never says "instance web1: instance web1 is busy").
+fn named(instance: &str, source: &dyn std::fmt::Display) -> String {
+    let text = source.to_string();
+    if text.contains(&format!("instance {instance}")) {
+        text
+    } else {
+        format!("instance {instance}: {text}")
+    }
+}
+
 /// A `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -186,5 +197,37 @@ impl Error {
             }
             Error::QemuMissing { .. } | Error::Probe { .. } | Error::Io { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_its_instance_once() {
+        let busy = Error::Runtime {
+            instance: "web1".into(),
+            source: kvm_runtime::Error::Busy {
+                instance: "web1".into(),
+                waited: Duration::from_millis(1500),
+            },
+        };
+        assert_eq!(
+            busy.to_string(),
+            "instance web1 is busy: another operation holds its lock (waited 1.5 s)"
+        );
+        assert_eq!((busy.kind(), busy.instance()), ("busy", Some("web1")));
+        let io = Error::Runtime {
+            instance: "web1".into(),
+            source: kvm_runtime::Error::TooLarge {
+                path: "/run/gkvm/conf/web1.runtime".into(),
+                max: 10,
+            },
+        };
+        assert!(
+            io.to_string().starts_with("instance web1: /run/gkvm/conf/"),
+            "{io}"
+        );
     }
 }
