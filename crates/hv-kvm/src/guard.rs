@@ -74,7 +74,7 @@ pub(crate) fn kill_and_clean_blocking(paths: &InstancePaths) {
     for _ in 0..3 {
         match paths.liveness() {
             Ok(Liveness::Running { pid }) => {
-                if let Err(e) = process::kill_instance(pid, &paths.name) {
+                if let Err(e) = process::kill_instance(pid, paths) {
                     tracing::warn!(instance = %paths.name, pid, error = %e, "rollback: kill");
                 }
                 process::wait_exit_blocking(pid, Duration::from_secs(10));

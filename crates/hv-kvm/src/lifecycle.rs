@@ -549,7 +549,7 @@ impl KvmHypervisor {
     }
 
     pub(crate) async fn kill(&self, paths: &InstancePaths, pid: i32) -> Result<()> {
-        process::kill_instance(pid, &paths.name).map_err(|e| Error::Io {
+        process::kill_instance(pid, paths).map_err(|e| Error::Io {
             context: format!("killing instance {} (pid {pid})", paths.name),
             source: e,
         })?;
@@ -613,11 +613,7 @@ impl KvmHypervisor {
     pub async fn reboot(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
-        if !matches!(self.liveness(&paths)?, Liveness::Running { .. }) {
-            return Err(Error::NotRunning {
-                instance: name.into(),
-            });
-        }
+        self.running_pid(&paths)?;
         let spec = self.saved_spec(&paths)?;
         match spec {
             Some(spec) if spec.hvparams.reboot_behavior == RebootBehavior::Exit => {
@@ -708,11 +704,7 @@ impl KvmHypervisor {
         cmd: &C,
     ) -> Result<()> {
         let paths = self.paths(name)?;
-        if !matches!(self.liveness(&paths)?, Liveness::Running { .. }) {
-            return Err(Error::NotRunning {
-                instance: name.into(),
-            });
-        }
+        self.running_pid(&paths)?;
         let qmp = self.qmp(&paths).await?;
         qmp.run(cmd).await.map_err(|e| Error::Qmp {
             instance: name.into(),

@@ -185,10 +185,7 @@ impl KvmHypervisor {
         port: u16,
         timeout: Duration,
     ) -> Result<StartReport> {
-        let spec = self.incoming_spec(info)?;
-        check_listen(&spec.name, address, port)?;
-        crate::lifecycle::check_spec(&spec)?;
-        let paths = self.paths(&spec.name)?;
+        let (spec, paths) = self.incoming(info, address, port)?;
         let _lock = self.lock(&paths).await?;
         let _guard = IncomingGuard {
             paths: paths.clone(),
@@ -212,12 +209,24 @@ impl KvmHypervisor {
         address: &str,
         port: u16,
     ) -> Result<StartReport> {
+        let (spec, paths) = self.incoming(info, address, port)?;
+        let _lock = self.lock(&paths).await?;
+        self.accept_locked(&spec, &paths, address, port).await
+    }
+
+    /// The checks of an incoming instance before anything is created for
+    /// it: trusted info, a real listen address, a valid definition.
+    fn incoming(
+        &self,
+        info: &str,
+        address: &str,
+        port: u16,
+    ) -> Result<(crate::InstanceSpec, InstancePaths)> {
         let spec = self.incoming_spec(info)?;
         check_listen(&spec.name, address, port)?;
         crate::lifecycle::check_spec(&spec)?;
         let paths = self.paths(&spec.name)?;
-        let _lock = self.lock(&paths).await?;
-        self.accept_locked(&spec, &paths, address, port).await
+        Ok((spec, paths))
     }
 
     async fn accept_locked(

@@ -55,15 +55,20 @@ pub(crate) fn wait_exit_blocking(pid: i32, timeout: Duration) -> bool {
             return kvm_runtime::is_zombie_or_gone(pid);
         }
     };
+    poll_pidfd(&fd, timeout) || kvm_runtime::is_zombie_or_gone(pid)
+}
+
+/// Blocks until the process behind `pidfd` has exited or `timeout` has
+/// passed; returns whether it exited.
+fn poll_pidfd(pidfd: &OwnedFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
+        fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: poll(2) on one pollfd that lives on this stack frame.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    n > 0 || kvm_runtime::is_zombie_or_gone(pid)
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 async fn poll_exit(pid: i32, timeout: Duration) -> bool {
@@ -80,14 +85,19 @@ async fn poll_exit(pid: i32, timeout: Duration) -> bool {
 }
 
 /// Sends SIGKILL to `pid` if, and only if, it is the QEMU of `instance`
-/// (checked through a pidfd, so a reused pid is never hit). Returns
-/// whether a signal was sent.
-pub(crate) fn kill_instance(pid: i32, instance: &str) -> std::io::Result<bool> {
+/// (its `-name`, and its `-pidfile` when it has one: the same check as
+/// `liveness`, so a same-named QEMU of another run dir is never hit;
+/// through a pidfd, so a reused pid is never hit). Returns whether a
+/// signal was sent.
+pub(crate) fn kill_instance(
+    pid: i32,
+    instance: &kvm_runtime::InstancePaths,
+) -> std::io::Result<bool> {
     let Some(fd) = pidfd_open(pid)? else {
         return Ok(false);
     };
     // The pidfd pins the process identity: check it is ours, then signal it.
-    if !kvm_runtime::process_runs_instance(pid, instance) {
+    if !instance.is_our_process(pid) {
         return Ok(false);
     }
     // SAFETY: pidfd_send_signal(2) on our pidfd.
@@ -184,12 +194,5 @@ pub(crate) fn kill_and_wait_pidfd(pidfd: &OwnedFd, timeout: Duration) {
             0,
         );
     }
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: poll(2) on one pollfd that lives on this stack frame.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    poll_pidfd(pidfd, timeout);
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gkvm_qmp::{commands, Options, Qmp};
-use kvm_runtime::{InstancePaths, Liveness};
+use kvm_runtime::InstancePaths;
 
 use crate::error::{Error, Result};
 use crate::lifecycle::spec_from_record;
@@ -138,14 +138,8 @@ impl KvmHypervisor {
     /// Info of one running instance.
     pub async fn info(&self, name: &str) -> Result<InstanceInfo> {
         let paths = self.paths(name)?;
-        match self.liveness(&paths)? {
-            Liveness::Running { pid } => {
-                Ok(instance_info(paths, pid, self.config.qmp_timeout).await)
-            }
-            _ => Err(Error::NotRunning {
-                instance: name.into(),
-            }),
-        }
+        let pid = self.running_pid(&paths)?;
+        Ok(instance_info(paths, pid, self.config.qmp_timeout).await)
     }
 
     /// Info of every running instance, queried concurrently with a bounded
@@ -248,11 +242,7 @@ impl KvmHypervisor {
     /// describes it: the serial socket, else VNC, else SPICE.
     pub fn console(&self, name: &str) -> Result<ConsoleInfo> {
         let paths = self.paths(name)?;
-        if !matches!(self.liveness(&paths)?, Liveness::Running { .. }) {
-            return Err(Error::NotRunning {
-                instance: name.into(),
-            });
-        }
+        self.running_pid(&paths)?;
         let record = paths.read_runtime().map_err(|e| Error::Runtime {
             instance: name.into(),
             source: e,
