@@ -13,5 +13,5 @@ fuzz_target!(|data: &[u8]| {
     let again = RuntimeRecord::from_json(&record.to_json(), std::path::Path::new("fuzz"))
         .expect("a record gkvm wrote reads back");
     assert_eq!(again.argv, record.argv);
-    let _ = record.to_seed_json();
+    let _ = record.to_ganeti_json();
 });

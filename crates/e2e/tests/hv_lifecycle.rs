@@ -486,7 +486,7 @@ fn info_all_over_twenty_instances() {
 }
 
 #[test]
-fn nic_script_gets_the_seed_environment() {
+fn nic_script_gets_the_ganeti_environment() {
     let Some(env) = require("hv_nic_script", &[Need::Root, Need::Qemu]) else {
         return;
     };
@@ -550,20 +550,20 @@ fn nic_script_gets_the_seed_environment() {
 }
 
 #[test]
-fn instances_started_by_the_seed_layout_are_managed() {
-    let Some(env) = require("hv_seed_layout", &[Need::Root, Need::Qemu]) else {
+fn instances_started_by_the_ganeti_layout_are_managed() {
+    let Some(env) = require("hv_ganeti_layout", &[Need::Root, Need::Qemu]) else {
         return;
     };
-    // A QEMU started the way the seed driver did, under a seed-style run dir.
+    // A QEMU started the way Ganeti's KVM driver did, under a Ganeti-style run dir.
     let node = Node::new(&env, |_| {});
     let run = RunDir::new(node.run());
     run.ensure().unwrap();
-    let paths = run.instance("seed1.example.com").unwrap();
+    let paths = run.instance("ganeti1.example.com").unwrap();
     let accel = gkvm_testkit::guestless_accel();
     let st = std::process::Command::new(&env.qemu)
         .args([
             "-name",
-            "seed1.example.com",
+            "ganeti1.example.com",
             "-m",
             "64",
             "-smp",
@@ -587,20 +587,20 @@ fn instances_started_by_the_seed_layout_are_managed() {
         .status()
         .unwrap();
     assert!(st.success());
-    let data =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../kvm-runtime/tests/data/seed-runtime-3.json");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../kvm-runtime/tests/data/ganeti-runtime-3.json");
     std::fs::copy(data, &paths.runtime).unwrap();
     rt().block_on(async {
-        assert_eq!(node.hv.list().unwrap(), vec!["seed1.example.com"]);
-        let info = node.hv.info("seed1.example.com").await.unwrap();
+        assert_eq!(node.hv.list().unwrap(), vec!["ganeti1.example.com"]);
+        let info = node.hv.info("ganeti1.example.com").await.unwrap();
         assert_eq!((info.memory_mib, info.vcpus), (64, 1));
         assert!(matches!(
-            node.hv.console("seed1.example.com").unwrap(),
+            node.hv.console("ganeti1.example.com").unwrap(),
             hv_kvm::ConsoleInfo::Serial { .. }
         ));
         assert_eq!(
             node.hv
-                .stop("seed1.example.com", true, Duration::from_secs(5))
+                .stop("ganeti1.example.com", true, Duration::from_secs(5))
                 .await
                 .unwrap(),
             StopOutcome::Killed

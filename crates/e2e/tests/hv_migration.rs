@@ -136,7 +136,7 @@ fn wrong_port_leaves_the_source_running_with_its_limits() {
             other => panic!("{other:?}"),
         }
         assert_eq!(a.info("port1").await.unwrap().state, "running");
-        // The seed's limits reached QEMU: 30 ms, 32 MiB/s.
+        // Ganeti's limits reached QEMU: 30 ms, 32 MiB/s.
         let paths = RunDir::new(da.path().join("run"))
             .instance("port1")
             .unwrap();

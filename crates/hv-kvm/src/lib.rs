@@ -44,7 +44,7 @@ pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// The run directory (`/run/gkvm`, or the seed's layout).
+    /// The run directory (`/run/gkvm`, or Ganeti's layout).
     pub run_dir: RunDir,
     /// A QEMU binary to use instead of each instance's `kvm_path`.
     pub kvm_path: Option<PathBuf>,
@@ -56,8 +56,8 @@ pub struct Config {
     pub qmp_timeout: Duration,
     /// Node-wide inputs of the argv (SPICE certificates).
     pub build_env: kvm_cmdline::BuildEnv,
-    /// The NIC up script (the seed's `kvm-ifup`): run with the TAP name and
-    /// the seed's environment. Without one, TAPs are brought up and bridged
+    /// The NIC up script (Ganeti's `kvm-ifup`): run with the TAP name and
+    /// Ganeti's environment. Without one, TAPs are brought up and bridged
     /// NICs attached to their bridge natively.
     pub nic_script: Option<PathBuf>,
     /// The uid pool for `security_model=pool`.

@@ -115,7 +115,7 @@ impl KvmHypervisor {
     }
 
     /// The instance definition saved at start (for instances started by the
-    /// seed driver: rebuilt from its runtime file and argv).
+    /// Ganeti KVM driver: rebuilt from its runtime file and argv).
     pub(crate) fn saved_spec(&self, paths: &InstancePaths) -> Result<Option<InstanceSpec>> {
         let record = paths.read_runtime().map_err(|e| Error::Runtime {
             instance: paths.name.clone(),
@@ -278,7 +278,7 @@ impl KvmHypervisor {
         }
         for (i, tap) in taps.iter().enumerate() {
             let routed = spec.nics[i].mode != kvm_cmdline::NicMode::Bridged;
-            // As the seed: an incoming instance's routed NICs wait for the
+            // As Ganeti: an incoming instance's routed NICs wait for the
             // migration to finish (the source still owns the route).
             if opts.incoming.is_some() && routed {
                 continue;
@@ -323,7 +323,7 @@ impl KvmHypervisor {
         let launch = Launch {
             node: node_paths(paths),
             // Stopped at first: pinning, ballooning and passwords come before
-            // the guest runs (as the seed does). An incoming instance runs as
+            // the guest runs (as Ganeti does). An incoming instance runs as
             // soon as its migration lands (the source has then stopped for
             // good), so a killed `accept` cannot leave the only copy paused.
             paused: opts.incoming.is_none(),
@@ -609,7 +609,7 @@ impl KvmHypervisor {
     /// Reboots an instance. With `reboot_behavior=allow` the machine is
     /// reset in place (QMP `system_reset`); with `exit` QEMU runs with
     /// `-no-reboot`, so it is stopped and started again from its saved
-    /// definition, as the seed does.
+    /// definition, as Ganeti does.
     pub async fn reboot(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
@@ -715,7 +715,7 @@ impl KvmHypervisor {
 }
 
 /// The instance definition kept in a runtime record, or one rebuilt from a
-/// seed driver's record (its argv and hvparams).
+/// Ganeti KVM driver's record (its argv and hvparams).
 pub(crate) fn spec_from_record(name: &str, r: &RuntimeRecord) -> InstanceSpec {
     if let Some(spec) = r
         .payload

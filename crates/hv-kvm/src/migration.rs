@@ -1,4 +1,4 @@
-//! Live migration, the seed's protocol on both sides — followed through
+//! Live migration, Ganeti's protocol on both sides — followed through
 //! QMP `MIGRATION` events instead of polling HMP text every 2 s, so a
 //! migration that takes 250 ms is reported done after 250 ms.
 //!
@@ -108,7 +108,7 @@ async fn enable_migration_events(qmp: &Qmp, instance: &str) -> Result<()> {
 
 impl KvmHypervisor {
     /// A connection on the watch socket (falls back to the main one for
-    /// instances started without it, e.g. by the seed driver).
+    /// instances started without it, e.g. by Ganeti's KVM driver).
     async fn watch_qmp(&self, paths: &InstancePaths) -> Result<Qmp> {
         let path = if paths.qmp_watch.exists() {
             &paths.qmp_watch

@@ -1,5 +1,5 @@
 //! TAP interfaces for an instance's NICs, configured by the NIC script with
-//! the seed's environment or natively (link up, bridge attach).
+//! Ganeti's environment or natively (link up, bridge attach).
 
 use std::path::Path;
 
@@ -9,7 +9,7 @@ use kvm_cmdline::{InstanceSpec, NicMode, NicSpec};
 use crate::error::{Error, Result};
 
 /// Opens one TAP per NIC. vnet_hdr is used for virtio NICs when the kernel
-/// has it (as the seed does), never for emulated ones.
+/// has it (as Ganeti does), never for emulated ones.
 pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Result<Vec<Tap>> {
     spec.nics
         .iter()
@@ -28,7 +28,7 @@ pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Re
         .collect()
 }
 
-/// The environment the NIC script gets (the seed's names).
+/// The environment the NIC script gets (Ganeti's names).
 pub fn nic_script_env(
     spec: &InstanceSpec,
     seq: usize,
@@ -70,7 +70,7 @@ pub fn nic_script_env(
     env
 }
 
-/// Configures NIC `seq`'s TAP: runs `script INTERFACE` with the seed's
+/// Configures NIC `seq`'s TAP: runs `script INTERFACE` with Ganeti's
 /// environment when one is configured, else brings the link up and, for
 /// bridged NICs, attaches it to the bridge.
 pub(crate) async fn configure(

@@ -213,7 +213,7 @@ pub async fn probe(path: &Path) -> Result<Capabilities> {
     let (help, machines, devices) = tokio::join!(
         run(path, &["--help"], false),
         run(path, &["-machine", "?"], false),
-        // Old QEMU has no -device; the seed accepted failure here too.
+        // Old QEMU has no -device; Ganeti accepted failure here too.
         run(path, &["-device", "?"], true),
     );
     Capabilities::from_help(&help?, &machines?, &devices.unwrap_or_default()).map_err(|e| {

@@ -238,7 +238,7 @@ impl KvmHypervisor {
             .unwrap_or(kvm)
     }
 
-    /// How to reach the console of a running instance, as the seed
+    /// How to reach the console of a running instance, as Ganeti
     /// describes it: the serial socket, else VNC, else SPICE.
     pub fn console(&self, name: &str) -> Result<ConsoleInfo> {
         let paths = self.paths(name)?;
@@ -311,7 +311,7 @@ impl KvmHypervisor {
         out
     }
 
-    /// Power-cycles this node at once, as the seed does when cluster
+    /// Power-cycles this node at once, as Ganeti does when cluster
     /// software fences a node: syncs file systems, then asks the kernel
     /// for an immediate reboot (`b` to `/proc/sysrq-trigger`). Returns only
     /// if that failed. Instances are not stopped first: this is fencing.

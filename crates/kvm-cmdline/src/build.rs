@@ -1,5 +1,5 @@
 //! Building QEMU's argv from an instance, its hvparams and a QEMU's
-//! capabilities: the seed's `_GenerateKVMRuntime` (the instance part, saved
+//! capabilities: Ganeti's `_GenerateKVMRuntime` (the instance part, saved
 //! in the runtime file and sent to a migration target) and the argv part of
 //! its `_ExecuteKVMRuntime` (node paths, NIC descriptors, `-incoming`, `-S`).
 
@@ -36,7 +36,7 @@ pub struct QemuCommand {
 pub struct BuildEnv {
     /// SPICE TLS CA certificate.
     pub spice_cacert: PathBuf,
-    /// SPICE TLS certificate (and key, in one file as the seed has it).
+    /// SPICE TLS certificate (and key, in one file as Ganeti has it).
     pub spice_cert: PathBuf,
     /// The address of the `spice_bind` interface when it names one (the
     /// caller looks it up; this crate does no I/O).
@@ -99,7 +99,7 @@ pub struct Launch {
 
 /// The keymap file to write at [`NodePaths::keymap`] before a launch, if
 /// this QEMU needs one: old QEMU reads a file that includes en-us first, so
-/// a missing layout still leaves a usable keyboard (as the seed does); QEMU
+/// a missing layout still leaves a usable keyboard (as Ganeti does); QEMU
 /// 4.0 and later refuse include files and get the layout name instead.
 pub fn keymap_file(hv: &crate::HvParams, caps: &Capabilities) -> Option<String> {
     (!hv.keymap.is_empty() && caps.features.keymap_include_files)
@@ -171,7 +171,7 @@ pub fn build(
         });
     }
 
-    // The balloon: the seed's -balloon is long gone.
+    // The balloon: Ganeti's -balloon is long gone.
     if f.balloon_option {
         a.opt("-balloon", "virtio");
     } else if caps.has_device("virtio-balloon-pci") {
@@ -227,7 +227,7 @@ pub fn build(
     }
 
     // Disks. Modern QEMU: a backend without a bus (-drive if=none) plus a
-    // -device, with bootindex for the boot disk. Old qemu-kvm: the seed's
+    // -device, with bootindex for the boot disk. Old qemu-kvm: Ganeti's
     // -drive if=...,boot=on.
     let legacy_drives = f.drive_boot || caps.devices.is_empty();
     let mut scsi_controller = false;
@@ -314,7 +314,7 @@ pub fn build(
             "cdrom2_image_path"
         };
         let path = opt_path(key, image)?;
-        // The seed boots CD-ROMs from IDE whatever cdrom_disk_type says.
+        // Ganeti boots CD-ROMs from IDE whatever cdrom_disk_type says.
         let kind = if bootable { DiskType::Ide } else { cdrom_type };
         if legacy_drives {
             let iface = if kind == DiskType::Paravirtual {
@@ -494,7 +494,7 @@ pub fn build(
         }
     }
 
-    // The seed appended kvm_extra as one argument; split it so that
+    // Ganeti appended kvm_extra as one argument; split it so that
     // "-foo a -bar b" means what it says.
     for extra in hv.kvm_extra.split_whitespace() {
         a.flag(extra);

@@ -52,7 +52,7 @@ pub struct MachineType {
     pub is_default: bool,
 }
 
-/// The option features the builder and the seed's checks depend on.
+/// The option features the builder and Ganeti's checks depend on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -476,7 +476,7 @@ impl Capabilities {
 
     /// Resolves a machine name to its concrete type: an alias such as `pc`
     /// becomes `pc-i440fx-7.2`; an empty name becomes the default machine
-    /// (or `pc` when QEMU marks none, as the seed does). Unknown names are
+    /// (or `pc` when QEMU marks none, as Ganeti does). Unknown names are
     /// an error naming `machine_version`.
     pub fn resolve_machine(&self, requested: &str) -> Result<String, Error> {
         let requested = requested.trim();

@@ -1,4 +1,4 @@
-//! The seed's CPU mask syntax: `all`, `0-3,5`, or one set per vCPU
+//! Ganeti's CPU mask syntax: `all`, `0-3,5`, or one set per vCPU
 //! separated by `:` (`0-2,4:all:1,3`).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -164,7 +164,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seed_examples() {
+    fn ganeti_examples() {
         let m = CpuMask::parse("0-2,4:all:1,3").unwrap();
         assert_eq!(
             m.sets(),

@@ -22,7 +22,7 @@ pub enum Error {
         reason: String,
     },
     /// Parameters that are individually valid but do not fit together (the
-    /// seed's `CheckParameterSyntax`).
+    /// Ganeti's `CheckParameterSyntax`).
     #[error("hypervisor parameter {key}: {reason}")]
     Syntax {
         /// The parameter at fault.
@@ -30,7 +30,7 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// A host fact contradicts the parameters (the seed's `ValidateParameters`).
+    /// A host fact contradicts the parameters (Ganeti's `ValidateParameters`).
     #[error("hypervisor parameter {key}: {reason}")]
     Host {
         /// The parameter at fault.

@@ -1,4 +1,4 @@
-//! The KVM hypervisor parameters, with the seed driver's key names and
+//! The KVM hypervisor parameters, with Ganeti's KVM driver's key names and
 //! defaults (deviations are listed in the crate README), typed.
 
 use std::path::PathBuf;
@@ -17,9 +17,9 @@ macro_rules! str_enum {
             $($(#[$vdoc])* #[serde(rename = $s)] $variant),+
         }
         impl $name {
-            /// Every value, as the seed spells them.
+            /// Every value, as Ganeti spells them.
             pub const ALL: &'static [&'static str] = &[$($s),+];
-            /// The seed's spelling.
+            /// Ganeti's spelling.
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $s),+ }
             }
@@ -85,17 +85,17 @@ str_enum!(
     SpiceVideo { #[allow(missing_docs)] Off = "off", #[allow(missing_docs)] All = "all",
                  #[allow(missing_docs)] Filter = "filter" } default Off);
 
-/// Serial speeds the seed accepts.
+/// Serial speeds Ganeti accepts.
 pub const VALID_SERIAL_SPEEDS: &[u32] = &[
     75, 110, 300, 600, 1200, 1800, 2400, 4800, 9600, 14400, 19200, 28800, 38400, 57600, 115200,
     230400, 345600, 460800,
 ];
 
-/// The seed's TLS cipher default for SPICE.
+/// Ganeti's TLS cipher default for SPICE.
 pub const DEFAULT_SPICE_TLS_CIPHERS: &str = "HIGH:-DES:-3DES:-EXPORT:-ADH";
 
-/// Every KVM hypervisor parameter of the seed driver, typed. Empty strings
-/// in the seed's format are `None` here for optional values.
+/// Every KVM hypervisor parameter of Ganeti's KVM driver, typed. Empty strings
+/// in Ganeti's format are `None` here for optional values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
@@ -209,7 +209,7 @@ pub struct HvParams {
     pub security_model: SecurityModel,
     /// The user for `security_model=user`.
     pub security_domain: String,
-    /// KVM acceleration on or off. The seed's `""` (say nothing) meant KVM
+    /// KVM acceleration on or off. Ganeti's `""` (say nothing) meant KVM
     /// on the qemu-kvm of its day, so it reads as `enabled`.
     #[serde(deserialize_with = "kvm_flag_or_empty")]
     pub kvm_flag: KvmFlag,
@@ -313,7 +313,7 @@ impl Default for HvParams {
 }
 
 impl HvParams {
-    /// Every parameter name, in the seed's order.
+    /// Every parameter name, in Ganeti's order.
     pub fn keys() -> Vec<String> {
         match serde_json::to_value(HvParams::default()) {
             Ok(Value::Object(m)) => m.keys().cloned().collect(),
@@ -321,7 +321,7 @@ impl HvParams {
         }
     }
 
-    /// The parameters as a JSON map (the seed's spelling: `""` for unset).
+    /// The parameters as a JSON map (Ganeti's spelling: `""` for unset).
     pub fn to_map(&self) -> Map<String, Value> {
         match serde_json::to_value(self) {
             Ok(Value::Object(m)) => m,
@@ -410,7 +410,7 @@ fn clean_serde_message(m: &str) -> String {
     }
 }
 
-/// `""` ↔ `None` for optional values, as the seed stores them.
+/// `""` ↔ `None` for optional values, as Ganeti stores them.
 pub(crate) mod empty_none {
     use serde::de::DeserializeOwned;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -494,7 +494,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_round_trip_through_the_seed_map() {
+    fn defaults_round_trip_through_the_ganeti_map() {
         let d = HvParams::default();
         let m = d.to_map();
         assert_eq!(m["kernel_path"], "");

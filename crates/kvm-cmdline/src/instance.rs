@@ -17,7 +17,7 @@ pub struct InstanceSpec {
     pub uuid: Option<String>,
     /// Memory in MiB (the maximum; the balloon can shrink it).
     pub memory: u64,
-    /// Memory in MiB to balloon down to right after start (the seed's
+    /// Memory in MiB to balloon down to right after start (Ganeti's
     /// startup memory); none means `memory`.
     #[serde(default)]
     pub startup_memory: Option<u64>,
@@ -27,7 +27,7 @@ pub struct InstanceSpec {
     /// Tags, passed to the NIC script as `TAGS`.
     #[serde(default)]
     pub tags: Vec<String>,
-    /// Hypervisor parameters (seed key names; JSON types or strings).
+    /// Hypervisor parameters (Ganeti key names; JSON types or strings).
     #[serde(default, deserialize_with = "hvparams_from_map")]
     pub hvparams: HvParams,
     /// Disks, in order (the first is the boot disk).
@@ -112,7 +112,7 @@ pub enum NicMode {
 }
 
 impl NicMode {
-    /// The seed's spelling.
+    /// Ganeti's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             NicMode::Bridged => "bridged",

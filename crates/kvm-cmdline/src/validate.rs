@@ -1,4 +1,4 @@
-//! Two checks, kept apart as the seed keeps them: syntax (the parameters
+//! Two checks, kept apart as Ganeti keeps them: syntax (the parameters
 //! alone, no host access) and host validation (against facts about the
 //! node, passed in so this stays pure).
 
@@ -33,7 +33,7 @@ fn is_norm_abs(p: &str) -> bool {
 }
 
 impl HvParams {
-    /// The seed's `CheckParameterSyntax`: parameters that do not fit
+    /// Ganeti's `CheckParameterSyntax`: parameters that do not fit
     /// together, and values outside their syntax. No host access.
     pub fn check_syntax(&self) -> Result<(), Error> {
         if !self.kvm_path.is_absolute() {
@@ -188,7 +188,7 @@ impl HvParams {
         Ok(())
     }
 
-    /// The seed's `ValidateParameters`: checks against the node. Call
+    /// Ganeti's `ValidateParameters`: checks against the node. Call
     /// [`HvParams::check_syntax`] first.
     pub fn validate_host(&self, host: &dyn HostFacts, caps: &Capabilities) -> Result<(), Error> {
         let host_err = |key: &str, reason: String| Error::Host {

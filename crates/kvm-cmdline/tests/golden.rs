@@ -296,7 +296,7 @@ fn version_aware_spellings() {
     assert!(v("qemu-10.0", "security-pool").contains("-run-with user=nobody"));
 }
 
-/// Old QEMU, from excerpts of the help text of their day: the seed's
+/// Old QEMU, from excerpts of the help text of their day: Ganeti's
 /// spellings come back.
 #[test]
 fn old_qemu_gets_old_spellings() {

@@ -10,8 +10,8 @@ use crate::{validate_name, Error};
 
 /// gkvm's default run directory.
 pub const DEFAULT_ROOT: &str = "/run/gkvm";
-/// The seed driver's (Ganeti's) run directory for KVM.
-pub const SEED_ROOT: &str = "/var/run/ganeti/kvm-hypervisor";
+/// Ganeti's KVM driver's (Ganeti's) run directory for KVM.
+pub const GANETI_ROOT: &str = "/var/run/ganeti/kvm-hypervisor";
 
 /// Longest Unix socket path (`sun_path` less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -28,7 +28,7 @@ const SUBDIRS: [&str; 8] = [
 ];
 
 /// A node's run directory: where every instance's pid, sockets, runtime
-/// file, NIC records, keymap and chroot live. The file names are the seed
+/// file, NIC records, keymap and chroot live. The file names are Ganeti
 /// driver's, so [`RunDir::seed`] reads and writes a Ganeti node's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
@@ -47,9 +47,9 @@ impl RunDir {
         RunDir { root: root.into() }
     }
 
-    /// The seed driver's layout preset: `/var/run/ganeti/kvm-hypervisor`.
-    pub fn seed() -> RunDir {
-        RunDir::new(SEED_ROOT)
+    /// Ganeti's KVM driver's layout preset: `/var/run/ganeti/kvm-hypervisor`.
+    pub fn ganeti() -> RunDir {
+        RunDir::new(GANETI_ROOT)
     }
 
     /// The root directory.
@@ -141,7 +141,7 @@ pub struct InstancePaths {
     pub pid: PathBuf,
     /// `uid/<name>`: the uid taken from the pool.
     pub uid: PathBuf,
-    /// `ctrl/<name>.monitor`: the seed's HMP socket (removed on cleanup).
+    /// `ctrl/<name>.monitor`: Ganeti's HMP socket (removed on cleanup).
     pub monitor: PathBuf,
     /// `ctrl/<name>.serial`: the serial console socket.
     pub serial: PathBuf,

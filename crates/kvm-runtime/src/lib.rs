@@ -47,7 +47,7 @@ mod record;
 mod uid;
 
 pub use error::{human_duration, Error};
-pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, SEED_ROOT};
+pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, GANETI_ROOT};
 pub use live::{is_zombie_or_gone, process_runs_instance, Liveness};
 pub use lock::{InstanceLock, LockGuard};
 pub use name::{validate_name, MAX_NAME_LEN};

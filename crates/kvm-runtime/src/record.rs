@@ -16,8 +16,8 @@ pub enum Origin {
     /// Written by gkvm.
     #[default]
     Gkvm,
-    /// Written by the seed driver (Ganeti): `[argv, nics, hvparams(, disks)]`.
-    Seed,
+    /// Written by Ganeti's KVM driver (2.x and 3.x): `[argv, nics, hvparams(, disks)]`.
+    Ganeti,
 }
 
 /// What is saved about a running instance: the argv QEMU was started with,
@@ -62,7 +62,7 @@ impl RuntimeRecord {
     }
 
     /// Parses gkvm's format (any version up to [`FORMAT_VERSION`]) or the
-    /// seed driver's list form. `source` names the data in errors.
+    /// Ganeti KVM driver's list form. `source` names the data in errors.
     pub fn from_json(data: &[u8], source: &std::path::Path) -> Result<RuntimeRecord, Error> {
         let corrupt = |reason: String| Error::Corrupt {
             path: source.to_owned(),
@@ -89,40 +89,40 @@ impl RuntimeRecord {
                     ..v.record
                 })
             }
-            Value::Array(items) => Self::from_seed(items).map_err(corrupt),
+            Value::Array(items) => Self::from_ganeti(items).map_err(corrupt),
             _ => Err(corrupt(
-                "neither a gkvm record nor a seed runtime list".into(),
+                "neither a gkvm record nor a Ganeti runtime list".into(),
             )),
         }
     }
 
-    /// The seed's `[argv, nics, hvparams]` or `[argv, nics, hvparams, disks]`.
-    fn from_seed(items: Vec<Value>) -> Result<RuntimeRecord, String> {
+    /// Ganeti's `[argv, nics, hvparams]` or `[argv, nics, hvparams, disks]`.
+    fn from_ganeti(items: Vec<Value>) -> Result<RuntimeRecord, String> {
         if !(3..=4).contains(&items.len()) {
             return Err(format!(
-                "seed runtime list has {} elements, not 3 or 4",
+                "Ganeti runtime list has {} elements, not 3 or 4",
                 items.len()
             ));
         }
         let mut it = items.into_iter();
-        // The seed put some numbers (the memory size) into its argv as is.
+        // Ganeti put some numbers (the memory size) into its argv as is.
         let argv = match it.next() {
             Some(Value::Array(args)) => args
                 .into_iter()
                 .map(|a| match a {
                     Value::String(s) => Ok(s),
                     Value::Number(n) => Ok(n.to_string()),
-                    other => Err(format!("seed argv: {other} is not a string or number")),
+                    other => Err(format!("Ganeti argv: {other} is not a string or number")),
                 })
                 .collect::<Result<Vec<String>, String>>()?,
-            _ => return Err("seed argv: not a list".into()),
+            _ => return Err("Ganeti argv: not a list".into()),
         };
         let nics: Vec<Value> = serde_json::from_value(it.next().unwrap_or_default())
-            .map_err(|e| format!("seed nics: {e}"))?;
+            .map_err(|e| format!("Ganeti nics: {e}"))?;
         let hvparams: Map<String, Value> = serde_json::from_value(it.next().unwrap_or_default())
-            .map_err(|e| format!("seed hvparams: {e}"))?;
+            .map_err(|e| format!("Ganeti hvparams: {e}"))?;
         let disks: Vec<Value> = match it.next() {
-            Some(d) => serde_json::from_value(d).map_err(|e| format!("seed disks: {e}"))?,
+            Some(d) => serde_json::from_value(d).map_err(|e| format!("Ganeti disks: {e}"))?,
             None => Vec::new(),
         };
         Ok(RuntimeRecord {
@@ -131,12 +131,12 @@ impl RuntimeRecord {
             hvparams,
             disks,
             payload: Value::Null,
-            origin: Origin::Seed,
+            origin: Origin::Ganeti,
         })
     }
 
-    /// The seed driver's list form (for handing a runtime to a Ganeti node).
-    pub fn to_seed_json(&self) -> Vec<u8> {
+    /// Ganeti's KVM driver's list form (for handing a runtime to a Ganeti node).
+    pub fn to_ganeti_json(&self) -> Vec<u8> {
         let mut list = vec![
             Value::from(self.argv.clone()),
             Value::from(self.nics.clone()),

@@ -1,4 +1,4 @@
-//! The uid pool (the seed's `security_model=pool`): each running instance
+//! The uid pool (Ganeti's `security_model=pool`): each running instance
 //! gets its own unprivileged uid from a configured range.
 
 use std::time::Duration;

@@ -43,7 +43,7 @@ fn record(tag: &str) -> RuntimeRecord {
 }
 
 #[test]
-fn layout_is_private_and_seed_named() {
+fn layout_is_private_and_ganeti_named() {
     let (_t, run) = run_dir();
     for d in [
         "",
@@ -64,7 +64,7 @@ fn layout_is_private_and_seed_named() {
     assert!(p.runtime.ends_with("conf/inst1.example.com.runtime"));
     assert!(p.nic_file(2).ends_with("nic/inst1.example.com/2"));
     assert_eq!(
-        RunDir::seed().root(),
+        RunDir::ganeti().root(),
         Path::new("/var/run/ganeti/kvm-hypervisor")
     );
     // An existing dir that only its owner can write is used as it is:
@@ -248,28 +248,28 @@ fn runtime_round_trip_is_atomic_0600() {
 }
 
 #[test]
-fn seed_runtime_formats_are_read() {
+fn ganeti_runtime_formats_are_read() {
     let (_t, run) = run_dir();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
 
     let p = run.instance("inst1.example.com").unwrap();
-    std::fs::copy(data.join("seed-runtime-3.json"), &p.runtime).unwrap();
+    std::fs::copy(data.join("ganeti-runtime-3.json"), &p.runtime).unwrap();
     let r = p.read_runtime().unwrap().unwrap();
-    assert_eq!(r.origin, Origin::Seed);
+    assert_eq!(r.origin, Origin::Ganeti);
     assert_eq!(r.argv[2], "inst1.example.com");
-    assert_eq!(r.argv[4], "128", "numbers in the seed argv become strings");
+    assert_eq!(r.argv[4], "128", "numbers in Ganeti argv become strings");
     assert_eq!(r.nics[0]["nicparams"]["link"], "br0");
     assert_eq!(r.hvparams["serial_speed"], 38400);
     assert!(r.disks.is_empty());
 
     let p = run.instance("inst2").unwrap();
-    std::fs::copy(data.join("seed-runtime-4.json"), &p.runtime).unwrap();
+    std::fs::copy(data.join("ganeti-runtime-4.json"), &p.runtime).unwrap();
     let r = p.read_runtime().unwrap().unwrap();
     assert_eq!(r.nics.len(), 2);
     assert_eq!(r.disks.len(), 1);
     assert_eq!(r.disks[0][1], "/var/run/ganeti/instance-disks/inst2:0");
-    // And back to the seed's form.
-    let again: serde_json::Value = serde_json::from_slice(&r.to_seed_json()).unwrap();
+    // And back to Ganeti's form.
+    let again: serde_json::Value = serde_json::from_slice(&r.to_ganeti_json()).unwrap();
     assert_eq!(again.as_array().unwrap().len(), 4);
 }
 
@@ -282,7 +282,7 @@ fn corrupt_and_future_runtime_files_are_clear_errors() {
         ("[1, 2]", "2 elements"),
         ("{\"argv\": []}", "no gkvm_runtime version"),
         ("{\"gkvm_runtime\": 1, \"argv\": 5}", "bad runtime record"),
-        ("[[1, {}], [], {}]", "seed argv"),
+        ("[[1, {}], [], {}]", "Ganeti argv"),
         ("42", "neither"),
     ] {
         std::fs::write(&p.runtime, content).unwrap();

@@ -45,7 +45,7 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// The hvparams (seed key names) that boot this guest with its
+    /// The hvparams (Ganeti key names) that boot this guest with its
     /// console on the serial socket, on the accelerator of
     /// [`guest_accel`].
     pub fn hvparams(&self) -> Vec<(&'static str, String)> {
