@@ -101,7 +101,7 @@ fn main() {
     let (mut totals, mut downtimes) = (Vec::new(), Vec::new());
     for i in 0..HOPS {
         let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let port = 21000 + i as u16;
+        let port = 21000 + u16::try_from(i).expect("few rounds");
         let info = src.migration_info("bm1").unwrap();
         rt.block_on(dst.accept_instance(&info, "127.0.0.1", port))
             .unwrap();
@@ -173,7 +173,7 @@ fn main() {
     let mut from = "s";
     for i in 0..HOPS {
         let to = if from == "s" { "d" } else { "s" };
-        let port = 22000 + i as u16;
+        let port = 22000 + u16::try_from(i).expect("few hops");
         for f in [
             "ctrl/bare1.qmp",
             "ctrl/bare1.qmp-watch",

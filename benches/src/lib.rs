@@ -24,11 +24,13 @@ impl Stats {
             samples.push(Duration::ZERO);
         }
         samples.sort_unstable();
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        // Nearest-rank percentile: q in [0, 1] picks an index in range.
+        let last = samples.len() - 1;
+        let at = |percent: usize| samples[(last * percent + 50) / 100];
         Stats {
-            median: at(0.5),
-            p10: at(0.1),
-            p90: at(0.9),
+            median: at(50),
+            p10: at(10),
+            p90: at(90),
         }
     }
 }

@@ -42,7 +42,7 @@ fn node_dir(profile: &str, variant: &str) -> PathBuf {
 
 /// The descriptor number NIC `nic`'s queue `q` gets in the child.
 fn nic_fd(nic: usize, q: usize) -> i32 {
-    (100 + 4 * nic + q) as i32
+    i32::try_from(100 + 4 * nic + q).unwrap()
 }
 
 // ---- real QEMU accepts every golden of the installed versions ----
@@ -146,7 +146,7 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
         .map(|&q| {
             gkvm_tap::TapBuilder::new()
                 .name_template("gkg%d")
-                .queues(q as u16)
+                .queues(u16::try_from(q).unwrap())
                 .open()
                 .unwrap()
         })

@@ -194,7 +194,7 @@ async fn slow_migration(
     spec.hvparams.set_pair("migration_bandwidth=1").unwrap();
     let mut serial = boot(&a, &spec, da.path()).await;
     let info = a.migration_info(name).unwrap();
-    let p = port(4 + name.len() as u16);
+    let p = port(4 + u16::try_from(name.len()).unwrap());
     b.accept_instance(&info, "127.0.0.1", p).await.unwrap();
     let mut active = false;
     let mut broke = Some(break_it);

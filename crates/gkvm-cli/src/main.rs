@@ -1053,7 +1053,7 @@ fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
 
 fn human_mib(mib: u64) -> String {
     if mib >= 10 * 1024 {
-        format!("{:.1} GiB", mib as f64 / 1024.0)
+        format!("{}.{} GiB", mib / 1024, (mib % 1024) * 10 / 1024)
     } else {
         format!("{mib} MiB")
     }
@@ -1062,14 +1062,16 @@ fn human_mib(mib: u64) -> String {
 fn human_secs(s: f64) -> String {
     if s < 60.0 {
         format!("{s:.1}s")
-    } else if s < 3600.0 {
-        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!(
-            "{}h{:02}m",
-            (s / 3600.0) as u64,
-            ((s % 3600.0) / 60.0) as u64
-        )
+        // Whole seconds from here on; a float beyond u64 saturates.
+        let whole = std::time::Duration::try_from_secs_f64(s.clamp(0.0, 1e12))
+            .unwrap_or_default()
+            .as_secs();
+        if whole < 3600 {
+            format!("{}m{:02}s", whole / 60, whole % 60)
+        } else {
+            format!("{}h{:02}m", whole / 3600, whole % 3600 / 60)
+        }
     }
 }
 

@@ -110,7 +110,7 @@ fn accel() -> String {
 
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a child this test spawned and has not reaped.
-    unsafe { libc::kill(child.id() as i32, sig) };
+    unsafe { libc::kill(child.id().cast_signed(), sig) };
 }
 
 fn stderr(out: &Output) -> String {
@@ -684,7 +684,7 @@ fn killed_migrate_never_leaves_two_running_copies() {
         let why = format!("migrate SIGKILLed after {ms} ms");
         a.ok(&["start", "km1", "--memory", "64", "-H", &accel]);
         assert_eq!(a.state("km1").as_deref(), Some("running"));
-        let listen = format!("127.0.0.1:{}", port(10 + i as u16));
+        let listen = format!("127.0.0.1:{}", port(10 + u16::try_from(i).unwrap()));
         let accept = spawn_accept(&a, &b, "km1", &listen);
         let migrate = a
             .cmd(&["migrate", "km1", "--to", &listen])

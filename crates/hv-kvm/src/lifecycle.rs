@@ -868,8 +868,16 @@ fn pin_vcpus(
     }
     for cpu in cpus {
         if let Some(set) = mask.for_vcpu(cpu.cpu_index as usize) {
-            process::set_affinity(cpu.thread_id as i32, set)
-                .map_err(|e| format!("cpu_mask {mask}: vCPU {}: {e}", cpu.cpu_index))?;
+            process::set_affinity(
+                i32::try_from(cpu.thread_id).map_err(|_| {
+                    format!(
+                        "vCPU {}: thread id {} out of range",
+                        cpu.cpu_index, cpu.thread_id
+                    )
+                })?,
+                set,
+            )
+            .map_err(|e| format!("cpu_mask {mask}: vCPU {}: {e}", cpu.cpu_index))?;
         }
     }
     Ok(())

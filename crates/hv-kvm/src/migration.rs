@@ -53,7 +53,12 @@ impl MigrationStatus {
         let progress = if done {
             1.0
         } else if ram.total > 0 {
-            (ram.total.saturating_sub(ram.remaining)) as f64 / ram.total as f64
+            {
+                // Per-mille in integers, then one exact conversion.
+                let done = ram.total.saturating_sub(ram.remaining).min(ram.total);
+                let permille = u32::try_from(done.saturating_mul(1000) / ram.total).unwrap_or(1000);
+                f64::from(permille) / 1000.0
+            }
         } else {
             0.0
         };

@@ -19,8 +19,9 @@ pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<Option<OwnedFd>> {
             _ => Err(e),
         };
     }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: a new descriptor we own.
-    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Waits until `pid` has exited (a zombie counts), up to `timeout`.
@@ -129,8 +130,9 @@ pub(crate) fn cpu_time(pid: i32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz.max(1.0))
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = f64::from(u32::try_from(hz).ok()?.max(1));
+    Some((utime + stime) / hz)
 }
 
 /// Restricts thread `tid` to `cpus`.

@@ -87,7 +87,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
             memory_mib = b.actual >> 20;
         }
         if let Some(c) = cpus {
-            vcpus = c.len() as u32;
+            vcpus = u32::try_from(c.len()).unwrap_or(u32::MAX);
         }
     }
     if starting && state != "incoming" {
@@ -189,7 +189,8 @@ impl KvmHypervisor {
             .filter_map(|l| l.strip_prefix("physical id"))
             .collect::<std::collections::BTreeSet<_>>()
             .len()
-            .max(1) as u32;
+            .max(1);
+        let sockets = u32::try_from(sockets).unwrap_or(u32::MAX);
         let nodes = std::fs::read_dir("/sys/devices/system/node")
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -201,9 +202,11 @@ impl KvmHypervisor {
                     .count()
             })
             .unwrap_or(1)
-            .max(1) as u32;
+            .max(1);
+        let nodes = u32::try_from(nodes).unwrap_or(u32::MAX);
         // SAFETY: sysconf cannot fail for this name.
-        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u32;
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1);
+        let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
         let hv_version = match self.capabilities(&self.default_kvm_path()).await {
             Ok(c) => Some((c.version.major, c.version.minor, c.version.micro)),
             Err(_) => None,

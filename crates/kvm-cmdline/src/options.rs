@@ -104,7 +104,7 @@ impl NicSpec {
 pub fn generated_mac(instance: &str, index: usize) -> String {
     let mut h: u32 = 2166136261;
     // The index as one byte, as gkvm 0.1 hashed it (NICs are at most 8).
-    for b in instance.bytes().chain([index as u8]) {
+    for b in instance.bytes().chain([index.to_le_bytes()[0]]) {
         h = (h ^ u32::from(b)).wrapping_mul(16777619);
     }
     format!(

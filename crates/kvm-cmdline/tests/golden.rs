@@ -58,7 +58,7 @@ fn node_dir(profile: &str, variant: &str) -> PathBuf {
 
 /// The descriptor number NIC `nic`'s queue `q` gets in the child.
 fn nic_fd(nic: usize, q: usize) -> i32 {
-    (100 + 4 * nic + q) as i32
+    i32::try_from(100 + 4 * nic + q).unwrap()
 }
 
 fn env() -> BuildEnv {

@@ -80,11 +80,10 @@ pub(crate) fn random_hex() -> String {
         // SAFETY: getrandom(2) writes at most the given length into `buf`.
         let n =
             unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n <= 0 {
-            // Only EINTR is possible with flags 0 on Linux ≥ 3.17; retry.
-            continue;
+        // Only EINTR (n < 0) is possible with flags 0 on Linux ≥ 3.17; retry.
+        if let Ok(n) = usize::try_from(n) {
+            filled += n;
         }
-        filled += n as usize;
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -181,7 +180,7 @@ pub fn read_open_capped(f: File, path: &Path, max: u64) -> Result<Vec<u8>, Error
             max,
         });
     }
-    let mut buf = Vec::with_capacity(meta.len() as usize);
+    let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     f.take(max + 1)
         .read_to_end(&mut buf)
         .map_err(|e| Error::io("read", path, e))?;

@@ -136,7 +136,7 @@ impl InstancePaths {
     /// The live QEMU whose `-pidfile` is this instance's pid file and whose
     /// `-name` is this instance, found by scanning `/proc`.
     pub fn find_process(&self) -> Option<i32> {
-        let me = std::process::id() as i32;
+        let me = std::process::id().cast_signed();
         let needle = self.pid.as_os_str().as_bytes();
         std::fs::read_dir("/proc")
             .ok()?

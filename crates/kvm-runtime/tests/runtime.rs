@@ -182,7 +182,7 @@ fn a_lost_or_garbled_pid_file_does_not_hide_a_running_instance() {
     let (_t, run) = run_dir();
     let p = run.instance("lost1").unwrap();
     let mut child = spawn_qemu_like(&p);
-    let pid = child.id() as i32;
+    let pid = child.id().cast_signed();
     p.write_runtime(&record("lost1")).unwrap();
     // No pid file at all: found in /proc by its -pidfile and -name.
     assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
@@ -191,7 +191,7 @@ fn a_lost_or_garbled_pid_file_does_not_hide_a_running_instance() {
     std::fs::write(&p.pid, "garbage\n\x01").unwrap();
     assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
     // Pointing at another process.
-    p.write_pid(std::process::id() as i32).unwrap();
+    p.write_pid(std::process::id().cast_signed()).unwrap();
     assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
     // The same name in another run dir is another instance.
     let (_t2, run2) = run_dir();
@@ -514,7 +514,7 @@ fn liveness_from_proc() {
     assert_eq!(p.liveness().unwrap(), Liveness::NoPidFile);
 
     let mut child = spawn_named("live1");
-    let pid = child.id() as i32;
+    let pid = child.id().cast_signed();
     p.write_pid(pid).unwrap();
     assert_eq!(mode(&p.pid), 0o600);
     assert_eq!(p.liveness().unwrap(), Liveness::Running { pid });
@@ -540,7 +540,7 @@ fn liveness_from_proc() {
     assert_eq!(p.liveness().unwrap(), Liveness::Stale { pid });
 
     // A pid reused by an unrelated process (this test) is not trusted.
-    p.write_pid(std::process::id() as i32).unwrap();
+    p.write_pid(std::process::id().cast_signed()).unwrap();
     assert!(matches!(p.liveness().unwrap(), Liveness::Stale { .. }));
 
     // Garbage in the pid file: stale, not an error.
@@ -561,7 +561,7 @@ fn qemu_style_name_arguments_match() {
             .args(["-c", "sleep 30; :", "-name", arg])
             .spawn()
             .unwrap();
-        p.write_pid(child.id() as i32).unwrap();
+        p.write_pid(child.id().cast_signed()).unwrap();
         assert!(p.liveness().unwrap().running_pid().is_some(), "{arg}");
         child.kill().unwrap();
         child.wait().unwrap();

@@ -1,69 +1,67 @@
-//! The raw ioctls, kept in one place with their `unsafe`.
+//! The raw ioctls, kept in one place with their `unsafe`. The kernel's
+//! structures and request numbers come from `libc` (`ifreq`, `TUNSETIFF`,
+//! ...); only the bridge requests, which `libc` has for Android alone, are
+//! spelled out here.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 pub(crate) const IFNAMSIZ: usize = libc::IFNAMSIZ;
-pub(crate) const IFF_TAP: u32 = 0x0002;
-pub(crate) const IFF_NO_PI: u32 = 0x1000;
-pub(crate) const IFF_VNET_HDR: u32 = 0x4000;
-pub(crate) const IFF_MULTI_QUEUE: u32 = 0x0100;
 
-const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-const SIOCBRDELIF: libc::c_ulong = 0x89a3;
-
-/// `struct ifreq` viewed through the members this crate uses.
-#[repr(C)]
-struct IfReq {
-    name: [libc::c_char; IFNAMSIZ],
-    data: IfReqData,
+/// `IFF_*` bits as the unsigned flag set this crate exposes. The kernel's
+/// values are small positive numbers, so the conversions are exact.
+const fn flag(bit: libc::c_int) -> u32 {
+    bit.unsigned_abs()
 }
+pub(crate) const IFF_TAP: u32 = flag(libc::IFF_TAP);
+pub(crate) const IFF_NO_PI: u32 = flag(libc::IFF_NO_PI);
+pub(crate) const IFF_VNET_HDR: u32 = flag(libc::IFF_VNET_HDR);
+pub(crate) const IFF_MULTI_QUEUE: u32 = flag(libc::IFF_MULTI_QUEUE);
 
-#[repr(C)]
-union IfReqData {
-    flags: libc::c_short,
-    ifindex: libc::c_int,
-    // The kernel's union is 24 bytes on 64-bit (struct ifmap, struct sockaddr).
-    _pad: [u8; 24],
-}
+/// `linux/sockios.h`: add or remove a bridge port by interface index.
+const SIOCBRADDIF: libc::Ioctl = 0x89a2;
+const SIOCBRDELIF: libc::Ioctl = 0x89a3;
 
-impl IfReq {
-    fn new(name: &str) -> io::Result<IfReq> {
-        let bytes = name.as_bytes();
-        if bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let mut req = IfReq {
-            name: [0; IFNAMSIZ],
-            data: IfReqData { _pad: [0; 24] },
-        };
-        for (dst, src) in req.name.iter_mut().zip(bytes) {
-            *dst = *src as libc::c_char;
-        }
-        Ok(req)
+/// A zeroed `struct ifreq` carrying `name`.
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-
-    fn name(&self) -> String {
-        // The kernel NUL-terminates names; the array is zeroed beyond them.
-        let bytes: Vec<u8> = self
-            .name
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+    // SAFETY: `ifreq` is plain old data (a name array and a union of
+    // integers, sockaddrs and a pointer); all-zero is a valid value of each.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
+    Ok(req)
 }
 
-fn tunsetiff() -> libc::c_ulong {
-    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()) as libc::c_ulong
+/// The name the kernel wrote back into an `ifreq`.
+fn ifreq_name(req: &libc::ifreq) -> String {
+    // The kernel NUL-terminates names; the array is zeroed beyond them.
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c.to_ne_bytes()[0])
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
-fn tungetiff() -> libc::c_ulong {
-    nix::request_code_read!(b'T', 210, std::mem::size_of::<libc::c_uint>()) as libc::c_ulong
+
+/// The flags of an `ifreq` as the kernel's unsigned short.
+fn ifreq_flags(req: &libc::ifreq) -> u16 {
+    // SAFETY: every caller reads the flags member after the kernel filled
+    // it (or after zeroing), and any bit pattern is a valid c_short.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    u16::from_ne_bytes(flags.to_ne_bytes())
 }
-fn tungetfeatures() -> libc::c_ulong {
-    nix::request_code_read!(b'T', 207, std::mem::size_of::<libc::c_uint>()) as libc::c_ulong
+
+fn set_ifreq_flags(req: &mut libc::ifreq, flags: u32) -> io::Result<()> {
+    let flags = u16::try_from(flags).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    req.ifr_ifru.ifru_flags = libc::c_short::from_ne_bytes(flags.to_ne_bytes());
+    Ok(())
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -77,30 +75,29 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 pub(crate) fn tun_get_features(fd: RawFd) -> io::Result<u32> {
     let mut features: libc::c_uint = 0;
     // SAFETY: TUNGETFEATURES writes one unsigned int to the pointer.
-    check(unsafe { libc::ioctl(fd, tungetfeatures() as _, &mut features) })?;
+    check(unsafe { libc::ioctl(fd, libc::TUNGETFEATURES, &mut features) })?;
     Ok(features)
 }
 
 pub(crate) fn tun_set_iff(fd: RawFd, name: &str, flags: u32) -> io::Result<String> {
-    let mut req = IfReq::new(name)?;
-    req.data.flags = flags as libc::c_short;
+    let mut req = ifreq(name)?;
+    set_ifreq_flags(&mut req, flags)?;
     // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is.
-    check(unsafe { libc::ioctl(fd, tunsetiff() as _, &mut req) })?;
-    Ok(req.name())
+    check(unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req) })?;
+    Ok(ifreq_name(&req))
 }
 
 pub(crate) fn tun_get_iff(fd: RawFd) -> io::Result<u32> {
-    let mut req = IfReq::new("")?;
+    let mut req = ifreq("")?;
     // SAFETY: TUNGETIFF writes a struct ifreq, which `req` is.
-    check(unsafe { libc::ioctl(fd, tungetiff() as _, &mut req) })?;
-    // SAFETY: the kernel filled ifr_flags.
-    Ok(u32::from(unsafe { req.data.flags } as u16))
+    check(unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) })?;
+    Ok(u32::from(ifreq_flags(&req)))
 }
 
 pub(crate) fn if_index(name: &str) -> io::Result<u32> {
     let c = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let c: &CStr = &c;
-    // SAFETY: a valid NUL-terminated string.
+    // SAFETY: a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if index == 0 {
         Err(io::Error::last_os_error())
@@ -122,27 +119,28 @@ fn control_socket() -> io::Result<OwnedFd> {
 pub(crate) fn set_up(name: &str) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let sock = control_socket()?;
-    let mut req = IfReq::new(name)?;
+    let mut req = ifreq(name)?;
     // SAFETY: SIOCGIFFLAGS fills ifr_flags of a struct ifreq.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
-    // SAFETY: just filled by the kernel.
-    let flags = unsafe { req.data.flags };
-    if flags & libc::IFF_UP as libc::c_short != 0 {
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    let flags = u32::from(ifreq_flags(&req));
+    let up = flag(libc::IFF_UP);
+    if flags & up != 0 {
         return Ok(());
     }
-    req.data.flags = flags | libc::IFF_UP as libc::c_short;
+    set_ifreq_flags(&mut req, flags | up)?;
     // SAFETY: SIOCSIFFLAGS reads a struct ifreq.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req) })
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) })
 }
 
 pub(crate) fn bridge_ctl(bridge: &str, ifindex: u32, add: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let sock = control_socket()?;
-    let mut req = IfReq::new(bridge)?;
-    req.data.ifindex = ifindex as libc::c_int;
+    let mut req = ifreq(bridge)?;
+    req.ifr_ifru.ifru_ifindex =
+        libc::c_int::try_from(ifindex).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let op = if add { SIOCBRADDIF } else { SIOCBRDELIF };
     // SAFETY: SIOCBRADDIF/SIOCBRDELIF read a struct ifreq with ifr_ifindex.
-    check(unsafe { libc::ioctl(sock.as_raw_fd(), op as _, &mut req) })
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), op, &mut req) })
 }
 
 #[cfg(test)]
@@ -151,15 +149,16 @@ mod tests {
 
     #[test]
     fn ifreq_matches_the_kernel_layout() {
-        assert_eq!(std::mem::size_of::<IfReq>(), 40);
-        assert_eq!(tunsetiff(), 0x400454ca);
-        assert_eq!(tungetiff(), 0x800454d2);
-        assert_eq!(tungetfeatures(), 0x800454cf);
+        assert_eq!(std::mem::size_of::<libc::ifreq>(), 40);
+        assert_eq!(libc::TUNSETIFF, 0x400454ca);
+        assert_eq!(libc::TUNGETIFF, 0x800454d2);
+        assert_eq!(libc::TUNGETFEATURES, 0x800454cf);
+        assert_eq!((IFF_TAP, IFF_NO_PI, IFF_VNET_HDR), (0x2, 0x1000, 0x4000));
     }
 
     #[test]
     fn ifreq_name_round_trip() {
-        assert_eq!(IfReq::new("gkvm%d").unwrap().name(), "gkvm%d");
-        assert!(IfReq::new("0123456789abcdef").is_err());
+        assert_eq!(ifreq_name(&ifreq("gkvm%d").unwrap()), "gkvm%d");
+        assert!(ifreq("0123456789abcdef").is_err());
     }
 }
