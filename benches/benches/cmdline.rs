@@ -28,25 +28,15 @@ fn benches(c: &mut Criterion) {
     let mut spec = InstanceSpec::new("web1.example.com", 2048);
     spec.vcpus = 4;
     spec.uuid = Some("4dcfe81e-3b4e-4c94-8f37-0bb4b9e2b0a2".into());
-    spec.disks = vec![
-        DiskSpec {
-            path: "/dev/xenvg/web1-disk0".into(),
-            mode: Default::default(),
-            template: Some("drbd".into()),
-        },
-        DiskSpec {
-            path: "/dev/xenvg/web1-disk1".into(),
-            mode: Default::default(),
-            template: Some("drbd".into()),
-        },
-    ];
-    spec.nics = vec![NicSpec {
-        mac: "aa:00:00:11:22:33".into(),
-        ip: None,
-        mode: Default::default(),
-        link: "br0".into(),
-        network: None,
-    }];
+    spec.disks = ["/dev/xenvg/web1-disk0", "/dev/xenvg/web1-disk1"]
+        .into_iter()
+        .map(|p| {
+            let mut d = DiskSpec::new(p);
+            d.template = Some("drbd".into());
+            d
+        })
+        .collect();
+    spec.nics = vec![NicSpec::new("aa:00:00:11:22:33", "br0")];
     spec.hvparams.set_pair("vnc_bind_address=0.0.0.0").unwrap();
     spec.network_port = Some(11000);
     let env = BuildEnv::default();

@@ -42,13 +42,7 @@ impl Node {
 }
 
 fn nic(mac: &str, bridge: &str) -> NicSpec {
-    NicSpec {
-        mac: mac.into(),
-        ip: None,
-        mode: NicMode::Bridged,
-        link: bridge.into(),
-        network: None,
-    }
+    NicSpec::new(mac, bridge)
 }
 
 fn alive(pid: i32) -> bool {
@@ -357,11 +351,8 @@ fn failed_starts_leave_nothing_behind() {
         let node = Node::new(&env, |_| {});
         let mut spec = guestless_spec("fail1");
         spec.nics.push(nic("52:54:00:00:30:01", &br.0));
-        spec.disks.push(kvm_cmdline::DiskSpec {
-            path: "/nonexistent/disk.img".into(),
-            mode: Default::default(),
-            template: None,
-        });
+        spec.disks
+            .push(kvm_cmdline::DiskSpec::new("/nonexistent/disk.img"));
         match node.hv.start(&spec, false).await {
             Err(Error::Start {
                 instance,

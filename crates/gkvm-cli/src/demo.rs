@@ -225,13 +225,9 @@ async fn demo(
             .set(k, serde_json::Value::String(v))
             .map_err(|err| format!("hvparams: {err}"))?;
     }
-    spec.nics.push(NicSpec {
-        mac: "52:54:00:de:00:01".into(),
-        ip: None,
-        mode: NicMode::Routed,
-        link: String::new(),
-        network: None,
-    });
+    let mut nic = NicSpec::new("52:54:00:de:00:01", "");
+    nic.mode = NicMode::Routed;
+    spec.nics.push(nic);
 
     let t = Instant::now();
     let report = a.start(&spec, true).await.map_err(e("start"))?;

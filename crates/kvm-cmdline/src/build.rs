@@ -13,6 +13,10 @@ use crate::hvparams::{
     BootOrder, DiskCache, DiskType, KvmFlag, NicType, RebootBehavior, SecurityModel,
 };
 use crate::instance::DiskMode;
+use crate::placement::{disk_on_pci, nic_on_pci};
+use crate::qemu::{
+    Args, Chardev, Device, Drive, Machine, Netdev, Object, Props, Smp, Syntax, Value,
+};
 use crate::{Capabilities, Error, InstanceSpec};
 
 /// VNC displays are counted from this TCP port.
@@ -106,24 +110,61 @@ pub fn keymap_file(hv: &crate::HvParams, caps: &Capabilities) -> Option<String> 
         .then(|| format!("include en-us\ninclude {}\n", hv.keymap))
 }
 
-struct Argv(Vec<String>);
-
-impl Argv {
-    fn flag(&mut self, f: &str) {
-        self.0.push(f.to_owned());
-    }
-    fn opt(&mut self, f: &str, v: impl Into<String>) {
-        self.0.push(f.to_owned());
-        self.0.push(v.into());
-    }
-}
-
 fn unsupported(caps: &Capabilities, key: &str, what: &str) -> Error {
     Error::Unsupported {
         key: key.into(),
         what: what.into(),
         version: caps.version.text.clone(),
     }
+}
+
+/// Every `-device`, `-netdev` and `-object` of the Ganeti layer is written
+/// as `key=value`: the argv of earlier releases, kept in runtime files and
+/// compared by migration targets, stays byte-identical.
+const SYNTAX: Syntax = Syntax::KeyValue;
+
+/// What every area builder reads.
+struct Ctx<'a> {
+    spec: &'a InstanceSpec,
+    hv: &'a crate::HvParams,
+    caps: &'a Capabilities,
+    f: &'a crate::Features,
+}
+
+impl Ctx<'_> {
+    fn instance_err(&self, field: &str, reason: String) -> Error {
+        Error::Instance {
+            instance: self.spec.name.clone(),
+            field: field.into(),
+            reason,
+        }
+    }
+
+    fn unsupported(&self, key: &str, what: &str) -> Error {
+        unsupported(self.caps, key, what)
+    }
+
+    /// The boot order, which a kernel path overrides.
+    fn boots_from(&self, order: BootOrder) -> bool {
+        self.hv.kernel_path.is_none() && self.hv.boot_order == order
+    }
+
+    /// Disks and CD-ROMs as `-drive` alone (qemu-kvm before `-device`, or
+    /// no device list to tell).
+    fn legacy_drives(&self) -> bool {
+        self.f.drive_boot || self.caps.devices.is_empty()
+    }
+}
+
+/// A user value checked for QEMU's syntax under its own field name; the
+/// renderer escapes it.
+fn checked<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
+    whole_arg(field, value)?;
+    Ok(value)
+}
+
+fn checked_path<'a>(field: &str, path: &'a Path) -> Result<&'a str, Error> {
+    checked(field, path_str(field, path)?)
 }
 
 /// Builds the instance part of the argv.
@@ -135,269 +176,26 @@ pub fn build(
     spec.validate()?;
     let hv = &spec.hvparams;
     hv.check_syntax()?;
-    let f = &caps.features;
-    let instance_err = |field: &str, reason: String| Error::Instance {
-        instance: spec.name.clone(),
-        field: field.into(),
-        reason,
+    let c = Ctx {
+        spec,
+        hv,
+        caps,
+        f: &caps.features,
     };
-
-    let mut a = Argv(vec![path_str("kvm_path", &hv.kvm_path)?.to_owned()]);
+    let mut a = Args::new(path_str("kvm_path", &hv.kvm_path)?);
     a.opt("-name", spec.name.clone());
-    a.opt("-m", spec.memory.to_string());
-
-    let mut smp = spec.vcpus.to_string();
-    for (k, v) in [
-        ("cores", hv.cpu_cores),
-        ("threads", hv.cpu_threads),
-        ("sockets", hv.cpu_sockets),
-    ] {
-        if v > 0 {
-            smp.push_str(&format!(",{k}={v}"));
-        }
-    }
-    a.opt("-smp", smp);
-    if !hv.cpu_mask.is_all()
-        && hv.cpu_mask.sets().len() > 1
-        && hv.cpu_mask.sets().len() != spec.vcpus as usize
-    {
-        return Err(Error::Syntax {
-            key: "cpu_mask".into(),
-            reason: format!(
-                "has {} per-vCPU sets but the instance has {} vCPUs",
-                hv.cpu_mask.sets().len(),
-                spec.vcpus
-            ),
-        });
-    }
-
-    // The balloon: Ganeti's -balloon is long gone.
-    if f.balloon_option {
-        a.opt("-balloon", "virtio");
-    } else if caps.has_device("virtio-balloon-pci") {
-        a.opt("-device", "virtio-balloon-pci,id=balloon0");
-    } else {
-        return Err(unsupported(
-            caps,
-            "memory",
-            "a virtio balloon (-balloon or virtio-balloon-pci)",
-        ));
-    }
-
-    let acpi_via_machine = !hv.acpi && !f.no_acpi;
-    if !hv.acpi && f.no_acpi {
-        a.flag("-no-acpi");
-    }
-    if hv.reboot_behavior == RebootBehavior::Exit {
-        a.flag("-no-reboot");
-    }
-
-    let machine = caps.resolve_machine(&hv.machine_version)?;
-    let machine_opt = opt_value("machine_version", &machine)?;
-    if f.machine {
-        let mut spec_s = machine_opt;
-        spec_s.push_str(match hv.kvm_flag {
-            KvmFlag::Enabled => ",accel=kvm",
-            KvmFlag::Disabled => ",accel=tcg",
-        });
-        if acpi_via_machine {
-            spec_s.push_str(",acpi=off");
-        }
-        a.opt("-machine", spec_s);
-    } else {
-        if acpi_via_machine {
-            return Err(unsupported(
-                caps,
-                "acpi",
-                "turning ACPI off (-no-acpi or -machine acpi=off)",
-            ));
-        }
-        a.opt("-M", machine_opt);
-        match hv.kvm_flag {
-            KvmFlag::Enabled if f.enable_kvm => a.flag("-enable-kvm"),
-            KvmFlag::Disabled if f.disable_kvm => a.flag("-disable-kvm"),
-            _ => {}
-        }
-    }
-
-    let kernel = hv.kernel_path.is_some();
-    let boot = |o: BootOrder| !kernel && hv.boot_order == o;
-    if boot(BootOrder::Network) {
+    a.memory_mib(spec.memory);
+    build_smp(&c, &mut a)?;
+    build_balloon(&c, &mut a)?;
+    let machine = build_machine(&c, &mut a)?;
+    if c.boots_from(BootOrder::Network) {
         a.opt("-boot", "n");
     }
-
-    // Disks. Modern QEMU: a backend without a bus (-drive if=none) plus a
-    // -device, with bootindex for the boot disk. Old qemu-kvm: Ganeti's
-    // -drive if=...,boot=on.
-    let legacy_drives = f.drive_boot || caps.devices.is_empty();
     let mut scsi_controller = false;
-    let mut boot_disk = boot(BootOrder::Disk);
-    for (i, disk) in spec.disks.iter().enumerate() {
-        let field = format!("disks[{i}].path");
-        if !disk.path.is_absolute() {
-            return Err(instance_err(
-                &field,
-                format!("{} is not an absolute path", disk.path.display()),
-            ));
-        }
-        let path = opt_path(&field, &disk.path)?;
-        let cache = if disk.is_shared_storage() {
-            ",cache=none".to_owned()
-        } else if hv.disk_cache != DiskCache::Default {
-            format!(",cache={}", hv.disk_cache)
-        } else {
-            String::new()
-        };
-        let ro = if disk.mode == DiskMode::ReadOnly {
-            ",readonly=on"
-        } else {
-            ""
-        };
-        let is_boot = std::mem::take(&mut boot_disk);
-        if legacy_drives {
-            let iface = match hv.disk_type {
-                DiskType::Paravirtual => "virtio".to_owned(),
-                other => other.to_string(),
-            };
-            let mut boot_val = "";
-            if is_boot {
-                a.opt("-boot", "c");
-                if f.drive_boot && hv.disk_type != DiskType::Ide {
-                    boot_val = ",boot=on";
-                }
-            }
-            a.opt(
-                "-drive",
-                format!("file={path},format=raw,if={iface}{boot_val}{cache}{ro}"),
-            );
-            continue;
-        }
-        let id = format!("disk{i}");
-        let bootindex = if is_boot { ",bootindex=1" } else { "" };
-        let device = match hv.disk_type {
-            DiskType::Paravirtual => Some(format!("virtio-blk-pci,drive={id}{bootindex}")),
-            DiskType::Ide => Some(format!("ide-hd,drive={id}{bootindex}")),
-            DiskType::Scsi => Some(format!("scsi-hd,drive={id},bus=scsi0.0{bootindex}")),
-            DiskType::Sd | DiskType::Mtd | DiskType::Pflash => None,
-        };
-        match device {
-            Some(dev) => {
-                if hv.disk_type == DiskType::Scsi && !std::mem::replace(&mut scsi_controller, true)
-                {
-                    a.opt("-device", "virtio-scsi-pci,id=scsi0");
-                }
-                a.opt(
-                    "-drive",
-                    format!("file={path},format=raw,if=none,id={id}{cache}{ro}"),
-                );
-                a.opt("-device", dev);
-            }
-            None => {
-                a.opt(
-                    "-drive",
-                    format!("file={path},format=raw,if={}{cache}{ro}", hv.disk_type),
-                );
-            }
-        }
-    }
-
-    // CD-ROMs.
-    let cdrom_type = hv.cdrom_disk_type.unwrap_or(hv.disk_type);
-    for (n, image, bootable) in [
-        (0, &hv.cdrom_image_path, boot(BootOrder::Cdrom)),
-        (1, &hv.cdrom2_image_path, false),
-    ] {
-        let Some(image) = image else { continue };
-        let key = if n == 0 {
-            "cdrom_image_path"
-        } else {
-            "cdrom2_image_path"
-        };
-        let path = opt_path(key, image)?;
-        // Ganeti boots CD-ROMs from IDE whatever cdrom_disk_type says.
-        let kind = if bootable { DiskType::Ide } else { cdrom_type };
-        if legacy_drives {
-            let iface = if kind == DiskType::Paravirtual {
-                "virtio".to_owned()
-            } else {
-                kind.to_string()
-            };
-            let mut boot_val = "";
-            if bootable {
-                a.opt("-boot", "d");
-                if f.drive_boot {
-                    boot_val = ",boot=on";
-                }
-            }
-            a.opt(
-                "-drive",
-                format!("file={path},format=raw,media=cdrom,if={iface}{boot_val}"),
-            );
-            continue;
-        }
-        let id = format!("cdrom{n}");
-        let bootindex = if bootable { ",bootindex=1" } else { "" };
-        let device = match kind {
-            DiskType::Ide => Some(format!("ide-cd,drive={id}{bootindex}")),
-            DiskType::Paravirtual => Some(format!("virtio-blk-pci,drive={id}{bootindex}")),
-            DiskType::Scsi => Some(format!("scsi-cd,drive={id},bus=scsi0.0{bootindex}")),
-            _ => None,
-        };
-        match device {
-            Some(dev) => {
-                if kind == DiskType::Scsi && !std::mem::replace(&mut scsi_controller, true) {
-                    a.opt("-device", "virtio-scsi-pci,id=scsi0");
-                }
-                a.opt(
-                    "-drive",
-                    format!("file={path},format=raw,media=cdrom,if=none,id={id},readonly=on"),
-                );
-                a.opt("-device", dev);
-            }
-            None => a.opt(
-                "-drive",
-                format!("file={path},format=raw,media=cdrom,if={kind}"),
-            ),
-        }
-    }
-
-    if let Some(floppy) = &hv.floppy_image_path {
-        let path = opt_path("floppy_image_path", floppy)?;
-        let mut boot_val = "";
-        if boot(BootOrder::Floppy) {
-            a.opt("-boot", "a");
-            if f.drive_boot {
-                boot_val = ",boot=on";
-            }
-        }
-        a.opt(
-            "-drive",
-            format!("file={path},format=raw,media=disk{boot_val},if=floppy"),
-        );
-    }
-
-    if let Some(k) = &hv.kernel_path {
-        a.opt(
-            "-kernel",
-            whole_arg("kernel_path", path_str("kernel_path", k)?)?,
-        );
-        if let Some(i) = &hv.initrd_path {
-            // A whole argument: QEMU does not split a Linux initrd on commas.
-            a.opt(
-                "-initrd",
-                whole_arg("initrd_path", path_str("initrd_path", i)?)?,
-            );
-        }
-        let mut append = vec![format!("root={}", hv.root_path)];
-        if !hv.kernel_args.is_empty() {
-            append.push(hv.kernel_args.clone());
-        }
-        if hv.serial_console {
-            append.push(format!("console=ttyS0,{}", hv.serial_speed));
-        }
-        a.opt("-append", whole_arg("kernel_args", &append.join(" "))?);
-    }
-
+    build_disks(&c, &mut a, &mut scsi_controller)?;
+    build_cdroms(&c, &mut a, &mut scsi_controller)?;
+    build_floppy(&c, &mut a)?;
+    build_kernel(&c, &mut a)?;
     if let Some(m) = &hv.mem_path {
         a.opt(
             "-mem-path",
@@ -405,78 +203,364 @@ pub fn build(
         );
         a.flag("-mem-prealloc");
     }
+    build_usb_mouse(&c, &mut a)?;
+    build_display(&c, &mut a, env)?;
+    build_devices_and_extra(&c, &mut a)?;
+    Ok(QemuCommand {
+        argv: a.into_vec(),
+        machine,
+    })
+}
 
-    // USB and pointing device.
+fn build_smp(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let hv = c.hv;
+    let topology = |v: u32| (v > 0).then_some(v);
+    a.smp(&Smp {
+        cpus: c.spec.vcpus,
+        cores: topology(hv.cpu_cores),
+        threads: topology(hv.cpu_threads),
+        sockets: topology(hv.cpu_sockets),
+    });
+    let sets = hv.cpu_mask.sets().len();
+    if !hv.cpu_mask.is_all() && sets > 1 && sets != c.spec.vcpus as usize {
+        return Err(Error::Syntax {
+            key: "cpu_mask".into(),
+            reason: format!(
+                "has {sets} per-vCPU sets but the instance has {} vCPUs",
+                c.spec.vcpus
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The balloon: Ganeti's `-balloon` is long gone from QEMU.
+fn build_balloon(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    if c.f.balloon_option {
+        a.opt("-balloon", "virtio");
+    } else if c.caps.has_device("virtio-balloon-pci") {
+        a.device(
+            &Device::new("virtio-balloon-pci").with("id", "balloon0"),
+            SYNTAX,
+        )?;
+    } else {
+        return Err(c.unsupported(
+            "memory",
+            "a virtio balloon (-balloon or virtio-balloon-pci)",
+        ));
+    }
+    Ok(())
+}
+
+/// ACPI, reboot behaviour, machine type and accelerator. Returns the
+/// concrete machine type.
+fn build_machine(c: &Ctx, a: &mut Args) -> Result<String, Error> {
+    let (hv, f) = (c.hv, c.f);
+    let acpi_via_machine = !hv.acpi && !f.no_acpi;
+    if !hv.acpi && f.no_acpi {
+        a.flag("-no-acpi");
+    }
+    if hv.reboot_behavior == RebootBehavior::Exit {
+        a.flag("-no-reboot");
+    }
+    let machine = c.caps.resolve_machine(&hv.machine_version)?;
+    checked("machine_version", &machine)?;
+    if f.machine {
+        let accel = match hv.kvm_flag {
+            KvmFlag::Enabled => "kvm",
+            KvmFlag::Disabled => "tcg",
+        };
+        let mut m = Machine::new(machine.clone()).with("accel", accel);
+        if acpi_via_machine {
+            m = m.with("acpi", false);
+        }
+        a.machine(&m)?;
+    } else {
+        if acpi_via_machine {
+            return Err(c.unsupported("acpi", "turning ACPI off (-no-acpi or -machine acpi=off)"));
+        }
+        a.opt("-M", opt_value("machine_version", &machine)?);
+        match hv.kvm_flag {
+            KvmFlag::Enabled if f.enable_kvm => a.flag("-enable-kvm"),
+            KvmFlag::Disabled if f.disable_kvm => a.flag("-disable-kvm"),
+            _ => {}
+        }
+    }
+    Ok(machine)
+}
+
+/// The `-device` driver of a disk or CD-ROM, with its bus; `None` for
+/// types QEMU only attaches through `-drive if=TYPE`.
+fn disk_device(kind: DiskType, cdrom: bool, drive_id: &str) -> Option<Device> {
+    let (driver, scsi) = match (kind, cdrom) {
+        (DiskType::Paravirtual, _) => ("virtio-blk-pci", false),
+        (DiskType::Ide, false) => ("ide-hd", false),
+        (DiskType::Ide, true) => ("ide-cd", false),
+        (DiskType::Scsi, false) => ("scsi-hd", true),
+        (DiskType::Scsi, true) => ("scsi-cd", true),
+        _ => return None,
+    };
+    let mut dev = Device::new(driver).with("drive", drive_id);
+    if scsi {
+        dev.set("bus", "scsi0.0");
+    }
+    Some(dev)
+}
+
+/// The virtio-scsi controller, before the first SCSI device.
+fn scsi_controller_once(a: &mut Args, added: &mut bool) -> Result<(), Error> {
+    if !std::mem::replace(added, true) {
+        a.device(&Device::new("virtio-scsi-pci").with("id", "scsi0"), SYNTAX)?;
+    }
+    Ok(())
+}
+
+/// `-drive ...,if=TYPE`: Ganeti's spelling, where `paravirtual` is `virtio`.
+fn drive_interface(kind: DiskType) -> String {
+    match kind {
+        DiskType::Paravirtual => "virtio".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Disks. Modern QEMU: a backend without a bus (`-drive if=none`) plus a
+/// `-device`, with `bootindex` for the boot disk and, for placed devices,
+/// their id and PCI slot. Old qemu-kvm: Ganeti's `-drive if=...,boot=on`.
+fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), Error> {
+    let hv = c.hv;
+    let mut boot_disk = c.boots_from(BootOrder::Disk);
+    for (i, disk) in c.spec.disks.iter().enumerate() {
+        let field = format!("disks[{i}].path");
+        if !disk.path.is_absolute() {
+            return Err(c.instance_err(
+                &field,
+                format!("{} is not an absolute path", disk.path.display()),
+            ));
+        }
+        let mut drive = Drive::new(checked_path(&field, &disk.path)?).with("format", "raw");
+        let is_boot = std::mem::take(&mut boot_disk);
+        let tail = disk_tail(hv, disk);
+        if c.legacy_drives() {
+            drive.set("if", drive_interface(hv.disk_type));
+            if is_boot {
+                a.opt("-boot", "c");
+                if c.f.drive_boot && hv.disk_type != DiskType::Ide {
+                    drive.set("boot", "on");
+                }
+            }
+            a.drive(&extend(drive, tail))?;
+            continue;
+        }
+        let id = match &disk.address {
+            Some(addr) => addr.id.clone(),
+            None => format!("disk{i}"),
+        };
+        let Some(mut dev) = disk_device(hv.disk_type, false, &id) else {
+            drive.set("if", hv.disk_type.to_string());
+            a.drive(&extend(drive, tail))?;
+            continue;
+        };
+        if hv.disk_type == DiskType::Scsi {
+            scsi_controller_once(a, scsi_controller)?;
+        }
+        drive = drive.with("if", "none").with("id", id.as_str());
+        a.drive(&extend(drive, tail))?;
+        if is_boot {
+            dev.set("bootindex", 1);
+        }
+        place(&mut dev, disk.address.as_ref(), disk_on_pci(hv.disk_type));
+        a.device(&dev, SYNTAX)?;
+    }
+    Ok(())
+}
+
+/// A disk's cache mode and read-only flag: shared storage forces
+/// `cache=none` (Ganeti's rule: a migration must not see stale pages).
+fn disk_tail(hv: &crate::HvParams, disk: &crate::DiskSpec) -> Props {
+    let mut p = Props::new();
+    if disk.is_shared_storage() {
+        p.set("cache", "none");
+    } else if hv.disk_cache != DiskCache::Default {
+        p.set("cache", hv.disk_cache.to_string());
+    }
+    if disk.mode == DiskMode::ReadOnly {
+        p.set("readonly", true);
+    }
+    p
+}
+
+fn extend(mut drive: Drive, tail: Props) -> Drive {
+    for (k, v) in tail.iter() {
+        drive.props.set(k, v.clone());
+    }
+    drive
+}
+
+/// A placed device gets its id and, on the PCI bus, its slot.
+fn place(dev: &mut Device, address: Option<&crate::DeviceAddress>, on_pci: bool) {
+    if let Some(addr) = address {
+        dev.set("id", addr.id.as_str());
+        if let (Some(slot), true) = (addr.pci_slot, on_pci) {
+            dev.set("addr", format!("{slot:#04x}"));
+        }
+    }
+}
+
+/// CD-ROMs. Ganeti boots CD-ROMs from IDE whatever `cdrom_disk_type` says.
+fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), Error> {
+    let hv = c.hv;
+    let cdrom_type = hv.cdrom_disk_type.unwrap_or(hv.disk_type);
+    for (n, key, image, bootable) in [
+        (
+            0,
+            "cdrom_image_path",
+            &hv.cdrom_image_path,
+            c.boots_from(BootOrder::Cdrom),
+        ),
+        (1, "cdrom2_image_path", &hv.cdrom2_image_path, false),
+    ] {
+        let Some(image) = image else { continue };
+        let kind = if bootable { DiskType::Ide } else { cdrom_type };
+        let mut drive = Drive::new(checked_path(key, image)?)
+            .with("format", "raw")
+            .with("media", "cdrom");
+        if c.legacy_drives() {
+            drive.set("if", drive_interface(kind));
+            if bootable {
+                a.opt("-boot", "d");
+                if c.f.drive_boot {
+                    drive.set("boot", "on");
+                }
+            }
+            a.drive(&drive)?;
+            continue;
+        }
+        let id = format!("cdrom{n}");
+        let Some(mut dev) = disk_device(kind, true, &id) else {
+            a.drive(&drive.with("if", kind.to_string()))?;
+            continue;
+        };
+        if kind == DiskType::Scsi {
+            scsi_controller_once(a, scsi_controller)?;
+        }
+        a.drive(
+            &drive
+                .with("if", "none")
+                .with("id", id)
+                .with("readonly", true),
+        )?;
+        if bootable {
+            dev.set("bootindex", 1);
+        }
+        a.device(&dev, SYNTAX)?;
+    }
+    Ok(())
+}
+
+fn build_floppy(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let Some(floppy) = &c.hv.floppy_image_path else {
+        return Ok(());
+    };
+    let mut drive = Drive::new(checked_path("floppy_image_path", floppy)?)
+        .with("format", "raw")
+        .with("media", "disk");
+    if c.boots_from(BootOrder::Floppy) {
+        a.opt("-boot", "a");
+        if c.f.drive_boot {
+            drive.set("boot", "on");
+        }
+    }
+    a.drive(&drive.with("if", "floppy"))
+}
+
+fn build_kernel(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let hv = c.hv;
+    let Some(k) = &hv.kernel_path else {
+        return Ok(());
+    };
+    a.opt(
+        "-kernel",
+        whole_arg("kernel_path", path_str("kernel_path", k)?)?,
+    );
+    if let Some(i) = &hv.initrd_path {
+        // A whole argument: QEMU does not split a Linux initrd on commas.
+        a.opt(
+            "-initrd",
+            whole_arg("initrd_path", path_str("initrd_path", i)?)?,
+        );
+    }
+    let mut append = vec![format!("root={}", hv.root_path)];
+    if !hv.kernel_args.is_empty() {
+        append.push(hv.kernel_args.clone());
+    }
+    if hv.serial_console {
+        append.push(format!("console=ttyS0,{}", hv.serial_speed));
+    }
+    a.opt("-append", whole_arg("kernel_args", &append.join(" "))?);
+    Ok(())
+}
+
+/// The USB controller and pointing device (a tablet whenever VNC is on,
+/// as Ganeti does).
+fn build_usb_mouse(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let hv = c.hv;
     a.flag("-usb");
     let mouse = hv
         .usb_mouse
         .map(|m| m.as_str())
-        .or(if hv.vnc_bind_address.is_empty() {
-            None
-        } else {
-            Some("tablet")
-        });
+        .or((!hv.vnc_bind_address.is_empty()).then_some("tablet"));
     if let Some(m) = mouse {
-        if f.usb_devices && caps.has_device(&format!("usb-{m}")) {
-            a.opt("-device", format!("usb-{m}"));
-        } else if f.usbdevice {
+        let driver = format!("usb-{m}");
+        if c.f.usb_devices && c.caps.has_device(&driver) {
+            a.device(&Device::new(driver), SYNTAX)?;
+        } else if c.f.usbdevice {
             a.opt("-usbdevice", m);
         } else {
-            return Err(unsupported(caps, "usb_mouse", "USB pointing devices"));
+            return Err(c.unsupported("usb_mouse", "USB pointing devices"));
         }
     }
+    Ok(())
+}
 
-    let spice = !hv.spice_bind.is_empty();
-    if !hv.vnc_bind_address.is_empty() {
-        vnc(&mut a, spec, caps)?;
-    } else if spice {
-        spice_args(&mut a, spec, caps, env)?;
-    } else if f.display {
-        a.opt("-display", "none");
+fn build_display(c: &Ctx, a: &mut Args, env: &BuildEnv) -> Result<(), Error> {
+    if !c.hv.vnc_bind_address.is_empty() {
+        build_vnc(c, a)
+    } else if !c.hv.spice_bind.is_empty() {
+        build_spice(c, a, env)
     } else {
-        a.flag("-nographic");
+        if c.f.display {
+            a.opt("-display", "none");
+        } else {
+            a.flag("-nographic");
+        }
+        Ok(())
     }
+}
 
+/// RTC, CPU model, sound, VGA, extra USB devices, UUID and `kvm_extra`.
+fn build_devices_and_extra(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let (hv, f) = (c.hv, c.f);
     if hv.use_localtime {
         if f.localtime {
             a.flag("-localtime");
         } else if f.rtc {
             a.opt("-rtc", "base=localtime");
         } else {
-            return Err(unsupported(caps, "use_localtime", "a local-time RTC"));
+            return Err(c.unsupported("use_localtime", "a local-time RTC"));
         }
     }
-
     if !hv.cpu_type.is_empty() {
         a.opt("-cpu", whole_arg("cpu_type", &hv.cpu_type)?);
     }
-
-    if !hv.soundhw.is_empty() {
-        if f.audio {
-            a.opt(
-                "-audio",
-                format!("none,model={}", opt_value("soundhw", &hv.soundhw)?),
-            );
-        } else if f.soundhw {
-            a.opt("-soundhw", whole_arg("soundhw", &hv.soundhw)?);
-        } else {
-            return Err(unsupported(
-                caps,
-                "soundhw",
-                "sound cards (-audio or -soundhw)",
-            ));
-        }
-    }
-
+    build_sound(c, a)?;
     if !hv.vga.is_empty() {
         a.opt("-vga", whole_arg("vga", &hv.vga)?);
-    } else if spice {
+    } else if !hv.spice_bind.is_empty() {
         a.opt("-vga", "qxl");
     }
-
     if !hv.usb_devices.is_empty() {
         if !f.usbdevice {
-            return Err(unsupported(caps, "usb_devices", "-usbdevice"));
+            return Err(c.unsupported("usb_devices", "-usbdevice"));
         }
         for dev in hv
             .usb_devices
@@ -487,110 +571,122 @@ pub fn build(
             a.opt("-usbdevice", whole_arg("usb_devices", dev)?);
         }
     }
-
-    if let Some(uuid) = &spec.uuid {
-        if f.uuid {
-            a.opt("-uuid", uuid.clone());
-        }
+    if let (Some(uuid), true) = (&c.spec.uuid, f.uuid) {
+        a.opt("-uuid", uuid.clone());
     }
-
     // Ganeti appended kvm_extra as one argument; split it so that
     // "-foo a -bar b" means what it says.
     for extra in hv.kvm_extra.split_whitespace() {
         a.flag(extra);
     }
-
-    Ok(QemuCommand { argv: a.0, machine })
-}
-
-fn vnc(a: &mut Argv, spec: &InstanceSpec, caps: &Capabilities) -> Result<(), Error> {
-    let hv = &spec.hvparams;
-    let f = &caps.features;
-    let flag = |name: &str| {
-        if f.bool_suboptions {
-            format!(",{name}=on")
-        } else {
-            format!(",{name}")
-        }
-    };
-    let bind = &hv.vnc_bind_address;
-    let arg = if bind.parse::<std::net::Ipv4Addr>().is_ok() {
-        let port = spec.network_port.unwrap_or(0);
-        if port <= VNC_BASE_PORT {
-            return Err(Error::Instance {
-                instance: spec.name.clone(),
-                field: "network_port".into(),
-                reason: format!("VNC needs a port above {VNC_BASE_PORT} (display = port - {VNC_BASE_PORT}), got {port}"),
-            });
-        }
-        let display = port - VNC_BASE_PORT;
-        let mut arg = if bind == "0.0.0.0" {
-            format!(":{display}")
-        } else {
-            format!("{bind}:{display}")
-        };
-        if hv.vnc_tls {
-            if f.tls_creds_object {
-                let object = match &hv.vnc_x509_path {
-                    Some(dir) => format!(
-                        "tls-creds-x509,id=vnc-tls-creds0,dir={},endpoint=server,verify-peer={}",
-                        opt_path("vnc_x509_path", dir)?,
-                        if hv.vnc_x509_verify { "on" } else { "off" }
-                    ),
-                    None => "tls-creds-anon,id=vnc-tls-creds0,endpoint=server".to_owned(),
-                };
-                a.opt("-object", object);
-                arg.push_str(",tls-creds=vnc-tls-creds0");
-            } else {
-                arg.push_str(",tls");
-                match (&hv.vnc_x509_path, hv.vnc_x509_verify) {
-                    (Some(d), true) => {
-                        arg.push_str(&format!(",x509verify={}", opt_path("vnc_x509_path", d)?))
-                    }
-                    (Some(d), false) => {
-                        arg.push_str(&format!(",x509={}", opt_path("vnc_x509_path", d)?))
-                    }
-                    (None, _) => {}
-                }
-            }
-        }
-        if hv.vnc_password_file.is_some() {
-            arg.push_str(&flag("password"));
-        }
-        arg
-    } else {
-        format!(
-            "unix:{}",
-            opt_path(
-                "vnc_bind_address",
-                &Path::new(bind).join(format!("{}.vnc", spec.name))
-            )?
-        )
-    };
-    a.opt("-vnc", arg);
     Ok(())
 }
 
-fn spice_args(
-    a: &mut Argv,
-    spec: &InstanceSpec,
-    caps: &Capabilities,
-    env: &BuildEnv,
-) -> Result<(), Error> {
-    let hv = &spec.hvparams;
-    let f = &caps.features;
-    if !f.spice {
-        return Err(unsupported(caps, "spice_bind", "SPICE (-spice)"));
+fn build_sound(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let hv = c.hv;
+    if hv.soundhw.is_empty() {
+        return Ok(());
     }
-    let flag = |name: &str, v: bool| {
-        if f.bool_suboptions {
-            format!(",{name}={}", if v { "on" } else { "off" })
-        } else if v {
-            format!(",{name}")
-        } else {
-            format!(",{name}=off")
-        }
+    if c.f.audio {
+        let model = checked("soundhw", &hv.soundhw)?;
+        a.keyval("-audio", "none", &Props::new().with("model", model))
+    } else if c.f.soundhw {
+        a.opt("-soundhw", whole_arg("soundhw", &hv.soundhw)?);
+        Ok(())
+    } else {
+        Err(c.unsupported("soundhw", "sound cards (-audio or -soundhw)"))
+    }
+}
+
+/// A boolean sub-option: `name=on|off` on QEMU ≥ 2.5, a bare `name`
+/// before.
+fn bool_prop(f: &crate::Features, v: bool) -> Value {
+    if f.bool_suboptions || !v {
+        Value::Bool(v)
+    } else {
+        Value::Flag
+    }
+}
+
+fn build_vnc(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let (hv, spec) = (c.hv, c.spec);
+    let bind = &hv.vnc_bind_address;
+    if bind.parse::<std::net::Ipv4Addr>().is_err() {
+        // A directory: a Unix socket named after the instance.
+        let socket = Path::new(bind).join(format!("{}.vnc", spec.name));
+        a.opt(
+            "-vnc",
+            format!("unix:{}", opt_path("vnc_bind_address", &socket)?),
+        );
+        return Ok(());
+    }
+    let port = spec.network_port.unwrap_or(0);
+    if port <= VNC_BASE_PORT {
+        return Err(c.instance_err(
+            "network_port",
+            format!("VNC needs a port above {VNC_BASE_PORT} (display = port - {VNC_BASE_PORT}), got {port}"),
+        ));
+    }
+    let display = port - VNC_BASE_PORT;
+    let head = if bind == "0.0.0.0" {
+        format!(":{display}")
+    } else {
+        format!("{bind}:{display}")
     };
+    let mut props = Props::new();
+    if hv.vnc_tls {
+        vnc_tls(c, a, &mut props)?;
+    }
+    if hv.vnc_password_file.is_some() {
+        props.set("password", bool_prop(c.f, true));
+    }
+    let rest = props.to_keyval()?;
+    a.opt(
+        "-vnc",
+        if rest.is_empty() {
+            head
+        } else {
+            format!("{head},{rest}")
+        },
+    );
+    Ok(())
+}
+
+/// VNC TLS: a `tls-creds-*` object on QEMU ≥ 2.5, Ganeti's `tls,x509=`
+/// sub-options before.
+fn vnc_tls(c: &Ctx, a: &mut Args, props: &mut Props) -> Result<(), Error> {
+    let hv = c.hv;
+    let dir = hv
+        .vnc_x509_path
+        .as_deref()
+        .map(|d| checked_path("vnc_x509_path", d))
+        .transpose()?;
+    if c.f.tls_creds_object {
+        let object = match dir {
+            Some(dir) => Object::new("tls-creds-x509", "vnc-tls-creds0")
+                .with("dir", dir)
+                .with("endpoint", "server")
+                .with("verify-peer", hv.vnc_x509_verify),
+            None => Object::new("tls-creds-anon", "vnc-tls-creds0").with("endpoint", "server"),
+        };
+        a.object(&object, SYNTAX)?;
+        props.set("tls-creds", "vnc-tls-creds0");
+    } else {
+        props.set("tls", Value::Flag);
+        match (dir, hv.vnc_x509_verify) {
+            (Some(d), true) => props.set("x509verify", d),
+            (Some(d), false) => props.set("x509", d),
+            (None, _) => {}
+        }
+    }
+    Ok(())
+}
+
+fn build_spice(c: &Ctx, a: &mut Args, env: &BuildEnv) -> Result<(), Error> {
+    let hv = c.hv;
+    if !c.f.spice {
+        return Err(c.unsupported("spice_bind", "SPICE (-spice)"));
+    }
     let address: IpAddr = match hv.spice_bind.parse() {
         Ok(ip) => ip,
         Err(_) => env.spice_address.ok_or_else(|| Error::Host {
@@ -601,30 +697,14 @@ fn spice_args(
             ),
         })?,
     };
-    let port = spec.network_port.ok_or_else(|| Error::Instance {
-        instance: spec.name.clone(),
-        field: "network_port".into(),
-        reason: "SPICE needs a port".into(),
-    })?;
-    let mut arg = format!("addr={address}");
-    if hv.spice_use_tls {
-        arg.push_str(&format!(
-            ",tls-port={port},x509-cacert-file={},x509-key-file={},x509-cert-file={}",
-            opt_path("spice_cacert", &env.spice_cacert)?,
-            opt_path("spice_cert", &env.spice_cert)?,
-            opt_path("spice_cert", &env.spice_cert)?
-        ));
-        if !hv.spice_tls_ciphers.is_empty() {
-            arg.push_str(&format!(
-                ",tls-ciphers={}",
-                opt_value("spice_tls_ciphers", &hv.spice_tls_ciphers)?
-            ));
-        }
-    } else {
-        arg.push_str(&format!(",port={port}"));
-    }
+    let port = c
+        .spec
+        .network_port
+        .ok_or_else(|| c.instance_err("network_port", "SPICE needs a port".into()))?;
+    let mut p = Props::new().with("addr", address.to_string());
+    spice_listen(c, &mut p, port, env)?;
     if hv.spice_password_file.is_none() {
-        arg.push_str(&flag("disable-ticketing", true));
+        p.set("disable-ticketing", bool_prop(c.f, true));
     }
     let ip_version = match hv.spice_ip_version {
         0 if hv.spice_bind.parse::<IpAddr>().is_err() => {
@@ -634,35 +714,64 @@ fn spice_args(
         v => Some(v),
     };
     if let Some(v) = ip_version {
-        arg.push_str(&flag(&format!("ipv{v}"), true));
+        p.set(format!("ipv{v}"), bool_prop(c.f, true));
     }
-    if let Some(c) = hv.spice_image_compression {
-        arg.push_str(&format!(",image-compression={c}"));
+    spice_tuning(hv, &mut p);
+    if hv.spice_use_vdagent {
+        a.device(&Device::new("virtio-serial-pci"), SYNTAX)?;
+        a.device(
+            &Device::new("virtserialport")
+                .with("chardev", "spicechannel0")
+                .with("name", "com.redhat.spice.0"),
+            SYNTAX,
+        )?;
+        a.chardev(&Chardev::new("spicevmc", "spicechannel0").with("name", "vdagent"))?;
+    } else {
+        p.set("agent-mouse", false);
     }
-    if let Some(c) = hv.spice_jpeg_wan_compression {
-        arg.push_str(&format!(",jpeg-wan-compression={c}"));
+    a.keyval("-spice", "", &p)
+}
+
+fn spice_listen(c: &Ctx, p: &mut Props, port: u16, env: &BuildEnv) -> Result<(), Error> {
+    let hv = c.hv;
+    if !hv.spice_use_tls {
+        p.set("port", port);
+        return Ok(());
     }
-    if let Some(c) = hv.spice_zlib_glz_wan_compression {
-        arg.push_str(&format!(",zlib-glz-wan-compression={c}"));
+    let cert = checked_path("spice_cert", &env.spice_cert)?;
+    p.set("tls-port", port);
+    p.set(
+        "x509-cacert-file",
+        checked_path("spice_cacert", &env.spice_cacert)?,
+    );
+    p.set("x509-key-file", cert);
+    p.set("x509-cert-file", cert);
+    if !hv.spice_tls_ciphers.is_empty() {
+        p.set(
+            "tls-ciphers",
+            checked("spice_tls_ciphers", &hv.spice_tls_ciphers)?,
+        );
+    }
+    Ok(())
+}
+
+/// SPICE compression and streaming settings, in Ganeti's order.
+fn spice_tuning(hv: &crate::HvParams, p: &mut Props) {
+    if let Some(v) = hv.spice_image_compression {
+        p.set("image-compression", v.to_string());
+    }
+    if let Some(v) = hv.spice_jpeg_wan_compression {
+        p.set("jpeg-wan-compression", v.to_string());
+    }
+    if let Some(v) = hv.spice_zlib_glz_wan_compression {
+        p.set("zlib-glz-wan-compression", v.to_string());
     }
     if let Some(v) = hv.spice_streaming_video {
-        arg.push_str(&format!(",streaming-video={v}"));
+        p.set("streaming-video", v.to_string());
     }
     if !hv.spice_playback_compression {
-        arg.push_str(",playback-compression=off");
+        p.set("playback-compression", false);
     }
-    if !hv.spice_use_vdagent {
-        arg.push_str(",agent-mouse=off");
-    } else {
-        a.opt("-device", "virtio-serial-pci");
-        a.opt(
-            "-device",
-            "virtserialport,chardev=spicechannel0,name=com.redhat.spice.0",
-        );
-        a.opt("-chardev", "spicevmc,id=spicechannel0,name=vdagent");
-    }
-    a.opt("-spice", arg);
-    Ok(())
 }
 
 impl QemuCommand {
@@ -675,16 +784,14 @@ impl QemuCommand {
         caps: &Capabilities,
         launch: &Launch,
     ) -> Result<Vec<String>, Error> {
-        let hv = &spec.hvparams;
-        let f = &caps.features;
-        let node = &launch.node;
-        let mut a = Argv(self.argv.clone());
-        let socket_opts = if f.bool_suboptions {
-            "server=on,wait=off"
-        } else {
-            "server,nowait"
+        let c = Ctx {
+            spec,
+            hv: &spec.hvparams,
+            caps,
+            f: &caps.features,
         };
-
+        let node = &launch.node;
+        let mut a = Args::from_vec(self.argv.clone());
         a.opt(
             "-pidfile",
             whole_arg("pidfile", path_str("pidfile", &node.pidfile)?)?,
@@ -692,160 +799,197 @@ impl QemuCommand {
         if launch.daemonize {
             a.flag("-daemonize");
         }
-        if hv.serial_console {
+        if c.hv.serial_console {
             let path = opt_path("serial socket", &node.serial)?;
-            a.opt("-serial", format!("unix:{path},{socket_opts}"));
+            a.opt("-serial", format!("unix:{path},{}", socket_opts(c.f)));
         } else {
             a.opt("-serial", "none");
         }
-
-        let run_as = match hv.security_model {
-            SecurityModel::None => None,
-            SecurityModel::User => Some(hv.security_domain.clone()),
-            SecurityModel::Pool => {
-                Some(launch.pool_user.clone().ok_or_else(|| Error::Instance {
-                    instance: spec.name.clone(),
-                    field: "security_model".into(),
-                    reason: "pool: no user was allocated for this start".into(),
-                })?)
-            }
-        };
-        let chroot = hv.use_chroot.then(|| node.chroot.clone());
-        if run_as.is_some() || chroot.is_some() {
-            if f.run_with {
-                let mut parts = Vec::new();
-                if let Some(c) = &chroot {
-                    parts.push(format!("chroot={}", opt_path("use_chroot", c)?));
-                }
-                if let Some(u) = &run_as {
-                    parts.push(format!("user={}", opt_value("security_domain", u)?));
-                }
-                a.opt("-run-with", parts.join(","));
-            } else {
-                if let Some(c) = &chroot {
-                    if !f.chroot {
-                        return Err(unsupported(caps, "use_chroot", "-chroot or -run-with"));
-                    }
-                    a.opt(
-                        "-chroot",
-                        whole_arg("use_chroot", path_str("use_chroot", c)?)?,
-                    );
-                }
-                if let Some(u) = &run_as {
-                    if !f.runas {
-                        return Err(unsupported(caps, "security_model", "-runas or -run-with"));
-                    }
-                    a.opt("-runas", whole_arg("security_domain", u)?);
-                }
-            }
-        }
-
-        if !hv.keymap.is_empty() {
-            if f.keymap_include_files {
-                a.opt(
-                    "-k",
-                    whole_arg("keymap", path_str("keymap", &node.keymap)?)?,
-                );
-            } else {
-                a.opt("-k", whole_arg("keymap", &hv.keymap)?);
-            }
-        }
-
-        if launch.nics.len() != spec.nics.len() {
-            return Err(Error::Instance {
-                instance: spec.name.clone(),
-                field: "nics".into(),
-                reason: format!(
-                    "{} NICs but {} TAP backends",
-                    spec.nics.len(),
-                    launch.nics.len()
-                ),
-            });
-        }
-        if spec.nics.is_empty() {
-            a.opt("-net", "none");
-        }
-        let paravirtual = hv.nic_type == NicType::Paravirtual;
-        let model = if paravirtual {
-            if caps.features.virtio_net_pci {
-                "virtio-net-pci"
-            } else {
-                "virtio"
-            }
-        } else {
-            hv.nic_type.as_str()
-        };
-        let vhost = if hv.vhost_net && paravirtual {
-            if !(f.vhost_net && launch.vhost_net_available) {
-                return Err(Error::Host {
-                    key: "vhost_net".into(),
-                    reason: "vhost-net is configured but not available (no /dev/vhost-net or QEMU lacks vhost)".into(),
-                });
-            }
-            ",vhost=on"
-        } else {
-            ""
-        };
-        for (i, (nic, backend)) in spec.nics.iter().zip(&launch.nics).enumerate() {
-            if backend.tap_fds.is_empty() {
-                return Err(Error::Instance {
-                    instance: spec.name.clone(),
-                    field: format!("nics[{i}]"),
-                    reason: "no TAP descriptor".into(),
-                });
-            }
-            let queues = backend.tap_fds.len();
-            if f.netdev {
-                let fds = if queues == 1 {
-                    format!("fd={}", backend.tap_fds[0])
-                } else {
-                    let list: Vec<String> = backend.tap_fds.iter().map(i32::to_string).collect();
-                    format!("fds={}", list.join(":"))
-                };
-                a.opt("-netdev", format!("tap,id=netdev{i},{fds}{vhost}"));
-                let mq = if queues > 1 && paravirtual {
-                    format!(",mq=on,vectors={}", 2 * queues + 2)
-                } else {
-                    String::new()
-                };
-                a.opt(
-                    "-device",
-                    format!("{model},mac={},netdev=netdev{i}{mq}", nic.mac),
-                );
-            } else {
-                a.opt("-net", format!("tap,vlan={i},fd={}", backend.tap_fds[0]));
-                a.opt(
-                    "-net",
-                    format!("nic,vlan={i},macaddr={},model={model}", nic.mac),
-                );
-            }
-        }
-
+        launch_run_as(&c, &mut a, launch)?;
+        launch_keymap(&c, &mut a, node)?;
+        launch_nics(&c, &mut a, launch)?;
         if let Some(uri) = &launch.incoming {
             a.opt("-incoming", whole_arg("incoming", uri)?);
         }
-        if !f.qmp {
-            return Err(unsupported(
-                caps,
-                "kvm_path",
-                "QMP (-qmp), which gkvm needs to manage QEMU",
-            ));
-        }
-        a.opt(
-            "-qmp",
-            format!("unix:{},{socket_opts}", opt_path("qmp socket", &node.qmp)?),
-        );
-        if let Some(watch) = &node.qmp_watch {
-            a.opt(
-                "-qmp",
-                format!("unix:{},{socket_opts}", opt_path("qmp socket", watch)?),
-            );
-        }
+        launch_qmp(&c, &mut a, node)?;
         if launch.paused {
             a.flag("-S");
         }
-        Ok(a.0)
+        Ok(a.into_vec())
     }
+}
+
+/// Listening-socket options of `-serial`/`-qmp unix:`.
+fn socket_opts(f: &crate::Features) -> &'static str {
+    if f.bool_suboptions {
+        "server=on,wait=off"
+    } else {
+        "server,nowait"
+    }
+}
+
+/// Chroot and the user QEMU runs as: `-run-with` (QEMU ≥ 9.0) or
+/// `-chroot`/`-runas`.
+fn launch_run_as(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
+    let hv = c.hv;
+    let run_as = match hv.security_model {
+        SecurityModel::None => None,
+        SecurityModel::User => Some(hv.security_domain.clone()),
+        SecurityModel::Pool => Some(launch.pool_user.clone().ok_or_else(|| {
+            c.instance_err(
+                "security_model",
+                "pool: no user was allocated for this start".into(),
+            )
+        })?),
+    };
+    let chroot = hv.use_chroot.then(|| launch.node.chroot.clone());
+    if c.f.run_with && (run_as.is_some() || chroot.is_some()) {
+        let mut p = Props::new();
+        if let Some(dir) = &chroot {
+            p.set("chroot", checked_path("use_chroot", dir)?);
+        }
+        if let Some(u) = &run_as {
+            p.set("user", checked("security_domain", u)?);
+        }
+        return a.keyval("-run-with", "", &p);
+    }
+    if let Some(dir) = &chroot {
+        if !c.f.chroot {
+            return Err(c.unsupported("use_chroot", "-chroot or -run-with"));
+        }
+        a.opt(
+            "-chroot",
+            whole_arg("use_chroot", path_str("use_chroot", dir)?)?,
+        );
+    }
+    if let Some(u) = &run_as {
+        if !c.f.runas {
+            return Err(c.unsupported("security_model", "-runas or -run-with"));
+        }
+        a.opt("-runas", whole_arg("security_domain", u)?);
+    }
+    Ok(())
+}
+
+fn launch_keymap(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
+    let hv = c.hv;
+    if hv.keymap.is_empty() {
+        return Ok(());
+    }
+    if c.f.keymap_include_files {
+        a.opt(
+            "-k",
+            whole_arg("keymap", path_str("keymap", &node.keymap)?)?,
+        );
+    } else {
+        a.opt("-k", whole_arg("keymap", &hv.keymap)?);
+    }
+    Ok(())
+}
+
+/// The NIC model of `nic_type` on this QEMU.
+fn nic_model(c: &Ctx) -> &'static str {
+    match c.hv.nic_type {
+        NicType::Paravirtual if c.f.virtio_net_pci => "virtio-net-pci",
+        NicType::Paravirtual => "virtio",
+        other => other.as_str(),
+    }
+}
+
+fn launch_nics(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
+    let (spec, hv, f) = (c.spec, c.hv, c.f);
+    if launch.nics.len() != spec.nics.len() {
+        return Err(c.instance_err(
+            "nics",
+            format!(
+                "{} NICs but {} TAP backends",
+                spec.nics.len(),
+                launch.nics.len()
+            ),
+        ));
+    }
+    if spec.nics.is_empty() {
+        a.opt("-net", "none");
+    }
+    let paravirtual = hv.nic_type == NicType::Paravirtual;
+    let vhost = hv.vhost_net && paravirtual;
+    if vhost && !(f.vhost_net && launch.vhost_net_available) {
+        return Err(Error::Host {
+            key: "vhost_net".into(),
+            reason:
+                "vhost-net is configured but not available (no /dev/vhost-net or QEMU lacks vhost)"
+                    .into(),
+        });
+    }
+    for (i, (nic, backend)) in spec.nics.iter().zip(&launch.nics).enumerate() {
+        if backend.tap_fds.is_empty() {
+            return Err(c.instance_err(&format!("nics[{i}]"), "no TAP descriptor".into()));
+        }
+        if !f.netdev {
+            // qemu-kvm before -netdev: Ganeti's VLAN pairs.
+            a.opt("-net", format!("tap,vlan={i},fd={}", backend.tap_fds[0]));
+            a.opt(
+                "-net",
+                format!("nic,vlan={i},macaddr={},model={}", nic.mac, nic_model(c)),
+            );
+            continue;
+        }
+        let (netdev, device) = nic_pieces(c, i, nic, backend, vhost);
+        a.netdev(&netdev, SYNTAX)?;
+        a.device(&device, SYNTAX)?;
+    }
+    Ok(())
+}
+
+/// The backend and device of one NIC on TAP descriptors.
+fn nic_pieces(
+    c: &Ctx,
+    i: usize,
+    nic: &crate::NicSpec,
+    backend: &NicBackend,
+    vhost: bool,
+) -> (Netdev, Device) {
+    let id = match &nic.address {
+        Some(addr) => addr.id.clone(),
+        None => format!("netdev{i}"),
+    };
+    let queues = backend.tap_fds.len();
+    let mut netdev = Netdev::new("tap", id.as_str());
+    if queues == 1 {
+        netdev.set("fd", backend.tap_fds[0]);
+    } else {
+        let list: Vec<String> = backend.tap_fds.iter().map(i32::to_string).collect();
+        netdev.set("fds", list.join(":"));
+    }
+    if vhost {
+        netdev.set("vhost", true);
+    }
+    let mut device = Device::new(nic_model(c))
+        .with("mac", nic.mac.as_str())
+        .with("netdev", id);
+    if queues > 1 && c.hv.nic_type == NicType::Paravirtual {
+        device.set("mq", true);
+        device.set("vectors", 2 * queues + 2);
+    }
+    place(&mut device, nic.address.as_ref(), nic_on_pci(c.hv.nic_type));
+    (netdev, device)
+}
+
+fn launch_qmp(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
+    if !c.f.qmp {
+        return Err(c.unsupported("kvm_path", "QMP (-qmp), which gkvm needs to manage QEMU"));
+    }
+    for socket in std::iter::once(&node.qmp).chain(&node.qmp_watch) {
+        a.opt(
+            "-qmp",
+            format!(
+                "unix:{},{}",
+                opt_path("qmp socket", socket)?,
+                socket_opts(c.f)
+            ),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -247,6 +247,10 @@ pub struct HvParams {
     pub kvm_extra: String,
     /// Machine type (empty: QEMU's default, resolved to its concrete name).
     pub machine_version: String,
+    /// PCI slots left to QEMU's own devices; NICs and disks get explicit
+    /// slots from this one up (Ganeti 3.1's default: 12).
+    #[serde(with = "lenient")]
+    pub kvm_pci_reservations: u32,
 }
 
 impl Default for HvParams {
@@ -308,6 +312,7 @@ impl Default for HvParams {
             vga: String::new(),
             kvm_extra: String::new(),
             machine_version: String::new(),
+            kvm_pci_reservations: 12,
         }
     }
 }
@@ -501,7 +506,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 56);
+        assert_eq!(HvParams::keys().len(), 57);
     }
 
     #[test]

@@ -71,8 +71,9 @@ pub enum DiskMode {
 }
 
 /// One disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DiskSpec {
     /// Block device or image file on this node.
     pub path: PathBuf,
@@ -83,7 +84,36 @@ pub struct DiskSpec {
     /// `rbd`, `ext`, ...): shared-storage templates force `cache=none`.
     #[serde(default)]
     pub template: Option<String>,
+    /// The disk's UUID in the cluster, if it has one (its device id derives
+    /// from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The disk's name in the cluster, if it has one (its device id derives
+    /// from it when there is no UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where it sits in the guest, once placed
+    /// ([`InstanceSpec::assign_addresses`]); kept for the life of the
+    /// instance, hot plug and migration included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<DeviceAddress>,
 }
+
+/// A NIC's or disk's identity in the guest: a device id that never
+/// changes while the instance lives (unplugging one device renumbers no
+/// other), and for a PCI device its slot on the machine's main PCI bus.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceAddress {
+    /// The QEMU id of the device (its backend gets the same id).
+    pub id: String,
+    /// The PCI slot (`addr=0x..`), for devices on the PCI bus.
+    #[serde(default)]
+    pub pci_slot: Option<u8>,
+}
+
+/// Slots on a PCI bus.
+pub const PCI_SLOTS: u8 = 32;
 
 /// Disk templates on storage shared between nodes: QEMU's page cache must
 /// be off for them or a migration can corrupt the disk.
@@ -143,8 +173,9 @@ pub struct NetworkSpec {
 }
 
 /// One NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct NicSpec {
     /// MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
@@ -160,6 +191,39 @@ pub struct NicSpec {
     /// The network, if the NIC belongs to one.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
+    /// The NIC's UUID in the cluster, if it has one (its device id derives
+    /// from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The NIC's name in the cluster, if it has one (its device id derives
+    /// from it when there is no UUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Where it sits in the guest, once placed
+    /// ([`InstanceSpec::assign_addresses`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<DeviceAddress>,
+}
+
+impl NicSpec {
+    /// A NIC with this MAC, bridged to `link`.
+    pub fn new(mac: impl Into<String>, link: impl Into<String>) -> NicSpec {
+        NicSpec {
+            mac: mac.into(),
+            link: link.into(),
+            ..NicSpec::default()
+        }
+    }
+}
+
+impl DiskSpec {
+    /// A read-write disk at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> DiskSpec {
+        DiskSpec {
+            path: path.into(),
+            ..DiskSpec::default()
+        }
+    }
 }
 
 /// Checks an instance name: what is safe in a file name and in `-name`
@@ -305,6 +369,24 @@ impl InstanceSpec {
                 return Err(bad("uuid", format!("{u:?} is not a UUID")));
             }
         }
+        self.check_nics()?;
+        self.check_addresses()?;
+        for t in &self.tags {
+            if t.chars().any(char::is_control) {
+                return Err(bad("tags", format!("{t:?} has control characters")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InstanceSpec {
+    fn check_nics(&self) -> Result<(), Error> {
+        let bad = |field: &str, reason: String| Error::Instance {
+            instance: self.name.clone(),
+            field: field.into(),
+            reason,
+        };
         for (i, nic) in self.nics.iter().enumerate() {
             mac_problem(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
             if let Some(j) = self.nics[..i]
@@ -331,11 +413,6 @@ impl InstanceSpec {
                 }
             }
         }
-        for t in &self.tags {
-            if t.chars().any(char::is_control) {
-                return Err(bad("tags", format!("{t:?} has control characters")));
-            }
-        }
         Ok(())
     }
 }
@@ -345,13 +422,7 @@ mod tests {
     use super::*;
 
     fn nic(mac: &str, link: &str) -> NicSpec {
-        NicSpec {
-            mac: mac.into(),
-            ip: None,
-            mode: NicMode::Bridged,
-            link: link.into(),
-            network: None,
-        }
+        NicSpec::new(mac, link)
     }
 
     fn field_of(spec: &InstanceSpec) -> String {
@@ -395,11 +466,7 @@ mod tests {
         s.nics.clear();
 
         s.disks = (0..=MAX_DISKS)
-            .map(|i| DiskSpec {
-                path: format!("/dev/vg/d{i}").into(),
-                mode: DiskMode::ReadWrite,
-                template: None,
-            })
+            .map(|i| DiskSpec::new(format!("/dev/vg/d{i}")))
             .collect();
         assert_eq!(field_of(&s), "disks");
     }

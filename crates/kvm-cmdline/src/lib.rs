@@ -44,6 +44,8 @@ pub mod escape;
 pub mod hvparams;
 mod instance;
 mod options;
+mod placement;
+pub mod qemu;
 mod validate;
 
 pub use build::{
@@ -56,10 +58,12 @@ pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;
 pub use hvparams::HvParams;
 pub use instance::{
-    validate_instance_name, validate_mac, DiskMode, DiskSpec, InstanceSpec, NetworkSpec, NicMode,
-    NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, SHARED_STORAGE_TEMPLATES,
+    validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec,
+    NetworkSpec, NicMode, NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, PCI_SLOTS,
+    SHARED_STORAGE_TEMPLATES,
 };
 pub use options::generated_mac;
+pub use placement::is_valid_device_id;
 pub use validate::HostFacts;
 
 #[doc = include_str!("../README.md")]

@@ -35,11 +35,9 @@ impl FromStr for DiskSpec {
         if path.is_empty() {
             return Err(bad("(cli)", "--disk", format!("{text:?}: no path")));
         }
-        Ok(DiskSpec {
-            path: path.into(),
-            mode,
-            template: None,
-        })
+        let mut disk = DiskSpec::new(path);
+        disk.mode = mode;
+        Ok(disk)
     }
 }
 
@@ -48,13 +46,7 @@ impl NicSpec {
     /// module documentation for the syntax).
     pub fn parse_option(text: &str, instance: &str, index: usize) -> Result<NicSpec, Error> {
         let field = format!("--nic {text}");
-        let mut nic = NicSpec {
-            mac: String::new(),
-            ip: None,
-            mode: NicMode::Bridged,
-            link: String::new(),
-            network: None,
-        };
+        let mut nic = NicSpec::default();
         let mut mode_given = false;
         for part in text.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| {

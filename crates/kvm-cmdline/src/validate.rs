@@ -59,6 +59,12 @@ impl HvParams {
         if self.kernel_path.is_some() && self.root_path.is_empty() {
             return Err(syntax("root_path", "needed when kernel_path is set"));
         }
+        if self.kvm_pci_reservations > u32::from(crate::instance::PCI_SLOTS) {
+            return Err(syntax(
+                "kvm_pci_reservations",
+                "cannot exceed the 32 slots of a PCI bus",
+            ));
+        }
         if self.vnc_x509_verify && self.vnc_x509_path.is_none() {
             return Err(syntax(
                 "vnc_x509_path",

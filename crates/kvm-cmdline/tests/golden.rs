@@ -326,11 +326,7 @@ fn old_qemu_gets_old_spellings() {
     let c = Capabilities::from_help(help, machines, devices).unwrap();
     assert!(c.features.drive_boot && c.features.vhost_net && c.features.balloon_option);
     let mut spec = InstanceSpec::new("old1", 256);
-    spec.disks.push(kvm_cmdline::DiskSpec {
-        path: "/dev/vg/old1".into(),
-        mode: Default::default(),
-        template: None,
-    });
+    spec.disks.push(kvm_cmdline::DiskSpec::new("/dev/vg/old1"));
     spec.hvparams.set_pair("use_localtime=true").unwrap();
     spec.hvparams.set_pair("soundhw=es1370").unwrap();
     spec.hvparams.set_pair("acpi=false").unwrap();

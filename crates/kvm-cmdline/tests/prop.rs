@@ -39,7 +39,7 @@ proptest! {
         let path = format!("/srv/{tail}");
         let iso = format!("/iso/{tail2}");
         let mut spec = InstanceSpec::new("p1", 64);
-        spec.disks.push(DiskSpec { path: path.clone().into(), mode: Default::default(), template: None });
+        spec.disks.push(DiskSpec::new(path.clone()));
         let cd_set = spec.hvparams.set("cdrom_image_path", serde_json::Value::String(iso.clone()));
         match build(&spec, &caps, &BuildEnv::default()) {
             Err(_) => prop_assert!(path.chars().any(char::is_control) || iso.chars().any(char::is_control)),
