@@ -52,71 +52,159 @@ pub struct MachineType {
     pub is_default: bool,
 }
 
-/// The option features the builder and Ganeti's checks depend on.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-#[non_exhaustive]
-pub struct Features {
+/// How one probe tells whether QEMU has a feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// The command-line option is listed (`--help`, or QMP's
+    /// `query-command-line-options`).
+    Option(&'static str),
+    /// The `--help` text of an option (its line and continuation lines)
+    /// mentions this text.
+    OptionHelp(&'static str, &'static str),
+    /// The `--help` text mentions this text anywhere.
+    HelpText(&'static str),
+    /// The device model exists.
+    Device(&'static str),
+    /// The version is at least `major.minor`.
+    Since(u32, u32),
+    /// The version is below `major.minor` (removed in it).
+    Before(u32, u32),
+    /// Every QEMU with QMP has it.
+    Always,
+    /// This probe cannot tell; assume not.
+    Never,
+}
+
+/// One row of the capability table: a feature and how each probe tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// The field of [`Features`].
+    pub feature: &'static str,
+    /// How the text of `--help`, `-machine ?` and `-device ?` tells it.
+    pub help: Probe,
+    /// How the QMP probe tells it (QMP lists no flag options, so those go
+    /// by the release that removed them).
+    pub qmp: Probe,
+}
+
+macro_rules! features {
+    ($($(#[$doc:meta])* $name:ident: $help:expr, $qmp:expr;)+) => {
+        /// The option features the builder and Ganeti's checks depend on,
+        /// each derived by one row of [`RULES`].
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
+        #[non_exhaustive]
+        pub struct Features {
+            $($(#[$doc])* pub $name: bool,)+
+        }
+
+        /// The capability table: every feature, how `--help` tells it and
+        /// how QMP tells it. A QEMU release that adds or drops an option
+        /// is one row here.
+        pub const RULES: &[Rule] = &[
+            $(Rule { feature: stringify!($name), help: $help, qmp: $qmp },)+
+        ];
+
+        impl Features {
+            /// Evaluates every rule, reading `help` or `qmp` probes.
+            fn evaluate(use_help: bool, mut eval: impl FnMut(&Probe) -> bool) -> Features {
+                Features {
+                    $($name: eval(if use_help { &$help } else { &$qmp }),)+
+                }
+            }
+        }
+    };
+}
+
+use Probe::Option as Opt;
+use Probe::{Always, Before, Device, HelpText, Never, OptionHelp, Since};
+
+features! {
     /// `-drive ...,boot=on|off` (qemu-kvm before 1.0).
-    pub drive_boot: bool,
+    drive_boot: OptionHelp("drive", ",boot=on|off"), Never;
     /// `-qmp`.
-    pub qmp: bool,
+    qmp: Opt("qmp"), Always;
     /// `-spice`.
-    pub spice: bool,
+    spice: Opt("spice"), Opt("spice");
     /// `vhost=on|off` on tap netdevs.
-    pub vhost_net: bool,
+    vhost_net: OptionHelp("netdev", "vhost=on|off"), Always;
     /// `-enable-kvm`.
-    pub enable_kvm: bool,
+    enable_kvm: Opt("enable-kvm"), Always;
     /// `-disable-kvm`.
-    pub disable_kvm: bool,
+    disable_kvm: Opt("disable-kvm"), Never;
     /// `-netdev`.
-    pub netdev: bool,
+    netdev: Opt("netdev"), Opt("netdev");
     /// `-display`.
-    pub display: bool,
+    display: Opt("display"), Always;
     /// `-machine`.
-    pub machine: bool,
+    machine: Opt("machine"), Opt("machine");
     /// `-uuid`.
-    pub uuid: bool,
+    uuid: Opt("uuid"), Always;
     /// The `virtio-net-pci` device.
-    pub virtio_net_pci: bool,
+    virtio_net_pci: Device("virtio-net-pci"), Device("virtio-net-pci");
     /// The `virtio-balloon-pci` device.
-    pub virtio_balloon_pci: bool,
-    /// `-balloon` (removed from QEMU long ago).
-    pub balloon_option: bool,
+    virtio_balloon_pci: Device("virtio-balloon-pci"), Device("virtio-balloon-pci");
+    /// `-balloon` (removed in QEMU 3.0).
+    balloon_option: Opt("balloon"), Before(3, 0);
     /// `-no-acpi` (gone in QEMU 9+; `-machine acpi=off` replaces it).
-    pub no_acpi: bool,
-    /// `-localtime` (replaced by `-rtc base=localtime`).
-    pub localtime: bool,
+    no_acpi: Opt("no-acpi"), Before(9, 0);
+    /// `-localtime` (replaced by `-rtc base=localtime`, removed in 3.0).
+    localtime: Opt("localtime"), Before(3, 0);
     /// `-rtc`.
-    pub rtc: bool,
-    /// `-soundhw` (replaced by `-audio`).
-    pub soundhw: bool,
+    rtc: Opt("rtc"), Opt("rtc");
+    /// `-soundhw` (replaced by `-audio`, removed in 7.1).
+    soundhw: Opt("soundhw"), Before(7, 1);
     /// `-audio` with `model=`.
-    pub audio: bool,
-    /// `-chroot`.
-    pub chroot: bool,
-    /// `-runas`.
-    pub runas: bool,
+    audio: OptionHelp("audio", "model="), Since(7, 1);
+    /// `-chroot` (removed in 9.0).
+    chroot: Opt("chroot"), Before(9, 0);
+    /// `-runas` (removed in 9.1).
+    runas: Opt("runas"), Before(9, 1);
     /// `-run-with` (chroot= and user=).
-    pub run_with: bool,
+    run_with: Opt("run-with"), Opt("run-with");
     /// `-usbdevice`.
-    pub usbdevice: bool,
+    usbdevice: Opt("usbdevice"), Always;
     /// The `usb-tablet` and `usb-mouse` devices.
-    pub usb_devices: bool,
+    usb_devices: Device("usb-tablet"), Device("usb-tablet");
     /// `-nographic`.
-    pub nographic: bool,
+    nographic: Opt("nographic"), Always;
     /// `-incoming defer`.
-    pub incoming_defer: bool,
-    /// JSON syntax for `-device`/`-object` (QEMU ≥ 6.2).
-    pub json_cli: bool,
+    incoming_defer: HelpText("-incoming defer"), Since(2, 3);
+    /// JSON syntax for `-device`/`-object`/`-netdev` (QEMU ≥ 6.2); see
+    /// [`crate::qemu::Syntax::for_caps`].
+    json_cli: Since(6, 2), Since(6, 2);
     /// `on`/`off` values for boolean sub-options (`password=on`,
     /// `server=on`); older QEMU took bare flags.
-    pub bool_suboptions: bool,
+    bool_suboptions: Since(2, 5), Since(2, 5);
     /// The `tls-creds-x509` object for VNC TLS (QEMU ≥ 2.5).
-    pub tls_creds_object: bool,
+    tls_creds_object: Since(2, 5), Since(2, 5);
     /// `-k` takes a keymap file with `include` lines (QEMU < 4.0); newer
     /// QEMU refuses include files and takes the layout name.
-    pub keymap_include_files: bool,
+    keymap_include_files: Before(4, 0), Before(4, 0);
+}
+
+/// What a probe evaluates against.
+struct Facts<'a> {
+    version: &'a QemuVersion,
+    options: &'a BTreeSet<String>,
+    devices: &'a BTreeSet<String>,
+    help: Option<&'a HelpScan<'a>>,
+}
+
+impl Facts<'_> {
+    fn eval(&self, probe: &Probe) -> bool {
+        let v = self.version;
+        match *probe {
+            Probe::Option(o) => self.options.contains(o),
+            OptionHelp(o, needle) => self.help.is_some_and(|h| h.option_text(o).contains(needle)),
+            HelpText(needle) => self.help.is_some_and(|h| h.text.contains(needle)),
+            Device(d) => self.devices.contains(d),
+            Since(major, minor) => v.at_least(major, minor),
+            Before(major, minor) => !v.at_least(major, minor),
+            Always => true,
+            Never => false,
+        }
+    }
 }
 
 /// What one QEMU binary supports. Serializable so it can be cached.
@@ -185,21 +273,38 @@ fn option_name(line: &str) -> Option<&str> {
     Some(&rest[..end])
 }
 
-/// One pass over `--help`: every option name, and the text (option line
-/// plus continuation lines) of the few options whose sub-options matter.
+/// One pass over `--help`: every option name, and each option's text
+/// (its line plus continuation lines).
 struct HelpScan<'a> {
+    text: &'a str,
     options: BTreeSet<String>,
-    drive: Vec<&'a str>,
-    net: Vec<&'a str>,
-    audio: Vec<&'a str>,
+    sections: Vec<(&'a str, &'a str)>,
+}
+
+impl HelpScan<'_> {
+    /// The help lines of an option (`net` and `netdev` share theirs).
+    fn option_text(&self, option: &str) -> String {
+        fn alias(o: &str) -> &str {
+            if o == "net" {
+                "netdev"
+            } else {
+                o
+            }
+        }
+        self.sections
+            .iter()
+            .filter(|(o, _)| alias(o) == alias(option))
+            .map(|(_, l)| *l)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 fn scan_help(help: &str) -> HelpScan<'_> {
     let mut scan = HelpScan {
+        text: help,
         options: BTreeSet::new(),
-        drive: Vec::new(),
-        net: Vec::new(),
-        audio: Vec::new(),
+        sections: Vec::new(),
     };
     let mut current = "";
     for line in help.lines() {
@@ -209,11 +314,8 @@ fn scan_help(help: &str) -> HelpScan<'_> {
                 scan.options.insert(current.to_owned());
             }
         }
-        match current {
-            "drive" => scan.drive.push(line),
-            "netdev" | "net" => scan.net.push(line),
-            "audio" => scan.audio.push(line),
-            _ => {}
+        if !current.is_empty() {
+            scan.sections.push((current, line));
         }
     }
     scan
@@ -259,14 +361,102 @@ pub fn parse_devices(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+fn qmp_bad(source: &str, reason: &str) -> Error {
+    Error::Capabilities {
+        source_name: source.into(),
+        reason: reason.into(),
+    }
+}
+
+fn qmp_list<'a>(v: &'a Value, source: &str) -> Result<&'a Vec<Value>, Error> {
+    v.as_array().ok_or_else(|| qmp_bad(source, "not a list"))
+}
+
+/// The version in a `query-version` answer.
+fn qmp_version(answer: &Value) -> Result<QemuVersion, Error> {
+    let q = answer
+        .get("qemu")
+        .ok_or_else(|| qmp_bad("query-version", "no qemu field"))?;
+    let n = |k: &str| {
+        q.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| qmp_bad("query-version", "version numbers missing"))
+    };
+    let (major, minor, micro) = (n("major")?, n("minor")?, n("micro")?);
+    let package = answer.get("package").and_then(Value::as_str).unwrap_or("");
+    Ok(QemuVersion {
+        major,
+        minor,
+        micro,
+        text: format!("{major}.{minor}.{micro}"),
+        banner: format!("QEMU emulator version {major}.{minor}.{micro} {package}")
+            .trim()
+            .to_owned(),
+    })
+}
+
+/// Machine types (aliases as entries of their own) and the default, from
+/// a `query-machines` answer.
+fn qmp_machines(answer: &Value) -> Result<(Vec<MachineType>, Option<String>), Error> {
+    let mut machine_list = Vec::new();
+    let mut default_machine = None;
+    for m in qmp_list(answer, "query-machines")? {
+        let name = m
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| qmp_bad("query-machines", "machine without name"))?;
+        let is_default = m
+            .get("is-default")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if is_default {
+            default_machine = Some(name.to_owned());
+        }
+        if let Some(alias) = m.get("alias").and_then(Value::as_str) {
+            machine_list.push(MachineType {
+                name: alias.to_owned(),
+                alias_of: Some(name.to_owned()),
+                is_default: false,
+            });
+        }
+        machine_list.push(MachineType {
+            name: name.to_owned(),
+            alias_of: None,
+            is_default,
+        });
+    }
+    machine_list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((machine_list, default_machine))
+}
+
+/// QMP's option list plus the flag options it cannot show: those whose
+/// rule the QMP probe answers from the version alone.
+fn with_inferred_options(version: &QemuVersion, mut options: BTreeSet<String>) -> BTreeSet<String> {
+    for rule in RULES {
+        let by_version = matches!(rule.qmp, Always | Since(..) | Before(..));
+        if let (Probe::Option(o), true) = (rule.help, by_version) {
+            let facts = Facts {
+                version,
+                options: &options,
+                devices: &BTreeSet::new(),
+                help: None,
+            };
+            if facts.eval(&rule.qmp) {
+                options.insert(o.to_owned());
+            }
+        }
+    }
+    options
+}
+
 impl Capabilities {
     /// From the captured text of `--help`, `-machine ?` and `-device ?`
     /// (the last two may be empty: QEMU 0.9 has no `-device`).
     pub fn from_help(help: &str, machines: &str, devices: &str) -> Result<Capabilities, Error> {
         let version = parse_version(help)?;
         let scan = scan_help(help);
-        let options = scan.options;
-        if options.is_empty() {
+        if scan.options.is_empty() {
             return Err(Error::Capabilities {
                 source_name: "--help".into(),
                 reason: "no options listed".into(),
@@ -274,46 +464,19 @@ impl Capabilities {
         }
         let (machines, default_machine) = parse_machines(machines);
         let devices = parse_devices(devices);
-        let drive = scan.drive.join("\n");
-        let has = |o: &str| options.contains(o);
-        let vhost = scan.net.iter().any(|l| l.contains("vhost=on|off"));
-        let features = Features {
-            drive_boot: drive.contains(",boot=on|off"),
-            qmp: has("qmp"),
-            spice: has("spice"),
-            vhost_net: vhost,
-            enable_kvm: has("enable-kvm"),
-            disable_kvm: has("disable-kvm"),
-            netdev: has("netdev"),
-            display: has("display"),
-            machine: has("machine"),
-            uuid: has("uuid"),
-            virtio_net_pci: devices.contains("virtio-net-pci"),
-            virtio_balloon_pci: devices.contains("virtio-balloon-pci"),
-            balloon_option: has("balloon"),
-            no_acpi: has("no-acpi"),
-            localtime: has("localtime"),
-            rtc: has("rtc"),
-            soundhw: has("soundhw"),
-            audio: scan.audio.iter().any(|l| l.contains("model=")),
-            chroot: has("chroot"),
-            runas: has("runas"),
-            run_with: has("run-with"),
-            usbdevice: has("usbdevice"),
-            usb_devices: devices.contains("usb-tablet"),
-            nographic: has("nographic"),
-            incoming_defer: help.contains("-incoming defer"),
-            json_cli: version.at_least(6, 2),
-            bool_suboptions: version.at_least(2, 5),
-            tls_creds_object: version.at_least(2, 5),
-            keymap_include_files: !version.at_least(4, 0),
+        let facts = Facts {
+            version: &version,
+            options: &scan.options,
+            devices: &devices,
+            help: Some(&scan),
         };
+        let features = Features::evaluate(true, |p| facts.eval(p));
         Ok(Capabilities {
             version,
             default_machine,
             machines,
             devices,
-            options,
+            options: scan.options,
             features,
         })
     }
@@ -329,149 +492,53 @@ impl Capabilities {
         command_line_options: &Value,
         help: Option<&str>,
     ) -> Result<Capabilities, Error> {
-        let bad = |source: &str, reason: &str| Error::Capabilities {
-            source_name: source.into(),
-            reason: reason.into(),
-        };
-        let q = version
-            .get("qemu")
-            .ok_or_else(|| bad("query-version", "no qemu field"))?;
-        let n = |k: &str| {
-            q.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| bad("query-version", "version numbers missing"))
-        };
-        let (major, minor, micro) = (n("major")?, n("minor")?, n("micro")?);
-        let package = version.get("package").and_then(Value::as_str).unwrap_or("");
-        let version = QemuVersion {
-            major,
-            minor,
-            micro,
-            text: format!("{major}.{minor}.{micro}"),
-            banner: format!("QEMU emulator version {major}.{minor}.{micro} {package}")
-                .trim()
-                .to_owned(),
-        };
-        let list = |v: &Value, source: &str| -> Result<Vec<Value>, Error> {
-            v.as_array()
-                .cloned()
-                .ok_or_else(|| bad(source, "not a list"))
-        };
-        let mut machine_list = Vec::new();
-        let mut default_machine = None;
-        for m in list(machines, "query-machines")? {
-            let name = m
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("query-machines", "machine without name"))?;
-            let is_default = m
-                .get("is-default")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if is_default {
-                default_machine = Some(name.to_owned());
-            }
-            if let Some(alias) = m.get("alias").and_then(Value::as_str) {
-                machine_list.push(MachineType {
-                    name: alias.to_owned(),
-                    alias_of: Some(name.to_owned()),
-                    is_default: false,
-                });
-            }
-            machine_list.push(MachineType {
-                name: name.to_owned(),
-                alias_of: None,
-                is_default,
-            });
-        }
-        machine_list.sort_by(|a, b| a.name.cmp(&b.name));
-        let devices: BTreeSet<String> = list(device_types, "qom-list-types")?
+        let version = qmp_version(version)?;
+        let (machine_list, default_machine) = qmp_machines(machines)?;
+        let devices: BTreeSet<String> = qmp_list(device_types, "qom-list-types")?
             .iter()
             .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_owned))
             .collect();
-        let qemu_opts: BTreeSet<String> = list(command_line_options, "query-command-line-options")?
-            .iter()
-            .filter_map(|o| o.get("option").and_then(Value::as_str).map(str::to_owned))
-            .filter(|o| !o.is_empty())
-            .collect();
+        let qemu_opts: BTreeSet<String> =
+            qmp_list(command_line_options, "query-command-line-options")?
+                .iter()
+                .filter_map(|o| o.get("option").and_then(Value::as_str).map(str::to_owned))
+                .filter(|o| !o.is_empty())
+                .collect();
 
-        let mut caps = match help {
-            Some(h) => Capabilities::from_help(h, "", "")?,
-            None => {
-                let v = &version;
-                let mut options = qemu_opts.clone();
-                // Flag options QMP cannot show, by the release that removed them.
-                let inferred: [(&str, bool); 12] = [
-                    ("qmp", true),
-                    ("display", true),
-                    ("uuid", true),
-                    ("enable-kvm", true),
-                    ("nographic", true),
-                    ("usbdevice", true),
-                    ("balloon", !v.at_least(3, 0)),
-                    ("localtime", !v.at_least(3, 0)),
-                    ("soundhw", !v.at_least(7, 1)),
-                    ("no-acpi", !v.at_least(9, 0)),
-                    ("chroot", !v.at_least(9, 0)),
-                    ("runas", !v.at_least(9, 1)),
-                ];
-                for (o, present) in inferred {
-                    if present {
-                        options.insert(o.to_owned());
-                    }
-                }
-                let has = |o: &str| options.contains(o);
-                let features = Features {
-                    drive_boot: false,
-                    qmp: true,
-                    spice: has("spice"),
-                    vhost_net: true,
-                    enable_kvm: true,
-                    disable_kvm: false,
-                    netdev: has("netdev"),
-                    display: true,
-                    machine: has("machine"),
-                    uuid: true,
-                    virtio_net_pci: false,
-                    virtio_balloon_pci: false,
-                    balloon_option: has("balloon"),
-                    no_acpi: has("no-acpi"),
-                    localtime: has("localtime"),
-                    rtc: has("rtc"),
-                    soundhw: has("soundhw"),
-                    audio: v.at_least(7, 1),
-                    chroot: has("chroot"),
-                    runas: has("runas"),
-                    run_with: has("run-with"),
-                    usbdevice: true,
-                    usb_devices: false,
-                    nographic: true,
-                    incoming_defer: v.at_least(2, 3),
-                    json_cli: v.at_least(6, 2),
-                    bool_suboptions: v.at_least(2, 5),
-                    tls_creds_object: v.at_least(2, 5),
-                    keymap_include_files: !v.at_least(4, 0),
+        let (options, features) = match help {
+            Some(h) => {
+                let scan = scan_help(h);
+                let mut options = scan.options.clone();
+                options.extend(qemu_opts);
+                let facts = Facts {
+                    version: &version,
+                    options: &options,
+                    devices: &devices,
+                    help: Some(&scan),
                 };
-                Capabilities {
-                    version: version.clone(),
-                    default_machine: None,
-                    machines: Vec::new(),
-                    devices: BTreeSet::new(),
-                    options,
-                    features,
-                }
+                let features = Features::evaluate(true, |p| facts.eval(p));
+                (options, features)
+            }
+            None => {
+                let options = with_inferred_options(&version, qemu_opts);
+                let facts = Facts {
+                    version: &version,
+                    options: &options,
+                    devices: &devices,
+                    help: None,
+                };
+                let features = Features::evaluate(false, |p| facts.eval(p));
+                (options, features)
             }
         };
-        caps.version = version;
-        caps.default_machine = default_machine;
-        caps.machines = machine_list;
-        caps.features.virtio_net_pci = devices.contains("virtio-net-pci");
-        caps.features.virtio_balloon_pci = devices.contains("virtio-balloon-pci");
-        caps.features.usb_devices = devices.contains("usb-tablet");
-        caps.devices = devices;
-        caps.options.extend(qemu_opts);
-        Ok(caps)
+        Ok(Capabilities {
+            version,
+            default_machine,
+            machines: machine_list,
+            devices,
+            options,
+            features,
+        })
     }
 
     /// Resolves a machine name to its concrete type: an alias such as `pc`
@@ -524,6 +591,17 @@ mod tests {
         assert!(parse_version("no digits here").is_err());
         assert!(parse_version("").is_err());
         assert!(parse_version("version 99999999999.1").is_err());
+    }
+
+    #[test]
+    fn one_rule_per_feature() {
+        let fields = match serde_json::to_value(Features::default()) {
+            Ok(Value::Object(m)) => m.keys().cloned().collect::<BTreeSet<_>>(),
+            _ => BTreeSet::new(),
+        };
+        let rules: BTreeSet<String> = RULES.iter().map(|r| r.feature.to_owned()).collect();
+        assert_eq!(fields, rules);
+        assert_eq!(RULES.len(), rules.len(), "a feature has two rows");
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub use build::{
     build, keymap_file, BuildEnv, Launch, NicBackend, NodePaths, QemuCommand, VNC_BASE_PORT,
 };
 pub use caps::{
-    parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, QemuVersion,
+    parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,
+    QemuVersion, Rule, RULES,
 };
 pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;

@@ -36,6 +36,14 @@ impl HvParams {
     /// Ganeti's `CheckParameterSyntax`: parameters that do not fit
     /// together, and values outside their syntax. No host access.
     pub fn check_syntax(&self) -> Result<(), Error> {
+        self.check_paths()?;
+        self.check_combinations()?;
+        self.check_display()?;
+        self.check_text()
+    }
+
+    /// Paths that must be absolute and normalized.
+    fn check_paths(&self) -> Result<(), Error> {
         if !self.kvm_path.is_absolute() {
             return Err(syntax(
                 "kvm_path",
@@ -56,6 +64,11 @@ impl HvParams {
         ] {
             check_abs(key, p.as_deref())?;
         }
+        Ok(())
+    }
+
+    /// Values that need or exclude others.
+    fn check_combinations(&self) -> Result<(), Error> {
         if self.kernel_path.is_some() && self.root_path.is_empty() {
             return Err(syntax("root_path", "needed when kernel_path is set"));
         }
@@ -101,6 +114,11 @@ impl HvParams {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// VNC and SPICE.
+    fn check_display(&self) -> Result<(), Error> {
         if !self.vnc_bind_address.is_empty() {
             let ip4 = self.vnc_bind_address.parse::<std::net::Ipv4Addr>().is_ok();
             if !ip4 && !is_norm_abs(&self.vnc_bind_address) {
@@ -167,6 +185,11 @@ impl HvParams {
                 return Err(syntax(key, "requires spice_bind to be set"));
             }
         }
+        Ok(())
+    }
+
+    /// Free-text values QEMU receives.
+    fn check_text(&self) -> Result<(), Error> {
         for (key, v) in [
             ("root_path", &self.root_path),
             ("kernel_args", &self.kernel_args),
