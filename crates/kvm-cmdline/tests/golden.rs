@@ -38,6 +38,10 @@ struct Variant {
     name: String,
     spec: InstanceSpec,
     launch: LaunchSpec,
+    /// Devices left unplaced, as an instance started by a release
+    /// without device addresses has them.
+    #[serde(default)]
+    legacy: bool,
 }
 
 #[derive(Deserialize)]
@@ -99,8 +103,13 @@ fn argv_for(
         pool_user: v.launch.pool_user.clone(),
         vhost_net_available: false,
     };
-    let cmd = build(&v.spec, caps, &env())?;
-    cmd.launch_argv(&v.spec, caps, &launch)
+    // As hv-kvm starts an instance: its devices placed first.
+    let mut spec = v.spec.clone();
+    if !v.legacy {
+        spec.assign_addresses()?;
+    }
+    let cmd = build(&spec, caps, &env())?;
+    cmd.launch_argv(&spec, caps, &launch)
 }
 
 #[test]
