@@ -178,6 +178,7 @@ impl KvmHypervisor {
         let caps = self.capabilities(&kvm_path).await?;
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
+        spec.assign_addresses().map_err(params)?;
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
         let paths = self
             .config

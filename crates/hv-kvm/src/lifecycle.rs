@@ -230,6 +230,12 @@ impl KvmHypervisor {
         let caps = self.capabilities(&kvm_path).await?;
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
+        // A new start places its NICs and disks; an incoming instance keeps
+        // the source's places (none, if an earlier release started it), so
+        // the guest lands on identical hardware.
+        if opts.incoming.is_none() {
+            spec.assign_addresses().map_err(params)?;
+        }
         let hv = &spec.hvparams;
         hv.validate_host(&RealHost, &caps).map_err(params)?;
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
