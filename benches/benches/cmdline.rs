@@ -27,7 +27,7 @@ fn benches(c: &mut Criterion) {
     let caps = Capabilities::from_help(&help, &machines, &devices).unwrap();
     let mut spec = InstanceSpec::new("web1.example.com", 2048);
     spec.vcpus = 4;
-    spec.uuid = Some("4dcfe81e-3b4e-4c94-8f37-0bb4b9e2b0a2".into());
+    spec.uuid = Some("4dcfe81e-3b4e-4c94-8f37-0bb4b9e2b0a2".parse().unwrap());
     spec.disks = ["/dev/xenvg/web1-disk0", "/dev/xenvg/web1-disk1"]
         .into_iter()
         .map(|p| {
@@ -36,7 +36,7 @@ fn benches(c: &mut Criterion) {
             d
         })
         .collect();
-    spec.nics = vec![NicSpec::new("aa:00:00:11:22:33", "br0")];
+    spec.nics = vec![NicSpec::new("aa:00:00:11:22:33".parse().unwrap(), "br0")];
     spec.hvparams.set_pair("vnc_bind_address=0.0.0.0").unwrap();
     spec.network_port = Some(11000);
     let env = BuildEnv::default();

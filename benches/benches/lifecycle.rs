@@ -121,11 +121,12 @@ fn main() {
             let h = hv(&run, &caps_dir, &qemu);
             let s = spec("bench1");
             let t = Instant::now();
-            rt.block_on(h.start(&s, false)).unwrap();
+            rt.block_on(h.start(&s, hv_kvm::StartMode::Running))
+                .unwrap();
             let started = t.elapsed();
             std::thread::sleep(Duration::from_millis(50));
             let t = Instant::now();
-            rt.block_on(h.stop("bench1", true, Duration::from_secs(5)))
+            rt.block_on(h.stop("bench1", hv_kvm::StopMode::Force))
                 .unwrap();
             let stopped = t.elapsed();
             if i >= 2 {
@@ -140,7 +141,8 @@ fn main() {
 
     // info vs the same three queries on a raw socket.
     let h = hv(&run, &caps_dir, &qemu);
-    rt.block_on(h.start(&spec("info1"), false)).unwrap();
+    rt.block_on(h.start(&spec("info1"), hv_kvm::StartMode::Running))
+        .unwrap();
     let paths = RunDir::new(&run).instance("info1").unwrap();
     let raw_info = measure(N * 10, 5, || {
         raw_qmp(
@@ -151,20 +153,20 @@ fn main() {
     let info = measure(N * 10, 5, || {
         rt.block_on(h.info("info1")).unwrap();
     });
-    rt.block_on(h.stop("info1", true, Duration::from_secs(5)))
+    rt.block_on(h.stop("info1", hv_kvm::StopMode::Force))
         .unwrap();
 
     // info_all over 10 instances.
     let names: Vec<String> = (0..10).map(|i| format!("all{i}")).collect();
     for n in &names {
-        rt.block_on(h.start(&spec(n), false)).unwrap();
+        rt.block_on(h.start(&spec(n), hv_kvm::StartMode::Running))
+            .unwrap();
     }
     let all = measure(N, 2, || {
         assert_eq!(rt.block_on(h.info_all()).unwrap().len(), 10);
     });
     for n in &names {
-        rt.block_on(h.stop(n, true, Duration::from_secs(5)))
-            .unwrap();
+        rt.block_on(h.stop(n, hv_kvm::StopMode::Force)).unwrap();
     }
 
     let kills = Stats::of(bare_kills);

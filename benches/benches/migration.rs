@@ -90,7 +90,8 @@ fn main() {
     }
 
     // gkvm: boot once, then hop back and forth.
-    rt.block_on(a.start(&spec, true)).unwrap();
+    rt.block_on(a.start(&spec, hv_kvm::StartMode::Paused))
+        .unwrap();
     let pa = RunDir::new(da.path().join("run")).instance("bm1").unwrap();
     let mut serial = gkvm_testkit::Serial::connect(&pa.serial, Duration::from_secs(5)).unwrap();
     rt.block_on(a.resume("bm1")).unwrap();
@@ -107,14 +108,20 @@ fn main() {
             .unwrap();
         let t = Instant::now();
         let status = rt
-            .block_on(src.migrate("bm1", "127.0.0.1", port, true, |_| {}))
+            .block_on(src.migrate(
+                "bm1",
+                "127.0.0.1",
+                port,
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            ))
             .unwrap();
         rt.block_on(dst.wait_incoming("bm1", Duration::from_secs(30)))
             .unwrap();
-        rt.block_on(dst.finalize_migration_dst("bm1", true))
+        rt.block_on(dst.finalize_migration_dst("bm1", hv_kvm::MigrationOutcome::Completed))
             .unwrap();
         totals.push(t.elapsed());
-        rt.block_on(src.finalize_migration_source("bm1", true))
+        rt.block_on(src.finalize_migration_source("bm1", hv_kvm::MigrationOutcome::Completed))
             .unwrap();
         downtimes.push(Duration::from_millis(status.downtime_ms.unwrap_or(0)));
     }
@@ -124,7 +131,7 @@ fn main() {
         s.name = "bare1".into();
         rt.block_on(a.plan(&s)).unwrap().argv
     };
-    rt.block_on(last.stop("bm1", true, Duration::from_secs(5)))
+    rt.block_on(last.stop("bm1", hv_kvm::StopMode::Force))
         .unwrap();
 
     // Bare QEMU: the same argv, two processes, raw QMP.

@@ -42,7 +42,7 @@ impl Node {
 }
 
 fn nic(mac: &str, bridge: &str) -> NicSpec {
-    NicSpec::new(mac, bridge)
+    NicSpec::new(mac.parse().unwrap(), bridge)
 }
 
 fn alive(pid: i32) -> bool {
@@ -61,13 +61,13 @@ fn start_info_balloon_graceful_stop_leaves_nothing() {
     rt().block_on(async {
         let hv = &node.hv;
         let t = Instant::now();
-        let report = hv.start(&spec, true).await.unwrap();
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         eprintln!("start (paused) took {:?}", t.elapsed());
         assert!(report.paused);
         assert_eq!(report.taps.len(), 1);
         let paths = RunDir::new(node.run()).instance("life1").unwrap();
         let info = hv.info("life1").await.unwrap();
-        assert_eq!(info.state, "paused");
+        assert_eq!(info.state, hv_kvm::InstanceState::Paused);
         assert_eq!(
             (info.memory_mib, info.vcpus, info.pid),
             (128, 1, report.pid)
@@ -80,7 +80,10 @@ fn start_info_balloon_graceful_stop_leaves_nothing() {
             .wait_for(READY_LINE, Duration::from_secs(90))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(seen.contains("eth0 up 52:54:00:00:10:01"), "{seen}");
-        assert_eq!(hv.info("life1").await.unwrap().state, "running");
+        assert_eq!(
+            hv.info("life1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
 
         hv.balloon("life1", 96).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -94,7 +97,12 @@ fn start_info_balloon_graceful_stop_leaves_nothing() {
         }
 
         let outcome = hv
-            .stop("life1", false, Duration::from_secs(60))
+            .stop(
+                "life1",
+                hv_kvm::StopMode::Acpi {
+                    timeout: Duration::from_secs(60),
+                },
+            )
             .await
             .unwrap();
         assert_eq!(outcome, StopOutcome::PoweredOff);
@@ -108,9 +116,14 @@ fn start_info_balloon_graceful_stop_leaves_nothing() {
         ));
         // Stopping again is harmless.
         assert_eq!(
-            hv.stop("life1", false, Duration::from_secs(1))
-                .await
-                .unwrap(),
+            hv.stop(
+                "life1",
+                hv_kvm::StopMode::Acpi {
+                    timeout: Duration::from_secs(1)
+                }
+            )
+            .await
+            .unwrap(),
             StopOutcome::NotRunning
         );
     });
@@ -125,7 +138,7 @@ fn reboot_resets_the_guest_then_force_stop() {
     let spec = guest_spec(&env, "boot1");
     rt().block_on(async {
         let hv = &node.hv;
-        let report = hv.start(&spec, true).await.unwrap();
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         let paths = RunDir::new(node.run()).instance("boot1").unwrap();
         let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
         hv.resume("boot1").await.unwrap();
@@ -145,9 +158,7 @@ fn reboot_resets_the_guest_then_force_stop() {
 
         let t = Instant::now();
         assert_eq!(
-            hv.stop("boot1", true, Duration::from_secs(5))
-                .await
-                .unwrap(),
+            hv.stop("boot1", hv_kvm::StopMode::Force).await.unwrap(),
             StopOutcome::Killed
         );
         eprintln!("force stop took {:?}", t.elapsed());
@@ -166,15 +177,13 @@ fn reboot_with_exit_behavior_restarts_qemu() {
     spec.hvparams.set_pair("reboot_behavior=exit").unwrap();
     rt().block_on(async {
         let hv = &node.hv;
-        let first = hv.start(&spec, false).await.unwrap();
+        let first = hv.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
         hv.reboot("rbexit1").await.unwrap();
         let info = hv.info("rbexit1").await.unwrap();
         assert_ne!(info.pid, first.pid, "a new QEMU");
         assert!(!alive(first.pid));
-        assert_eq!(info.state, "running");
-        hv.stop("rbexit1", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        assert_eq!(info.state, hv_kvm::InstanceState::Running);
+        hv.stop("rbexit1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
@@ -193,7 +202,7 @@ fn two_nics_on_a_bridge() {
     spec.nics.push(nic("52:54:00:00:20:02", &br.0));
     rt().block_on(async {
         let hv = &node.hv;
-        let report = hv.start(&spec, true).await.unwrap();
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         let paths = RunDir::new(node.run()).instance("nics2").unwrap();
         assert_eq!(paths.read_nics().unwrap(), report.taps);
         for tap in &report.taps {
@@ -218,9 +227,7 @@ fn two_nics_on_a_bridge() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        hv.stop("nics2", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        hv.stop("nics2", hv_kvm::StopMode::Force).await.unwrap();
         for tap in &report.taps {
             assert!(!gkvm_tap::interface_exists(tap));
         }
@@ -247,7 +254,10 @@ fn cpu_mask_pins_each_vcpu() {
     spec.vcpus = 2;
     spec.hvparams.set_pair("cpu_mask=1:0").unwrap();
     rt().block_on(async {
-        node.hv.start(&spec, false).await.unwrap();
+        node.hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         let paths = RunDir::new(node.run()).instance("pin1").unwrap();
         let mut q = gkvm_qmp::blocking::Qmp::connect(&paths.qmp, Default::default()).unwrap();
         let cpus = q.run(&gkvm_qmp::commands::QueryCpusFast).unwrap();
@@ -255,15 +265,16 @@ fn cpu_mask_pins_each_vcpu() {
         assert_eq!(cpus.len(), 2);
         assert_eq!(cpus_allowed(cpus[0].thread_id), "1");
         assert_eq!(cpus_allowed(cpus[1].thread_id), "0");
-        node.hv
-            .stop("pin1", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        node.hv.stop("pin1", hv_kvm::StopMode::Force).await.unwrap();
 
         // One set pins the whole VM, every thread.
         let mut spec = guestless_spec("pin2");
         spec.hvparams.set_pair("cpu_mask=1").unwrap();
-        let r = node.hv.start(&spec, false).await.unwrap();
+        let r = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         for tid in std::fs::read_dir(format!("/proc/{}/task", r.pid))
             .unwrap()
             .flatten()
@@ -271,10 +282,7 @@ fn cpu_mask_pins_each_vcpu() {
             let tid: i64 = tid.file_name().to_str().unwrap().parse().unwrap();
             assert_eq!(cpus_allowed(tid), "1", "thread {tid}");
         }
-        node.hv
-            .stop("pin2", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        node.hv.stop("pin2", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
 
@@ -295,7 +303,11 @@ fn vnc_password_never_leaves_qmp() {
         .unwrap();
     spec.network_port = Some(5977);
     rt().block_on(async {
-        let r = node.hv.start(&spec, false).await.unwrap();
+        let r = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", r.pid)).unwrap();
         assert!(!String::from_utf8_lossy(&cmdline).contains("s3cr3t"));
         assert!(String::from_utf8_lossy(&cmdline).contains("password=on"));
@@ -315,10 +327,7 @@ fn vnc_password_never_leaves_qmp() {
             hv_kvm::ConsoleInfo::Serial { socket, .. } => assert_eq!(socket, paths.serial),
             other => panic!("{other:?}"),
         }
-        node.hv
-            .stop("vnc1", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        node.hv.stop("vnc1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
 
@@ -353,7 +362,7 @@ fn failed_starts_leave_nothing_behind() {
         spec.nics.push(nic("52:54:00:00:30:01", &br.0));
         spec.disks
             .push(kvm_cmdline::DiskSpec::new("/nonexistent/disk.img"));
-        match node.hv.start(&spec, false).await {
+        match node.hv.start(&spec, hv_kvm::StartMode::Running).await {
             Err(Error::Start {
                 instance,
                 step,
@@ -378,14 +387,21 @@ fn failed_starts_leave_nothing_behind() {
         spec.hvparams
             .set_pair("kvm_extra=-device no-such-device-model")
             .unwrap();
-        let err = node.hv.start(&spec, false).await.unwrap_err();
+        let err = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("fail2"), "{err}");
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
 
         // The QEMU binary is missing.
         let node2 = Node::new(&env, |c| c.kvm_path = Some("/nonexistent/qemu".into()));
         assert!(matches!(
-            node2.hv.start(&guestless_spec("fail3"), false).await,
+            node2
+                .hv
+                .start(&guestless_spec("fail3"), hv_kvm::StartMode::Running)
+                .await,
             Err(Error::QemuMissing { .. })
         ));
         assert_eq!(node2.leftovers(), Vec::<PathBuf>::new());
@@ -398,7 +414,7 @@ fn failed_starts_leave_nothing_behind() {
         });
         let mut spec = guestless_spec("fail4");
         spec.nics.push(nic("52:54:00:00:30:04", &br.0));
-        match node3.hv.start(&spec, false).await {
+        match node3.hv.start(&spec, hv_kvm::StartMode::Running).await {
             Err(Error::Start { step, .. }) => assert_eq!(step, "QMP"),
             other => panic!("{other:?}"),
         }
@@ -431,7 +447,7 @@ fn concurrent_starts_of_one_name() {
     let node = Node::new(&env, |_| {});
     let spec = guestless_spec("race1");
     rt().block_on(async {
-        let (a, b) = tokio::join!(node.hv.start(&spec, false), node.hv.start(&spec, false));
+        let (a, b) = tokio::join!(node.hv.start(&spec, hv_kvm::StartMode::Running), node.hv.start(&spec, hv_kvm::StartMode::Running));
         let (ok, err) = match (a, b) {
             (Ok(r), Err(e)) | (Err(e), Ok(r)) => (r, e),
             other => panic!("expected one winner: {other:?}"),
@@ -441,7 +457,7 @@ fn concurrent_starts_of_one_name() {
                 || err.to_string().contains("busy"),
             "{err}"
         );
-        node.hv.stop("race1", true, Duration::from_secs(5)).await.unwrap();
+        node.hv.stop("race1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
@@ -455,7 +471,10 @@ fn info_all_over_twenty_instances() {
     rt().block_on(async {
         let names: Vec<String> = (0..20).map(|i| format!("many{i:02}")).collect();
         for n in &names {
-            node.hv.start(&guestless_spec(n), false).await.unwrap();
+            node.hv
+                .start(&guestless_spec(n), hv_kvm::StartMode::Running)
+                .await
+                .unwrap();
         }
         // One dies behind the facade's back: the list still comes.
         let victim = node.hv.info("many07").await.unwrap().pid;
@@ -468,9 +487,9 @@ fn info_all_over_twenty_instances() {
         assert!(all
             .iter()
             .filter(|i| i.name != "many07")
-            .all(|i| i.state == "running" && i.memory_mib == 64));
+            .all(|i| i.state == hv_kvm::InstanceState::Running && i.memory_mib == 64));
         for n in &names {
-            node.hv.stop(n, true, Duration::from_secs(5)).await.unwrap();
+            node.hv.stop(n, hv_kvm::StopMode::Force).await.unwrap();
         }
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
@@ -510,7 +529,11 @@ fn nic_script_gets_the_ganeti_environment() {
     routed.mode = NicMode::Routed;
     spec.nics.push(routed);
     rt().block_on(async {
-        let r = node.hv.start(&spec, false).await.unwrap();
+        let r = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         let e0 = std::fs::read_to_string(tmp.path().join("env.0")).unwrap();
         for want in [
             "INSTANCE=script1".to_owned(),
@@ -534,7 +557,7 @@ fn nic_script_gets_the_ganeti_environment() {
             "{e1}"
         );
         node.hv
-            .stop("script1", true, Duration::from_secs(5))
+            .stop("script1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
     });
@@ -591,7 +614,7 @@ fn instances_started_by_the_ganeti_layout_are_managed() {
         ));
         assert_eq!(
             node.hv
-                .stop("ganeti1.example.com", true, Duration::from_secs(5))
+                .stop("ganeti1.example.com", hv_kvm::StopMode::Force)
                 .await
                 .unwrap(),
             StopOutcome::Killed
@@ -634,15 +657,15 @@ fn warm_start_forks_no_probe() {
     let node = Node::new(&env, |_| {});
     rt().block_on(async {
         node.hv
-            .start(&guestless_spec("warm1"), false)
+            .start(&guestless_spec("warm1"), hv_kvm::StartMode::Running)
             .await
             .unwrap();
         node.hv
-            .stop("warm1", true, Duration::from_secs(5))
+            .stop("warm1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
         node.hv
-            .start(&guestless_spec("warm1"), false)
+            .start(&guestless_spec("warm1"), hv_kvm::StartMode::Running)
             .await
             .unwrap();
         assert_eq!(
@@ -651,7 +674,7 @@ fn warm_start_forks_no_probe() {
             "probed once for two starts"
         );
         node.hv
-            .stop("warm1", true, Duration::from_secs(5))
+            .stop("warm1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
         // A new facade (a new `gkvm` process) reads the cache from disk.
@@ -667,7 +690,7 @@ fn warm_start_forks_no_probe() {
         };
         again
             .hv
-            .start(&guestless_spec("warm1"), false)
+            .start(&guestless_spec("warm1"), hv_kvm::StartMode::Running)
             .await
             .unwrap();
         assert_eq!(
@@ -677,7 +700,7 @@ fn warm_start_forks_no_probe() {
         );
         again
             .hv
-            .stop("warm1", true, Duration::from_secs(5))
+            .stop("warm1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
     });

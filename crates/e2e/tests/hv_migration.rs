@@ -34,7 +34,7 @@ fn port(offset: u16) -> u16 {
 }
 
 async fn boot(hv: &KvmHypervisor, spec: &InstanceSpec, dir: &Path) -> Serial {
-    hv.start(spec, true).await.unwrap();
+    hv.start(spec, hv_kvm::StartMode::Paused).await.unwrap();
     let paths = RunDir::new(dir.join("run")).instance(&spec.name).unwrap();
     let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
     hv.resume(&spec.name).await.unwrap();
@@ -55,22 +55,26 @@ async fn hop(
     dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
     let mut seen = Vec::new();
     let status = src
-        .migrate(name, "127.0.0.1", port, true, |s| {
-            seen.push(s.status.clone())
+        .migrate(name, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
+            seen.push(s.status)
         })
         .await
         .unwrap();
-    assert_eq!(status.status, "completed");
+    assert_eq!(status.status, hv_kvm::MigrationState::Completed);
     assert_eq!(
-        seen.last().map(String::as_str),
-        Some("completed"),
+        seen.last(),
+        Some(&hv_kvm::MigrationState::Completed),
         "{seen:?}"
     );
     dst.wait_incoming(name, Duration::from_secs(30))
         .await
         .unwrap();
-    src.finalize_migration_source(name, true).await.unwrap();
-    dst.finalize_migration_dst(name, true).await.unwrap();
+    src.finalize_migration_source(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
+    dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
     status
 }
 
@@ -93,7 +97,10 @@ fn migrate_a_running_guest_there_and_back() {
         // The source node is empty; the guest answers on the destination.
         assert!(a.list().unwrap().is_empty());
         assert_eq!(files(da.path()), Vec::<PathBuf>::new());
-        assert_eq!(b.info("mig1").await.unwrap().state, "running");
+        assert_eq!(
+            b.info("mig1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
         let pb = RunDir::new(db.path().join("run")).instance("mig1").unwrap();
         let mut serial_b = Serial::connect(&pb.serial, Duration::from_secs(5)).unwrap();
         let out = serial_b
@@ -114,7 +121,7 @@ fn migrate_a_running_guest_there_and_back() {
             .run("echo back-$((40+3))", Duration::from_secs(30))
             .unwrap();
         assert!(out.contains("back-43"), "{out}");
-        a.stop("mig1", true, Duration::from_secs(5)).await.unwrap();
+        a.stop("mig1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(files(da.path()), Vec::<PathBuf>::new());
     });
 }
@@ -128,14 +135,28 @@ fn wrong_port_leaves_the_source_running_with_its_limits() {
     let _guards = guards(&[&da]);
     let a = node(da.path(), &env.qemu);
     rt().block_on(async {
-        a.start(&guestless_spec("port1"), false).await.unwrap();
-        match a.migrate("port1", "127.0.0.1", port(2), true, |_| {}).await {
+        a.start(&guestless_spec("port1"), hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
+        match a
+            .migrate(
+                "port1",
+                "127.0.0.1",
+                port(2),
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            )
+            .await
+        {
             Err(Error::Migration {
                 instance, status, ..
             }) => assert_eq!((instance.as_str(), status.as_str()), ("port1", "failed")),
             other => panic!("{other:?}"),
         }
-        assert_eq!(a.info("port1").await.unwrap().state, "running");
+        assert_eq!(
+            a.info("port1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
         // Ganeti's limits reached QEMU: 30 ms, 32 MiB/s.
         let paths = RunDir::new(da.path().join("run"))
             .instance("port1")
@@ -147,9 +168,14 @@ fn wrong_port_leaves_the_source_running_with_its_limits() {
             (Some(30), Some(32 << 20))
         );
         q.close();
-        a.finalize_migration_source("port1", false).await.unwrap();
-        assert_eq!(a.info("port1").await.unwrap().state, "running");
-        a.stop("port1", true, Duration::from_secs(5)).await.unwrap();
+        a.finalize_migration_source("port1", hv_kvm::MigrationOutcome::Failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            a.info("port1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        a.stop("port1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
 
@@ -199,8 +225,8 @@ async fn slow_migration(
     let mut active = false;
     let mut broke = Some(break_it);
     let result = a
-        .migrate(name, "127.0.0.1", p, true, |s| {
-            if s.status == "active" && s.transferred_bytes > 0 && !active {
+        .migrate(name, "127.0.0.1", p, hv_kvm::MigrationMode::Live, |s| {
+            if s.status == hv_kvm::MigrationState::Active && s.transferred_bytes > 0 && !active {
                 active = true;
                 if let Some(f) = broke.take() {
                     f(&a, &b);
@@ -211,15 +237,20 @@ async fn slow_migration(
     let err = result.expect_err("the migration must fail");
     assert!(matches!(err, Error::Migration { .. }), "{err}");
     // The source guest still runs and answers.
-    assert_eq!(a.info(name).await.unwrap().state, "running");
+    assert_eq!(
+        a.info(name).await.unwrap().state,
+        hv_kvm::InstanceState::Running
+    );
     let out = serial
         .run("echo still-$((1+1))", Duration::from_secs(30))
         .unwrap();
     assert!(out.contains("still-2"), "{out}");
     // The destination cleans up.
-    b.finalize_migration_dst(name, false).await.unwrap();
+    b.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Failed)
+        .await
+        .unwrap();
     assert_eq!(files(db.path()), Vec::<PathBuf>::new());
-    a.stop(name, true, Duration::from_secs(5)).await.unwrap();
+    a.stop(name, hv_kvm::StopMode::Force).await.unwrap();
 }
 
 #[test]
@@ -257,7 +288,7 @@ fn cancelled_migration() {
                 .unwrap();
             let hv = KvmHypervisor::new(config);
             let s = rt.block_on(hv.migration_status(&name)).unwrap();
-            assert_eq!(s.status, "active");
+            assert_eq!(s.status, hv_kvm::MigrationState::Active);
             rt.block_on(hv.cancel_migration(&name)).unwrap();
         })
         .join()
@@ -285,7 +316,10 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
     let _guards = guards(&[&da, &db]);
     let (a10, b72) = (node(da.path(), &q10), node(db.path(), &env.qemu));
     rt().block_on(async {
-        let r = a10.start(&guestless_spec("ver1"), false).await.unwrap();
+        let r = a10
+            .start(&guestless_spec("ver1"), hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         assert_eq!(r.machine, "pc-i440fx-10.0");
         let info = a10.migration_info("ver1").unwrap();
         let err = b72
@@ -294,22 +328,27 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
             .unwrap_err();
         assert!(err.to_string().contains("pc-i440fx-10.0"), "{err}");
         assert_eq!(files(db.path()), Vec::<PathBuf>::new());
-        assert_eq!(a10.info("ver1").await.unwrap().state, "running");
-        a10.stop("ver1", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        assert_eq!(
+            a10.info("ver1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        a10.stop("ver1", hv_kvm::StopMode::Force).await.unwrap();
 
         // 7.2 -> 10.0 works: the destination gets the source's machine.
         let a72 = node(db.path(), &env.qemu);
         let b10 = node(da.path(), &q10);
-        let r = a72.start(&guestless_spec("ver2"), false).await.unwrap();
-        assert_eq!(r.machine, "pc-i440fx-7.2");
-        let s = hop(&a72, &b10, "ver2", port(10)).await;
-        assert_eq!(s.status, "completed");
-        assert_eq!(b10.info("ver2").await.unwrap().state, "running");
-        b10.stop("ver2", true, Duration::from_secs(5))
+        let r = a72
+            .start(&guestless_spec("ver2"), hv_kvm::StartMode::Running)
             .await
             .unwrap();
+        assert_eq!(r.machine, "pc-i440fx-7.2");
+        let s = hop(&a72, &b10, "ver2", port(10)).await;
+        assert_eq!(s.status, hv_kvm::MigrationState::Completed);
+        assert_eq!(
+            b10.info("ver2").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        b10.stop("ver2", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
 
@@ -325,26 +364,39 @@ fn non_live_migration_pauses_then_lands_running() {
     let _guards = guards(&[&da, &db]);
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     rt().block_on(async {
-        a.start(&guestless_spec("nl1"), false).await.unwrap();
+        a.start(&guestless_spec("nl1"), hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
         let info = a.migration_info("nl1").unwrap();
         b.accept_instance(&info, "127.0.0.1", port(11))
             .await
             .unwrap();
         let mut states = Vec::new();
         let s = a
-            .migrate("nl1", "127.0.0.1", port(11), false, |s| {
-                states.push(s.status.clone())
-            })
+            .migrate(
+                "nl1",
+                "127.0.0.1",
+                port(11),
+                hv_kvm::MigrationMode::Offline,
+                |s| states.push(s.status),
+            )
             .await
             .unwrap();
-        assert_eq!(s.status, "completed", "{states:?}");
+        assert_eq!(s.status, hv_kvm::MigrationState::Completed, "{states:?}");
         b.wait_incoming("nl1", Duration::from_secs(30))
             .await
             .unwrap();
-        a.finalize_migration_source("nl1", true).await.unwrap();
-        b.finalize_migration_dst("nl1", true).await.unwrap();
-        assert_eq!(b.info("nl1").await.unwrap().state, "running");
+        a.finalize_migration_source("nl1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.finalize_migration_dst("nl1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.info("nl1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
         assert_eq!(files(da.path()), Vec::<PathBuf>::new());
-        b.stop("nl1", true, Duration::from_secs(5)).await.unwrap();
+        b.stop("nl1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }

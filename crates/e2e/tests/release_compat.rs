@@ -135,11 +135,11 @@ fn release_0_1_instance_is_managed_and_migrates_to_this_release() {
         // Listed, inspected and rebooted by this build.
         assert_eq!(a.list().unwrap(), vec![NAME.to_owned()]);
         let info = a.info(NAME).await.unwrap();
-        assert_eq!(info.state, "running");
+        assert_eq!(info.state, hv_kvm::InstanceState::Running);
         assert_eq!((info.memory_mib, info.vcpus), (64, 1));
         a.reboot(NAME).await.unwrap();
         let after = a.info(NAME).await.unwrap();
-        assert_eq!(after.state, "running");
+        assert_eq!(after.state, hv_kvm::InstanceState::Running);
 
         // Migrated to a node running this build.
         let port = 24000 + u16::try_from(std::process::id() % 4000).unwrap();
@@ -149,19 +149,27 @@ fn release_0_1_instance_is_managed_and_migrates_to_this_release() {
             .unwrap();
         let t = Instant::now();
         let status = a
-            .migrate(NAME, "127.0.0.1", port, true, |_| {})
+            .migrate(NAME, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |_| {})
             .await
             .unwrap();
-        assert_eq!(status.status, "completed", "{status:?}");
+        assert_eq!(
+            status.status,
+            hv_kvm::MigrationState::Completed,
+            "{status:?}"
+        );
         b.wait_incoming(NAME, Duration::from_secs(30))
             .await
             .unwrap();
-        a.finalize_migration_source(NAME, true).await.unwrap();
-        b.finalize_migration_dst(NAME, true).await.unwrap();
+        a.finalize_migration_source(NAME, hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.finalize_migration_dst(NAME, hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
         eprintln!("0.1 → this build: migrated in {:?}", t.elapsed());
         assert!(a.list().unwrap().is_empty());
         let landed = b.info(NAME).await.unwrap();
-        assert_eq!(landed.state, "running");
+        assert_eq!(landed.state, hv_kvm::InstanceState::Running);
 
         // The destination rebuilt 0.1's hardware: positional ids, no
         // explicit PCI slots (a different slot would have failed the
@@ -180,7 +188,7 @@ fn release_0_1_instance_is_managed_and_migrates_to_this_release() {
         assert!(!argv_b.iter().any(|a| a.contains("addr=")), "{argv_b:?}");
 
         // And stopped there.
-        b.stop(NAME, true, Duration::from_secs(5)).await.unwrap();
+        b.stop(NAME, hv_kvm::StopMode::Force).await.unwrap();
         assert!(b.list().unwrap().is_empty());
     });
 }
@@ -204,11 +212,13 @@ fn placed_devices_keep_their_ids_and_slots_across_a_migration() {
     let mut spec = common::guestless_spec("placed1");
     spec.disks.push(hv_kvm::DiskSpec::new(&disk));
     spec.disks[0].name = Some("root".into());
-    spec.nics
-        .push(hv_kvm::NicSpec::new("52:54:00:0d:00:02", &bridge.0));
+    spec.nics.push(hv_kvm::NicSpec::new(
+        "52:54:00:0d:00:02".parse().unwrap(),
+        &bridge.0,
+    ));
     let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
     rt().block_on(async {
-        let started = a.start(&spec, false).await.unwrap();
+        let started = a.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
         let want = [
             "virtio-blk-pci,drive=disk-root,bootindex=1,id=disk-root,addr=0x0c",
             "virtio-net-pci,mac=52:54:00:0d:00:02,netdev=nic0,id=nic0,addr=0x0d",
@@ -221,23 +231,35 @@ fn placed_devices_keep_their_ids_and_slots_across_a_migration() {
         let info = a.migration_info("placed1").unwrap();
         b.accept_instance(&info, "127.0.0.1", port).await.unwrap();
         let status = a
-            .migrate("placed1", "127.0.0.1", port, true, |_| {})
+            .migrate(
+                "placed1",
+                "127.0.0.1",
+                port,
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            )
             .await
             .unwrap();
-        assert_eq!(status.status, "completed", "{status:?}");
+        assert_eq!(
+            status.status,
+            hv_kvm::MigrationState::Completed,
+            "{status:?}"
+        );
         b.wait_incoming("placed1", Duration::from_secs(30))
             .await
             .unwrap();
-        a.finalize_migration_source("placed1", true).await.unwrap();
-        b.finalize_migration_dst("placed1", true).await.unwrap();
+        a.finalize_migration_source("placed1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.finalize_migration_dst("placed1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
         let landed = b.info("placed1").await.unwrap();
-        assert_eq!(landed.state, "running");
+        assert_eq!(landed.state, hv_kvm::InstanceState::Running);
         let argv_b = cmdline(landed.pid);
         for w in want {
             assert!(argv_b.iter().any(|a| a == w), "{w} not in {argv_b:?}");
         }
-        b.stop("placed1", true, Duration::from_secs(5))
-            .await
-            .unwrap();
+        b.stop("placed1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }

@@ -164,7 +164,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     if result.is_err() {
         // Leave nothing behind, whatever failed.
         for n in [&a, &b] {
-            let _ = n.stop(NAME, true, Duration::from_secs(5)).await;
+            let _ = n.stop(NAME, hv_kvm::StopMode::Force).await;
         }
     }
     let _ = std::fs::remove_dir_all(&base);
@@ -225,12 +225,18 @@ async fn demo(
             .set(k, serde_json::Value::String(v))
             .map_err(|err| format!("hvparams: {err}"))?;
     }
-    let mut nic = NicSpec::new("52:54:00:de:00:01", "");
+    let mut nic = NicSpec::new(
+        hv_kvm::MacAddr::new([0x52, 0x54, 0x00, 0xde, 0x00, 0x01]),
+        "",
+    );
     nic.mode = NicMode::Routed;
     spec.nics.push(nic);
 
     let t = Instant::now();
-    let report = a.start(&spec, true).await.map_err(e("start"))?;
+    let report = a
+        .start(&spec, hv_kvm::StartMode::Paused)
+        .await
+        .map_err(e("start"))?;
     step(
         t0,
         "start",
@@ -323,10 +329,10 @@ async fn demo(
     );
     let t = Instant::now();
     let status = a
-        .migrate(NAME, "127.0.0.1", port, true, |s| {
+        .migrate(NAME, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
             bar.set_length(s.total_bytes);
             bar.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
-            bar.set_message(s.status.clone());
+            bar.set_message(s.status.to_string());
         })
         .await
         .map_err(e("migrate"))?;
@@ -334,10 +340,10 @@ async fn demo(
     b.wait_incoming(NAME, Duration::from_secs(60))
         .await
         .map_err(e("migrate"))?;
-    b.finalize_migration_dst(NAME, true)
+    b.finalize_migration_dst(NAME, hv_kvm::MigrationOutcome::Completed)
         .await
         .map_err(e("finalize destination"))?;
-    a.finalize_migration_source(NAME, true)
+    a.finalize_migration_source(NAME, hv_kvm::MigrationOutcome::Completed)
         .await
         .map_err(e("finalize source"))?;
     step(
@@ -368,7 +374,12 @@ async fn demo(
 
     let t = Instant::now();
     let outcome = b
-        .stop(NAME, false, Duration::from_secs(60))
+        .stop(
+            NAME,
+            hv_kvm::StopMode::Acpi {
+                timeout: Duration::from_secs(60),
+            },
+        )
         .await
         .map_err(e("stop"))?;
     step(

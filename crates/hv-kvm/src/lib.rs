@@ -17,6 +17,7 @@ mod guard;
 mod lifecycle;
 mod migration;
 mod nic;
+mod ops;
 pub mod probe;
 mod process;
 mod query;
@@ -29,7 +30,9 @@ use std::time::Duration;
 
 pub use error::{Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
-pub use kvm_cmdline::{Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, NicMode, NicSpec};
+pub use kvm_cmdline::{
+    Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, MacAddr, NicMode, NicSpec, Uuid,
+};
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;
 pub use kvm_runtime::RunDir;
@@ -37,8 +40,11 @@ pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
 pub use migration::{parse_migration_info, MigrationStatus};
 pub use nic::nic_script_env;
+pub use ops::{MigrationMode, MigrationOutcome, Progress, Request, Response, StartMode, StopMode};
 use serde::{Deserialize, Serialize};
-pub use types::{ConsoleInfo, InstanceInfo, NodeInfo, StartReport, VerifyReport};
+pub use types::{
+    ConsoleInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, StartReport, VerifyReport,
+};
 
 /// How a node's hypervisor is set up.
 #[derive(Debug, Clone)]

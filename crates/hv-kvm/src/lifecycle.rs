@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::guard::RollbackGuard;
+use crate::ops::{StartMode, StopMode};
 use crate::types::StartReport;
 use crate::{node_paths, process, KvmHypervisor};
 
@@ -127,11 +128,11 @@ impl KvmHypervisor {
     /// Starts an instance: validates it, creates its TAPs and configures
     /// them, starts QEMU (daemonized, stopped), sets VNC/SPICE passwords
     /// over QMP, pins vCPUs, balloons to the startup memory, saves its
-    /// runtime file and resumes it unless `paused`. On any failure — or if
+    /// runtime file and resumes it unless [`StartMode::Paused`]. On any failure — or if
     /// this future is dropped (SIGINT, a timeout) — everything created is
     /// removed and the error names the step. Leftovers of a start that was
     /// SIGKILLed (a QEMU that never ran its guest) are removed first.
-    pub async fn start(&self, spec: &InstanceSpec, paused: bool) -> Result<StartReport> {
+    pub async fn start(&self, spec: &InstanceSpec, mode: StartMode) -> Result<StartReport> {
         check_spec(spec)?;
         let paths = self.paths(&spec.name)?;
         let _lock = self.lock(&paths).await?;
@@ -139,7 +140,7 @@ impl KvmHypervisor {
             spec,
             &paths,
             StartOpts {
-                paused,
+                paused: mode == StartMode::Paused,
                 incoming: None,
             },
         )
@@ -473,25 +474,25 @@ impl KvmHypervisor {
     /// is held (a graceful stop waiting for the guest, a hung start), it
     /// kills QEMU first — which ends that operation — then takes the lock
     /// and cleans up.
-    pub async fn stop(&self, name: &str, force: bool, timeout: Duration) -> Result<StopOutcome> {
+    pub async fn stop(&self, name: &str, mode: StopMode) -> Result<StopOutcome> {
         let paths = self.paths(name)?;
-        if force {
+        if mode == StopMode::Force {
             match self.lock_for(&paths, Duration::from_millis(100)).await {
-                Ok(_lock) => return self.stop_locked(&paths, true, timeout).await,
+                Ok(_lock) => return self.stop_locked(&paths, mode).await,
                 Err(Error::Runtime {
                     source: kvm_runtime::Error::Busy { .. },
                     ..
                 }) => {
                     let killed = self.preempt(&paths).await?;
                     let _lock = self.lock(&paths).await?;
-                    let outcome = self.stop_locked(&paths, true, timeout).await?;
+                    let outcome = self.stop_locked(&paths, mode).await?;
                     return Ok(if killed { StopOutcome::Killed } else { outcome });
                 }
                 Err(e) => return Err(e),
             }
         }
         let _lock = self.lock(&paths).await?;
-        self.stop_locked(&paths, force, timeout).await
+        self.stop_locked(&paths, mode).await
     }
 
     /// Kills the instance's QEMU without its lock (a forced stop's right).
@@ -510,8 +511,7 @@ impl KvmHypervisor {
     pub(crate) async fn stop_locked(
         &self,
         paths: &InstancePaths,
-        force: bool,
-        timeout: Duration,
+        mode: StopMode,
     ) -> Result<StopOutcome> {
         let name = &paths.name;
         let pid = match self.liveness(paths)? {
@@ -527,10 +527,11 @@ impl KvmHypervisor {
             .flatten()
             .map(|s| s.hvparams.acpi)
             .unwrap_or(true);
-        let outcome = if force || !acpi {
-            self.kill(paths, pid).await?;
-            StopOutcome::Killed
-        } else {
+        let timeout = match mode {
+            StopMode::Acpi { timeout } if acpi => Some(timeout),
+            _ => None,
+        };
+        let outcome = if let Some(timeout) = timeout {
             let qmp = self.qmp(paths).await?;
             qmp.run(&commands::SystemPowerdown)
                 .await
@@ -548,6 +549,9 @@ impl KvmHypervisor {
                 });
             }
             StopOutcome::PoweredOff
+        } else {
+            self.kill(paths, pid).await?;
+            StopOutcome::Killed
         };
         self.cleanup_files(paths)?;
         tracing::info!(instance = %name, ?outcome, "stopped");
@@ -623,8 +627,7 @@ impl KvmHypervisor {
         let spec = self.saved_spec(&paths)?;
         match spec {
             Some(spec) if spec.hvparams.reboot_behavior == RebootBehavior::Exit => {
-                self.stop_locked(&paths, true, Duration::from_secs(10))
-                    .await?;
+                self.stop_locked(&paths, StopMode::Force).await?;
                 self.start_locked(&spec, &paths, StartOpts::default())
                     .await
                     .map(|_| ())

@@ -18,16 +18,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::guard::{kill_and_clean_blocking, RollbackGuard};
 use crate::lifecycle::{refuse_cont, spec_from_record, StartOpts};
-use crate::types::StartReport;
+use crate::ops::{MigrationMode, MigrationOutcome, StopMode};
+use crate::types::{MigrationState, StartReport};
 use crate::KvmHypervisor;
 
 /// Where a migration stands.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct MigrationStatus {
-    /// QEMU's status: `none`, `setup`, `active`, `completed`, `failed`,
-    /// `cancelled`, ...
-    pub status: String,
+    /// QEMU's state of the migration.
+    pub status: MigrationState,
     /// RAM bytes sent.
     pub transferred_bytes: u64,
     /// RAM bytes left.
@@ -49,7 +49,11 @@ pub struct MigrationStatus {
 impl MigrationStatus {
     fn from_info(info: &commands::MigrationInfo) -> MigrationStatus {
         let ram = info.ram.unwrap_or_default();
-        let done = info.status.as_deref() == Some("completed");
+        let status = info
+            .status
+            .as_deref()
+            .map_or(MigrationState::None, MigrationState::parse);
+        let done = status == MigrationState::Completed;
         let progress = if done {
             1.0
         } else if ram.total > 0 {
@@ -63,7 +67,7 @@ impl MigrationStatus {
             0.0
         };
         MigrationStatus {
-            status: info.status.clone().unwrap_or_else(|| "none".into()),
+            status,
             transferred_bytes: ram.transferred,
             remaining_bytes: ram.remaining,
             total_bytes: ram.total,
@@ -77,7 +81,7 @@ impl MigrationStatus {
 
     /// Whether the migration has ended, one way or the other.
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+        self.status.is_final()
     }
 }
 
@@ -198,7 +202,8 @@ impl KvmHypervisor {
         };
         let report = self.accept_locked(&spec, &paths, address, port).await?;
         self.wait_incoming(&spec.name, timeout).await?;
-        self.finalize_dst_locked(&paths, true).await?;
+        self.finalize_dst_locked(&paths, MigrationOutcome::Completed)
+            .await?;
         Ok(report)
     }
 
@@ -271,7 +276,7 @@ impl KvmHypervisor {
         name: &str,
         target: &str,
         port: u16,
-        live: bool,
+        mode: MigrationMode,
         mut progress: impl FnMut(&MigrationStatus),
     ) -> Result<MigrationStatus> {
         if port == 0 {
@@ -308,13 +313,13 @@ impl KvmHypervisor {
         .await
         .map_err(qmp_err(name, "migrate-set-parameters"))?;
         guard.armed = true;
-        if !live {
+        if mode == MigrationMode::Offline {
             qmp.run(&commands::Stop)
                 .await
                 .map_err(qmp_err(name, "stop"))?;
         }
         let uri = tcp_uri(target, port);
-        tracing::info!(instance = %name, %uri, live, "migrating");
+        tracing::info!(instance = %name, %uri, ?mode, "migrating");
         if let Err(e) = qmp.run(&commands::Migrate { uri: uri.clone() }).await {
             guard.armed = false;
             self.resume_after_failure(&qmp, name, was_running).await;
@@ -323,7 +328,7 @@ impl KvmHypervisor {
         let result = self.follow(&qmp, name, &mut progress).await;
         guard.armed = false;
         match result {
-            Ok(status) if status.status == "completed" => {
+            Ok(status) if status.status == MigrationState::Completed => {
                 tracing::info!(instance = %name, total_ms = ?status.total_time_ms, downtime_ms = ?status.downtime_ms, "migration completed");
                 Ok(status)
             }
@@ -331,7 +336,7 @@ impl KvmHypervisor {
                 self.resume_after_failure(&qmp, name, was_running).await;
                 Err(Error::Migration {
                     instance: name.into(),
-                    status: status.status.clone(),
+                    status: status.status.to_string(),
                     reason: status
                         .error
                         .unwrap_or_else(|| format!("migration {}", status.status)),
@@ -353,19 +358,23 @@ impl KvmHypervisor {
         name: &str,
         target: &str,
         port: u16,
-        live: bool,
+        mode: MigrationMode,
         progress: impl FnMut(&MigrationStatus),
     ) -> Result<MigrationStatus> {
-        match self.migrate(name, target, port, live, progress).await {
+        match self.migrate(name, target, port, mode, progress).await {
             Ok(status) => {
                 let paths = self.paths(name)?;
                 let mut guard = RollbackGuard::new(&paths, "finalize migration source");
-                self.finalize_migration_source(name, true).await?;
+                self.finalize_migration_source(name, MigrationOutcome::Completed)
+                    .await?;
                 guard.disarm();
                 Ok(status)
             }
             Err(e) => {
-                if let Err(resume) = self.finalize_migration_source(name, false).await {
+                if let Err(resume) = self
+                    .finalize_migration_source(name, MigrationOutcome::Failed)
+                    .await
+                {
                     tracing::warn!(instance = %name, error = %resume, "after a failed migration");
                 }
                 Err(e)
@@ -391,8 +400,8 @@ impl KvmHypervisor {
             let mut status = MigrationStatus::from_info(&info);
             if let Some(TypedEvent::Migration { status: s }) = event.as_ref().map(|e| e.typed()) {
                 // The event may be newer than the figures.
-                if status.status != s && matches!(s.as_str(), "completed" | "failed" | "cancelled")
-                {
+                let s = MigrationState::parse(&s);
+                if status.status != s && s.is_final() {
                     status.status = s;
                 }
             }
@@ -498,17 +507,24 @@ impl KvmHypervisor {
     /// On the destination: on success, configures the routed NICs (bridged
     /// ones were done at accept, as Ganeti does) and makes sure the guest
     /// runs; on failure, kills the incoming QEMU and removes its files.
-    pub async fn finalize_migration_dst(&self, name: &str, success: bool) -> Result<()> {
+    pub async fn finalize_migration_dst(
+        &self,
+        name: &str,
+        outcome: MigrationOutcome,
+    ) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
-        self.finalize_dst_locked(&paths, success).await
+        self.finalize_dst_locked(&paths, outcome).await
     }
 
-    async fn finalize_dst_locked(&self, paths: &InstancePaths, success: bool) -> Result<()> {
+    async fn finalize_dst_locked(
+        &self,
+        paths: &InstancePaths,
+        outcome: MigrationOutcome,
+    ) -> Result<()> {
         let name = paths.name.as_str();
-        if !success {
-            self.stop_locked(paths, true, Duration::from_secs(10))
-                .await?;
+        if outcome == MigrationOutcome::Failed {
+            self.stop_locked(paths, StopMode::Force).await?;
             return Ok(());
         }
         self.running_pid(paths)?;
@@ -548,12 +564,15 @@ impl KvmHypervisor {
     /// On the source: on success, stops the (now idle) source QEMU and
     /// removes its files; on failure, makes sure the guest runs again —
     /// unless it was handed over ([`Error::HandedOver`]).
-    pub async fn finalize_migration_source(&self, name: &str, success: bool) -> Result<()> {
+    pub async fn finalize_migration_source(
+        &self,
+        name: &str,
+        outcome: MigrationOutcome,
+    ) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
-        if success {
-            self.stop_locked(&paths, true, Duration::from_secs(10))
-                .await?;
+        if outcome == MigrationOutcome::Completed {
+            self.stop_locked(&paths, StopMode::Force).await?;
             return Ok(());
         }
         let pid = self.running_pid(&paths)?;

@@ -37,7 +37,7 @@ pub fn nic_script_env(
 ) -> Vec<(String, String)> {
     let mut env = vec![
         ("INSTANCE".to_owned(), spec.name.clone()),
-        ("MAC".to_owned(), nic.mac.clone()),
+        ("MAC".to_owned(), nic.mac.to_string()),
         ("MODE".to_owned(), nic.mode.as_str().to_owned()),
         ("INTERFACE".to_owned(), interface.to_owned()),
         ("INTERFACE_INDEX".to_owned(), seq.to_string()),

@@ -8,7 +8,7 @@ use kvm_runtime::InstancePaths;
 
 use crate::error::{Error, Result};
 use crate::lifecycle::spec_from_record;
-use crate::types::{ConsoleInfo, InstanceInfo, NodeInfo, VerifyReport};
+use crate::types::{ConsoleInfo, InstanceInfo, InstanceState, NodeInfo, VerifyReport};
 use crate::{process, KvmHypervisor};
 
 /// The pid's `-m` and `-smp` from its command line (fallback values).
@@ -43,7 +43,7 @@ pub(crate) fn argv_resources(args: &[String]) -> (u64, u32) {
 /// replaced by command-line values (state `unknown`) when they do not come.
 async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceInfo {
     let (mut memory_mib, mut vcpus) = cmdline_resources(pid);
-    let mut state = "unknown".to_owned();
+    let mut state = InstanceState::Unknown;
     let options = Options {
         connect_timeout: timeout,
         command_timeout: timeout,
@@ -68,20 +68,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         .is_some_and(|r| crate::lifecycle::is_starting(&r));
     if let Some((status, balloon, cpus)) = answers {
         if let Some(s) = status {
-            state = match s.status {
-                // Started with -S and never run yet: paused, to a user.
-                commands::RunState::Prelaunch => "paused".to_owned(),
-                // The guest runs on the destination now: this QEMU is an
-                // idle leftover until cleaned up, never to be resumed.
-                commands::RunState::Postmigrate => "migrated".to_owned(),
-                commands::RunState::FinishMigrate => "migrating".to_owned(),
-                // Waiting for an incoming migration: no guest yet.
-                commands::RunState::Inmigrate => "incoming".to_owned(),
-                other => serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "unknown".into()),
-            };
+            state = InstanceState::from(s.status);
         }
         if let Some(b) = balloon {
             memory_mib = b.actual >> 20;
@@ -90,10 +77,10 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
             vcpus = u32::try_from(c.len()).unwrap_or(u32::MAX);
         }
     }
-    if starting && state != "incoming" {
+    if starting && state != InstanceState::Incoming {
         // A start in progress, or one whose gkvm was killed (cleanup
         // removes it): the guest has not run.
-        state = "starting".to_owned();
+        state = InstanceState::Starting;
     }
     InstanceInfo {
         name: paths.name.clone(),

@@ -12,9 +12,8 @@ pub struct InstanceInfo {
     pub name: String,
     /// QEMU's pid.
     pub pid: i32,
-    /// QMP's run state (`running`, `paused`, `internal-error`, ...), or
-    /// `unknown` when QMP did not answer in time.
-    pub state: String,
+    /// What it is doing (QMP's run state, or gkvm's view).
+    pub state: InstanceState,
     /// Guest memory in MiB (the balloon's actual size when known).
     pub memory_mib: u64,
     /// Virtual CPUs.
@@ -108,4 +107,146 @@ pub struct StartReport {
     pub machine: String,
     /// Whether it was left paused.
     pub paused: bool,
+}
+
+/// What a running instance is doing: QEMU's run state (`prelaunch` shown
+/// as paused), or gkvm's own view of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum InstanceState {
+    /// The guest runs.
+    Running,
+    /// The vCPUs are stopped (by `--paused`, a resume pending, or QMP `stop`).
+    Paused,
+    /// A start in progress, or one whose gkvm was killed: the guest never ran.
+    Starting,
+    /// Waiting for an incoming migration: no guest yet.
+    Incoming,
+    /// In the last stage of an outgoing migration.
+    Migrating,
+    /// Handed over to the destination: never runs here again.
+    Migrated,
+    /// The guest shut down (QEMU kept running).
+    Shutdown,
+    /// The guest is suspended (ACPI S3).
+    Suspended,
+    /// QEMU hit an internal error.
+    InternalError,
+    /// Stopped on an I/O error.
+    IoError,
+    /// The guest panicked.
+    GuestPanicked,
+    /// Stopped by the watchdog.
+    Watchdog,
+    /// Stopped for a debugger.
+    Debug,
+    /// Restoring a snapshot.
+    RestoreVm,
+    /// Saving a snapshot.
+    SaveVm,
+    /// COLO fault tolerance.
+    Colo,
+    /// QMP did not answer in time.
+    Unknown,
+}
+
+impl From<gkvm_qmp::commands::RunState> for InstanceState {
+    fn from(s: gkvm_qmp::commands::RunState) -> InstanceState {
+        use gkvm_qmp::commands::RunState as R;
+        match s {
+            R::Running => InstanceState::Running,
+            // Started with -S and never run yet: paused, to a user.
+            R::Paused | R::Prelaunch => InstanceState::Paused,
+            R::Inmigrate => InstanceState::Incoming,
+            R::FinishMigrate => InstanceState::Migrating,
+            R::Postmigrate => InstanceState::Migrated,
+            R::Shutdown => InstanceState::Shutdown,
+            R::Suspended => InstanceState::Suspended,
+            R::InternalError => InstanceState::InternalError,
+            R::IoError => InstanceState::IoError,
+            R::GuestPanicked => InstanceState::GuestPanicked,
+            R::Watchdog => InstanceState::Watchdog,
+            R::Debug => InstanceState::Debug,
+            R::RestoreVm => InstanceState::RestoreVm,
+            R::SaveVm => InstanceState::SaveVm,
+            R::Colo => InstanceState::Colo,
+            _ => InstanceState::Unknown,
+        }
+    }
+}
+
+/// Where a migration stands, as QEMU's `query-migrate` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum MigrationState {
+    /// No migration.
+    #[default]
+    None,
+    /// Setting up.
+    Setup,
+    /// Copying.
+    Active,
+    /// Copying after the switch-over (post-copy).
+    PostcopyActive,
+    /// Post-copy, paused on a network failure.
+    PostcopyPaused,
+    /// Post-copy recovering.
+    PostcopyRecover,
+    /// Waiting before the switch-over.
+    PreSwitchover,
+    /// Copying device state.
+    Device,
+    /// Waiting for devices to unplug.
+    WaitUnplug,
+    /// Done: the guest runs on the destination.
+    Completed,
+    /// Failed: the source keeps the guest.
+    Failed,
+    /// Being cancelled.
+    Cancelling,
+    /// Cancelled: the source keeps the guest.
+    Cancelled,
+    /// COLO fault tolerance.
+    Colo,
+    /// A state this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl MigrationState {
+    /// Parses QEMU's name of a state (`unknown` for a new one).
+    pub fn parse(name: &str) -> MigrationState {
+        serde_json::from_value(serde_json::Value::String(name.to_owned()))
+            .unwrap_or(MigrationState::Unknown)
+    }
+
+    /// Whether the migration has ended, one way or the other.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+/// The serde name of a unit variant, for `Display`.
+fn serde_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_name(self))
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_name(self))
+    }
 }

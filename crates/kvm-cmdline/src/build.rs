@@ -572,7 +572,7 @@ fn build_devices_and_extra(c: &Ctx, a: &mut Args) -> Result<(), Error> {
         }
     }
     if let (Some(uuid), true) = (&c.spec.uuid, f.uuid) {
-        a.opt("-uuid", uuid.clone());
+        a.opt("-uuid", uuid.to_string());
     }
     // Ganeti appended kvm_extra as one argument; split it so that
     // "-foo a -bar b" means what it says.
@@ -965,7 +965,7 @@ fn nic_pieces(
         netdev.set("vhost", true);
     }
     let mut device = Device::new(nic_model(c))
-        .with("mac", nic.mac.as_str())
+        .with("mac", nic.mac.to_string())
         .with("netdev", id);
     if queues > 1 && c.hv.nic_type == NicType::Paravirtual {
         device.set("mq", true);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, HvParams};
+use crate::{Error, HvParams, MacAddr, Uuid};
 
 /// An instance to start: the JSON interface of gkvm.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,7 +14,7 @@ pub struct InstanceSpec {
     pub name: String,
     /// System UUID (`-uuid`), when known.
     #[serde(default)]
-    pub uuid: Option<String>,
+    pub uuid: Option<Uuid>,
     /// Memory in MiB (the maximum; the balloon can shrink it).
     pub memory: u64,
     /// Memory in MiB to balloon down to right after start (Ganeti's
@@ -87,7 +87,7 @@ pub struct DiskSpec {
     /// The disk's UUID in the cluster, if it has one (its device id derives
     /// from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
+    pub uuid: Option<Uuid>,
     /// The disk's name in the cluster, if it has one (its device id derives
     /// from it when there is no UUID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,8 +177,8 @@ pub struct NetworkSpec {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NicSpec {
-    /// MAC address, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
+    /// MAC address.
+    pub mac: MacAddr,
     /// The guest's IP, for routed mode and the NIC script.
     #[serde(default)]
     pub ip: Option<String>,
@@ -194,7 +194,7 @@ pub struct NicSpec {
     /// The NIC's UUID in the cluster, if it has one (its device id derives
     /// from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uuid: Option<String>,
+    pub uuid: Option<Uuid>,
     /// The NIC's name in the cluster, if it has one (its device id derives
     /// from it when there is no UUID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,9 +207,9 @@ pub struct NicSpec {
 
 impl NicSpec {
     /// A NIC with this MAC, bridged to `link`.
-    pub fn new(mac: impl Into<String>, link: impl Into<String>) -> NicSpec {
+    pub fn new(mac: MacAddr, link: impl Into<String>) -> NicSpec {
         NicSpec {
-            mac: mac.into(),
+            mac,
             link: link.into(),
             ..NicSpec::default()
         }
@@ -260,45 +260,27 @@ fn name_problem(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a MAC address `aa:bb:cc:dd:ee:ff`.
+/// Checks a MAC address `aa:bb:cc:dd:ee:ff` for a NIC: well formed,
+/// unicast and not all zeros.
 pub fn validate_mac(mac: &str) -> Result<(), Error> {
-    mac_problem(mac).map_err(|reason| Error::InvalidValue {
+    let parsed: MacAddr = mac.parse()?;
+    mac_problem(&parsed).map_err(|reason| Error::InvalidValue {
         key: "mac".into(),
         value: mac.into(),
         reason,
     })
 }
 
-fn mac_problem(mac: &str) -> Result<(), String> {
-    let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() != 6
-        || !parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        return Err(format!(
-            "{mac:?} is not a MAC address like aa:00:00:12:34:56"
-        ));
-    }
-    let first = u8::from_str_radix(parts[0], 16).unwrap_or(0);
-    if first & 1 == 1 {
+fn mac_problem(mac: &MacAddr) -> Result<(), String> {
+    if mac.is_multicast() {
         return Err(format!(
             "{mac} is a multicast address (a NIC needs a unicast one)"
         ));
     }
-    if parts.iter().all(|p| *p == "00") {
+    if mac.is_zero() {
         return Err("00:00:00:00:00:00 is not a usable MAC address".into());
     }
     Ok(())
-}
-
-fn validate_uuid(u: &str) -> bool {
-    let groups: Vec<&str> = u.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl InstanceSpec {
@@ -364,11 +346,6 @@ impl InstanceSpec {
                 format!("{} is not between 1 and 1024", self.vcpus),
             ));
         }
-        if let Some(u) = &self.uuid {
-            if !validate_uuid(u) {
-                return Err(bad("uuid", format!("{u:?} is not a UUID")));
-            }
-        }
         self.check_nics()?;
         self.check_addresses()?;
         for t in &self.tags {
@@ -389,10 +366,7 @@ impl InstanceSpec {
         };
         for (i, nic) in self.nics.iter().enumerate() {
             mac_problem(&nic.mac).map_err(|r| bad(&format!("nics[{i}].mac"), r))?;
-            if let Some(j) = self.nics[..i]
-                .iter()
-                .position(|o| o.mac.eq_ignore_ascii_case(&nic.mac))
-            {
+            if let Some(j) = self.nics[..i].iter().position(|o| o.mac == nic.mac) {
                 return Err(bad(
                     &format!("nics[{i}].mac"),
                     format!("{} is already the MAC of NIC {j}", nic.mac),
@@ -422,7 +396,7 @@ mod tests {
     use super::*;
 
     fn nic(mac: &str, link: &str) -> NicSpec {
-        NicSpec::new(mac, link)
+        NicSpec::new(mac.parse().unwrap(), link)
     }
 
     fn field_of(spec: &InstanceSpec) -> String {

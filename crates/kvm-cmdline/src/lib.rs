@@ -47,6 +47,7 @@ mod options;
 mod placement;
 pub mod qemu;
 mod validate;
+mod values;
 
 pub use build::{
     build, keymap_file, BuildEnv, Launch, NicBackend, NodePaths, QemuCommand, VNC_BASE_PORT,
@@ -66,6 +67,7 @@ pub use instance::{
 pub use options::generated_mac;
 pub use placement::is_valid_device_id;
 pub use validate::HostFacts;
+pub use values::{MacAddr, Uuid};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

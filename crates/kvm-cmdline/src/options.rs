@@ -10,7 +10,7 @@
 
 use std::str::FromStr;
 
-use crate::{DiskMode, DiskSpec, Error, NicMode, NicSpec};
+use crate::{DiskMode, DiskSpec, Error, MacAddr, NicMode, NicSpec};
 
 fn bad(instance: &str, field: &str, reason: String) -> Error {
     Error::Instance {
@@ -47,6 +47,7 @@ impl NicSpec {
     pub fn parse_option(text: &str, instance: &str, index: usize) -> Result<NicSpec, Error> {
         let field = format!("--nic {text}");
         let mut nic = NicSpec::default();
+        let mut mac = None;
         let mut mode_given = false;
         for part in text.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(|| {
@@ -61,7 +62,10 @@ impl NicSpec {
                 "routed" => Some(NicMode::Routed),
                 "ovs" | "openvswitch" => Some(NicMode::Openvswitch),
                 "mac" => {
-                    nic.mac = v.into();
+                    mac = Some(
+                        v.parse::<MacAddr>()
+                            .map_err(|e| bad(instance, &field, e.to_string()))?,
+                    );
                     None
                 }
                 "ip" => {
@@ -83,9 +87,7 @@ impl NicSpec {
                 (nic.mode, nic.link, mode_given) = (mode, v.into(), true);
             }
         }
-        if nic.mac.is_empty() {
-            nic.mac = generated_mac(instance, index);
-        }
+        nic.mac = mac.unwrap_or_else(|| generated_mac(instance, index));
         Ok(nic)
     }
 }
@@ -93,18 +95,14 @@ impl NicSpec {
 /// A MAC for NIC `index` of `instance`: QEMU's `52:54:00` prefix and 24
 /// bits of an FNV-1a hash of the name and index, so the same instance gets
 /// the same MACs each time it is started from flags.
-pub fn generated_mac(instance: &str, index: usize) -> String {
+pub fn generated_mac(instance: &str, index: usize) -> MacAddr {
     let mut h: u32 = 2166136261;
     // The index as one byte, as gkvm 0.1 hashed it (NICs are at most 8).
     for b in instance.bytes().chain([index.to_le_bytes()[0]]) {
         h = (h ^ u32::from(b)).wrapping_mul(16777619);
     }
-    format!(
-        "52:54:00:{:02x}:{:02x}:{:02x}",
-        h >> 16 & 0xff,
-        h >> 8 & 0xff,
-        h & 0xff
-    )
+    let [_, a, b, c] = h.to_be_bytes();
+    MacAddr::new([0x52, 0x54, 0x00, a, b, c])
 }
 
 #[cfg(test)]
@@ -134,7 +132,12 @@ mod tests {
         let n =
             NicSpec::parse_option("bridge=br0,mac=52:54:00:aa:bb:cc,ip=10.0.0.2", "w1", 0).unwrap();
         assert_eq!(
-            (n.mode, n.link.as_str(), n.mac.as_str(), n.ip.as_deref()),
+            (
+                n.mode,
+                n.link.as_str(),
+                n.mac.to_string().as_str(),
+                n.ip.as_deref()
+            ),
             (
                 NicMode::Bridged,
                 "br0",

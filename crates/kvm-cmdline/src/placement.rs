@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use crate::hvparams::{DiskType, NicType};
 use crate::instance::{DeviceAddress, PCI_SLOTS};
-use crate::{Error, InstanceSpec};
+use crate::{Error, InstanceSpec, Uuid};
 
 /// Whether a QEMU id is acceptable: a letter, then letters, digits,
 /// `-`, `.` or `_` (QEMU's `id_wellformed`), at most 128 bytes.
@@ -19,8 +19,8 @@ pub fn is_valid_device_id(id: &str) -> bool {
 }
 
 /// A device's id from the cluster's UUID or name, when they make one.
-fn derived_id(kind: &str, uuid: Option<&str>, name: Option<&str>) -> Option<String> {
-    [uuid, name]
+fn derived_id(kind: &str, uuid: Option<&Uuid>, name: Option<&str>) -> Option<String> {
+    [uuid.map(Uuid::as_str), name]
         .into_iter()
         .flatten()
         .map(|s| format!("{kind}-{s}"))
@@ -44,7 +44,7 @@ struct Allocator {
 }
 
 impl Allocator {
-    fn id(&mut self, kind: &str, uuid: Option<&str>, name: Option<&str>) -> String {
+    fn id(&mut self, kind: &str, uuid: Option<&Uuid>, name: Option<&str>) -> String {
         let id = derived_id(kind, uuid, name)
             .filter(|id| !self.ids.contains(id))
             .unwrap_or_else(|| {
@@ -105,7 +105,7 @@ impl InstanceSpec {
         let disk_pci = disk_on_pci(self.hvparams.disk_type);
         for (i, disk) in self.disks.iter_mut().enumerate() {
             if disk.address.is_none() {
-                let id = alloc.id("disk", disk.uuid.as_deref(), disk.name.as_deref());
+                let id = alloc.id("disk", disk.uuid.as_ref(), disk.name.as_deref());
                 let pci_slot = if disk_pci {
                     Some(alloc.slot(&format!("disks[{i}]"), &self.name)?)
                 } else {
@@ -117,7 +117,7 @@ impl InstanceSpec {
         let nic_pci = nic_on_pci(self.hvparams.nic_type);
         for (i, nic) in self.nics.iter_mut().enumerate() {
             if nic.address.is_none() {
-                let id = alloc.id("nic", nic.uuid.as_deref(), nic.name.as_deref());
+                let id = alloc.id("nic", nic.uuid.as_ref(), nic.name.as_deref());
                 let pci_slot = if nic_pci {
                     Some(alloc.slot(&format!("nics[{i}]"), &self.name)?)
                 } else {
@@ -196,8 +196,8 @@ mod tests {
         let mut s = InstanceSpec::new("p1", 128);
         s.disks = vec![DiskSpec::new("/dev/vg/a"), DiskSpec::new("/dev/vg/b")];
         s.disks[1].name = Some("data".into());
-        s.nics = vec![NicSpec::new("52:54:00:00:00:01", "br0")];
-        s.nics[0].uuid = Some("2b1c9b3e-5d0e-4a39-9d5b-0c9e8ab1e2f4".into());
+        s.nics = vec![NicSpec::new("52:54:00:00:00:01".parse().unwrap(), "br0")];
+        s.nics[0].uuid = Some("2b1c9b3e-5d0e-4a39-9d5b-0c9e8ab1e2f4".parse().unwrap());
         assert!(s.is_legacy_placement());
         s.assign_addresses().unwrap();
         let a = |d: &Option<DeviceAddress>| d.clone().unwrap();
@@ -214,7 +214,8 @@ mod tests {
 
         // Unplugging disk 0 and adding a NIC renumbers nothing.
         s.disks.remove(0);
-        s.nics.push(NicSpec::new("52:54:00:00:00:02", "br0"));
+        s.nics
+            .push(NicSpec::new("52:54:00:00:00:02".parse().unwrap(), "br0"));
         s.assign_addresses().unwrap();
         assert_eq!(a(&s.disks[0].address).pci_slot, Some(13));
         assert_eq!(a(&s.nics[1].address).id, "nic0");

@@ -1,0 +1,416 @@
+//! One function per subcommand: read the input, send the facade one
+//! typed request, hand the answer to `render`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::CommandFactory;
+use hv_kvm::{Capabilities, KvmHypervisor, MigrationMode, Request, Response, StartMode, StopMode};
+
+use crate::input::{
+    default_qemu, hypervisor, load_instance, read_file, spec_from_args, split_host_port, usage,
+};
+use crate::render::{self, Operation};
+use crate::{console, demo, Cli, CliResult, Command, Failure, StartArgs};
+
+/// Sends one request; a response of another kind is a bug, reported as
+/// such rather than a panic.
+async fn call(hv: &KvmHypervisor, request: Request) -> Result<Response, Failure> {
+    Ok(hv.handle(request).await?)
+}
+
+fn unexpected(r: &Response) -> Failure {
+    Failure::new(1, "internal", format!("unexpected answer {r:?}"))
+}
+
+/// Runs the subcommand.
+pub(crate) async fn run(cli: Cli) -> CliResult {
+    tracing::debug!(run_dir = %cli.run_dir.display(), version = env!("CARGO_PKG_VERSION"), "gkvm: {}", cli.command.describe());
+    let c = &cli;
+    match &cli.command {
+        Command::Caps {
+            help_text,
+            machine_text,
+            device_text,
+        } => caps(c, help_text, machine_text, device_text).await,
+        Command::Argv { instance } => argv(c, instance).await,
+        Command::Start(args) => start(c, args).await,
+        Command::Stop {
+            name,
+            force,
+            timeout,
+        } => stop(c, name, *force, *timeout).await,
+        Command::Reboot { name } => {
+            simple(
+                c,
+                Request::Reboot {
+                    instance: name.clone(),
+                },
+            )
+            .await
+        }
+        Command::Resume { name } => {
+            simple(
+                c,
+                Request::Resume {
+                    instance: name.clone(),
+                },
+            )
+            .await
+        }
+        Command::Cleanup { name } => {
+            simple(
+                c,
+                Request::Cleanup {
+                    instance: name.clone(),
+                },
+            )
+            .await
+        }
+        Command::List => info(c, &[]).await,
+        Command::Info { names } => info(c, names).await,
+        Command::Balloon { name, mib } => balloon(c, name, *mib).await,
+        Command::NodeInfo => node_info(c).await,
+        Command::Console { name } => attach_console(c, name).await,
+        Command::ConsoleInfo { name } => console_info(c, name).await,
+        Command::Verify => verify(c).await,
+        Command::MigrationInfo { name } => migration_info(c, name).await,
+        Command::Accept {
+            info,
+            listen,
+            timeout,
+            hvparams,
+        } => accept(c, info, listen, *timeout, hvparams).await,
+        Command::Migrate { name, to, non_live } => migrate(c, name, to, *non_live).await,
+        Command::MigrationStatus { name } => migration_status(c, name).await,
+        Command::MigrateCancel { name } => {
+            simple(
+                c,
+                Request::CancelMigration {
+                    instance: name.clone(),
+                },
+            )
+            .await
+        }
+        Command::Demo { guest_dir, kvm } => run_demo(c, guest_dir.as_deref(), *kvm).await,
+        Command::Manpages { dir } => write_manpages(dir),
+        Command::Completions { shell } => completions(*shell),
+    }
+}
+
+async fn node_info(cli: &Cli) -> CliResult {
+    match call(&hypervisor(cli)?, Request::NodeInfo).await? {
+        Response::Node(n) => render::node(cli.json, &n),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn console_info(cli: &Cli, name: &str) -> CliResult {
+    let request = Request::Console {
+        instance: name.to_owned(),
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::Console(c) => render::console_info(cli.json, &c),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn verify(cli: &Cli) -> CliResult {
+    match call(&hypervisor(cli)?, Request::Verify).await? {
+        Response::Verify(report) => render::verify(cli.json, &report),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn migration_info(cli: &Cli, name: &str) -> CliResult {
+    let request = Request::MigrationInfo {
+        instance: name.to_owned(),
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::MigrationInfo(text) => outln!("{text}"),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn migration_status(cli: &Cli, name: &str) -> CliResult {
+    let request = Request::MigrationStatus {
+        instance: name.to_owned(),
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::Migration(s) => render::migration_status(cli.json, name, &s),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// An operation that reports nothing but its success.
+async fn simple(cli: &Cli, request: Request) -> CliResult {
+    let (name, operation, what) = match &request {
+        Request::Reboot { instance } => (instance.clone(), "reboot", "rebooted"),
+        Request::Resume { instance } => (instance.clone(), "resume", "resumed"),
+        Request::Cleanup { instance } => (instance.clone(), "cleanup", "cleaned up"),
+        Request::CancelMigration { instance } => {
+            (instance.clone(), "migrate-cancel", "migration cancelled")
+        }
+        other => {
+            return Err(Failure::new(
+                1,
+                "internal",
+                format!("{other:?} is not simple"),
+            ))
+        }
+    };
+    call(&hypervisor(cli)?, request).await?;
+    render::done(cli.json, Operation::new(&name, operation), what)
+}
+
+async fn caps(
+    cli: &Cli,
+    help_text: &Option<PathBuf>,
+    machine_text: &Option<PathBuf>,
+    device_text: &Option<PathBuf>,
+) -> CliResult {
+    let Some(h) = help_text else {
+        let request = Request::Capabilities {
+            kvm_path: Some(default_qemu(cli)?),
+        };
+        return match call(&hypervisor(cli)?, request).await? {
+            Response::Capabilities(c) => render::caps(cli.json, &c),
+            other => Err(unexpected(&other)),
+        };
+    };
+    let opt = |p: &Option<PathBuf>, what| p.as_deref().map(|p| read_file(p, what)).transpose();
+    let caps = Capabilities::from_help(
+        &read_file(h, "help text")?,
+        &opt(machine_text, "machine list")?.unwrap_or_default(),
+        &opt(device_text, "device list")?.unwrap_or_default(),
+    )?;
+    render::caps(cli.json, &caps)
+}
+
+async fn argv(cli: &Cli, instance: &Path) -> CliResult {
+    let spec = load_instance(instance)?;
+    match call(&hypervisor(cli)?, Request::Plan { spec }).await? {
+        Response::Plan(plan) => render::plan(cli.json, &plan),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
+    let spec = spec_from_args(args)?;
+    let mode = if args.paused {
+        StartMode::Paused
+    } else {
+        StartMode::Running
+    };
+    match call(&hypervisor(cli)?, Request::Start { spec, mode }).await? {
+        Response::Started(report) => render::started(cli.json, &report),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
+    let mode = if force {
+        StopMode::Force
+    } else {
+        StopMode::Acpi {
+            timeout: Duration::from_secs(timeout),
+        }
+    };
+    let request = Request::Stop {
+        instance: name.to_owned(),
+        mode,
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::Stopped(outcome) => render::stopped(cli.json, name, &outcome),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn info(cli: &Cli, names: &[String]) -> CliResult {
+    let request = Request::Info {
+        instances: names.to_vec(),
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::Info(infos) => render::infos(cli.json, &infos),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
+    let request = Request::Balloon {
+        instance: name.to_owned(),
+        mib,
+    };
+    call(&hypervisor(cli)?, request).await?;
+    let op = Operation::new(name, "balloon").with_target_mib(mib);
+    let what = format!("balloon target set to {}", render::human_mib(mib));
+    render::done(cli.json, op, &what)
+}
+
+async fn attach_console(cli: &Cli, name: &str) -> CliResult {
+    let request = Request::Console {
+        instance: name.to_owned(),
+    };
+    let socket = match call(&hypervisor(cli)?, request).await? {
+        Response::Console(hv_kvm::ConsoleInfo::Serial { socket, .. }) => socket,
+        Response::Console(other) => {
+            return Err(Failure::from(format!(
+                "instance {name} has no serial console ({other:?}); see gkvm console-info"
+            )))
+        }
+        other => return Err(unexpected(&other)),
+    };
+    let owned = name.to_owned();
+    let ended = tokio::task::spawn_blocking(move || console::attach(&owned, &socket))
+        .await?
+        .map_err(|e| Failure::new(1, "console", format!("console of {name}: {e}")))?;
+    match ended {
+        console::Ended::Detached => errln!("\r\ndetached"),
+        console::Ended::Closed => errln!("\r\nconsole closed: the instance stopped"),
+        console::Ended::Signalled => errln!("\r\nconsole closed by a signal"),
+    }
+    Ok(())
+}
+
+/// This node's value of each `-H` hvparam, for the trust check of the
+/// incoming instance.
+fn node_hvparams(hv: &mut KvmHypervisor, hvparams: &[String]) -> CliResult {
+    for h in hvparams {
+        let pair = h.strip_prefix("kvm:").unwrap_or(h);
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| usage(format!("-H {h}: expected KEY=VALUE")))?;
+        // Checked like an instance's hvparam, then kept as this node's value.
+        hv_kvm::HvParams::default().set_pair(pair)?;
+        hv.config_mut()
+            .node_hvparams
+            .insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+    }
+    Ok(())
+}
+
+async fn accept(
+    cli: &Cli,
+    info: &Path,
+    listen: &str,
+    timeout: u64,
+    hvparams: &[String],
+) -> CliResult {
+    let (address, port) = split_host_port(listen)?;
+    let info = read_file(info, "migration info")?;
+    let mut hv = hypervisor(cli)?;
+    node_hvparams(&mut hv, hvparams)?;
+    if !cli.json && !cli.quiet {
+        errln!("waiting for the migration on {listen}");
+    }
+    let request = Request::Receive {
+        info,
+        address,
+        port,
+        timeout: Duration::from_secs(timeout),
+    };
+    match call(&hv, request).await? {
+        Response::Started(report) => render::done(
+            cli.json,
+            Operation::new(&report.name, "accept"),
+            "arrived and is running",
+        ),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// A progress bar on a terminal; nothing otherwise.
+fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    (!json && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    })
+}
+
+async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool) -> CliResult {
+    let (target, port) = split_host_port(to)?;
+    let hv = hypervisor(cli)?;
+    let json = cli.json;
+    let bar = progress_bar(json);
+    let started = std::time::Instant::now();
+    let mut write_error = None;
+    let mut progress = |s: &hv_kvm::MigrationStatus| {
+        if let Some(b) = &bar {
+            b.set_length(s.total_bytes);
+            b.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
+            b.set_message(s.status.to_string());
+        } else if json && write_error.is_none() {
+            // A closed reader must not stop a migration half way.
+            write_error = render::migration_progress_line(s).err();
+        }
+    };
+    let request = Request::Migrate {
+        instance: name.to_owned(),
+        target,
+        port,
+        mode: if non_live {
+            MigrationMode::Offline
+        } else {
+            MigrationMode::Live
+        },
+    };
+    let result = hv.handle_with_progress(request, &mut progress).await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let status = match result? {
+        Response::Migration(status) => status,
+        other => return Err(unexpected(&other)),
+    };
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    render::migrated(json, name, to, started.elapsed(), &status)
+}
+
+async fn run_demo(cli: &Cli, guest_dir: Option<&Path>, kvm: bool) -> CliResult {
+    let opts = demo::DemoOptions {
+        guest_dir: guest_dir.map_or_else(demo::default_guest_dir, Path::to_owned),
+        qemu: default_qemu(cli)?,
+        kvm,
+    };
+    demo::run(opts)
+        .await
+        .map_err(|message| Failure::from(format!("demo: {message}")))?;
+    demo::take_write_error().map_or(Ok(()), |e| Err(Failure::output(e)))
+}
+
+fn completions(shell: clap_complete::Shell) -> CliResult {
+    // Into a buffer first: clap_complete panics on a write error.
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "gkvm", &mut buf);
+    use std::io::Write as _;
+    std::io::stdout().write_all(&buf).map_err(Failure::output)
+}
+
+/// `gkvm.1` and `gkvm-<subcommand>.1`, from the clap definitions.
+fn write_manpages(dir: &Path) -> CliResult {
+    let write = |cmd: clap::Command, file: String| -> CliResult {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut buf)
+            .map_err(|e| Failure::from(format!("rendering {file}: {e}")))?;
+        std::fs::write(dir.join(&file), buf)
+            .map_err(|e| Failure::from(format!("writing {}: {e}", dir.join(&file).display())))
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::from(format!("creating {}: {e}", dir.display())))?;
+    let top = Cli::command();
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("gkvm-{}", sub.get_name());
+        write(sub.clone().name(name.clone()), format!("{name}.1"))?;
+    }
+    write(top, "gkvm.1".into())
+}

@@ -1,0 +1,141 @@
+//! What the CLI reads: the node's configuration, input files, and an
+//! instance definition from `--file` and flags.
+
+use std::path::{Path, PathBuf};
+
+use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
+
+use crate::{Cli, Failure, StartArgs};
+
+pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
+    let mut config = Config::new(RunDir::new(&cli.run_dir));
+    config.kvm_path = cli.kvm_path.clone();
+    config.migration_key = migration_key(cli)?;
+    Ok(KvmHypervisor::new(config))
+}
+
+/// Where the nodes' shared migration key is looked for by default.
+const DEFAULT_MIGRATION_KEY: &str = "/etc/gkvm/migration.key";
+
+/// The migration key: `--migration-key`, else the default file if it
+/// exists. A key others can read is no secret, and is refused.
+fn migration_key(cli: &Cli) -> Result<Option<Vec<u8>>, Failure> {
+    let path = match &cli.migration_key {
+        Some(p) => p.clone(),
+        None if Path::new(DEFAULT_MIGRATION_KEY).exists() => PathBuf::from(DEFAULT_MIGRATION_KEY),
+        None => return Ok(None),
+    };
+    let fail = |e: String| Failure::from(format!("migration key {}: {e}", path.display()));
+    let file = std::fs::File::open(&path).map_err(|e| fail(e.to_string()))?;
+    let mode =
+        std::os::unix::fs::MetadataExt::mode(&file.metadata().map_err(|e| fail(e.to_string()))?);
+    if mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "mode {:04o} lets others read it; chmod 600 it",
+            mode & 0o7777
+        )));
+    }
+    let key = hv_kvm::read_open_capped(file, &path, 4096).map_err(|e| fail(e.to_string()))?;
+    let key: Vec<u8> = key.trim_ascii().to_vec();
+    if key.len() < 16 {
+        return Err(fail("shorter than 16 bytes".into()));
+    }
+    Ok(Some(key))
+}
+
+/// `--kvm-path`, else the node's default QEMU.
+pub(crate) fn default_qemu(cli: &Cli) -> Result<PathBuf, Failure> {
+    Ok(hypervisor(cli)?.default_kvm_path())
+}
+
+/// Largest input file read (instance definitions, migration info,
+/// captured help text are a few KiB to a few hundred).
+const MAX_INPUT_FILE: u64 = 4 << 20;
+
+pub(crate) fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
+    let fail = |e: String| {
+        Failure::new(
+            1,
+            "input",
+            format!("cannot read {what} {}: {e}", path.display()),
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let data =
+        hv_kvm::read_open_capped(file, path, MAX_INPUT_FILE).map_err(|e| fail(e.to_string()))?;
+    String::from_utf8(data).map_err(|_| fail("not UTF-8 text".into()))
+}
+
+pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
+    let text = read_file(path, "instance file")?;
+    serde_json::from_str(&text).map_err(|e| {
+        Failure::new(
+            1,
+            "params",
+            format!("{}: not a valid instance definition: {e}", path.display()),
+        )
+    })
+}
+
+/// `HOST:PORT` or `[V6]:PORT`.
+pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| usage(format!("{s:?}: expected HOST:PORT")))?;
+    let port = port
+        .parse()
+        .ok()
+        .filter(|&p: &u16| p != 0)
+        .ok_or_else(|| usage(format!("{s:?}: {port:?} is not a port (1-65535)")))?;
+    Ok((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    ))
+}
+
+pub(crate) fn usage(message: String) -> Failure {
+    Failure::new(2, "usage", message)
+}
+
+/// Memory of an instance given by flags alone, without `--memory`.
+const DEFAULT_MEMORY_MIB: u64 = 512;
+
+/// An instance from `--file` and/or flags.
+pub(crate) fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
+    let mut spec = match (&a.file, &a.name) {
+        (Some(f), _) => load_instance(f)?,
+        (None, Some(n)) => InstanceSpec::new(n.clone(), DEFAULT_MEMORY_MIB),
+        (None, None) => return Err(usage("start needs an instance name or --file".into())),
+    };
+    if let Some(n) = &a.name {
+        spec.name = n.clone();
+    }
+    if let Some(m) = a.memory {
+        spec.memory = m;
+    }
+    if let Some(v) = a.vcpus {
+        spec.vcpus = v;
+    }
+    if let Some(p) = a.port {
+        spec.network_port = Some(p);
+    }
+    spec.tags.extend(a.tags.iter().cloned());
+    for d in &a.disks {
+        spec.disks.push(
+            d.parse()
+                .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?,
+        );
+    }
+    for (i, n) in a.nics.iter().enumerate() {
+        spec.nics.push(
+            hv_kvm::NicSpec::parse_option(n, &spec.name, i).map_err(|e| usage(e.to_string()))?,
+        );
+    }
+    for h in &a.hvparams {
+        spec.hvparams
+            .set_pair(h.strip_prefix("kvm:").unwrap_or(h))?;
+    }
+    Ok(spec)
+}

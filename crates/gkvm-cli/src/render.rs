@@ -1,0 +1,337 @@
+//! Everything the CLI prints about a result: one JSON document with
+//! `--json` (schemas/v1/), else a line or a table for a person.
+
+use hv_kvm::{
+    Capabilities, ConsoleInfo, InstanceInfo, LaunchPlan, MigrationStatus, NodeInfo, StartReport,
+    StopOutcome, VerifyReport,
+};
+
+use crate::{CliResult, Failure};
+
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> CliResult {
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+/// What an operation without a report of its own did, for `--json`
+/// (schemas/v1/operation.json).
+#[derive(serde::Serialize)]
+pub(crate) struct Operation {
+    /// The instance.
+    instance: String,
+    /// The subcommand: `stop`, `reboot`, `resume`, `cleanup`, `balloon`,
+    /// `accept`, `migrate-cancel`.
+    operation: &'static str,
+    /// How a stop ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<hv_kvm::StopOutcome>,
+    /// A balloon's target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_mib: Option<u64>,
+}
+
+impl Operation {
+    pub(crate) fn new(instance: &str, operation: &'static str) -> Operation {
+        Operation {
+            instance: instance.to_owned(),
+            operation,
+            outcome: None,
+            target_mib: None,
+        }
+    }
+
+    /// With a balloon target.
+    pub(crate) fn with_target_mib(self, mib: u64) -> Operation {
+        Operation {
+            target_mib: Some(mib),
+            ..self
+        }
+    }
+}
+
+/// Reports an operation: a typed object with `--json`, else
+/// `<instance> <what>`.
+pub(crate) fn done(json: bool, op: Operation, what: &str) -> CliResult {
+    if json {
+        print_json(&op)
+    } else {
+        outln!("{} {what}", op.instance)
+    }
+}
+
+pub(crate) fn human_mib(mib: u64) -> String {
+    if mib >= 10 * 1024 {
+        format!("{}.{} GiB", mib / 1024, (mib % 1024) * 10 / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+fn human_secs(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else {
+        // Whole seconds from here on; a float beyond u64 saturates.
+        let whole = std::time::Duration::try_from_secs_f64(s.clamp(0.0, 1e12))
+            .unwrap_or_default()
+            .as_secs();
+        if whole < 3600 {
+            format!("{}m{:02}s", whole / 60, whole % 60)
+        } else {
+            format!("{}h{:02}m", whole / 3600, whole % 3600 / 60)
+        }
+    }
+}
+
+fn info_table(infos: &[InstanceInfo]) -> CliResult {
+    let rows: Vec<[String; 6]> = infos
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.state.to_string(),
+                i.pid.to_string(),
+                human_mib(i.memory_mib),
+                i.vcpus.to_string(),
+                human_secs(i.cpu_time_secs),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "CPU TIME"].map(String::from);
+    let mut width = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        outln!("{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+fn caps_summary(c: &Capabilities) -> CliResult {
+    let features = serde_json::to_value(&c.features).unwrap_or_default();
+    let (on, off): (Vec<_>, Vec<_>) = features
+        .as_object()
+        .map(|m| m.iter().partition(|(_, v)| v.as_bool() == Some(true)))
+        .unwrap_or_default();
+    let names = |v: Vec<(&String, &serde_json::Value)>| {
+        v.into_iter()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let aliases: Vec<String> = c
+        .machines
+        .iter()
+        .filter_map(|m| m.alias_of.as_ref().map(|a| format!("{} → {a}", m.name)))
+        .collect();
+    outln!("{:<16}{}", "QEMU", c.version.text)?;
+    outln!("{:<16}{}", "banner", c.version.banner)?;
+    outln!(
+        "{:<16}{}",
+        "default machine",
+        c.default_machine.as_deref().unwrap_or("-")
+    )?;
+    outln!(
+        "{:<16}{} ({})",
+        "machines",
+        c.machines.len(),
+        aliases.join(", ")
+    )?;
+    outln!("{:<16}{}", "devices", c.devices.len())?;
+    outln!("{:<16}{}", "features", names(on))?;
+    outln!("{:<16}{}", "lacks", names(off))
+}
+
+/// Joins argv for a POSIX shell, quoting what needs it.
+pub(crate) fn shell_join(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `gkvm start`.
+pub(crate) fn started(json: bool, report: &StartReport) -> CliResult {
+    if json {
+        return print_json(report);
+    }
+    let nics = if report.taps.is_empty() {
+        String::new()
+    } else {
+        format!(", NICs on {}", report.taps.join(" "))
+    };
+    let paused = if report.paused { ", paused" } else { "" };
+    outln!(
+        "started {} (pid {}, machine {}{nics}{paused})",
+        report.name,
+        report.pid,
+        report.machine
+    )
+}
+
+/// `gkvm stop`.
+pub(crate) fn stopped(json: bool, name: &str, outcome: &StopOutcome) -> CliResult {
+    if json {
+        return print_json(&Operation {
+            outcome: Some(outcome.clone()),
+            ..Operation::new(name, "stop")
+        });
+    }
+    let what = match outcome {
+        StopOutcome::PoweredOff => "powered off",
+        StopOutcome::Killed => "killed",
+        StopOutcome::NotRunning => "was not running",
+        _ => "stopped",
+    };
+    outln!("{name} {what}")
+}
+
+/// `gkvm list` and `gkvm info`: always a list in JSON.
+pub(crate) fn infos(json: bool, infos: &[InstanceInfo]) -> CliResult {
+    if json {
+        print_json(&infos)
+    } else {
+        info_table(infos)
+    }
+}
+
+/// `gkvm node-info`.
+pub(crate) fn node(json: bool, n: &NodeInfo) -> CliResult {
+    if json {
+        return print_json(n);
+    }
+    outln!("{:<14}{}", "memory total", human_mib(n.memory_total_mib))?;
+    outln!("{:<14}{}", "memory free", human_mib(n.memory_free_mib))?;
+    outln!("{:<14}{}", "memory node", human_mib(n.memory_dom0_mib))?;
+    outln!(
+        "{:<14}{} ({} sockets, {} NUMA nodes)",
+        "CPUs",
+        n.cpu_total,
+        n.cpu_sockets,
+        n.cpu_nodes
+    )?;
+    match n.hv_version {
+        Some((a, b, c)) => outln!("{:<14}{a}.{b}.{c}", "QEMU"),
+        None => outln!("{:<14}not found", "QEMU"),
+    }
+}
+
+/// `gkvm console-info`.
+pub(crate) fn console_info(json: bool, c: &ConsoleInfo) -> CliResult {
+    if json {
+        return print_json(c);
+    }
+    match c {
+        ConsoleInfo::Serial {
+            socket, command, ..
+        } => outln!(
+            "serial console on {}\nattach with: {}",
+            socket.display(),
+            shell_join(command)
+        ),
+        ConsoleInfo::Vnc {
+            host,
+            port,
+            display,
+            ..
+        } => outln!("VNC on {host}:{port} (display :{display})"),
+        ConsoleInfo::Spice { host, port, .. } => outln!("SPICE on {host}:{port}"),
+        ConsoleInfo::Message { message, .. } => outln!("{message}"),
+        other => outln!("{}", serde_json::to_string(other)?),
+    }
+}
+
+/// `gkvm verify`: the report, then a failure if it found problems.
+pub(crate) fn verify(json: bool, report: &VerifyReport) -> CliResult {
+    if json {
+        print_json(report)?;
+    } else if report.problems.is_empty() {
+        outln!("node OK")?;
+    } else {
+        for p in &report.problems {
+            outln!("problem: {p}")?;
+        }
+    }
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::from(format!(
+            "{} problem(s) found",
+            report.problems.len()
+        )))
+    }
+}
+
+/// `gkvm argv`.
+pub(crate) fn plan(json: bool, plan: &LaunchPlan) -> CliResult {
+    if json {
+        print_json(plan)
+    } else {
+        outln!("{}", shell_join(&plan.argv))
+    }
+}
+
+/// `gkvm caps`.
+pub(crate) fn caps(json: bool, caps: &Capabilities) -> CliResult {
+    if json {
+        print_json(caps)
+    } else {
+        caps_summary(caps)
+    }
+}
+
+/// `gkvm migration-status`.
+pub(crate) fn migration_status(json: bool, name: &str, s: &MigrationStatus) -> CliResult {
+    if json {
+        return print_json(s);
+    }
+    outln!(
+        "{name}: {} {:.0}% ({} of {} MiB sent, {} MiB left)",
+        s.status,
+        s.progress * 100.0,
+        s.transferred_bytes >> 20,
+        s.total_bytes >> 20,
+        s.remaining_bytes >> 20
+    )
+}
+
+/// The end of `gkvm migrate` (with `--json`, the progress lines said it).
+pub(crate) fn migrated(
+    json: bool,
+    name: &str,
+    to: &str,
+    took: std::time::Duration,
+    s: &MigrationStatus,
+) -> CliResult {
+    if json {
+        return Ok(());
+    }
+    outln!(
+        "{name} migrated to {to} in {} (QEMU: {} ms, downtime {} ms)",
+        hv_kvm::human_duration(&took),
+        s.total_time_ms.unwrap_or(0),
+        s.downtime_ms.unwrap_or(0)
+    )
+}
+
+/// One JSON line of `gkvm migrate --json` progress.
+pub(crate) fn migration_progress_line(s: &MigrationStatus) -> CliResult {
+    outln!("{}", serde_json::to_string(s)?)
+}

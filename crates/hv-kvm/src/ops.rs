@@ -1,0 +1,314 @@
+//! The facade's operation surface, declared once: every operation on a
+//! node as a typed [`Request`], every answer as a [`Response`], handled by
+//! [`KvmHypervisor::handle`] (firecracker's `VmmAction`, cloud-hypervisor's
+//! `RequestHandler`). The typed methods (`start`, `stop`, `migrate_to`,
+//! ...) are the same operations called directly; cluster software and the
+//! CLI may use either.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::{
+    Capabilities, ConsoleInfo, InstanceInfo, InstanceSpec, KvmHypervisor, LaunchPlan,
+    MigrationStatus, NodeInfo, StartReport, StopOutcome, VerifyReport,
+};
+
+/// Whether a started guest runs at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartMode {
+    /// Resume the vCPUs once configured.
+    #[default]
+    Running,
+    /// Leave the vCPUs stopped (resume later).
+    Paused,
+}
+
+/// How to stop an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Press the ACPI power button and wait up to `timeout` for the guest
+    /// to power off (an instance without ACPI is killed).
+    Acpi {
+        /// How long the guest may take.
+        timeout: Duration,
+    },
+    /// Kill QEMU, preempting any operation that holds the instance.
+    Force,
+}
+
+/// How to move the guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationMode {
+    /// Copy while the guest runs; it pauses only for the last round.
+    #[default]
+    Live,
+    /// Pause the guest for the whole transfer.
+    Offline,
+}
+
+impl MigrationMode {
+    /// From the `migration_mode` hvparam.
+    pub fn from_hvparam(mode: kvm_cmdline::hvparams::MigrationMode) -> MigrationMode {
+        match mode {
+            kvm_cmdline::hvparams::MigrationMode::Live => MigrationMode::Live,
+            kvm_cmdline::hvparams::MigrationMode::NonLive => MigrationMode::Offline,
+        }
+    }
+}
+
+/// How a migration ended, as the side finalizing it learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    /// The guest landed on the destination.
+    Completed,
+    /// It did not: the source keeps (or gets back) the guest.
+    Failed,
+}
+
+/// A migration progress callback.
+pub type Progress<'a> = &'a mut (dyn FnMut(&MigrationStatus) + Send);
+
+/// One operation on this node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Request {
+    /// Start an instance ([`KvmHypervisor::start`]).
+    Start {
+        /// The instance definition.
+        spec: InstanceSpec,
+        /// Running or paused.
+        mode: StartMode,
+    },
+    /// Stop an instance ([`KvmHypervisor::stop`]).
+    Stop {
+        /// The instance.
+        instance: String,
+        /// ACPI or force.
+        mode: StopMode,
+    },
+    /// Reboot an instance ([`KvmHypervisor::reboot`]).
+    Reboot {
+        /// The instance.
+        instance: String,
+    },
+    /// Resume a paused instance ([`KvmHypervisor::resume`]).
+    Resume {
+        /// The instance.
+        instance: String,
+    },
+    /// Set the balloon target ([`KvmHypervisor::balloon`]).
+    Balloon {
+        /// The instance.
+        instance: String,
+        /// Target memory in MiB.
+        mib: u64,
+    },
+    /// Remove what a stopped instance left ([`KvmHypervisor::cleanup`]).
+    Cleanup {
+        /// The instance.
+        instance: String,
+    },
+    /// Names of the running instances.
+    List,
+    /// Instance details; all running instances when the list is empty.
+    Info {
+        /// The instances.
+        instances: Vec<String>,
+    },
+    /// The node's resources.
+    NodeInfo,
+    /// How to reach an instance's console.
+    Console {
+        /// The instance.
+        instance: String,
+    },
+    /// Check the node.
+    Verify,
+    /// The command line a start would run, without starting.
+    Plan {
+        /// The instance definition.
+        spec: InstanceSpec,
+    },
+    /// What a QEMU binary supports (the node's default when `None`).
+    Capabilities {
+        /// The binary.
+        kvm_path: Option<PathBuf>,
+    },
+    /// What a migration destination needs.
+    MigrationInfo {
+        /// The instance.
+        instance: String,
+    },
+    /// Destination, whole sequence: accept, wait, finalize
+    /// ([`KvmHypervisor::receive`]).
+    Receive {
+        /// The source's migration info.
+        info: String,
+        /// Listen address.
+        address: String,
+        /// Listen port.
+        port: u16,
+        /// How long to wait for the guest.
+        timeout: Duration,
+    },
+    /// Source, whole sequence: migrate, then finalize the source
+    /// ([`KvmHypervisor::migrate_to`]).
+    Migrate {
+        /// The instance.
+        instance: String,
+        /// The destination's address.
+        target: String,
+        /// The destination's port.
+        port: u16,
+        /// Live or offline.
+        mode: MigrationMode,
+    },
+    /// Where a migration stands.
+    MigrationStatus {
+        /// The instance.
+        instance: String,
+    },
+    /// Cancel a running migration; the source keeps running.
+    CancelMigration {
+        /// The instance.
+        instance: String,
+    },
+    /// Destination, Ganeti's first step: start waiting for the guest.
+    AcceptInstance {
+        /// The source's migration info.
+        info: String,
+        /// Listen address.
+        address: String,
+        /// Listen port.
+        port: u16,
+    },
+    /// Destination, Ganeti's last step.
+    FinalizeDestination {
+        /// The instance.
+        instance: String,
+        /// How the migration ended.
+        outcome: MigrationOutcome,
+    },
+    /// Source, Ganeti's last step.
+    FinalizeSource {
+        /// The instance.
+        instance: String,
+        /// How the migration ended.
+        outcome: MigrationOutcome,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Response {
+    /// Done; nothing to report.
+    Done,
+    /// An instance started (or arrived).
+    Started(StartReport),
+    /// How a stop ended.
+    Stopped(StopOutcome),
+    /// Instance names.
+    Names(Vec<String>),
+    /// Instance details.
+    Info(Vec<InstanceInfo>),
+    /// The node's resources.
+    Node(NodeInfo),
+    /// How to reach a console.
+    Console(ConsoleInfo),
+    /// What `verify` found.
+    Verify(VerifyReport),
+    /// A dry-run command line.
+    Plan(LaunchPlan),
+    /// A QEMU's capabilities.
+    Capabilities(Arc<Capabilities>),
+    /// Migration info for the destination.
+    MigrationInfo(String),
+    /// Where a migration stands (or how it ended).
+    Migration(MigrationStatus),
+}
+
+impl KvmHypervisor {
+    /// Carries out one request.
+    pub async fn handle(&self, request: Request) -> Result<Response> {
+        self.handle_with_progress(request, &mut |_| {}).await
+    }
+
+    /// Carries out one request, reporting a migration's progress.
+    pub async fn handle_with_progress(
+        &self,
+        request: Request,
+        progress: Progress<'_>,
+    ) -> Result<Response> {
+        use Request as R;
+        Ok(match request {
+            R::Start { spec, mode } => Response::Started(self.start(&spec, mode).await?),
+            R::Stop { instance, mode } => Response::Stopped(self.stop(&instance, mode).await?),
+            R::Reboot { instance } => done(self.reboot(&instance).await?),
+            R::Resume { instance } => done(self.resume(&instance).await?),
+            R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
+            R::Cleanup { instance } => done(self.cleanup(&instance).await?),
+            R::List => Response::Names(self.list()?),
+            R::Info { instances } => Response::Info(self.info_many(&instances).await?),
+            R::NodeInfo => Response::Node(self.node_info().await?),
+            R::Console { instance } => Response::Console(self.console(&instance)?),
+            R::Verify => Response::Verify(self.verify().await),
+            R::Plan { spec } => Response::Plan(self.plan(&spec).await?),
+            R::Capabilities { kvm_path } => {
+                let path = kvm_path.unwrap_or_else(|| self.default_kvm_path());
+                Response::Capabilities(self.capabilities(&path).await?)
+            }
+            R::MigrationInfo { instance } => {
+                Response::MigrationInfo(self.migration_info(&instance)?)
+            }
+            R::Receive {
+                info,
+                address,
+                port,
+                timeout,
+            } => Response::Started(self.receive(&info, &address, port, timeout).await?),
+            R::Migrate {
+                instance,
+                target,
+                port,
+                mode,
+            } => Response::Migration(
+                self.migrate_to(&instance, &target, port, mode, progress)
+                    .await?,
+            ),
+            R::MigrationStatus { instance } => {
+                Response::Migration(self.migration_status(&instance).await?)
+            }
+            R::CancelMigration { instance } => done(self.cancel_migration(&instance).await?),
+            R::AcceptInstance {
+                info,
+                address,
+                port,
+            } => Response::Started(self.accept_instance(&info, &address, port).await?),
+            R::FinalizeDestination { instance, outcome } => {
+                done(self.finalize_migration_dst(&instance, outcome).await?)
+            }
+            R::FinalizeSource { instance, outcome } => {
+                done(self.finalize_migration_source(&instance, outcome).await?)
+            }
+        })
+    }
+
+    /// Details of these instances, or of every running one.
+    pub async fn info_many(&self, instances: &[String]) -> Result<Vec<InstanceInfo>> {
+        if instances.is_empty() {
+            return self.info_all().await;
+        }
+        let mut out = Vec::with_capacity(instances.len());
+        for name in instances {
+            out.push(self.info(name).await?);
+        }
+        Ok(out)
+    }
+}
+
+fn done((): ()) -> Response {
+    Response::Done
+}
