@@ -150,17 +150,15 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let (root_a, root_b, caps) = (base.join("node-a"), base.join("node-b"), base.join("caps"));
     let a = node(&root_a, &opts.qemu, &caps);
     let b = node(&root_b, &opts.qemu, &caps);
-    let result = demo(
-        &opts,
-        &a,
-        &b,
-        &kernel,
-        &initrd,
-        cmdline.trim(),
-        &root_a,
-        &root_b,
-    )
-    .await;
+    let demo = Demo {
+        opts: &opts,
+        a: &a,
+        b: &b,
+        root_a: &root_a,
+        root_b: &root_b,
+        t0: Instant::now(),
+    };
+    let result = demo.run(&kernel, &initrd, cmdline.trim()).await;
     if result.is_err() {
         // Leave nothing behind, whatever failed.
         for n in [&a, &b] {
@@ -171,247 +169,271 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn demo(
-    opts: &DemoOptions,
-    a: &KvmHypervisor,
-    b: &KvmHypervisor,
-    kernel: &Path,
-    initrd: &Path,
-    cmdline: &str,
-    root_a: &Path,
-    root_b: &Path,
-) -> Result<(), String> {
-    let t0 = Instant::now();
-    let e = |what: &str| {
-        let what = what.to_owned();
-        move |err: hv_kvm::Error| format!("{what}: {err}")
-    };
-    let caps = a.capabilities(&opts.qemu).await.map_err(e("probe QEMU"))?;
-    let accel = if opts.kvm { "kvm" } else { "tcg" };
-    step(
-        t0,
-        "prepare",
-        &format!(
-            "QEMU {} at {}, guest from {}, accel {accel}{}",
+/// The demo's two nodes and its clock.
+struct Demo<'a> {
+    opts: &'a DemoOptions,
+    a: &'a KvmHypervisor,
+    b: &'a KvmHypervisor,
+    root_a: &'a Path,
+    root_b: &'a Path,
+    t0: Instant,
+}
+
+/// Maps a facade error to the demo's message naming the step.
+fn e(what: &str) -> impl Fn(hv_kvm::Error) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+impl Demo<'_> {
+    fn step(&self, what: &str, text: &str) {
+        step(self.t0, what, text);
+    }
+
+    async fn run(&self, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<(), String> {
+        self.prepare().await?;
+        let spec = self.spec(kernel, initrd, cmdline)?;
+        let (report, mut console) = self.start_and_boot(&spec).await?;
+        self.show_info().await?;
+        self.balloon().await?;
+        let lines = console
+            .run("uname -sr; grep MemTotal /proc/meminfo")
+            .map_err(|err| format!("console: {err}"))?;
+        self.step("console", "the guest's shell answers on the serial socket:");
+        for l in &lines {
+            say!("{:>10} | {l}", "");
+        }
+        self.migrate().await?;
+        drop(console);
+        self.after_migration()?;
+        self.stop().await?;
+        self.check_clean(&report)
+    }
+
+    async fn prepare(&self) -> Result<(), String> {
+        let opts = self.opts;
+        let caps = self
+            .a
+            .capabilities(&opts.qemu)
+            .await
+            .map_err(e("probe QEMU"))?;
+        let accel = if opts.kvm {
+            "kvm"
+        } else {
+            "tcg (this host's nested KVM cannot run Linux; --kvm on real hardware)"
+        };
+        let text = format!(
+            "QEMU {} at {}, guest from {}, accel {accel}",
             caps.version.text,
             opts.qemu.display(),
             opts.guest_dir.display(),
-            if opts.kvm {
-                ""
-            } else {
-                " (this host's nested KVM cannot run Linux; --kvm on real hardware)"
-            }
-        ),
-    );
-
-    let mut spec = InstanceSpec::new(NAME, 128);
-    for (k, v) in [
-        ("kernel_path", kernel.to_string_lossy().into_owned()),
-        ("initrd_path", initrd.to_string_lossy().into_owned()),
-        ("root_path", "/dev/ram0".to_owned()),
-        (
-            "kernel_args",
-            cmdline.replace("console=ttyS0", "").trim().to_owned(),
-        ),
-        ("serial_speed", "115200".to_owned()),
-        (
-            "kvm_flag",
-            if opts.kvm { "enabled" } else { "disabled" }.to_owned(),
-        ),
-        ("migration_bandwidth", "10240".to_owned()),
-    ] {
-        spec.hvparams
-            .set(k, serde_json::Value::String(v))
-            .map_err(|err| format!("hvparams: {err}"))?;
+        );
+        self.step("prepare", &text);
+        Ok(())
     }
-    let mut nic = NicSpec::new(
-        hv_kvm::MacAddr::new([0x52, 0x54, 0x00, 0xde, 0x00, 0x01]),
-        "",
-    );
-    nic.mode = NicMode::Routed;
-    spec.nics.push(nic);
 
-    let t = Instant::now();
-    let report = a
-        .start(&spec, hv_kvm::StartMode::Paused)
-        .await
-        .map_err(e("start"))?;
-    step(
-        t0,
-        "start",
-        &format!(
+    /// The built-in instance: the test guest, one routed NIC.
+    fn spec(&self, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<InstanceSpec, String> {
+        let mut spec = InstanceSpec::new(NAME, 128);
+        let kvm_flag = if self.opts.kvm { "enabled" } else { "disabled" };
+        for (k, v) in [
+            ("kernel_path", kernel.to_string_lossy().into_owned()),
+            ("initrd_path", initrd.to_string_lossy().into_owned()),
+            ("root_path", "/dev/ram0".to_owned()),
+            (
+                "kernel_args",
+                cmdline.replace("console=ttyS0", "").trim().to_owned(),
+            ),
+            ("serial_speed", "115200".to_owned()),
+            ("kvm_flag", kvm_flag.to_owned()),
+            ("migration_bandwidth", "10240".to_owned()),
+        ] {
+            spec.hvparams
+                .set(k, serde_json::Value::String(v))
+                .map_err(|err| format!("hvparams: {err}"))?;
+        }
+        let mac = hv_kvm::MacAddr::new([0x52, 0x54, 0x00, 0xde, 0x00, 0x01]);
+        let mut nic = NicSpec::new(mac, "");
+        nic.mode = NicMode::Routed;
+        spec.nics.push(nic);
+        Ok(spec)
+    }
+
+    async fn start_and_boot(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<(hv_kvm::StartReport, Console), String> {
+        let t = Instant::now();
+        let report = self
+            .a
+            .start(spec, hv_kvm::StartMode::Paused)
+            .await
+            .map_err(e("start"))?;
+        let text = format!(
             "{NAME} started paused in {:.0} ms (pid {}, machine {}, NIC on TAP {})",
             t.elapsed().as_secs_f64() * 1000.0,
             report.pid,
             report.machine,
             report.taps.join(" ")
-        ),
-    );
-    let paths_a = RunDir::new(root_a)
-        .instance(NAME)
-        .map_err(|err| err.to_string())?;
-    let mut console =
-        Console::connect(&paths_a.serial).map_err(|err| format!("serial console: {err}"))?;
-    let t = Instant::now();
-    a.resume(NAME).await.map_err(e("resume"))?;
-    let boot = console
-        .wait_for(READY, Duration::from_secs(120))
-        .map_err(|err| format!("boot: {err}"))?;
-    step(
-        t0,
-        "boot",
-        &format!("guest ready in {:.2} s", t.elapsed().as_secs_f64()),
-    );
-    for line in boot.lines().filter(|l| l.contains("gkvm-test-guest")) {
-        say!("{:>10} | {}", "", line.trim_end_matches('\r'));
-    }
-
-    let info = a.info(NAME).await.map_err(e("info"))?;
-    step(t0, "info", "");
-    say!(
-        "{:>10} | NAME       STATE    PID      MEMORY   VCPUS  CPU TIME",
-        ""
-    );
-    say!(
-        "{:>10} | {:<10} {:<8} {:<8} {:<8} {:<6} {:.1}s",
-        "",
-        info.name,
-        info.state,
-        info.pid,
-        format!("{} MiB", info.memory_mib),
-        info.vcpus,
-        info.cpu_time_secs
-    );
-
-    let t = Instant::now();
-    a.balloon(NAME, 96).await.map_err(e("balloon"))?;
-    loop {
-        let m = a.info(NAME).await.map_err(e("info"))?.memory_mib;
-        if m == 96 {
-            break;
+        );
+        self.step("start", &text);
+        let console = self.console(self.root_a)?;
+        let t = Instant::now();
+        self.a.resume(NAME).await.map_err(e("resume"))?;
+        let boot = console
+            .wait_for(READY, Duration::from_secs(120))
+            .map_err(|err| format!("boot: {err}"))?;
+        let text = format!("guest ready in {:.2} s", t.elapsed().as_secs_f64());
+        self.step("boot", &text);
+        for line in boot.lines().filter(|l| l.contains("gkvm-test-guest")) {
+            say!("{:>10} | {}", "", line.trim_end_matches('\r'));
         }
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err(format!("balloon: stuck at {m} MiB"));
+        Ok((report, console))
+    }
+
+    fn console(&self, root: &Path) -> Result<Console, String> {
+        let paths = RunDir::new(root)
+            .instance(NAME)
+            .map_err(|err| err.to_string())?;
+        Console::connect(&paths.serial).map_err(|err| format!("serial console: {err}"))
+    }
+
+    async fn show_info(&self) -> Result<(), String> {
+        let info = self.a.info(NAME).await.map_err(e("info"))?;
+        self.step("info", "");
+        say!(
+            "{:>10} | NAME       STATE    PID      MEMORY   VCPUS  CPU TIME",
+            ""
+        );
+        say!(
+            "{:>10} | {:<10} {:<8} {:<8} {:<8} {:<6} {:.1}s",
+            "",
+            info.name,
+            info.state.to_string(),
+            info.pid,
+            format!("{} MiB", info.memory_mib),
+            info.vcpus,
+            info.cpu_time_secs
+        );
+        Ok(())
+    }
+
+    async fn balloon(&self) -> Result<(), String> {
+        let t = Instant::now();
+        self.a.balloon(NAME, 96).await.map_err(e("balloon"))?;
+        loop {
+            let m = self.a.info(NAME).await.map_err(e("info"))?.memory_mib;
+            if m == 96 {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(format!("balloon: stuck at {m} MiB"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    step(
-        t0,
-        "balloon",
-        &format!("128 MiB -> 96 MiB in {:.2} s", t.elapsed().as_secs_f64()),
-    );
-
-    let lines = console
-        .run("uname -sr; grep MemTotal /proc/meminfo")
-        .map_err(|err| format!("console: {err}"))?;
-    step(
-        t0,
-        "console",
-        "the guest's shell answers on the serial socket:",
-    );
-    for l in &lines {
-        say!("{:>10} | {l}", "");
+        let text = format!("128 MiB -> 96 MiB in {:.2} s", t.elapsed().as_secs_f64());
+        self.step("balloon", &text);
+        Ok(())
     }
 
-    let info_json = a.migration_info(NAME).map_err(e("migration info"))?;
-    let port = 24000 + (std::process::id() % 1000) as u16;
-    b.accept_instance(&info_json, "127.0.0.1", port)
-        .await
-        .map_err(e("accept"))?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let t = Instant::now();
-    let status = a
-        .migrate(NAME, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
-            bar.set_length(s.total_bytes);
-            bar.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
-            bar.set_message(s.status.to_string());
-        })
-        .await
-        .map_err(e("migrate"))?;
-    bar.finish_and_clear();
-    b.wait_incoming(NAME, Duration::from_secs(60))
-        .await
-        .map_err(e("migrate"))?;
-    b.finalize_migration_dst(NAME, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .map_err(e("finalize destination"))?;
-    a.finalize_migration_source(NAME, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .map_err(e("finalize source"))?;
-    step(
-        t0,
-        "migrate",
-        &format!(
+    /// Ganeti's sequence, step by step: accept on B, migrate from A,
+    /// finalize both.
+    async fn migrate(&self) -> Result<(), String> {
+        let (a, b) = (self.a, self.b);
+        let info_json = a.migration_info(NAME).map_err(e("migration info"))?;
+        let port = 24000 + u16::try_from(std::process::id() % 1000).unwrap_or(0);
+        b.accept_instance(&info_json, "127.0.0.1", port)
+            .await
+            .map_err(e("accept"))?;
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let t = Instant::now();
+        let status = a
+            .migrate(NAME, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
+                bar.set_length(s.total_bytes);
+                bar.set_position(s.total_bytes.saturating_sub(s.remaining_bytes));
+                bar.set_message(s.status.to_string());
+            })
+            .await
+            .map_err(e("migrate"))?;
+        bar.finish_and_clear();
+        b.wait_incoming(NAME, Duration::from_secs(60))
+            .await
+            .map_err(e("migrate"))?;
+        let done = hv_kvm::MigrationOutcome::Completed;
+        b.finalize_migration_dst(NAME, done)
+            .await
+            .map_err(e("finalize destination"))?;
+        a.finalize_migration_source(NAME, done)
+            .await
+            .map_err(e("finalize source"))?;
+        let text = format!(
             "to a second run dir over 127.0.0.1:{port} in {:.0} ms ({} MiB sent, downtime {} ms); source node empty",
             t.elapsed().as_secs_f64() * 1000.0,
             status.transferred_bytes >> 20,
             status.downtime_ms.unwrap_or(0)
-        ),
-    );
-    drop(console);
-    let paths_b = RunDir::new(root_b)
-        .instance(NAME)
-        .map_err(|err| err.to_string())?;
-    let mut console =
-        Console::connect(&paths_b.serial).map_err(|err| format!("serial console: {err}"))?;
-    let lines = console
-        .run("cat /proc/uptime")
-        .map_err(|err| format!("console: {err}"))?;
-    for l in &lines {
-        say!(
-            "{:>10} | guest still running after the migration, uptime {l}",
-            ""
         );
+        self.step("migrate", &text);
+        Ok(())
     }
 
-    let t = Instant::now();
-    let outcome = b
-        .stop(
-            NAME,
-            hv_kvm::StopMode::Acpi {
-                timeout: Duration::from_secs(60),
-            },
-        )
-        .await
-        .map_err(e("stop"))?;
-    step(
-        t0,
-        "stop",
-        &format!(
+    fn after_migration(&self) -> Result<(), String> {
+        let mut console = self.console(self.root_b)?;
+        let lines = console
+            .run("cat /proc/uptime")
+            .map_err(|err| format!("console: {err}"))?;
+        for l in &lines {
+            say!(
+                "{:>10} | guest still running after the migration, uptime {l}",
+                ""
+            );
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), String> {
+        let t = Instant::now();
+        let mode = hv_kvm::StopMode::Acpi {
+            timeout: Duration::from_secs(60),
+        };
+        let outcome = self.b.stop(NAME, mode).await.map_err(e("stop"))?;
+        let text = format!(
             "{outcome:?} after the ACPI power button, in {:.2} s",
             t.elapsed().as_secs_f64()
-        ),
-    );
+        );
+        self.step("stop", &text);
+        Ok(())
+    }
 
-    let mut left: Vec<String> = a
-        .state_files()
-        .into_iter()
-        .chain(b.state_files())
-        .map(|p| p.display().to_string())
-        .collect();
-    if hv_kvm::process_alive(report.pid) {
-        left.push(format!("process {}", report.pid));
-    }
-    for tap in &report.taps {
-        if Path::new("/sys/class/net").join(tap).exists() {
-            left.push(format!("TAP {tap}"));
+    /// Nothing may be left: no state file, no process, no TAP.
+    fn check_clean(&self, report: &hv_kvm::StartReport) -> Result<(), String> {
+        let mut left: Vec<String> = self
+            .a
+            .state_files()
+            .into_iter()
+            .chain(self.b.state_files())
+            .map(|p| p.display().to_string())
+            .collect();
+        if hv_kvm::process_alive(report.pid) {
+            left.push(format!("process {}", report.pid));
         }
+        for tap in &report.taps {
+            if Path::new("/sys/class/net").join(tap).exists() {
+                left.push(format!("TAP {tap}"));
+            }
+        }
+        if !left.is_empty() {
+            return Err(format!("cleanup: left behind: {}", left.join(", ")));
+        }
+        self.step(
+            "cleanup",
+            "nothing left: no QEMU, no TAP, no socket, no file",
+        );
+        Ok(())
     }
-    if !left.is_empty() {
-        return Err(format!("cleanup: left behind: {}", left.join(", ")));
-    }
-    step(
-        t0,
-        "cleanup",
-        "nothing left: no QEMU, no TAP, no socket, no file",
-    );
-    Ok(())
 }

@@ -21,6 +21,7 @@ mod ops;
 pub mod probe;
 mod process;
 mod query;
+mod start;
 pub mod trust;
 mod types;
 

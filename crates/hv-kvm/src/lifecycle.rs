@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use gkvm_qmp::commands::RunState;
 use gkvm_qmp::{commands, Options, Qmp};
-use kvm_cmdline::hvparams::{RebootBehavior, SecurityModel};
-use kvm_cmdline::{InstanceSpec, Launch, NicBackend};
+use kvm_cmdline::hvparams::RebootBehavior;
+use kvm_cmdline::InstanceSpec;
 use kvm_runtime::{InstanceLock, InstancePaths, Liveness, RuntimeRecord};
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::guard::RollbackGuard;
 use crate::ops::{StartMode, StopMode};
 use crate::types::StartReport;
-use crate::{node_paths, process, KvmHypervisor};
+use crate::{process, KvmHypervisor};
 
 /// How a stop ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,262 +208,6 @@ impl KvmHypervisor {
             Some(s) => Condition::Live(s),
             None => Condition::Unknown,
         }
-    }
-
-    async fn start_steps(
-        &self,
-        spec: &InstanceSpec,
-        paths: &InstancePaths,
-        opts: &StartOpts,
-        guard: &RollbackGuard,
-    ) -> Result<StartReport> {
-        let name = &spec.name;
-        let params = |e| Error::Params {
-            instance: name.clone(),
-            source: e,
-        };
-        let step = |step: &'static str, reason: String| Error::Start {
-            instance: name.clone(),
-            step,
-            reason,
-        };
-        let kvm_path = self.kvm_path_for(spec);
-        let caps = self.capabilities(&kvm_path).await?;
-        let mut spec = spec.clone();
-        spec.hvparams.kvm_path = kvm_path;
-        // A new start places its NICs and disks; an incoming instance keeps
-        // the source's places (none, if an earlier release started it), so
-        // the guest lands on identical hardware.
-        if opts.incoming.is_none() {
-            spec.assign_addresses().map_err(params)?;
-        }
-        let hv = &spec.hvparams;
-        hv.validate_host(&RealHost, &caps).map_err(params)?;
-        let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
-        tracing::debug!(instance = %name, "argv built");
-        // Marks the start as unfinished until the guest is allowed to run:
-        // if this process is SIGKILLed, the next operation knows the QEMU
-        // it finds never ran the guest and may be removed.
-        let mut record = runtime_record(&spec, &cmd, &caps, &[]);
-        set_starting(&mut record, true);
-        paths.write_runtime(&record).map_err(|e| Error::Runtime {
-            instance: name.clone(),
-            source: e,
-        })?;
-
-        let pool_user = if hv.security_model == SecurityModel::Pool {
-            let pool = self.config.uid_pool.ok_or_else(|| {
-                step(
-                    "uid pool",
-                    "security_model=pool but this node has no uid pool configured".into(),
-                )
-            })?;
-            let run = self.config.run_dir.clone();
-            let p = paths.clone();
-            let lock_timeout = self.config.lock_timeout;
-            let uid = tokio::task::spawn_blocking(move || pool.allocate(&run, &p, lock_timeout))
-                .await
-                .map_err(|e| step("uid pool", e.to_string()))?
-                .map_err(|e| Error::Runtime {
-                    instance: name.clone(),
-                    source: e,
-                })?;
-            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                .ok()
-                .flatten()
-                .ok_or_else(|| step("uid pool", format!("uid {uid} has no user name")))?;
-            Some(user.name)
-        } else {
-            None
-        };
-
-        let virtio = hv.nic_type == kvm_cmdline::hvparams::NicType::Paravirtual
-            && caps.features.virtio_net_pci;
-        let taps = crate::nic::open_taps(&spec, &self.config.tap_template, virtio)?;
-        for tap in &taps {
-            guard.add_tap(tap.name());
-        }
-        for (i, tap) in taps.iter().enumerate() {
-            let routed = spec.nics[i].mode != kvm_cmdline::NicMode::Bridged;
-            // As Ganeti: an incoming instance's routed NICs wait for the
-            // migration to finish (the source still owns the route).
-            if opts.incoming.is_some() && routed {
-                continue;
-            }
-            crate::nic::configure(&spec, i, tap.name(), self.config.nic_script.as_deref()).await?;
-        }
-        for (i, tap) in taps.iter().enumerate() {
-            paths.write_nic(i, tap.name()).map_err(|e| Error::Runtime {
-                instance: name.clone(),
-                source: e,
-            })?;
-        }
-        if let Some(content) = kvm_cmdline::keymap_file(hv, &caps) {
-            paths.write_keymap(&content).map_err(|e| Error::Runtime {
-                instance: name.clone(),
-                source: e,
-            })?;
-        }
-        if hv.use_chroot {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&paths.chroot)
-                .or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .map_err(|e| step("chroot", format!("{}: {e}", paths.chroot.display())))?;
-        }
-
-        let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
-        process::die_with_parent(&mut std_cmd);
-        let nics: Vec<NicBackend> = taps
-            .iter()
-            .map(|t| NicBackend {
-                tap_fds: t.pass_to_child(&mut std_cmd),
-            })
-            .collect();
-        let launch = Launch {
-            node: node_paths(paths),
-            // Stopped at first: pinning, ballooning and passwords come before
-            // the guest runs (as Ganeti does). An incoming instance runs as
-            // soon as its migration lands (the source has then stopped for
-            // good), so a killed `accept` cannot leave the only copy paused.
-            paused: opts.incoming.is_none(),
-            daemonize: true,
-            incoming: opts.incoming.clone(),
-            nics,
-            pool_user,
-            vhost_net_available: crate::vhost_net_available(),
-        };
-        let argv = cmd.launch_argv(&spec, &caps, &launch).map_err(params)?;
-        std_cmd
-            .args(&argv[1..])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut qemu = tokio::process::Command::from(std_cmd);
-        qemu.kill_on_drop(true);
-        tracing::debug!(instance = %name, argv = ?argv, "starting QEMU");
-        let child = qemu.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::QemuMissing {
-                path: spec.hvparams.kvm_path.clone(),
-            },
-            _ => step("spawn QEMU", e.to_string()),
-        })?;
-        // The rollback must see QEMU's first half dead before it looks for
-        // the daemonized half: only then can no new one appear.
-        if let Some(pid) = child.id() {
-            guard.set_child(pid);
-        }
-        let out = tokio::time::timeout(self.config.start_timeout, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                step(
-                    "spawn QEMU",
-                    format!(
-                        "QEMU did not finish initializing within {}",
-                        kvm_runtime::human_duration(&self.config.start_timeout)
-                    ),
-                )
-            })?
-            .map_err(|e| step("spawn QEMU", e.to_string()))?;
-        tracing::debug!(instance = %name, "QEMU initialized");
-        // QEMU holds its own descriptors now; the interfaces live with it.
-        let tap_names: Vec<String> = taps.iter().map(|t| t.name().to_owned()).collect();
-        drop(taps);
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let msg: Vec<&str> = stderr
-                .lines()
-                .filter(|l| {
-                    !l.contains("host doesn't support requested feature")
-                        && !l.contains("failed to open module")
-                })
-                .collect();
-            return Err(step(
-                "spawn QEMU",
-                format!("QEMU exited with {}: {}", out.status, msg.join("; ")),
-            ));
-        }
-        let pid = match self.liveness(paths)? {
-            Liveness::Running { pid } => pid,
-            other => {
-                return Err(step(
-                    "spawn QEMU",
-                    format!("QEMU is not running after its start ({other:?})"),
-                ))
-            }
-        };
-
-        let qmp = self
-            .qmp(paths)
-            .await
-            .map_err(|e| step("QMP", e.to_string()))?;
-        tracing::debug!(instance = %name, "QMP connected");
-        let qmp_err = |op: &str, e: gkvm_qmp::Error| Error::Qmp {
-            instance: name.clone(),
-            op: op.to_owned(),
-            source: e,
-        };
-        for (protocol, file) in [
-            ("vnc", &hv.vnc_password_file),
-            ("spice", &hv.spice_password_file),
-        ] {
-            if let Some(file) = file {
-                let password = read_password(file).map_err(|e| step("password", e))?;
-                qmp.run(&commands::SetPassword {
-                    protocol: protocol.into(),
-                    password,
-                })
-                .await
-                .map_err(|e| qmp_err(&format!("set the {protocol} password"), e))?;
-            }
-        }
-        if !hv.cpu_mask.is_all() {
-            let cpus = qmp
-                .run(&commands::QueryCpusFast)
-                .await
-                .map_err(|e| qmp_err("query-cpus-fast", e))?;
-            pin_vcpus(pid, &hv.cpu_mask, &cpus).map_err(|e| step("CPU pinning", e))?;
-        }
-        let incoming = opts.incoming.is_some();
-        if let Some(startup) = spec
-            .startup_memory
-            .filter(|&m| m < spec.memory && !incoming)
-        {
-            qmp.run(&commands::Balloon {
-                value: startup << 20,
-            })
-            .await
-            .map_err(|e| qmp_err("balloon to startup memory", e))?;
-        }
-        // The record is complete before the guest may run.
-        let record = runtime_record(&spec, &cmd, &caps, &tap_names);
-        paths.write_runtime(&record).map_err(|e| Error::Runtime {
-            instance: name.clone(),
-            source: e,
-        })?;
-        let stay_paused = opts.paused || incoming;
-        if !stay_paused {
-            qmp.run(&commands::Cont)
-                .await
-                .map_err(|e| qmp_err("cont", e))?;
-        }
-        qmp.close().await;
-        tracing::debug!(instance = %name, "configured over QMP");
-        tracing::info!(instance = %name, pid, "started");
-        Ok(StartReport {
-            name: name.clone(),
-            pid,
-            taps: tap_names,
-            machine: cmd.machine,
-            paused: stay_paused,
-        })
     }
 
     /// Stops an instance: gracefully (ACPI power button, then wait up to
@@ -800,7 +544,7 @@ pub(crate) fn is_starting(record: &RuntimeRecord) -> bool {
     record.payload.get(STARTING) == Some(&serde_json::Value::Bool(true))
 }
 
-fn set_starting(record: &mut RuntimeRecord, starting: bool) {
+pub(crate) fn set_starting(record: &mut RuntimeRecord, starting: bool) {
     if let Some(obj) = record.payload.as_object_mut() {
         if starting {
             obj.insert(STARTING.into(), serde_json::Value::Bool(true));
@@ -811,7 +555,7 @@ fn set_starting(record: &mut RuntimeRecord, starting: bool) {
 }
 
 /// The runtime record of an instance started with `cmd`.
-fn runtime_record(
+pub(crate) fn runtime_record(
     spec: &InstanceSpec,
     cmd: &kvm_cmdline::QemuCommand,
     caps: &kvm_cmdline::Capabilities,
@@ -840,7 +584,7 @@ fn runtime_record(
     }
 }
 
-fn read_password(file: &std::path::Path) -> std::result::Result<String, String> {
+pub(crate) fn read_password(file: &std::path::Path) -> std::result::Result<String, String> {
     let cannot = |e: String| format!("cannot read {}: {e}", file.display());
     let f = std::fs::File::open(file).map_err(|e| cannot(e.to_string()))?;
     let data =
@@ -853,7 +597,7 @@ fn read_password(file: &std::path::Path) -> std::result::Result<String, String> 
     Ok(line)
 }
 
-fn pin_vcpus(
+pub(crate) fn pin_vcpus(
     pid: i32,
     mask: &kvm_cmdline::CpuMask,
     cpus: &[commands::CpuInfoFast],
