@@ -392,7 +392,7 @@ fn failed_starts_leave_nothing_behind() {
             .start(&spec, hv_kvm::StartMode::Running)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("fail2"), "{err}");
+        assert!(err.report().contains("fail2"), "{err}");
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
 
         // The QEMU binary is missing.
@@ -454,7 +454,7 @@ fn concurrent_starts_of_one_name() {
         };
         assert!(
             matches!(&err, Error::AlreadyRunning { instance, pid } if instance == "race1" && *pid == ok.pid)
-                || err.to_string().contains("busy"),
+                || err.report().contains("busy"),
             "{err}"
         );
         node.hv.stop("race1", hv_kvm::StopMode::Force).await.unwrap();

@@ -202,7 +202,7 @@ fn bad_runtime_is_refused_by_the_destination() {
             .accept_instance(r#"{"name": "x1", "memory": 64}"#, "0.0.0.0.0", port(3))
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("not an IP address"), "{err}");
+        assert!(err.report().contains("not an IP address"), "{err}");
         assert_eq!(files(db.path()), Vec::<PathBuf>::new());
     });
 }
@@ -326,7 +326,7 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
             .accept_instance(&info, "127.0.0.1", port(9))
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("pc-i440fx-10.0"), "{err}");
+        assert!(err.report().contains("pc-i440fx-10.0"), "{err}");
         assert_eq!(files(db.path()), Vec::<PathBuf>::new());
         assert_eq!(
             a10.info("ver1").await.unwrap().state,

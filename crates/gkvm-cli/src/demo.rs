@@ -181,7 +181,7 @@ struct Demo<'a> {
 
 /// Maps a facade error to the demo's message naming the step.
 fn e(what: &str) -> impl Fn(hv_kvm::Error) -> String + '_ {
-    move |err| format!("{what}: {err}")
+    move |err| format!("{what}: {}", err.report())
 }
 
 impl Demo<'_> {

@@ -35,7 +35,7 @@ fn migration_key(cli: &Cli) -> Result<Option<Vec<u8>>, Failure> {
             mode & 0o7777
         )));
     }
-    let key = hv_kvm::read_open_capped(file, &path, 4096).map_err(|e| fail(e.to_string()))?;
+    let key = hv_kvm::read_open_capped(file, &path, 4096).map_err(|e| fail(e.report()))?;
     let key: Vec<u8> = key.trim_ascii().to_vec();
     if key.len() < 16 {
         return Err(fail("shorter than 16 bytes".into()));
@@ -62,7 +62,7 @@ pub(crate) fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
     };
     let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let data =
-        hv_kvm::read_open_capped(file, path, MAX_INPUT_FILE).map_err(|e| fail(e.to_string()))?;
+        hv_kvm::read_open_capped(file, path, MAX_INPUT_FILE).map_err(|e| fail(e.report()))?;
     String::from_utf8(data).map_err(|_| fail("not UTF-8 text".into()))
 }
 

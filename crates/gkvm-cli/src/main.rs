@@ -306,7 +306,7 @@ impl From<hv_kvm::Error> for Failure {
     fn from(e: hv_kvm::Error) -> Failure {
         Failure {
             instance: e.instance().map(str::to_owned),
-            ..Failure::new(1, e.kind(), e.to_string())
+            ..Failure::new(1, e.kind(), e.report())
         }
     }
 }

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// What a hypervisor operation failed with. Every variant names the
-/// instance, path or step concerned, so one line tells an operator what
-/// went wrong.
+/// instance, path or step concerned. A wrapped error is the variant's
+/// [`std::error::Error::source`] and is not repeated in its `Display`;
+/// [`Error::report`] gives the whole chain as one line for an operator.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -25,7 +26,7 @@ pub enum Error {
     },
     /// The instance definition, hvparams or capabilities do not allow a
     /// command line.
-    #[error("{}", named(instance, source))]
+    #[error("instance {instance}")]
     Params {
         /// The instance.
         instance: String,
@@ -34,7 +35,7 @@ pub enum Error {
         source: kvm_cmdline::Error,
     },
     /// The node's state on disk.
-    #[error("{}", named(instance, source))]
+    #[error("instance {instance}")]
     Runtime {
         /// The instance.
         instance: String,
@@ -43,7 +44,7 @@ pub enum Error {
         source: kvm_runtime::Error,
     },
     /// A QMP exchange failed.
-    #[error("instance {instance}: {op}: {source}")]
+    #[error("instance {instance}: {op}")]
     Qmp {
         /// The instance.
         instance: String,
@@ -54,7 +55,7 @@ pub enum Error {
         source: gkvm_qmp::Error,
     },
     /// Creating or configuring a TAP failed.
-    #[error("instance {instance}: NIC {nic}: {source}")]
+    #[error("instance {instance}: NIC {nic}")]
     Tap {
         /// The instance.
         instance: String,
@@ -126,7 +127,7 @@ pub enum Error {
         after: Duration,
     },
     /// Anything else the system refused.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -136,15 +137,25 @@ pub enum Error {
     },
 }
 
-/// `instance NAME: <source>`, unless the source names the instance already
-/// (so a message never says "instance web1: instance web1 is busy").
-fn named(instance: &str, source: &dyn std::fmt::Display) -> String {
-    let text = source.to_string();
-    if text.contains(&format!("instance {instance}")) {
-        text
-    } else {
-        format!("instance {instance}: {text}")
+/// One line for a person: an error and its causes joined by `: `. A
+/// message that the next one already contains is left out, so the
+/// instance is named once ("instance web1 is busy: ...", never "instance
+/// web1: instance web1 is busy: ...").
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if parts
+            .last()
+            .is_some_and(|last| text.contains(last.as_str()))
+        {
+            parts.pop();
+        }
+        parts.push(text);
+        next = e.source();
     }
+    parts.join(": ")
 }
 
 /// A `Result` with this crate's [`Error`].
@@ -177,6 +188,11 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Io { .. } => "io",
         }
+    }
+
+    /// This error and its causes as one line (see [`report`]).
+    pub fn report(&self) -> String {
+        report(self)
     }
 
     /// The instance the error is about, when there is one.
@@ -214,9 +230,10 @@ mod tests {
             },
         };
         assert_eq!(
-            busy.to_string(),
+            busy.report(),
             "instance web1 is busy: another operation holds its lock (waited 1.5 s)"
         );
+        assert_eq!(busy.to_string(), "instance web1");
         assert_eq!((busy.kind(), busy.instance()), ("busy", Some("web1")));
         let io = Error::Runtime {
             instance: "web1".into(),
@@ -226,8 +243,23 @@ mod tests {
             },
         };
         assert!(
-            io.to_string().starts_with("instance web1: /run/gkvm/conf/"),
-            "{io}"
+            io.report().starts_with("instance web1: /run/gkvm/conf/"),
+            "{}",
+            io.report()
+        );
+        let qmp = Error::Qmp {
+            instance: "web1".into(),
+            op: "cont".into(),
+            source: gkvm_qmp::Error::Io {
+                context: "write".into(),
+                source: std::io::Error::from_raw_os_error(libc::EPIPE),
+            },
+        };
+        assert!(
+            qmp.report()
+                .starts_with("instance web1: cont: QMP I/O error during write: Broken pipe"),
+            "{}",
+            qmp.report()
         );
     }
 }

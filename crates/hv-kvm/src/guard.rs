@@ -85,7 +85,7 @@ pub(crate) fn kill_and_clean_blocking(paths: &InstancePaths) {
         }
     }
     if let Err(e) = paths.cleanup() {
-        tracing::warn!(instance = %paths.name, error = %e, "rollback: cleanup");
+        tracing::warn!(instance = %paths.name, error = %e.report(), "rollback: cleanup");
     }
 }
 

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::{Error, Result};
+pub use error::{report, Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{
     Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, MacAddr, NicMode, NicSpec, Uuid,

@@ -588,7 +588,7 @@ pub(crate) fn read_password(file: &std::path::Path) -> std::result::Result<Strin
     let cannot = |e: String| format!("cannot read {}: {e}", file.display());
     let f = std::fs::File::open(file).map_err(|e| cannot(e.to_string()))?;
     let data =
-        kvm_runtime::fsutil::read_open_capped(f, file, 4096).map_err(|e| cannot(e.to_string()))?;
+        kvm_runtime::fsutil::read_open_capped(f, file, 4096).map_err(|e| cannot(e.report()))?;
     let text = String::from_utf8(data).map_err(|_| cannot("not UTF-8 text".into()))?;
     let line = text.lines().next().unwrap_or("").to_owned();
     if line.is_empty() {

@@ -375,7 +375,7 @@ impl KvmHypervisor {
                     .finalize_migration_source(name, MigrationOutcome::Failed)
                     .await
                 {
-                    tracing::warn!(instance = %name, error = %resume, "after a failed migration");
+                    tracing::warn!(instance = %name, error = %resume.report(), "after a failed migration");
                 }
                 Err(e)
             }
@@ -427,7 +427,7 @@ impl KvmHypervisor {
                 Ok(s) if s.running => return,
                 Ok(s) if s.status == RunState::Paused => {
                     if let Err(e) = qmp.run(&commands::Cont).await {
-                        tracing::warn!(instance = %name, error = %e, "cont after failed migration");
+                        tracing::warn!(instance = %name, error = %e.report(), "cont after failed migration");
                     }
                 }
                 Ok(s) if s.status == RunState::Postmigrate => {
@@ -437,7 +437,7 @@ impl KvmHypervisor {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(instance = %name, error = %e, "cannot check the source after a failed migration");
+                    tracing::warn!(instance = %name, error = %e.report(), "cannot check the source after a failed migration");
                     return;
                 }
             }
@@ -629,7 +629,7 @@ fn spec_from_migration_record(body: &str) -> Result<crate::InstanceSpec> {
         reason,
     };
     let record = RuntimeRecord::from_json(body.as_bytes(), std::path::Path::new("migration info"))
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(e.report()))?;
     let name = record
         .payload
         .get("spec")

@@ -143,7 +143,7 @@ impl CapsCache {
             };
             // A cache that cannot be written only costs a probe next time.
             if let Err(e) = write_cache(&file, &entry) {
-                tracing::debug!(error = %e, file = %file.display(), "capability cache not written");
+                tracing::debug!(error = %e.report(), file = %file.display(), "capability cache not written");
             }
         }
         self.lock()

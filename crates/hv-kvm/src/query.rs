@@ -115,7 +115,7 @@ impl KvmHypervisor {
             .filter_map(|p| match p.liveness() {
                 Ok(l) => Some((p, l.running_pid()?)),
                 Err(e) => {
-                    tracing::warn!(instance = %p.name, error = %e, "left out of the list");
+                    tracing::warn!(instance = %p.name, error = %e.report(), "left out of the list");
                     None
                 }
             })
@@ -328,7 +328,7 @@ impl KvmHypervisor {
         let mut problems = Vec::new();
         let qemu = self.default_kvm_path();
         if let Err(e) = self.capabilities(&qemu).await {
-            problems.push(e.to_string());
+            problems.push(e.report());
         }
         if std::fs::OpenOptions::new()
             .read(true)
@@ -347,7 +347,7 @@ impl KvmHypervisor {
             ));
         }
         if let Err(e) = self.config.run_dir.ensure() {
-            problems.push(format!("run directory: {e}"));
+            problems.push(format!("run directory: {}", e.report()));
         } else {
             // Trusted is not enough: a read-only mount fails every start.
             let probe = self.config.run_dir.root().join("ctrl").join(".verify");

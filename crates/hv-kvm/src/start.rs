@@ -309,7 +309,7 @@ impl KvmHypervisor {
         let qmp = self
             .qmp(paths)
             .await
-            .map_err(|e| step_error(name, "QMP", e.to_string()))?;
+            .map_err(|e| step_error(name, "QMP", e.report()))?;
         tracing::debug!(instance = %name, "QMP connected");
         let qmp_err = |op: &str, e: gkvm_qmp::Error| Error::Qmp {
             instance: name.to_owned(),

@@ -23,7 +23,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// A file operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -127,6 +127,16 @@ pub fn human_duration(d: &Duration) -> String {
 }
 
 impl Error {
+    /// The message and its cause, for one line of output:
+    /// `Display` shows this error alone and [`std::error::Error::source`]
+    /// gives the cause, so this joins them.
+    pub fn report(&self) -> String {
+        match std::error::Error::source(self) {
+            Some(cause) => format!("{self}: {cause}"),
+            None => self.to_string(),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             op,

@@ -38,7 +38,7 @@ pub enum Error {
         excerpt: String,
     },
     /// A reply did not have the shape the typed command expects.
-    #[error("unexpected reply to QMP command {command}: {source}")]
+    #[error("unexpected reply to QMP command {command}")]
     Decode {
         /// The command whose reply did not decode.
         command: String,
@@ -47,7 +47,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// The socket is missing or nobody listens: QEMU is not running.
-    #[error("no QMP server at {path} (QEMU is not running, or its socket is gone): {source}")]
+    #[error("no QMP server at {path} (QEMU is not running, or its socket is gone)")]
     NotRunning {
         /// The QMP socket path.
         path: PathBuf,
@@ -62,7 +62,7 @@ pub enum Error {
         command: Option<String>,
     },
     /// Reading or writing the socket failed.
-    #[error("QMP I/O error during {context}: {source}")]
+    #[error("QMP I/O error during {context}")]
     Io {
         /// What was being done.
         context: String,
@@ -89,6 +89,16 @@ impl Error {
         Error::Protocol {
             reason: reason.into(),
             excerpt,
+        }
+    }
+
+    /// The message and its cause, for one line of output:
+    /// `Display` shows this error alone and [`std::error::Error::source`]
+    /// gives the cause, so this joins them.
+    pub fn report(&self) -> String {
+        match std::error::Error::source(self) {
+            Some(cause) => format!("{self}: {cause}"),
+            None => self.to_string(),
         }
     }
 

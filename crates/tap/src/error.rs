@@ -68,7 +68,7 @@ pub enum Error {
         name: String,
     },
     /// Any other system call failure.
-    #[error("{op} failed for {name}: {source}")]
+    #[error("{op} failed for {name}")]
     Io {
         /// The operation (ioctl or call) that failed.
         op: &'static str,
@@ -78,4 +78,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// The message and its cause, for one line of output:
+    /// `Display` shows this error alone and [`std::error::Error::source`]
+    /// gives the cause, so this joins them.
+    pub fn report(&self) -> String {
+        match std::error::Error::source(self) {
+            Some(cause) => format!("{self}: {cause}"),
+            None => self.to_string(),
+        }
+    }
 }
