@@ -1,6 +1,6 @@
 //! An instance definition as cluster software or `gkvm start --file`
 //! sends it: parsed, validated, and when valid turned into QEMU 10.0's
-//! argv. None of it may panic, and a valid instance must build or fail
+//! argv, before and after its devices are placed. None of it may panic, and a valid instance must build or fail
 //! with an error.
 #![no_main]
 
@@ -22,11 +22,17 @@ fn caps() -> &'static Capabilities {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(spec) = serde_json::from_slice::<InstanceSpec>(data) else {
+    let Ok(mut spec) = serde_json::from_slice::<InstanceSpec>(data) else {
         return;
     };
     if spec.validate().is_err() || spec.hvparams.check_syntax().is_err() {
         return;
     }
     let _ = kvm_cmdline::build(&spec, caps(), &BuildEnv::default());
+    // Placed as a start places it: given addresses are kept and checked,
+    // missing ones allocated; the result is valid or an error.
+    if spec.assign_addresses().is_ok() {
+        assert!(spec.validate().is_ok(), "placement made an invalid spec");
+        let _ = kvm_cmdline::build(&spec, caps(), &BuildEnv::default());
+    }
 });

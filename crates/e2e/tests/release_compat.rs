@@ -60,13 +60,20 @@ fn start_as_release_0_1(argv: &[String], tap: &gkvm_tap::Tap, qmp: &Path) {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: dup2 only, between fork and exec.
+    // SAFETY: dup2/fcntl only, between fork and exec. When the TAP already
+    // is descriptor 11, dup2 would keep its close-on-exec flag: clear it.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(from, TAP_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            let ok = if from == TAP_FD {
+                libc::fcntl(TAP_FD, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(from, TAP_FD) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
             }
-            Ok(())
         });
     }
     let out = cmd.output().unwrap();
