@@ -5,7 +5,8 @@
 //! --disk DISK --nic bridge=BR,mac=52:54:00:0d:00:01 -H kvm_flag=disabled`.
 //! The test recreates that QEMU exactly, then lists, inspects, reboots and
 //! live-migrates it to a node running this build (which must rebuild the
-//! same hardware: positional ids, QEMU-chosen PCI slots) and stops it there.
+//! same hardware: positional ids, QEMU-chosen PCI slots) and stops it
+//! there; a second one is stopped where 0.1 left it.
 
 mod common;
 use common::rt;
@@ -197,6 +198,23 @@ fn release_0_1_instance_is_managed_and_migrates_to_this_release() {
         // And stopped there.
         b.stop(NAME, hv_kvm::StopMode::Force).await.unwrap();
         assert!(b.list().unwrap().is_empty());
+    });
+
+    // A second 0.1 instance, stopped where 0.1 left it: nothing remains.
+    let tap = gkvm_tap::TapBuilder::new()
+        .name_template("gkrel%d")
+        .open()
+        .unwrap();
+    paths.write_runtime(&record).unwrap();
+    paths.write_nic(0, tap.name()).unwrap();
+    start_as_release_0_1(&argv, &tap, &paths.qmp);
+    drop(tap);
+    rt().block_on(async {
+        assert_eq!(a.list().unwrap(), vec![NAME.to_owned()]);
+        let outcome = a.stop(NAME, hv_kvm::StopMode::Force).await.unwrap();
+        assert_eq!(outcome, hv_kvm::StopOutcome::Killed);
+        assert!(a.list().unwrap().is_empty());
+        assert_eq!(a.state_files(), Vec::<std::path::PathBuf>::new());
     });
 }
 
