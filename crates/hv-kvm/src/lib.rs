@@ -186,6 +186,7 @@ impl KvmHypervisor {
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
         spec.assign_addresses().map_err(params)?;
+        spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
         let paths = self
             .config

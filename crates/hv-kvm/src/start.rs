@@ -98,6 +98,7 @@ impl KvmHypervisor {
         // the guest lands on identical hardware.
         if opts.incoming.is_none() {
             spec.assign_addresses().map_err(params)?;
+            spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
         }
         spec.hvparams
             .validate_host(&RealHost, &caps)

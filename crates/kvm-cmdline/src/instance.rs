@@ -39,6 +39,26 @@ pub struct InstanceSpec {
     /// The TCP port for VNC (display = port - 5900) or SPICE.
     #[serde(default)]
     pub network_port: Option<u16>,
+    /// Which devices the machine has beyond those the instance asks for.
+    /// `None` is [`Layout::QemuDefaults`], how earlier releases (and
+    /// Ganeti) started instances; a new start chooses [`Layout::Lean`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// The machine's devices beyond those the instance asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// QEMU's defaults (VGA, parallel port, floppy and CD-ROM drives, a
+    /// monitor) and a USB controller always, as Ganeti's driver and gkvm
+    /// 0.1 start instances. Kept for instances started that way, so that
+    /// a migration lands on identical hardware.
+    QemuDefaults,
+    /// `-nodefaults`: only what the hvparams ask for (a VGA card only for
+    /// VNC or SPICE, a USB controller only for USB devices), as libvirt
+    /// does. The guest boots faster: nothing to probe.
+    Lean,
 }
 
 /// Most NICs an instance may have (Ganeti's `MAX_NICS`).
@@ -297,6 +317,7 @@ impl InstanceSpec {
             disks: Vec::new(),
             nics: Vec::new(),
             network_port: None,
+            layout: None,
         }
     }
 

@@ -60,7 +60,7 @@ pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;
 pub use hvparams::HvParams;
 pub use instance::{
-    validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec,
+    validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec, Layout,
     NetworkSpec, NicMode, NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, PCI_SLOTS,
     SHARED_STORAGE_TEMPLATES,
 };

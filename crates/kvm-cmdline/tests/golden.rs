@@ -38,8 +38,8 @@ struct Variant {
     name: String,
     spec: InstanceSpec,
     launch: LaunchSpec,
-    /// Devices left unplaced, as an instance started by a release
-    /// without device addresses has them.
+    /// Devices left unplaced and QEMU's default devices, as an instance
+    /// started by release 0.1 has them.
     #[serde(default)]
     legacy: bool,
 }
@@ -103,10 +103,11 @@ fn argv_for(
         pool_user: v.launch.pool_user.clone(),
         vhost_net_available: false,
     };
-    // As hv-kvm starts an instance: its devices placed first.
+    // As hv-kvm starts an instance: devices placed, a lean machine.
     let mut spec = v.spec.clone();
     if !v.legacy {
         spec.assign_addresses()?;
+        spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
     }
     let cmd = build(&spec, caps, &env())?;
     cmd.launch_argv(&spec, caps, &launch)
