@@ -67,7 +67,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
-        Command::List => info(c, &[]).await,
+        Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NodeInfo => node_info(c).await,
@@ -231,6 +231,13 @@ async fn info(cli: &Cli, names: &[String]) -> CliResult {
         instances: names.to_vec(),
     };
     match call(&hypervisor(cli)?, request).await? {
+        Response::Info(infos) => render::infos(cli.json, &infos),
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn list(cli: &Cli) -> CliResult {
+    match call(&hypervisor(cli)?, Request::Overview).await? {
         Response::Info(infos) => render::infos(cli.json, &infos),
         other => Err(unexpected(&other)),
     }

@@ -121,7 +121,8 @@ enum Command {
         /// The instance.
         name: String,
     },
-    /// List running instances.
+    /// List running instances from the node's records, without asking
+    /// each QEMU (`info` asks: paused, balloon size, live vCPUs).
     List,
     /// Show instances (all when no name is given).
     Info {

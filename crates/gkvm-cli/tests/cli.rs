@@ -127,7 +127,10 @@ fn argv_dry_run() {
     let argv: Vec<String> = serde_json::from_value(v["argv"].clone()).unwrap();
     assert_eq!(argv[0], qemu);
     let joined = argv.join(" ");
-    assert!(joined.contains("-name web1 -m 256 -smp 2"), "{joined}");
+    assert!(
+        joined.contains("-name web1 -nodefaults -m 256 -smp 2"),
+        "{joined}"
+    );
     assert!(joined.contains("file=/srv/web1,,a.img"), "{joined}");
     assert!(joined.contains("-rtc base=localtime"), "{joined}");
     assert!(joined.contains(",accel=tcg"), "{joined}");

@@ -538,6 +538,36 @@ pub(crate) enum Condition {
 }
 
 const STARTING: &str = "starting";
+/// Marks the record of a source while its migration is in flight.
+pub(crate) const MIGRATING: &str = "migrating";
+/// Marks the record of a destination until its guest has landed.
+pub(crate) const INCOMING: &str = "incoming";
+
+/// Whether a runtime record carries `marker` (see [`set_marker`]).
+pub(crate) fn has_marker(record: &RuntimeRecord, marker: &str) -> bool {
+    record.payload.get(marker) == Some(&serde_json::Value::Bool(true))
+}
+
+/// Sets or clears a marker in the saved runtime record (under the
+/// instance's lock): `list` reads markers instead of asking QEMU, and asks
+/// QEMU only about an instance whose record says it is in transition.
+pub(crate) fn set_marker(
+    paths: &InstancePaths,
+    marker: &str,
+    on: bool,
+) -> std::result::Result<(), kvm_runtime::Error> {
+    let Some(mut record) = paths.read_runtime()? else {
+        return Ok(());
+    };
+    if let Some(obj) = record.payload.as_object_mut() {
+        if on {
+            obj.insert(marker.into(), serde_json::Value::Bool(true));
+        } else if obj.remove(marker).is_none() {
+            return Ok(());
+        }
+    }
+    paths.write_runtime(&record)
+}
 
 /// Whether a runtime record marks a start that has not finished.
 pub(crate) fn is_starting(record: &RuntimeRecord) -> bool {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::guard::{kill_and_clean_blocking, RollbackGuard};
-use crate::lifecycle::{refuse_cont, spec_from_record, StartOpts};
+use crate::lifecycle::{refuse_cont, set_marker, spec_from_record, StartOpts, INCOMING, MIGRATING};
 use crate::ops::{MigrationMode, MigrationOutcome, StopMode};
 use crate::types::{MigrationState, StartReport};
 use crate::KvmHypervisor;
@@ -320,9 +320,15 @@ impl KvmHypervisor {
         }
         let uri = tcp_uri(target, port);
         tracing::info!(instance = %name, %uri, ?mode, "migrating");
+        // Until it ends, `list` asks QEMU about this instance.
+        set_marker(&paths, MIGRATING, true).map_err(|e| Error::Runtime {
+            instance: name.into(),
+            source: e,
+        })?;
         if let Err(e) = qmp.run(&commands::Migrate { uri: uri.clone() }).await {
             guard.armed = false;
             self.resume_after_failure(&qmp, name, was_running).await;
+            clear_marker(&paths, MIGRATING);
             return Err(qmp_err(name, &format!("migrate to {uri}"))(e));
         }
         let result = self.follow(&qmp, name, &mut progress).await;
@@ -334,6 +340,7 @@ impl KvmHypervisor {
             }
             Ok(status) => {
                 self.resume_after_failure(&qmp, name, was_running).await;
+                clear_marker(&paths, MIGRATING);
                 Err(Error::Migration {
                     instance: name.into(),
                     status: status.status.to_string(),
@@ -344,6 +351,7 @@ impl KvmHypervisor {
             }
             Err(e) => {
                 self.resume_after_failure(&qmp, name, was_running).await;
+                clear_marker(&paths, MIGRATING);
                 Err(e)
             }
         }
@@ -558,6 +566,7 @@ impl KvmHypervisor {
                 .await
                 .map_err(qmp_err(name, "cont"))?;
         }
+        clear_marker(paths, INCOMING);
         Ok(())
     }
 
@@ -711,6 +720,15 @@ impl Drop for MigrationGuard {
                 }
             }
         }
+        clear_marker(&self.paths, MIGRATING);
+    }
+}
+
+/// Clears a transition marker; if that fails, `list` asks QEMU instead of
+/// trusting the record, which is slower but still right.
+fn clear_marker(paths: &InstancePaths, marker: &str) {
+    if let Err(e) = set_marker(paths, marker, false) {
+        tracing::warn!(instance = %paths.name, error = %e.report(), marker, "runtime record marker not cleared");
     }
 }
 

@@ -112,6 +112,9 @@ pub enum Request {
     },
     /// Names of the running instances.
     List,
+    /// Every running instance from the node's records and `/proc`, without
+    /// asking each QEMU ([`KvmHypervisor::overview`]).
+    Overview,
     /// Instance details; all running instances when the list is empty.
     Info {
         /// The instances.
@@ -251,6 +254,7 @@ impl KvmHypervisor {
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
             R::List => Response::Names(self.list()?),
+            R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),
             R::NodeInfo => Response::Node(self.node_info().await?),
             R::Console { instance } => Response::Console(self.console(&instance)?),

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gkvm_qmp::{commands, Options, Qmp};
-use kvm_runtime::InstancePaths;
+use kvm_runtime::{InstancePaths, RuntimeRecord};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::spec_from_record;
+use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING};
 use crate::types::{ConsoleInfo, InstanceInfo, InstanceState, NodeInfo, VerifyReport};
 use crate::{process, KvmHypervisor};
 
@@ -92,6 +92,38 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     }
 }
 
+/// An instance's info from its runtime record and `/proc` alone.
+fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>) -> InstanceInfo {
+    let spec = record.and_then(|r| r.payload.get("spec"));
+    let field = |k: &str| {
+        spec.and_then(|s| s.get(k))
+            .and_then(serde_json::Value::as_u64)
+    };
+    let (argv_memory, argv_vcpus) = match record {
+        Some(r) => argv_resources(&r.argv),
+        None => cmdline_resources(pid),
+    };
+    let memory_mib = field("startup_memory")
+        .or_else(|| field("memory"))
+        .unwrap_or(argv_memory);
+    let vcpus = field("vcpus")
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(argv_vcpus);
+    let state = if record.is_some_and(crate::lifecycle::is_starting) {
+        InstanceState::Starting
+    } else {
+        InstanceState::Running
+    };
+    InstanceInfo {
+        name: paths.name.clone(),
+        pid,
+        state,
+        memory_mib,
+        vcpus,
+        cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
+    }
+}
+
 impl KvmHypervisor {
     /// Names of the running instances (pid file naming a live QEMU of that
     /// name), sorted.
@@ -127,6 +159,37 @@ impl KvmHypervisor {
         let paths = self.paths(name)?;
         let pid = self.running_pid(&paths)?;
         Ok(instance_info(paths, pid, self.config.qmp_timeout).await)
+    }
+
+    /// Every running instance from what the node keeps — pid files,
+    /// `/proc` and runtime records — without a QMP round trip: memory and
+    /// vCPUs as started (startup memory when given), state `starting` for an
+    /// unfinished start and `running` otherwise. Only an instance whose
+    /// record says it is migrating or waiting for a migration is asked over
+    /// QMP (bounded), so a handed-over source shows `migrated`. [`Self::info_all`]
+    /// asks every QEMU (paused, balloon size, live vCPU count).
+    pub async fn overview(&self) -> Result<Vec<InstanceInfo>> {
+        let mut out = Vec::new();
+        let mut ask = tokio::task::JoinSet::new();
+        for (paths, pid) in self.running()? {
+            let record = paths.read_runtime().ok().flatten();
+            let in_transition = record
+                .as_ref()
+                .is_some_and(|r| has_marker(r, MIGRATING) || has_marker(r, INCOMING));
+            if in_transition {
+                ask.spawn(instance_info(paths, pid, self.config.info_timeout));
+                continue;
+            }
+            out.push(recorded_info(&paths, pid, record.as_ref()));
+        }
+        while let Some(r) = ask.join_next().await {
+            if let Ok(info) = r {
+                out.push(info);
+            }
+        }
+        out.retain(|i| !kvm_runtime::is_zombie_or_gone(i.pid));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Info of every running instance, queried concurrently with a bounded

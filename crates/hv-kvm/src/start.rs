@@ -14,7 +14,7 @@ use kvm_runtime::{InstancePaths, Liveness};
 use crate::error::{Error, Result};
 use crate::guard::RollbackGuard;
 use crate::lifecycle::{
-    pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts,
+    pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts, INCOMING,
 };
 use crate::types::StartReport;
 use crate::{node_paths, process, KvmHypervisor};
@@ -361,7 +361,12 @@ impl KvmHypervisor {
         qmp: Qmp,
     ) -> Result<bool> {
         let name = built.spec.name.as_str();
-        let record = runtime_record(&built.spec, &built.cmd, &built.caps, tap_names);
+        let mut record = runtime_record(&built.spec, &built.cmd, &built.caps, tap_names);
+        if opts.incoming.is_some() {
+            if let Some(obj) = record.payload.as_object_mut() {
+                obj.insert(INCOMING.into(), serde_json::Value::Bool(true));
+            }
+        }
         paths.write_runtime(&record).map_err(runtime_error(name))?;
         let stay_paused = opts.paused || opts.incoming.is_some();
         if !stay_paused {
