@@ -394,6 +394,7 @@ impl KvmHypervisor {
     /// destination) and for a destination still waiting for its migration.
     pub async fn resume(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
         let pid = self.running_pid(&paths)?;
         let qmp = self.qmp(&paths).await?;
         let status = qmp
@@ -408,6 +409,10 @@ impl KvmHypervisor {
         qmp.run(&commands::Cont).await.map_err(|e| Error::Qmp {
             instance: name.into(),
             op: "cont".into(),
+            source: e,
+        })?;
+        set_marker(&paths, PAUSED, false).map_err(|e| Error::Runtime {
+            instance: name.into(),
             source: e,
         })
     }
@@ -542,6 +547,8 @@ const STARTING: &str = "starting";
 pub(crate) const MIGRATING: &str = "migrating";
 /// Marks the record of a destination until its guest has landed.
 pub(crate) const INCOMING: &str = "incoming";
+/// Marks the record of an instance started paused, until `resume`.
+pub(crate) const PAUSED: &str = "paused";
 
 /// Whether a runtime record carries `marker` (see [`set_marker`]).
 pub(crate) fn has_marker(record: &RuntimeRecord, marker: &str) -> bool {

@@ -7,7 +7,7 @@ use gkvm_qmp::{commands, Options, Qmp};
 use kvm_runtime::{InstancePaths, RuntimeRecord};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING};
+use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING, PAUSED};
 use crate::types::{ConsoleInfo, InstanceInfo, InstanceState, NodeInfo, VerifyReport};
 use crate::{process, KvmHypervisor};
 
@@ -109,10 +109,10 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
     let vcpus = field("vcpus")
         .and_then(|v| u32::try_from(v).ok())
         .unwrap_or(argv_vcpus);
-    let state = if record.is_some_and(crate::lifecycle::is_starting) {
-        InstanceState::Starting
-    } else {
-        InstanceState::Running
+    let state = match record {
+        Some(r) if crate::lifecycle::is_starting(r) => InstanceState::Starting,
+        Some(r) if has_marker(r, PAUSED) => InstanceState::Paused,
+        _ => InstanceState::Running,
     };
     InstanceInfo {
         name: paths.name.clone(),
@@ -164,7 +164,9 @@ impl KvmHypervisor {
     /// Every running instance from what the node keeps — pid files,
     /// `/proc` and runtime records — without a QMP round trip: memory and
     /// vCPUs as started (startup memory when given), state `starting` for an
-    /// unfinished start and `running` otherwise. Only an instance whose
+    /// unfinished start, `paused` for one started paused and not resumed
+    /// since, `running` otherwise (a pause by another QMP client, or a
+    /// guest's internal error, shows in [`Self::info`] only). Only an instance whose
     /// record says it is migrating or waiting for a migration is asked over
     /// QMP (bounded), so a handed-over source shows `migrated`. [`Self::info_all`]
     /// asks every QEMU (paused, balloon size, live vCPU count).

@@ -14,7 +14,7 @@ use kvm_runtime::{InstancePaths, Liveness};
 use crate::error::{Error, Result};
 use crate::guard::RollbackGuard;
 use crate::lifecycle::{
-    pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts, INCOMING,
+    pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts, INCOMING, PAUSED,
 };
 use crate::types::StartReport;
 use crate::{node_paths, process, KvmHypervisor};
@@ -362,13 +362,16 @@ impl KvmHypervisor {
     ) -> Result<bool> {
         let name = built.spec.name.as_str();
         let mut record = runtime_record(&built.spec, &built.cmd, &built.caps, tap_names);
-        if opts.incoming.is_some() {
-            if let Some(obj) = record.payload.as_object_mut() {
-                obj.insert(INCOMING.into(), serde_json::Value::Bool(true));
-            }
+        let stay_paused = opts.paused || opts.incoming.is_some();
+        let marker = if opts.incoming.is_some() {
+            Some(INCOMING)
+        } else {
+            stay_paused.then_some(PAUSED)
+        };
+        if let (Some(marker), Some(obj)) = (marker, record.payload.as_object_mut()) {
+            obj.insert(marker.into(), serde_json::Value::Bool(true));
         }
         paths.write_runtime(&record).map_err(runtime_error(name))?;
-        let stay_paused = opts.paused || opts.incoming.is_some();
         if !stay_paused {
             qmp.run(&commands::Cont).await.map_err(|e| Error::Qmp {
                 instance: name.to_owned(),
