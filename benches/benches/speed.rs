@@ -44,10 +44,27 @@ fn raw_qmp(path: &Path, commands: &[&str]) {
     }
 }
 
-/// Waits for a process to exit (a zombie counts): pidfd, then /proc.
+/// Waits until every thread of `pid` has exited, as gkvm does (its pidfd
+/// turns readable then; `/proc` shows the leader a zombie earlier, while
+/// the other threads still tear the VM down and hold its descriptors).
 fn wait_gone(pid: i32) {
-    while hv_kvm::process_alive(pid) {
-        std::thread::sleep(Duration::from_micros(100));
+    // SAFETY: pidfd_open(2); the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one pollfd on this stack; then close our fd.
+    unsafe {
+        libc::poll(&mut pfd, 1, 10_000);
+        libc::close(fd);
     }
 }
 
@@ -386,7 +403,7 @@ fn stop_rows(b: &Bench, rows: &mut Vec<Row>) {
     }
     let bare = Stats::of(bare);
     rows.push(row(
-        "bare SIGKILL until exit (50 ms after start)",
+        "bare SIGKILL until exited (pidfd), 50 ms up",
         bare,
         None,
         None,
@@ -411,6 +428,11 @@ fn serial_wait(path: &Path, needle: &str, timeout: Duration) -> Duration {
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }
+    assert!(
+        seen.contains(needle),
+        "{needle:?} not seen on {}: {seen}",
+        path.display()
+    );
     t.elapsed()
 }
 
@@ -428,12 +450,15 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     spec.hvparams.set_pair("kvm_flag=disabled").unwrap();
     let mut boots = Vec::new();
     let mut acpi = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let t = Instant::now();
         rt.block_on(hv.start(&spec, StartMode::Running)).unwrap();
         let paths = RunDir::new(b.run_dir()).instance("g1").unwrap();
         serial_wait(&paths.serial, READY, Duration::from_secs(60));
         boots.push(t.elapsed());
+        // The guest's power-button reader starts in the background just
+        // before the ready line: give it time, here and for bare QEMU.
+        std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
         let mode = StopMode::Acpi {
             timeout: Duration::from_secs(30),
@@ -446,7 +471,7 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     let serial = dir.join("serial");
     let mut bare_boots = Vec::new();
     let mut bare_acpi = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let _ = std::fs::remove_file(&serial);
         let mut argv = minimal_argv(&b.qemu, &dir);
         argv.retain(|a| a != "-S");
@@ -470,6 +495,7 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         assert!(st.success());
         serial_wait(&serial, READY, Duration::from_secs(60));
         bare_boots.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
         let pid = read_pid(&dir.join("pid"));
         let t = Instant::now();
         raw_qmp(&dir.join("qmp"), &["system_powerdown"]);
@@ -490,7 +516,7 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         Some(1.05),
     ));
     rows.push(row(
-        "bare system_powerdown until exit",
+        "bare system_powerdown until exited (pidfd)",
         bare_acpi,
         None,
         None,

@@ -370,6 +370,17 @@ impl HvParams {
 
     fn apply_map(&mut self, map: &Map<String, Value>) -> Result<(), Error> {
         let mut current = self.to_map();
+        // Fast path: every key known and the merged map parses in one go.
+        // Only a map that fails is parsed key by key, for an error naming
+        // the key (parsing each key alone costs a whole HvParams each).
+        if map.keys().all(|k| current.contains_key(k)) {
+            let mut merged = current.clone();
+            merged.extend(map.iter().map(|(k, v)| (k.clone(), v.clone())));
+            if let Ok(parsed) = serde_json::from_value::<HvParams>(Value::Object(merged)) {
+                *self = parsed;
+                return Ok(());
+            }
+        }
         for (key, value) in map {
             if !current.contains_key(key) {
                 return Err(Error::UnknownParameter { key: key.clone() });

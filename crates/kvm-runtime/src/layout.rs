@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::fsutil::{
     ensure_private_dir, list_dir, read_nofollow, remove_file, remove_socket, remove_tmp_files,
-    write_atomic,
+    write_atomic_volatile,
 };
 use crate::{validate_name, Error};
 
@@ -184,7 +184,8 @@ impl InstancePaths {
     /// Records the TAP interface of NIC `seq`.
     pub fn write_nic(&self, seq: usize, interface: &str) -> Result<(), Error> {
         ensure_private_dir(&self.nic_dir)?;
-        write_atomic(&self.nic_file(seq), interface.as_bytes())
+        // State of a running process: atomic, not durable (see write_runtime).
+        write_atomic_volatile(&self.nic_file(seq), interface.as_bytes())
     }
 
     /// The recorded TAP interfaces, in NIC order.
@@ -201,7 +202,7 @@ impl InstancePaths {
 
     /// Writes the keymap file atomically.
     pub fn write_keymap(&self, content: &str) -> Result<(), Error> {
-        write_atomic(&self.keymap, content.as_bytes())
+        write_atomic_volatile(&self.keymap, content.as_bytes())
     }
 
     /// Removes everything the instance left: pid file, sockets, runtime

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::fsutil::{read_nofollow, write_atomic};
+use crate::fsutil::{read_nofollow, write_atomic_volatile};
 use crate::{Error, InstancePaths};
 
 /// The runtime format version this build writes.
@@ -150,9 +150,12 @@ impl RuntimeRecord {
 }
 
 impl InstancePaths {
-    /// Writes the runtime file atomically (mode 0600).
+    /// Writes the runtime file atomically (mode 0600), without fsync: it
+    /// describes a running process, which a power cut ends too, so
+    /// durability buys nothing, while atomicity (a reader, or a gkvm
+    /// killed mid-write, sees the old or the new record) is kept.
     pub fn write_runtime(&self, record: &RuntimeRecord) -> Result<(), Error> {
-        write_atomic(&self.runtime, &record.to_json())
+        write_atomic_volatile(&self.runtime, &record.to_json())
     }
 
     /// Reads the runtime file; `Ok(None)` when there is none.
