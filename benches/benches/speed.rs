@@ -224,41 +224,44 @@ fn start_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     let bare_dir = b.dir.join("bare");
     let argv = gkvm_argv(rt, b, "bare1");
     let bare_paths = RunDir::new(bare_dir.join("run")).instance("bare1").unwrap();
-    let bare = measure(N, 2, || {
-        b.bare_start(&argv, &bare_paths.qmp);
-        let pid = read_pid(&bare_paths.pid);
-        // SAFETY: the QEMU this loop started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        wait_gone(pid);
-    });
     let mini_dir = b.dir.join("mini");
     std::fs::create_dir_all(&mini_dir).unwrap();
     let mini_argv = minimal_argv(&b.qemu, &mini_dir);
-    let minimal = measure(N, 2, || {
-        b.bare_start(&mini_argv, &mini_dir.join("qmp"));
-        let pid = read_pid(&mini_dir.join("pid"));
+    let caps = b.run_dir().join("caps");
+    let kill = |pid_file: &Path| {
+        let pid = read_pid(pid_file);
         // SAFETY: the QEMU this loop started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         wait_gone(pid);
-    });
-    let caps = b.run_dir().join("caps");
-    let start_loop = |cold: bool| {
-        let mut samples = Vec::new();
-        for i in 0..N + 2 {
-            if cold {
-                let _ = std::fs::remove_dir_all(&caps);
-            }
-            let t = Instant::now();
-            b.start("s1", false);
-            if i >= 2 {
-                samples.push(t.elapsed());
-            }
-            b.gkvm(&["stop", "s1", "--force"]);
-        }
-        Stats::of(samples)
     };
-    let warm = start_loop(false);
-    let cold = start_loop(true);
+    // Interleaved, so that the host's drift over the run hits every row
+    // alike: bare (gkvm's argv), bare (minimal), gkvm warm, gkvm cold.
+    let mut samples: [Vec<Duration>; 4] = Default::default();
+    for i in 0..N + 2 {
+        let t = Instant::now();
+        b.bare_start(&argv, &bare_paths.qmp);
+        let bare_t = t.elapsed();
+        kill(&bare_paths.pid);
+        let t = Instant::now();
+        b.bare_start(&mini_argv, &mini_dir.join("qmp"));
+        let mini_t = t.elapsed();
+        kill(&mini_dir.join("pid"));
+        let t = Instant::now();
+        b.start("s1", false);
+        let warm_t = t.elapsed();
+        b.gkvm(&["stop", "s1", "--force"]);
+        let _ = std::fs::remove_dir_all(&caps);
+        let t = Instant::now();
+        b.start("s1", false);
+        let cold_t = t.elapsed();
+        b.gkvm(&["stop", "s1", "--force"]);
+        if i >= 2 {
+            for (v, d) in samples.iter_mut().zip([bare_t, mini_t, warm_t, cold_t]) {
+                v.push(d);
+            }
+        }
+    }
+    let [bare, minimal, warm, cold] = samples.map(Stats::of);
     rows.push(row("bare QEMU, gkvm's argv, to QMP cont", bare, None, None));
     rows.push(row(
         "bare QEMU, minimal -nodefaults argv",
@@ -448,8 +451,14 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         spec.hvparams.set(k, serde_json::Value::String(v)).unwrap();
     }
     spec.hvparams.set_pair("kvm_flag=disabled").unwrap();
+    let dir = b.dir.join("guest");
+    std::fs::create_dir_all(&dir).unwrap();
+    let serial = dir.join("serial");
     let mut boots = Vec::new();
     let mut acpi = Vec::new();
+    let mut bare_boots = Vec::new();
+    let mut bare_acpi = Vec::new();
+    // Interleaved: gkvm, then bare QEMU, five times.
     for _ in 0..5 {
         let t = Instant::now();
         rt.block_on(hv.start(&spec, StartMode::Running)).unwrap();
@@ -465,13 +474,7 @@ fn guest_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
         };
         rt.block_on(hv.stop("g1", mode)).unwrap();
         acpi.push(t.elapsed());
-    }
-    let dir = b.dir.join("guest");
-    std::fs::create_dir_all(&dir).unwrap();
-    let serial = dir.join("serial");
-    let mut bare_boots = Vec::new();
-    let mut bare_acpi = Vec::new();
-    for _ in 0..5 {
+
         let _ = std::fs::remove_file(&serial);
         let mut argv = minimal_argv(&b.qemu, &dir);
         argv.retain(|a| a != "-S");

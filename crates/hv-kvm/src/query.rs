@@ -42,7 +42,7 @@ pub(crate) fn argv_resources(args: &[String]) -> (u64, u32) {
 /// Info of one running instance; QMP answers are bounded by `timeout` and
 /// replaced by command-line values (state `unknown`) when they do not come.
 async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceInfo {
-    let (mut memory_mib, mut vcpus) = cmdline_resources(pid);
+    let (mut memory_mib, vcpus) = cmdline_resources(pid);
     let mut state = InstanceState::Unknown;
     let options = Options {
         connect_timeout: timeout,
@@ -51,12 +51,13 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     };
     let answers = tokio::time::timeout(timeout, async {
         let qmp = Qmp::connect(&paths.qmp, options).await.ok()?;
-        let (status, balloon, cpus) = tokio::join!(
+        // The vCPU count is the command line's: gkvm does not hot-plug CPUs,
+        // so a third round trip would only repeat it.
+        let (status, balloon) = tokio::join!(
             qmp.run(&commands::QueryStatus),
-            qmp.run(&commands::QueryBalloon),
-            qmp.run(&commands::QueryCpusFast)
+            qmp.run(&commands::QueryBalloon)
         );
-        Some((status.ok(), balloon.ok(), cpus.ok()))
+        Some((status.ok(), balloon.ok()))
     })
     .await
     .ok()
@@ -66,15 +67,12 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         .ok()
         .flatten()
         .is_some_and(|r| crate::lifecycle::is_starting(&r));
-    if let Some((status, balloon, cpus)) = answers {
+    if let Some((status, balloon)) = answers {
         if let Some(s) = status {
             state = InstanceState::from(s.status);
         }
         if let Some(b) = balloon {
             memory_mib = b.actual >> 20;
-        }
-        if let Some(c) = cpus {
-            vcpus = u32::try_from(c.len()).unwrap_or(u32::MAX);
         }
     }
     if starting && state != InstanceState::Incoming {
