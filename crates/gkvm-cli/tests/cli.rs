@@ -220,6 +220,8 @@ fn lifecycle_subcommands() {
     };
     let dir = ScratchDir::new("gkvm-cli-life");
     let run = dir.path().join("run");
+    // A failing assertion must not leave its QEMUs running.
+    let _kill = gkvm_testkit::KillRunDir(run.clone());
     let qemu = env.qemu.to_str().unwrap().to_owned();
     let accel = if gkvm_testkit::guestless_accel() == "kvm" {
         "enabled"
