@@ -387,20 +387,28 @@ fn main() -> ExitCode {
     } else {
         ["warn", "info", "debug", "trace"][usize::from(cli.verbose.min(3))]
     };
-    tracing_subscriber::fmt()
+    // Escape codes only for a person at a terminal: never in a redirected
+    // file, and never when NO_COLOR is set (no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let subscriber = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GKVM_LOG")
-                .unwrap_or_else(|_| level.into()),
-        )
         .with_target(false)
-        // Escape codes only for a person at a terminal: never in a
-        // redirected file, and never when NO_COLOR is set (no-color.org).
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .init();
+        .with_ansi(ansi);
+    // GKVM_LOG takes directives (an EnvFilter compiles them); the plain
+    // level of -v/-q needs no parsing (a cheaper process start).
+    match std::env::var("GKVM_LOG") {
+        Ok(directives) => subscriber
+            .with_env_filter(tracing_subscriber::EnvFilter::new(directives))
+            .init(),
+        Err(_) => subscriber
+            .with_max_level(
+                level
+                    .parse::<tracing::Level>()
+                    .unwrap_or(tracing::Level::WARN),
+            )
+            .init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -422,7 +430,9 @@ fn main() -> ExitCode {
         }
     });
     // The operation's future is dropped by now: its guards have rolled
-    // back whatever it had half done.
+    // back whatever it had half done. Nothing left on the runtime needs to
+    // finish (a QMP reader, an idle blocking thread): do not wait for it.
+    runtime.shutdown_background();
     let result = result.and_then(|signal| {
         use std::io::Write as _;
         std::io::stdout().flush().map_err(Failure::output)?;
