@@ -237,7 +237,9 @@ fn start_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     // Interleaved, so that the host's drift over the run hits every row
     // alike: bare (gkvm's argv), bare (minimal), gkvm warm, gkvm cold.
     let mut samples: [Vec<Duration>; 4] = Default::default();
-    for i in 0..N + 2 {
+    // Twice the samples of other rows: QEMU's own start varies by ±10 %
+    // from run to run on this host.
+    for i in 0..2 * N + 2 {
         let t = Instant::now();
         b.bare_start(&argv, &bare_paths.qmp);
         let bare_t = t.elapsed();
