@@ -170,11 +170,31 @@ fn oversized_and_special_files_are_not_read() {
 
 /// A process that looks like the QEMU of `name` in run dir `run`.
 fn spawn_qemu_like(p: &kvm_runtime::InstancePaths) -> std::process::Child {
-    Command::new("sh")
+    let child = Command::new("sh")
         .args(["-c", "sleep 30; :", "-name", &p.name, "-pidfile"])
         .arg(&p.pid)
         .spawn()
-        .unwrap()
+        .unwrap();
+    exec_done(child)
+}
+
+/// The child once it has exec'd: until then /proc shows the test's own
+/// command line, and a liveness check would race with it.
+fn exec_done(child: std::process::Child) -> std::process::Child {
+    let cmdline = format!("/proc/{}/cmdline", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read(&cmdline)
+        .unwrap_or_default()
+        .windows(5)
+        .any(|w| w == b"-name")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never exec'd"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child
 }
 
 #[test]
@@ -501,10 +521,12 @@ fn uid_owning_a_process_is_skipped() {
 }
 
 fn spawn_named(name: &str) -> std::process::Child {
-    Command::new("sh")
-        .args(["-c", "sleep 30; :", "-name", name])
-        .spawn()
-        .unwrap()
+    exec_done(
+        Command::new("sh")
+            .args(["-c", "sleep 30; :", "-name", name])
+            .spawn()
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -557,10 +579,12 @@ fn qemu_style_name_arguments_match() {
     let (_t, run) = run_dir();
     let p = run.instance("vmx").unwrap();
     for arg in ["vmx,debug-threads=on", "guest=vmx,debug-threads=on"] {
-        let mut child = Command::new("sh")
-            .args(["-c", "sleep 30; :", "-name", arg])
-            .spawn()
-            .unwrap();
+        let mut child = exec_done(
+            Command::new("sh")
+                .args(["-c", "sleep 30; :", "-name", arg])
+                .spawn()
+                .unwrap(),
+        );
         p.write_pid(child.id().cast_signed()).unwrap();
         assert!(p.liveness().unwrap().running_pid().is_some(), "{arg}");
         child.kill().unwrap();
