@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::escape::{opt_path, opt_value, path_str, whole_arg};
 use crate::hvparams::{
-    BootOrder, DiskCache, DiskType, KvmFlag, NicType, RebootBehavior, SecurityModel,
+    BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, KvmFlag, NicType, RebootBehavior,
+    ScsiControllerType, SecurityModel,
 };
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
@@ -315,10 +316,20 @@ fn disk_device(kind: DiskType, cdrom: bool, drive_id: &str) -> Option<Device> {
     Some(dev)
 }
 
-/// The virtio-scsi controller, before the first SCSI device.
-fn scsi_controller_once(a: &mut Args, added: &mut bool) -> Result<(), Error> {
+/// The SCSI controller (`scsi_controller_type`), before the first SCSI
+/// device.
+fn scsi_controller_once(c: &Ctx, a: &mut Args, added: &mut bool) -> Result<(), Error> {
     if !std::mem::replace(added, true) {
-        a.device(&Device::new("virtio-scsi-pci").with("id", "scsi0"), SYNTAX)?;
+        // QEMU's canonical names (`lsi` is only an alias, which neither
+        // `-device ?` nor QMP's type list shows).
+        let driver = match c.hv.scsi_controller_type {
+            ScsiControllerType::Lsi => "lsi53c895a",
+            other => other.as_str(),
+        };
+        if !c.caps.has_device(driver) {
+            return Err(c.unsupported("scsi_controller_type", &format!("the {driver} device")));
+        }
+        a.device(&Device::new(driver).with("id", "scsi0"), SYNTAX)?;
     }
     Ok(())
 }
@@ -347,7 +358,7 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
         }
         let mut drive = Drive::new(checked_path(&field, &disk.path)?).with("format", "raw");
         let is_boot = std::mem::take(&mut boot_disk);
-        let tail = disk_tail(hv, disk);
+        let tail = disk_tail(c, disk)?;
         if c.legacy_drives() {
             drive.set("if", drive_interface(hv.disk_type));
             if is_boot {
@@ -369,7 +380,7 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
             continue;
         };
         if hv.disk_type == DiskType::Scsi {
-            scsi_controller_once(a, scsi_controller)?;
+            scsi_controller_once(c, a, scsi_controller)?;
         }
         drive = drive.with("if", "none").with("id", id.as_str());
         a.drive(&extend(drive, tail))?;
@@ -382,11 +393,13 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
     Ok(())
 }
 
-/// A disk's cache mode and read-only flag: shared storage forces
-/// `cache=none` (Ganeti's rule: a migration must not see stale pages).
-fn disk_tail(hv: &crate::HvParams, disk: &crate::DiskSpec) -> Props {
+/// A disk's cache mode, I/O mode, discard and read-only flag: shared
+/// storage forces `cache=none` (Ganeti's rule: a migration must not see
+/// stale pages), and so does `disk_aio=native` (it needs O_DIRECT).
+fn disk_tail(c: &Ctx, disk: &crate::DiskSpec) -> Result<Props, Error> {
+    let hv = c.hv;
     let mut p = Props::new();
-    if disk.is_shared_storage() {
+    if disk.is_shared_storage() || hv.disk_aio == DiskAio::Native {
         p.set("cache", "none");
     } else if hv.disk_cache != DiskCache::Default {
         p.set("cache", hv.disk_cache.to_string());
@@ -394,7 +407,17 @@ fn disk_tail(hv: &crate::HvParams, disk: &crate::DiskSpec) -> Props {
     if disk.mode == DiskMode::ReadOnly {
         p.set("readonly", true);
     }
-    p
+    match hv.disk_aio {
+        DiskAio::Threads => {}
+        DiskAio::IoUring if !c.f.aio_io_uring => {
+            return Err(c.unsupported("disk_aio", "aio=io_uring"));
+        }
+        aio => p.set("aio", aio.to_string()),
+    }
+    if hv.disk_discard == DiskDiscard::Unmap {
+        p.set("discard", "unmap");
+    }
+    Ok(p)
 }
 
 fn extend(mut drive: Drive, tail: Props) -> Drive {
@@ -449,7 +472,7 @@ fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(),
             continue;
         };
         if kind == DiskType::Scsi {
-            scsi_controller_once(a, scsi_controller)?;
+            scsi_controller_once(c, a, scsi_controller)?;
         }
         a.drive(
             &drive
@@ -1008,6 +1031,31 @@ fn launch_qmp(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn io_uring_needs_a_qemu_that_has_it() {
+        let caps = crate::Capabilities::from_help(
+            "QEMU emulator version 4.2.1\n-machine [type=]name\n-display none\n-qmp dev\n-netdev tap\n-drive [file=file][,aio=threads|native]\n",
+            "",
+            "name \"virtio-balloon-pci\"\nname \"virtio-blk-pci\"\n",
+        )
+        .unwrap();
+        let mut spec = crate::InstanceSpec::new("u1", 64);
+        spec.disks.push(crate::DiskSpec::new("/dev/vg/u1"));
+        spec.hvparams.set_pair("disk_aio=io_uring").unwrap();
+        match crate::build(&spec, &caps, &crate::BuildEnv::default()) {
+            Err(crate::Error::Unsupported { key, .. }) => assert_eq!(key, "disk_aio"),
+            other => panic!("{other:?}"),
+        }
+        spec.hvparams.set_pair("disk_aio=native").unwrap();
+        let argv = crate::build(&spec, &caps, &crate::BuildEnv::default())
+            .unwrap()
+            .argv;
+        assert!(
+            argv.iter().any(|a| a.ends_with(",cache=none,aio=native")),
+            "native forces cache=none: {argv:?}"
+        );
+    }
+
     #[test]
     fn an_initrd_path_is_one_whole_argument() {
         let caps = crate::Capabilities::from_help(

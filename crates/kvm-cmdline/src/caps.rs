@@ -170,6 +170,8 @@ features! {
     nographic: Opt("nographic"), Always;
     /// `-incoming defer`.
     incoming_defer: HelpText("-incoming defer"), Since(2, 3);
+    /// `aio=io_uring` on drives (QEMU ≥ 5.0 built with liburing).
+    aio_io_uring: OptionHelp("drive", "io_uring"), Since(5, 0);
     /// JSON syntax for `-device`/`-object`/`-netdev` (QEMU ≥ 6.2); see
     /// [`crate::qemu::Syntax::for_caps`].
     json_cli: Since(6, 2), Since(6, 2);

@@ -62,6 +62,21 @@ str_enum!(
     DiskCache { /** QEMU's default. */ Default = "default", #[allow(missing_docs)] None = "none",
                 #[allow(missing_docs)] Writethrough = "writethrough", #[allow(missing_docs)] Writeback = "writeback" } default Default);
 str_enum!(
+    /// `disk_aio` (Ganeti 3.1): how QEMU does disk I/O.
+    DiskAio { /** A thread pool (QEMU's default). */ Threads = "threads",
+              /** Linux native AIO; needs O_DIRECT, so it forces `cache=none`. */ Native = "native",
+              /** io_uring (QEMU ≥ 5.0). */ IoUring = "io_uring" } default Threads);
+str_enum!(
+    /// `disk_discard` (Ganeti 3.1): what a guest's TRIM does.
+    DiskDiscard { /** Nothing. */ Ignore = "ignore", /** Punch holes in the backing file or device. */ Unmap = "unmap" } default Ignore);
+str_enum!(
+    /// `scsi_controller_type` (Ganeti 3.1): the controller SCSI disks and
+    /// CD-ROMs sit on. gkvm's default is `virtio-scsi-pci` (Ganeti's is
+    /// `lsi`): the paravirtual controller is faster, and it is what gkvm
+    /// 0.1 started, so those instances keep their hardware.
+    ScsiControllerType { /** LSI 53C895A. */ Lsi = "lsi", /** virtio-scsi. */ VirtioScsiPci = "virtio-scsi-pci",
+                         /** LSI MegaRAID SAS. */ Megasas = "megasas" } default VirtioScsiPci);
+str_enum!(
     /// `security_model`.
     SecurityModel { /** Run as the caller. */ None = "none", /** Run as `security_domain`. */ User = "user",
                     /** A uid from the pool. */ Pool = "pool" } default None);
@@ -205,6 +220,12 @@ pub struct HvParams {
     pub use_localtime: bool,
     /// Disk cache mode.
     pub disk_cache: DiskCache,
+    /// Disk I/O mode (Ganeti 3.1).
+    pub disk_aio: DiskAio,
+    /// Whether a guest's discards reach the disk (Ganeti 3.1).
+    pub disk_discard: DiskDiscard,
+    /// The SCSI controller model (Ganeti 3.1).
+    pub scsi_controller_type: ScsiControllerType,
     /// Which user QEMU runs as.
     pub security_model: SecurityModel,
     /// The user for `security_model=user`.
@@ -295,6 +316,9 @@ impl Default for HvParams {
             migration_mode: MigrationMode::Live,
             use_localtime: false,
             disk_cache: DiskCache::Default,
+            disk_aio: DiskAio::Threads,
+            disk_discard: DiskDiscard::Ignore,
+            scsi_controller_type: ScsiControllerType::VirtioScsiPci,
             security_model: SecurityModel::None,
             security_domain: String::new(),
             kvm_flag: KvmFlag::Enabled,
@@ -517,7 +541,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 57);
+        assert_eq!(HvParams::keys().len(), 60);
     }
 
     #[test]
