@@ -200,9 +200,22 @@ fn two_nics_on_a_bridge() {
     spec.startup_memory = Some(96);
     spec.nics.push(nic("52:54:00:00:20:01", &br.0));
     spec.nics.push(nic("52:54:00:00:20:02", &br.0));
+    // And Ganeti 3.1's virtio_net_queues: two TAP queues per NIC (the
+    // guest's driver uses as many as it has vCPUs).
+    spec.hvparams.set_pair("virtio_net_queues=2").unwrap();
+    spec.vcpus = 2;
     rt().block_on(async {
         let hv = &node.hv;
         let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let argv = std::fs::read(format!("/proc/{}/cmdline", report.pid)).unwrap();
+        let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+        assert!(argv.contains(",mq=on,vectors=6"), "{argv}");
+        assert_eq!(argv.matches(",fds=").count(), 2, "{argv}");
+        for tap in &report.taps {
+            let flags = std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).unwrap();
+            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+            assert_ne!(flags & gkvm_tap::IFF_MULTI_QUEUE, 0, "{tap}: {flags:#x}");
+        }
         let paths = RunDir::new(node.run()).instance("nics2").unwrap();
         assert_eq!(paths.read_nics().unwrap(), report.taps);
         for tap in &report.taps {
@@ -219,6 +232,13 @@ fn two_nics_on_a_bridge() {
             .run("cat /sys/class/net/eth1/address", Duration::from_secs(20))
             .unwrap();
         assert!(link.contains("52:54:00:00:20:02"), "{link}");
+        let queues = serial
+            .run("ls /sys/class/net/eth0/queues", Duration::from_secs(20))
+            .unwrap();
+        assert!(
+            queues.contains("rx-0") && queues.contains("rx-1") && !queues.contains("rx-2"),
+            "the guest should see two queues: {queues}"
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         while hv.info("nics2").await.unwrap().memory_mib != 96 {
             assert!(
@@ -703,5 +723,38 @@ fn warm_start_forks_no_probe() {
             .stop("warm1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
+    });
+}
+
+#[test]
+fn vnet_hdr_follows_the_hvparam() {
+    let Some(env) = require("hv_vnet_hdr", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let br = Bridge::new("gkvmhvbr3");
+    rt().block_on(async {
+        for (i, (value, want)) in [("true", true), ("false", false)].into_iter().enumerate() {
+            let name = format!("vh{i}");
+            let mut spec = guestless_spec(&name);
+            spec.nics.push(nic(&format!("52:54:00:00:30:0{i}"), &br.0));
+            spec.hvparams
+                .set_pair(&format!("vnet_hdr={value}"))
+                .unwrap();
+            let report = node
+                .hv
+                .start(&spec, hv_kvm::StartMode::Paused)
+                .await
+                .unwrap();
+            let tap = &report.taps[0];
+            let flags = std::fs::read_to_string(format!("/sys/class/net/{tap}/tun_flags")).unwrap();
+            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+            assert_eq!(
+                flags & gkvm_tap::IFF_VNET_HDR != 0,
+                want,
+                "vnet_hdr={value}: {flags:#x}"
+            );
+            node.hv.stop(&name, hv_kvm::StopMode::Force).await.unwrap();
+        }
     });
 }

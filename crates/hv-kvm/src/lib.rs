@@ -196,14 +196,17 @@ impl KvmHypervisor {
                 instance: spec.name.clone(),
                 source: e,
             })?;
+        let virtio = spec.hvparams.nic_type == kvm_cmdline::hvparams::NicType::Paravirtual
+            && caps.features.virtio_net_pci;
+        let queues = i32::from(nic::queues(&spec, virtio));
         let mut next_fd = 3;
         let nics = spec
             .nics
             .iter()
             .map(|_| {
-                next_fd += 1;
+                next_fd += queues;
                 kvm_cmdline::NicBackend {
-                    tap_fds: vec![next_fd - 1],
+                    tap_fds: (next_fd - queues..next_fd).collect(),
                 }
             })
             .collect();

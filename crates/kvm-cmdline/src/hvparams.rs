@@ -237,6 +237,14 @@ pub struct HvParams {
     /// vhost-net for paravirtual NICs.
     #[serde(with = "lenient")]
     pub vhost_net: bool,
+    /// Offer the virtio-net header on paravirtual NICs' TAPs when the
+    /// kernel has it (Ganeti 3.1).
+    #[serde(with = "lenient")]
+    pub vnet_hdr: bool,
+    /// Queues of each paravirtual NIC (Ganeti 3.1; 1 to 32): one TAP
+    /// queue each, and `mq=on,vectors=2N+2` on the device.
+    #[serde(with = "lenient")]
+    pub virtio_net_queues: u32,
     /// chroot QEMU into an empty per-instance directory.
     #[serde(with = "lenient")]
     pub use_chroot: bool,
@@ -323,6 +331,8 @@ impl Default for HvParams {
             security_domain: String::new(),
             kvm_flag: KvmFlag::Enabled,
             vhost_net: false,
+            vnet_hdr: true,
+            virtio_net_queues: 1,
             use_chroot: false,
             mem_path: None,
             reboot_behavior: RebootBehavior::Allow,
@@ -541,7 +551,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 60);
+        assert_eq!(HvParams::keys().len(), 62);
     }
 
     #[test]

@@ -8,6 +8,9 @@ use std::path::Path;
 use crate::hvparams::{BootOrder, SecurityModel, VALID_SERIAL_SPEEDS};
 use crate::{Capabilities, Error, HvParams};
 
+/// Most queues of a paravirtual NIC (Ganeti 3.1's `MAX_VIRTIO_NET_QUEUES`).
+pub const MAX_VIRTIO_NET_QUEUES: u32 = 32;
+
 fn syntax(key: &str, reason: impl Into<String>) -> Error {
     Error::Syntax {
         key: key.into(),
@@ -71,6 +74,15 @@ impl HvParams {
     fn check_combinations(&self) -> Result<(), Error> {
         if self.kernel_path.is_some() && self.root_path.is_empty() {
             return Err(syntax("root_path", "needed when kernel_path is set"));
+        }
+        if !(1..=MAX_VIRTIO_NET_QUEUES).contains(&self.virtio_net_queues) {
+            return Err(syntax(
+                "virtio_net_queues",
+                format!(
+                    "{} is not between 1 and {MAX_VIRTIO_NET_QUEUES}",
+                    self.virtio_net_queues
+                ),
+            ));
         }
         if self.kvm_pci_reservations > u32::from(crate::instance::PCI_SLOTS) {
             return Err(syntax(
