@@ -400,3 +400,92 @@ fn non_live_migration_pauses_then_lands_running() {
         b.stop("nl1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+/// The capabilities a QEMU has on, by QMP.
+fn caps_on(run: &Path, name: &str) -> Vec<String> {
+    let p = RunDir::new(run).instance(name).unwrap();
+    let mut q = gkvm_qmp::blocking::Qmp::connect(&p.qmp, gkvm_qmp::Options::default()).unwrap();
+    let v = q.execute_raw("query-migrate-capabilities", None).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == true)
+        .map(|c| c["capability"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn migration_caps_are_set_on_both_sides() {
+    let Some(env) = require("migration_caps", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (da, db) = (ScratchDir::new("gkvm-mc-a"), ScratchDir::new("gkvm-mc-b"));
+    let _guards = guards(&[&da, &db]);
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let mut spec = guestless_spec("mcap1");
+    spec.hvparams
+        .set_pair("migration_caps=xbzrle:auto-converge")
+        .unwrap();
+    rt().block_on(async {
+        a.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
+        let info = a.migration_info("mcap1").unwrap();
+        b.accept_instance(&info, "127.0.0.1", port(14))
+            .await
+            .unwrap();
+        let on_b = caps_on(&db.path().join("run"), "mcap1");
+        assert!(
+            on_b.contains(&"xbzrle".to_owned()) && on_b.contains(&"auto-converge".to_owned()),
+            "{on_b:?}"
+        );
+        let status = a
+            .migrate(
+                "mcap1",
+                "127.0.0.1",
+                port(14),
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(status.status, hv_kvm::MigrationState::Completed);
+        let on_a = caps_on(&da.path().join("run"), "mcap1");
+        assert!(on_a.contains(&"xbzrle".to_owned()), "{on_a:?}");
+        b.wait_incoming("mcap1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        a.finalize_migration_source("mcap1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.finalize_migration_dst("mcap1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.stop("mcap1", hv_kvm::StopMode::Force).await.unwrap();
+
+        // A capability QEMU does not know: the migration is refused naming
+        // it, and the source keeps running.
+        spec.hvparams
+            .set_pair("migration_caps=no-such-capability")
+            .unwrap();
+        a.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
+        let err = a
+            .migrate(
+                "mcap1",
+                "127.0.0.1",
+                port(15),
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.report().contains("no-such-capability"),
+            "{}",
+            err.report()
+        );
+        assert_eq!(
+            a.info("mcap1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        a.stop("mcap1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

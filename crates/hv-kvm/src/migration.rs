@@ -115,6 +115,32 @@ async fn enable_migration_events(qmp: &Qmp, instance: &str) -> Result<()> {
     .map_err(qmp_err(instance, "enable migration events"))
 }
 
+/// Turns on the instance's `migration_caps` (Ganeti 3.1), on either side
+/// before the transfer; an unknown capability is QEMU's error, naming it.
+async fn set_migration_caps(qmp: &Qmp, spec: &crate::InstanceSpec) -> Result<()> {
+    let caps = spec.hvparams.migration_capabilities();
+    if caps.is_empty() {
+        return Ok(());
+    }
+    qmp.run(&commands::MigrateSetCapabilities {
+        capabilities: caps
+            .iter()
+            .map(|c| commands::MigrationCapabilityStatus {
+                capability: (*c).to_owned(),
+                state: true,
+            })
+            .collect(),
+    })
+    .await
+    .map_err(qmp_err(
+        &spec.name,
+        &format!(
+            "set migration capabilities {}",
+            spec.hvparams.migration_caps
+        ),
+    ))
+}
+
 impl KvmHypervisor {
     /// A connection on the watch socket (falls back to the main one for
     /// instances started without it, e.g. by Ganeti's KVM driver).
@@ -259,6 +285,7 @@ impl KvmHypervisor {
         // Migration events on this side too, for wait_incoming.
         let qmp = self.qmp(paths).await?;
         enable_migration_events(&qmp, &spec.name).await?;
+        set_migration_caps(&qmp, spec).await?;
         Ok(report)
     }
 
@@ -306,6 +333,7 @@ impl KvmHypervisor {
             armed: false,
         };
         enable_migration_events(&qmp, name).await?;
+        set_migration_caps(&qmp, &spec).await?;
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),
             max_bandwidth: Some(u64::from(spec.hvparams.migration_bandwidth) << 20),

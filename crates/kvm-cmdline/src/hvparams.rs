@@ -215,6 +215,9 @@ pub struct HvParams {
     pub migration_downtime: u32,
     /// Live or not.
     pub migration_mode: MigrationMode,
+    /// Migration capabilities to turn on, `:`-separated (Ganeti 3.1), e.g.
+    /// `xbzrle:auto-converge`: set on both sides before the transfer.
+    pub migration_caps: String,
     /// RTC in local time.
     #[serde(with = "lenient")]
     pub use_localtime: bool,
@@ -322,6 +325,7 @@ impl Default for HvParams {
             migration_bandwidth: 32,
             migration_downtime: 30,
             migration_mode: MigrationMode::Live,
+            migration_caps: String::new(),
             use_localtime: false,
             disk_cache: DiskCache::Default,
             disk_aio: DiskAio::Threads,
@@ -352,6 +356,15 @@ impl Default for HvParams {
 }
 
 impl HvParams {
+    /// The capabilities of `migration_caps`.
+    pub fn migration_capabilities(&self) -> Vec<&str> {
+        self.migration_caps
+            .split(':')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
     /// Every parameter name, in Ganeti's order.
     pub fn keys() -> Vec<String> {
         match serde_json::to_value(HvParams::default()) {
@@ -551,7 +564,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 62);
+        assert_eq!(HvParams::keys().len(), 63);
     }
 
     #[test]

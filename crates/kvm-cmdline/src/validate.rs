@@ -75,6 +75,17 @@ impl HvParams {
         if self.kernel_path.is_some() && self.root_path.is_empty() {
             return Err(syntax("root_path", "needed when kernel_path is set"));
         }
+        if let Some(bad) = self.migration_capabilities().into_iter().find(|c| {
+            !c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        }) {
+            return Err(syntax(
+                "migration_caps",
+                format!(
+                    "{bad:?} is not a migration capability name (lowercase letters, digits, -)"
+                ),
+            ));
+        }
         if !(1..=MAX_VIRTIO_NET_QUEUES).contains(&self.virtio_net_queues) {
             return Err(syntax(
                 "virtio_net_queues",
