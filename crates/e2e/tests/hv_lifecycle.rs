@@ -758,3 +758,25 @@ fn vnet_hdr_follows_the_hvparam() {
         }
     });
 }
+
+#[test]
+fn guest_agent_socket_lives_and_goes_with_the_instance() {
+    let Some(env) = require("hv_guest_agent", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guestless_spec("qga1");
+    spec.hvparams.set_pair("use_guest_agent=true").unwrap();
+    rt().block_on(async {
+        node.hv
+            .start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
+        let paths = RunDir::new(node.run()).instance("qga1").unwrap();
+        // QEMU serves the agent's port on the run dir's socket.
+        std::os::unix::net::UnixStream::connect(&paths.guest_agent).unwrap();
+        node.hv.stop("qga1", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(!paths.guest_agent.exists());
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}

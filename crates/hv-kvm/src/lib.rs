@@ -243,6 +243,7 @@ pub(crate) fn node_paths(p: &kvm_runtime::InstancePaths) -> kvm_cmdline::NodePat
         qmp: p.qmp.clone(),
         qmp_watch: Some(p.qmp_watch.clone()),
         serial: p.serial.clone(),
+        guest_agent: p.guest_agent.clone(),
         chroot: p.chroot.clone(),
         keymap: p.keymap.clone(),
     }

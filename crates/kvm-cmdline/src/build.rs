@@ -69,6 +69,8 @@ pub struct NodePaths {
     pub qmp_watch: Option<PathBuf>,
     /// The serial console socket.
     pub serial: PathBuf,
+    /// The guest agent's socket (`use_guest_agent`).
+    pub guest_agent: PathBuf,
     /// The chroot directory (`use_chroot`).
     pub chroot: PathBuf,
     /// The keymap file (`keymap`).
@@ -844,6 +846,9 @@ impl QemuCommand {
         }
         launch_run_as(&c, &mut a, launch)?;
         launch_keymap(&c, &mut a, node)?;
+        if c.hv.use_guest_agent {
+            launch_guest_agent(&c, &mut a, node)?;
+        }
         launch_nics(&c, &mut a, launch)?;
         if let Some(uri) = &launch.incoming {
             a.opt("-incoming", whole_arg("incoming", uri)?);
@@ -906,6 +911,23 @@ fn launch_run_as(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
         a.opt("-runas", whole_arg("security_domain", u)?);
     }
     Ok(())
+}
+
+/// The guest agent: a socket chardev and a virtio-serial port named as
+/// qemu-ga expects (Ganeti 3.1's ids).
+fn launch_guest_agent(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
+    let path = opt_path("guest agent socket", &node.guest_agent)?;
+    a.opt(
+        "-chardev",
+        format!("socket,path={path},{},id=qga0", socket_opts(c.f)),
+    );
+    a.device(&Device::new("virtio-serial-pci").with("id", "qga0"), SYNTAX)?;
+    a.device(
+        &Device::new("virtserialport")
+            .with("chardev", "qga0")
+            .with("name", "org.qemu.guest_agent.0"),
+        SYNTAX,
+    )
 }
 
 fn launch_keymap(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {

@@ -240,6 +240,10 @@ pub struct HvParams {
     /// vhost-net for paravirtual NICs.
     #[serde(with = "lenient")]
     pub vhost_net: bool,
+    /// A virtio-serial port for the QEMU guest agent, on a socket in the
+    /// run dir (Ganeti 3.1).
+    #[serde(with = "lenient")]
+    pub use_guest_agent: bool,
     /// Offer the virtio-net header on paravirtual NICs' TAPs when the
     /// kernel has it (Ganeti 3.1).
     #[serde(with = "lenient")]
@@ -335,6 +339,7 @@ impl Default for HvParams {
             security_domain: String::new(),
             kvm_flag: KvmFlag::Enabled,
             vhost_net: false,
+            use_guest_agent: false,
             vnet_hdr: true,
             virtio_net_queues: 1,
             use_chroot: false,
@@ -564,7 +569,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 63);
+        assert_eq!(HvParams::keys().len(), 64);
     }
 
     #[test]

@@ -85,6 +85,7 @@ fn argv_for(
             qmp: dir.join("qmp"),
             qmp_watch: None,
             serial: dir.join("serial"),
+            guest_agent: dir.join("qga"),
             chroot: dir.join("chroot"),
             keymap: dir.join("keymap"),
         },

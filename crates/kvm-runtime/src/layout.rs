@@ -81,6 +81,7 @@ impl RunDir {
             serial: ctrl.join(format!("{name}.serial")),
             qmp: ctrl.join(format!("{name}.qmp")),
             qmp_watch: ctrl.join(format!("{name}.qmp-watch")),
+            guest_agent: ctrl.join(format!("{name}.qga")),
             lock: ctrl.join(format!("{name}.lock")),
             runtime: self.root.join("conf").join(format!("{name}.runtime")),
             nic_dir: self.root.join("nic").join(name),
@@ -88,7 +89,13 @@ impl RunDir {
             chroot: self.root.join("chroot").join(name),
             quarantine_dir: self.root.join("chroot-quarantine"),
         };
-        for sock in [&paths.monitor, &paths.serial, &paths.qmp, &paths.qmp_watch] {
+        for sock in [
+            &paths.monitor,
+            &paths.serial,
+            &paths.qmp,
+            &paths.qmp_watch,
+            &paths.guest_agent,
+        ] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong { path: sock.clone() });
             }
@@ -151,6 +158,9 @@ pub struct InstancePaths {
     /// watchers (a migration being followed), so the first stays free for
     /// short queries (QEMU serves one client per QMP socket).
     pub qmp_watch: PathBuf,
+    /// `ctrl/<name>.qga`: the guest agent's socket (`use_guest_agent`,
+    /// Ganeti 3.1's name).
+    pub guest_agent: PathBuf,
     /// `ctrl/<name>.lock`: the per-instance operation lock.
     pub lock: PathBuf,
     /// `conf/<name>.runtime`: the runtime file.
@@ -223,7 +233,13 @@ impl InstancePaths {
     /// (removing a held lock's file would let a second locker in).
     pub fn clear_state(&self) -> Result<CleanupReport, Error> {
         let mut report = CleanupReport::default();
-        for s in [&self.monitor, &self.serial, &self.qmp, &self.qmp_watch] {
+        for s in [
+            &self.monitor,
+            &self.serial,
+            &self.qmp,
+            &self.qmp_watch,
+            &self.guest_agent,
+        ] {
             remove_socket(s)?;
         }
         for f in [&self.pid, &self.runtime, &self.keymap] {

@@ -96,7 +96,7 @@ impl InstancePaths {
                     "the pid file does not name the running QEMU; found it in /proc");
                 return Ok(Liveness::Running { pid });
             }
-            let served = [&self.qmp, &self.qmp_watch, &self.serial]
+            let served = [&self.qmp, &self.qmp_watch, &self.serial, &self.guest_agent]
                 .into_iter()
                 .find(|s| crate::fsutil::socket_in_use(s));
             match served {
