@@ -780,3 +780,39 @@ fn guest_agent_socket_lives_and_goes_with_the_instance() {
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
+
+#[test]
+fn user_shutdown_keeps_qemu_until_the_next_start() {
+    let Some(env) = require("hv_user_shutdown", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guest_spec(&env, "ush1");
+    spec.hvparams.set_pair("user_shutdown=true").unwrap();
+    rt().block_on(async {
+        let hv = &node.hv;
+        let first = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("ush1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("ush1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        serial.send_line("poweroff -f").unwrap();
+        // The guest is off, its QEMU waits: `shutdown` in info and list.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hv.info("ush1").await.unwrap().state != hv_kvm::InstanceState::Shutdown {
+            assert!(Instant::now() < deadline, "the guest never shut down");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(alive(first.pid));
+        let listed = hv.overview().await.unwrap();
+        assert_eq!(listed[0].state, hv_kvm::InstanceState::Shutdown);
+        // Starting it again replaces that QEMU.
+        let second = hv.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
+        assert_ne!(second.pid, first.pid);
+        assert!(!alive(first.pid));
+        hv.stop("ush1", hv_kvm::StopMode::Force).await.unwrap();
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}

@@ -174,6 +174,14 @@ impl KvmHypervisor {
                     self.kill(paths, pid).await?;
                     self.clear_state(paths)
                 }
+                // `user_shutdown`: the guest powered itself off and QEMU
+                // waited; a start replaces that QEMU (as Ganeti 3.1 does).
+                Condition::Live(RunState::Shutdown) => {
+                    tracing::info!(instance = %name, pid,
+                        "the guest had shut down; replacing its QEMU");
+                    self.kill(paths, pid).await?;
+                    self.clear_state(paths)
+                }
                 Condition::MigratedAway => Err(Error::HandedOver {
                     instance: name.clone(),
                     pid,
@@ -360,7 +368,7 @@ impl KvmHypervisor {
         self.cleanup_files(&paths)
     }
 
-    /// Reboots an instance. With `reboot_behavior=allow` the machine is
+    /// Reboots an instance. With `reboot_behavior=reboot` the machine is
     /// reset in place (QMP `system_reset`); with `exit` QEMU runs with
     /// `-no-reboot`, so it is stopped and started again from its saved
     /// definition, as Ganeti does.

@@ -90,6 +90,18 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     }
 }
 
+/// Whether the record's instance keeps QEMU when its guest shuts down.
+fn user_shutdown(record: &RuntimeRecord) -> bool {
+    let flag = record
+        .payload
+        .get("spec")
+        .and_then(|s| s.get("hvparams"))
+        .and_then(|h| h.get("user_shutdown"))
+        .or_else(|| record.hvparams.get("user_shutdown"));
+    matches!(flag, Some(serde_json::Value::Bool(true)))
+        || flag.and_then(serde_json::Value::as_str) == Some("true")
+}
+
 /// An instance's info from its runtime record and `/proc` alone.
 fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>) -> InstanceInfo {
     let spec = record.and_then(|r| r.payload.get("spec"));
@@ -173,9 +185,11 @@ impl KvmHypervisor {
         let mut ask = tokio::task::JoinSet::new();
         for (paths, pid) in self.running()? {
             let record = paths.read_runtime().ok().flatten();
-            let in_transition = record
-                .as_ref()
-                .is_some_and(|r| has_marker(r, MIGRATING) || has_marker(r, INCOMING));
+            // Also ask about an instance whose guest may have shut itself
+            // down (`user_shutdown`): only QEMU knows.
+            let in_transition = record.as_ref().is_some_and(|r| {
+                has_marker(r, MIGRATING) || has_marker(r, INCOMING) || user_shutdown(r)
+            });
             if in_transition {
                 ask.spawn(instance_info(paths, pid, self.config.info_timeout));
                 continue;

@@ -271,6 +271,9 @@ fn build_machine(c: &Ctx, a: &mut Args) -> Result<String, Error> {
     if !hv.acpi && f.no_acpi {
         a.flag("-no-acpi");
     }
+    if hv.user_shutdown {
+        a.flag("-no-shutdown");
+    }
     if hv.reboot_behavior == RebootBehavior::Exit {
         a.flag("-no-reboot");
     }

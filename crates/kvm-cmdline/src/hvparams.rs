@@ -85,7 +85,7 @@ str_enum!(
     KvmFlag { /** KVM acceleration. */ Enabled = "enabled", /** TCG, no KVM. */ Disabled = "disabled" } default Enabled);
 str_enum!(
     /// `reboot_behavior`.
-    RebootBehavior { /** The guest may reboot. */ Allow = "allow", /** A reboot makes QEMU exit. */ Exit = "exit" } default Allow);
+    RebootBehavior { /** The guest may reboot (gkvm 0.1 spelled it `allow`). */ #[serde(alias = "allow")] Allow = "reboot", /** A reboot makes QEMU exit. */ Exit = "exit" } default Allow);
 str_enum!(
     /// SPICE lossless image compression.
     SpiceLossless { #[allow(missing_docs)] AutoGlz = "auto_glz", #[allow(missing_docs)] AutoLz = "auto_lz",
@@ -240,6 +240,11 @@ pub struct HvParams {
     /// vhost-net for paravirtual NICs.
     #[serde(with = "lenient")]
     pub vhost_net: bool,
+    /// Keep QEMU when the guest shuts itself down (`-no-shutdown`), so the
+    /// instance shows `shutdown` — the user's, not a crash — until it is
+    /// started again or stopped (Ganeti 3.1).
+    #[serde(with = "lenient")]
+    pub user_shutdown: bool,
     /// A virtio-serial port for the QEMU guest agent, on a socket in the
     /// run dir (Ganeti 3.1).
     #[serde(with = "lenient")]
@@ -340,6 +345,7 @@ impl Default for HvParams {
             kvm_flag: KvmFlag::Enabled,
             vhost_net: false,
             use_guest_agent: false,
+            user_shutdown: false,
             vnet_hdr: true,
             virtio_net_queues: 1,
             use_chroot: false,
@@ -569,7 +575,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 64);
+        assert_eq!(HvParams::keys().len(), 65);
     }
 
     #[test]

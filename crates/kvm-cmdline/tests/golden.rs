@@ -369,3 +369,23 @@ fn old_qemu_gets_old_spellings() {
     );
     assert!(!c09.features.qmp && !c09.features.machine);
 }
+
+/// Ganeti 3.1's `constants.HVC_DEFAULTS` for kvm (its 65 hvparams, from
+/// src/Ganeti/Constants.hs with Debian's AutoConf paths) is accepted as it
+/// is, passes the syntax check, and builds for both QEMUs.
+#[test]
+fn ganeti_3_1_kvm_defaults_are_accepted() {
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&read(&data().join("ganeti-3.1-kvm-defaults.json"))).unwrap();
+    assert_eq!(map.len(), 65);
+    let hv = kvm_cmdline::HvParams::from_map(&map).unwrap();
+    hv.check_syntax().unwrap();
+    assert_eq!(kvm_cmdline::HvParams::keys().len(), map.len());
+    for profile in PROFILES {
+        let mut spec = InstanceSpec::new("g31", 128);
+        spec.hvparams = hv.clone();
+        // vhost_net is on in 3.1's defaults; this builder needs the host's
+        // word that /dev/vhost-net exists, which the launch part checks.
+        kvm_cmdline::build(&spec, &caps(profile), &env()).unwrap();
+    }
+}
