@@ -616,10 +616,10 @@ fn build_devices_and_extra(c: &Ctx, a: &mut Args) -> Result<(), Error> {
     if let (Some(uuid), true) = (&c.spec.uuid, f.uuid) {
         a.opt("-uuid", uuid.to_string());
     }
-    // Ganeti appended kvm_extra as one argument; split it so that
-    // "-foo a -bar b" means what it says.
-    for extra in hv.kvm_extra.split_whitespace() {
-        a.flag(extra);
+    // Ganeti 2.x appended kvm_extra as one argument; 3.1 splits it as a
+    // shell would, and so does gkvm: "-foo a -bar 'b c'" is four words.
+    for extra in hv.kvm_extra_args()? {
+        a.flag(&extra);
     }
     Ok(())
 }

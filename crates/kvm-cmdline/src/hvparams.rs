@@ -284,7 +284,9 @@ pub struct HvParams {
     pub usb_devices: String,
     /// `-vga` type.
     pub vga: String,
-    /// Extra QEMU arguments, split on whitespace.
+    /// Extra QEMU arguments, split as a POSIX shell splits words (quotes
+    /// group, a backslash escapes; nothing is expanded): see
+    /// [`HvParams::kvm_extra_args`].
     pub kvm_extra: String,
     /// Machine type (empty: QEMU's default, resolved to its concrete name).
     pub machine_version: String,
@@ -367,6 +369,16 @@ impl Default for HvParams {
 }
 
 impl HvParams {
+    /// `kvm_extra` as arguments, split like a shell splits words: `-device
+    /// "e1000,id=x y"` is two arguments. An unterminated quote or a
+    /// trailing backslash is an error naming `kvm_extra`.
+    pub fn kvm_extra_args(&self) -> Result<Vec<String>, Error> {
+        split_shell_words(&self.kvm_extra).map_err(|reason| Error::Syntax {
+            key: "kvm_extra".into(),
+            reason,
+        })
+    }
+
     /// The capabilities of `migration_caps`.
     pub fn migration_capabilities(&self) -> Vec<&str> {
         self.migration_caps
@@ -468,6 +480,55 @@ impl HvParams {
     }
 }
 
+/// Splits words as a POSIX shell does, without expanding anything:
+/// whitespace separates, `'...'` keeps everything, `"..."` keeps all but
+/// `\"` and `\\`, a backslash outside quotes escapes the next character.
+fn split_shell_words(text: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(q) => w.push(q),
+                        None => return Err("unterminated single quote".into()),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(e @ ('"' | '\\')) => w.push(e),
+                            Some(e) => {
+                                w.push('\\');
+                                w.push(e);
+                            }
+                            None => return Err("unterminated double quote".into()),
+                        },
+                        Some(q) => w.push(q),
+                        None => return Err("unterminated double quote".into()),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(e) => word.get_or_insert_with(String::new).push(e),
+                None => return Err("trailing backslash".into()),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
+
 fn kvm_flag_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<KvmFlag, D::Error> {
     let v = Value::deserialize(d)?;
     match v {
@@ -566,6 +627,23 @@ pub(crate) mod lenient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_extra_splits_like_a_shell() {
+        let split = |t: &str| split_shell_words(t);
+        assert_eq!(split("-a b  -c").unwrap(), ["-a", "b", "-c"]);
+        assert_eq!(
+            split(r#"-device "e1000,id=x y" -name 'a b'c"#).unwrap(),
+            ["-device", "e1000,id=x y", "-name", "a bc"]
+        );
+        assert_eq!(split(r#"a\ b "q\"t" ''"#).unwrap(), ["a b", "q\"t", ""]);
+        assert!(split("'open").is_err());
+        assert!(split("\"open").is_err());
+        assert!(split("end\\").is_err());
+        let mut hv = HvParams::default();
+        hv.set_pair("kvm_extra=-x 'unterminated").unwrap();
+        assert!(matches!(hv.check_syntax(), Err(Error::Syntax { key, .. }) if key == "kvm_extra"));
+    }
 
     #[test]
     fn defaults_round_trip_through_the_ganeti_map() {

@@ -231,6 +231,7 @@ impl HvParams {
                 return Err(syntax(key, format!("{v:?} contains control characters")));
             }
         }
+        self.kvm_extra_args()?;
         if self.keymap.contains('/') {
             return Err(syntax(
                 "keymap",
