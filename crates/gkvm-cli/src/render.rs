@@ -279,13 +279,16 @@ pub(crate) fn verify(json: bool, report: &VerifyReport) -> CliResult {
     }
 }
 
-/// `gkvm argv`.
+/// `gkvm argv`: the command line; the parameter warnings on stderr (in
+/// the JSON document with `--json`).
 pub(crate) fn plan(json: bool, plan: &LaunchPlan) -> CliResult {
     if json {
-        print_json(plan)
-    } else {
-        outln!("{}", shell_join(&plan.argv))
+        return print_json(plan);
     }
+    for w in &plan.warnings {
+        errln!("gkvm: warning: {w}");
+    }
+    outln!("{}", shell_join(&plan.argv))
 }
 
 /// `gkvm caps`.

@@ -126,6 +126,12 @@ fn argv_dry_run() {
     ));
     let argv: Vec<String> = serde_json::from_value(v["argv"].clone()).unwrap();
     assert_eq!(argv[0], qemu);
+    // Ganeti 3.1's assessment: cpu_type is unset in this definition.
+    assert!(
+        v["warnings"].to_string().contains("cpu_type"),
+        "{}",
+        v["warnings"]
+    );
     let joined = argv.join(" ");
     assert!(
         joined.contains("-name web1 -nodefaults -m 256 -smp 2"),

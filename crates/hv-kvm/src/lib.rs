@@ -118,6 +118,9 @@ pub struct LaunchPlan {
     pub machine: String,
     /// The QEMU version it was built for.
     pub qemu_version: String,
+    /// Values that work but are rarely what one wants (Ganeti 3.1's
+    /// parameter assessment), as `key: why`.
+    pub warnings: Vec<String>,
 }
 
 /// The hypervisor of one node.
@@ -225,6 +228,12 @@ impl KvmHypervisor {
             argv,
             machine: cmd.machine,
             qemu_version: caps.version.text.clone(),
+            warnings: spec
+                .hvparams
+                .assess()
+                .into_iter()
+                .map(|w| format!("{}: {}", w.key, w.message))
+                .collect(),
         })
     }
 }

@@ -66,7 +66,7 @@ pub use instance::{
 };
 pub use options::generated_mac;
 pub use placement::is_valid_device_id;
-pub use validate::{HostFacts, MAX_VIRTIO_NET_QUEUES};
+pub use validate::{HostFacts, Warning, MAX_VIRTIO_NET_QUEUES};
 pub use values::{MacAddr, Uuid};
 
 #[doc = include_str!("../README.md")]

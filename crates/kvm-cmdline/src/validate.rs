@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use crate::hvparams::{BootOrder, SecurityModel, VALID_SERIAL_SPEEDS};
+use crate::hvparams::{BootOrder, DiskType, NicType, SecurityModel, VALID_SERIAL_SPEEDS};
 use crate::{Capabilities, Error, HvParams};
 
 /// Most queues of a paravirtual NIC (Ganeti 3.1's `MAX_VIRTIO_NET_QUEUES`).
@@ -35,7 +35,84 @@ fn is_norm_abs(p: &str) -> bool {
     p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//")
 }
 
+/// A parameter value that works but is rarely what one wants (Ganeti
+/// 3.1's `AssessParameters`): shown, never refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Warning {
+    /// The hvparam.
+    pub key: &'static str,
+    /// Why it is worth a second look.
+    pub message: String,
+}
+
 impl HvParams {
+    /// Ganeti 3.1's `AssessParameters`: values that work but are rarely
+    /// what one wants. Its warnings about an unset or `pc` machine type do
+    /// not apply: gkvm records the concrete machine and migrates with it.
+    pub fn assess(&self) -> Vec<Warning> {
+        let mut w = Vec::new();
+        let mut warn = |key: &'static str, message: String| w.push(Warning { key, message });
+        match self.cpu_type.as_str() {
+            "" => warn("cpu_type", "unset: the guest gets QEMU's default model (qemu64), slow and without modern CPU security features".into()),
+            t @ ("qemu32" | "qemu64" | "kvm32" | "kvm64") => warn("cpu_type", format!("{t} lacks modern CPU features and their security fixes")),
+            "host" => warn("cpu_type", "host: live migration needs the exact same CPU on every node".into()),
+            _ => {}
+        }
+        if !self.vhost_net && self.nic_type == NicType::Paravirtual {
+            warn(
+                "vhost_net",
+                "off: paravirtual NICs have more latency and less throughput without it".into(),
+            );
+        }
+        if self.migration_bandwidth == HvParams::default().migration_bandwidth {
+            warn(
+                "migration_bandwidth",
+                format!(
+                    "still the default {} MiB/s; today's networks do far more",
+                    self.migration_bandwidth
+                ),
+            );
+        }
+        if self.disk_type != DiskType::Paravirtual {
+            warn(
+                "disk_type",
+                format!(
+                    "{}: virtio disks (paravirtual) perform best",
+                    self.disk_type
+                ),
+            );
+        }
+        if self.nic_type != NicType::Paravirtual {
+            warn(
+                "nic_type",
+                format!("{}: virtio NICs (paravirtual) perform best", self.nic_type),
+            );
+        }
+        let exposed = |addr: &str| !addr.is_empty() && addr != "127.0.0.1" && addr != "::1";
+        if exposed(&self.vnc_bind_address)
+            && !self.vnc_tls
+            && !self.vnc_bind_address.starts_with('/')
+        {
+            warn("vnc_tls", "VNC listens beyond this host without TLS".into());
+        }
+        if exposed(&self.spice_bind) && !self.spice_use_tls {
+            warn(
+                "spice_use_tls",
+                "SPICE listens beyond this host without TLS".into(),
+            );
+        }
+        if ["none", "microvm", "isapc", "x-remote"].contains(&self.machine_version.as_str()) {
+            warn(
+                "machine_version",
+                format!(
+                    "{} is not a machine type gkvm supports",
+                    self.machine_version
+                ),
+            );
+        }
+        w
+    }
+
     /// Ganeti's `CheckParameterSyntax`: parameters that do not fit
     /// together, and values outside their syntax. No host access.
     pub fn check_syntax(&self) -> Result<(), Error> {
@@ -329,4 +406,28 @@ pub trait HostFacts {
     fn interface_exists(&self, name: &str) -> bool;
     /// Whether `/dev/vhost-net` is usable.
     fn vhost_net_available(&self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assessment_flags_what_ganeti_3_1_flags() {
+        let keys = |hv: &HvParams| hv.assess().iter().map(|w| w.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys(&HvParams::default()),
+            ["cpu_type", "vhost_net", "migration_bandwidth"]
+        );
+        let tuned = HvParams::from_pairs(&[
+            "cpu_type=Skylake-Server",
+            "vhost_net=true",
+            "migration_bandwidth=1000",
+            "vnc_bind_address=127.0.0.1",
+        ])
+        .unwrap();
+        assert!(tuned.assess().is_empty(), "{:?}", tuned.assess());
+        let open = HvParams::from_pairs(&["vnc_bind_address=0.0.0.0", "nic_type=e1000"]).unwrap();
+        assert!(keys(&open).contains(&"vnc_tls") && keys(&open).contains(&"nic_type"));
+    }
 }
