@@ -5,10 +5,8 @@
 //! Goals: warm start ≤ 1.10× bare, cold ≤ 1.5×, info ≤ 1.5× raw, force
 //! stop ≤ 5 ms. Nothing here asserts: it prints the table.
 
-use gkvm_benches::{measure, print_table, Row, Stats};
+use gkvm_benches::{measure, print_table, raw_qmp, Row, Stats};
 use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,26 +33,6 @@ fn hv(run: &Path, caps: &Path, qemu: &Path) -> KvmHypervisor {
 fn wait_gone(pid: i32) {
     while hv_kvm::process_alive(pid) {
         std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// Raw QMP: connect, greeting, capabilities, then `commands`, line by line.
-fn raw_qmp(path: &Path, commands: &[&str]) {
-    let s = UnixStream::connect(path).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    for c in std::iter::once("qmp_capabilities").chain(commands.iter().copied()) {
-        w.write_all(format!("{{\"execute\":\"{c}\"}}\n").as_bytes())
-            .unwrap();
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            if !line.contains("\"event\"") {
-                break;
-            }
-        }
     }
 }
 

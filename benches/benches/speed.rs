@@ -6,10 +6,9 @@
 //! TCG (this host's nested KVM cannot run Linux). Prints one table; asserts
 //! nothing. Needs `target/release/gkvm` (`scripts/bench-speed` builds it).
 
-use gkvm_benches::{measure, print_table, Row, Stats};
+use gkvm_benches::{measure, print_table, raw_qmp, Row, Stats};
 use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir, StartMode, StopMode};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,25 +21,6 @@ fn accel() -> &'static str {
         "enabled"
     } else {
         "disabled"
-    }
-}
-
-fn raw_qmp(path: &Path, commands: &[&str]) {
-    let s = UnixStream::connect(path).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    for c in std::iter::once("qmp_capabilities").chain(commands.iter().copied()) {
-        w.write_all(format!("{{\"execute\":\"{c}\"}}\n").as_bytes())
-            .unwrap();
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            if !line.contains("\"event\"") {
-                break;
-            }
-        }
     }
 }
 

@@ -100,3 +100,26 @@ pub fn fmt(d: Duration) -> String {
         format!("{:.2} s", us / 1e6)
     }
 }
+
+/// Raw QMP, the baseline of the QMP rows: connects to `path`, reads the
+/// greeting, then sends `qmp_capabilities` and each of `commands`, waiting
+/// for each reply (events skipped). Panics on any I/O error.
+pub fn raw_qmp(path: &std::path::Path, commands: &[&str]) {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    for c in std::iter::once("qmp_capabilities").chain(commands.iter().copied()) {
+        w.write_all(format!("{{\"execute\":\"{c}\"}}\n").as_bytes())
+            .unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if !line.contains("\"event\"") {
+                break;
+            }
+        }
+    }
+}

@@ -125,7 +125,6 @@ fn wait_gone(pid: i32, timeout: Duration) -> bool {
 
 /// Starts one golden argv (daemonized, -S), checks QMP answers, quits.
 fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
     let argv_text = read(
         &data()
             .join(profile)
@@ -162,17 +161,7 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: dup2 only, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(from, to) in &moves {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    gkvm_testkit::pass_fds_at(&mut cmd, moves);
     let mut child = cmd.spawn().map_err(|e| e.to_string())?;
     let mut stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {

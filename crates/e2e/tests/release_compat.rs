@@ -54,29 +54,13 @@ fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
 /// Runs the fixture's argv as 0.1 did (daemonized, `-S`), the TAP on its
 /// descriptor, and lets the guest run as 0.1's start ended.
 fn start_as_release_0_1(argv: &[String], tap: &gkvm_tap::Tap, qmp: &Path) {
-    use std::os::unix::process::CommandExt;
     let from = tap.fds()[0].as_raw_fd();
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: dup2/fcntl only, between fork and exec. When the TAP already
-    // is descriptor 11, dup2 would keep its close-on-exec flag: clear it.
-    unsafe {
-        cmd.pre_exec(move || {
-            let ok = if from == TAP_FD {
-                libc::fcntl(TAP_FD, libc::F_SETFD, 0) >= 0
-            } else {
-                libc::dup2(from, TAP_FD) >= 0
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    gkvm_testkit::pass_fds_at(&mut cmd, vec![(from, TAP_FD)]);
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),

@@ -188,8 +188,7 @@ impl KvmHypervisor {
         let caps = self.capabilities(&kvm_path).await?;
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
-        spec.assign_addresses().map_err(params)?;
-        spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
+        start::shape_new_instance(&mut spec).map_err(params)?;
         let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
         let paths = self
             .config
@@ -199,8 +198,7 @@ impl KvmHypervisor {
                 instance: spec.name.clone(),
                 source: e,
             })?;
-        let virtio = spec.hvparams.nic_type == kvm_cmdline::hvparams::NicType::Paravirtual
-            && caps.features.virtio_net_pci;
+        let virtio = nic::is_virtio(&spec, &caps);
         let queues = i32::from(nic::queues(&spec, virtio));
         let mut next_fd = 3;
         let nics = spec

@@ -574,29 +574,33 @@ pub(crate) fn set_marker(
     let Some(mut record) = paths.read_runtime()? else {
         return Ok(());
     };
-    if let Some(obj) = record.payload.as_object_mut() {
-        if on {
-            obj.insert(marker.into(), serde_json::Value::Bool(true));
-        } else if obj.remove(marker).is_none() {
-            return Ok(());
-        }
+    if !mark(&mut record, marker, on) {
+        return Ok(());
     }
     paths.write_runtime(&record)
 }
 
+/// Sets or clears `marker` in a record in memory; returns whether that
+/// changed it.
+pub(crate) fn mark(record: &mut RuntimeRecord, marker: &str, on: bool) -> bool {
+    let Some(obj) = record.payload.as_object_mut() else {
+        return false;
+    };
+    if on {
+        obj.insert(marker.into(), serde_json::Value::Bool(true))
+            != Some(serde_json::Value::Bool(true))
+    } else {
+        obj.remove(marker).is_some()
+    }
+}
+
 /// Whether a runtime record marks a start that has not finished.
 pub(crate) fn is_starting(record: &RuntimeRecord) -> bool {
-    record.payload.get(STARTING) == Some(&serde_json::Value::Bool(true))
+    has_marker(record, STARTING)
 }
 
 pub(crate) fn set_starting(record: &mut RuntimeRecord, starting: bool) {
-    if let Some(obj) = record.payload.as_object_mut() {
-        if starting {
-            obj.insert(STARTING.into(), serde_json::Value::Bool(true));
-        } else {
-            obj.remove(STARTING);
-        }
-    }
+    mark(record, STARTING, starting);
 }
 
 /// The runtime record of an instance started with `cmd`.

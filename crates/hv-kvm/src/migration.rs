@@ -103,42 +103,26 @@ fn tcp_uri(host: &str, port: u16) -> String {
     }
 }
 
-/// Turns on MIGRATION events (off by default in QEMU).
-async fn enable_migration_events(qmp: &Qmp, instance: &str) -> Result<()> {
-    qmp.run(&commands::MigrateSetCapabilities {
-        capabilities: vec![commands::MigrationCapabilityStatus {
-            capability: "events".into(),
-            state: true,
-        }],
-    })
-    .await
-    .map_err(qmp_err(instance, "enable migration events"))
-}
-
-/// Turns on the instance's `migration_caps` (Ganeti 3.1), on either side
-/// before the transfer; an unknown capability is QEMU's error, naming it.
+/// Turns on, before a transfer and on either side, MIGRATION events (off
+/// by default in QEMU; gkvm follows migrations by them) and the
+/// instance's `migration_caps` (Ganeti 3.1), in one command. An unknown
+/// capability is QEMU's error, which names it.
 async fn set_migration_caps(qmp: &Qmp, spec: &crate::InstanceSpec) -> Result<()> {
-    let caps = spec.hvparams.migration_capabilities();
-    if caps.is_empty() {
-        return Ok(());
-    }
+    let caps = std::iter::once("events").chain(spec.hvparams.migration_capabilities());
+    let op = match spec.hvparams.migration_caps.as_str() {
+        "" => "enable migration events".to_owned(),
+        caps => format!("set migration capabilities events:{caps}"),
+    };
     qmp.run(&commands::MigrateSetCapabilities {
         capabilities: caps
-            .iter()
             .map(|c| commands::MigrationCapabilityStatus {
-                capability: (*c).to_owned(),
+                capability: c.to_owned(),
                 state: true,
             })
             .collect(),
     })
     .await
-    .map_err(qmp_err(
-        &spec.name,
-        &format!(
-            "set migration capabilities {}",
-            spec.hvparams.migration_caps
-        ),
-    ))
+    .map_err(qmp_err(&spec.name, &op))
 }
 
 impl KvmHypervisor {
@@ -284,7 +268,6 @@ impl KvmHypervisor {
             .await?;
         // Migration events on this side too, for wait_incoming.
         let qmp = self.qmp(paths).await?;
-        enable_migration_events(&qmp, &spec.name).await?;
         set_migration_caps(&qmp, spec).await?;
         Ok(report)
     }
@@ -332,7 +315,6 @@ impl KvmHypervisor {
             qmp_timeout: self.config.qmp_timeout,
             armed: false,
         };
-        enable_migration_events(&qmp, name).await?;
         set_migration_caps(&qmp, &spec).await?;
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),

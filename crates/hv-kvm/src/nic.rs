@@ -8,6 +8,12 @@ use kvm_cmdline::{InstanceSpec, NicMode, NicSpec};
 
 use crate::error::{Error, Result};
 
+/// Whether the instance's NICs are virtio-net on this QEMU.
+pub(crate) fn is_virtio(spec: &InstanceSpec, caps: &kvm_cmdline::Capabilities) -> bool {
+    spec.hvparams.nic_type == kvm_cmdline::hvparams::NicType::Paravirtual
+        && caps.features.virtio_net_pci
+}
+
 /// The TAP queues of each NIC: `virtio_net_queues` for virtio-net, one
 /// for emulated models. (Ganeti 3.1 honours the parameter only with
 /// `vhost_net` on; gkvm whenever the NIC is virtio.)

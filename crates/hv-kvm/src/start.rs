@@ -7,14 +7,15 @@
 use std::sync::Arc;
 
 use gkvm_qmp::{commands, Qmp};
-use kvm_cmdline::hvparams::{NicType, SecurityModel};
+use kvm_cmdline::hvparams::SecurityModel;
 use kvm_cmdline::{Capabilities, InstanceSpec, Launch, NicBackend, QemuCommand};
 use kvm_runtime::{InstancePaths, Liveness};
 
 use crate::error::{Error, Result};
 use crate::guard::RollbackGuard;
 use crate::lifecycle::{
-    pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts, INCOMING, PAUSED,
+    mark, pin_vcpus, read_password, runtime_record, set_starting, RealHost, StartOpts, INCOMING,
+    PAUSED,
 };
 use crate::types::StartReport;
 use crate::{node_paths, process, KvmHypervisor};
@@ -40,6 +41,16 @@ fn runtime_error(name: &str) -> impl Fn(kvm_runtime::Error) -> Error + '_ {
         instance: name.to_owned(),
         source,
     }
+}
+
+/// What a new instance gets that an incoming one keeps from its source:
+/// its devices placed, and a lean machine unless it says otherwise.
+pub(crate) fn shape_new_instance(
+    spec: &mut InstanceSpec,
+) -> std::result::Result<(), kvm_cmdline::Error> {
+    spec.assign_addresses()?;
+    spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
+    Ok(())
 }
 
 impl KvmHypervisor {
@@ -97,8 +108,7 @@ impl KvmHypervisor {
         // the source's places (none, if an earlier release started it), so
         // the guest lands on identical hardware.
         if opts.incoming.is_none() {
-            spec.assign_addresses().map_err(params)?;
-            spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
+            shape_new_instance(&mut spec).map_err(params)?;
         }
         spec.hvparams
             .validate_host(&RealHost, &caps)
@@ -155,7 +165,7 @@ impl KvmHypervisor {
     ) -> Result<Vec<gkvm_tap::Tap>> {
         let spec = &built.spec;
         let hv = &spec.hvparams;
-        let virtio = hv.nic_type == NicType::Paravirtual && built.caps.features.virtio_net_pci;
+        let virtio = crate::nic::is_virtio(spec, &built.caps);
         let taps = crate::nic::open_taps(spec, &self.config.tap_template, virtio)?;
         for tap in &taps {
             guard.add_tap(tap.name());
@@ -368,8 +378,8 @@ impl KvmHypervisor {
         } else {
             stay_paused.then_some(PAUSED)
         };
-        if let (Some(marker), Some(obj)) = (marker, record.payload.as_object_mut()) {
-            obj.insert(marker.into(), serde_json::Value::Bool(true));
+        if let Some(marker) = marker {
+            mark(&mut record, marker, true);
         }
         paths.write_runtime(&record).map_err(runtime_error(name))?;
         if !stay_paused {

@@ -179,6 +179,35 @@ pub fn guestless_accel() -> &'static str {
     }
 }
 
+/// Makes the child see each `(from, to)` descriptor of this process as
+/// `to` (as a golden argv's `fd=N` expects). Every source is first copied
+/// above all targets (close-on-exec), then moved into place, so a source
+/// that already is its target, or another move's target, is still right.
+pub fn pass_fds_at(cmd: &mut std::process::Command, moves: Vec<(i32, i32)>) {
+    use std::os::unix::process::CommandExt;
+    let above = moves.iter().map(|&(_, to)| to).max().unwrap_or(0) + 1;
+    // SAFETY: only fcntl(2) and dup2(2), async-signal-safe, between fork
+    // and exec, on descriptors this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut staged = Vec::with_capacity(moves.len());
+            for &(from, to) in &moves {
+                let tmp = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, above);
+                if tmp < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                staged.push((tmp, to));
+            }
+            for (tmp, to) in staged {
+                if libc::dup2(tmp, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Connects to a Unix socket, retrying until it appears or `timeout` passes.
 pub fn connect_retry(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     let deadline = Instant::now() + timeout;
