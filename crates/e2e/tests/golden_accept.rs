@@ -45,6 +45,20 @@ fn nic_fd(nic: usize, q: usize) -> i32 {
     i32::try_from(100 + 4 * nic + q).unwrap()
 }
 
+/// The descriptor number of NIC `nic`'s queue `q`'s vhost-net device.
+fn vhost_fd(nic: usize, q: usize) -> i32 {
+    i32::try_from(200 + 4 * nic + q).unwrap()
+}
+
+/// Why this node cannot start a golden, if it cannot: vhost-net goldens
+/// need `/dev/vhost-net` (this project's CI machine has none; there the
+/// goldens check the descriptor plumbing and `hv_lifecycle` checks the
+/// error path).
+fn not_startable_here(v: &Variant) -> Option<&'static str> {
+    (kvm_cmdline::uses_vhost(&v.spec.hvparams) && !Path::new("/dev/vhost-net").exists())
+        .then_some("no /dev/vhost-net on this node")
+}
+
 // ---- real QEMU accepts every golden of the installed versions ----
 
 fn installed(profile: &str) -> Option<PathBuf> {
@@ -151,9 +165,19 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
         })
         .collect();
     let mut moves: Vec<(i32, i32)> = Vec::new();
+    let mut vhost = Vec::new();
     for (i, tap) in taps.iter().enumerate() {
         for (q, fd) in tap.fds().iter().enumerate() {
             moves.push((std::os::fd::AsRawFd::as_raw_fd(fd), nic_fd(i, q)));
+            if kvm_cmdline::uses_vhost(&v.spec.hvparams) {
+                let dev = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/vhost-net")
+                    .map_err(|e| format!("/dev/vhost-net: {e}"))?;
+                moves.push((std::os::fd::AsRawFd::as_raw_fd(&dev), vhost_fd(i, q)));
+                vhost.push(dev);
+            }
         }
     }
     let mut cmd = std::process::Command::new(qemu);
@@ -219,6 +243,7 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
         wait_gone(pid, Duration::from_secs(5));
     }
     drop(taps);
+    drop(vhost);
     let _ = std::fs::remove_dir_all(&dir);
     result.map_err(|e| format!("{e} (QEMU said: {})", errors.trim()))
 }
@@ -244,6 +269,10 @@ fn installed_qemu_accepts_every_golden() {
         };
         let start = Instant::now();
         for v in variants() {
+            if let Some(why) = not_startable_here(&v) {
+                eprintln!("{profile}/{}: not started: {why}", v.name);
+                continue;
+            }
             if let Err(e) = accept(profile, &qemu, &v) {
                 failures.push(format!("{profile}/{}: {e}", v.name));
             }

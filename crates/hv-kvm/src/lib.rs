@@ -200,15 +200,18 @@ impl KvmHypervisor {
             })?;
         let virtio = nic::is_virtio(&spec, &caps);
         let queues = i32::from(nic::queues(&spec, virtio));
+        let vhost = kvm_cmdline::uses_vhost(&spec.hvparams);
         let mut next_fd = 3;
+        let mut take = |n: i32| {
+            next_fd += n;
+            (next_fd - n..next_fd).collect::<Vec<i32>>()
+        };
         let nics = spec
             .nics
             .iter()
-            .map(|_| {
-                next_fd += queues;
-                kvm_cmdline::NicBackend {
-                    tap_fds: (next_fd - queues..next_fd).collect(),
-                }
+            .map(|_| kvm_cmdline::NicBackend {
+                tap_fds: take(queues),
+                vhost_fds: if vhost { take(queues) } else { Vec::new() },
             })
             .collect();
         let launch = kvm_cmdline::Launch {
@@ -218,7 +221,6 @@ impl KvmHypervisor {
             incoming: None,
             nics,
             pool_user: None,
-            vhost_net_available: vhost_net_available(),
         };
         let argv = cmd.launch_argv(&spec, &caps, &launch).map_err(params)?;
         Ok(LaunchPlan {
@@ -266,7 +268,7 @@ pub fn vhost_net_available() -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open("/dev/vhost-net")
+        .open(crate::nic::VHOST_NET)
         .is_ok()
 }
 

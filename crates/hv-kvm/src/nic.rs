@@ -1,6 +1,8 @@
 //! TAP interfaces for an instance's NICs, configured by the NIC script with
 //! Ganeti's environment or natively (link up, bridge attach).
 
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use gkvm_tap::{Tap, TapBuilder, VnetHdr};
@@ -50,6 +52,36 @@ pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Re
         })
         .collect()
 }
+
+/// One `/dev/vhost-net` descriptor per TAP queue of each NIC when the
+/// instance uses vhost-net (QEMU gets them as `vhostfds=`), else none.
+pub(crate) fn open_vhost(spec: &InstanceSpec, taps: &[Tap]) -> Result<Vec<Vec<OwnedFd>>> {
+    if !kvm_cmdline::uses_vhost(&spec.hvparams) {
+        return Ok(taps.iter().map(|_| Vec::new()).collect());
+    }
+    taps.iter()
+        .map(|tap| {
+            (0..tap.fds().len())
+                .map(|_| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_CLOEXEC)
+                        .open(VHOST_NET)
+                        .map(OwnedFd::from)
+                        .map_err(|e| Error::Start {
+                            instance: spec.name.clone(),
+                            step: "vhost-net",
+                            reason: format!("vhost_net=true but {VHOST_NET} cannot be opened: {e}"),
+                        })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The kernel's vhost-net device.
+pub(crate) const VHOST_NET: &str = "/dev/vhost-net";
 
 /// The environment the NIC script gets (Ganeti's names).
 pub fn nic_script_env(

@@ -4,6 +4,7 @@
 //! and let the guest run. Each step leaves what it created to the
 //! caller's [`RollbackGuard`].
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use gkvm_qmp::{commands, Qmp};
@@ -216,10 +217,17 @@ impl KvmHypervisor {
         let name = spec.name.as_str();
         let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
         process::die_with_parent(&mut std_cmd);
+        // Kept open until QEMU has been spawned.
+        let vhost = crate::nic::open_vhost(spec, taps)?;
         let nics: Vec<NicBackend> = taps
             .iter()
-            .map(|t| NicBackend {
+            .zip(&vhost)
+            .map(|(t, v)| NicBackend {
                 tap_fds: t.pass_to_child(&mut std_cmd),
+                vhost_fds: v
+                    .iter()
+                    .map(|fd| gkvm_tap::pass_fd_to_child(&mut std_cmd, fd.as_fd()))
+                    .collect(),
             })
             .collect();
         let launch = Launch {
@@ -233,7 +241,6 @@ impl KvmHypervisor {
             incoming: opts.incoming.clone(),
             nics,
             pool_user,
-            vhost_net_available: crate::vhost_net_available(),
         };
         let argv = built
             .cmd

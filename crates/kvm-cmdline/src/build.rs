@@ -77,11 +77,16 @@ pub struct NodePaths {
     pub keymap: PathBuf,
 }
 
-/// The TAP descriptors of one NIC (one per queue).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The descriptors of one NIC as the child will see them: a TAP queue
+/// each, and with `vhost_net` a `/dev/vhost-net` descriptor per queue that
+/// the caller opened (QEMU opens nothing itself, so it needs no access to
+/// `/dev/vhost-net` under `use_chroot` or an unprivileged user).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NicBackend {
-    /// Descriptor numbers as the child will see them.
+    /// TAP descriptors, one per queue.
     pub tap_fds: Vec<i32>,
+    /// vhost-net descriptors, one per queue; empty without `vhost_net`.
+    pub vhost_fds: Vec<i32>,
 }
 
 /// The start-time parts of a launch.
@@ -100,8 +105,6 @@ pub struct Launch {
     /// The user to run as when `security_model` is `pool` (the caller
     /// allocated its uid); `user` takes `security_domain`.
     pub pool_user: Option<String>,
-    /// Whether `/dev/vhost-net` exists on this node.
-    pub vhost_net_available: bool,
 }
 
 /// The keymap file to write at [`NodePaths::keymap`] before a launch, if
@@ -949,6 +952,12 @@ fn launch_keymap(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
     Ok(())
 }
 
+/// Whether the NICs use vhost-net: `vhost_net` on a virtio NIC (Ganeti
+/// ignores it for emulated models, and so does gkvm).
+pub fn uses_vhost(hv: &crate::HvParams) -> bool {
+    hv.vhost_net && hv.nic_type == NicType::Paravirtual
+}
+
 /// The NIC model of `nic_type` on this QEMU.
 fn nic_model(c: &Ctx) -> &'static str {
     match c.hv.nic_type {
@@ -973,19 +982,23 @@ fn launch_nics(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
     if spec.nics.is_empty() {
         a.opt("-net", "none");
     }
-    let paravirtual = hv.nic_type == NicType::Paravirtual;
-    let vhost = hv.vhost_net && paravirtual;
-    if vhost && !(f.vhost_net && launch.vhost_net_available) {
-        return Err(Error::Host {
-            key: "vhost_net".into(),
-            reason:
-                "vhost-net is configured but not available (no /dev/vhost-net or QEMU lacks vhost)"
-                    .into(),
-        });
+    let vhost = uses_vhost(hv);
+    if vhost && !f.vhost_net {
+        return Err(c.unsupported("vhost_net", "vhost-net (the tap backend's vhost option)"));
     }
     for (i, (nic, backend)) in spec.nics.iter().zip(&launch.nics).enumerate() {
         if backend.tap_fds.is_empty() {
             return Err(c.instance_err(&format!("nics[{i}]"), "no TAP descriptor".into()));
+        }
+        if vhost && backend.vhost_fds.len() != backend.tap_fds.len() {
+            return Err(Error::Host {
+                key: "vhost_net".into(),
+                reason: format!(
+                    "NIC {i} has {} TAP queues but {} /dev/vhost-net descriptors",
+                    backend.tap_fds.len(),
+                    backend.vhost_fds.len()
+                ),
+            });
         }
         if !f.netdev {
             // qemu-kvm before -netdev: Ganeti's VLAN pairs.
@@ -1025,6 +1038,11 @@ fn nic_pieces(
     }
     if vhost {
         netdev.set("vhost", true);
+        let list: Vec<String> = backend.vhost_fds.iter().map(i32::to_string).collect();
+        netdev.set(
+            if queues == 1 { "vhostfd" } else { "vhostfds" },
+            list.join(":"),
+        );
     }
     let mut device = Device::new(nic_model(c))
         .with("mac", nic.mac.to_string())

@@ -50,7 +50,8 @@ mod validate;
 mod values;
 
 pub use build::{
-    build, keymap_file, BuildEnv, Launch, NicBackend, NodePaths, QemuCommand, VNC_BASE_PORT,
+    build, keymap_file, uses_vhost, BuildEnv, Launch, NicBackend, NodePaths, QemuCommand,
+    VNC_BASE_PORT,
 };
 pub use caps::{
     parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,

@@ -382,10 +382,18 @@ impl HvParams {
                 ));
             }
         }
-        if self.vhost_net && !(caps.features.vhost_net && host.vhost_net_available()) {
+        if self.vhost_net && !caps.features.vhost_net {
+            return Err(Error::Unsupported {
+                key: "vhost_net".into(),
+                what: "vhost-net (the tap backend's vhost option)".into(),
+                version: caps.version.text.clone(),
+            });
+        }
+        if self.vhost_net && !host.vhost_net_available() {
             return Err(host_err(
                 "vhost_net",
-                "vhost-net is configured but not available (no /dev/vhost-net or QEMU lacks vhost)"
+                "vhost_net=true but /dev/vhost-net cannot be opened on this node \
+                 (load the vhost_net module, or set vhost_net=false)"
                     .into(),
             ));
         }

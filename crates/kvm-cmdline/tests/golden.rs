@@ -65,6 +65,11 @@ fn nic_fd(nic: usize, q: usize) -> i32 {
     i32::try_from(100 + 4 * nic + q).unwrap()
 }
 
+/// The descriptor number of NIC `nic`'s queue `q`'s vhost-net device.
+fn vhost_fd(nic: usize, q: usize) -> i32 {
+    i32::try_from(200 + 4 * nic + q).unwrap()
+}
+
 fn env() -> BuildEnv {
     BuildEnv {
         spice_cacert: Path::new(FILES).join("spice-ca.pem"),
@@ -99,10 +104,14 @@ fn argv_for(
             .enumerate()
             .map(|(i, &q)| NicBackend {
                 tap_fds: (0..q).map(|j| nic_fd(i, j)).collect(),
+                vhost_fds: if kvm_cmdline::uses_vhost(&v.spec.hvparams) {
+                    (0..q).map(|j| vhost_fd(i, j)).collect()
+                } else {
+                    Vec::new()
+                },
             })
             .collect(),
         pool_user: v.launch.pool_user.clone(),
-        vhost_net_available: false,
     };
     // As hv-kvm starts an instance: devices placed, a lean machine.
     let mut spec = v.spec.clone();
