@@ -55,8 +55,47 @@ fn vhost_fd(nic: usize, q: usize) -> i32 {
 /// goldens check the descriptor plumbing and `hv_lifecycle` checks the
 /// error path).
 fn not_startable_here(v: &Variant) -> Option<&'static str> {
+    if v.name == "userspace-uris" {
+        // Their servers are TEST-NET addresses; the NBD and HTTP goldens
+        // are started against servers this test runs.
+        return Some("needs Ceph, Gluster, iSCSI and HTTPS servers");
+    }
     (kvm_cmdline::uses_vhost(&v.spec.hvparams) && !Path::new("/dev/vhost-net").exists())
         .then_some("no /dev/vhost-net on this node")
+}
+
+/// The servers the userspace goldens name: an NBD export of
+/// `nbd.img` at 127.0.0.1:10899 (`golden`) and HTTP at 127.0.0.1:18099.
+struct Servers {
+    nbd: std::process::Child,
+    _http: gkvm_testkit::HttpServer,
+}
+
+impl Servers {
+    fn start() -> Servers {
+        let nbd = std::process::Command::new("qemu-nbd")
+            .args(["--persistent", "--shared=8", "-f", "raw", "-x", "golden"])
+            .args(["-b", "127.0.0.1", "-p", "10899"])
+            .arg(Path::new(FILES).join("nbd.img"))
+            // Quiet about the readiness probe below, which hangs up early.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (qemu-utils)");
+        let http = gkvm_testkit::HttpServer::serve(Path::new(FILES), 18099).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect("127.0.0.1:10899").is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Servers { nbd, _http: http }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.nbd.kill();
+        let _ = self.nbd.wait();
+    }
 }
 
 // ---- real QEMU accepts every golden of the installed versions ----
@@ -96,6 +135,7 @@ fn prepare_files(guest: &gkvm_testkit::Guest) {
         ("cd2.iso", 1 << 20),
         ("cd,odd.iso", 1 << 20),
         ("floppy.img", 1_474_560),
+        ("nbd.img", 1 << 20),
     ] {
         let file = std::fs::File::create(f.join(name)).unwrap();
         file.set_len(size).unwrap();
@@ -257,6 +297,7 @@ fn installed_qemu_accepts_every_golden() {
         return;
     };
     prepare_files(env.guest.as_ref().unwrap());
+    let _servers = Servers::start();
     let mut ran = 0;
     let mut failures = Vec::new();
     for profile in PROFILES {

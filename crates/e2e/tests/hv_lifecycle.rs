@@ -843,3 +843,57 @@ fn user_shutdown_keeps_qemu_until_the_next_start() {
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
+
+#[test]
+fn display_binds_resolve_interface_names_on_this_node() {
+    let Some(env) = require("hv_display_binds", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        for (name, pairs, want) in [
+            ("vncif", &["vnc_bind_address=lo"][..], "127.0.0.1:"),
+            ("vnc6", &["vnc_bind_address=::1"][..], "[::1]:"),
+            (
+                "spiceif6",
+                &["spice_bind=lo", "spice_ip_version=6", "soundhw=ac97"][..],
+                "addr=::1,",
+            ),
+        ] {
+            let mut spec = guestless_spec(name);
+            spec.network_port = Some(5900 + 40 + (std::process::id() % 50) as u16);
+            for p in pairs {
+                spec.hvparams.set_pair(p).unwrap();
+            }
+            let pid = node
+                .hv
+                .start(&spec, hv_kvm::StartMode::Paused)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {}", e.report()))
+                .pid;
+            let argv = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+            assert!(argv.contains(want), "{name}: {argv:?}");
+            if name == "spiceif6" {
+                assert!(argv.contains("spice,model=ac97"), "{argv:?}");
+            }
+            node.hv.stop(name, hv_kvm::StopMode::Force).await.unwrap();
+        }
+        // An interface with no address of the asked family, or none at all.
+        let mut spec = guestless_spec("noif");
+        spec.network_port = Some(5990);
+        spec.hvparams
+            .set_pair("vnc_bind_address=gkvmnoif0")
+            .unwrap();
+        let err = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_err()
+            .report();
+        assert!(
+            err.contains("vnc_bind_address") && err.contains("gkvmnoif0"),
+            "{err}"
+        );
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}

@@ -229,7 +229,7 @@ fn placed_devices_keep_their_ids_and_slots_across_a_migration() {
     rt().block_on(async {
         let started = a.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
         let want = [
-            "virtio-blk-pci,drive=disk-root,bootindex=1,id=disk-root,addr=0x0c",
+            "virtio-blk-pci,drive=disk-root,write-cache=on,bootindex=1,id=disk-root,addr=0x0c",
             "virtio-net-pci,mac=52:54:00:0d:00:02,netdev=nic0,id=nic0,addr=0x0d",
         ];
         let argv_a = cmdline(started.pid);

@@ -134,10 +134,13 @@ fn argv_dry_run() {
     );
     let joined = argv.join(" ");
     assert!(
-        joined.contains("-name web1 -nodefaults -m 256 -smp 2"),
+        joined.contains("-name web1,debug-threads=on -nodefaults -m 256 -smp 2"),
         "{joined}"
     );
-    assert!(joined.contains("file=/srv/web1,,a.img"), "{joined}");
+    assert!(
+        joined.contains("file.filename=/srv/web1,,a.img"),
+        "{joined}"
+    );
     assert!(joined.contains("-rtc base=localtime"), "{joined}");
     assert!(joined.contains(",accel=tcg"), "{joined}");
     assert!(joined.contains(&format!(

@@ -15,6 +15,7 @@
 mod error;
 mod guard;
 mod lifecycle;
+mod media;
 mod migration;
 mod nic;
 mod ops;
@@ -189,7 +190,8 @@ impl KvmHypervisor {
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
         start::shape_new_instance(&mut spec).map_err(params)?;
-        let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
+        let env = media::build_env_for(&self.config.build_env, &spec.hvparams);
+        let cmd = kvm_cmdline::build(&spec, &caps, &env).map_err(params)?;
         let paths = self
             .config
             .run_dir

@@ -656,8 +656,10 @@ fn spec_from_migration_record(body: &str) -> Result<crate::InstanceSpec> {
         .and_then(|n| n.as_str())
         .map(str::to_owned)
         .or_else(|| {
+            // `-name NAME`, `-name NAME,debug-threads=on`, `-name guest=NAME,..`.
             let i = record.argv.iter().position(|a| a == "-name")?;
-            record.argv.get(i + 1).cloned()
+            let first = record.argv.get(i + 1)?.split(',').next()?;
+            Some(first.strip_prefix("guest=").unwrap_or(first).to_owned())
         })
         .ok_or_else(|| bad("the runtime names no instance".into()))?;
     kvm_runtime::validate_name(&name).map_err(|e| bad(e.to_string()))?;

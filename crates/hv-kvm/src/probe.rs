@@ -59,7 +59,18 @@ impl BinaryIdentity {
 #[derive(Serialize, Deserialize)]
 struct CacheEntry {
     identity: BinaryIdentity,
+    /// The feature table the entry was probed with ([`rules_fingerprint`]):
+    /// a gkvm that knows more features probes again rather than reading
+    /// the new ones as absent.
+    #[serde(default)]
+    rules: String,
     capabilities: Capabilities,
+}
+
+/// The names of every capability rule, in order.
+fn rules_fingerprint() -> String {
+    let names: Vec<&str> = kvm_cmdline::RULES.iter().map(|r| r.feature).collect();
+    names.join(",")
 }
 
 /// Probes and caches capabilities.
@@ -124,7 +135,7 @@ impl CapsCache {
                 .flatten()
             {
                 if let Ok(entry) = serde_json::from_slice::<CacheEntry>(&data) {
-                    if entry.identity == identity {
+                    if entry.identity == identity && entry.rules == rules_fingerprint() {
                         let caps = Arc::new(entry.capabilities);
                         self.lock()
                             .insert(path.to_owned(), (identity, caps.clone()));
@@ -139,6 +150,7 @@ impl CapsCache {
         if let Some(file) = self.file_for(path) {
             let entry = CacheEntry {
                 identity: identity.clone(),
+                rules: rules_fingerprint(),
                 capabilities: (*caps).clone(),
             };
             // A cache that cannot be written only costs a probe next time.

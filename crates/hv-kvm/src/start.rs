@@ -114,7 +114,11 @@ impl KvmHypervisor {
         spec.hvparams
             .validate_host(&RealHost, &caps)
             .map_err(params)?;
-        let cmd = kvm_cmdline::build(&spec, &caps, &self.config.build_env).map_err(params)?;
+        crate::media::check_image_urls(&spec.hvparams)
+            .await
+            .map_err(params)?;
+        let env = crate::media::build_env_for(&self.config.build_env, &spec.hvparams);
+        let cmd = kvm_cmdline::build(&spec, &caps, &env).map_err(params)?;
         tracing::debug!(instance = %spec.name, "argv built");
         let mut record = runtime_record(&spec, &cmd, &caps, &[]);
         set_starting(&mut record, true);

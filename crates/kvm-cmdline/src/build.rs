@@ -16,7 +16,7 @@ use crate::hvparams::{
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
 use crate::qemu::{
-    Args, Chardev, Device, Drive, Machine, Netdev, Object, Props, Smp, Syntax, Value,
+    Args, Blockdev, Chardev, Device, Drive, Machine, Netdev, Object, Props, Smp, Syntax, Value,
 };
 use crate::{Capabilities, Error, InstanceSpec, Layout};
 
@@ -43,9 +43,11 @@ pub struct BuildEnv {
     pub spice_cacert: PathBuf,
     /// SPICE TLS certificate (and key, in one file as Ganeti has it).
     pub spice_cert: PathBuf,
-    /// The address of the `spice_bind` interface when it names one (the
-    /// caller looks it up; this crate does no I/O).
-    pub spice_address: Option<IpAddr>,
+    /// The addresses of the node's interfaces that `vnc_bind_address` or
+    /// `spice_bind` name, by interface (the caller looks them up; this
+    /// crate does no I/O). Resolved on each node at each start, so a
+    /// migrated instance listens on its new node's address.
+    pub interfaces: std::collections::BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Default for BuildEnv {
@@ -53,7 +55,7 @@ impl Default for BuildEnv {
         BuildEnv {
             spice_cacert: PathBuf::from("/etc/gkvm/spice-ca.pem"),
             spice_cert: PathBuf::from("/etc/gkvm/spice.pem"),
-            spice_address: None,
+            interfaces: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -165,6 +167,13 @@ impl Ctx<'_> {
     fn legacy_drives(&self) -> bool {
         self.f.drive_boot || self.caps.devices.is_empty()
     }
+
+    /// Disks and CD-ROMs as `-blockdev` nodes under a `-device` (as Ganeti
+    /// 3.1): instances this release starts, on a QEMU that has
+    /// `-blockdev`. Earlier releases' instances keep their `-drive`s.
+    fn blockdev_disks(&self) -> bool {
+        self.lean() && self.f.blockdev && !self.legacy_drives()
+    }
 }
 
 /// A user value checked for QEMU's syntax under its own field name; the
@@ -194,7 +203,12 @@ pub fn build(
         f: &caps.features,
     };
     let mut a = Args::new(path_str("kvm_path", &hv.kvm_path)?);
-    a.opt("-name", spec.name.clone());
+    if c.lean() && c.f.debug_threads {
+        // Named threads (`CPU 0/KVM`, `worker`) for top, perf and pinning.
+        a.opt("-name", format!("{},debug-threads=on", spec.name));
+    } else {
+        a.opt("-name", spec.name.clone());
+    }
     if c.lean() {
         a.flag("-nodefaults");
     }
@@ -357,6 +371,26 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
     let hv = c.hv;
     let mut boot_disk = c.boots_from(BootOrder::Disk);
     for (i, disk) in c.spec.disks.iter().enumerate() {
+        let id = match &disk.address {
+            Some(addr) => addr.id.clone(),
+            None => format!("disk{i}"),
+        };
+        if c.blockdev_disks() {
+            if let Some(dev) = disk_device(hv.disk_type, false, &id) {
+                if hv.disk_type == DiskType::Scsi {
+                    scsi_controller_once(c, a, scsi_controller)?;
+                }
+                let is_boot = std::mem::take(&mut boot_disk);
+                blockdev_disk(c, a, i, disk, dev, is_boot)?;
+                continue;
+            }
+        }
+        if disk.uri.is_some() {
+            return Err(c.unsupported(
+                &format!("disks[{i}].uri"),
+                "userspace disk access with this disk_type (it needs -blockdev and a -device)",
+            ));
+        }
         let field = format!("disks[{i}].path");
         if !disk.path.is_absolute() {
             return Err(c.instance_err(
@@ -378,10 +412,6 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
             a.drive(&extend(drive, tail))?;
             continue;
         }
-        let id = match &disk.address {
-            Some(addr) => addr.id.clone(),
-            None => format!("disk{i}"),
-        };
         let Some(mut dev) = disk_device(hv.disk_type, false, &id) else {
             drive.set("if", hv.disk_type.to_string());
             a.drive(&extend(drive, tail))?;
@@ -399,6 +429,109 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
         a.device(&dev, SYNTAX)?;
     }
     Ok(())
+}
+
+/// Ganeti 3.1's cache settings for `-blockdev`: (the device's
+/// `write-cache`, `cache.direct`, `cache.no-flush`). Shared storage and
+/// `disk_aio=native` force `none`, as in [`disk_tail`].
+fn cache_settings(c: &Ctx, disk: &crate::DiskSpec) -> (bool, bool, bool) {
+    let forced_none = disk.is_shared_storage() || c.hv.disk_aio == DiskAio::Native;
+    match c.hv.disk_cache {
+        _ if forced_none => (true, true, false),
+        DiskCache::None => (true, true, false),
+        DiskCache::Default | DiskCache::Writeback => (true, false, false),
+        DiskCache::Writethrough => (false, false, false),
+    }
+}
+
+/// One disk as a raw `-blockdev` node over its protocol node (a host file
+/// or device, or a storage URI QEMU opens itself) and its `-device`.
+fn blockdev_disk(
+    c: &Ctx,
+    a: &mut Args,
+    i: usize,
+    disk: &crate::DiskSpec,
+    mut dev: Device,
+    is_boot: bool,
+) -> Result<(), Error> {
+    let hv = c.hv;
+    let id = dev.props.get_str("drive").unwrap_or_default().to_owned();
+    let (write_cache, direct, no_flush) = cache_settings(c, disk);
+    let file = match &disk.uri {
+        Some(uri) => {
+            let field = format!("disks[{i}].uri");
+            let node = crate::qemu::storage_node(&field, uri)?;
+            if matches!(node.get_str("driver"), Some("http" | "https"))
+                && disk.mode != DiskMode::ReadOnly
+            {
+                return Err(c.instance_err(&field, "an http(s) disk can only be read-only".into()));
+            }
+            node
+        }
+        None => host_file_node(c, i, disk)?,
+    };
+    let mut node = Blockdev::new("raw", &id);
+    if disk.mode == DiskMode::ReadOnly {
+        node.props.set("read-only", true);
+    }
+    if hv.disk_discard == DiskDiscard::Unmap {
+        node.props.set("discard", "unmap");
+    }
+    node.props.set(
+        "cache",
+        Props::new()
+            .with("direct", direct)
+            .with("no-flush", no_flush),
+    );
+    node.props.set("file", file);
+    if needs_auto_read_only_off(c) {
+        node.props.set("auto-read-only", false);
+    }
+    a.blockdev(&node, SYNTAX)?;
+    dev.set("write-cache", write_cache);
+    if is_boot {
+        dev.set("bootindex", 1);
+    }
+    place(&mut dev, disk.address.as_ref(), disk_on_pci(hv.disk_type));
+    a.device(&dev, SYNTAX)
+}
+
+/// QEMU (≥ 3.1) may reopen an image read-only when it cannot write it;
+/// under `security_model=user|pool` that silently breaks writes after a
+/// migration, so Ganeti 3.1 turns it off there, and so does gkvm.
+fn needs_auto_read_only_off(c: &Ctx) -> bool {
+    c.f.auto_read_only && c.hv.security_model != SecurityModel::None
+}
+
+/// The `file` or `host_device` node of a disk on this node, with
+/// `disk_aio`: `host_device` for block devices, `file` for image files.
+fn host_file_node(c: &Ctx, i: usize, disk: &crate::DiskSpec) -> Result<Props, Error> {
+    let field = format!("disks[{i}].path");
+    if !disk.path.is_absolute() {
+        return Err(c.instance_err(
+            &field,
+            format!("{} is not an absolute path", disk.path.display()),
+        ));
+    }
+    let filename = checked_path(&field, &disk.path)?;
+    // Ganeti's rule where the template is known (its disk links are not
+    // under /dev), else where the path is.
+    let block_device = match disk.template.as_deref() {
+        Some(t) => !matches!(t, "file" | "sharedfile" | "gluster"),
+        None => filename.starts_with("/dev/"),
+    };
+    let driver = if block_device { "host_device" } else { "file" };
+    let mut p = Props::new()
+        .with("driver", driver)
+        .with("filename", filename);
+    match c.hv.disk_aio {
+        DiskAio::Threads => {}
+        DiskAio::IoUring if !c.f.aio_io_uring => {
+            return Err(c.unsupported("disk_aio", "aio=io_uring"));
+        }
+        aio => p.set("aio", aio.to_string()),
+    }
+    Ok(p)
 }
 
 /// A disk's cache mode, I/O mode, discard and read-only flag: shared
@@ -475,6 +608,19 @@ fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(),
             continue;
         }
         let id = format!("cdrom{n}");
+        if c.blockdev_disks() {
+            if let Some(mut dev) = disk_device(kind, true, &id) {
+                if kind == DiskType::Scsi {
+                    scsi_controller_once(c, a, scsi_controller)?;
+                }
+                a.blockdev(&cdrom_node(key, image, &id)?, SYNTAX)?;
+                if bootable {
+                    dev.set("bootindex", 1);
+                }
+                a.device(&dev, SYNTAX)?;
+                continue;
+            }
+        }
         let Some(mut dev) = disk_device(kind, true, &id) else {
             a.drive(&drive.with("if", kind.to_string()))?;
             continue;
@@ -494,6 +640,24 @@ fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(),
         a.device(&dev, SYNTAX)?;
     }
     Ok(())
+}
+
+/// A CD-ROM image as a read-only raw node (Ganeti 3.1's cache settings)
+/// over a file, or over QEMU's curl driver for an http(s) URL.
+fn cdrom_node(key: &str, image: &Path, id: &str) -> Result<Blockdev, Error> {
+    let file = match crate::image_url(image) {
+        Some(url) => crate::qemu::storage_node(key, url)?,
+        None => Props::new()
+            .with("driver", "file")
+            .with("filename", checked_path(key, image)?),
+    };
+    Ok(Blockdev::new("raw", id)
+        .with("read-only", true)
+        .with(
+            "cache",
+            Props::new().with("direct", false).with("no-flush", true),
+        )
+        .with("file", file))
 }
 
 fn build_floppy(c: &Ctx, a: &mut Args) -> Result<(), Error> {
@@ -566,7 +730,7 @@ fn build_usb_mouse(c: &Ctx, a: &mut Args) -> Result<(), Error> {
 
 fn build_display(c: &Ctx, a: &mut Args, env: &BuildEnv) -> Result<(), Error> {
     if !c.hv.vnc_bind_address.is_empty() {
-        build_vnc(c, a)
+        build_vnc(c, a, env)
     } else if !c.hv.spice_bind.is_empty() {
         build_spice(c, a, env)
     } else {
@@ -633,8 +797,15 @@ fn build_sound(c: &Ctx, a: &mut Args) -> Result<(), Error> {
         return Ok(());
     }
     if c.f.audio {
+        // With SPICE on, the guest's sound goes to SPICE clients (as
+        // Ganeti 3.1); else the card has no host backend.
+        let driver = if hv.spice_bind.is_empty() {
+            "none"
+        } else {
+            "spice"
+        };
         let model = checked("soundhw", &hv.soundhw)?;
-        a.keyval("-audio", "none", &Props::new().with("model", model))
+        a.keyval("-audio", driver, &Props::new().with("model", model))
     } else if c.f.soundhw {
         a.opt("-soundhw", whole_arg("soundhw", &hv.soundhw)?);
         Ok(())
@@ -653,10 +824,37 @@ fn bool_prop(f: &crate::Features, v: bool) -> Value {
     }
 }
 
-fn build_vnc(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+/// The address an interface-name bind resolves to on this node: of
+/// `version` (4 or 6) when given, else its first IPv4 address, else its
+/// first IPv6 address (Ganeti 3.1 takes the cluster's primary family when
+/// an interface has both; gkvm has no cluster, and IPv4 first is what
+/// Ganeti does for VNC).
+fn interface_address(
+    key: &str,
+    interface: &str,
+    version: u8,
+    env: &BuildEnv,
+) -> Result<IpAddr, Error> {
+    let addresses = env.interfaces.get(interface).map_or(&[][..], Vec::as_slice);
+    let of = |v4: bool| addresses.iter().copied().find(|a| a.is_ipv4() == v4);
+    let found = match version {
+        4 => of(true),
+        6 => of(false),
+        _ => of(true).or_else(|| of(false)),
+    };
+    found.ok_or_else(|| Error::Host {
+        key: key.into(),
+        reason: match version {
+            4 | 6 => format!("interface {interface:?} has no IPv{version} address"),
+            _ => format!("interface {interface:?} has no IP address"),
+        },
+    })
+}
+
+fn build_vnc(c: &Ctx, a: &mut Args, env: &BuildEnv) -> Result<(), Error> {
     let (hv, spec) = (c.hv, c.spec);
     let bind = &hv.vnc_bind_address;
-    if bind.parse::<std::net::Ipv4Addr>().is_err() {
+    if bind.starts_with('/') {
         // A directory: a Unix socket named after the instance.
         let socket = Path::new(bind).join(format!("{}.vnc", spec.name));
         a.opt(
@@ -673,10 +871,14 @@ fn build_vnc(c: &Ctx, a: &mut Args) -> Result<(), Error> {
         ));
     }
     let display = port - VNC_BASE_PORT;
-    let head = if bind == "0.0.0.0" {
-        format!(":{display}")
-    } else {
-        format!("{bind}:{display}")
+    let address = match bind.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) => interface_address("vnc_bind_address", bind, 0, env)?,
+    };
+    let head = match address {
+        IpAddr::V4(v4) if v4.is_unspecified() => format!(":{display}"),
+        IpAddr::V4(v4) => format!("{v4}:{display}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{display}"),
     };
     let mut props = Props::new();
     if hv.vnc_tls {
@@ -734,13 +936,7 @@ fn build_spice(c: &Ctx, a: &mut Args, env: &BuildEnv) -> Result<(), Error> {
     }
     let address: IpAddr = match hv.spice_bind.parse() {
         Ok(ip) => ip,
-        Err(_) => env.spice_address.ok_or_else(|| Error::Host {
-            key: "spice_bind".into(),
-            reason: format!(
-                "the address of interface {:?} was not resolved",
-                hv.spice_bind
-            ),
-        })?,
+        Err(_) => interface_address("spice_bind", &hv.spice_bind, hv.spice_ip_version, env)?,
     };
     let port = c
         .spec

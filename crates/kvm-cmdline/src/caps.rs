@@ -172,6 +172,14 @@ features! {
     incoming_defer: HelpText("-incoming defer"), Since(2, 3);
     /// `aio=io_uring` on drives (QEMU ≥ 5.0 built with liburing).
     aio_io_uring: OptionHelp("drive", "io_uring"), Since(5, 0);
+    /// `-blockdev` (QEMU ≥ 2.9): disks as a node graph, with
+    /// `cache.direct`/`cache.no-flush` and the device's `write-cache`.
+    blockdev: Opt("blockdev"), Since(2, 9);
+    /// `auto-read-only` on block nodes (QEMU ≥ 3.1).
+    auto_read_only: Since(3, 1), Since(3, 1);
+    /// `-name NAME,debug-threads=on`: QEMU names its threads (gone in
+    /// QEMU 11).
+    debug_threads: OptionHelp("name", "debug-threads"), Before(11, 0);
     /// JSON syntax for `-device`/`-object`/`-netdev` (QEMU ≥ 6.2); see
     /// [`crate::qemu::Syntax::for_caps`].
     json_cli: Since(6, 2), Since(6, 2);

@@ -95,8 +95,14 @@ pub enum DiskMode {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DiskSpec {
-    /// Block device or image file on this node.
+    /// Block device or image file on this node (unused when `uri` is set).
+    #[serde(default)]
     pub path: PathBuf,
+    /// Userspace access (Ganeti's `access=userspace`): QEMU's own block
+    /// driver opens this storage URI (`nbd://`, `nbd+unix://`, `rbd:`,
+    /// `gluster://`, `iscsi://`) and no host device is involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
     /// Access mode.
     #[serde(default)]
     pub mode: DiskMode,
@@ -241,6 +247,15 @@ impl DiskSpec {
     pub fn new(path: impl Into<PathBuf>) -> DiskSpec {
         DiskSpec {
             path: path.into(),
+            ..DiskSpec::default()
+        }
+    }
+
+    /// A read-write disk QEMU opens itself at a storage URI (userspace
+    /// access).
+    pub fn from_uri(uri: impl Into<String>) -> DiskSpec {
+        DiskSpec {
+            uri: Some(uri.into()),
             ..DiskSpec::default()
         }
     }

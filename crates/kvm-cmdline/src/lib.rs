@@ -67,7 +67,7 @@ pub use instance::{
 };
 pub use options::generated_mac;
 pub use placement::is_valid_device_id;
-pub use validate::{HostFacts, Warning, MAX_VIRTIO_NET_QUEUES};
+pub use validate::{image_url, HostFacts, Warning, MAX_VIRTIO_NET_QUEUES};
 pub use values::{MacAddr, Uuid};
 
 #[doc = include_str!("../README.md")]

@@ -1,7 +1,8 @@
 //! The command-line syntax of disks and NICs (`gkvm start --disk`,
 //! `--nic`), so every tool that takes them parses them the same way.
 //!
-//! - Disk: `PATH`, `PATH:ro` or `PATH:rw` (read-write is the default).
+//! - Disk: `PATH`, `PATH:ro` or `PATH:rw` (read-write is the default);
+//!   `PATH` may be a storage URI (`nbd://`, `rbd:`, ...) QEMU opens itself.
 //! - NIC: comma-separated `key=value` pairs: one of `bridge=BRIDGE`,
 //!   `routed=TABLE` or `ovs=SWITCH` (`openvswitch=` too) for the mode and
 //!   link, then optionally `mac=52:54:00:12:34:56` and `ip=ADDRESS`. A NIC
@@ -23,7 +24,8 @@ fn bad(instance: &str, field: &str, reason: String) -> Error {
 impl FromStr for DiskSpec {
     type Err = Error;
 
-    /// `PATH`, `PATH:ro` or `PATH:rw`.
+    /// `PATH`, `PATH:ro` or `PATH:rw`; a storage URI (`nbd://...`) in
+    /// place of `PATH` is opened by QEMU itself.
     fn from_str(text: &str) -> Result<DiskSpec, Error> {
         let (path, mode) = match text.strip_suffix(":ro") {
             Some(p) => (p, DiskMode::ReadOnly),
@@ -35,7 +37,12 @@ impl FromStr for DiskSpec {
         if path.is_empty() {
             return Err(bad("(cli)", "--disk", format!("{text:?}: no path")));
         }
-        let mut disk = DiskSpec::new(path);
+        let mut disk = if crate::qemu::is_storage_uri(path) {
+            crate::qemu::storage_node("--disk", path)?;
+            DiskSpec::from_uri(path)
+        } else {
+            DiskSpec::new(path)
+        };
         disk.mode = mode;
         Ok(disk)
     }
@@ -124,6 +131,12 @@ mod tests {
         let d: DiskSpec = "/x:rw".parse().unwrap();
         assert_eq!(d.path.to_str(), Some("/x"));
         assert!("".parse::<DiskSpec>().is_err());
+        let d: DiskSpec = "nbd://127.0.0.1/e:ro".parse().unwrap();
+        assert_eq!(
+            (d.uri.as_deref(), d.mode),
+            (Some("nbd://127.0.0.1/e"), DiskMode::ReadOnly)
+        );
+        assert!("nbd://:1/e".parse::<DiskSpec>().is_err());
         assert!(":ro".parse::<DiskSpec>().is_err());
     }
 

@@ -31,6 +31,16 @@ fn check_abs(key: &str, p: Option<&Path>) -> Result<(), Error> {
     }
 }
 
+/// A Linux interface name: 1 to 15 bytes, no `/`, `:` or whitespace.
+fn is_interface_name(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+}
+
 fn is_norm_abs(p: &str) -> bool {
     p.starts_with('/') && !p.split('/').any(|c| c == "." || c == "..") && !p.contains("//")
 }
@@ -138,11 +148,21 @@ impl HvParams {
             ("vnc_password_file", &self.vnc_password_file),
             ("spice_password_file", &self.spice_password_file),
             ("floppy_image_path", &self.floppy_image_path),
-            ("cdrom_image_path", &self.cdrom_image_path),
-            ("cdrom2_image_path", &self.cdrom2_image_path),
             ("mem_path", &self.mem_path),
         ] {
             check_abs(key, p.as_deref())?;
+        }
+        // CD-ROM images may also be http(s) URLs, as in Ganeti.
+        for (key, p) in [
+            ("cdrom_image_path", &self.cdrom_image_path),
+            ("cdrom2_image_path", &self.cdrom2_image_path),
+        ] {
+            match p.as_deref().and_then(image_url) {
+                Some(url) => {
+                    crate::qemu::storage_node(key, url)?;
+                }
+                None => check_abs(key, p.as_deref())?,
+            }
         }
         Ok(())
     }
@@ -219,17 +239,16 @@ impl HvParams {
 
     /// VNC and SPICE.
     fn check_display(&self) -> Result<(), Error> {
-        if !self.vnc_bind_address.is_empty() {
-            let ip4 = self.vnc_bind_address.parse::<std::net::Ipv4Addr>().is_ok();
-            if !ip4 && !is_norm_abs(&self.vnc_bind_address) {
-                return Err(syntax(
-                    "vnc_bind_address",
-                    format!(
-                        "{:?} is neither an IPv4 address nor an absolute path",
-                        self.vnc_bind_address
-                    ),
-                ));
-            }
+        let bind = &self.vnc_bind_address;
+        if !bind.is_empty()
+            && bind.parse::<IpAddr>().is_err()
+            && !is_norm_abs(bind)
+            && !is_interface_name(bind)
+        {
+            return Err(syntax(
+                "vnc_bind_address",
+                format!("{bind:?} is not an IP address, an interface name or an absolute path"),
+            ));
         }
         if ![0, 4, 6].contains(&self.spice_ip_version) {
             return Err(syntax("spice_ip_version", "must be 0 (any), 4 or 6"));
@@ -340,7 +359,7 @@ impl HvParams {
             ("cdrom_image_path", &self.cdrom_image_path),
             ("cdrom2_image_path", &self.cdrom2_image_path),
         ] {
-            if let Some(p) = p {
+            if let Some(p) = p.as_deref().filter(|p| image_url(p).is_none()) {
                 if !host.is_file(p) {
                     return Err(host_err(key, format!("{} is not a file", p.display())));
                 }
@@ -360,6 +379,17 @@ impl HvParams {
             return Err(host_err(
                 "security_domain",
                 format!("unknown user {:?}", self.security_domain),
+            ));
+        }
+        let bind = &self.vnc_bind_address;
+        if !bind.is_empty()
+            && !bind.starts_with('/')
+            && bind.parse::<IpAddr>().is_err()
+            && !host.interface_exists(bind)
+        {
+            return Err(host_err(
+                "vnc_bind_address",
+                format!("{bind:?} is neither an IP address nor a network interface of this node"),
             ));
         }
         if !self.spice_bind.is_empty() {
@@ -400,6 +430,14 @@ impl HvParams {
         caps.resolve_machine(&self.machine_version)?;
         Ok(())
     }
+}
+
+/// The URL of a CD-ROM image given as `http://` or `https://` (QEMU's
+/// curl driver reads it), or `None` for a path on the node.
+pub fn image_url(image: &Path) -> Option<&str> {
+    let text = image.to_str()?;
+    let lower = text.get(..8)?.to_ascii_lowercase();
+    (lower.starts_with("http://") || lower == "https://").then_some(text)
 }
 
 /// What host validation needs to know about the node.

@@ -74,7 +74,12 @@ fn env() -> BuildEnv {
     BuildEnv {
         spice_cacert: Path::new(FILES).join("spice-ca.pem"),
         spice_cert: Path::new(FILES).join("spice.pem"),
-        spice_address: None,
+        interfaces: [(
+            "lo".to_owned(),
+            vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -303,9 +308,12 @@ fn version_aware_spellings() {
             !v(p, "vnc-any-password").contains("vnc.pass"),
             "password file path leaked"
         );
-        assert!(v(p, "comma-paths").contains("file=/tmp/gkvm-golden/files/disk,,odd.img"));
-        assert!(v(p, "shared-storage").contains(",cache=none"));
-        assert!(!v(p, "shared-storage").contains("writethrough"));
+        assert!(v(p, "comma-paths").contains("file.filename=/tmp/gkvm-golden/files/disk,,odd.img"));
+        // Shared storage forces cache=none: O_DIRECT, flushes kept, and
+        // the guest sees a write-back cache.
+        assert!(v(p, "shared-storage").contains(",cache.direct=on,cache.no-flush=off,"));
+        assert!(v(p, "shared-storage").contains(",write-cache=on"));
+        assert!(v(p, "two-nics-legacy").contains("-drive file=/tmp/gkvm-golden/files/disk0.img,"));
     }
     assert!(v("qemu-7.2", "acpi-off").contains("-no-acpi"));
     assert!(v("qemu-10.0", "acpi-off").contains("-machine pc-i440fx-10.0,accel=kvm,acpi=off"));

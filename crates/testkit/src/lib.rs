@@ -7,6 +7,9 @@
 //! failure (CI sets it so real-QEMU tests can never silently not run).
 #![deny(missing_docs)]
 
+mod http;
+pub use http::HttpServer;
+
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;

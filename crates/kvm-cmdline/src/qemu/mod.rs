@@ -45,7 +45,9 @@
 mod args;
 mod pieces;
 mod props;
+mod uri;
 
 pub use args::{Args, Machine, Smp};
 pub use pieces::{Blockdev, Chardev, Device, Drive, Netdev, Object};
 pub use props::{Props, Syntax, Value};
+pub use uri::{is_storage_uri, storage_node};

@@ -41,6 +41,8 @@ pub enum Value {
     Flag,
     /// Nested properties: dotted keys (`file.driver=file`) or a JSON object.
     Object(Props),
+    /// A list: indexed dotted keys (`server.0.host=a`) or a JSON array.
+    List(Vec<Value>),
 }
 
 impl From<&str> for Value {
@@ -113,6 +115,7 @@ impl Value {
             Value::Bool(b) => Json::from(*b),
             Value::Flag => Json::Bool(true),
             Value::Object(p) => Json::Object(p.to_json()),
+            Value::List(items) => Json::Array(items.iter().map(Value::to_json).collect()),
         }
     }
 }
@@ -184,29 +187,32 @@ impl Props {
 
     fn write_keyval(&self, out: &mut String, prefix: &str) -> Result<(), Error> {
         for (k, v) in &self.0 {
-            let key = format!("{prefix}{k}");
-            if let Value::Object(inner) = v {
-                inner.write_keyval(out, &format!("{key}."))?;
-                continue;
-            }
-            if !out.is_empty() {
-                out.push(',');
-            }
-            match v {
-                Value::Str(s) => {
-                    out.push_str(&key);
-                    out.push('=');
-                    out.push_str(&crate::escape::opt_value(&key, s)?);
-                }
-                Value::Int(i) => out.push_str(&format!("{key}={i}")),
-                Value::UInt(u) => out.push_str(&format!("{key}={u}")),
-                Value::Bool(b) => out.push_str(&format!("{key}={}", if *b { "on" } else { "off" })),
-                Value::Flag => out.push_str(&key),
-                Value::Object(_) => {}
-            }
+            write_value(out, &format!("{prefix}{k}"), v)?;
         }
         Ok(())
     }
+}
+
+fn write_value(out: &mut String, key: &str, v: &Value) -> Result<(), Error> {
+    let scalar = match v {
+        Value::Object(inner) => return inner.write_keyval(out, &format!("{key}.")),
+        Value::List(items) => {
+            for (i, item) in items.iter().enumerate() {
+                write_value(out, &format!("{key}.{i}"), item)?;
+            }
+            return Ok(());
+        }
+        Value::Str(s) => format!("{key}={}", crate::escape::opt_value(key, s)?),
+        Value::Int(i) => format!("{key}={i}"),
+        Value::UInt(u) => format!("{key}={u}"),
+        Value::Bool(b) => format!("{key}={}", if *b { "on" } else { "off" }),
+        Value::Flag => key.to_owned(),
+    };
+    if !out.is_empty() {
+        out.push(',');
+    }
+    out.push_str(&scalar);
+    Ok(())
 }
 
 /// `head,props` in `key=value` syntax (`head` alone without properties).

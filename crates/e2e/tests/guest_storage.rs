@@ -1,0 +1,251 @@
+//! Ganeti 3.1's disk parameters as the booted test guest sees them (TCG):
+//! a disk QEMU opens itself over NBD (userspace access), a CD-ROM read
+//! over HTTP by QEMU's curl driver, `disk_discard=unmap` reaching the
+//! image file, and `disk_aio=native`/`io_uring` doing the guest's I/O.
+
+mod common;
+use common::{guest_spec, guestless_spec, rt};
+use gkvm_testkit::{require, HttpServer, Need, ScratchDir, Serial, READY_LINE};
+use hv_kvm::{Config, KvmHypervisor, RunDir};
+use kvm_cmdline::DiskSpec;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn hv(dir: &ScratchDir, qemu: &Path) -> KvmHypervisor {
+    let mut config = Config::new(RunDir::new(dir.path().join("run")));
+    config.kvm_path = Some(qemu.to_owned());
+    config.caps_cache_dir = Some(dir.path().join("caps"));
+    KvmHypervisor::new(config)
+}
+
+/// An image of `size` bytes with `pattern` at offset 0 and, when `fill`,
+/// `fill` MiB of written (allocated) data.
+fn image(path: &Path, size: u64, pattern: &str, fill: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all(&vec![0xab; usize::try_from(fill * MIB).unwrap()])
+        .unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(pattern.as_bytes()).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `qemu-nbd` exporting `file` as `exp` on a free loopback port.
+struct Nbd {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Nbd {
+    fn serve(file: &Path) -> Nbd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("qemu-nbd")
+            .args(["--persistent", "-f", "raw", "-x", "exp", "-b", "127.0.0.1"])
+            .args(["-p", &port.to_string()])
+            .arg(file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-nbd (qemu-utils)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nbd { child, port }
+    }
+}
+
+impl Drop for Nbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest's virtio disks: (name, size in 512-byte sectors).
+fn guest_disks(serial: &mut Serial) -> Vec<(String, u64)> {
+    let out = serial
+        .run(
+            "for d in /sys/block/vd*; do echo \"disk ${d##*/} $(cat $d/size)\"; done",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    out.lines()
+        .filter_map(|l| {
+            let mut w = l.trim().strip_prefix("disk ")?.split_whitespace();
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn disk_of_size(disks: &[(String, u64)], bytes: u64) -> String {
+    disks
+        .iter()
+        .find(|(_, s)| *s == bytes / 512)
+        .unwrap_or_else(|| panic!("no {bytes}-byte disk in the guest: {disks:?}"))
+        .0
+        .clone()
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn fds_of(pid: i32) -> Vec<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect()
+}
+
+#[test]
+fn userspace_nbd_http_cdrom_discard_and_native_aio_in_the_guest() {
+    let Some(env) = require("guest_storage", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-stor");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let disk = files.join("disk.img");
+    image(&disk, 8 * MIB, "gkvm-local-disk", 4);
+    image(&files.join("nbd.img"), 4 * MIB, "gkvm-nbd-pattern", 0);
+    image(&files.join("cd.iso"), 2 * MIB, "gkvm-http-cdrom", 0);
+    let nbd = Nbd::serve(&files.join("nbd.img"));
+    let http = HttpServer::serve(&files, 0).unwrap();
+    let hv = hv(&dir, &env.qemu);
+
+    let mut spec = guest_spec(&env, "stor1");
+    for pair in [
+        "disk_aio=native",
+        "disk_discard=unmap",
+        "cdrom_disk_type=paravirtual",
+        &format!("cdrom_image_path={}", http.url("cd.iso")),
+    ] {
+        spec.hvparams.set_pair(pair).unwrap();
+    }
+    spec.disks.push(DiskSpec::new(&disk));
+    spec.disks.push(DiskSpec::from_uri(format!(
+        "nbd://127.0.0.1:{}/exp",
+        nbd.port
+    )));
+    rt().block_on(async {
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("stor1")
+            .unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("stor1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let disks = guest_disks(&mut serial);
+        let (local, remote, cd) = (
+            disk_of_size(&disks, 8 * MIB),
+            disk_of_size(&disks, 4 * MIB),
+            disk_of_size(&disks, 2 * MIB),
+        );
+        for (dev, pattern) in [
+            (&local, "gkvm-local-disk"),
+            (&remote, "gkvm-nbd-pattern"),
+            (&cd, "gkvm-http-cdrom"),
+        ] {
+            let out = serial
+                .run(
+                    &format!("dd if=/dev/{dev} bs=16 count=1 2>/dev/null; echo"),
+                    Duration::from_secs(20),
+                )
+                .unwrap();
+            assert!(out.contains(pattern), "/dev/{dev}: {out}");
+        }
+        assert!(http.requests() > 0);
+        // The CD-ROM is read-only to the guest.
+        let ro = serial
+            .run(&format!("cat /sys/block/{cd}/ro"), Duration::from_secs(20))
+            .unwrap();
+        assert!(ro.lines().any(|l| l.trim() == "1"), "{ro}");
+
+        // disk_aio=native: QEMU's Linux AIO context is mapped.
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", report.pid)).unwrap();
+        assert!(maps.contains("[aio]"), "no Linux AIO context in QEMU");
+
+        // disk_discard=unmap: the guest's discard punches the image.
+        let before = allocated(&disk);
+        assert!(before >= 4 * MIB, "{before}");
+        let out = serial
+            .run(
+                &format!("blkdiscard /dev/{local} && sync && echo discarded"),
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert!(out.contains("discarded"), "{out}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while allocated(&disk) >= before {
+            assert!(Instant::now() < deadline, "discard never reached the image");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        hv.stop("stor1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+
+    // disk_aio=io_uring: the guest's writes land through an io_uring.
+    let mut spec = guest_spec(&env, "stor2");
+    spec.hvparams.set_pair("disk_aio=io_uring").unwrap();
+    spec.disks.push(DiskSpec::new(&disk));
+    rt().block_on(async {
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(dir.path().join("run")).instance("stor2").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("stor2").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            fds_of(report.pid)
+                .iter()
+                .any(|l| l.to_string_lossy().contains("io_uring")),
+            "no io_uring in QEMU"
+        );
+        let out = serial
+            .run(
+                "echo gkvm-io-uring-write | dd of=/dev/vda bs=512 conv=fsync 2>/dev/null && echo written",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert!(out.contains("written"), "{out}");
+        let data = std::fs::read(&disk).unwrap();
+        assert!(data.starts_with(b"gkvm-io-uring-write"));
+        hv.stop("stor2", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}
+
+#[test]
+fn a_missing_http_cdrom_is_refused_before_anything_starts() {
+    let Some(env) = require("guest_storage_404", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-stor404");
+    let http = HttpServer::serve(dir.path(), 0).unwrap();
+    let hv = hv(&dir, &env.qemu);
+    let mut spec = guestless_spec("stor404");
+    spec.hvparams
+        .set_pair(&format!("cdrom2_image_path={}", http.url("missing.iso")))
+        .unwrap();
+    let err = rt()
+        .block_on(hv.start(&spec, hv_kvm::StartMode::Paused))
+        .unwrap_err();
+    let report = err.report();
+    assert!(
+        report.contains("cdrom2_image_path")
+            && report.contains("missing.iso")
+            && report.contains("404"),
+        "{report}"
+    );
+    assert_eq!(hv.state_files(), Vec::<PathBuf>::new());
+}
