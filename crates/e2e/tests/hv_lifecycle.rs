@@ -553,27 +553,37 @@ fn nic_script_gets_the_ganeti_environment() {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nenv | sort > {}.$INTERFACE_INDEX\nip link set \"$1\" up\n",
+            "#!/bin/sh\nenv | sort > {}.$ACTION.$INTERFACE_INDEX\n[ \"$ACTION\" = up ] && ip link set \"$1\" up\nexit 0\n",
             dump.display()
         ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let node = Node::new(&env, |c| c.nic_script = Some(script.clone()));
+    let node = Node::new(&env, |c| {
+        c.nic_script = Some(script.clone());
+        c.nic_down_script = Some(script.clone());
+    });
     let mut spec = guestless_spec("script1");
     spec.tags = vec!["web".into(), "prod".into()];
     let mut n = nic("52:54:00:00:40:01", "br-none");
     n.ip = Some("192.0.2.10".into());
-    n.network = Some(kvm_cmdline::NetworkSpec {
+    n.vlan = Some(".100:200".into());
+    n.uuid = Some("6d1e8c7a-6f0e-4c53-9d0b-1b2f3a4c5d6e".parse().unwrap());
+    n.name = Some("front".into());
+    let mut network = kvm_cmdline::NetworkSpec {
         name: "net1".into(),
         subnet: Some("192.0.2.0/24".into()),
         gateway: Some("192.0.2.1".into()),
         ..Default::default()
-    });
+    };
+    network.uuid = Some("0f1e2d3c-4b5a-4978-8a6b-5c4d3e2f1a0b".parse().unwrap());
+    network.tags = vec!["dmz".into(), "v4".into()];
+    n.network = Some(network);
     spec.nics.push(n);
     let mut routed = nic("52:54:00:00:40:02", "100");
     routed.mode = NicMode::Routed;
+    routed.ip = Some("192.0.2.11".into());
     spec.nics.push(routed);
     rt().block_on(async {
         let r = node
@@ -581,7 +591,7 @@ fn nic_script_gets_the_ganeti_environment() {
             .start(&spec, hv_kvm::StartMode::Running)
             .await
             .unwrap();
-        let e0 = std::fs::read_to_string(tmp.path().join("env.0")).unwrap();
+        let e0 = std::fs::read_to_string(tmp.path().join("env.up.0")).unwrap();
         for want in [
             "INSTANCE=script1".to_owned(),
             "MAC=52:54:00:00:40:01".into(),
@@ -595,18 +605,33 @@ fn nic_script_gets_the_ganeti_environment() {
             "NETWORK_NAME=net1".into(),
             "NETWORK_SUBNET=192.0.2.0/24".into(),
             "NETWORK_GATEWAY=192.0.2.1".into(),
+            "NETWORK_UUID=0f1e2d3c-4b5a-4978-8a6b-5c4d3e2f1a0b".into(),
+            "NETWORK_TAGS=dmz v4".into(),
+            "INTERFACE_UUID=6d1e8c7a-6f0e-4c53-9d0b-1b2f3a4c5d6e".into(),
+            "INTERFACE_NAME=front".into(),
+            "VLAN=.100:200".into(),
+            "ACTION=up".into(),
         ] {
             assert!(e0.lines().any(|l| l == want), "{want} missing from:\n{e0}");
         }
-        let e1 = std::fs::read_to_string(tmp.path().join("env.1")).unwrap();
+        let e1 = std::fs::read_to_string(tmp.path().join("env.up.1")).unwrap();
         assert!(
             e1.contains("MODE=routed") && e1.contains("LINK=100") && !e1.contains("BRIDGE="),
             "{e1}"
         );
+        assert!(!tmp.path().join("env.down.0").exists());
         node.hv
             .stop("script1", hv_kvm::StopMode::Force)
             .await
             .unwrap();
+        // The down script ran for each TAP, with the same environment.
+        for (i, tap) in r.taps.iter().enumerate() {
+            let down = std::fs::read_to_string(tmp.path().join(format!("env.down.{i}"))).unwrap();
+            assert!(
+                down.contains("ACTION=down") && down.contains(&format!("INTERFACE={tap}")),
+                "{down}"
+            );
+        }
     });
 }
 

@@ -25,7 +25,7 @@ fn unexpected(r: &Response) -> Failure {
 
 /// Runs the subcommand.
 pub(crate) async fn run(cli: Cli) -> CliResult {
-    tracing::debug!(run_dir = %cli.run_dir.display(), version = env!("CARGO_PKG_VERSION"), "gkvm: {}", cli.command.describe());
+    tracing::debug!(run_dir = ?cli.run_dir, version = env!("CARGO_PKG_VERSION"), "gkvm: {}", cli.command.describe());
     let c = &cli;
     match &cli.command {
         Command::Caps {
@@ -73,7 +73,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::NodeInfo => node_info(c).await,
         Command::Console { name } => attach_console(c, name).await,
         Command::ConsoleInfo { name } => console_info(c, name).await,
-        Command::Verify => verify(c).await,
+        Command::Verify { hvparams } => verify(c, hvparams).await,
         Command::MigrationInfo { name } => migration_info(c, name).await,
         Command::Accept {
             info,
@@ -115,11 +115,33 @@ async fn console_info(cli: &Cli, name: &str) -> CliResult {
     }
 }
 
-async fn verify(cli: &Cli) -> CliResult {
-    match call(&hypervisor(cli)?, Request::Verify).await? {
-        Response::Verify(report) => render::verify(cli.json, &report),
-        other => Err(unexpected(&other)),
+/// `gkvm verify`: a bad node configuration is one of the problems found
+/// (naming its key), not a failure to verify.
+async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
+    let mut report = match hypervisor(cli) {
+        Ok(hv) => match call(&hv, Request::Verify).await? {
+            Response::Verify(report) => report,
+            other => return Err(unexpected(&other)),
+        },
+        Err(e) => hv_kvm::VerifyReport::with_problems(vec![e.message]),
+    };
+    if !hvparams.is_empty() {
+        let pairs: Vec<&str> = hvparams.iter().map(String::as_str).collect();
+        match hv_kvm::HvParams::from_pairs(&pairs).and_then(|hv| {
+            hv.check_syntax()?;
+            Ok(hv)
+        }) {
+            Ok(hv) => {
+                report.warnings = hv
+                    .assess()
+                    .into_iter()
+                    .map(|w| format!("{}: {}", w.key, w.message))
+                    .collect()
+            }
+            Err(e) => report.problems.push(e.to_string()),
+        }
     }
+    render::verify(cli.json, &report)
 }
 
 async fn migration_info(cli: &Cli, name: &str) -> CliResult {

@@ -231,7 +231,9 @@ impl Demo<'_> {
         Ok(())
     }
 
-    /// The built-in instance: the test guest, one routed NIC.
+    /// The built-in instance: the test guest, one NIC in `ext` mode (a TAP
+    /// gkvm brings up and leaves to the host: the demo changes no bridge or
+    /// route of this machine).
     fn spec(&self, kernel: &Path, initrd: &Path, cmdline: &str) -> Result<InstanceSpec, String> {
         let mut spec = InstanceSpec::new(NAME, 128);
         let kvm_flag = if self.opts.kvm { "enabled" } else { "disabled" };
@@ -253,7 +255,7 @@ impl Demo<'_> {
         }
         let mac = hv_kvm::MacAddr::new([0x52, 0x54, 0x00, 0xde, 0x00, 0x01]);
         let mut nic = NicSpec::new(mac, "");
-        nic.mode = NicMode::Routed;
+        nic.mode = NicMode::Ext;
         spec.nics.push(nic);
         Ok(spec)
     }

@@ -7,20 +7,45 @@ use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
 
 use crate::{Cli, Failure, StartArgs};
 
+/// The node's hypervisor: flags and environment, then the node
+/// configuration file, then the defaults.
 pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
-    let mut config = Config::new(RunDir::new(&cli.run_dir));
-    config.kvm_path = cli.kvm_path.clone();
-    config.migration_key = migration_key(cli)?;
+    let node = crate::node_config::load(cli.node_config.as_deref())?;
+    let run_dir = cli
+        .run_dir
+        .clone()
+        .or_else(|| node.run_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
+    let mut config = Config::new(RunDir::new(run_dir));
+    config.kvm_path = cli.kvm_path.clone().or_else(|| node.kvm_path.clone());
+    config.migration_key =
+        migration_key(cli.migration_key.as_ref().or(node.migration_key.as_ref()))?;
+    config.nic_script = node.nic_up_script.clone();
+    config.nic_down_script = node.nic_down_script.clone();
+    config.uid_pool = node.uid_pool()?;
+    if let Some(t) = &node.tap_template {
+        config.tap_template = t.clone();
+    }
+    if let Some(p) = &node.spice_cacert {
+        config.build_env.spice_cacert = p.clone();
+    }
+    if let Some(p) = &node.spice_cert {
+        config.build_env.spice_cert = p.clone();
+    }
     Ok(KvmHypervisor::new(config))
 }
+
+/// The run directory when neither a flag nor the node configuration
+/// names one.
+const DEFAULT_RUN_DIR: &str = "/run/gkvm";
 
 /// Where the nodes' shared migration key is looked for by default.
 const DEFAULT_MIGRATION_KEY: &str = "/etc/gkvm/migration.key";
 
 /// The migration key: `--migration-key`, else the default file if it
 /// exists. A key others can read is no secret, and is refused.
-fn migration_key(cli: &Cli) -> Result<Option<Vec<u8>>, Failure> {
-    let path = match &cli.migration_key {
+fn migration_key(given: Option<&PathBuf>) -> Result<Option<Vec<u8>>, Failure> {
+    let path = match given {
         Some(p) => p.clone(),
         None if Path::new(DEFAULT_MIGRATION_KEY).exists() => PathBuf::from(DEFAULT_MIGRATION_KEY),
         None => return Ok(None),

@@ -26,6 +26,7 @@ mod commands;
 mod console;
 mod demo;
 mod input;
+mod node_config;
 mod render;
 
 const EXAMPLES: &str = "\
@@ -51,9 +52,15 @@ Examples:
 #[derive(Parser)]
 #[command(name = "gkvm", version, about = "Run and manage KVM virtual machines", after_help = EXAMPLES)]
 struct Cli {
-    /// The node's run directory.
-    #[arg(long, global = true, env = "GKVM_RUN_DIR", default_value = "/run/gkvm")]
-    run_dir: PathBuf,
+    /// The node's run directory [default: the node configuration's
+    /// run_dir, else /run/gkvm].
+    #[arg(long, global = true, env = "GKVM_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// The node's configuration file (TOML: run dir, default QEMU, NIC
+    /// scripts, uid pool, certificates) [default: /etc/gkvm/node.toml when
+    /// it exists].
+    #[arg(long, global = true, env = "GKVM_NODE_CONFIG", value_name = "FILE")]
+    node_config: Option<PathBuf>,
     /// QEMU binary to use instead of the instance's kvm_path.
     #[arg(long, global = true, env = "GKVM_KVM_PATH")]
     kvm_path: Option<PathBuf>,
@@ -148,8 +155,15 @@ enum Command {
         /// The instance.
         name: String,
     },
-    /// Check the node: QEMU, /dev/kvm, /dev/net/tun, the run directory.
-    Verify,
+    /// Check the node: its configuration file, QEMU, /dev/kvm,
+    /// /dev/net/tun, the run directory; with -H, also assess those
+    /// hvparams (Ganeti 3.1's warnings).
+    Verify {
+        /// Hypervisor parameters to check and assess, as Ganeti's -H
+        /// kvm:key=value (repeatable).
+        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+        hvparams: Vec<String>,
+    },
     /// Print what a migration target needs (the source's runtime, JSON).
     MigrationInfo {
         /// The instance.
@@ -251,11 +265,13 @@ struct StartArgs {
     /// Virtual CPUs.
     #[arg(long)]
     vcpus: Option<u32>,
-    /// A disk: PATH or PATH:ro (repeatable).
+    /// A disk: PATH or PATH:ro, or a storage URI QEMU opens itself
+    /// (nbd://HOST[:PORT]/EXPORT, rbd:POOL/IMAGE, gluster://, iscsi://) (repeatable).
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     disks: Vec<String>,
-    /// A NIC: bridge=BR | routed=TABLE | ovs=SWITCH, with ,mac=..,ip=.. (repeatable).
-    #[arg(long = "nic", value_name = "MODE=LINK[,mac=M][,ip=A]")]
+    /// A NIC: bridge=BR | routed=TABLE | ovs=SWITCH | ext=LINK, with
+    /// ,mac=..,ip=..,vlan=.. (repeatable).
+    #[arg(long = "nic", value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
     nics: Vec<String>,
     /// A hypervisor parameter, as Ganeti's -H kvm:key=value (repeatable).
     #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]

@@ -262,9 +262,13 @@ pub(crate) fn console_info(json: bool, c: &ConsoleInfo) -> CliResult {
 pub(crate) fn verify(json: bool, report: &VerifyReport) -> CliResult {
     if json {
         print_json(report)?;
-    } else if report.problems.is_empty() {
-        outln!("node OK")?;
     } else {
+        for w in &report.warnings {
+            outln!("warning: {w}")?;
+        }
+        if report.problems.is_empty() {
+            outln!("node OK")?;
+        }
         for p in &report.problems {
             outln!("problem: {p}")?;
         }

@@ -398,3 +398,84 @@ fn demo_runs_end_to_end() {
         "console lines missing:\n{stdout}"
     );
 }
+
+#[test]
+fn node_configuration_file_is_read_checked_and_overridden() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = ScratchDir::new("gkvm-cli-nodecfg");
+    let file = dir.path().join("node.toml");
+    let write = |text: &str, mode: u32| {
+        std::fs::write(&file, text).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .env_remove("GKVM_RUN_DIR")
+            .arg("--node-config")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // run_dir comes from the file; --run-dir overrides it.
+    let from_file = dir.path().join("from-file");
+    write(
+        &format!("run_dir = {:?}\n", from_file.to_str().unwrap()),
+        0o644,
+    );
+    // (verify makes the run directory it checks.)
+    let out = run(&["list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    run(&["verify"]);
+    assert!(from_file.join("ctrl").is_dir());
+    let flag = dir.path().join("from-flag");
+    run(&["--run-dir", flag.to_str().unwrap(), "verify"]);
+    assert!(flag.join("ctrl").is_dir());
+
+    // A bad key is a verify problem naming it (exit 1), and an error for
+    // every other command.
+    write("run_dir = \"/x\"\nnic_up_scrpt = \"/bin/true\"\n", 0o644);
+    let out = run(&["verify", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problem = v["problems"][0].as_str().unwrap();
+    assert!(
+        problem.contains("nic_up_scrpt") && problem.contains("node.toml"),
+        "{problem}"
+    );
+    let out = run(&["list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nic_up_scrpt"));
+    write("uid_pool = \"9-3\"\n", 0o644);
+    let err = String::from_utf8_lossy(&run(&["list"]).stderr).into_owned();
+    assert!(err.contains("uid_pool"), "{err}");
+
+    // It chooses what runs as root: others may not write it.
+    write(
+        &format!("run_dir = {:?}\n", from_file.to_str().unwrap()),
+        0o666,
+    );
+    let err = String::from_utf8_lossy(&run(&["list"]).stderr).into_owned();
+    assert!(err.contains("chmod go-w"), "{err}");
+
+    // verify -H assesses parameters as Ganeti 3.1 does: warnings, not
+    // problems (the problems here are the node's, if any).
+    write(
+        &format!("run_dir = {:?}\n", from_file.to_str().unwrap()),
+        0o600,
+    );
+    let out = run(&["verify", "--json", "-H", "vnc_bind_address=0.0.0.0"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings = v["warnings"].to_string();
+    assert!(
+        warnings.contains("vnc_tls") && warnings.contains("cpu_type"),
+        "{v}"
+    );
+    let out = run(&["verify", "--json", "-H", "no_such_param=1"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["problems"].to_string().contains("no_such_param"), "{v}");
+}

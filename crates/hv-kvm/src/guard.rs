@@ -31,6 +31,17 @@ pub(crate) struct RollbackGuard {
     /// kernel has removed them (their last holder may exit a moment after
     /// QEMU reported its failure).
     taps: Mutex<Vec<String>>,
+    /// What else to undo (NIC teardown), in order.
+    undo: Mutex<Vec<Undo>>,
+}
+
+/// One step of a rollback.
+struct Undo(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Undo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Undo")
+    }
 }
 
 impl RollbackGuard {
@@ -42,7 +53,16 @@ impl RollbackGuard {
             armed: true,
             child: Mutex::new(None),
             taps: Mutex::new(Vec::new()),
+            undo: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds a step a rollback runs once QEMU is gone.
+    pub(crate) fn on_rollback(&self, step: Box<dyn FnOnce() + Send>) {
+        self.undo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Undo(step));
     }
 
     /// Records a TAP the operation created.
@@ -100,6 +120,10 @@ impl Drop for RollbackGuard {
             process::kill_and_wait_pidfd(&fd, Duration::from_secs(10));
         }
         kill_and_clean_blocking(&self.paths);
+        let undo = std::mem::take(&mut *self.undo.lock().unwrap_or_else(|p| p.into_inner()));
+        for step in undo {
+            (step.0)();
+        }
         let taps = std::mem::take(&mut *self.taps.lock().unwrap_or_else(|p| p.into_inner()));
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         for tap in taps {

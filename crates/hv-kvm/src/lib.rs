@@ -64,10 +64,16 @@ pub struct Config {
     pub qmp_timeout: Duration,
     /// Node-wide inputs of the argv (SPICE certificates).
     pub build_env: kvm_cmdline::BuildEnv,
-    /// The NIC up script (Ganeti's `kvm-ifup`): run with the TAP name and
-    /// Ganeti's environment. Without one, TAPs are brought up and bridged
-    /// NICs attached to their bridge natively.
+    /// The NIC up script (Ganeti's `kvm-ifup`, 3.1's `kvm-nic-setup`): run
+    /// with the TAP name and Ganeti's environment, `ACTION=up`. Without
+    /// one, gkvm configures each NIC natively (see [`nic_script_env`] for
+    /// the environment and the `nic` module for what native means per mode).
     pub nic_script: Option<PathBuf>,
+    /// The NIC down script (Ganeti 3.1's `kvm-ifdown`): run with the TAP
+    /// name, the same environment and `ACTION=down` when a TAP goes away
+    /// (stop, migration away, failed start). Without one, gkvm undoes
+    /// natively what the kernel keeps (routing rules, Open vSwitch ports).
+    pub nic_down_script: Option<PathBuf>,
     /// The uid pool for `security_model=pool`.
     pub uid_pool: Option<kvm_runtime::UidPool>,
     /// Kernel name template for TAP interfaces.
@@ -97,6 +103,7 @@ impl Config {
             qmp_timeout: Duration::from_secs(10),
             build_env: kvm_cmdline::BuildEnv::default(),
             nic_script: None,
+            nic_down_script: None,
             uid_pool: None,
             tap_template: "gkvm%d".into(),
             start_timeout: Duration::from_secs(60),

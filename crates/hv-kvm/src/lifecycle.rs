@@ -328,11 +328,31 @@ impl KvmHypervisor {
         Ok(())
     }
 
+    /// Tears down the NICs an instance had (down script or native undo,
+    /// see [`crate::nic::deconfigure`]) and removes its files.
     pub(crate) fn cleanup_files(&self, paths: &InstancePaths) -> Result<()> {
+        self.teardown_nics(paths);
         paths.cleanup().map(|_| ()).map_err(|e| Error::Runtime {
             instance: paths.name.clone(),
             source: e,
         })
+    }
+
+    /// Runs the NIC teardown of each TAP the run dir records for the
+    /// instance, from its saved definition.
+    fn teardown_nics(&self, paths: &InstancePaths) {
+        let Ok(taps) = paths.read_nics() else {
+            return;
+        };
+        if taps.is_empty() {
+            return;
+        }
+        let Ok(Some(spec)) = self.saved_spec(paths) else {
+            return;
+        };
+        for (i, tap) in taps.iter().enumerate() {
+            crate::nic::deconfigure(&spec, i, tap, self.config.nic_down_script.as_deref());
+        }
     }
 
     /// Clears leftovers but keeps the (held) lock file.

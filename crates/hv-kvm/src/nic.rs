@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use gkvm_tap::{Tap, TapBuilder, VnetHdr};
 use kvm_cmdline::{InstanceSpec, NicMode, NicSpec};
@@ -83,7 +84,8 @@ pub(crate) fn open_vhost(spec: &InstanceSpec, taps: &[Tap]) -> Result<Vec<Vec<Ow
 /// The kernel's vhost-net device.
 pub(crate) const VHOST_NET: &str = "/dev/vhost-net";
 
-/// The environment the NIC script gets (Ganeti's names).
+/// The environment the NIC script gets (Ganeti 3.1's names; `ACTION` is
+/// added by the caller: `up` or `down`).
 pub fn nic_script_env(
     spec: &InstanceSpec,
     seq: usize,
@@ -98,14 +100,20 @@ pub fn nic_script_env(
         ("INTERFACE_INDEX".to_owned(), seq.to_string()),
         ("TAGS".to_owned(), spec.tags.join(" ")),
     ];
-    if let Some(ip) = &nic.ip {
-        env.push(("IP".into(), ip.clone()));
-    }
-    if !nic.link.is_empty() {
-        env.push(("LINK".into(), nic.link.clone()));
-    }
+    let mut opt = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            env.push((k.to_owned(), v));
+        }
+    };
+    opt("INTERFACE_UUID", nic.uuid.as_ref().map(ToString::to_string));
+    opt("INTERFACE_NAME", nic.name.clone());
+    opt("IP", nic.ip.clone());
+    opt("LINK", (!nic.link.is_empty()).then(|| nic.link.clone()));
+    opt("VLAN", nic.vlan.clone());
     if let Some(n) = &nic.network {
-        env.push(("NETWORK_NAME".into(), n.name.clone()));
+        opt("NETWORK_NAME", Some(n.name.clone()));
+        opt("NETWORK_UUID", n.uuid.as_ref().map(ToString::to_string));
+        opt("NETWORK_TAGS", Some(n.tags.join(" ")));
         for (k, v) in [
             ("NETWORK_SUBNET", &n.subnet),
             ("NETWORK_GATEWAY", &n.gateway),
@@ -114,20 +122,71 @@ pub fn nic_script_env(
             ("NETWORK_MAC_PREFIX", &n.mac_prefix),
             ("NETWORK_TYPE", &n.network_type),
         ] {
-            if let Some(v) = v {
-                env.push((k.into(), v.clone()));
-            }
+            opt(k, v.clone());
         }
     }
     if nic.mode == NicMode::Bridged {
-        env.push(("BRIDGE".into(), nic.link.clone()));
+        opt("BRIDGE", Some(nic.link.clone()));
     }
     env
 }
 
+/// How long a NIC script or network tool may run.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `program args` with `env` (and a sane `PATH`), bounded by
+/// [`SCRIPT_TIMEOUT`]; the error says what ran and what it printed.
+fn run_tool(
+    program: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+) -> std::result::Result<(), String> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let shown = format!("{} {}", program.display(), args.join(" "));
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", format!("{path}:/sbin:/usr/sbin:/bin:/usr/bin"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let deadline = std::time::Instant::now() + SCRIPT_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{shown} did not finish within {} s",
+                    SCRIPT_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    Err(format!("{shown} failed ({status}): {}", err.trim()))
+}
+
 /// Configures NIC `seq`'s TAP: runs `script INTERFACE` with Ganeti's
-/// environment when one is configured, else brings the link up and, for
-/// bridged NICs, attaches it to the bridge.
+/// environment and `ACTION=up` when one is configured; else natively:
+/// link up, then per mode — bridged: join the bridge; routed: a host route
+/// to the NIC's IP (in table `link` with a rule for the TAP when a table
+/// is given), proxy ARP/NDP and forwarding, as Ganeti's `net-routed-up`;
+/// openvswitch: `ovs-vsctl add-port` with the VLAN tag and trunks, as
+/// `net-ovs-up`; ext: nothing more.
 pub(crate) async fn configure(
     spec: &InstanceSpec,
     seq: usize,
@@ -141,48 +200,181 @@ pub(crate) async fn configure(
         reason,
     };
     if let Some(script) = script {
-        let path = std::env::var("PATH").unwrap_or_default();
-        let mut cmd = tokio::process::Command::new(script);
-        cmd.arg(tap)
-            .env_clear()
-            .env("PATH", format!("{path}:/sbin:/usr/sbin"))
-            .envs(nic_script_env(spec, seq, nic, tap))
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(std::time::Duration::from_secs(60), cmd.output())
+        let mut env = nic_script_env(spec, seq, nic, tap);
+        env.push(("ACTION".into(), "up".into()));
+        let (script, tap) = (script.to_owned(), tap.to_owned());
+        return tokio::task::spawn_blocking(move || run_tool(&script, &[&tap], &env))
             .await
-            .map_err(|_| {
-                fail(format!(
-                    "{} {} did not finish within 60 s",
-                    script.display(),
-                    tap
-                ))
-            })?
-            .map_err(|e| fail(format!("cannot run {}: {e}", script.display())))?;
-        if !out.status.success() {
-            return Err(fail(format!(
-                "{} {} failed ({}): {}",
-                script.display(),
-                tap,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        return Ok(());
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail);
     }
-    let tap_err = |source| Error::Tap {
+    gkvm_tap::set_link_up(tap).map_err(|source| Error::Tap {
         instance: spec.name.clone(),
         nic: seq,
         source,
-    };
-    gkvm_tap::set_link_up(tap).map_err(tap_err)?;
+    })?;
     match nic.mode {
-        NicMode::Bridged if !nic.link.is_empty() => {
-            gkvm_tap::bridge_add_interface(&nic.link, tap).map_err(tap_err)
+        NicMode::Bridged if !nic.link.is_empty() => gkvm_tap::bridge_add_interface(&nic.link, tap)
+            .map_err(|source| Error::Tap {
+                instance: spec.name.clone(),
+                nic: seq,
+                source,
+            }),
+        NicMode::Bridged | NicMode::Ext => Ok(()),
+        NicMode::Routed | NicMode::Openvswitch => {
+            let (nic, tap) = (nic.clone(), tap.to_owned());
+            tokio::task::spawn_blocking(move || native_up(&nic, &tap))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| fail(format!("NIC {seq} ({}): {e}", nic_mode_name(spec, seq))))
         }
-        NicMode::Bridged | NicMode::Routed => Ok(()),
-        NicMode::Openvswitch => Err(fail(format!(
-            "NIC {seq} is in openvswitch mode, which needs a NIC script (none configured)"
-        ))),
+    }
+}
+
+fn nic_mode_name(spec: &InstanceSpec, seq: usize) -> &'static str {
+    spec.nics[seq].mode.as_str()
+}
+
+/// `ip [-6] ...`, the family from the NIC's address.
+fn ip_tool(v6: bool, args: &[&str]) -> std::result::Result<(), String> {
+    let mut all = Vec::with_capacity(args.len() + 1);
+    if v6 {
+        all.push("-6");
+    }
+    all.extend_from_slice(args);
+    run_tool(Path::new("ip"), &all, &[])
+}
+
+fn native_up(nic: &NicSpec, tap: &str) -> std::result::Result<(), String> {
+    match nic.mode {
+        NicMode::Routed => {
+            let ip = nic.ip.as_deref().unwrap_or_default();
+            let v6 = ip.contains(':');
+            if nic.link.is_empty() {
+                ip_tool(v6, &["route", "replace", ip, "proto", "static", "dev", tap])?;
+            } else {
+                while ip_tool(v6, &["rule", "del", "dev", tap]).is_ok() {}
+                ip_tool(v6, &["rule", "add", "dev", tap, "table", &nic.link])?;
+                ip_tool(
+                    v6,
+                    &[
+                        "route", "replace", ip, "table", &nic.link, "proto", "static", "dev", tap,
+                    ],
+                )?;
+            }
+            for (file, value) in [
+                (format!("/proc/sys/net/ipv4/conf/{tap}/proxy_arp"), "1"),
+                (format!("/proc/sys/net/ipv4/conf/{tap}/forwarding"), "1"),
+                (format!("/proc/sys/net/ipv6/conf/{tap}/proxy_ndp"), "1"),
+                (format!("/proc/sys/net/ipv6/conf/{tap}/forwarding"), "1"),
+            ] {
+                if Path::new(&file).exists() {
+                    std::fs::write(&file, value).map_err(|e| format!("{file}: {e}"))?;
+                }
+            }
+            Ok(())
+        }
+        NicMode::Openvswitch => {
+            let ovs = Path::new("ovs-vsctl");
+            run_tool(ovs, &["--if-exists", "del-port", tap], &[])?;
+            let mut args = vec!["add-port".to_owned(), nic.link.clone(), tap.to_owned()];
+            args.extend(ovs_vlan_settings(tap, nic.vlan.as_deref()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_tool(ovs, &args, &[])
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The `-- set port TAP tag=N trunks=A,B` part of `ovs-vsctl add-port`
+/// for Ganeti's VLAN syntax (`.N` untagged, `:A:B` tagged).
+fn ovs_vlan_settings(tap: &str, vlan: Option<&str>) -> Vec<String> {
+    let Some(vlan) = vlan else {
+        return Vec::new();
+    };
+    let mut parts = vlan.split(':');
+    let access = parts.next().unwrap_or("").trim_start_matches('.');
+    let trunks: Vec<&str> = parts.filter(|p| !p.is_empty()).collect();
+    let mut set = Vec::new();
+    if !access.is_empty() {
+        set.push(format!("tag={access}"));
+    }
+    if !trunks.is_empty() {
+        set.push(format!("trunks={}", trunks.join(",")));
+    }
+    if set.is_empty() {
+        return Vec::new();
+    }
+    let mut args = vec![
+        "--".to_owned(),
+        "set".to_owned(),
+        "port".to_owned(),
+        tap.to_owned(),
+    ];
+    args.extend(set);
+    args
+}
+
+/// Undoes NIC `seq`'s configuration once its TAP is gone or going (stop,
+/// migration away, failed start): runs the down script (Ganeti 3.1's
+/// `kvm-ifdown`, `ACTION=down`) when one is configured, else natively
+/// removes what the kernel does not remove with the TAP — a routed NIC's
+/// rule for its table, an Open vSwitch port record. Best effort: a
+/// failure is logged, as Ganeti does, and never keeps an instance from
+/// stopping.
+pub(crate) fn deconfigure(spec: &InstanceSpec, seq: usize, tap: &str, script: Option<&Path>) {
+    let Some(nic) = spec.nics.get(seq) else {
+        return;
+    };
+    let result = if let Some(script) = script {
+        let mut env = nic_script_env(spec, seq, nic, tap);
+        env.push(("ACTION".into(), "down".into()));
+        run_tool(script, &[tap], &env)
+    } else {
+        match nic.mode {
+            NicMode::Routed if !nic.link.is_empty() => {
+                let v6 = nic.ip.as_deref().is_some_and(|ip| ip.contains(':'));
+                let mut n = 0;
+                while n < 64 && ip_tool(v6, &["rule", "del", "dev", tap]).is_ok() {
+                    n += 1;
+                }
+                Ok(())
+            }
+            NicMode::Openvswitch => run_tool(
+                Path::new("ovs-vsctl"),
+                &["--if-exists", "del-port", &nic.link, tap],
+                &[],
+            ),
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(instance = %spec.name, nic = seq, tap, error = %e, "NIC teardown failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovs_vlans_as_net_ovs_up() {
+        let set = |v| ovs_vlan_settings("t0", v).join(" ");
+        assert_eq!(set(None), "");
+        assert_eq!(set(Some(".100")), "-- set port t0 tag=100");
+        assert_eq!(set(Some("100")), "-- set port t0 tag=100");
+        assert_eq!(set(Some(":10:20")), "-- set port t0 trunks=10,20");
+        assert_eq!(set(Some(".5:10:20")), "-- set port t0 tag=5 trunks=10,20");
+    }
+
+    #[test]
+    fn a_failing_tool_says_what_ran_and_what_it_printed() {
+        let e = run_tool(Path::new("sh"), &["-c", "echo nope >&2; exit 3"], &[]).unwrap_err();
+        assert!(
+            e.contains("sh -c") && e.contains("nope") && e.contains('3'),
+            "{e}"
+        );
+        let e = run_tool(Path::new("/nonexistent/tool"), &[], &[]).unwrap_err();
+        assert!(e.contains("cannot run /nonexistent/tool"), "{e}");
     }
 }

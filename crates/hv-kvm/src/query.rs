@@ -435,6 +435,6 @@ impl KvmHypervisor {
                 Err(e) => problems.push(format!("run directory is not writable: {e}")),
             }
         }
-        VerifyReport { problems }
+        VerifyReport::with_problems(problems)
     }
 }

@@ -183,6 +183,14 @@ impl KvmHypervisor {
                 continue;
             }
             crate::nic::configure(spec, i, tap.name(), self.config.nic_script.as_deref()).await?;
+            let (spec, tap, down) = (
+                spec.clone(),
+                tap.name().to_owned(),
+                self.config.nic_down_script.clone(),
+            );
+            guard.on_rollback(Box::new(move || {
+                crate::nic::deconfigure(&spec, i, &tap, down.as_deref());
+            }));
         }
         for (i, tap) in taps.iter().enumerate() {
             paths

@@ -91,6 +91,20 @@ pub enum ConsoleInfo {
 pub struct VerifyReport {
     /// One line per problem.
     pub problems: Vec<String>,
+    /// Parameter values that work but are rarely wanted (Ganeti 3.1's
+    /// `AssessParameters`), when parameters were given to assess.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+impl VerifyReport {
+    /// A report of these problems.
+    pub fn with_problems(problems: Vec<String>) -> VerifyReport {
+        VerifyReport {
+            problems,
+            warnings: Vec::new(),
+        }
+    }
 }
 
 /// What a successful start did.

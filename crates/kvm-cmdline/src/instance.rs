@@ -165,6 +165,9 @@ pub enum NicMode {
     Routed,
     /// TAP attached to the Open vSwitch named by `link`.
     Openvswitch,
+    /// Networking done outside gkvm (Ganeti's `ext`): the TAP is brought
+    /// up and the NIC script, if any, does the rest.
+    Ext,
 }
 
 impl NicMode {
@@ -174,6 +177,7 @@ impl NicMode {
             NicMode::Bridged => "bridged",
             NicMode::Routed => "routed",
             NicMode::Openvswitch => "openvswitch",
+            NicMode::Ext => "ext",
         }
     }
 }
@@ -184,6 +188,12 @@ impl NicMode {
 pub struct NetworkSpec {
     /// Network name.
     pub name: String,
+    /// The network's UUID in the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<Uuid>,
+    /// The network's tags.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     /// IPv4 subnet.
     pub subnet: Option<String>,
     /// IPv4 gateway.
@@ -214,6 +224,11 @@ pub struct NicSpec {
     /// Bridge name, routing table or switch.
     #[serde(default)]
     pub link: String,
+    /// Ganeti's `vlan` nicparam: `.N` untagged (access) VLAN N, `:N:M`
+    /// tagged (trunk) VLANs, `.N:M` both; for Open vSwitch and VLAN-aware
+    /// bridges (the NIC script reads it as `VLAN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<String>,
     /// The network, if the NIC belongs to one.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
@@ -415,21 +430,71 @@ impl InstanceSpec {
                 ));
             }
             for (what, v) in [("link", Some(nic.link.as_str())), ("ip", nic.ip.as_deref())] {
-                if v.is_some_and(|v| v.chars().any(char::is_control)) {
+                if v.is_some_and(|v| v.chars().any(char::is_control) || v.starts_with('-')) {
                     return Err(bad(
                         &format!("nics[{i}].{what}"),
-                        "has control characters".into(),
+                        "has control characters or starts with '-'".into(),
                     ));
                 }
             }
+            check_nic_mode(nic).map_err(|(what, r)| bad(&format!("nics[{i}].{what}"), r))?;
         }
         Ok(())
     }
 }
 
+/// What a NIC's mode needs: an Open vSwitch NIC its switch, a routed NIC
+/// its IP (the host routes to it), and a VLAN spec in Ganeti's syntax.
+fn check_nic_mode(nic: &NicSpec) -> Result<(), (&'static str, String)> {
+    if nic.mode == NicMode::Openvswitch && nic.link.is_empty() {
+        return Err(("link", "an openvswitch NIC needs the switch to join".into()));
+    }
+    if nic.mode == NicMode::Routed {
+        match nic.ip.as_deref() {
+            None => return Err(("ip", "a routed NIC needs the guest's IP address".into())),
+            Some(ip) if ip.parse::<std::net::IpAddr>().is_err() => {
+                return Err(("ip", format!("{ip:?} is not an IP address")));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(vlan) = &nic.vlan {
+        if !is_vlan_spec(vlan) {
+            return Err((
+                "vlan",
+                format!(
+                    "{vlan:?}: expected .N (untagged), :N[:M...] (tagged) or .N:M..., N in 0..4095"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Ganeti's VLAN syntax: an optional `.N` or `N` (untagged), then any
+/// number of `:N` (tagged).
+fn is_vlan_spec(vlan: &str) -> bool {
+    let id = |s: &str| !s.is_empty() && s.len() <= 4 && s.parse::<u16>().is_ok_and(|n| n < 4096);
+    let mut parts = vlan.split(':');
+    let first = parts.next().unwrap_or("");
+    let first_ok = first.is_empty() || id(first.strip_prefix('.').unwrap_or(first));
+    let rest: Vec<&str> = parts.collect();
+    !vlan.is_empty() && first_ok && rest.iter().all(|p| id(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vlan_specs_as_ganeti_writes_them() {
+        for ok in [".100", "100", ":100", ":100:200", ".1:2:3", "0"] {
+            assert!(is_vlan_spec(ok), "{ok}");
+        }
+        for bad in ["", ".", ":", "a", ".4096", "1::2", ".1:x", "-1"] {
+            assert!(!is_vlan_spec(bad), "{bad}");
+        }
+    }
 
     fn nic(mac: &str, link: &str) -> NicSpec {
         NicSpec::new(mac.parse().unwrap(), link)

@@ -4,8 +4,9 @@
 //! - Disk: `PATH`, `PATH:ro` or `PATH:rw` (read-write is the default);
 //!   `PATH` may be a storage URI (`nbd://`, `rbd:`, ...) QEMU opens itself.
 //! - NIC: comma-separated `key=value` pairs: one of `bridge=BRIDGE`,
-//!   `routed=TABLE` or `ovs=SWITCH` (`openvswitch=` too) for the mode and
-//!   link, then optionally `mac=52:54:00:12:34:56` and `ip=ADDRESS`. A NIC
+//!   `routed=TABLE`, `ovs=SWITCH` (`openvswitch=` too) or `ext=LINK` for
+//!   the mode and link, then optionally `mac=52:54:00:12:34:56`,
+//!   `ip=ADDRESS` and `vlan=.N:M` (Ganeti's VLAN syntax). A NIC
 //!   without a MAC gets one made from the instance name and NIC index
 //!   ([`generated_mac`]): locally administered, stable across restarts.
 
@@ -68,6 +69,11 @@ impl NicSpec {
                 "bridge" => Some(NicMode::Bridged),
                 "routed" => Some(NicMode::Routed),
                 "ovs" | "openvswitch" => Some(NicMode::Openvswitch),
+                "ext" => Some(NicMode::Ext),
+                "vlan" => {
+                    nic.vlan = Some(v.into());
+                    None
+                }
                 "mac" => {
                     mac = Some(
                         v.parse::<MacAddr>()
@@ -83,7 +89,7 @@ impl NicSpec {
                     return Err(bad(
                         instance,
                         &field,
-                        format!("unknown key {other:?} (bridge, routed, ovs, mac, ip)"),
+                        format!("unknown key {other:?} (bridge, routed, ovs, ext, mac, ip, vlan)"),
                     ))
                 }
             };

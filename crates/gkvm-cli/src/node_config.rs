@@ -1,0 +1,182 @@
+//! The node's configuration file (`/etc/gkvm/node.toml`, or
+//! `--node-config`/`GKVM_NODE_CONFIG`): what is per node rather than per
+//! instance. Flags and environment variables override it.
+//!
+//! ```toml
+//! run_dir = "/run/gkvm"
+//! kvm_path = "/usr/bin/qemu-system-x86_64"
+//! nic_up_script = "/etc/gkvm/kvm-ifup"      # ACTION=up; none: native
+//! nic_down_script = "/etc/gkvm/kvm-ifdown"  # ACTION=down; none: native
+//! tap_template = "gkvm%d"
+//! uid_pool = "20000-20999"                  # for security_model=pool
+//! migration_key = "/etc/gkvm/migration.key"
+//! spice_cacert = "/etc/gkvm/spice-ca.pem"
+//! spice_cert = "/etc/gkvm/spice.pem"
+//! ```
+//!
+//! It chooses programs that run as root, so it must belong to this user
+//! (or root) and be writable by nobody else.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the file is looked for when no path is given.
+pub(crate) const DEFAULT_PATH: &str = "/etc/gkvm/node.toml";
+
+/// Largest file read.
+const MAX_SIZE: u64 = 64 << 10;
+
+/// The file's settings; every one is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NodeConfig {
+    pub(crate) run_dir: Option<PathBuf>,
+    pub(crate) kvm_path: Option<PathBuf>,
+    pub(crate) nic_up_script: Option<PathBuf>,
+    pub(crate) nic_down_script: Option<PathBuf>,
+    pub(crate) tap_template: Option<String>,
+    pub(crate) uid_pool: Option<String>,
+    pub(crate) migration_key: Option<PathBuf>,
+    pub(crate) spice_cacert: Option<PathBuf>,
+    pub(crate) spice_cert: Option<PathBuf>,
+}
+
+/// The configuration at `explicit` (which must exist), else at
+/// [`DEFAULT_PATH`] if it exists, else empty. Errors name the file and
+/// the key.
+pub(crate) fn load(explicit: Option<&Path>) -> Result<NodeConfig, String> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+        None => return Ok(NodeConfig::default()),
+    };
+    let fail = |e: String| format!("node configuration {}: {e}", path.display());
+    let text = read_private(&path).map_err(fail)?;
+    let config: NodeConfig = toml::from_str(&text).map_err(|e| fail(one_line(&e)))?;
+    config.check().map_err(fail)?;
+    Ok(config)
+}
+
+/// A TOML error on one line (its message names the key or line).
+fn one_line(e: &toml::de::Error) -> String {
+    let mut msg = e.message().to_owned();
+    if let Some(span) = e.span() {
+        msg = format!("{msg} (at byte {})", span.start);
+    }
+    msg
+}
+
+fn read_private(path: &Path) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "owned by uid {}, not by this user or root",
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(format!(
+            "mode {:04o} lets others change what runs as root; chmod go-w it",
+            meta.permissions().mode() & 0o7777
+        ));
+    }
+    let text = hv_kvm::read_open_capped(file, path, MAX_SIZE).map_err(|e| e.report())?;
+    String::from_utf8(text).map_err(|_| "not UTF-8".to_owned())
+}
+
+impl NodeConfig {
+    /// Checks each value; the error names the key.
+    fn check(&self) -> Result<(), String> {
+        for (key, path) in [
+            ("run_dir", &self.run_dir),
+            ("kvm_path", &self.kvm_path),
+            ("nic_up_script", &self.nic_up_script),
+            ("nic_down_script", &self.nic_down_script),
+            ("migration_key", &self.migration_key),
+            ("spice_cacert", &self.spice_cacert),
+            ("spice_cert", &self.spice_cert),
+        ] {
+            if let Some(p) = path {
+                if !p.is_absolute() {
+                    return Err(format!("{key}: {} is not an absolute path", p.display()));
+                }
+            }
+        }
+        for (key, script) in [
+            ("nic_up_script", &self.nic_up_script),
+            ("nic_down_script", &self.nic_down_script),
+        ] {
+            if let Some(s) = script {
+                let mode = std::fs::metadata(s)
+                    .map_err(|e| format!("{key}: {}: {e}", s.display()))?
+                    .permissions()
+                    .mode();
+                if mode & 0o111 == 0 {
+                    return Err(format!("{key}: {} is not executable", s.display()));
+                }
+            }
+        }
+        if let Some(t) = &self.tap_template {
+            if t.matches("%d").count() != 1 || t.len() > 13 || t.contains('/') {
+                return Err(format!(
+                    "tap_template: {t:?} must contain %d once and fit an interface name"
+                ));
+            }
+        }
+        self.uid_pool()?;
+        Ok(())
+    }
+
+    /// `uid_pool` as `FIRST-LAST`.
+    pub(crate) fn uid_pool(&self) -> Result<Option<hv_kvm::UidPool>, String> {
+        let Some(text) = &self.uid_pool else {
+            return Ok(None);
+        };
+        let bad = || format!("uid_pool: {text:?} is not FIRST-LAST (e.g. 20000-20999)");
+        let (a, b) = text.trim().split_once('-').ok_or_else(bad)?;
+        let (first, last): (u32, u32) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(Some(hv_kvm::UidPool::new(first, last)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig, String> {
+        let c: NodeConfig = toml::from_str(text).map_err(|e| one_line(&e))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let e = parse("run_dri = \"/x\"").unwrap_err();
+        assert!(e.contains("run_dri"), "{e}");
+        let e = parse("run_dir = 3").unwrap_err();
+        assert!(e.contains("run_dir") || e.contains("string"), "{e}");
+        let e = parse("kvm_path = \"qemu\"").unwrap_err();
+        assert!(e.starts_with("kvm_path:"), "{e}");
+        let e = parse("uid_pool = \"10-2\"").unwrap_err();
+        assert!(e.starts_with("uid_pool:"), "{e}");
+        let e = parse("tap_template = \"tap\"").unwrap_err();
+        assert!(e.starts_with("tap_template:"), "{e}");
+        let e = parse("nic_up_script = \"/nonexistent/ifup\"").unwrap_err();
+        assert!(e.starts_with("nic_up_script:"), "{e}");
+        let c = parse("uid_pool = \"20000-20999\"\nrun_dir = \"/run/x\"").unwrap();
+        assert_eq!(c.uid_pool().unwrap().unwrap().last(), 20999);
+    }
+}
