@@ -439,6 +439,23 @@ impl HvParams {
     }
 
     fn apply_map(&mut self, map: &Map<String, Value>) -> Result<(), Error> {
+        // Ganeti writes `None` (JSON null) for a parameter left unset: the
+        // default.
+        if map.values().any(Value::is_null) {
+            let defaults = HvParams::default().to_map();
+            let filled: Map<String, Value> = map
+                .iter()
+                .map(|(k, v)| match (v, defaults.get(k)) {
+                    (Value::Null, Some(d)) => (k.clone(), d.clone()),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect();
+            return self.apply_filled(&filled);
+        }
+        self.apply_filled(map)
+    }
+
+    fn apply_filled(&mut self, map: &Map<String, Value>) -> Result<(), Error> {
         let mut current = self.to_map();
         // Fast path: every key known and the merged map parses in one go.
         // Only a map that fails is parsed key by key, for an error naming

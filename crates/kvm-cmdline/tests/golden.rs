@@ -406,3 +406,23 @@ fn ganeti_3_1_kvm_defaults_are_accepted() {
         kvm_cmdline::build(&spec, &caps(profile), &env()).unwrap();
     }
 }
+
+/// The hvparams of the instances in Ganeti 3.1's own tests (a runtime
+/// file's, the console tests', the valid cases of the parameter checks):
+/// each is accepted as it is, and passes the syntax check where Ganeti's
+/// whole `CheckParameterSyntax` would pass it.
+#[test]
+fn ganeti_3_1_unit_test_hvparams_are_accepted() {
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&read(&data().join("ganeti-3.1-unittest-hvparams.json"))).unwrap();
+    assert!(cases.len() >= 14);
+    for case in &cases {
+        let source = case["source"].as_str().unwrap();
+        let map = case["hvparams"].as_object().unwrap();
+        let hv = kvm_cmdline::HvParams::from_map(map).unwrap_or_else(|e| panic!("{source}: {e}"));
+        if case["full_syntax_check"].as_bool().unwrap() {
+            hv.check_syntax()
+                .unwrap_or_else(|e| panic!("{source}: {e}"));
+        }
+    }
+}
