@@ -25,6 +25,23 @@ pub(crate) fn build_env_for(base: &kvm_cmdline::BuildEnv, hv: &HvParams) -> kvm_
     env
 }
 
+/// The host a display listens on, for `console-info`: `bind` itself, or
+/// when it names an interface, the address the start chose (of
+/// `version` when 4 or 6, else IPv4 first).
+pub(crate) fn display_host(bind: &str, version: u8) -> String {
+    if bind.starts_with('/') || bind.parse::<IpAddr>().is_ok() {
+        return bind.to_owned();
+    }
+    let addrs = interface_addresses(bind);
+    let of = |v4: bool| addrs.iter().find(|a| a.is_ipv4() == v4);
+    let found = match version {
+        4 => of(true),
+        6 => of(false),
+        _ => of(true).or_else(|| of(false)),
+    };
+    found.map_or_else(|| bind.to_owned(), ToString::to_string)
+}
+
 /// The IPv4 and global IPv6 addresses of interface `name` (link-local
 /// IPv6 would need a scope QEMU's listen syntax does not take).
 fn interface_addresses(name: &str) -> Vec<IpAddr> {
@@ -152,6 +169,9 @@ mod tests {
         let addrs = interface_addresses("lo");
         assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
         assert!(interface_addresses("gkvm-no-such").is_empty());
+        assert_eq!(display_host("lo", 0), "127.0.0.1");
+        assert_eq!(display_host("lo", 6), "::1");
+        assert_eq!(display_host("192.0.2.1", 0), "192.0.2.1");
     }
 
     #[tokio::test]

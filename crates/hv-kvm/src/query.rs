@@ -336,7 +336,7 @@ impl KvmHypervisor {
         if !hv.vnc_bind_address.is_empty() && port > kvm_cmdline::VNC_BASE_PORT {
             return Ok(ConsoleInfo::Vnc {
                 instance: name.into(),
-                host: hv.vnc_bind_address.clone(),
+                host: crate::media::display_host(&hv.vnc_bind_address, 0),
                 port,
                 display: port - kvm_cmdline::VNC_BASE_PORT,
             });
@@ -344,7 +344,7 @@ impl KvmHypervisor {
         if !hv.spice_bind.is_empty() {
             return Ok(ConsoleInfo::Spice {
                 instance: name.into(),
-                host: hv.spice_bind.clone(),
+                host: crate::media::display_host(&hv.spice_bind, hv.spice_ip_version),
                 port,
             });
         }
