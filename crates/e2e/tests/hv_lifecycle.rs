@@ -922,3 +922,114 @@ fn display_binds_resolve_interface_names_on_this_node() {
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
+
+/// Waits until `name` shows `state` in `overview` (the `gkvm list` path).
+async fn wait_listed(
+    hv: &KvmHypervisor,
+    name: &str,
+    state: hv_kvm::InstanceState,
+) -> hv_kvm::InstanceInfo {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = hv.overview().await.unwrap();
+        if let Some(i) = listed
+            .into_iter()
+            .find(|i| i.name == name && i.state == state)
+        {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "{name} never showed {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn a_guest_poweroff_and_a_killed_qemu_are_reported_until_cleanup() {
+    let Some(env) = require("hv_shutdown_crash", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        let hv = &node.hv;
+        // The guest powers itself off; QEMU exits cleanly.
+        let spec = guest_spec(&env, "off1");
+        hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("off1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("off1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        serial.send_line("poweroff -f").unwrap();
+        let off = wait_listed(hv, "off1", hv_kvm::InstanceState::Shutdown).await;
+        assert_eq!((off.pid, off.memory_mib), (0, 128));
+        assert!(off.reason.unwrap().contains("exited cleanly"));
+        let info = hv.info("off1").await.unwrap();
+        assert_eq!(info.state, hv_kvm::InstanceState::Shutdown);
+        assert_eq!(info.log.as_deref(), Some(hv.instance_log("off1").as_path()));
+        assert!(
+            hv.list().unwrap().is_empty(),
+            "list names running ones only"
+        );
+
+        // QEMU is killed; its log's last words are the reason.
+        let report = hv
+            .start(&guestless_spec("dead1"), hv_kvm::StartMode::Paused)
+            .await
+            .unwrap();
+        let log = hv.instance_log("dead1");
+        let mode = std::fs::metadata(&log).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let dead_paths = RunDir::new(node.run()).instance("dead1").unwrap();
+        let mut q = gkvm_qmp::blocking::Qmp::connect(&dead_paths.qmp, gkvm_qmp::Options::default())
+            .unwrap();
+        // A message QEMU prints after it daemonized lands in its log.
+        q.execute_raw(
+            "migrate",
+            Some(serde_json::json!({"uri": "tcp:127.0.0.1:1"})),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("Failed to connect")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU's message never reached its log"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(q);
+        // SAFETY: killing the QEMU this test started.
+        unsafe { libc::kill(report.pid, libc::SIGKILL) };
+        let dead = wait_listed(hv, "dead1", hv_kvm::InstanceState::Crashed).await;
+        let reason = dead.reason.unwrap();
+        assert!(
+            reason.contains("killed, or crashed") && reason.contains("Failed to connect"),
+            "{reason}"
+        );
+
+        // cleanup clears either; a new start of one replaces the record.
+        hv.cleanup("off1").await.unwrap();
+        assert!(matches!(
+            hv.info("off1").await,
+            Err(Error::NotRunning { .. })
+        ));
+        hv.start(&guestless_spec("dead1"), hv_kvm::StartMode::Paused)
+            .await
+            .unwrap();
+        assert_eq!(
+            hv.info("dead1").await.unwrap().state,
+            hv_kvm::InstanceState::Paused
+        );
+        hv.stop("dead1", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(hv.overview().await.unwrap().is_empty());
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+        // The previous run's log is kept beside the current one.
+        assert!(log.with_extension("log.1").exists());
+    });
+}

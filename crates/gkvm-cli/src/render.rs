@@ -90,7 +90,11 @@ fn info_table(infos: &[InstanceInfo]) -> CliResult {
             [
                 i.name.clone(),
                 i.state.to_string(),
-                i.pid.to_string(),
+                if i.pid > 0 {
+                    i.pid.to_string()
+                } else {
+                    "-".to_owned()
+                },
                 human_mib(i.memory_mib),
                 i.vcpus.to_string(),
                 human_secs(i.cpu_time_secs),
@@ -111,6 +115,15 @@ fn info_table(infos: &[InstanceInfo]) -> CliResult {
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         outln!("{}", line.join("  ").trim_end())?;
+    }
+    // Why a stopped one stopped, and where QEMU's log is, under the table.
+    for i in infos {
+        if let Some(r) = &i.reason {
+            outln!("{}: {r}", i.name)?;
+        }
+        if let (Some(log), true) = (&i.log, infos.len() == 1) {
+            outln!("{}: QEMU log {}", i.name, log.display())?;
+        }
     }
     Ok(())
 }

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod ganeti_runtime;
 mod guard;
 mod lifecycle;
 mod media;
@@ -21,6 +22,7 @@ mod nic;
 mod ops;
 pub mod probe;
 mod process;
+mod qemu_log;
 mod query;
 mod start;
 pub mod trust;
@@ -82,6 +84,10 @@ pub struct Config {
     pub start_timeout: Duration,
     /// Per-instance bound of `info_all`.
     pub info_timeout: Duration,
+    /// Where each instance's QEMU log (`NAME.log`, 0600) is kept: QEMU's
+    /// messages after it daemonized, and why it failed or died (default:
+    /// `log/` under the run directory).
+    pub log_dir: Option<PathBuf>,
     /// The key shared by the nodes to seal migration info (HMAC-SHA256).
     /// With a key, `migration_info` seals and accepting refuses anything
     /// not sealed with it.
@@ -109,6 +115,7 @@ impl Config {
             start_timeout: Duration::from_secs(60),
             info_timeout: Duration::from_secs(3),
             migration_key: None,
+            log_dir: None,
             node_hvparams: serde_json::Map::new(),
         }
     }
@@ -224,7 +231,7 @@ impl KvmHypervisor {
             })
             .collect();
         let launch = kvm_cmdline::Launch {
-            node: node_paths(&paths),
+            node: node_paths(&paths, Some(self.instance_log(&spec.name))),
             paused: true,
             daemonize: true,
             incoming: None,
@@ -255,8 +262,12 @@ fn caps_dir(config: &Config) -> PathBuf {
 }
 
 /// The node paths of an instance, as the argv builder wants them.
-pub(crate) fn node_paths(p: &kvm_runtime::InstancePaths) -> kvm_cmdline::NodePaths {
+pub(crate) fn node_paths(
+    p: &kvm_runtime::InstancePaths,
+    log: Option<PathBuf>,
+) -> kvm_cmdline::NodePaths {
     kvm_cmdline::NodePaths {
+        log,
         pidfile: p.pid.clone(),
         qmp: p.qmp.clone(),
         qmp_watch: Some(p.qmp_watch.clone()),

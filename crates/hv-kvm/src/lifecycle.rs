@@ -122,7 +122,9 @@ impl KvmHypervisor {
             instance: paths.name.clone(),
             source: e,
         })?;
-        Ok(record.map(|r| spec_from_record(&paths.name, &r)))
+        record
+            .map(|r| spec_from_record(&paths.name, &r, &paths.runtime))
+            .transpose()
     }
 
     /// Starts an instance: validates it, creates its TAPs and configures
@@ -502,13 +504,22 @@ impl KvmHypervisor {
 
 /// The instance definition kept in a runtime record, or one rebuilt from a
 /// Ganeti KVM driver's record (its argv and hvparams).
-pub(crate) fn spec_from_record(name: &str, r: &RuntimeRecord) -> InstanceSpec {
+/// The instance a runtime record describes: gkvm's own spec, or, for a
+/// file Ganeti's driver wrote, its argv's memory and vCPUs, its hvparams,
+/// NICs and disks (with Ganeti 3.1's device places). A NIC or disk that
+/// cannot be read is an error naming it (`source` names the file): starting
+/// without it would lose it silently.
+pub(crate) fn spec_from_record(
+    name: &str,
+    r: &RuntimeRecord,
+    source: &std::path::Path,
+) -> Result<InstanceSpec> {
     if let Some(spec) = r
         .payload
         .get("spec")
         .and_then(|s| serde_json::from_value::<InstanceSpec>(s.clone()).ok())
     {
-        return spec;
+        return Ok(spec);
     }
     let (memory, vcpus) = crate::query::argv_resources(&r.argv);
     let mut spec = InstanceSpec::new(name, memory);
@@ -520,7 +531,17 @@ pub(crate) fn spec_from_record(name: &str, r: &RuntimeRecord) -> InstanceSpec {
             let _ = spec.hvparams.set(k, v.clone());
         }
     }
-    spec
+    let corrupt = |reason: String| Error::Runtime {
+        instance: name.to_owned(),
+        source: kvm_runtime::Error::Corrupt {
+            path: source.to_owned(),
+            reason,
+        },
+    };
+    spec.nics = crate::ganeti_runtime::nics(&r.nics).map_err(corrupt)?;
+    spec.disks = crate::ganeti_runtime::disks(&r.disks).map_err(corrupt)?;
+    spec.network_port = crate::ganeti_runtime::network_port(&r.argv);
+    Ok(spec)
 }
 
 /// Checks an instance definition before anything is created for it.

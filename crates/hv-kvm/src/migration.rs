@@ -663,7 +663,8 @@ fn spec_from_migration_record(body: &str) -> Result<crate::InstanceSpec> {
         })
         .ok_or_else(|| bad("the runtime names no instance".into()))?;
     kvm_runtime::validate_name(&name).map_err(|e| bad(e.to_string()))?;
-    let mut spec = spec_from_record(&name, &record);
+    let mut spec = spec_from_record(&name, &record, std::path::Path::new("migration info"))
+        .map_err(|e| bad(e.report()))?;
     if let Some(machine) = record.payload.get("machine").and_then(|m| m.as_str()) {
         spec.hvparams.machine_version = machine.to_owned();
     }

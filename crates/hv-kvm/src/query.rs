@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gkvm_qmp::{commands, Options, Qmp};
-use kvm_runtime::{InstancePaths, RuntimeRecord};
+use kvm_runtime::{InstancePaths, Liveness, RuntimeRecord};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING, PAUSED};
@@ -87,6 +87,8 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         memory_mib,
         vcpus,
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
+        reason: None,
+        log: None,
     }
 }
 
@@ -131,7 +133,47 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
         memory_mib,
         vcpus,
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
+        reason: None,
+        log: None,
     }
+}
+
+/// What the node shows of an instance whose QEMU is gone but whose
+/// runtime record remains (gkvm's stop and cleanup remove the record): QEMU
+/// removes its pid file when it exits cleanly — the guest powered off, or
+/// it was told to quit — so no pid file means `shutdown`; a pid file naming
+/// a dead process means it was killed or crashed. `None` for a start that
+/// never got as far as QEMU (cleanup's business).
+fn stopped_info(
+    paths: &InstancePaths,
+    liveness: Liveness,
+    record: &RuntimeRecord,
+    log: &std::path::Path,
+) -> Option<InstanceInfo> {
+    if crate::lifecycle::is_starting(record) {
+        return None;
+    }
+    let (state, reason) = match liveness {
+        Liveness::NoPidFile => (
+            InstanceState::Shutdown,
+            "QEMU exited cleanly: the guest powered off, or QEMU was told to quit".to_owned(),
+        ),
+        Liveness::Stale { .. } => {
+            let last = crate::qemu_log::tail(log, 2);
+            let mut r = "QEMU died without shutting down (killed, or crashed)".to_owned();
+            if !last.is_empty() {
+                r.push_str(&format!("; its log ends: {last}"));
+            }
+            (InstanceState::Crashed, r)
+        }
+        _ => return None,
+    };
+    let mut info = recorded_info(paths, 0, Some(record));
+    info.state = state;
+    info.cpu_time_secs = 0.0;
+    info.reason = Some(reason);
+    info.log = Some(log.to_owned());
+    Some(info)
 }
 
 impl KvmHypervisor {
@@ -143,6 +185,15 @@ impl KvmHypervisor {
 
     /// The running instances with their QEMU pids, checked once each.
     fn running(&self) -> Result<Vec<(InstancePaths, i32)>> {
+        Ok(self
+            .survey()?
+            .into_iter()
+            .filter_map(|(p, l)| Some((p, l.running_pid()?)))
+            .collect())
+    }
+
+    /// Every instance the run dir knows of, with its liveness.
+    fn survey(&self) -> Result<Vec<(InstancePaths, Liveness)>> {
         let names = self
             .config
             .run_dir
@@ -155,7 +206,7 @@ impl KvmHypervisor {
             .iter()
             .filter_map(|n| self.config.run_dir.instance(n).ok())
             .filter_map(|p| match p.liveness() {
-                Ok(l) => Some((p, l.running_pid()?)),
+                Ok(l) => Some((p, l)),
                 Err(e) => {
                     tracing::warn!(instance = %p.name, error = %e.report(), "left out of the list");
                     None
@@ -164,11 +215,36 @@ impl KvmHypervisor {
             .collect())
     }
 
-    /// Info of one running instance.
+    /// The instances whose QEMU is gone without gkvm stopping it:
+    /// `shutdown` or `crashed` (see [`stopped_info`]).
+    fn stopped(&self, survey: &[(InstancePaths, Liveness)]) -> Vec<InstanceInfo> {
+        survey
+            .iter()
+            .filter(|(_, l)| l.running_pid().is_none())
+            .filter_map(|(p, l)| {
+                let record = p.read_runtime().ok().flatten()?;
+                stopped_info(p, *l, &record, &self.instance_log(&p.name))
+            })
+            .collect()
+    }
+
+    /// Info of one instance: a running one from QMP, one whose QEMU shut
+    /// down or died on its own from its record (`shutdown`, `crashed`).
     pub async fn info(&self, name: &str) -> Result<InstanceInfo> {
         let paths = self.paths(name)?;
-        let pid = self.running_pid(&paths)?;
-        Ok(instance_info(paths, pid, self.config.qmp_timeout).await)
+        let log = self.instance_log(name);
+        let liveness = self.liveness(&paths)?;
+        let Some(pid) = liveness.running_pid() else {
+            let record = paths.read_runtime().ok().flatten();
+            return record
+                .and_then(|r| stopped_info(&paths, liveness, &r, &log))
+                .ok_or_else(|| Error::NotRunning {
+                    instance: name.to_owned(),
+                });
+        };
+        let mut info = instance_info(paths, pid, self.config.qmp_timeout).await;
+        info.log = Some(log);
+        Ok(info)
     }
 
     /// Every running instance from what the node keeps — pid files,
@@ -181,9 +257,13 @@ impl KvmHypervisor {
     /// QMP (bounded), so a handed-over source shows `migrated`. [`Self::info_all`]
     /// asks every QEMU (paused, balloon size, live vCPU count).
     pub async fn overview(&self) -> Result<Vec<InstanceInfo>> {
-        let mut out = Vec::new();
+        let survey = self.survey()?;
+        let mut out = self.stopped(&survey);
         let mut ask = tokio::task::JoinSet::new();
-        for (paths, pid) in self.running()? {
+        let running = survey
+            .into_iter()
+            .filter_map(|(p, l)| Some((p, l.running_pid()?)));
+        for (paths, pid) in running {
             let record = paths.read_runtime().ok().flatten();
             // Also ask about an instance whose guest may have shut itself
             // down (`user_shutdown`): only QEMU knows.
@@ -201,20 +281,24 @@ impl KvmHypervisor {
                 out.push(info);
             }
         }
-        out.retain(|i| !kvm_runtime::is_zombie_or_gone(i.pid));
+        out.retain(|i| i.pid == 0 || !kvm_runtime::is_zombie_or_gone(i.pid));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
     /// Info of every running instance, queried concurrently with a bounded
-    /// time each; an instance that dies meanwhile is left out, one that
-    /// does not answer shows state `unknown`.
+    /// time each (an instance that dies meanwhile is left out, one that
+    /// does not answer shows state `unknown`), and of every one whose QEMU
+    /// shut down or died on its own (`shutdown`, `crashed`).
     pub async fn info_all(&self) -> Result<Vec<InstanceInfo>> {
+        let survey = self.survey()?;
+        let mut out = self.stopped(&survey);
         let mut set = tokio::task::JoinSet::new();
-        for (paths, pid) in self.running()? {
-            set.spawn(instance_info(paths, pid, self.config.info_timeout));
+        for (paths, l) in survey {
+            if let Some(pid) = l.running_pid() {
+                set.spawn(instance_info(paths, pid, self.config.info_timeout));
+            }
         }
-        let mut out = Vec::new();
         while let Some(r) = set.join_next().await {
             if let Ok(info) = r {
                 if !kvm_runtime::is_zombie_or_gone(info.pid) {
@@ -314,7 +398,9 @@ impl KvmHypervisor {
             instance: name.into(),
             source: e,
         })?;
-        let spec = record.map(|r| spec_from_record(name, &r));
+        let spec = record
+            .map(|r| spec_from_record(name, &r, &paths.runtime))
+            .transpose()?;
         let hv = spec
             .as_ref()
             .map(|s| s.hvparams.clone())
@@ -354,18 +440,19 @@ impl KvmHypervisor {
         })
     }
 
-    /// Every file under the run directory except the capability cache:
+    /// Every file under the run directory except the capability cache and
+    /// the QEMU logs:
     /// what instances keep on this node. Empty when nothing runs and
     /// everything was cleaned up.
     pub fn state_files(&self) -> Vec<PathBuf> {
         let root = self.config.run_dir.root().to_owned();
-        let cache = self.caps_cache_dir();
+        let (cache, logs) = (self.caps_cache_dir(), self.log_dir());
         let mut out = Vec::new();
         let mut stack = vec![root];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let p = e.path();
-                if p == cache {
+                if p == cache || p == logs {
                     continue;
                 }
                 match e.file_type() {

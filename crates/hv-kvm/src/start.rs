@@ -227,6 +227,7 @@ impl KvmHypervisor {
     ) -> Result<i32> {
         let spec = &built.spec;
         let name = spec.name.as_str();
+        let (log_path, log) = self.open_log(name)?;
         let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
         process::die_with_parent(&mut std_cmd);
         // Kept open until QEMU has been spawned.
@@ -243,7 +244,7 @@ impl KvmHypervisor {
             })
             .collect();
         let launch = Launch {
-            node: node_paths(paths),
+            node: node_paths(paths, Some(log_path.clone())),
             // Stopped at first: pinning, ballooning and passwords come before
             // the guest runs (as Ganeti does). An incoming instance runs as
             // soon as its migration lands (the source has then stopped for
@@ -265,9 +266,10 @@ impl KvmHypervisor {
             .args(&argv[1..])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+            .stderr(log);
         tracing::debug!(instance = %name, argv = ?argv, "starting QEMU");
-        self.run_until_daemonized(std_cmd, spec, guard).await?;
+        self.run_until_daemonized(std_cmd, spec, guard, &log_path)
+            .await?;
         tracing::debug!(instance = %name, "QEMU initialized");
         match self.liveness(paths)? {
             Liveness::Running { pid } => Ok(pid),
@@ -280,12 +282,13 @@ impl KvmHypervisor {
     }
 
     /// Waits for QEMU's first half to exit (it has daemonized, or failed:
-    /// then its stderr says why).
+    /// then its log says why).
     async fn run_until_daemonized(
         &self,
         std_cmd: std::process::Command,
         spec: &InstanceSpec,
         guard: &RollbackGuard,
+        log: &std::path::Path,
     ) -> Result<()> {
         let name = spec.name.as_str();
         let mut qemu = tokio::process::Command::from(std_cmd);
@@ -302,7 +305,8 @@ impl KvmHypervisor {
             guard.set_child(pid);
         }
         let timeout = self.config.start_timeout;
-        let out = tokio::time::timeout(timeout, child.wait_with_output())
+        let mut child = child;
+        let status = tokio::time::timeout(timeout, child.wait())
             .await
             .map_err(|_| {
                 let took = kvm_runtime::human_duration(&timeout);
@@ -310,18 +314,14 @@ impl KvmHypervisor {
                 step_error(name, "spawn QEMU", reason)
             })?
             .map_err(|e| step_error(name, "spawn QEMU", e.to_string()))?;
-        if out.status.success() {
+        if status.success() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let msg: Vec<&str> = stderr
-            .lines()
-            .filter(|l| {
-                !l.contains("host doesn't support requested feature")
-                    && !l.contains("failed to open module")
-            })
-            .collect();
-        let reason = format!("QEMU exited with {}: {}", out.status, msg.join("; "));
+        let reason = format!(
+            "QEMU exited with {status}: {} (log: {})",
+            crate::qemu_log::tail(log, 6),
+            log.display()
+        );
         Err(step_error(name, "spawn QEMU", reason))
     }
 

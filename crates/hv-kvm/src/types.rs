@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// A running instance.
+/// An instance this node has a record of: running, or stopped without
+/// having been stopped by gkvm (`shutdown` or `crashed`, `pid` 0).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct InstanceInfo {
@@ -20,6 +21,12 @@ pub struct InstanceInfo {
     pub vcpus: u32,
     /// CPU time QEMU has used, in seconds.
     pub cpu_time_secs: f64,
+    /// Why it is not running, for `shutdown` without a QEMU and `crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// QEMU's log on this node (from `info`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
 }
 
 /// The node's resources.
@@ -141,8 +148,13 @@ pub enum InstanceState {
     Migrating,
     /// Handed over to the destination: never runs here again.
     Migrated,
-    /// The guest shut down (QEMU kept running).
+    /// The guest shut down: QEMU kept running (`user_shutdown`), or it
+    /// exited cleanly (`pid` 0; the guest powered off, or QEMU was told to
+    /// quit). `cleanup` (or `stop`) clears it.
     Shutdown,
+    /// QEMU died without shutting down (`pid` 0): killed, or crashed; the
+    /// reason says what its log last said. `cleanup` (or `stop`) clears it.
+    Crashed,
     /// The guest is suspended (ACPI S3).
     Suspended,
     /// QEMU hit an internal error.

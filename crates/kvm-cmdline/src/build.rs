@@ -77,6 +77,9 @@ pub struct NodePaths {
     pub chroot: PathBuf,
     /// The keymap file (`keymap`).
     pub keymap: PathBuf,
+    /// QEMU's log (`-D`): with it, a daemonized QEMU keeps writing its
+    /// messages to its stderr, which the caller points at this file.
+    pub log: Option<PathBuf>,
 }
 
 /// The descriptors of one NIC as the child will see them: a TAP queue
@@ -1037,6 +1040,9 @@ impl QemuCommand {
             "-pidfile",
             whole_arg("pidfile", path_str("pidfile", &node.pidfile)?)?,
         );
+        if let Some(log) = &node.log {
+            a.opt("-D", whole_arg("log", path_str("log", log)?)?);
+        }
         if launch.daemonize {
             a.flag("-daemonize");
         }

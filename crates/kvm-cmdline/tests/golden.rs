@@ -98,6 +98,7 @@ fn argv_for(
             guest_agent: dir.join("qga"),
             chroot: dir.join("chroot"),
             keymap: dir.join("keymap"),
+            log: Some(dir.join("qemu.log")),
         },
         paused: v.launch.paused,
         daemonize: true,
