@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! run_dir = "/run/gkvm"
+//! log_dir = "/var/log/gkvm"                # QEMU's logs, NAME.log
 //! kvm_path = "/usr/bin/qemu-system-x86_64"
 //! nic_up_script = "/etc/gkvm/kvm-ifup"      # ACTION=up; none: native
 //! nic_down_script = "/etc/gkvm/kvm-ifdown"  # ACTION=down; none: native
@@ -33,6 +34,7 @@ const MAX_SIZE: u64 = 64 << 10;
 #[serde(deny_unknown_fields)]
 pub(crate) struct NodeConfig {
     pub(crate) run_dir: Option<PathBuf>,
+    pub(crate) log_dir: Option<PathBuf>,
     pub(crate) kvm_path: Option<PathBuf>,
     pub(crate) nic_up_script: Option<PathBuf>,
     pub(crate) nic_down_script: Option<PathBuf>,
@@ -96,6 +98,7 @@ impl NodeConfig {
     fn check(&self) -> Result<(), String> {
         for (key, path) in [
             ("run_dir", &self.run_dir),
+            ("log_dir", &self.log_dir),
             ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),
