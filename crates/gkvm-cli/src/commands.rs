@@ -329,13 +329,17 @@ async fn accept(
     let info = read_file(info, "migration info")?;
     let mut hv = hypervisor(cli)?;
     node_hvparams(&mut hv, hvparams)?;
+    let port = hv.port_for_info(&info, port)?;
     if !cli.json && !cli.quiet {
-        errln!("waiting for the migration on {listen}");
+        errln!(
+            "waiting for the migration on {}",
+            render::host_port(&address, port)
+        );
     }
     let request = Request::Receive {
         info,
         address,
-        port,
+        port: Some(port),
         timeout: Duration::from_secs(timeout),
     };
     match call(&hv, request).await? {

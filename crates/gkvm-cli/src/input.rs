@@ -104,21 +104,44 @@ pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
 }
 
 /// `HOST:PORT` or `[V6]:PORT`.
-pub(crate) fn split_host_port(s: &str) -> Result<(String, u16), Failure> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| usage(format!("{s:?}: expected HOST:PORT")))?;
+/// `HOST:PORT`, `HOST`, `[V6]:PORT`, `[V6]` or a bare IPv6 address; no
+/// port means the instance's `migration_port`.
+pub(crate) fn split_host_port(s: &str) -> Result<(String, Option<u16>), Failure> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, tail) = rest
+            .split_once(']')
+            .ok_or_else(|| usage(format!("{s:?}: no closing ]")))?;
+        match tail {
+            "" => (h, None),
+            t => (
+                h,
+                Some(
+                    t.strip_prefix(':')
+                        .ok_or_else(|| usage(format!("{s:?}: expected [ADDRESS]:PORT")))?,
+                ),
+            ),
+        }
+    } else {
+        match s.matches(':').count() {
+            1 => s
+                .split_once(':')
+                .map(|(h, p)| (h, Some(p)))
+                .unwrap_or((s, None)),
+            _ => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(usage(format!("{s:?}: no host")));
+    }
     let port = port
-        .parse()
-        .ok()
-        .filter(|&p: &u16| p != 0)
-        .ok_or_else(|| usage(format!("{s:?}: {port:?} is not a port (1-65535)")))?;
-    Ok((
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port,
-    ))
+        .map(|p| {
+            p.parse()
+                .ok()
+                .filter(|&n: &u16| n != 0)
+                .ok_or_else(|| usage(format!("{s:?}: {p:?} is not a port (1-65535)")))
+        })
+        .transpose()?;
+    Ok((host.to_owned(), port))
 }
 
 pub(crate) fn usage(message: String) -> Failure {

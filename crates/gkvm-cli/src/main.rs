@@ -174,8 +174,9 @@ enum Command {
     Accept {
         /// The source's migration info (or an instance definition), JSON.
         info: PathBuf,
-        /// Address and port to listen on (never 0.0.0.0 unless you say so).
-        #[arg(long, value_name = "ADDR:PORT")]
+        /// Address and port to listen on (never 0.0.0.0 unless you say so);
+        /// without a port, the instance's migration_port hvparam.
+        #[arg(long, value_name = "ADDR[:PORT]")]
         listen: String,
         /// Seconds to wait for the migration.
         #[arg(long, default_value_t = 600)]
@@ -190,8 +191,9 @@ enum Command {
     Migrate {
         /// The instance.
         name: String,
-        /// The target, as given to its `gkvm accept --listen`.
-        #[arg(long, value_name = "HOST:PORT")]
+        /// The target, as given to its `gkvm accept --listen`; without a
+        /// port, the instance's migration_port hvparam.
+        #[arg(long, value_name = "HOST[:PORT]")]
         to: String,
         /// Pause the guest for the whole transfer.
         #[arg(long)]

@@ -59,6 +59,15 @@ pub(crate) fn done(json: bool, op: Operation, what: &str) -> CliResult {
     }
 }
 
+/// `HOST:PORT`, with an IPv6 host in brackets.
+pub(crate) fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 pub(crate) fn human_mib(mib: u64) -> String {
     if mib >= 10 * 1024 {
         format!("{}.{} GiB", mib / 1024, (mib % 1024) * 10 / 1024)

@@ -97,18 +97,24 @@ fn instance_json(env: &Env, dir: &Path) -> PathBuf {
         .map(|(k, v)| (k.to_owned(), v.into()))
         .collect();
     hvparams.insert("migration_bandwidth".into(), 1024.into());
+    // The port a hop without one uses (Ganeti's migration_port).
+    hvparams.insert("migration_port".into(), 8111.into());
     let spec = serde_json::json!({"name": "roamer", "memory": 128, "hvparams": hvparams});
     let p = dir.join("roamer.json");
     std::fs::write(&p, spec.to_string()).unwrap();
     p
 }
 
-/// Migrates `roamer` from `src` to `dst` listening on `addr:port`.
-fn hop(src: &Node, dst: &Node, addr: &str, port: u16, dir: &Path) {
+/// Migrates `roamer` from `src` to `dst` listening on `addr:port`, or on
+/// `addr` alone (the instance's migration_port).
+fn hop(src: &Node, dst: &Node, addr: &str, port: Option<u16>, dir: &Path) {
     let info = src.run(&["migration-info", "roamer"]).stdout;
-    let info_file = dir.join(format!("roamer-{port}.mig"));
+    let info_file = dir.join(format!("roamer-{}.mig", port.unwrap_or(0)));
     std::fs::write(&info_file, info).unwrap();
-    let listen = format!("{addr}:{port}");
+    let listen = match port {
+        Some(p) => format!("{addr}:{p}"),
+        None => addr.to_owned(),
+    };
     let mut accept = dst.spawn(&[
         "accept",
         info_file.to_str().unwrap(),
@@ -128,6 +134,24 @@ fn hop(src: &Node, dst: &Node, addr: &str, port: u16, dir: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
+    if port.is_none() {
+        // Listening on the instance's migration_port.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &dst.ns, "ss", "-Hltn", "sport", "= :8111"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("8111") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on migration_port 8111"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let out = src.run(&["migrate", "roamer", "--to", &listen, "--json"]);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -172,14 +196,14 @@ fn migrate_across_network_namespaces_and_back() {
         .wait_for(READY_LINE, Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{e}"));
 
-    hop(&a, &b, "10.231.77.2", 8102, dir.path());
+    hop(&a, &b, "10.231.77.2", None, dir.path());
     let mut console = Serial::connect(&b.serial("roamer"), Duration::from_secs(5)).unwrap();
     let out = console
         .run("echo on-b-$((3*3))", Duration::from_secs(30))
         .unwrap();
     assert!(out.contains("on-b-9"), "{out}");
 
-    hop(&b, &a, "10.231.77.1", 8103, dir.path());
+    hop(&b, &a, "10.231.77.1", Some(8103), dir.path());
     let mut console = Serial::connect(&a.serial("roamer"), Duration::from_secs(5)).unwrap();
     let out = console
         .run("echo on-a-$((4*4))", Duration::from_secs(30))

@@ -137,6 +137,28 @@ impl KvmHypervisor {
         self.qmp_at(&paths.name, path).await
     }
 
+    /// The migration port: `given`, else the incoming instance's
+    /// `migration_port` hvparam (as Ganeti's AcceptInstance uses it).
+    pub fn port_for_info(&self, info: &str, given: Option<u16>) -> Result<u16> {
+        match given {
+            Some(p) => Ok(p),
+            None => Ok(self.incoming_spec(info)?.hvparams.migration_port),
+        }
+    }
+
+    /// The migration port: `given`, else the running instance's
+    /// `migration_port` hvparam (as Ganeti's MigrateInstance uses it).
+    pub fn port_for_instance(&self, name: &str, given: Option<u16>) -> Result<u16> {
+        if let Some(p) = given {
+            return Ok(p);
+        }
+        let paths = self.paths(name)?;
+        Ok(self
+            .saved_spec(&paths)?
+            .map(|s| s.hvparams.migration_port)
+            .unwrap_or_else(|| kvm_cmdline::HvParams::default().migration_port))
+    }
+
     /// What the destination needs: the source's runtime file — sealed with
     /// the node's migration key when one is configured
     /// ([`crate::Config::migration_key`]), so the destination can tell it

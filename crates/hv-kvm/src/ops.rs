@@ -151,8 +151,8 @@ pub enum Request {
         info: String,
         /// Listen address.
         address: String,
-        /// Listen port.
-        port: u16,
+        /// Listen port; `None`: the instance's `migration_port`.
+        port: Option<u16>,
         /// How long to wait for the guest.
         timeout: Duration,
     },
@@ -163,8 +163,8 @@ pub enum Request {
         instance: String,
         /// The destination's address.
         target: String,
-        /// The destination's port.
-        port: u16,
+        /// The destination's port; `None`: the instance's `migration_port`.
+        port: Option<u16>,
         /// Live or offline.
         mode: MigrationMode,
     },
@@ -184,8 +184,8 @@ pub enum Request {
         info: String,
         /// Listen address.
         address: String,
-        /// Listen port.
-        port: u16,
+        /// Listen port; `None`: the instance's `migration_port`.
+        port: Option<u16>,
     },
     /// Destination, Ganeti's last step.
     FinalizeDestination {
@@ -272,16 +272,22 @@ impl KvmHypervisor {
                 address,
                 port,
                 timeout,
-            } => Response::Started(self.receive(&info, &address, port, timeout).await?),
+            } => {
+                let port = self.port_for_info(&info, port)?;
+                Response::Started(self.receive(&info, &address, port, timeout).await?)
+            }
             R::Migrate {
                 instance,
                 target,
                 port,
                 mode,
-            } => Response::Migration(
-                self.migrate_to(&instance, &target, port, mode, progress)
-                    .await?,
-            ),
+            } => {
+                let port = self.port_for_instance(&instance, port)?;
+                Response::Migration(
+                    self.migrate_to(&instance, &target, port, mode, progress)
+                        .await?,
+                )
+            }
             R::MigrationStatus { instance } => {
                 Response::Migration(self.migration_status(&instance).await?)
             }
@@ -290,7 +296,10 @@ impl KvmHypervisor {
                 info,
                 address,
                 port,
-            } => Response::Started(self.accept_instance(&info, &address, port).await?),
+            } => {
+                let port = self.port_for_info(&info, port)?;
+                Response::Started(self.accept_instance(&info, &address, port).await?)
+            }
             R::FinalizeDestination { instance, outcome } => {
                 done(self.finalize_migration_dst(&instance, outcome).await?)
             }
