@@ -825,10 +825,40 @@ fn guest_agent_socket_lives_and_goes_with_the_instance() {
             .await
             .unwrap();
         let paths = RunDir::new(node.run()).instance("qga1").unwrap();
-        // QEMU serves the agent's port on the run dir's socket.
+        // QEMU serves the agent's port on the run dir's socket; no guest
+        // runs an agent there, and info says so.
         std::os::unix::net::UnixStream::connect(&paths.guest_agent).unwrap();
+        assert_eq!(node.hv.info("qga1").await.unwrap().guest_agent, Some(false));
         node.hv.stop("qga1", hv_kvm::StopMode::Force).await.unwrap();
         assert!(!paths.guest_agent.exists());
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
+#[test]
+fn a_guest_agent_that_runs_answers_info() {
+    let Some(env) = require("hv_guest_agent_guest", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guest_spec(&env, "qga2");
+    spec.hvparams.set_pair("use_guest_agent=true").unwrap();
+    rt().block_on(async {
+        let hv = &node.hv;
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(node.run()).instance("qga2").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("qga2").await.unwrap();
+        let seen = serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            seen.contains("gkvm-test-guest: agent on /dev/vport"),
+            "{seen}"
+        );
+        assert_eq!(hv.info("qga2").await.unwrap().guest_agent, Some(true));
+        hv.stop("qga2", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(!alive(report.pid));
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }

@@ -15,6 +15,7 @@
 mod error;
 mod ganeti_runtime;
 mod guard;
+mod guest_agent;
 mod lifecycle;
 mod media;
 mod migration;

@@ -89,6 +89,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
         reason: None,
         log: None,
+        guest_agent: None,
     }
 }
 
@@ -135,8 +136,12 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
         reason: None,
         log: None,
+        guest_agent: None,
     }
 }
+
+/// How long `info` waits for the guest agent's answer.
+const AGENT_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the node shows of an instance whose QEMU is gone but whose
 /// runtime record remains (gkvm's stop and cleanup remove the record): QEMU
@@ -242,8 +247,18 @@ impl KvmHypervisor {
                     instance: name.to_owned(),
                 });
         };
+        let agent = self
+            .saved_spec(&paths)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.hvparams.use_guest_agent)
+            .then(|| paths.guest_agent.clone());
         let mut info = instance_info(paths, pid, self.config.qmp_timeout).await;
         info.log = Some(log);
+        if let Some(socket) = agent {
+            let bound = self.config.qmp_timeout.min(AGENT_PING_TIMEOUT);
+            info.guest_agent = Some(crate::guest_agent::ping(&socket, bound).await);
+        }
         Ok(info)
     }
 

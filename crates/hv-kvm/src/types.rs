@@ -27,6 +27,10 @@ pub struct InstanceInfo {
     /// QEMU's log on this node (from `info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,
+    /// Whether the guest agent answers `guest-ping` (`info NAME` of an
+    /// instance with `use_guest_agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<bool>,
 }
 
 /// The node's resources.
