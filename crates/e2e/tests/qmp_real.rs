@@ -172,6 +172,7 @@ fn blocking_client_on_a_guestless_vm() {
     q.run(&commands::MigrateSetParameters {
         downtime_limit: Some(30),
         max_bandwidth: Some(32 << 20),
+        ..Default::default()
     })
     .unwrap();
     let p = q.run(&commands::QueryMigrateParameters).unwrap();

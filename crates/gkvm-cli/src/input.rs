@@ -21,6 +21,7 @@ pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
     config.migration_key =
         migration_key(cli.migration_key.as_ref().or(node.migration_key.as_ref()))?;
     config.log_dir = node.log_dir.clone();
+    config.migration_tls_dir = node.migration_tls_dir.clone();
     config.nic_script = node.nic_up_script.clone();
     config.nic_down_script = node.nic_down_script.clone();
     config.uid_pool = node.uid_pool()?;

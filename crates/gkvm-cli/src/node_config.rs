@@ -11,6 +11,7 @@
 //! tap_template = "gkvm%d"
 //! uid_pool = "20000-20999"                  # for security_model=pool
 //! migration_key = "/etc/gkvm/migration.key"
+//! migration_tls_dir = "/etc/gkvm/migration-tls"  # TLS for every migration
 //! spice_cacert = "/etc/gkvm/spice-ca.pem"
 //! spice_cert = "/etc/gkvm/spice.pem"
 //! ```
@@ -41,6 +42,7 @@ pub(crate) struct NodeConfig {
     pub(crate) tap_template: Option<String>,
     pub(crate) uid_pool: Option<String>,
     pub(crate) migration_key: Option<PathBuf>,
+    pub(crate) migration_tls_dir: Option<PathBuf>,
     pub(crate) spice_cacert: Option<PathBuf>,
     pub(crate) spice_cert: Option<PathBuf>,
 }
@@ -103,6 +105,7 @@ impl NodeConfig {
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),
             ("migration_key", &self.migration_key),
+            ("migration_tls_dir", &self.migration_tls_dir),
             ("spice_cacert", &self.spice_cacert),
             ("spice_cert", &self.spice_cert),
         ] {
@@ -134,6 +137,19 @@ impl NodeConfig {
             }
         }
         self.uid_pool()?;
+        if let Some(dir) = &self.migration_tls_dir {
+            for f in [
+                "ca-cert.pem",
+                "server-cert.pem",
+                "server-key.pem",
+                "client-cert.pem",
+                "client-key.pem",
+            ] {
+                if !dir.join(f).is_file() {
+                    return Err(format!("migration_tls_dir: {} has no {f}", dir.display()));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -89,6 +89,12 @@ pub struct Config {
     /// messages after it daemonized, and why it failed or died (default:
     /// `log/` under the run directory).
     pub log_dir: Option<PathBuf>,
+    /// The node's migration TLS credentials (a directory with
+    /// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`,
+    /// `client-cert.pem`, `client-key.pem`). With it, every migration to
+    /// and from this node is encrypted and both peers' certificates are
+    /// verified; a peer without TLS is refused.
+    pub migration_tls_dir: Option<PathBuf>,
     /// The key shared by the nodes to seal migration info (HMAC-SHA256).
     /// With a key, `migration_info` seals and accepting refuses anything
     /// not sealed with it.
@@ -117,6 +123,7 @@ impl Config {
             info_timeout: Duration::from_secs(3),
             migration_key: None,
             log_dir: None,
+            migration_tls_dir: None,
             node_hvparams: serde_json::Map::new(),
         }
     }
@@ -238,6 +245,7 @@ impl KvmHypervisor {
             incoming: None,
             nics,
             pool_user: None,
+            migration_tls: self.config.migration_tls_dir.clone(),
         };
         let argv = cmd.launch_argv(&spec, &caps, &launch).map_err(params)?;
         Ok(LaunchPlan {

@@ -103,6 +103,9 @@ fn tcp_uri(host: &str, port: u16) -> String {
     }
 }
 
+/// Whether the source migrates over TLS, in the migration info's payload.
+const MIGRATION_TLS_KEY: &str = "migration_tls";
+
 /// Turns on, before a transfer and on either side, MIGRATION events (off
 /// by default in QEMU; gkvm follows migrations by them) and the
 /// instance's `migration_caps` (Ganeti 3.1), in one command. An unknown
@@ -175,6 +178,14 @@ impl KvmHypervisor {
             .ok_or_else(|| Error::NotRunning {
                 instance: name.into(),
             })?;
+        let mut record = record;
+        if let Some(payload) = record.payload.as_object_mut() {
+            // The destination must speak TLS iff this node does.
+            payload.insert(
+                MIGRATION_TLS_KEY.into(),
+                self.config.migration_tls_dir.is_some().into(),
+            );
+        }
         let runtime = String::from_utf8_lossy(&record.to_json()).into_owned();
         Ok(match &self.config.migration_key {
             Some(key) => crate::trust::seal(key, &runtime),
@@ -196,6 +207,25 @@ impl KvmHypervisor {
         )?;
         spec.hvparams.kvm_path = self.kvm_path_for(&spec);
         Ok(spec)
+    }
+
+    /// Refuses a migration whose source and this node disagree on TLS:
+    /// it could only fail half way, with an unhelpful error.
+    fn check_tls_agrees(&self, name: &str, info: &str) -> Result<()> {
+        let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
+        let source_tls = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("payload")?.get(MIGRATION_TLS_KEY)?.as_bool())
+            .unwrap_or(false);
+        let reason = match (source_tls, self.config.migration_tls_dir.is_some()) {
+            (true, false) => "the source migrates over TLS, and this node has no migration certificates (migration_tls_dir)",
+            (false, true) => "this node accepts migrations over TLS only, and the source has no migration certificates",
+            _ => return Ok(()),
+        };
+        Err(Error::MigrationInfo {
+            instance: name.to_owned(),
+            reason: reason.to_owned(),
+        })
     }
 
     /// This node's values of the node-local hvparams.
@@ -265,6 +295,7 @@ impl KvmHypervisor {
         port: u16,
     ) -> Result<(crate::InstanceSpec, InstancePaths)> {
         let spec = self.incoming_spec(info)?;
+        self.check_tls_agrees(&spec.name, info)?;
         check_listen(&spec.name, address, port)?;
         crate::lifecycle::check_spec(&spec)?;
         let paths = self.paths(&spec.name)?;
@@ -338,9 +369,18 @@ impl KvmHypervisor {
             armed: false,
         };
         set_migration_caps(&qmp, &spec).await?;
+        // Over TLS when this node has migration certificates, the
+        // destination's certificate checked against the name dialled.
+        let tls = self.config.migration_tls_dir.is_some();
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),
             max_bandwidth: Some(u64::from(spec.hvparams.migration_bandwidth) << 20),
+            tls_creds: Some(if tls {
+                kvm_cmdline::MIGRATION_TLS_OUT.to_owned()
+            } else {
+                String::new()
+            }),
+            tls_hostname: tls.then(|| target.to_owned()),
         })
         .await
         .map_err(qmp_err(name, "migrate-set-parameters"))?;

@@ -254,6 +254,7 @@ impl KvmHypervisor {
             incoming: opts.incoming.clone(),
             nics,
             pool_user,
+            migration_tls: self.config.migration_tls_dir.clone(),
         };
         let argv = built
             .cmd

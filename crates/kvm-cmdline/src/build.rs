@@ -110,7 +110,18 @@ pub struct Launch {
     /// The user to run as when `security_model` is `pool` (the caller
     /// allocated its uid); `user` takes `security_domain`.
     pub pool_user: Option<String>,
+    /// The node's migration TLS directory (`ca-cert.pem`,
+    /// `server-cert.pem`/`-key.pem`, `client-cert.pem`/`-key.pem`): QEMU
+    /// loads both ends' credentials at start, before it drops privileges
+    /// ([`MIGRATION_TLS_IN`], [`MIGRATION_TLS_OUT`]), and an incoming
+    /// instance accepts its migration over TLS only, the peer verified.
+    pub migration_tls: Option<PathBuf>,
 }
+
+/// The id of the TLS credentials an incoming migration is received with.
+pub const MIGRATION_TLS_IN: &str = "gkvm-migtls-in";
+/// The id of the TLS credentials an outgoing migration is sent with.
+pub const MIGRATION_TLS_OUT: &str = "gkvm-migtls-out";
 
 /// The keymap file to write at [`NodePaths::keymap`] before a launch, if
 /// this QEMU needs one: old QEMU reads a file that includes en-us first, so
@@ -1058,6 +1069,9 @@ impl QemuCommand {
             launch_guest_agent(&c, &mut a, node)?;
         }
         launch_nics(&c, &mut a, launch)?;
+        if let Some(dir) = &launch.migration_tls {
+            launch_migration_tls(&c, &mut a, dir, launch.incoming.is_some())?;
+        }
         if let Some(uri) = &launch.incoming {
             a.opt("-incoming", whole_arg("incoming", uri)?);
         }
@@ -1067,6 +1081,28 @@ impl QemuCommand {
         }
         Ok(a.into_vec())
     }
+}
+
+/// Migration TLS: both ends' x509 credentials, and for an incoming
+/// instance the migration's `tls-creds` set before it listens.
+fn launch_migration_tls(c: &Ctx, a: &mut Args, dir: &Path, incoming: bool) -> Result<(), Error> {
+    if !c.f.tls_creds_object {
+        return Err(c.unsupported("migration_tls_dir", "tls-creds-x509 objects"));
+    }
+    let dir = checked_path("migration_tls_dir", dir)?;
+    for (id, endpoint) in [(MIGRATION_TLS_IN, "server"), (MIGRATION_TLS_OUT, "client")] {
+        let mut o = Object::new("tls-creds-x509", id)
+            .with("dir", dir)
+            .with("endpoint", endpoint);
+        if endpoint == "server" {
+            o.props.set("verify-peer", bool_prop(c.f, true));
+        }
+        a.object(&o, SYNTAX)?;
+    }
+    if incoming {
+        a.opt("-global", format!("migration.tls-creds={MIGRATION_TLS_IN}"));
+    }
+    Ok(())
 }
 
 /// Listening-socket options of `-serial`/`-qmp unix:`.

@@ -51,7 +51,7 @@ mod values;
 
 pub use build::{
     build, keymap_file, uses_vhost, BuildEnv, Launch, NicBackend, NodePaths, QemuCommand,
-    VNC_BASE_PORT,
+    MIGRATION_TLS_IN, MIGRATION_TLS_OUT, VNC_BASE_PORT,
 };
 pub use caps::{
     parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,

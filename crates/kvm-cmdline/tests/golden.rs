@@ -50,6 +50,9 @@ struct LaunchSpec {
     nic_queues: Vec<usize>,
     incoming: Option<String>,
     pool_user: Option<String>,
+    /// Started with the node's migration TLS credentials.
+    #[serde(default)]
+    migration_tls: bool,
 }
 
 fn variants() -> Vec<Variant> {
@@ -118,6 +121,10 @@ fn argv_for(
             })
             .collect(),
         pool_user: v.launch.pool_user.clone(),
+        migration_tls: v
+            .launch
+            .migration_tls
+            .then(|| PathBuf::from("/tmp/gkvm-golden/files/x509")),
     };
     // As hv-kvm starts an instance: devices placed, a lean machine.
     let mut spec = v.spec.clone();

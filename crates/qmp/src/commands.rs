@@ -329,6 +329,12 @@ pub struct MigrateSetParameters {
     /// Maximum bandwidth in bytes per second.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub max_bandwidth: Option<u64>,
+    /// The id of a `tls-creds-*` object: migrate over TLS ("" for none).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls_creds: Option<String>,
+    /// The name the destination's certificate must carry.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls_hostname: Option<String>,
 }
 impl Command for MigrateSetParameters {
     const NAME: &'static str = "migrate-set-parameters";
