@@ -1063,3 +1063,40 @@ fn a_guest_poweroff_and_a_killed_qemu_are_reported_until_cleanup() {
         assert!(log.with_extension("log.1").exists());
     });
 }
+
+#[test]
+fn powercycle_writes_sysrq_else_runs_the_fallback() {
+    let Some(env) = require("hv_powercycle", &[Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-fence");
+    let trigger = dir.path().join("sysrq-trigger");
+    std::fs::write(&trigger, "").unwrap();
+    let node = Node::new(&env, |c| {
+        c.sysrq_trigger = trigger.clone();
+        c.reboot_command = vec!["false".into()];
+    });
+    // A dry run touches nothing and says what it would write where.
+    let plan = node.hv.powercycle_node(true).unwrap();
+    assert!(plan.dry_run && plan.steps[1].contains(trigger.to_str().unwrap()));
+    assert_eq!(std::fs::read_to_string(&trigger).unwrap(), "");
+    // For real, on a trigger that is a plain file: "b" is written.
+    node.hv.powercycle_node(false).unwrap();
+    assert_eq!(std::fs::read_to_string(&trigger).unwrap(), "b");
+    // A trigger that cannot be written: Ganeti's fallback runs; when it
+    // fails too, the error names both.
+    let gone = Node::new(&env, |c| {
+        c.sysrq_trigger = dir.path().join("no/such/trigger");
+        c.reboot_command = vec!["false".into()];
+    });
+    let err = gone.hv.powercycle_node(false).unwrap_err().report();
+    assert!(
+        err.contains("no/such/trigger") && err.contains("false"),
+        "{err}"
+    );
+    let fallback = Node::new(&env, |c| {
+        c.sysrq_trigger = dir.path().join("no/such/trigger");
+        c.reboot_command = vec!["true".into()];
+    });
+    assert!(!fallback.hv.powercycle_node(false).unwrap().dry_run);
+}

@@ -74,6 +74,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Console { name } => attach_console(c, name).await,
         Command::ConsoleInfo { name } => console_info(c, name).await,
         Command::Verify { hvparams } => verify(c, hvparams).await,
+        Command::PowercycleNode { confirm, dry_run } => powercycle(c, *confirm, *dry_run).await,
         Command::MigrationInfo { name } => migration_info(c, name).await,
         Command::Accept {
             info,
@@ -111,6 +112,21 @@ async fn console_info(cli: &Cli, name: &str) -> CliResult {
     };
     match call(&hypervisor(cli)?, request).await? {
         Response::Console(c) => render::console_info(cli.json, &c),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `gkvm powercycle-node`: only with `--confirm` (or `--dry-run`).
+async fn powercycle(cli: &Cli, confirm: bool, dry_run: bool) -> CliResult {
+    if !confirm && !dry_run {
+        return Err(usage(
+            "power-cycling reboots this node at once, without stopping its instances; \
+             pass --confirm to do it, or --dry-run to see how"
+                .into(),
+        ));
+    }
+    match call(&hypervisor(cli)?, Request::PowercycleNode { dry_run }).await? {
+        Response::Powercycle(plan) => render::powercycle(cli.json, &plan),
         other => Err(unexpected(&other)),
     }
 }

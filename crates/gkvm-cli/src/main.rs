@@ -164,6 +164,17 @@ enum Command {
         #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
         hvparams: Vec<String>,
     },
+    /// Power-cycle this node at once, without stopping its instances
+    /// (fencing, as Ganeti's `gnt-node powercycle`): sync, sysrq `b`, else
+    /// `reboot -n -f`.
+    PowercycleNode {
+        /// Yes: reboot this node now.
+        #[arg(long, conflicts_with = "dry_run")]
+        confirm: bool,
+        /// Only show what would be written where.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print what a migration target needs (the source's runtime, JSON).
     MigrationInfo {
         /// The instance.

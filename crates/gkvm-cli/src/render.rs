@@ -234,6 +234,19 @@ pub(crate) fn infos(json: bool, infos: &[InstanceInfo]) -> CliResult {
     }
 }
 
+/// `gkvm powercycle-node`: the steps (only a dry run or a test trigger
+/// comes back to print them).
+pub(crate) fn powercycle(json: bool, plan: &hv_kvm::PowercyclePlan) -> CliResult {
+    if json {
+        return print_json(plan);
+    }
+    let head = if plan.dry_run { "would" } else { "did" };
+    for (i, step) in plan.steps.iter().enumerate() {
+        outln!("{head} {}. {step}", i + 1)?;
+    }
+    Ok(())
+}
+
 /// `gkvm node-info`.
 pub(crate) fn node(json: bool, n: &NodeInfo) -> CliResult {
     if json {

@@ -106,6 +106,7 @@ fn every_json_output_matches_its_schema() {
     let accel = accel();
 
     check("caps", &a.json(&["caps"]));
+    check("powercycle", &a.json(&["powercycle-node", "--dry-run"]));
     let spec = dir.path().join("sc1.json");
     std::fs::write(
         &spec,

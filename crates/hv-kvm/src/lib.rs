@@ -48,7 +48,8 @@ pub use nic::nic_script_env;
 pub use ops::{MigrationMode, MigrationOutcome, Progress, Request, Response, StartMode, StopMode};
 use serde::{Deserialize, Serialize};
 pub use types::{
-    ConsoleInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, StartReport, VerifyReport,
+    ConsoleInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
+    StartReport, VerifyReport,
 };
 
 /// How a node's hypervisor is set up.
@@ -95,6 +96,12 @@ pub struct Config {
     /// and from this node is encrypted and both peers' certificates are
     /// verified; a peer without TLS is refused.
     pub migration_tls_dir: Option<PathBuf>,
+    /// Where a node power-cycle writes `b` (the kernel's
+    /// `/proc/sysrq-trigger`; tests point it at a file).
+    pub sysrq_trigger: PathBuf,
+    /// What a power-cycle runs when the sysrq trigger cannot be written
+    /// (Ganeti 3.1's `reboot -n -f`).
+    pub reboot_command: Vec<String>,
     /// The key shared by the nodes to seal migration info (HMAC-SHA256).
     /// With a key, `migration_info` seals and accepting refuses anything
     /// not sealed with it.
@@ -124,6 +131,8 @@ impl Config {
             migration_key: None,
             log_dir: None,
             migration_tls_dir: None,
+            sysrq_trigger: PathBuf::from("/proc/sysrq-trigger"),
+            reboot_command: vec!["reboot".into(), "-n".into(), "-f".into()],
             node_hvparams: serde_json::Map::new(),
         }
     }

@@ -122,6 +122,12 @@ pub enum Request {
     },
     /// The node's resources.
     NodeInfo,
+    /// Power-cycle this node at once (fencing), or with `dry_run` only
+    /// say how.
+    PowercycleNode {
+        /// Do nothing; return the steps.
+        dry_run: bool,
+    },
     /// How to reach an instance's console.
     Console {
         /// The instance.
@@ -211,6 +217,8 @@ pub enum Response {
     Done,
     /// An instance started (or arrived).
     Started(StartReport),
+    /// What a node power-cycle did or would do.
+    Powercycle(crate::PowercyclePlan),
     /// How a stop ended.
     Stopped(StopOutcome),
     /// Instance names.
@@ -257,6 +265,7 @@ impl KvmHypervisor {
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),
             R::NodeInfo => Response::Node(self.node_info().await?),
+            R::PowercycleNode { dry_run } => Response::Powercycle(self.powercycle_node(dry_run)?),
             R::Console { instance } => Response::Console(self.console(&instance)?),
             R::Verify => Response::Verify(self.verify().await),
             R::Plan { spec } => Response::Plan(self.plan(&spec).await?),

@@ -8,7 +8,9 @@ use kvm_runtime::{InstancePaths, Liveness, RuntimeRecord};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING, PAUSED};
-use crate::types::{ConsoleInfo, InstanceInfo, InstanceState, NodeInfo, VerifyReport};
+use crate::types::{
+    ConsoleInfo, InstanceInfo, InstanceState, NodeInfo, PowercyclePlan, VerifyReport,
+};
 use crate::{process, KvmHypervisor};
 
 /// The pid's `-m` and `-smp` from its command line (fallback values).
@@ -480,25 +482,64 @@ impl KvmHypervisor {
         out
     }
 
-    /// Power-cycles this node at once, as Ganeti does when cluster
-    /// software fences a node: syncs file systems, then asks the kernel
-    /// for an immediate reboot (`b` to `/proc/sysrq-trigger`). Returns only
-    /// if that failed. Instances are not stopped first: this is fencing.
-    pub fn powercycle_node(&self) -> Result<()> {
+    /// Power-cycles this node at once, as Ganeti 3.1's `PowercycleNode`
+    /// does when cluster software fences a node: syncs file systems, asks
+    /// the kernel for an immediate reboot (`b` to the sysrq trigger), and
+    /// if that cannot be written runs `reboot -n -f`. Instances are not
+    /// stopped first: this is fencing. With `dry_run`, does nothing and
+    /// returns the steps it would take (what it would write where); else
+    /// returns only if every way failed — or, with a sysrq trigger that is
+    /// not the kernel's ([`crate::Config::sysrq_trigger`]), after writing it.
+    pub fn powercycle_node(&self, dry_run: bool) -> Result<PowercyclePlan> {
+        let trigger = &self.config.sysrq_trigger;
+        let fallback = &self.config.reboot_command;
+        let plan = PowercyclePlan {
+            steps: vec![
+                "sync(2): flush file systems".to_owned(),
+                format!(
+                    "write \"b\" to {} (reboot at once, no shutdown)",
+                    trigger.display()
+                ),
+                format!("if that cannot be written: run {}", fallback.join(" ")),
+            ],
+            dry_run,
+        };
+        if dry_run {
+            return Ok(plan);
+        }
+        tracing::warn!(trigger = %trigger.display(), "power-cycling this node");
         // SAFETY: sync(2) has no preconditions.
         unsafe { libc::sync() };
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
+        let written = std::fs::OpenOptions::new()
             .write(true)
-            .open("/proc/sysrq-trigger")
-            .map_err(|e| Error::Io {
-                context: "opening /proc/sysrq-trigger to power-cycle the node".into(),
-                source: e,
-            })?;
-        f.write_all(b"b").map_err(|e| Error::Io {
-            context: "writing to /proc/sysrq-trigger to power-cycle the node".into(),
-            source: e,
-        })
+            .open(trigger)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"b"));
+        let Err(sysrq) = written else {
+            return Ok(plan);
+        };
+        tracing::error!(error = %sysrq, "sysrq trigger failed; running the fallback");
+        let run = fallback.split_first().map(|(prog, args)| {
+            std::process::Command::new(prog)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .status()
+        });
+        match run {
+            Some(Ok(st)) if st.success() => Ok(plan),
+            other => Err(Error::Io {
+                context: format!(
+                    "power-cycling the node: {} could not be written ({sysrq}), and {} {}",
+                    trigger.display(),
+                    fallback.join(" "),
+                    match other {
+                        Some(Ok(st)) => format!("exited with {st}"),
+                        Some(Err(e)) => format!("could not run: {e}"),
+                        None => "is empty".to_owned(),
+                    }
+                ),
+                source: sysrq,
+            }),
+        }
     }
 
     /// Checks the node: QEMU present and probeable, `/dev/kvm` usable,

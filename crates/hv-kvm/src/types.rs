@@ -280,3 +280,13 @@ impl std::fmt::Display for MigrationState {
         f.write_str(&serde_name(self))
     }
 }
+
+/// What a node power-cycle does, step by step (Ganeti 3.1's fencing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PowercyclePlan {
+    /// The steps, in order.
+    pub steps: Vec<String>,
+    /// Whether nothing was done.
+    pub dry_run: bool,
+}
