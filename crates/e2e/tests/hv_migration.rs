@@ -478,7 +478,7 @@ fn migration_caps_are_set_on_both_sides() {
             .await
             .unwrap_err();
         assert!(
-            err.report().contains("no-such-capability"),
+            err.report().contains("no-such-capability") && err.report().contains("it has:"),
             "{}",
             err.report()
         );
@@ -487,5 +487,125 @@ fn migration_caps_are_set_on_both_sides() {
             hv_kvm::InstanceState::Running
         );
         a.stop("mcap1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}
+
+/// Migrates `name` from `src` to `dst` with the guest's console open, and
+/// checks the guest answers there.
+async fn hop_and_answer(
+    src: &KvmHypervisor,
+    dst: &KvmHypervisor,
+    dst_dir: &Path,
+    name: &str,
+    port: u16,
+    check_guest: bool,
+) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
+    let mut statuses = Vec::new();
+    let info = src.migration_info(name).unwrap();
+    dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
+    let status = src
+        .migrate(name, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
+            statuses.push(s.status)
+        })
+        .await
+        .unwrap();
+    eprintln!("{name}: {statuses:?}, downtime {:?} ms", status.downtime_ms);
+    dst.wait_incoming(name, Duration::from_secs(60))
+        .await
+        .unwrap();
+    src.finalize_migration_source(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
+    dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
+    assert_eq!(
+        dst.info(name).await.unwrap().state,
+        hv_kvm::InstanceState::Running
+    );
+    if check_guest {
+        let p = RunDir::new(dst_dir.join("run")).instance(name).unwrap();
+        let mut serial = Serial::connect(&p.serial, Duration::from_secs(5)).unwrap();
+        let out = serial
+            .run("echo landed-$((6*7))", Duration::from_secs(30))
+            .unwrap();
+        assert!(
+            out.contains("landed-42") && !out.contains(READY_LINE),
+            "the guest did not carry on where it was: {out}"
+        );
+    }
+    (status, statuses)
+}
+
+/// A memory writer in the guest: rewrites a few MiB of user memory (an
+/// awk array), over and over, for a while. (A writer in the kernel, `dd`
+/// from /dev/zero, makes a TCG guest panic after any migration on this
+/// machine's QEMU, with or without gkvm: a TCG quirk, not what is tested.)
+const DIRTY_MEMORY: &str = "awk 'BEGIN{for(n=0;n<600;n++)for(i=0;i<65536;i++)a[i]=n i}' &";
+
+#[test]
+fn a_guest_dirtying_memory_faster_than_the_bandwidth_still_converges() {
+    let Some(env) = require("migration_converges", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let (da, db) = (ScratchDir::new("gkvm-cv-a"), ScratchDir::new("gkvm-cv-b"));
+    let _guards = guards(&[&da, &db]);
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let converge = |caps: &'static str, port: u16, check_guest: bool| {
+        let (a, b) = (&a, &b);
+        let (pa, pb) = (da.path().to_owned(), db.path().to_owned());
+        let env = env.clone();
+        async move {
+            let mut spec = guest_spec(&env, "dirty1");
+            for p in [caps, "migration_bandwidth=8", "migration_downtime=30"] {
+                spec.hvparams.set_pair(p).unwrap();
+            }
+            let mut serial = boot(a, &spec, &pa).await;
+            serial.send_line(DIRTY_MEMORY).unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (status, seen) = hop_and_answer(a, b, &pb, "dirty1", port, check_guest).await;
+            eprintln!(
+                "{caps}: total {:?} ms, downtime {:?} ms",
+                status.total_time_ms, status.downtime_ms
+            );
+            assert_eq!(status.status, hv_kvm::MigrationState::Completed);
+            b.stop("dirty1", hv_kvm::StopMode::Force).await.unwrap();
+            seen
+        }
+    };
+    rt().block_on(async {
+        // A few MiB rewritten over and over, 8 MiB/s allowed, 30 ms of
+        // downtime: precopy alone does not end. With postcopy-ram the
+        // migration goes on as postcopy after Ganeti 3.1's two passes,
+        // and the guest carries on on the destination.
+        let seen = converge("migration_caps=postcopy-ram", port(20), true).await;
+        assert!(
+            seen.contains(&hv_kvm::MigrationState::PostcopyActive),
+            "{seen:?}"
+        );
+        // With auto-converge QEMU throttles the vCPUs until the dirty rate
+        // fits. (Under TCG on this machine the throttled guest restarts
+        // after landing, with plain QEMU too, so only QEMU's side is
+        // checked here.)
+        let seen = converge("migration_caps=auto-converge", port(21), false).await;
+        assert!(!seen.contains(&hv_kvm::MigrationState::PostcopyActive));
+    });
+}
+
+#[test]
+fn multifd_migrates_over_parallel_channels() {
+    let Some(env) = require("migration_multifd", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let (da, db) = (ScratchDir::new("gkvm-mf-a"), ScratchDir::new("gkvm-mf-b"));
+    let _guards = guards(&[&da, &db]);
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let mut spec = guest_spec(&env, "mfd1");
+    spec.hvparams.set_pair("migration_caps=multifd").unwrap();
+    rt().block_on(async {
+        let _serial = boot(&a, &spec, da.path()).await;
+        let (status, _) = hop_and_answer(&a, &b, db.path(), "mfd1", port(22), true).await;
+        assert_eq!(status.status, hv_kvm::MigrationState::Completed);
+        b.stop("mfd1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }

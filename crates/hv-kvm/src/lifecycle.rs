@@ -598,6 +598,9 @@ pub(crate) const MIGRATING: &str = "migrating";
 pub(crate) const INCOMING: &str = "incoming";
 /// Marks the record of an instance started paused, until `resume`.
 pub(crate) const PAUSED: &str = "paused";
+/// A source whose migration completed, being stopped: once its QEMU is
+/// gone the record is leftover to clean up, not a crash.
+pub(crate) const HANDED_OVER: &str = "handed-over";
 
 /// Whether a runtime record carries `marker` (see [`set_marker`]).
 pub(crate) fn has_marker(record: &RuntimeRecord, marker: &str) -> bool {

@@ -106,12 +106,37 @@ fn tcp_uri(host: &str, port: u16) -> String {
 /// Whether the source migrates over TLS, in the migration info's payload.
 const MIGRATION_TLS_KEY: &str = "migration_tls";
 
-/// Turns on, before a transfer and on either side, MIGRATION events (off
-/// by default in QEMU; gkvm follows migrations by them) and the
-/// instance's `migration_caps` (Ganeti 3.1), in one command. An unknown
-/// capability is QEMU's error, which names it.
+/// Turns on, before a transfer and on either side, MIGRATION events
+/// (off by default in QEMU; gkvm follows migrations by them) and the
+/// instance's `migration_caps` (Ganeti 3.1), in one command, after
+/// checking each against what this QEMU has (`query-migrate-capabilities`:
+/// an unknown one is refused naming it and listing the known ones). With
+/// `multifd`, both sides use [`MULTIFD_CHANNELS`] channels.
 async fn set_migration_caps(qmp: &Qmp, spec: &crate::InstanceSpec) -> Result<()> {
-    let caps = std::iter::once("events").chain(spec.hvparams.migration_capabilities());
+    let wanted = spec.hvparams.migration_capabilities();
+    if !wanted.is_empty() {
+        let known = qmp
+            .run(&commands::QueryMigrateCapabilities)
+            .await
+            .map_err(qmp_err(&spec.name, "query-migrate-capabilities"))?;
+        if let Some(bad) = wanted
+            .iter()
+            .find(|w| !known.iter().any(|k| k.capability == **w))
+        {
+            let names: Vec<&str> = known.iter().map(|k| k.capability.as_str()).collect();
+            return Err(Error::Params {
+                instance: spec.name.clone(),
+                source: kvm_cmdline::Error::Host {
+                    key: "migration_caps".into(),
+                    reason: format!(
+                        "this QEMU has no migration capability {bad:?} (it has: {})",
+                        names.join(", ")
+                    ),
+                },
+            });
+        }
+    }
+    let caps = std::iter::once("events").chain(wanted.iter().copied());
     let op = match spec.hvparams.migration_caps.as_str() {
         "" => "enable migration events".to_owned(),
         caps => format!("set migration capabilities events:{caps}"),
@@ -125,8 +150,25 @@ async fn set_migration_caps(qmp: &Qmp, spec: &crate::InstanceSpec) -> Result<()>
             .collect(),
     })
     .await
-    .map_err(qmp_err(&spec.name, &op))
+    .map_err(qmp_err(&spec.name, &op))?;
+    if wanted.contains(&"multifd") {
+        qmp.run(&commands::MigrateSetParameters {
+            multifd_channels: Some(MULTIFD_CHANNELS),
+            ..Default::default()
+        })
+        .await
+        .map_err(qmp_err(&spec.name, "set multifd-channels"))?;
+    }
+    Ok(())
 }
+
+/// Parallel channels of a `multifd` migration (QEMU's default is 2; the
+/// same on both sides, as QEMU requires).
+pub const MULTIFD_CHANNELS: u64 = 4;
+
+/// With `postcopy-ram`, the precopy passes after which a migration that
+/// has not converged switches to postcopy (Ganeti 3.1's threshold).
+const POSTCOPY_AFTER_PASSES: u64 = 2;
 
 impl KvmHypervisor {
     /// A connection on the watch socket (falls back to the main one for
@@ -372,6 +414,10 @@ impl KvmHypervisor {
         // Over TLS when this node has migration certificates, the
         // destination's certificate checked against the name dialled.
         let tls = self.config.migration_tls_dir.is_some();
+        let postcopy = spec
+            .hvparams
+            .migration_capabilities()
+            .contains(&"postcopy-ram");
         qmp.run(&commands::MigrateSetParameters {
             downtime_limit: Some(u64::from(spec.hvparams.migration_downtime)),
             max_bandwidth: Some(u64::from(spec.hvparams.migration_bandwidth) << 20),
@@ -381,6 +427,10 @@ impl KvmHypervisor {
                 String::new()
             }),
             tls_hostname: tls.then(|| target.to_owned()),
+            // Postcopy keeps to the instance's bandwidth too.
+            max_postcopy_bandwidth: postcopy
+                .then(|| u64::from(spec.hvparams.migration_bandwidth) << 20),
+            multifd_channels: None,
         })
         .await
         .map_err(qmp_err(name, "migrate-set-parameters"))?;
@@ -403,7 +453,7 @@ impl KvmHypervisor {
             clear_marker(&paths, MIGRATING);
             return Err(qmp_err(name, &format!("migrate to {uri}"))(e));
         }
-        let result = self.follow(&qmp, name, &mut progress).await;
+        let result = self.follow(&qmp, name, postcopy, &mut progress).await;
         guard.armed = false;
         match result {
             Ok(status) if status.status == MigrationState::Completed => {
@@ -466,8 +516,10 @@ impl KvmHypervisor {
         &self,
         qmp: &Qmp,
         name: &str,
+        postcopy: bool,
         progress: &mut impl FnMut(&MigrationStatus),
     ) -> Result<MigrationStatus> {
+        let mut switched = false;
         loop {
             let event = qmp
                 .wait_for_event(Duration::from_millis(200), |e| e.name == "MIGRATION")
@@ -488,6 +540,20 @@ impl KvmHypervisor {
             progress(&status);
             if status.is_final() {
                 return Ok(status);
+            }
+            // As Ganeti 3.1: a migration allowed postcopy that has not
+            // converged in its first passes goes on as postcopy.
+            let passes = info.ram.map_or(0, |r| r.dirty_sync_count);
+            if postcopy
+                && !switched
+                && status.status == MigrationState::Active
+                && passes >= POSTCOPY_AFTER_PASSES
+            {
+                tracing::info!(instance = %name, passes, "switching to postcopy");
+                qmp.run(&commands::MigrateStartPostcopy)
+                    .await
+                    .map_err(qmp_err(name, "migrate-start-postcopy"))?;
+                switched = true;
             }
         }
     }
@@ -653,6 +719,11 @@ impl KvmHypervisor {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
         if outcome == MigrationOutcome::Completed {
+            // If this process dies between the kill and the cleanup, the
+            // record says why its QEMU is gone.
+            if let Err(e) = set_marker(&paths, crate::lifecycle::HANDED_OVER, true) {
+                tracing::warn!(instance = %name, error = %e.report(), "handed-over marker not written");
+            }
             self.stop_locked(&paths, StopMode::Force).await?;
             return Ok(());
         }

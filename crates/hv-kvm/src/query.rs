@@ -157,7 +157,13 @@ fn stopped_info(
     record: &RuntimeRecord,
     log: &std::path::Path,
 ) -> Option<InstanceInfo> {
-    if crate::lifecycle::is_starting(record) {
+    // A start that never got as far as QEMU, a destination whose guest
+    // never landed, or a migrated-away source whose stop was interrupted:
+    // leftovers for cleanup, not a guest that shut down or crashed.
+    if crate::lifecycle::is_starting(record)
+        || has_marker(record, INCOMING)
+        || has_marker(record, crate::lifecycle::HANDED_OVER)
+    {
         return None;
     }
     let (state, reason) = match liveness {

@@ -335,6 +335,12 @@ pub struct MigrateSetParameters {
     /// The name the destination's certificate must carry.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tls_hostname: Option<String>,
+    /// Bandwidth limit once in postcopy, bytes per second (0: none).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// Parallel channels with the `multifd` capability (both sides).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub multifd_channels: Option<u64>,
 }
 impl Command for MigrateSetParameters {
     const NAME: &'static str = "migrate-set-parameters";
@@ -357,6 +363,23 @@ pub struct MigrateSetCapabilities {
 }
 impl Command for MigrateSetCapabilities {
     const NAME: &'static str = "migrate-set-capabilities";
+    type Output = ();
+}
+
+/// `query-migrate-capabilities`: every capability this QEMU has.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryMigrateCapabilities;
+impl Command for QueryMigrateCapabilities {
+    const NAME: &'static str = "query-migrate-capabilities";
+    type Output = Vec<MigrationCapabilityStatus>;
+}
+
+/// `migrate-start-postcopy`: switch a running migration (with the
+/// `postcopy-ram` capability on) to postcopy.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct MigrateStartPostcopy;
+impl Command for MigrateStartPostcopy {
+    const NAME: &'static str = "migrate-start-postcopy";
     type Output = ();
 }
 
@@ -417,6 +440,9 @@ pub struct MigrationStats {
     /// Transfer rate in megabits per second.
     #[serde(default)]
     pub mbps: f64,
+    /// Passes over guest memory so far (precopy iterations).
+    #[serde(default)]
+    pub dirty_sync_count: u64,
 }
 
 /// `set_password` for VNC or SPICE.
