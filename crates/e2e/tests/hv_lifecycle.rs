@@ -183,6 +183,23 @@ fn reboot_with_exit_behavior_restarts_qemu() {
         assert_ne!(info.pid, first.pid, "a new QEMU");
         assert!(!alive(first.pid));
         assert_eq!(info.state, hv_kvm::InstanceState::Running);
+
+        // With the cluster's current configuration: the keymap (safe to
+        // change between starts) comes from it, the sound card (hardware
+        // of the running instance) does not.
+        let mut current = spec.hvparams.clone();
+        for p in ["keymap=de", "soundhw=ac97"] {
+            current.set_pair(p).unwrap();
+        }
+        hv.reboot_with("rbexit1", Some(&current)).await.unwrap();
+        let pid = hv.info("rbexit1").await.unwrap().pid;
+        let argv = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv = argv.replace('\0', " ");
+        assert!(argv.contains(" -k "), "keymap not taken: {argv}");
+        assert!(
+            !argv.contains("ac97"),
+            "hardware changed on a restart: {argv}"
+        );
         hv.stop("rbexit1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });

@@ -40,11 +40,16 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             force,
             timeout,
         } => stop(c, name, *force, *timeout).await,
-        Command::Reboot { name } => {
+        Command::Reboot { name, file } => {
+            let config = match file {
+                Some(f) => Some(load_instance(f)?.hvparams),
+                None => None,
+            };
             simple(
                 c,
                 Request::Reboot {
                     instance: name.clone(),
+                    config,
                 },
             )
             .await
@@ -183,7 +188,7 @@ async fn migration_status(cli: &Cli, name: &str) -> CliResult {
 /// An operation that reports nothing but its success.
 async fn simple(cli: &Cli, request: Request) -> CliResult {
     let (name, operation, what) = match &request {
-        Request::Reboot { instance } => (instance.clone(), "reboot", "rebooted"),
+        Request::Reboot { instance, .. } => (instance.clone(), "reboot", "rebooted"),
         Request::Resume { instance } => (instance.clone(), "resume", "resumed"),
         Request::Cleanup { instance } => (instance.clone(), "cleanup", "cleaned up"),
         Request::CancelMigration { instance } => {

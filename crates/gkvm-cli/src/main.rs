@@ -117,6 +117,12 @@ enum Command {
     Reboot {
         /// The instance.
         name: String,
+        /// The instance's current definition (JSON): a restart
+        /// (reboot_behavior=exit) takes keymap, password files, chroot and
+        /// security settings from it, everything else from the running
+        /// instance.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
     },
     /// Resume a paused instance.
     Resume {
@@ -248,7 +254,7 @@ impl Command {
         let (verb, name): (&str, Option<&str>) = match self {
             Command::Start(a) => ("start", a.name.as_deref()),
             Command::Stop { name, .. } => ("stop", Some(name)),
-            Command::Reboot { name } => ("reboot", Some(name)),
+            Command::Reboot { name, .. } => ("reboot", Some(name)),
             Command::Resume { name } => ("resume", Some(name)),
             Command::Cleanup { name } => ("cleanup", Some(name)),
             Command::Balloon { name, .. } => ("balloon", Some(name)),

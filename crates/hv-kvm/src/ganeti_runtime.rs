@@ -196,6 +196,18 @@ mod tests {
         let text = include_str!("../tests/data/ganeti-3.1-kvm_runtime.json");
         let incoming = crate::parse_migration_info(text, None).unwrap();
         assert_eq!((incoming.nics, incoming.disks), (spec.nics, spec.disks));
+        // Accepted with the cluster's current configuration: what may
+        // change between starts comes from it, the hardware from the file.
+        let hv = crate::KvmHypervisor::new(crate::Config::new(crate::RunDir::new(
+            "/nonexistent/gkvm-run",
+        )));
+        let mut current = kvm_cmdline::HvParams::default();
+        for p in ["keymap=fr", "nic_type=e1000"] {
+            current.set_pair(p).unwrap();
+        }
+        let accepted = hv.incoming_spec_with(text, Some(&current)).unwrap();
+        assert_eq!(accepted.hvparams.keymap, "fr");
+        assert_eq!(accepted.hvparams.nic_type, spec.hvparams.nic_type);
     }
 
     #[test]

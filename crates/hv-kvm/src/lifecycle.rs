@@ -5,6 +5,7 @@ use std::time::Duration;
 use gkvm_qmp::commands::RunState;
 use gkvm_qmp::{commands, Options, Qmp};
 use kvm_cmdline::hvparams::RebootBehavior;
+use kvm_cmdline::HvParams;
 use kvm_cmdline::InstanceSpec;
 use kvm_runtime::{InstanceLock, InstancePaths, Liveness, RuntimeRecord};
 use serde::{Deserialize, Serialize};
@@ -395,12 +396,25 @@ impl KvmHypervisor {
     /// `-no-reboot`, so it is stopped and started again from its saved
     /// definition, as Ganeti does.
     pub async fn reboot(&self, name: &str) -> Result<()> {
+        self.reboot_with(name, None).await
+    }
+
+    /// [`Self::reboot`], where a restart (`reboot_behavior=exit`) takes
+    /// the parameters that may change between starts from `current` (the
+    /// cluster's configuration now: keymap, password files, chroot,
+    /// security model and domain) and everything else from the running
+    /// instance, as Ganeti 3.1 does.
+    pub async fn reboot_with(&self, name: &str, current: Option<&HvParams>) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
         self.running_pid(&paths)?;
         let spec = self.saved_spec(&paths)?;
         match spec {
-            Some(spec) if spec.hvparams.reboot_behavior == RebootBehavior::Exit => {
+            Some(mut spec) if spec.hvparams.reboot_behavior == RebootBehavior::Exit => {
+                if let Some(current) = current {
+                    spec.hvparams.take_restart_safe(current);
+                    check_spec(&spec)?;
+                }
                 self.stop_locked(&paths, StopMode::Force).await?;
                 self.start_locked(&spec, &paths, StartOpts::default())
                     .await

@@ -241,7 +241,22 @@ impl KvmHypervisor {
     /// certificate files, chroot and security settings) equal to this
     /// node's own value — the file decides nothing this node runs as root.
     pub fn incoming_spec(&self, info: &str) -> Result<crate::InstanceSpec> {
+        self.incoming_spec_with(info, None)
+    }
+
+    /// [`Self::incoming_spec`], the parameters that may change between
+    /// starts taken from `current` (the cluster's configuration of the
+    /// instance now, as Ganeti 3.1's AcceptInstance has it) before the
+    /// checks.
+    pub fn incoming_spec_with(
+        &self,
+        info: &str,
+        current: Option<&kvm_cmdline::HvParams>,
+    ) -> Result<crate::InstanceSpec> {
         let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
+        if let Some(current) = current {
+            spec.hvparams.take_restart_safe(current);
+        }
         crate::trust::check_node_local(
             &spec,
             &self.node_local_hvparams(),
@@ -298,7 +313,7 @@ impl KvmHypervisor {
         port: u16,
         timeout: Duration,
     ) -> Result<StartReport> {
-        let (spec, paths) = self.incoming(info, address, port)?;
+        let (spec, paths) = self.incoming(info, address, port, None)?;
         let _lock = self.lock(&paths).await?;
         let _guard = IncomingGuard {
             paths: paths.clone(),
@@ -323,7 +338,19 @@ impl KvmHypervisor {
         address: &str,
         port: u16,
     ) -> Result<StartReport> {
-        let (spec, paths) = self.incoming(info, address, port)?;
+        self.accept_instance_with(info, address, port, None).await
+    }
+
+    /// [`Self::accept_instance`] with the cluster's current configuration
+    /// of the instance (see [`Self::incoming_spec_with`]).
+    pub async fn accept_instance_with(
+        &self,
+        info: &str,
+        address: &str,
+        port: u16,
+        current: Option<&kvm_cmdline::HvParams>,
+    ) -> Result<StartReport> {
+        let (spec, paths) = self.incoming(info, address, port, current)?;
         let _lock = self.lock(&paths).await?;
         self.accept_locked(&spec, &paths, address, port).await
     }
@@ -335,8 +362,9 @@ impl KvmHypervisor {
         info: &str,
         address: &str,
         port: u16,
+        current: Option<&kvm_cmdline::HvParams>,
     ) -> Result<(crate::InstanceSpec, InstancePaths)> {
-        let spec = self.incoming_spec(info)?;
+        let spec = self.incoming_spec_with(info, current)?;
         self.check_tls_agrees(&spec.name, info)?;
         check_listen(&spec.name, address, port)?;
         crate::lifecycle::check_spec(&spec)?;

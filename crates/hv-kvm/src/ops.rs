@@ -92,6 +92,10 @@ pub enum Request {
     Reboot {
         /// The instance.
         instance: String,
+        /// The cluster's configuration now: a restart takes the
+        /// parameters that may change between starts from it
+        /// ([`kvm_cmdline::RESTART_SAFE_HVPARAMS`]).
+        config: Option<crate::HvParams>,
     },
     /// Resume a paused instance ([`KvmHypervisor::resume`]).
     Resume {
@@ -192,6 +196,9 @@ pub enum Request {
         address: String,
         /// Listen port; `None`: the instance's `migration_port`.
         port: Option<u16>,
+        /// The cluster's configuration of the instance now (see
+        /// [`KvmHypervisor::incoming_spec_with`]).
+        config: Option<crate::HvParams>,
     },
     /// Destination, Ganeti's last step.
     FinalizeDestination {
@@ -257,7 +264,9 @@ impl KvmHypervisor {
         Ok(match request {
             R::Start { spec, mode } => Response::Started(self.start(&spec, mode).await?),
             R::Stop { instance, mode } => Response::Stopped(self.stop(&instance, mode).await?),
-            R::Reboot { instance } => done(self.reboot(&instance).await?),
+            R::Reboot { instance, config } => {
+                done(self.reboot_with(&instance, config.as_ref()).await?)
+            }
             R::Resume { instance } => done(self.resume(&instance).await?),
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
@@ -305,9 +314,13 @@ impl KvmHypervisor {
                 info,
                 address,
                 port,
+                config,
             } => {
                 let port = self.port_for_info(&info, port)?;
-                Response::Started(self.accept_instance(&info, &address, port).await?)
+                Response::Started(
+                    self.accept_instance_with(&info, &address, port, config.as_ref())
+                        .await?,
+                )
             }
             R::FinalizeDestination { instance, outcome } => {
                 done(self.finalize_migration_dst(&instance, outcome).await?)

@@ -368,6 +368,19 @@ impl Default for HvParams {
     }
 }
 
+/// The hvparams a restart (`reboot_behavior=exit`) or a migration's
+/// destination takes from the current configuration rather than from the
+/// running instance (Ganeti 3.1's `conf_hvp`): see
+/// [`HvParams::take_restart_safe`].
+pub const RESTART_SAFE_HVPARAMS: [&str; 6] = [
+    "keymap",
+    "vnc_password_file",
+    "spice_password_file",
+    "use_chroot",
+    "security_model",
+    "security_domain",
+];
+
 impl HvParams {
     /// `kvm_extra` as arguments, split like a shell splits words: `-device
     /// "e1000,id=x y"` is two arguments. An unterminated quote or a
@@ -410,6 +423,23 @@ impl HvParams {
         let mut params = HvParams::default();
         params.apply_map(map)?;
         Ok(params)
+    }
+
+    /// Takes from `current` (the cluster's configuration now) the
+    /// parameters that may change between starts of a running instance —
+    /// [`RESTART_SAFE_HVPARAMS`], as Ganeti 3.1's `conf_hvp` — and keeps
+    /// this instance's own values (`up_hvp`) of everything else, whose
+    /// change needs a stop and a start (NIC and disk types, vhost, CPU
+    /// mask, machine, ...).
+    pub fn take_restart_safe(&mut self, current: &HvParams) {
+        self.keymap.clone_from(&current.keymap);
+        self.vnc_password_file
+            .clone_from(&current.vnc_password_file);
+        self.spice_password_file
+            .clone_from(&current.spice_password_file);
+        self.use_chroot = current.use_chroot;
+        self.security_model = current.security_model;
+        self.security_domain.clone_from(&current.security_domain);
     }
 
     /// Parses `key=value` items over the defaults.
@@ -644,6 +674,32 @@ pub(crate) mod lenient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restart_takes_exactly_the_restart_safe_keys() {
+        let current = HvParams::from_pairs(&[
+            "keymap=de",
+            "vnc_password_file=/etc/vnc.pass",
+            "spice_password_file=/etc/spice.pass",
+            "use_chroot=true",
+            "security_model=user",
+            "security_domain=nobody",
+            "nic_type=e1000",
+            "cpu_mask=0",
+        ])
+        .unwrap();
+        let mut up = HvParams::default();
+        up.take_restart_safe(&current);
+        let (got, want, before) = (up.to_map(), current.to_map(), HvParams::default().to_map());
+        for k in HvParams::keys() {
+            let expected = if RESTART_SAFE_HVPARAMS.contains(&k.as_str()) {
+                &want
+            } else {
+                &before
+            };
+            assert_eq!(got[k.as_str()], expected[k.as_str()], "{k}");
+        }
+    }
 
     #[test]
     fn kvm_extra_splits_like_a_shell() {
