@@ -1,7 +1,9 @@
 //! Local live migration of the idle 128 MiB test guest (TCG here): time
-//! from the migrate call to a running destination, and QEMU's downtime,
-//! for gkvm (accept, migrate, finalize both sides) beside a bare-QEMU
-//! migration driven by raw QMP, same argv and limits, same run.
+//! from the migrate call to a running destination, QEMU's downtime, and
+//! the pause the guest itself sees (the longest gap between two reads of
+//! its clock, 10 ms resolution), for gkvm (accept, migrate, finalize both
+//! sides) with and without TLS, beside a bare-QEMU migration driven by raw
+//! QMP, same argv and limits, same run.
 //! Goal: ≤ 400 ms total. Limits: bandwidth 10 GiB/s, downtime 30 ms.
 
 use gkvm_benches::{print_table, Row, Stats};
@@ -14,10 +16,103 @@ use std::time::{Duration, Instant};
 const HOPS: usize = 6;
 
 fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
+    node_tls(dir, qemu, None)
+}
+
+fn node_tls(dir: &Path, qemu: &Path, tls: Option<&Path>) -> KvmHypervisor {
     let mut c = Config::new(RunDir::new(dir.join("run")));
     c.kvm_path = Some(qemu.to_owned());
     c.caps_cache_dir = Some(dir.join("caps"));
+    c.migration_tls_dir = tls.map(Path::to_owned);
     KvmHypervisor::new(c)
+}
+
+/// Migration TLS credentials for 127.0.0.1 (one CA, server and client).
+fn tls_dir(dir: &Path) -> std::path::PathBuf {
+    let d = dir.join("tls");
+    std::fs::create_dir_all(&d).unwrap();
+    let q = "2>/dev/null";
+    let cmd = format!(
+        "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=ca \
+           -keyout ca-key.pem -out ca-cert.pem {q} && \
+         for r in server client; do openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 \
+           -keyout $r-key.pem -out $r.csr {q} && printf 'subjectAltName=IP:127.0.0.1\\n' > $r.ext && \
+           openssl x509 -req -in $r.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+           -days 2 -extfile $r.ext -out $r-cert.pem {q}; done",
+        d.display()
+    );
+    let st = std::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl");
+    d
+}
+
+/// In the guest, for 4 s of its own clock: the longest gap between two
+/// reads of its uptime, in ms, written to /tmp/gap.
+const GAP_WATCH: &str = "rm -f /tmp/gap; awk 'BEGIN{s=0;p=0;m=0;while(1){getline u < \"/proc/uptime\"; close(\"/proc/uptime\"); split(u,a,\" \"); t=a[1]+0; if(s==0)s=t; if(p>0 && t-p>m)m=t-p; p=t; if(t-s>4)break}; printf \"%d\\n\", m*1000 > \"/tmp/gap\"}' &";
+
+/// Reads /tmp/gap from the guest's console once the watch is over.
+fn read_gap(serial: &Path) -> Duration {
+    let mut s = gkvm_testkit::Serial::connect(serial, Duration::from_secs(5)).unwrap();
+    let out = s
+        .run("sleep 4; echo gap=$(cat /tmp/gap)", Duration::from_secs(30))
+        .unwrap();
+    let ms = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("gap="))
+        .find_map(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no gap figure: {out}"));
+    Duration::from_millis(ms)
+}
+
+/// `hops` gkvm migrations of the running `bm1` between `a` and `b`:
+/// (totals, QEMU downtimes, guest-visible pauses).
+fn gkvm_hops(
+    rt: &tokio::runtime::Runtime,
+    (a, da): (&KvmHypervisor, &Path),
+    (b, db): (&KvmHypervisor, &Path),
+    first_port: u16,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let (mut totals, mut downtimes, mut pauses) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..HOPS {
+        let ((src, ds), (dst, dd)) = if i % 2 == 0 {
+            ((a, da), (b, db))
+        } else {
+            ((b, db), (a, da))
+        };
+        let port = first_port + u16::try_from(i).expect("few rounds");
+        let serial = |d: &Path| RunDir::new(d.join("run")).instance("bm1").unwrap().serial;
+        let mut console =
+            gkvm_testkit::Serial::connect(&serial(ds), Duration::from_secs(5)).unwrap();
+        console.send_line(GAP_WATCH).unwrap();
+        drop(console);
+        std::thread::sleep(Duration::from_millis(500));
+        let info = src.migration_info("bm1").unwrap();
+        rt.block_on(dst.accept_instance(&info, "127.0.0.1", port))
+            .unwrap();
+        let t = Instant::now();
+        let status = rt
+            .block_on(src.migrate(
+                "bm1",
+                "127.0.0.1",
+                port,
+                hv_kvm::MigrationMode::Live,
+                |_| {},
+            ))
+            .unwrap();
+        rt.block_on(dst.wait_incoming("bm1", Duration::from_secs(30)))
+            .unwrap();
+        rt.block_on(dst.finalize_migration_dst("bm1", hv_kvm::MigrationOutcome::Completed))
+            .unwrap();
+        totals.push(t.elapsed());
+        rt.block_on(src.finalize_migration_source("bm1", hv_kvm::MigrationOutcome::Completed))
+            .unwrap();
+        downtimes.push(Duration::from_millis(status.downtime_ms.unwrap_or(0)));
+        pauses.push(read_gap(&serial(dd)));
+    }
+    (totals, downtimes, pauses)
 }
 
 /// A minimal QMP client on a raw socket.
@@ -99,32 +194,12 @@ fn main() {
         .wait_for(gkvm_testkit::READY_LINE, Duration::from_secs(90))
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let (mut totals, mut downtimes) = (Vec::new(), Vec::new());
-    for i in 0..HOPS {
-        let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let port = 21000 + u16::try_from(i).expect("few rounds");
-        let info = src.migration_info("bm1").unwrap();
-        rt.block_on(dst.accept_instance(&info, "127.0.0.1", port))
-            .unwrap();
-        let t = Instant::now();
-        let status = rt
-            .block_on(src.migrate(
-                "bm1",
-                "127.0.0.1",
-                port,
-                hv_kvm::MigrationMode::Live,
-                |_| {},
-            ))
-            .unwrap();
-        rt.block_on(dst.wait_incoming("bm1", Duration::from_secs(30)))
-            .unwrap();
-        rt.block_on(dst.finalize_migration_dst("bm1", hv_kvm::MigrationOutcome::Completed))
-            .unwrap();
-        totals.push(t.elapsed());
-        rt.block_on(src.finalize_migration_source("bm1", hv_kvm::MigrationOutcome::Completed))
-            .unwrap();
-        downtimes.push(Duration::from_millis(status.downtime_ms.unwrap_or(0)));
-    }
+    // The guest's clock-read gaps without a migration: the noise floor.
+    let mut console = gkvm_testkit::Serial::connect(&pa.serial, Duration::from_secs(5)).unwrap();
+    console.send_line(GAP_WATCH).unwrap();
+    drop(console);
+    let idle_gap = read_gap(&pa.serial);
+    let (totals, downtimes, pauses) = gkvm_hops(&rt, (&a, da.path()), (&b, db.path()), 21000);
     let last = if HOPS.is_multiple_of(2) { &a } else { &b };
     let plan_argv = {
         let mut s = spec.clone();
@@ -216,6 +291,32 @@ fn main() {
     }
     let _ = Raw::connect(&sock(from)).cmd(r#"{"execute":"quit"}"#);
 
+    // gkvm over TLS: both nodes with certificates, same guest and limits.
+    let tls = tls_dir(da.path());
+    let (ta, tb) = (
+        gkvm_testkit::ScratchDir::new("gkvm-bm-ta"),
+        gkvm_testkit::ScratchDir::new("gkvm-bm-tb"),
+    );
+    let (a2, b2) = (
+        node_tls(ta.path(), &qemu, Some(&tls)),
+        node_tls(tb.path(), &qemu, Some(&tls)),
+    );
+    rt.block_on(a2.start(&spec, hv_kvm::StartMode::Paused))
+        .unwrap();
+    let pa2 = RunDir::new(ta.path().join("run")).instance("bm1").unwrap();
+    let mut serial2 = gkvm_testkit::Serial::connect(&pa2.serial, Duration::from_secs(5)).unwrap();
+    rt.block_on(a2.resume("bm1")).unwrap();
+    serial2
+        .wait_for(gkvm_testkit::READY_LINE, Duration::from_secs(90))
+        .unwrap();
+    drop(serial2);
+    std::thread::sleep(Duration::from_secs(1));
+    let (tls_totals, tls_downtimes, tls_pauses) =
+        gkvm_hops(&rt, (&a2, ta.path()), (&b2, tb.path()), 23000);
+    let last2 = if HOPS.is_multiple_of(2) { &a2 } else { &b2 };
+    rt.block_on(last2.stop("bm1", hv_kvm::StopMode::Force))
+        .unwrap();
+
     let st = Stats::of;
     let (gt, bt) = (st(totals), st(bare_totals));
     print_table(
@@ -245,7 +346,35 @@ fn main() {
                 baseline: None,
                 goal: None,
             },
+            Row {
+                name: "gkvm pause the guest saw (clock gap, 10 ms steps)".into(),
+                stats: st(pauses),
+                baseline: None,
+                goal: None,
+            },
+            Row {
+                name: "gkvm over TLS: migrate -> finalized destination".into(),
+                stats: st(tls_totals.clone()),
+                baseline: Some(gt.median),
+                goal: None,
+            },
+            Row {
+                name: "gkvm over TLS downtime (QEMU's figure)".into(),
+                stats: st(tls_downtimes),
+                baseline: None,
+                goal: None,
+            },
+            Row {
+                name: "gkvm over TLS pause the guest saw".into(),
+                stats: st(tls_pauses),
+                baseline: None,
+                goal: None,
+            },
         ],
+    );
+    println!(
+        "the guest's own clock-read gap with no migration (noise floor): {}",
+        gkvm_benches::fmt(idle_gap)
     );
     println!(
         "goal: gkvm total <= 400 ms; median {}",
