@@ -75,6 +75,8 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
+        Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
+        Command::NicRemove { name, id } => nic_remove(c, name, id).await,
         Command::NodeInfo => node_info(c).await,
         Command::Console { name } => attach_console(c, name).await,
         Command::ConsoleInfo { name } => console_info(c, name).await,
@@ -295,6 +297,50 @@ async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
     let op = Operation::new(name, "balloon").with_target_mib(mib);
     let what = format!("balloon target set to {}", render::human_mib(mib));
     render::done(cli.json, op, &what)
+}
+
+async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
+    // A made-up MAC must not repeat one the instance has: the facade
+    // refuses a duplicate, so vary the index it is made from.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let index = 8 + usize::try_from(nanos % 240).unwrap_or(0);
+    let nic = hv_kvm::NicSpec::parse_option(text, name, index).map_err(|e| usage(e.to_string()))?;
+    let request = Request::NicAdd {
+        instance: name.to_owned(),
+        nic,
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::NicAdded(nic) => {
+            let (id, slot) = nic
+                .address
+                .as_ref()
+                .map(|a| (a.id.clone(), a.pci_slot))
+                .unwrap_or_default();
+            let what = match slot {
+                Some(s) => format!("NIC {id} ({}) added at PCI slot {s:#04x}", nic.mac),
+                None => format!("NIC {id} ({}) added", nic.mac),
+            };
+            render::done(
+                cli.json,
+                Operation::new(name, "nic-add").with_device(&id, slot),
+                &what,
+            )
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn nic_remove(cli: &Cli, name: &str, id: &str) -> CliResult {
+    let request = Request::NicRemove {
+        instance: name.to_owned(),
+        id: id.to_owned(),
+    };
+    call(&hypervisor(cli)?, request).await?;
+    let op = Operation::new(name, "nic-remove").with_device(id, None);
+    render::done(cli.json, op, &format!("NIC {id} removed"))
 }
 
 async fn attach_console(cli: &Cli, name: &str) -> CliResult {

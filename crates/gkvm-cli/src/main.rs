@@ -149,6 +149,25 @@ enum Command {
         /// Target memory in MiB.
         mib: u64,
     },
+    /// Plug a NIC into a running instance (at a free PCI slot; the guest
+    /// sees it at once).
+    NicAdd {
+        /// The instance.
+        name: String,
+        /// The NIC, as start's --nic: bridge=BR | routed=TABLE,ip=A |
+        /// ovs=SWITCH | ext=LINK, with ,mac=..,vlan=.. (a MAC is made up
+        /// when none is given).
+        #[arg(long, value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
+        nic: String,
+    },
+    /// Unplug a NIC from a running instance (by the device id nic-add
+    /// printed, or its index).
+    NicRemove {
+        /// The instance.
+        name: String,
+        /// The NIC's device id or index.
+        id: String,
+    },
     /// Show the node's memory, CPUs and QEMU version.
     NodeInfo,
     /// Attach this terminal to an instance's serial console (^] detaches).
@@ -259,6 +278,8 @@ impl Command {
             Command::Cleanup { name } => ("cleanup", Some(name)),
             Command::Balloon { name, .. } => ("balloon", Some(name)),
             Command::Migrate { name, .. } => ("migrate", Some(name)),
+            Command::NicAdd { name, .. } => ("nic-add", Some(name)),
+            Command::NicRemove { name, .. } => ("nic-remove", Some(name)),
             Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
             Command::Accept { .. } => ("accept", None),
             Command::Demo { .. } => ("demo", None),

@@ -28,6 +28,12 @@ pub(crate) struct Operation {
     /// A balloon's target.
     #[serde(skip_serializing_if = "Option::is_none")]
     target_mib: Option<u64>,
+    /// A hot-plugged device's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    /// A hot-plugged device's PCI slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pci_slot: Option<u8>,
 }
 
 impl Operation {
@@ -37,6 +43,17 @@ impl Operation {
             operation,
             outcome: None,
             target_mib: None,
+            device: None,
+            pci_slot: None,
+        }
+    }
+
+    /// With a hot-plugged device's id and slot.
+    pub(crate) fn with_device(self, id: &str, pci_slot: Option<u8>) -> Operation {
+        Operation {
+            device: Some(id.to_owned()),
+            pci_slot,
+            ..self
         }
     }
 

@@ -140,6 +140,20 @@ fn every_json_output_matches_its_schema() {
         check("operation", &v);
         assert_eq!(v["operation"], op);
     }
+    // A NIC plugged in: its device id and slot.
+    let br = gkvm_testkit::Bridge::new("gkvmscbr0");
+    let v = a.json(&[
+        "nic-add",
+        "sc1",
+        "--nic",
+        &format!("bridge={},mac=52:54:00:00:73:01", br.0),
+    ]);
+    check("operation", &v);
+    assert_eq!(v["operation"], "nic-add");
+    assert!(v["device"].as_str().unwrap().starts_with("nic"), "{v}");
+    assert!(v["pci_slot"].as_u64().unwrap() >= 12, "{v}");
+    let e = a.error(&["nic-remove", "sc1", "no-such-nic"]);
+    assert_eq!(e["kind"], "hotplug", "{e}");
     check("migration-status", &a.json(&["migration-status", "sc1"]));
     check("console-info", &a.json(&["console-info", "sc1"]));
     check("node-info", &a.json(&["node-info"]));

@@ -106,6 +106,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A hot plug or unplug failed at one step; what it had done is undone.
+    #[error("instance {instance}: hot plug failed at {step}: {reason}")]
+    Hotplug {
+        /// The instance.
+        instance: String,
+        /// The step (`getfd`, `netdev_add`, `device_add`, ...).
+        step: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// A migration failed or was cancelled.
     #[error("instance {instance}: migration {status}: {reason}")]
     Migration {
@@ -184,6 +194,7 @@ impl Error {
             Error::MigrationInfo { .. } => "migration_info",
             Error::NotRunning { .. } => "not_running",
             Error::Start { .. } => "start",
+            Error::Hotplug { .. } => "hotplug",
             Error::Migration { .. } => "migration",
             Error::Timeout { .. } => "timeout",
             Error::Io { .. } => "io",
@@ -207,6 +218,7 @@ impl Error {
             | Error::MigrationInfo { instance, .. }
             | Error::NotRunning { instance }
             | Error::Start { instance, .. }
+            | Error::Hotplug { instance, .. }
             | Error::Migration { instance, .. }
             | Error::Timeout { instance, .. } => {
                 Some(instance.as_str()).filter(|i| !i.starts_with('('))

@@ -16,6 +16,7 @@ mod error;
 mod ganeti_runtime;
 mod guard;
 mod guest_agent;
+mod hotplug;
 mod lifecycle;
 mod media;
 mod migration;
@@ -96,6 +97,8 @@ pub struct Config {
     /// and from this node is encrypted and both peers' certificates are
     /// verified; a peer without TLS is refused.
     pub migration_tls_dir: Option<PathBuf>,
+    /// How long an unplug waits for the guest to release the device.
+    pub unplug_timeout: Duration,
     /// Where a node power-cycle writes `b` (the kernel's
     /// `/proc/sysrq-trigger`; tests point it at a file).
     pub sysrq_trigger: PathBuf,
@@ -131,6 +134,7 @@ impl Config {
             migration_key: None,
             log_dir: None,
             migration_tls_dir: None,
+            unplug_timeout: Duration::from_secs(30),
             sysrq_trigger: PathBuf::from("/proc/sysrq-trigger"),
             reboot_command: vec!["reboot".into(), "-n".into(), "-f".into()],
             node_hvparams: serde_json::Map::new(),

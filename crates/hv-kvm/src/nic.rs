@@ -31,52 +31,54 @@ pub(crate) fn queues(spec: &InstanceSpec, virtio: bool) -> u16 {
 /// Opens one TAP per NIC. vnet_hdr is used for virtio NICs when the kernel
 /// has it and `vnet_hdr` says so (as Ganeti does), never for emulated ones.
 pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Result<Vec<Tap>> {
+    (0..spec.nics.len())
+        .map(|i| open_tap(spec, i, template, virtio))
+        .collect()
+}
+
+/// Opens the TAP of NIC `i` (its queues, vnet_hdr as the hvparams say).
+pub(crate) fn open_tap(spec: &InstanceSpec, i: usize, template: &str, virtio: bool) -> Result<Tap> {
     let vnet_hdr = if virtio && spec.hvparams.vnet_hdr {
         VnetHdr::Auto
     } else {
         VnetHdr::Off
     };
-    spec.nics
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            TapBuilder::new()
-                .name_template(template)
-                .vnet_hdr(vnet_hdr)
-                .queues(queues(spec, virtio))
-                .open()
-                .map_err(|source| Error::Tap {
-                    instance: spec.name.clone(),
-                    nic: i,
-                    source,
-                })
+    TapBuilder::new()
+        .name_template(template)
+        .vnet_hdr(vnet_hdr)
+        .queues(queues(spec, virtio))
+        .open()
+        .map_err(|source| Error::Tap {
+            instance: spec.name.clone(),
+            nic: i,
+            source,
         })
-        .collect()
 }
 
 /// One `/dev/vhost-net` descriptor per TAP queue of each NIC when the
 /// instance uses vhost-net (QEMU gets them as `vhostfds=`), else none.
 pub(crate) fn open_vhost(spec: &InstanceSpec, taps: &[Tap]) -> Result<Vec<Vec<OwnedFd>>> {
+    taps.iter().map(|tap| open_vhost_for(spec, tap)).collect()
+}
+
+/// The `/dev/vhost-net` descriptors of one TAP (none without vhost-net).
+pub(crate) fn open_vhost_for(spec: &InstanceSpec, tap: &Tap) -> Result<Vec<OwnedFd>> {
     if !kvm_cmdline::uses_vhost(&spec.hvparams) {
-        return Ok(taps.iter().map(|_| Vec::new()).collect());
+        return Ok(Vec::new());
     }
-    taps.iter()
-        .map(|tap| {
-            (0..tap.fds().len())
-                .map(|_| {
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .custom_flags(libc::O_CLOEXEC)
-                        .open(VHOST_NET)
-                        .map(OwnedFd::from)
-                        .map_err(|e| Error::Start {
-                            instance: spec.name.clone(),
-                            step: "vhost-net",
-                            reason: format!("vhost_net=true but {VHOST_NET} cannot be opened: {e}"),
-                        })
+    (0..tap.fds().len())
+        .map(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(VHOST_NET)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::Start {
+                    instance: spec.name.clone(),
+                    step: "vhost-net",
+                    reason: format!("vhost_net=true but {VHOST_NET} cannot be opened: {e}"),
                 })
-                .collect()
         })
         .collect()
 }

@@ -109,6 +109,20 @@ pub enum Request {
         /// Target memory in MiB.
         mib: u64,
     },
+    /// Plug a NIC into a running instance ([`KvmHypervisor::nic_add`]).
+    NicAdd {
+        /// The instance.
+        instance: String,
+        /// The NIC (placed by gkvm).
+        nic: kvm_cmdline::NicSpec,
+    },
+    /// Unplug a NIC ([`KvmHypervisor::nic_remove`]).
+    NicRemove {
+        /// The instance.
+        instance: String,
+        /// The NIC's device id (or index).
+        id: String,
+    },
     /// Remove what a stopped instance left ([`KvmHypervisor::cleanup`]).
     Cleanup {
         /// The instance.
@@ -224,6 +238,8 @@ pub enum Response {
     Done,
     /// An instance started (or arrived).
     Started(StartReport),
+    /// A NIC was plugged in, as placed.
+    NicAdded(Box<kvm_cmdline::NicSpec>),
     /// What a node power-cycle did or would do.
     Powercycle(crate::PowercyclePlan),
     /// How a stop ended.
@@ -270,6 +286,10 @@ impl KvmHypervisor {
             R::Resume { instance } => done(self.resume(&instance).await?),
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
+            R::NicAdd { instance, nic } => {
+                Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))
+            }
+            R::NicRemove { instance, id } => done(self.nic_remove(&instance, &id).await?),
             R::List => Response::Names(self.list()?),
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),

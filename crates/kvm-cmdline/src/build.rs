@@ -1247,39 +1247,45 @@ fn launch_nics(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
             );
             continue;
         }
-        let (netdev, device) = nic_pieces(c, i, nic, backend, vhost);
+        let refs = |fds: &[i32]| fds.iter().map(i32::to_string).collect::<Vec<_>>();
+        let vhost_fds = if vhost {
+            refs(&backend.vhost_fds)
+        } else {
+            Vec::new()
+        };
+        let (netdev, device) = nic_pieces(c, i, nic, &refs(&backend.tap_fds), &vhost_fds);
         a.netdev(&netdev, SYNTAX)?;
         a.device(&device, SYNTAX)?;
     }
     Ok(())
 }
 
-/// The backend and device of one NIC on TAP descriptors.
+/// The backend and device of one NIC on TAP descriptors, given as what
+/// QEMU refers to them by: numbers inherited at start, or the names given
+/// with `getfd` for a hot plug. vhost-net when `vhost_fds` is not empty.
 fn nic_pieces(
     c: &Ctx,
     i: usize,
     nic: &crate::NicSpec,
-    backend: &NicBackend,
-    vhost: bool,
+    tap_fds: &[String],
+    vhost_fds: &[String],
 ) -> (Netdev, Device) {
     let id = match &nic.address {
         Some(addr) => addr.id.clone(),
         None => format!("netdev{i}"),
     };
-    let queues = backend.tap_fds.len();
+    let queues = tap_fds.len();
     let mut netdev = Netdev::new("tap", id.as_str());
     if queues == 1 {
-        netdev.set("fd", backend.tap_fds[0]);
+        netdev.set("fd", tap_fds[0].as_str());
     } else {
-        let list: Vec<String> = backend.tap_fds.iter().map(i32::to_string).collect();
-        netdev.set("fds", list.join(":"));
+        netdev.set("fds", tap_fds.join(":"));
     }
-    if vhost {
+    if !vhost_fds.is_empty() {
         netdev.set("vhost", true);
-        let list: Vec<String> = backend.vhost_fds.iter().map(i32::to_string).collect();
         netdev.set(
             if queues == 1 { "vhostfd" } else { "vhostfds" },
-            list.join(":"),
+            vhost_fds.join(":"),
         );
     }
     let mut device = Device::new(nic_model(c))
@@ -1291,6 +1297,40 @@ fn nic_pieces(
     }
     place(&mut device, nic.address.as_ref(), nic_on_pci(c.hv.nic_type));
     (netdev, device)
+}
+
+/// The backend and device of NIC `index` of a running `spec` for QMP
+/// `netdev_add` and `device_add` (hot plug), on TAP descriptors passed
+/// with `getfd` under the names `tap_fds` (one per queue) and, with
+/// vhost-net, `vhost_fds`. The NIC must be placed (its id and slot).
+pub fn hotplug_nic(
+    spec: &InstanceSpec,
+    caps: &Capabilities,
+    index: usize,
+    tap_fds: &[String],
+    vhost_fds: &[String],
+) -> Result<(Netdev, Device), Error> {
+    let c = Ctx {
+        spec,
+        hv: &spec.hvparams,
+        caps,
+        f: &caps.features,
+    };
+    let field = format!("nics[{index}]");
+    let nic = spec
+        .nics
+        .get(index)
+        .ok_or_else(|| c.instance_err(&field, "no such NIC".into()))?;
+    if nic.address.is_none() {
+        return Err(c.instance_err(&field, "a hot-plugged NIC needs its id and slot".into()));
+    }
+    if tap_fds.is_empty() {
+        return Err(c.instance_err(&field, "no TAP descriptor".into()));
+    }
+    if !vhost_fds.is_empty() && !c.f.vhost_net {
+        return Err(c.unsupported("vhost_net", "vhost-net (the tap backend's vhost option)"));
+    }
+    Ok(nic_pieces(&c, index, nic, tap_fds, vhost_fds))
 }
 
 fn launch_qmp(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {

@@ -198,6 +198,28 @@ impl InstancePaths {
         write_atomic_volatile(&self.nic_file(seq), interface.as_bytes())
     }
 
+    /// Records every NIC's TAP interface at once (after a hot plug or
+    /// unplug), removing the records of NICs beyond them.
+    pub fn write_nics(&self, interfaces: &[String]) -> Result<(), Error> {
+        for (seq, name) in interfaces.iter().enumerate() {
+            self.write_nic(seq, name)?;
+        }
+        for seq in interfaces.len().. {
+            match std::fs::remove_file(self.nic_file(seq)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => {
+                    return Err(Error::Io {
+                        op: "remove",
+                        path: self.nic_file(seq),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The recorded TAP interfaces, in NIC order.
     pub fn read_nics(&self) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();

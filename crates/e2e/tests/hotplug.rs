@@ -1,0 +1,171 @@
+//! NICs plugged into and out of a running TCG guest: the guest sees the
+//! NIC with its MAC and reaches the host over the bridge; after removal it
+//! is gone from the guest and the host. Failures leave the instance
+//! running and nothing behind.
+
+mod common;
+use common::{guest_spec, rt};
+use gkvm_testkit::{require, Bridge, Need, ScratchDir, Serial, READY_LINE};
+use hv_kvm::{Config, Error, KvmHypervisor, RunDir};
+use kvm_cmdline::NicSpec;
+use std::time::{Duration, Instant};
+
+fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
+    let Some(env) = require("hotplug_nic", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hp");
+    let mut config = Config::new(RunDir::new(dir.path().join("run")));
+    config.kvm_path = Some(env.qemu.clone());
+    config.caps_cache_dir = Some(dir.path().join("caps"));
+    let hv = KvmHypervisor::new(config);
+    let br = Bridge::new("gkvmhpbr0");
+    sh("ip addr add 10.96.0.1/24 dev gkvmhpbr0");
+    let spec = guest_spec(&env, "hp1");
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(dir.path().join("run")).instance("hp1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("hp1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        // A bridge that does not exist: refused at the NIC's configuration,
+        // the instance runs on, no TAP and no record change left.
+        let taps_before = sh("ls /sys/class/net");
+        let err = hv
+            .nic_add("hp1", NicSpec::new("52:54:00:00:70:09".parse().unwrap(), "gkvmnosuchbr"))
+            .await
+            .unwrap_err();
+        assert!(err.report().contains("gkvmnosuchbr"), "{}", err.report());
+        assert_eq!(sh("ls /sys/class/net"), taps_before);
+        assert!(paths.read_nics().unwrap().is_empty());
+
+        let t = Instant::now();
+        let placed = hv
+            .nic_add("hp1", NicSpec::new("52:54:00:00:70:01".parse().unwrap(), &br.0))
+            .await
+            .unwrap();
+        eprintln!("nic_add took {:?}", t.elapsed());
+        let addr = placed.address.clone().unwrap();
+        assert!(addr.pci_slot.is_some(), "{addr:?}");
+        let tap = paths.read_nics().unwrap()[0].clone();
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+        assert_eq!(master.file_name().unwrap().to_str(), Some(br.0.as_str()));
+        let saved = hv.migration_info("hp1").unwrap();
+        assert!(saved.contains(&addr.id), "the record lacks the NIC");
+
+        // The guest sees it with its MAC and reaches the host.
+        let out = serial
+            .run(
+                "for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/class/net/eth0 ] && break; sleep 1; done; \
+                 cat /sys/class/net/eth0/address && ip link set eth0 up && \
+                 ip addr add 10.96.0.2/24 dev eth0 && ping -c 2 -W 5 10.96.0.1",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(out.contains("52:54:00:00:70:01"), "{out}");
+        assert!(
+            out.contains("2 packets received") || out.contains("1 packets received"),
+            "{out}"
+        );
+
+        // Removed: gone from the guest and from the host.
+        hv.nic_remove("hp1", &addr.id).await.unwrap();
+        let out = serial
+            .run(
+                "sleep 1; ls /sys/class/net; echo nics-listed",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert!(!out.contains("eth0"), "{out}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gkvm_tap::interface_exists(&tap) {
+            assert!(Instant::now() < deadline, "{tap} outlived its NIC");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(paths.read_nics().unwrap().is_empty());
+        assert!(matches!(
+            hv.nic_remove("hp1", &addr.id).await,
+            Err(Error::Hotplug { .. })
+        ));
+        assert_eq!(
+            hv.info("hp1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        hv.stop("hp1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}
+
+#[test]
+fn a_guest_that_never_releases_a_nic_keeps_it_and_runs_on() {
+    let Some(env) = require("hotplug_timeout", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpt");
+    let mut config = Config::new(RunDir::new(dir.path().join("run")));
+    config.kvm_path = Some(env.qemu.clone());
+    config.caps_cache_dir = Some(dir.path().join("caps"));
+    config.unplug_timeout = Duration::from_secs(2);
+    let hv = KvmHypervisor::new(config);
+    let br = Bridge::new("gkvmhpbr1");
+    // No guest OS (SeaBIOS only): nothing answers the ACPI eject.
+    let spec = common::guestless_spec("hp2");
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
+        let placed = hv
+            .nic_add(
+                "hp2",
+                NicSpec::new("52:54:00:00:71:01".parse().unwrap(), &br.0),
+            )
+            .await
+            .unwrap();
+        let id = placed.address.unwrap().id;
+        let err = hv.nic_remove("hp2", &id).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Hotplug { step, .. } if *step == "wait for DEVICE_DELETED"),
+            "{}",
+            err.report()
+        );
+        // Still plugged, still recorded, still running.
+        let paths = RunDir::new(dir.path().join("run")).instance("hp2").unwrap();
+        let tap = paths.read_nics().unwrap()[0].clone();
+        assert!(gkvm_tap::interface_exists(&tap));
+        assert!(hv.migration_info("hp2").unwrap().contains(&id));
+        assert_eq!(
+            hv.info("hp2").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        // A full PCI bus: slots up to 31 taken, the next NIC is refused
+        // and leaves nothing.
+        let mut added = 0;
+        let err = loop {
+            let mac = format!("52:54:00:00:72:{added:02x}");
+            match hv
+                .nic_add("hp2", NicSpec::new(mac.parse().unwrap(), &br.0))
+                .await
+            {
+                Ok(_) => added += 1,
+                Err(e) => break e,
+            }
+            assert!(added < 40, "the bus never filled");
+        };
+        assert!(
+            err.report().contains("slot") || err.report().contains("NICs"),
+            "{}",
+            err.report()
+        );
+        hv.stop("hp2", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(!gkvm_tap::interface_exists(&tap));
+    });
+}

@@ -1,0 +1,291 @@
+//! NICs into and out of a running instance (Ganeti 3.1's HotAddDevice /
+//! HotDelDevice for NICs): a TAP configured as at start, its descriptors
+//! passed with `getfd`, `netdev_add` and `device_add` at a free PCI slot;
+//! removal by `device_del`, `DEVICE_DELETED`, `netdev_del` and the NIC's
+//! teardown. The runtime record changes only once QEMU has confirmed, and
+//! a failure at any step undoes the earlier ones, even if the operation is
+//! dropped (a drop guard undoes with a blocking QMP client).
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use gkvm_qmp::commands;
+use kvm_cmdline::{InstanceSpec, NicSpec};
+use kvm_runtime::InstancePaths;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::KvmHypervisor;
+
+/// One thing a failed hot plug undoes.
+#[derive(Debug)]
+enum Undo {
+    /// A descriptor passed with `getfd` and not yet used.
+    CloseFd(String),
+    /// A backend added.
+    NetdevDel(String),
+    /// A device added.
+    DeviceDel(String),
+    /// A configured NIC (script or native).
+    Teardown {
+        spec: Box<InstanceSpec>,
+        seq: usize,
+        tap: String,
+        script: Option<std::path::PathBuf>,
+    },
+}
+
+/// Undoes, in reverse order, what a hot plug did unless disarmed.
+struct HotplugGuard {
+    paths: InstancePaths,
+    steps: Vec<Undo>,
+    armed: bool,
+}
+
+impl Drop for HotplugGuard {
+    fn drop(&mut self) {
+        if !self.armed || self.steps.is_empty() {
+            return;
+        }
+        tracing::warn!(instance = %self.paths.name, "hot plug failed or was interrupted; undoing it");
+        let options = gkvm_qmp::Options {
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(5),
+            ..gkvm_qmp::Options::default()
+        };
+        let mut qmp = gkvm_qmp::blocking::Qmp::connect(&self.paths.qmp, options).ok();
+        for step in self.steps.drain(..).rev() {
+            let (name, args) = match step {
+                Undo::Teardown {
+                    spec,
+                    seq,
+                    tap,
+                    script,
+                } => {
+                    crate::nic::deconfigure(&spec, seq, &tap, script.as_deref());
+                    continue;
+                }
+                Undo::CloseFd(n) => ("closefd", serde_json::json!({"fdname": n})),
+                Undo::NetdevDel(id) => ("netdev_del", serde_json::json!({"id": id})),
+                Undo::DeviceDel(id) => ("device_del", serde_json::json!({"id": id})),
+            };
+            if let Some(q) = qmp.as_mut() {
+                if let Err(e) = q.execute_raw(name, Some(args)) {
+                    tracing::warn!(instance = %self.paths.name, step = name, error = %e, "undo");
+                }
+            }
+        }
+    }
+}
+
+fn hotplug_err<'a>(instance: &'a str, step: &'static str) -> impl Fn(String) -> Error + 'a {
+    move |reason| Error::Hotplug {
+        instance: instance.to_owned(),
+        step,
+        reason,
+    }
+}
+
+impl KvmHypervisor {
+    /// The running instance's definition, for a hot plug: it must have
+    /// been started by gkvm with device places (an earlier release's, or
+    /// Ganeti's, needs a restart first).
+    fn hotplug_spec(&self, paths: &InstancePaths) -> Result<InstanceSpec> {
+        let name = paths.name.as_str();
+        let spec = self.saved_spec(paths)?.ok_or_else(|| Error::NotRunning {
+            instance: name.to_owned(),
+        })?;
+        if spec.is_legacy_placement() && !(spec.nics.is_empty() && spec.disks.is_empty()) {
+            return Err(hotplug_err(name, "check")(
+                "its devices have no fixed ids and slots (started by an earlier release \
+                 or by Ganeti); restart it once to hot plug"
+                    .into(),
+            ));
+        }
+        Ok(spec)
+    }
+
+    /// Adds a NIC to a running instance: a TAP (queues, vnet_hdr and
+    /// vhost-net as the instance's hvparams say), configured by the NIC
+    /// script or natively, then `netdev_add` and `device_add` at a free
+    /// PCI slot. Returns the NIC as placed (its id and slot). Errors name
+    /// the step; whatever was done is undone.
+    pub async fn nic_add(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let mut spec = self.hotplug_spec(&paths)?;
+        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
+        let seq = spec.nics.len();
+        spec.nics.push(nic);
+        let params = |e| Error::Params {
+            instance: name.to_owned(),
+            source: e,
+        };
+        spec.assign_addresses().map_err(params)?;
+        crate::lifecycle::check_spec(&spec)?;
+        let id = spec.nics[seq]
+            .address
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let mut guard = HotplugGuard {
+            paths: paths.clone(),
+            steps: Vec::new(),
+            armed: true,
+        };
+        let virtio = crate::nic::is_virtio(&spec, &caps);
+        let tap = crate::nic::open_tap(&spec, seq, &self.config.tap_template, virtio)?;
+        let vhost = crate::nic::open_vhost_for(&spec, &tap)?;
+        crate::nic::configure(&spec, seq, tap.name(), self.config.nic_script.as_deref()).await?;
+        guard.steps.push(Undo::Teardown {
+            spec: Box::new(spec.clone()),
+            seq,
+            tap: tap.name().to_owned(),
+            script: self.config.nic_down_script.clone(),
+        });
+        let qmp = self.qmp(&paths).await?;
+        let step = |s: &'static str| hotplug_err(name, s);
+        let tap_fds = fd_names(&id, "tap", tap.fds().iter().map(AsFd::as_fd));
+        let vhost_fds = fd_names(&id, "vhost", vhost.iter().map(AsFd::as_fd));
+        for (fdname, fd) in tap_fds.iter().chain(&vhost_fds) {
+            qmp.run_with_fds(
+                &commands::GetFd {
+                    fdname: fdname.clone(),
+                },
+                &[*fd],
+            )
+            .await
+            .map_err(|e| step("getfd")(e.to_string()))?;
+            guard.steps.push(Undo::CloseFd(fdname.clone()));
+        }
+        let names = |v: &[(String, std::os::fd::BorrowedFd<'_>)]| {
+            v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()
+        };
+        let (netdev, device) =
+            kvm_cmdline::hotplug_nic(&spec, &caps, seq, &names(&tap_fds), &names(&vhost_fds))
+                .map_err(params)?;
+        qmp.execute_raw("netdev_add", Some(netdev.qmp_arguments()))
+            .await
+            .map_err(|e| step("netdev_add")(e.to_string()))?;
+        // QEMU took the descriptors: nothing to close any more.
+        guard.steps.retain(|s| !matches!(s, Undo::CloseFd(_)));
+        guard.steps.push(Undo::NetdevDel(id.clone()));
+        qmp.execute_raw("device_add", Some(device.qmp_arguments()))
+            .await
+            .map_err(|e| step("device_add")(e.to_string()))?;
+        guard.steps.push(Undo::DeviceDel(id.clone()));
+        let mut taps = paths.read_nics().map_err(|e| runtime(name, e))?;
+        taps.truncate(seq);
+        taps.push(tap.name().to_owned());
+        self.save_hotplugged(&paths, &spec, &taps)?;
+        guard.armed = false;
+        tracing::info!(instance = %name, nic = %id, tap = %tap.name(), "NIC added");
+        Ok(spec.nics[seq].clone())
+    }
+
+    /// Removes the NIC with device id `id` (or index `id`) from a running
+    /// instance: `device_del`, waits for the guest to release it
+    /// (`DEVICE_DELETED`, up to [`crate::Config::unplug_timeout`]; a guest
+    /// that never does leaves the NIC in place and the error says so), `netdev_del`, then the NIC's
+    /// teardown (down script or native) and the record.
+    pub async fn nic_remove(&self, name: &str, id: &str) -> Result<()> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let mut spec = self.hotplug_spec(&paths)?;
+        let seq = spec
+            .nics
+            .iter()
+            .position(|n| n.address.as_ref().is_some_and(|a| a.id == id))
+            .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.nics.len()))
+            .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
+        let dev_id = spec.nics[seq]
+            .address
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let step = |s: &'static str| hotplug_err(name, s);
+        let qmp = self.qmp(&paths).await?;
+        qmp.execute_raw("device_del", Some(serde_json::json!({"id": dev_id})))
+            .await
+            .map_err(|e| step("device_del")(e.to_string()))?;
+        let gone = qmp
+            .wait_for_event(self.config.unplug_timeout, |e| {
+                e.name == "DEVICE_DELETED"
+                    && e.data.get("device").and_then(Value::as_str) == Some(dev_id.as_str())
+            })
+            .await
+            .map_err(|e| step("wait for DEVICE_DELETED")(e.to_string()))?;
+        if gone.is_none() {
+            return Err(step("wait for DEVICE_DELETED")(format!(
+                "the guest did not release {dev_id} within {}; it stays plugged",
+                kvm_runtime::human_duration(&self.config.unplug_timeout)
+            )));
+        }
+        qmp.execute_raw("netdev_del", Some(serde_json::json!({"id": dev_id})))
+            .await
+            .map_err(|e| step("netdev_del")(e.to_string()))?;
+        let mut taps = paths.read_nics().map_err(|e| runtime(name, e))?;
+        if let Some(tap) = taps.get(seq).cloned() {
+            crate::nic::deconfigure(&spec, seq, &tap, self.config.nic_down_script.as_deref());
+            taps.remove(seq);
+        }
+        spec.nics.remove(seq);
+        self.save_hotplugged(&paths, &spec, &taps)?;
+        tracing::info!(instance = %name, nic = %dev_id, "NIC removed");
+        Ok(())
+    }
+
+    /// Writes the instance's new definition into its runtime record and
+    /// its TAPs into the NIC records.
+    fn save_hotplugged(
+        &self,
+        paths: &InstancePaths,
+        spec: &InstanceSpec,
+        taps: &[String],
+    ) -> Result<()> {
+        let name = spec.name.as_str();
+        let mut record = paths
+            .read_runtime()
+            .map_err(|e| runtime(name, e))?
+            .ok_or_else(|| Error::NotRunning {
+                instance: name.to_owned(),
+            })?;
+        record.nics = spec
+            .nics
+            .iter()
+            .filter_map(|n| serde_json::to_value(n).ok())
+            .collect();
+        if let Some(p) = record.payload.as_object_mut() {
+            p.insert(
+                "spec".into(),
+                serde_json::to_value(spec).unwrap_or(Value::Null),
+            );
+            p.insert(
+                "taps".into(),
+                serde_json::to_value(taps).unwrap_or(Value::Null),
+            );
+        }
+        paths.write_runtime(&record).map_err(|e| runtime(name, e))?;
+        paths.write_nics(taps).map_err(|e| runtime(name, e))
+    }
+}
+
+/// Names for descriptors passed with `getfd`: `ID-KINDn`.
+fn fd_names<'a>(
+    id: &str,
+    kind: &str,
+    fds: impl Iterator<Item = std::os::fd::BorrowedFd<'a>>,
+) -> Vec<(String, std::os::fd::BorrowedFd<'a>)> {
+    fds.enumerate()
+        .map(|(j, fd)| (format!("{id}-{kind}{j}"), fd))
+        .collect()
+}
+
+fn runtime(name: &str, source: kvm_runtime::Error) -> Error {
+    Error::Runtime {
+        instance: name.to_owned(),
+        source,
+    }
+}
