@@ -30,7 +30,13 @@ fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
     let hv = KvmHypervisor::new(config);
     let br = Bridge::new("gkvmhpbr0");
     sh("ip addr add 10.96.0.1/24 dev gkvmhpbr0");
-    let spec = guest_spec(&env, "hp1");
+    let mut spec = guest_spec(&env, "hp1");
+    spec.hvparams.set_pair("reboot_behavior=exit").unwrap();
+    let dir_b = ScratchDir::new("gkvm-hp-b");
+    let mut config_b = Config::new(RunDir::new(dir_b.path().join("run")));
+    config_b.kvm_path = Some(env.qemu.clone());
+    config_b.caps_cache_dir = Some(dir_b.path().join("caps"));
+    let hv_b = KvmHypervisor::new(config_b);
     rt().block_on(async {
         hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         let paths = RunDir::new(dir.path().join("run")).instance("hp1").unwrap();
@@ -79,6 +85,46 @@ fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
             out.contains("2 packets received") || out.contains("1 packets received"),
             "{out}"
         );
+
+        // It survives a restart (reboot_behavior=exit): the new QEMU has it
+        // at the same place, and the guest brings it up as it boots.
+        let first_pid = hv.info("hp1").await.unwrap().pid;
+        drop(serial);
+        hv.reboot("hp1").await.unwrap();
+        assert_ne!(hv.info("hp1").await.unwrap().pid, first_pid);
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        let seen = serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(seen.contains("eth0 up 52:54:00:00:70:01"), "{seen}");
+
+        // And a live migration: the destination starts with the NIC at
+        // the same address, and it still works there.
+        drop(serial);
+        let port = 24000 + (std::process::id() % 1000) as u16;
+        let info = hv.migration_info("hp1").unwrap();
+        hv_b.accept_instance(&info, "127.0.0.1", port).await.unwrap();
+        hv.migrate_to("hp1", "127.0.0.1", port, hv_kvm::MigrationMode::Live, |_| {})
+            .await
+            .unwrap();
+        hv_b.wait_incoming("hp1", Duration::from_secs(30)).await.unwrap();
+        hv_b.finalize_migration_dst("hp1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        let hv = &hv_b;
+        let paths = RunDir::new(dir_b.path().join("run")).instance("hp1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        let out = serial
+            .run(
+                "ip addr add 10.96.0.2/24 dev eth0; ping -c 2 -W 5 10.96.0.1",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(
+            out.contains("2 packets received") || out.contains("1 packets received"),
+            "the hot-added NIC does not work after the migration: {out}"
+        );
+        let tap = paths.read_nics().unwrap()[0].clone();
 
         // Removed: gone from the guest and from the host.
         hv.nic_remove("hp1", &addr.id).await.unwrap();
