@@ -215,3 +215,88 @@ fn a_guest_that_never_releases_a_nic_keeps_it_and_runs_on() {
         assert!(!gkvm_tap::interface_exists(&tap));
     });
 }
+
+#[test]
+fn a_hot_added_disk_shows_its_content_grows_and_goes_away() {
+    let Some(env) = require("hotplug_disk", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpd");
+    let mut config = Config::new(RunDir::new(dir.path().join("run")));
+    config.kvm_path = Some(env.qemu.clone());
+    config.caps_cache_dir = Some(dir.path().join("caps"));
+    let hv = KvmHypervisor::new(config);
+    let image = dir.path().join("data.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&image).unwrap();
+        f.write_all(b"gkvm-hot-disk").unwrap();
+        f.set_len(4 << 20).unwrap();
+    }
+    let spec = guest_spec(&env, "hpd1");
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("hpd1")
+            .unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("hpd1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        // A path that does not exist: refused at blockdev-add, nothing
+        // plugged, the record unchanged.
+        let err = hv
+            .disk_add(
+                "hpd1",
+                kvm_cmdline::DiskSpec::new(dir.path().join("missing.img")),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Hotplug { step, .. } if *step == "blockdev-add"),
+            "{}",
+            err.report()
+        );
+        assert!(!hv.migration_info("hpd1").unwrap().contains("missing.img"));
+
+        let placed = hv
+            .disk_add("hpd1", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap();
+        let id = placed.address.unwrap().id;
+        let out = serial
+            .run(
+                "for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vda ] && break; sleep 1; done; \
+                 cat /sys/block/vda/size; dd if=/dev/vda bs=13 count=1 2>/dev/null; echo",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(
+            out.contains("8192") && out.contains("gkvm-hot-disk"),
+            "{out}"
+        );
+
+        // Grown to 8 MiB: the guest sees the new size, the image grew.
+        hv.disk_grow("hpd1", &id, 8 << 20).await.unwrap();
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
+        let out = serial
+            .run("sleep 1; cat /sys/block/vda/size", Duration::from_secs(30))
+            .unwrap();
+        assert!(out.contains("16384"), "{out}");
+        assert!(hv.disk_grow("hpd1", &id, 1 << 20).await.is_err(), "shrunk");
+
+        // Removed: gone from the guest and from the record.
+        hv.disk_remove("hpd1", &id).await.unwrap();
+        let out = serial
+            .run(
+                "sleep 1; ls /sys/block; echo listed",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        assert!(!out.contains("vda"), "{out}");
+        assert!(!hv.migration_info("hpd1").unwrap().contains(&id));
+        hv.stop("hpd1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

@@ -77,6 +77,17 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
+        Command::DiskAdd { name, disk } => disk_add(c, name, disk).await,
+        Command::DiskRemove { name, id } => {
+            let request = Request::DiskRemove {
+                instance: name.clone(),
+                id: id.clone(),
+            };
+            call(&hypervisor(c)?, request).await?;
+            let op = Operation::new(name, "disk-remove").with_device(id, None);
+            render::done(c.json, op, &format!("disk {id} removed"))
+        }
+        Command::DiskGrow { name, id, size } => disk_grow(c, name, id, size).await,
         Command::NodeInfo => node_info(c).await,
         Command::Console { name } => attach_console(c, name).await,
         Command::ConsoleInfo { name } => console_info(c, name).await,
@@ -341,6 +352,64 @@ async fn nic_remove(cli: &Cli, name: &str, id: &str) -> CliResult {
     call(&hypervisor(cli)?, request).await?;
     let op = Operation::new(name, "nic-remove").with_device(id, None);
     render::done(cli.json, op, &format!("NIC {id} removed"))
+}
+
+async fn disk_add(cli: &Cli, name: &str, text: &str) -> CliResult {
+    let disk: hv_kvm::DiskSpec = text
+        .parse()
+        .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?;
+    let request = Request::DiskAdd {
+        instance: name.to_owned(),
+        disk,
+    };
+    match call(&hypervisor(cli)?, request).await? {
+        Response::DiskAdded(disk) => {
+            let (id, slot) = disk
+                .address
+                .as_ref()
+                .map(|a| (a.id.clone(), a.pci_slot))
+                .unwrap_or_default();
+            let what = match slot {
+                Some(s) => format!("disk {id} added at PCI slot {s:#04x}"),
+                None => format!("disk {id} added"),
+            };
+            render::done(
+                cli.json,
+                Operation::new(name, "disk-add").with_device(&id, slot),
+                &what,
+            )
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
+async fn disk_grow(cli: &Cli, name: &str, id: &str, size: &str) -> CliResult {
+    let bytes = parse_size(size).ok_or_else(|| {
+        usage(format!(
+            "{size:?} is not a size (bytes, or a number with K, M, G or T)"
+        ))
+    })?;
+    let request = Request::DiskGrow {
+        instance: name.to_owned(),
+        id: id.to_owned(),
+        bytes,
+    };
+    call(&hypervisor(cli)?, request).await?;
+    let op = Operation::new(name, "disk-grow").with_device(id, None);
+    render::done(cli.json, op, &format!("disk {id} grown to {bytes} bytes"))
+}
+
+/// `1073741824`, `1G`, `512M`, `2T`, `64K` (powers of 1024).
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (num, shift) = match t.chars().last()?.to_ascii_uppercase() {
+        'K' => (&t[..t.len() - 1], 10),
+        'M' => (&t[..t.len() - 1], 20),
+        'G' => (&t[..t.len() - 1], 30),
+        'T' => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 async fn attach_console(cli: &Cli, name: &str) -> CliResult {

@@ -168,6 +168,33 @@ enum Command {
         /// The NIC's device id or index.
         id: String,
     },
+    /// Plug a disk into a running instance (virtio or SCSI, as its
+    /// disk_type says).
+    DiskAdd {
+        /// The instance.
+        name: String,
+        /// The disk, as start's --disk: PATH[:ro] or a storage URI.
+        #[arg(long, value_name = "PATH[:ro]")]
+        disk: String,
+    },
+    /// Unplug a disk from a running instance (by the device id disk-add
+    /// printed, or its index).
+    DiskRemove {
+        /// The instance.
+        name: String,
+        /// The disk's device id or index.
+        id: String,
+    },
+    /// Grow a disk of a running instance (a file image grows with it; grow
+    /// a block device first).
+    DiskGrow {
+        /// The instance.
+        name: String,
+        /// The disk's device id or index.
+        id: String,
+        /// The new size: bytes, or with K, M, G or T (powers of 1024).
+        size: String,
+    },
     /// Show the node's memory, CPUs and QEMU version.
     NodeInfo,
     /// Attach this terminal to an instance's serial console (^] detaches).
@@ -279,6 +306,9 @@ impl Command {
             Command::Balloon { name, .. } => ("balloon", Some(name)),
             Command::Migrate { name, .. } => ("migrate", Some(name)),
             Command::NicAdd { name, .. } => ("nic-add", Some(name)),
+            Command::DiskAdd { name, .. } => ("disk-add", Some(name)),
+            Command::DiskRemove { name, .. } => ("disk-remove", Some(name)),
+            Command::DiskGrow { name, .. } => ("disk-grow", Some(name)),
             Command::NicRemove { name, .. } => ("nic-remove", Some(name)),
             Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
             Command::Accept { .. } => ("accept", None),

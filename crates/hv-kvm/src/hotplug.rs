@@ -1,8 +1,9 @@
-//! NICs into and out of a running instance (Ganeti 3.1's HotAddDevice /
-//! HotDelDevice for NICs): a TAP configured as at start, its descriptors
-//! passed with `getfd`, `netdev_add` and `device_add` at a free PCI slot;
-//! removal by `device_del`, `DEVICE_DELETED`, `netdev_del` and the NIC's
-//! teardown. The runtime record changes only once QEMU has confirmed, and
+//! NICs and disks into and out of a running instance, and disks grown
+//! (Ganeti 3.1's HotAddDevice / HotDelDevice / ResizeDisk): a NIC's TAP
+//! configured as at start, its descriptors passed with `getfd`,
+//! `netdev_add` and `device_add` at a free PCI slot; a disk's block node
+//! by `blockdev-add`; removal by `device_del`, `DEVICE_DELETED`, then
+//! `netdev_del` (and the NIC's teardown) or `blockdev-del`. The runtime record changes only once QEMU has confirmed, and
 //! a failure at any step undoes the earlier ones, even if the operation is
 //! dropped (a drop guard undoes with a blocking QMP client).
 
@@ -10,7 +11,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use gkvm_qmp::commands;
-use kvm_cmdline::{InstanceSpec, NicSpec};
+use kvm_cmdline::{DiskSpec, InstanceSpec, NicSpec};
 use kvm_runtime::InstancePaths;
 use serde_json::Value;
 
@@ -26,6 +27,8 @@ enum Undo {
     NetdevDel(String),
     /// A device added.
     DeviceDel(String),
+    /// A block node added.
+    BlockdevDel(String),
     /// A configured NIC (script or native).
     Teardown {
         spec: Box<InstanceSpec>,
@@ -68,6 +71,7 @@ impl Drop for HotplugGuard {
                 Undo::CloseFd(n) => ("closefd", serde_json::json!({"fdname": n})),
                 Undo::NetdevDel(id) => ("netdev_del", serde_json::json!({"id": id})),
                 Undo::DeviceDel(id) => ("device_del", serde_json::json!({"id": id})),
+                Undo::BlockdevDel(n) => ("blockdev-del", serde_json::json!({"node-name": n})),
             };
             if let Some(q) = qmp.as_mut() {
                 if let Err(e) = q.execute_raw(name, Some(args)) {
@@ -207,22 +211,7 @@ impl KvmHypervisor {
             .unwrap_or_default();
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
-        qmp.execute_raw("device_del", Some(serde_json::json!({"id": dev_id})))
-            .await
-            .map_err(|e| step("device_del")(e.to_string()))?;
-        let gone = qmp
-            .wait_for_event(self.config.unplug_timeout, |e| {
-                e.name == "DEVICE_DELETED"
-                    && e.data.get("device").and_then(Value::as_str) == Some(dev_id.as_str())
-            })
-            .await
-            .map_err(|e| step("wait for DEVICE_DELETED")(e.to_string()))?;
-        if gone.is_none() {
-            return Err(step("wait for DEVICE_DELETED")(format!(
-                "the guest did not release {dev_id} within {}; it stays plugged",
-                kvm_runtime::human_duration(&self.config.unplug_timeout)
-            )));
-        }
+        self.unplug(&qmp, name, &dev_id).await?;
         qmp.execute_raw("netdev_del", Some(serde_json::json!({"id": dev_id})))
             .await
             .map_err(|e| step("netdev_del")(e.to_string()))?;
@@ -234,6 +223,154 @@ impl KvmHypervisor {
         spec.nics.remove(seq);
         self.save_hotplugged(&paths, &spec, &taps)?;
         tracing::info!(instance = %name, nic = %dev_id, "NIC removed");
+        Ok(())
+    }
+
+    /// Adds a disk to a running instance: `blockdev-add` (the same node
+    /// as at start: cache, aio, discard, `host_device`/`file`, or a
+    /// storage URI) and `device_add` at a free slot (virtio or SCSI, as
+    /// `disk_type` says). Returns the disk as placed. Errors name the
+    /// step; whatever was done is undone.
+    pub async fn disk_add(&self, name: &str, disk: DiskSpec) -> Result<DiskSpec> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let mut spec = self.hotplug_spec(&paths)?;
+        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
+        let seq = spec.disks.len();
+        spec.disks.push(disk);
+        let params = |e| Error::Params {
+            instance: name.to_owned(),
+            source: e,
+        };
+        spec.assign_addresses().map_err(params)?;
+        crate::lifecycle::check_spec(&spec)?;
+        let (node, device) = kvm_cmdline::hotplug_disk(&spec, &caps, seq).map_err(params)?;
+        let id = spec.disks[seq]
+            .address
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let mut guard = HotplugGuard {
+            paths: paths.clone(),
+            steps: Vec::new(),
+            armed: true,
+        };
+        let step = |s: &'static str| hotplug_err(name, s);
+        let qmp = self.qmp(&paths).await?;
+        qmp.execute_raw("blockdev-add", Some(node.qmp_arguments()))
+            .await
+            .map_err(|e| step("blockdev-add")(e.to_string()))?;
+        guard.steps.push(Undo::BlockdevDel(id.clone()));
+        qmp.execute_raw("device_add", Some(device.qmp_arguments()))
+            .await
+            .map_err(|e| step("device_add")(e.to_string()))?;
+        guard.steps.push(Undo::DeviceDel(id.clone()));
+        let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
+        self.save_hotplugged(&paths, &spec, &taps)?;
+        guard.armed = false;
+        tracing::info!(instance = %name, disk = %id, "disk added");
+        Ok(spec.disks[seq].clone())
+    }
+
+    /// Removes the disk with device id `id` (or index `id`): `device_del`,
+    /// waits for the guest to release it (as [`Self::nic_remove`]), then
+    /// `blockdev-del` and the record.
+    pub async fn disk_remove(&self, name: &str, id: &str) -> Result<()> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let mut spec = self.hotplug_spec(&paths)?;
+        let seq = find_disk(&spec, id)
+            .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
+        let dev_id = spec.disks[seq]
+            .address
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let step = |s: &'static str| hotplug_err(name, s);
+        let qmp = self.qmp(&paths).await?;
+        self.unplug(&qmp, name, &dev_id).await?;
+        qmp.execute_raw(
+            "blockdev-del",
+            Some(serde_json::json!({"node-name": dev_id})),
+        )
+        .await
+        .map_err(|e| step("blockdev-del")(e.to_string()))?;
+        spec.disks.remove(seq);
+        let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
+        self.save_hotplugged(&paths, &spec, &taps)?;
+        tracing::info!(instance = %name, disk = %dev_id, "disk removed");
+        Ok(())
+    }
+
+    /// Grows disk `id` (device id or index) of a running instance to
+    /// `bytes` (`block_resize`; a file image grows with it, a block device
+    /// must have been grown first, as Ganeti grows the volume before).
+    /// Shrinking is refused.
+    pub async fn disk_grow(&self, name: &str, id: &str, bytes: u64) -> Result<()> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let spec = self.hotplug_spec(&paths)?;
+        let seq = find_disk(&spec, id)
+            .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
+        let node = spec.disks[seq]
+            .address
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        let step = |s: &'static str| hotplug_err(name, s);
+        let qmp = self.qmp(&paths).await?;
+        let nodes = qmp
+            .execute_raw(
+                "query-named-block-nodes",
+                Some(serde_json::json!({"flat": true})),
+            )
+            .await
+            .map_err(|e| step("query-named-block-nodes")(e.to_string()))?;
+        let current = nodes
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))
+            })
+            .and_then(|n| n.get("image")?.get("virtual-size")?.as_u64())
+            .ok_or_else(|| step("find the block node")(format!("QEMU has no node {node}")))?;
+        if bytes < current {
+            return Err(step("check the size")(format!(
+                "{bytes} bytes is smaller than the disk's {current}; disks only grow"
+            )));
+        }
+        qmp.execute_raw(
+            "block_resize",
+            Some(serde_json::json!({"node-name": node, "size": bytes})),
+        )
+        .await
+        .map_err(|e| step("block_resize")(e.to_string()))?;
+        tracing::info!(instance = %name, disk = %node, bytes, "disk grown");
+        Ok(())
+    }
+
+    /// `device_del` and the wait for the guest to release the device.
+    async fn unplug(&self, qmp: &gkvm_qmp::Qmp, name: &str, dev_id: &str) -> Result<()> {
+        let step = |s: &'static str| hotplug_err(name, s);
+        qmp.execute_raw("device_del", Some(serde_json::json!({"id": dev_id})))
+            .await
+            .map_err(|e| step("device_del")(e.to_string()))?;
+        let gone = qmp
+            .wait_for_event(self.config.unplug_timeout, |e| {
+                e.name == "DEVICE_DELETED"
+                    && e.data.get("device").and_then(Value::as_str) == Some(dev_id)
+            })
+            .await
+            .map_err(|e| step("wait for DEVICE_DELETED")(e.to_string()))?;
+        if gone.is_none() {
+            return Err(step("wait for DEVICE_DELETED")(format!(
+                "the guest did not release {dev_id} within {}; it stays plugged",
+                kvm_runtime::human_duration(&self.config.unplug_timeout)
+            )));
+        }
         Ok(())
     }
 
@@ -281,6 +418,14 @@ fn fd_names<'a>(
     fds.enumerate()
         .map(|(j, fd)| (format!("{id}-{kind}{j}"), fd))
         .collect()
+}
+
+/// The index of the disk with device id `id`, or of index `id`.
+fn find_disk(spec: &InstanceSpec, id: &str) -> Option<usize> {
+    spec.disks
+        .iter()
+        .position(|d| d.address.as_ref().is_some_and(|a| a.id == id))
+        .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.disks.len()))
 }
 
 fn runtime(name: &str, source: kvm_runtime::Error) -> Error {

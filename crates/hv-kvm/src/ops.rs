@@ -123,6 +123,29 @@ pub enum Request {
         /// The NIC's device id (or index).
         id: String,
     },
+    /// Plug a disk into a running instance ([`KvmHypervisor::disk_add`]).
+    DiskAdd {
+        /// The instance.
+        instance: String,
+        /// The disk (placed by gkvm).
+        disk: kvm_cmdline::DiskSpec,
+    },
+    /// Unplug a disk ([`KvmHypervisor::disk_remove`]).
+    DiskRemove {
+        /// The instance.
+        instance: String,
+        /// The disk's device id (or index).
+        id: String,
+    },
+    /// Grow a disk ([`KvmHypervisor::disk_grow`]).
+    DiskGrow {
+        /// The instance.
+        instance: String,
+        /// The disk's device id (or index).
+        id: String,
+        /// Its new size in bytes.
+        bytes: u64,
+    },
     /// Remove what a stopped instance left ([`KvmHypervisor::cleanup`]).
     Cleanup {
         /// The instance.
@@ -238,6 +261,8 @@ pub enum Response {
     Done,
     /// An instance started (or arrived).
     Started(StartReport),
+    /// A disk was plugged in, as placed.
+    DiskAdded(Box<kvm_cmdline::DiskSpec>),
     /// A NIC was plugged in, as placed.
     NicAdded(Box<kvm_cmdline::NicSpec>),
     /// What a node power-cycle did or would do.
@@ -290,6 +315,15 @@ impl KvmHypervisor {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))
             }
             R::NicRemove { instance, id } => done(self.nic_remove(&instance, &id).await?),
+            R::DiskAdd { instance, disk } => {
+                Response::DiskAdded(Box::new(self.disk_add(&instance, disk).await?))
+            }
+            R::DiskRemove { instance, id } => done(self.disk_remove(&instance, &id).await?),
+            R::DiskGrow {
+                instance,
+                id,
+                bytes,
+            } => done(self.disk_grow(&instance, &id, bytes).await?),
             R::List => Response::Names(self.list()?),
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),

@@ -465,9 +465,23 @@ fn blockdev_disk(
     a: &mut Args,
     i: usize,
     disk: &crate::DiskSpec,
-    mut dev: Device,
+    dev: Device,
     is_boot: bool,
 ) -> Result<(), Error> {
+    let (node, dev) = disk_pieces(c, i, disk, dev, is_boot)?;
+    a.blockdev(&node, SYNTAX)?;
+    a.device(&dev, SYNTAX)
+}
+
+/// A disk's raw node over its protocol node, and its device completed
+/// (write cache, boot index, id and slot).
+fn disk_pieces(
+    c: &Ctx,
+    i: usize,
+    disk: &crate::DiskSpec,
+    mut dev: Device,
+    is_boot: bool,
+) -> Result<(Blockdev, Device), Error> {
     let hv = c.hv;
     let id = dev.props.get_str("drive").unwrap_or_default().to_owned();
     let (write_cache, direct, no_flush) = cache_settings(c, disk);
@@ -501,13 +515,53 @@ fn blockdev_disk(
     if needs_auto_read_only_off(c) {
         node.props.set("auto-read-only", false);
     }
-    a.blockdev(&node, SYNTAX)?;
     dev.set("write-cache", write_cache);
     if is_boot {
         dev.set("bootindex", 1);
     }
     place(&mut dev, disk.address.as_ref(), disk_on_pci(hv.disk_type));
-    a.device(&dev, SYNTAX)
+    Ok((node, dev))
+}
+
+/// The block node and device of disk `index` of a running `spec` for QMP
+/// `blockdev-add` and `device_add` (hot plug). The disk must be placed;
+/// its type is the instance's `disk_type` (virtio or SCSI; IDE cannot be
+/// hot-plugged).
+pub fn hotplug_disk(
+    spec: &InstanceSpec,
+    caps: &Capabilities,
+    index: usize,
+) -> Result<(Blockdev, Device), Error> {
+    let c = Ctx {
+        spec,
+        hv: &spec.hvparams,
+        caps,
+        f: &caps.features,
+    };
+    let field = format!("disks[{index}]");
+    let disk = spec
+        .disks
+        .get(index)
+        .ok_or_else(|| c.instance_err(&field, "no such disk".into()))?;
+    let id =
+        disk.address.as_ref().map(|a| a.id.clone()).ok_or_else(|| {
+            c.instance_err(&field, "a hot-plugged disk needs its id and slot".into())
+        })?;
+    if !matches!(
+        spec.hvparams.disk_type,
+        DiskType::Paravirtual | DiskType::Scsi
+    ) {
+        return Err(c.unsupported(
+            "disk_type",
+            &format!(
+                "hot plug of {} disks (virtio and SCSI only)",
+                spec.hvparams.disk_type
+            ),
+        ));
+    }
+    let dev = disk_device(spec.hvparams.disk_type, false, &id)
+        .ok_or_else(|| c.instance_err(&field, "no device for this disk type".into()))?;
+    disk_pieces(&c, index, disk, dev, false)
 }
 
 /// QEMU (≥ 3.1) may reopen an image read-only when it cannot write it;
