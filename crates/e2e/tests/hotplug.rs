@@ -300,3 +300,60 @@ fn a_hot_added_disk_shows_its_content_grows_and_goes_away() {
         hv.stop("hpd1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+#[test]
+fn a_nic_moves_to_another_bridge_without_an_unplug() {
+    let Some(env) = require("hotplug_modify", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpm");
+    let mut config = Config::new(RunDir::new(dir.path().join("run")));
+    config.kvm_path = Some(env.qemu.clone());
+    config.caps_cache_dir = Some(dir.path().join("caps"));
+    let hv = KvmHypervisor::new(config);
+    let (br1, br2) = (Bridge::new("gkvmhpbr3"), Bridge::new("gkvmhpbr4"));
+    let master = |tap: &str| {
+        std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    rt().block_on(async {
+        hv.start(&common::guestless_spec("hpm1"), hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
+        hv.hotplug_supported("hpm1").await.unwrap();
+        let nic = hv
+            .nic_add(
+                "hpm1",
+                NicSpec::new("52:54:00:00:74:01".parse().unwrap(), &br1.0),
+            )
+            .await
+            .unwrap();
+        let id = nic.address.unwrap().id;
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("hpm1")
+            .unwrap();
+        let tap = paths.read_nics().unwrap()[0].clone();
+        assert_eq!(master(&tap).as_deref(), Some(br1.0.as_str()));
+        hv.nic_modify(
+            "hpm1",
+            &id,
+            NicSpec::new("52:54:00:00:74:01".parse().unwrap(), &br2.0),
+        )
+        .await
+        .unwrap();
+        assert_eq!(master(&tap).as_deref(), Some(br2.0.as_str()));
+        assert!(hv.migration_info("hpm1").unwrap().contains(&br2.0));
+        // A bridge that does not exist: refused, the NIC stays on br2.
+        assert!(hv
+            .nic_modify(
+                "hpm1",
+                &id,
+                NicSpec::new("52:54:00:00:74:01".parse().unwrap(), "gkvmnobr9")
+            )
+            .await
+            .is_err());
+        assert_eq!(master(&tap).as_deref(), Some(br2.0.as_str()));
+        hv.stop("hpm1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

@@ -77,6 +77,18 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
+        Command::NicModify { name, id, nic } => {
+            let nic =
+                hv_kvm::NicSpec::parse_option(nic, name, 0).map_err(|e| usage(e.to_string()))?;
+            let request = Request::NicModify {
+                instance: name.clone(),
+                id: id.clone(),
+                nic,
+            };
+            call(&hypervisor(c)?, request).await?;
+            let op = Operation::new(name, "nic-modify").with_device(id, None);
+            render::done(c.json, op, &format!("NIC {id} modified"))
+        }
         Command::DiskAdd { name, disk } => disk_add(c, name, disk).await,
         Command::DiskRemove { name, id } => {
             let request = Request::DiskRemove {

@@ -160,6 +160,17 @@ enum Command {
         #[arg(long, value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
         nic: String,
     },
+    /// Move a running NIC to another bridge, routing table or switch (or
+    /// change its IP or VLAN) without the guest noticing.
+    NicModify {
+        /// The instance.
+        name: String,
+        /// The NIC's device id or index.
+        id: String,
+        /// The new connection, as --nic (its MAC is kept).
+        #[arg(long, value_name = "MODE=LINK[,ip=A][,vlan=V]")]
+        nic: String,
+    },
     /// Unplug a NIC from a running instance (by the device id nic-add
     /// printed, or its index).
     NicRemove {
@@ -306,6 +317,7 @@ impl Command {
             Command::Balloon { name, .. } => ("balloon", Some(name)),
             Command::Migrate { name, .. } => ("migrate", Some(name)),
             Command::NicAdd { name, .. } => ("nic-add", Some(name)),
+            Command::NicModify { name, .. } => ("nic-modify", Some(name)),
             Command::DiskAdd { name, .. } => ("disk-add", Some(name)),
             Command::DiskRemove { name, .. } => ("disk-remove", Some(name)),
             Command::DiskGrow { name, .. } => ("disk-grow", Some(name)),

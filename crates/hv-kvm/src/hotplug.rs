@@ -374,6 +374,72 @@ impl KvmHypervisor {
         Ok(())
     }
 
+    /// Changes a running NIC's connection — its mode, link (bridge, routing
+    /// table, switch), IP or VLAN — without the guest noticing: the TAP is
+    /// unconfigured (down script or native) and configured again with the
+    /// new settings (Ganeti 3.1 unplugs and plugs the NIC instead, which
+    /// the guest sees). The MAC and device stay. On failure the old
+    /// settings are restored.
+    pub async fn nic_modify(&self, name: &str, id: &str, new: NicSpec) -> Result<NicSpec> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let mut spec = self.hotplug_spec(&paths)?;
+        let seq = spec
+            .nics
+            .iter()
+            .position(|n| n.address.as_ref().is_some_and(|a| a.id == id))
+            .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.nics.len()))
+            .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
+        let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
+        let tap = taps.get(seq).cloned().ok_or_else(|| {
+            hotplug_err(name, "find the TAP")(format!("NIC {id} has no TAP record"))
+        })?;
+        let old = spec.clone();
+        let nic = &mut spec.nics[seq];
+        nic.mode = new.mode;
+        nic.link = new.link;
+        nic.ip = new.ip;
+        nic.vlan = new.vlan;
+        nic.network = new.network.or_else(|| nic.network.clone());
+        crate::lifecycle::check_spec(&spec)?;
+        let (up, down) = (
+            self.config.nic_script.as_deref(),
+            self.config.nic_down_script.as_deref(),
+        );
+        crate::nic::deconfigure(&old, seq, &tap, down);
+        detach_bridge(&old.nics[seq], &tap, up.is_some());
+        if let Err(e) = crate::nic::configure(&spec, seq, &tap, up).await {
+            detach_bridge(&spec.nics[seq], &tap, up.is_some());
+            crate::nic::deconfigure(&spec, seq, &tap, down);
+            if let Err(back) = crate::nic::configure(&old, seq, &tap, up).await {
+                tracing::error!(instance = %name, error = %back.report(), "the NIC's old settings could not be restored");
+            }
+            return Err(e);
+        }
+        self.save_hotplugged(&paths, &spec, &taps)?;
+        tracing::info!(instance = %name, nic = %id, "NIC modified");
+        Ok(spec.nics[seq].clone())
+    }
+
+    /// Whether devices can be hot-plugged into this running instance
+    /// (Ganeti's `HotplugSupported`): started by gkvm with fixed device
+    /// ids and slots, on a QEMU with `-device` (so `device_add`). The
+    /// error says why not.
+    pub async fn hotplug_supported(&self, name: &str) -> Result<()> {
+        let paths = self.paths(name)?;
+        self.running_pid(&paths)?;
+        let spec = self.hotplug_spec(&paths)?;
+        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
+        if caps.devices.is_empty() || caps.features.drive_boot {
+            return Err(hotplug_err(name, "check")(format!(
+                "QEMU {} has no -device (device_add)",
+                caps.version.text
+            )));
+        }
+        Ok(())
+    }
+
     /// Writes the instance's new definition into its runtime record and
     /// its TAPs into the NIC records.
     fn save_hotplugged(
@@ -418,6 +484,18 @@ fn fd_names<'a>(
     fds.enumerate()
         .map(|(j, fd)| (format!("{id}-{kind}{j}"), fd))
         .collect()
+}
+
+/// Takes a bridged NIC's TAP off its bridge (natively configured NICs:
+/// a script owns what it did). A TAP that goes away leaves its bridge by
+/// itself; one that stays, for a modify, must be taken off.
+fn detach_bridge(nic: &NicSpec, tap: &str, scripted: bool) {
+    if scripted || nic.mode != kvm_cmdline::NicMode::Bridged || nic.link.is_empty() {
+        return;
+    }
+    if let Err(e) = gkvm_tap::bridge_remove_interface(&nic.link, tap) {
+        tracing::debug!(tap, bridge = %nic.link, error = %e, "not on the bridge");
+    }
 }
 
 /// The index of the disk with device id `id`, or of index `id`.

@@ -116,6 +116,15 @@ pub enum Request {
         /// The NIC (placed by gkvm).
         nic: kvm_cmdline::NicSpec,
     },
+    /// Change a NIC's mode, link, IP or VLAN ([`KvmHypervisor::nic_modify`]).
+    NicModify {
+        /// The instance.
+        instance: String,
+        /// The NIC's device id (or index).
+        id: String,
+        /// The new settings (its MAC is kept).
+        nic: kvm_cmdline::NicSpec,
+    },
     /// Unplug a NIC ([`KvmHypervisor::nic_remove`]).
     NicRemove {
         /// The instance.
@@ -315,6 +324,9 @@ impl KvmHypervisor {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))
             }
             R::NicRemove { instance, id } => done(self.nic_remove(&instance, &id).await?),
+            R::NicModify { instance, id, nic } => {
+                Response::NicAdded(Box::new(self.nic_modify(&instance, &id, nic).await?))
+            }
             R::DiskAdd { instance, disk } => {
                 Response::DiskAdded(Box::new(self.disk_add(&instance, disk).await?))
             }
