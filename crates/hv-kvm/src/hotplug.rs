@@ -198,11 +198,7 @@ impl KvmHypervisor {
         let _lock = self.lock(&paths).await?;
         self.running_pid(&paths)?;
         let mut spec = self.hotplug_spec(&paths)?;
-        let seq = spec
-            .nics
-            .iter()
-            .position(|n| n.address.as_ref().is_some_and(|a| a.id == id))
-            .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.nics.len()))
+        let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
         let dev_id = spec.nics[seq]
             .address
@@ -385,11 +381,7 @@ impl KvmHypervisor {
         let _lock = self.lock(&paths).await?;
         self.running_pid(&paths)?;
         let mut spec = self.hotplug_spec(&paths)?;
-        let seq = spec
-            .nics
-            .iter()
-            .position(|n| n.address.as_ref().is_some_and(|a| a.id == id))
-            .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.nics.len()))
+        let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
         let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
         let tap = taps.get(seq).cloned().ok_or_else(|| {
@@ -500,10 +492,24 @@ fn detach_bridge(nic: &NicSpec, tap: &str, scripted: bool) {
 
 /// The index of the disk with device id `id`, or of index `id`.
 fn find_disk(spec: &InstanceSpec, id: &str) -> Option<usize> {
-    spec.disks
-        .iter()
-        .position(|d| d.address.as_ref().is_some_and(|a| a.id == id))
-        .or_else(|| id.parse::<usize>().ok().filter(|&i| i < spec.disks.len()))
+    find_device(spec.disks.iter().map(|d| d.address.as_ref()), id)
+}
+
+/// The index of the NIC with device id `id`, or of index `id`.
+fn find_nic(spec: &InstanceSpec, id: &str) -> Option<usize> {
+    find_device(spec.nics.iter().map(|n| n.address.as_ref()), id)
+}
+
+/// The position of the device whose id is `id`, or position `id` itself.
+fn find_device<'a>(
+    addresses: impl ExactSizeIterator<Item = Option<&'a kvm_cmdline::DeviceAddress>>,
+    id: &str,
+) -> Option<usize> {
+    let count = addresses.len();
+    let mut addresses = addresses;
+    addresses
+        .position(|a| a.is_some_and(|a| a.id == id))
+        .or_else(|| id.parse::<usize>().ok().filter(|&i| i < count))
 }
 
 fn runtime(name: &str, source: kvm_runtime::Error) -> Error {

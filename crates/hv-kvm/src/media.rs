@@ -32,14 +32,8 @@ pub(crate) fn display_host(bind: &str, version: u8) -> String {
     if bind.starts_with('/') || bind.parse::<IpAddr>().is_ok() {
         return bind.to_owned();
     }
-    let addrs = interface_addresses(bind);
-    let of = |v4: bool| addrs.iter().find(|a| a.is_ipv4() == v4);
-    let found = match version {
-        4 => of(true),
-        6 => of(false),
-        _ => of(true).or_else(|| of(false)),
-    };
-    found.map_or_else(|| bind.to_owned(), ToString::to_string)
+    kvm_cmdline::pick_address(&interface_addresses(bind), version)
+        .map_or_else(|| bind.to_owned(), |a| a.to_string())
 }
 
 /// The IPv4 and global IPv6 addresses of interface `name` (link-local

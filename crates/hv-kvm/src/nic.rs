@@ -247,6 +247,16 @@ fn ip_tool(v6: bool, args: &[&str]) -> std::result::Result<(), String> {
     run_tool(Path::new("ip"), &all, &[])
 }
 
+/// Deletes every routing rule for packets from `tap` (Ganeti's
+/// `while ip rule del dev TAP`), bounded in case `ip` keeps succeeding.
+fn delete_rules(v6: bool, tap: &str) {
+    for _ in 0..64 {
+        if ip_tool(v6, &["rule", "del", "dev", tap]).is_err() {
+            break;
+        }
+    }
+}
+
 fn native_up(nic: &NicSpec, tap: &str) -> std::result::Result<(), String> {
     match nic.mode {
         NicMode::Routed => {
@@ -255,7 +265,7 @@ fn native_up(nic: &NicSpec, tap: &str) -> std::result::Result<(), String> {
             if nic.link.is_empty() {
                 ip_tool(v6, &["route", "replace", ip, "proto", "static", "dev", tap])?;
             } else {
-                while ip_tool(v6, &["rule", "del", "dev", tap]).is_ok() {}
+                delete_rules(v6, tap);
                 ip_tool(v6, &["rule", "add", "dev", tap, "table", &nic.link])?;
                 ip_tool(
                     v6,
@@ -335,11 +345,7 @@ pub(crate) fn deconfigure(spec: &InstanceSpec, seq: usize, tap: &str, script: Op
     } else {
         match nic.mode {
             NicMode::Routed if !nic.link.is_empty() => {
-                let v6 = nic.ip.as_deref().is_some_and(|ip| ip.contains(':'));
-                let mut n = 0;
-                while n < 64 && ip_tool(v6, &["rule", "del", "dev", tap]).is_ok() {
-                    n += 1;
-                }
+                delete_rules(nic.ip.as_deref().is_some_and(|ip| ip.contains(':')), tap);
                 Ok(())
             }
             NicMode::Openvswitch => run_tool(

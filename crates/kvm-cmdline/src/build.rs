@@ -153,7 +153,16 @@ struct Ctx<'a> {
     f: &'a crate::Features,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(spec: &'a InstanceSpec, caps: &'a Capabilities) -> Ctx<'a> {
+        Ctx {
+            spec,
+            hv: &spec.hvparams,
+            caps,
+            f: &caps.features,
+        }
+    }
+
     /// `-nodefaults`: only the devices the hvparams ask for.
     fn lean(&self) -> bool {
         self.spec.layout == Some(Layout::Lean)
@@ -210,12 +219,7 @@ pub fn build(
     spec.validate()?;
     let hv = &spec.hvparams;
     hv.check_syntax()?;
-    let c = Ctx {
-        spec,
-        hv,
-        caps,
-        f: &caps.features,
-    };
+    let c = Ctx::new(spec, caps);
     let mut a = Args::new(path_str("kvm_path", &hv.kvm_path)?);
     if c.lean() && c.f.debug_threads {
         // Named threads (`CPU 0/KVM`, `worker`) for top, perf and pinning.
@@ -532,12 +536,7 @@ pub fn hotplug_disk(
     caps: &Capabilities,
     index: usize,
 ) -> Result<(Blockdev, Device), Error> {
-    let c = Ctx {
-        spec,
-        hv: &spec.hvparams,
-        caps,
-        f: &caps.features,
-    };
+    let c = Ctx::new(spec, caps);
     let field = format!("disks[{index}]");
     let disk = spec
         .disks
@@ -897,6 +896,17 @@ fn bool_prop(f: &crate::Features, v: bool) -> Value {
 /// first IPv6 address (Ganeti 3.1 takes the cluster's primary family when
 /// an interface has both; gkvm has no cluster, and IPv4 first is what
 /// Ganeti does for VNC).
+/// The address a bind to an interface with `addresses` listens on: of
+/// `version` when 4 or 6, else the first IPv4 one, else the first IPv6 one.
+pub fn pick_address(addresses: &[IpAddr], version: u8) -> Option<IpAddr> {
+    let of = |v4: bool| addresses.iter().copied().find(|a| a.is_ipv4() == v4);
+    match version {
+        4 => of(true),
+        6 => of(false),
+        _ => of(true).or_else(|| of(false)),
+    }
+}
+
 fn interface_address(
     key: &str,
     interface: &str,
@@ -904,13 +914,7 @@ fn interface_address(
     env: &BuildEnv,
 ) -> Result<IpAddr, Error> {
     let addresses = env.interfaces.get(interface).map_or(&[][..], Vec::as_slice);
-    let of = |v4: bool| addresses.iter().copied().find(|a| a.is_ipv4() == v4);
-    let found = match version {
-        4 => of(true),
-        6 => of(false),
-        _ => of(true).or_else(|| of(false)),
-    };
-    found.ok_or_else(|| Error::Host {
+    pick_address(addresses, version).ok_or_else(|| Error::Host {
         key: key.into(),
         reason: match version {
             4 | 6 => format!("interface {interface:?} has no IPv{version} address"),
@@ -1093,12 +1097,7 @@ impl QemuCommand {
         caps: &Capabilities,
         launch: &Launch,
     ) -> Result<Vec<String>, Error> {
-        let c = Ctx {
-            spec,
-            hv: &spec.hvparams,
-            caps,
-            f: &caps.features,
-        };
+        let c = Ctx::new(spec, caps);
         let node = &launch.node;
         let mut a = Args::from_vec(self.argv.clone());
         a.opt(
@@ -1364,12 +1363,7 @@ pub fn hotplug_nic(
     tap_fds: &[String],
     vhost_fds: &[String],
 ) -> Result<(Netdev, Device), Error> {
-    let c = Ctx {
-        spec,
-        hv: &spec.hvparams,
-        caps,
-        f: &caps.features,
-    };
+    let c = Ctx::new(spec, caps);
     let field = format!("nics[{index}]");
     let nic = spec
         .nics

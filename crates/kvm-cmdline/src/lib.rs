@@ -50,8 +50,8 @@ mod validate;
 mod values;
 
 pub use build::{
-    build, hotplug_disk, hotplug_nic, keymap_file, uses_vhost, BuildEnv, Launch, NicBackend,
-    NodePaths, QemuCommand, MIGRATION_TLS_IN, MIGRATION_TLS_OUT, VNC_BASE_PORT,
+    build, hotplug_disk, hotplug_nic, keymap_file, pick_address, uses_vhost, BuildEnv, Launch,
+    NicBackend, NodePaths, QemuCommand, MIGRATION_TLS_IN, MIGRATION_TLS_OUT, VNC_BASE_PORT,
 };
 pub use caps::{
     parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,
