@@ -35,13 +35,8 @@ fn main() {
     let hv = KvmHypervisor::new(config);
     let br = gkvm_testkit::Bridge::new("gkvmbhbr0");
     let mut spec = InstanceSpec::new("bh1", 64);
-    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
     spec.hvparams
-        .set_pair(&format!("kvm_flag={accel}"))
+        .set_pair(gkvm_testkit::guestless_kvm_flag())
         .unwrap();
 
     let (mut facade, mut by_hand) = (Vec::new(), Vec::new());

@@ -14,12 +14,9 @@ const N: usize = 12;
 
 fn spec(name: &str) -> InstanceSpec {
     let mut s = InstanceSpec::new(name, 64);
-    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    s.hvparams.set_pair(&format!("kvm_flag={accel}")).unwrap();
+    s.hvparams
+        .set_pair(gkvm_testkit::guestless_kvm_flag())
+        .unwrap();
     s
 }
 

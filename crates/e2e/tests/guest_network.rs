@@ -5,19 +5,11 @@
 //! would keep (the rule, the switch ports) goes with them on stop.
 
 mod common;
-use common::{guest_spec, rt};
+use common::{guest_spec, rt, sh};
 use gkvm_testkit::{require, Need, ScratchDir, Serial, READY_LINE};
-use hv_kvm::{Config, KvmHypervisor, RunDir};
+use hv_kvm::RunDir;
 use kvm_cmdline::{NicMode, NicSpec};
 use std::time::Duration;
-
-fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A host address on `lo` for the guest to reach, removed when dropped.
 struct HostAddress(&'static str);
@@ -48,10 +40,7 @@ fn routed_nics_reach_the_host_over_their_routes() {
         return;
     };
     let dir = ScratchDir::new("gkvm-routed");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    let hv = KvmHypervisor::new(config);
+    let hv = common::node(dir.path(), &env.qemu);
     let _host = HostAddress::add("10.98.0.1");
     let table = 100 + std::process::id() % 100;
     let mut spec = guest_spec(&env, "routed1");
@@ -172,10 +161,7 @@ fn openvswitch_nics_join_the_switch_with_their_vlan() {
     sh("ip addr add 10.97.0.1/24 dev gkovs0 && ip link set gkovs0 up");
     ovs.vsctl("set port gkovs0 tag=10");
     let dir = ScratchDir::new("gkvm-ovsg");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    let hv = KvmHypervisor::new(config);
+    let hv = common::node(dir.path(), &env.qemu);
     let mut spec = guest_spec(&env, "ovs1");
     let mut access = NicSpec::new("52:54:00:00:60:01".parse().unwrap(), "gkovs0");
     access.mode = NicMode::Openvswitch;

@@ -6,7 +6,7 @@
 mod common;
 use common::{guest_spec, guestless_spec, rt};
 use gkvm_testkit::{require, HttpServer, Need, ScratchDir, Serial, READY_LINE};
-use hv_kvm::{Config, KvmHypervisor, RunDir};
+use hv_kvm::RunDir;
 use kvm_cmdline::DiskSpec;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -14,13 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
-
-fn hv(dir: &ScratchDir, qemu: &Path) -> KvmHypervisor {
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(qemu.to_owned());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    KvmHypervisor::new(config)
-}
 
 /// An image of `size` bytes with `pattern` at offset 0 and, when `fill`,
 /// `fill` MiB of written (allocated) data.
@@ -120,7 +113,7 @@ fn userspace_nbd_http_cdrom_discard_and_native_aio_in_the_guest() {
     image(&files.join("cd.iso"), 2 * MIB, "gkvm-http-cdrom", 0);
     let nbd = Nbd::serve(&files.join("nbd.img"));
     let http = HttpServer::serve(&files, 0).unwrap();
-    let hv = hv(&dir, &env.qemu);
+    let hv = common::node(dir.path(), &env.qemu);
 
     let mut spec = guest_spec(&env, "stor1");
     for pair in [
@@ -232,7 +225,7 @@ fn a_missing_http_cdrom_is_refused_before_anything_starts() {
     };
     let dir = ScratchDir::new("gkvm-stor404");
     let http = HttpServer::serve(dir.path(), 0).unwrap();
-    let hv = hv(&dir, &env.qemu);
+    let hv = common::node(dir.path(), &env.qemu);
     let mut spec = guestless_spec("stor404");
     spec.hvparams
         .set_pair(&format!("cdrom2_image_path={}", http.url("missing.iso")))

@@ -4,19 +4,11 @@
 //! running and nothing behind.
 
 mod common;
-use common::{guest_spec, rt};
+use common::{guest_spec, rt, sh};
 use gkvm_testkit::{require, Bridge, Need, ScratchDir, Serial, READY_LINE};
-use hv_kvm::{Config, Error, KvmHypervisor, RunDir};
+use hv_kvm::{Error, KvmHypervisor, RunDir};
 use kvm_cmdline::NicSpec;
 use std::time::{Duration, Instant};
-
-fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
@@ -24,19 +16,13 @@ fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hp");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    let hv = KvmHypervisor::new(config);
+    let hv = common::node(dir.path(), &env.qemu);
     let br = Bridge::new("gkvmhpbr0");
     sh("ip addr add 10.96.0.1/24 dev gkvmhpbr0");
     let mut spec = guest_spec(&env, "hp1");
     spec.hvparams.set_pair("reboot_behavior=exit").unwrap();
     let dir_b = ScratchDir::new("gkvm-hp-b");
-    let mut config_b = Config::new(RunDir::new(dir_b.path().join("run")));
-    config_b.kvm_path = Some(env.qemu.clone());
-    config_b.caps_cache_dir = Some(dir_b.path().join("caps"));
-    let hv_b = KvmHypervisor::new(config_b);
+    let hv_b = common::node(dir_b.path(), &env.qemu);
     rt().block_on(async {
         hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         let paths = RunDir::new(dir.path().join("run")).instance("hp1").unwrap();
@@ -159,9 +145,7 @@ fn a_guest_that_never_releases_a_nic_keeps_it_and_runs_on() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpt");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
+    let mut config = common::node_config(dir.path(), &env.qemu);
     config.unplug_timeout = Duration::from_secs(2);
     let hv = KvmHypervisor::new(config);
     let br = Bridge::new("gkvmhpbr1");
@@ -222,10 +206,7 @@ fn a_hot_added_disk_shows_its_content_grows_and_goes_away() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpd");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    let hv = KvmHypervisor::new(config);
+    let hv = common::node(dir.path(), &env.qemu);
     let image = dir.path().join("data.img");
     {
         use std::io::Write;
@@ -307,10 +288,7 @@ fn a_nic_moves_to_another_bridge_without_an_unplug() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpm");
-    let mut config = Config::new(RunDir::new(dir.path().join("run")));
-    config.kvm_path = Some(env.qemu.clone());
-    config.caps_cache_dir = Some(dir.path().join("caps"));
-    let hv = KvmHypervisor::new(config);
+    let hv = common::node(dir.path(), &env.qemu);
     let (br1, br2) = (Bridge::new("gkvmhpbr3"), Bridge::new("gkvmhpbr4"));
     let master = |tap: &str| {
         std::fs::read_link(format!("/sys/class/net/{tap}/master"))

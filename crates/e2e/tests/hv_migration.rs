@@ -3,7 +3,7 @@
 //! the source guest running and the destination clean.
 
 mod common;
-use common::{guest_spec, guestless_spec, rt};
+use common::{guest_spec, guestless_spec, node, rt};
 use gkvm_testkit::{require, Env, Need, ScratchDir, Serial, READY_LINE};
 use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir};
 use std::path::{Path, PathBuf};
@@ -14,13 +14,6 @@ fn guards(dirs: &[&ScratchDir]) -> Vec<gkvm_testkit::KillRunDir> {
     dirs.iter()
         .map(|d| gkvm_testkit::KillRunDir(d.path().join("run")))
         .collect()
-}
-
-fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
-    let mut c = Config::new(RunDir::new(dir.join("run")));
-    c.kvm_path = Some(qemu.to_owned());
-    c.caps_cache_dir = Some(dir.join("caps"));
-    KvmHypervisor::new(c)
 }
 
 /// What the node at `dir` keeps on disk (the capability cache aside).
@@ -51,6 +44,16 @@ async fn hop(
     name: &str,
     port: u16,
 ) -> hv_kvm::MigrationStatus {
+    hop_seen(src, dst, name, port).await.0
+}
+
+/// [`hop`], with every status the migration went through.
+async fn hop_seen(
+    src: &KvmHypervisor,
+    dst: &KvmHypervisor,
+    name: &str,
+    port: u16,
+) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
     let info = src.migration_info(name).unwrap();
     dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
     let mut seen = Vec::new();
@@ -60,6 +63,7 @@ async fn hop(
         })
         .await
         .unwrap();
+    eprintln!("{name}: {seen:?}, downtime {:?} ms", status.downtime_ms);
     assert_eq!(status.status, hv_kvm::MigrationState::Completed);
     assert_eq!(
         seen.last(),
@@ -75,7 +79,7 @@ async fn hop(
     dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
         .await
         .unwrap();
-    status
+    (status, seen)
 }
 
 #[test]
@@ -500,25 +504,7 @@ async fn hop_and_answer(
     port: u16,
     check_guest: bool,
 ) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
-    let mut statuses = Vec::new();
-    let info = src.migration_info(name).unwrap();
-    dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
-    let status = src
-        .migrate(name, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
-            statuses.push(s.status)
-        })
-        .await
-        .unwrap();
-    eprintln!("{name}: {statuses:?}, downtime {:?} ms", status.downtime_ms);
-    dst.wait_incoming(name, Duration::from_secs(60))
-        .await
-        .unwrap();
-    src.finalize_migration_source(name, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .unwrap();
-    dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .unwrap();
+    let (status, statuses) = hop_seen(src, dst, name, port).await;
     assert_eq!(
         dst.info(name).await.unwrap().state,
         hv_kvm::InstanceState::Running

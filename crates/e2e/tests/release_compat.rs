@@ -9,9 +9,9 @@
 //! there; a second one is stopped where 0.1 left it.
 
 mod common;
-use common::rt;
+use common::{node, rt};
 use gkvm_testkit::{require, Bridge, KillRunDir, Need, ScratchDir};
-use hv_kvm::{Config, KvmHypervisor, RunDir};
+use hv_kvm::RunDir;
 use kvm_runtime::RuntimeRecord;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -42,13 +42,6 @@ fn materialize(text: &str, p: &Places) -> String {
         .replace("@QEMU@", &p.qemu.display().to_string())
         .replace("@BRIDGE@", p.bridge)
         .replace("@TAP@", p.tap)
-}
-
-fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
-    let mut c = Config::new(RunDir::new(dir.join("run")));
-    c.kvm_path = Some(qemu.to_owned());
-    c.caps_cache_dir = Some(dir.join("caps"));
-    KvmHypervisor::new(c)
 }
 
 /// Runs the fixture's argv as 0.1 did (daemonized, `-S`), the TAP on its

@@ -115,6 +115,20 @@ fn instance_json(env: &Env, dir: &Path) -> PathBuf {
     p
 }
 
+/// Waits until `accept` on `dst` has started the destination QEMU (its
+/// QMP socket is there); panics if accept exits first or takes 30 s.
+fn wait_for_incoming_qemu(dst: &Node, accept: &mut Child) {
+    let qmp = dst.run.join("ctrl/roamer.qmp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qmp.exists() {
+        assert!(Instant::now() < deadline, "accept did not start QEMU");
+        if let Ok(Some(st)) = accept.try_wait() {
+            panic!("accept exited early: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Migrates `roamer` from `src` to `dst` listening on `addr:port`, or on
 /// `addr` alone (the instance's migration_port).
 fn hop(src: &Node, dst: &Node, addr: &str, port: Option<u16>, dir: &Path) {
@@ -133,16 +147,7 @@ fn hop(src: &Node, dst: &Node, addr: &str, port: Option<u16>, dir: &Path) {
         "--timeout",
         "120",
     ]);
-    // Wait until the destination QEMU is up and listening.
-    let qmp = dst.run.join("ctrl/roamer.qmp");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !qmp.exists() {
-        assert!(Instant::now() < deadline, "accept did not start QEMU");
-        if let Ok(Some(st)) = accept.try_wait() {
-            panic!("accept exited early: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_incoming_qemu(dst, &mut accept);
     std::thread::sleep(Duration::from_millis(200));
     if port.is_none() {
         // Listening on the instance's migration_port.
@@ -347,12 +352,7 @@ fn migrate_over_tls_and_refuse_a_wrong_certificate() {
         "--timeout",
         "60",
     ]);
-    let qmp = wrong.run.join("ctrl/roamer.qmp");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !qmp.exists() {
-        assert!(Instant::now() < deadline, "accept did not start QEMU");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_incoming_qemu(&wrong, &mut accept);
     std::thread::sleep(Duration::from_millis(300));
     let out = a
         .cmd(&["migrate", "roamer", "--to", "10.232.77.2:8121"])

@@ -87,12 +87,7 @@ impl Node {
 }
 
 fn accel() -> String {
-    let a = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
-    format!("kvm_flag={a}")
+    gkvm_testkit::guestless_kvm_flag().to_owned()
 }
 
 #[test]

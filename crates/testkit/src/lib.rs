@@ -182,6 +182,16 @@ pub fn guestless_accel() -> &'static str {
     }
 }
 
+/// The hvparam pair that puts a guest-less instance on
+/// [`guestless_accel`]: `kvm_flag=enabled` or `kvm_flag=disabled`.
+pub fn guestless_kvm_flag() -> &'static str {
+    if guestless_accel() == "kvm" {
+        "kvm_flag=enabled"
+    } else {
+        "kvm_flag=disabled"
+    }
+}
+
 /// Makes the child see each `(from, to)` descriptor of this process as
 /// `to` (as a golden argv's `fd=N` expects). Every source is first copied
 /// above all targets (close-on-exec), then moved into place, so a source

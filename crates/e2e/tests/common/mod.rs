@@ -2,7 +2,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use gkvm_testkit::Env;
-use hv_kvm::InstanceSpec;
+use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
+use std::path::Path;
 
 /// A two-thread runtime, as `gkvm` uses.
 pub fn rt() -> tokio::runtime::Runtime {
@@ -25,13 +26,31 @@ pub fn guest_spec(env: &Env, name: &str) -> InstanceSpec {
 /// A guest-less instance (SeaBIOS only), on KVM when it is usable.
 pub fn guestless_spec(name: &str) -> InstanceSpec {
     let mut spec = InstanceSpec::new(name, 64);
-    let accel = if gkvm_testkit::guestless_accel() == "kvm" {
-        "enabled"
-    } else {
-        "disabled"
-    };
     spec.hvparams
-        .set_pair(&format!("kvm_flag={accel}"))
+        .set_pair(gkvm_testkit::guestless_kvm_flag())
         .unwrap();
     spec
+}
+
+/// A node's configuration: run dir `dir/run`, capability cache
+/// `dir/caps`, QEMU `qemu`.
+pub fn node_config(dir: &Path, qemu: &Path) -> Config {
+    let mut c = Config::new(RunDir::new(dir.join("run")));
+    c.kvm_path = Some(qemu.to_owned());
+    c.caps_cache_dir = Some(dir.join("caps"));
+    c
+}
+
+/// The hypervisor of a node at `dir` (see [`node_config`]).
+pub fn node(dir: &Path, qemu: &Path) -> KvmHypervisor {
+    KvmHypervisor::new(node_config(dir, qemu))
+}
+
+/// Runs a shell command; its stdout (failures are the caller's to see).
+pub fn sh(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
