@@ -1,5 +1,6 @@
-//! Hot-adding a NIC to a running guest-less instance (KVM): the facade's
-//! `nic_add` (lock, definition, TAP, bridge, getfd, netdev_add,
+//! Hot-adding a NIC and a disk to a running guest-less instance (KVM): the
+//! facade's `nic_add` (lock, definition, TAP, bridge, getfd, netdev_add,
+//! device_add, record) and `disk_add` (lock, definition, blockdev-add,
 //! device_add, record) against the same work by hand in the same run — a
 //! TAP on the bridge and the same QMP commands on a fresh connection to a
 //! bare QEMU of the same argv. Goal: ≤ 1.3×.
@@ -9,9 +10,10 @@ use hv_kvm::{Config, InstanceSpec, KvmHypervisor, NicSpec, RunDir};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-/// NICs per instance (the limit is 8): then the instance is restarted.
+/// NICs, and disks, per instance (the limit is 8 NICs): then the instance
+/// is restarted.
 const PER_INSTANCE: usize = 7;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 6;
 
 fn main() {
     if !gkvm_testkit::is_root() {
@@ -22,12 +24,14 @@ fn main() {
         println!("hotplug: skipped, no QEMU");
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The runtime the gkvm CLI runs its operations on.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let dir = gkvm_testkit::ScratchDir::new("gkvm-bh");
+    // Run directories on tmpfs, as a node's /run is (this machine's is on
+    // disk); the images stay on disk.
+    let dir = gkvm_testkit::ScratchDir::on_tmpfs("gkvm-bh");
     let _kill = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let mut config = Config::new(RunDir::new(dir.path().join("run")));
     config.kvm_path = Some(qemu.clone());
@@ -39,25 +43,38 @@ fn main() {
         .set_pair(gkvm_testkit::guestless_kvm_flag())
         .unwrap();
 
+    // Two sets of images (on disk): both QEMUs run at once and lock what
+    // they open.
+    let image_dir = gkvm_testkit::ScratchDir::new("gkvm-bh-img");
+    let images = |set: &str| -> Vec<std::path::PathBuf> {
+        (0..PER_INSTANCE)
+            .map(|i| {
+                let p = image_dir.path().join(format!("{set}{i}.img"));
+                std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+                p
+            })
+            .collect()
+    };
+    let (gkvm_images, bare_images) = (images("gkvm"), images("bare"));
+    let caps = rt.block_on(hv.capabilities(&qemu)).unwrap();
+    // The bare disks' QMP arguments are those gkvm sends (the pure builder).
+    let mut with_disks = spec.clone();
+    with_disks.hvparams.kvm_path = qemu.clone();
+    for image in &bare_images {
+        with_disks.disks.push(hv_kvm::DiskSpec::new(image));
+    }
+    with_disks.assign_addresses().unwrap();
+
     let (mut facade, mut by_hand) = (Vec::new(), Vec::new());
+    let (mut disk_facade, mut disk_by_hand) = (Vec::new(), Vec::new());
     let mut mac = 0u8;
     let mut next_mac = || {
         mac += 1;
         format!("52:54:00:00:7a:{mac:02x}").parse().unwrap()
     };
     for _ in 0..ROUNDS {
-        rt.block_on(hv.start(&spec, hv_kvm::StartMode::Running))
-            .unwrap();
-        for _ in 0..PER_INSTANCE {
-            let nic = NicSpec::new(next_mac(), &br.0);
-            let t = Instant::now();
-            rt.block_on(hv.nic_add("bh1", nic)).unwrap();
-            facade.push(t.elapsed());
-        }
-        rt.block_on(hv.stop("bh1", hv_kvm::StopMode::Force))
-            .unwrap();
-
-        // By hand: a bare QEMU of the same argv, the same steps.
+        // A bare QEMU of the same argv beside gkvm's instance; the two
+        // are measured in turns.
         let argv = rt.block_on(hv.plan(&spec)).unwrap().argv;
         let bare = dir.path().join("bare");
         let argv: Vec<String> = argv
@@ -79,11 +96,17 @@ fn main() {
             .unwrap();
         assert!(st.success());
         let sock = bare.join("ctrl/bh1.qmp");
-        gkvm_qmp::blocking::Qmp::connect(&sock, gkvm_qmp::Options::default())
-            .unwrap()
-            .execute_raw("cont", None)
+        // Both stay paused (vCPUs of two guest-less machines would only
+        // compete with the measurement on two cores).
+        rt.block_on(hv.start(&spec, hv_kvm::StartMode::Paused))
             .unwrap();
+
         for i in 0..PER_INSTANCE {
+            let nic = NicSpec::new(next_mac(), &br.0);
+            let t = Instant::now();
+            rt.block_on(hv.nic_add("bh1", nic)).unwrap();
+            facade.push(t.elapsed());
+
             let id = format!("nic-bare{i}");
             let t = Instant::now();
             // One connection per operation, as each facade call makes.
@@ -115,6 +138,25 @@ fn main() {
             .unwrap();
             by_hand.push(t.elapsed());
         }
+        for (i, image) in gkvm_images.iter().enumerate() {
+            let t = Instant::now();
+            rt.block_on(hv.disk_add("bh1", hv_kvm::DiskSpec::new(image)))
+                .unwrap();
+            disk_facade.push(t.elapsed());
+
+            let (node, device) = kvm_cmdline::hotplug_disk(&with_disks, &caps, i).unwrap();
+            let (node, mut device) = (node.qmp_arguments(), device.qmp_arguments());
+            // Slots after the NICs added by hand.
+            device["addr"] = format!("{:#04x}", 12 + PER_INSTANCE + i).into();
+            let t = Instant::now();
+            let q = gkvm_qmp::blocking::Qmp::connect(&sock, gkvm_qmp::Options::default());
+            let mut q = q.unwrap();
+            q.execute_raw("blockdev-add", Some(node)).unwrap();
+            q.execute_raw("device_add", Some(device)).unwrap();
+            disk_by_hand.push(t.elapsed());
+        }
+        rt.block_on(hv.stop("bh1", hv_kvm::StopMode::Force))
+            .unwrap();
         gkvm_qmp::blocking::Qmp::connect(&sock, gkvm_qmp::Options::default())
             .unwrap()
             .execute_raw("quit", None)
@@ -126,8 +168,9 @@ fn main() {
         let _ = std::fs::remove_dir_all(&bare);
     }
     let (f, b) = (Stats::of(facade), Stats::of(by_hand));
+    let (df, db) = (Stats::of(disk_facade), Stats::of(disk_by_hand));
     print_table(
-        "hot-add of a virtio NIC on a bridge, guest-less instance, same run",
+        "hot-add of a virtio NIC on a bridge, and of a 1 MiB raw virtio disk, guest-less instance, same run",
         &[
             Row {
                 name: "by hand: TAP, bridge, getfd, netdev_add, device_add".into(),
@@ -139,6 +182,18 @@ fn main() {
                 name: "gkvm nic_add (facade, to QEMU's confirmation)".into(),
                 stats: f,
                 baseline: Some(b.median),
+                goal: Some(1.3),
+            },
+            Row {
+                name: "by hand: blockdev-add, device_add".into(),
+                stats: db,
+                baseline: None,
+                goal: None,
+            },
+            Row {
+                name: "gkvm disk_add (facade, to QEMU's confirmation)".into(),
+                stats: df,
+                baseline: Some(db.median),
                 goal: Some(1.3),
             },
         ],

@@ -507,8 +507,10 @@ fn main() -> ExitCode {
             )
             .init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One operation per process: a single thread runs it (its blocking
+    // steps go to tokio's blocking pool). Every QMP reply then wakes the
+    // operation on the thread that read it, without a cross-thread hop.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

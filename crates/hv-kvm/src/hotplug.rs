@@ -91,22 +91,28 @@ fn hotplug_err<'a>(instance: &'a str, step: &'static str) -> impl Fn(String) -> 
 }
 
 impl KvmHypervisor {
-    /// The running instance's definition, for a hot plug: it must have
-    /// been started by gkvm with device places (an earlier release's, or
+    /// The start of every hot plug: the instance's lock, its runtime
+    /// record (read once) and its definition. It must run and have been
+    /// started by gkvm with device places (an earlier release's, or
     /// Ganeti's, needs a restart first).
-    fn hotplug_spec(&self, paths: &InstancePaths) -> Result<InstanceSpec> {
-        let name = paths.name.as_str();
-        let spec = self.saved_spec(paths)?.ok_or_else(|| Error::NotRunning {
-            instance: name.to_owned(),
-        })?;
-        if spec.is_legacy_placement() && !(spec.nics.is_empty() && spec.disks.is_empty()) {
-            return Err(hotplug_err(name, "check")(
-                "its devices have no fixed ids and slots (started by an earlier release \
-                 or by Ganeti); restart it once to hot plug"
-                    .into(),
-            ));
-        }
-        Ok(spec)
+    async fn begin(&self, name: &str) -> Result<(Hotplug, InstanceSpec)> {
+        let paths = self.paths(name)?;
+        let lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let record = paths
+            .read_runtime()
+            .map_err(|e| runtime(name, e))?
+            .ok_or_else(|| Error::NotRunning {
+                instance: name.to_owned(),
+            })?;
+        let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
+        check_placed(&spec)?;
+        let hp = Hotplug {
+            paths,
+            _lock: lock,
+            record,
+        };
+        Ok((hp, spec))
     }
 
     /// Adds a NIC to a running instance: a TAP (queues, vnet_hdr and
@@ -115,10 +121,8 @@ impl KvmHypervisor {
     /// PCI slot. Returns the NIC as placed (its id and slot). Errors name
     /// the step; whatever was done is undone.
     pub async fn nic_add(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let mut spec = self.hotplug_spec(&paths)?;
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         let seq = spec.nics.len();
         spec.nics.push(nic);
@@ -182,7 +186,7 @@ impl KvmHypervisor {
         let mut taps = paths.read_nics().map_err(|e| runtime(name, e))?;
         taps.truncate(seq);
         taps.push(tap.name().to_owned());
-        self.save_hotplugged(&paths, &spec, &taps)?;
+        hp.save(&spec, Some((&taps, seq)))?;
         guard.armed = false;
         tracing::info!(instance = %name, nic = %id, tap = %tap.name(), "NIC added");
         Ok(spec.nics[seq].clone())
@@ -194,10 +198,8 @@ impl KvmHypervisor {
     /// that never does leaves the NIC in place and the error says so), `netdev_del`, then the NIC's
     /// teardown (down script or native) and the record.
     pub async fn nic_remove(&self, name: &str, id: &str) -> Result<()> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let mut spec = self.hotplug_spec(&paths)?;
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
         let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
         let dev_id = spec.nics[seq]
@@ -217,7 +219,7 @@ impl KvmHypervisor {
             taps.remove(seq);
         }
         spec.nics.remove(seq);
-        self.save_hotplugged(&paths, &spec, &taps)?;
+        hp.save(&spec, Some((&taps, seq)))?;
         tracing::info!(instance = %name, nic = %dev_id, "NIC removed");
         Ok(())
     }
@@ -228,10 +230,8 @@ impl KvmHypervisor {
     /// `disk_type` says). Returns the disk as placed. Errors name the
     /// step; whatever was done is undone.
     pub async fn disk_add(&self, name: &str, disk: DiskSpec) -> Result<DiskSpec> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let mut spec = self.hotplug_spec(&paths)?;
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         let seq = spec.disks.len();
         spec.disks.push(disk);
@@ -262,8 +262,7 @@ impl KvmHypervisor {
             .await
             .map_err(|e| step("device_add")(e.to_string()))?;
         guard.steps.push(Undo::DeviceDel(id.clone()));
-        let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
-        self.save_hotplugged(&paths, &spec, &taps)?;
+        hp.save(&spec, None)?;
         guard.armed = false;
         tracing::info!(instance = %name, disk = %id, "disk added");
         Ok(spec.disks[seq].clone())
@@ -273,10 +272,8 @@ impl KvmHypervisor {
     /// waits for the guest to release it (as [`Self::nic_remove`]), then
     /// `blockdev-del` and the record.
     pub async fn disk_remove(&self, name: &str, id: &str) -> Result<()> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let mut spec = self.hotplug_spec(&paths)?;
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
         let seq = find_disk(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
         let dev_id = spec.disks[seq]
@@ -294,8 +291,7 @@ impl KvmHypervisor {
         .await
         .map_err(|e| step("blockdev-del")(e.to_string()))?;
         spec.disks.remove(seq);
-        let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
-        self.save_hotplugged(&paths, &spec, &taps)?;
+        hp.save(&spec, None)?;
         tracing::info!(instance = %name, disk = %dev_id, "disk removed");
         Ok(())
     }
@@ -305,10 +301,8 @@ impl KvmHypervisor {
     /// must have been grown first, as Ganeti grows the volume before).
     /// Shrinking is refused.
     pub async fn disk_grow(&self, name: &str, id: &str, bytes: u64) -> Result<()> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let spec = self.hotplug_spec(&paths)?;
+        let (hp, spec) = self.begin(name).await?;
+        let paths = &hp.paths;
         let seq = find_disk(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
         let node = spec.disks[seq]
@@ -317,7 +311,7 @@ impl KvmHypervisor {
             .map(|a| a.id.clone())
             .unwrap_or_default();
         let step = |s: &'static str| hotplug_err(name, s);
-        let qmp = self.qmp(&paths).await?;
+        let qmp = self.qmp(paths).await?;
         let nodes = qmp
             .execute_raw(
                 "query-named-block-nodes",
@@ -377,10 +371,8 @@ impl KvmHypervisor {
     /// the guest sees). The MAC and device stay. On failure the old
     /// settings are restored.
     pub async fn nic_modify(&self, name: &str, id: &str, new: NicSpec) -> Result<NicSpec> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let mut spec = self.hotplug_spec(&paths)?;
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
         let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
         let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
@@ -409,7 +401,7 @@ impl KvmHypervisor {
             }
             return Err(e);
         }
-        self.save_hotplugged(&paths, &spec, &taps)?;
+        hp.save(&spec, Some((&taps, seq)))?;
         tracing::info!(instance = %name, nic = %id, "NIC modified");
         Ok(spec.nics[seq].clone())
     }
@@ -421,7 +413,10 @@ impl KvmHypervisor {
     pub async fn hotplug_supported(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
-        let spec = self.hotplug_spec(&paths)?;
+        let spec = self.saved_spec(&paths)?.ok_or_else(|| Error::NotRunning {
+            instance: name.to_owned(),
+        })?;
+        check_placed(&spec)?;
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         if caps.devices.is_empty() || caps.features.drive_boot {
             return Err(hotplug_err(name, "check")(format!(
@@ -431,22 +426,22 @@ impl KvmHypervisor {
         }
         Ok(())
     }
+}
 
-    /// Writes the instance's new definition into its runtime record and
-    /// its TAPs into the NIC records.
-    fn save_hotplugged(
-        &self,
-        paths: &InstancePaths,
-        spec: &InstanceSpec,
-        taps: &[String],
-    ) -> Result<()> {
+/// An instance being hot plugged: its lock held, its record as read.
+struct Hotplug {
+    paths: InstancePaths,
+    _lock: kvm_runtime::InstanceLock,
+    record: kvm_runtime::RuntimeRecord,
+}
+
+impl Hotplug {
+    /// Writes the instance's new definition into its runtime record and,
+    /// when NICs changed from index `first` on, their TAPs into the NIC
+    /// records (only those from `first`).
+    fn save(&mut self, spec: &InstanceSpec, taps: Option<(&[String], usize)>) -> Result<()> {
         let name = spec.name.as_str();
-        let mut record = paths
-            .read_runtime()
-            .map_err(|e| runtime(name, e))?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.to_owned(),
-            })?;
+        let record = &mut self.record;
         record.nics = spec
             .nics
             .iter()
@@ -457,14 +452,36 @@ impl KvmHypervisor {
                 "spec".into(),
                 serde_json::to_value(spec).unwrap_or(Value::Null),
             );
-            p.insert(
-                "taps".into(),
-                serde_json::to_value(taps).unwrap_or(Value::Null),
-            );
+            if let Some((taps, _)) = taps {
+                p.insert(
+                    "taps".into(),
+                    serde_json::to_value(taps).unwrap_or(Value::Null),
+                );
+            }
         }
-        paths.write_runtime(&record).map_err(|e| runtime(name, e))?;
-        paths.write_nics(taps).map_err(|e| runtime(name, e))
+        self.paths
+            .write_runtime(record)
+            .map_err(|e| runtime(name, e))?;
+        match taps {
+            Some((taps, first)) => self
+                .paths
+                .write_nics_from(taps, first)
+                .map_err(|e| runtime(name, e)),
+            None => Ok(()),
+        }
     }
+}
+
+/// Refuses an instance whose devices have no fixed ids and slots.
+fn check_placed(spec: &InstanceSpec) -> Result<()> {
+    if spec.is_legacy_placement() && !(spec.nics.is_empty() && spec.disks.is_empty()) {
+        return Err(hotplug_err(&spec.name, "check")(
+            "its devices have no fixed ids and slots (started by an earlier release \
+             or by Ganeti); restart it once to hot plug"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Names for descriptors passed with `getfd`: `ID-KINDn`.

@@ -65,6 +65,16 @@ impl KvmHypervisor {
             instance: name.clone(),
             source: e,
         })?;
+        // Uncontended (the usual case): taken at once, without a thread hop.
+        match p.lock(Duration::ZERO) {
+            Err(kvm_runtime::Error::Busy { .. }) if !timeout.is_zero() => {}
+            r => {
+                return r.map_err(|e| Error::Runtime {
+                    instance: name,
+                    source: e,
+                })
+            }
+        }
         tokio::task::spawn_blocking(move || p.lock(timeout))
             .await
             .map_err(|e| Error::Io {
@@ -531,7 +541,7 @@ pub(crate) fn spec_from_record(
     if let Some(spec) = r
         .payload
         .get("spec")
-        .and_then(|s| serde_json::from_value::<InstanceSpec>(s.clone()).ok())
+        .and_then(|s| InstanceSpec::deserialize(s).ok())
     {
         return Ok(spec);
     }

@@ -201,7 +201,14 @@ impl InstancePaths {
     /// Records every NIC's TAP interface at once (after a hot plug or
     /// unplug), removing the records of NICs beyond them.
     pub fn write_nics(&self, interfaces: &[String]) -> Result<(), Error> {
-        for (seq, name) in interfaces.iter().enumerate() {
+        self.write_nics_from(interfaces, 0)
+    }
+
+    /// [`Self::write_nics`] when the records before `first` are already
+    /// right: only NICs `first..` are written (a hot-added NIC writes one
+    /// file, not all of them).
+    pub fn write_nics_from(&self, interfaces: &[String], first: usize) -> Result<(), Error> {
+        for (seq, name) in interfaces.iter().enumerate().skip(first) {
             self.write_nic(seq, name)?;
         }
         for seq in interfaces.len().. {

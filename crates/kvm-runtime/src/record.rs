@@ -44,7 +44,7 @@ pub struct RuntimeRecord {
     pub origin: Origin,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Versioned {
     gkvm_runtime: u64,
     #[serde(flatten)]
@@ -54,11 +54,19 @@ struct Versioned {
 impl RuntimeRecord {
     /// Serializes in gkvm's versioned format.
     pub fn to_json(&self) -> Vec<u8> {
-        let v = Versioned {
+        #[derive(Serialize)]
+        struct VersionedRef<'a> {
+            gkvm_runtime: u64,
+            #[serde(flatten)]
+            record: &'a RuntimeRecord,
+        }
+        let v = VersionedRef {
             gkvm_runtime: FORMAT_VERSION,
-            record: self.clone(),
+            record: self,
         };
-        serde_json::to_vec_pretty(&v).unwrap_or_default()
+        // Compact, as Ganeti writes its runtime files: written on every
+        // hot plug, read on every operation.
+        serde_json::to_vec(&v).unwrap_or_default()
     }
 
     /// Parses gkvm's format (any version up to [`FORMAT_VERSION`]) or the
@@ -68,6 +76,16 @@ impl RuntimeRecord {
             path: source.to_owned(),
             reason,
         };
+        // gkvm's own record, parsed once (the common case); anything else
+        // is looked at as a JSON value for what it is.
+        if let Ok(v) = serde_json::from_slice::<Versioned>(data) {
+            if v.gkvm_runtime <= FORMAT_VERSION {
+                return Ok(RuntimeRecord {
+                    origin: Origin::Gkvm,
+                    ..v.record
+                });
+            }
+        }
         let value: Value =
             serde_json::from_slice(data).map_err(|e| corrupt(format!("not JSON: {e}")))?;
         match value {

@@ -315,9 +315,25 @@ pub struct ScratchDir(PathBuf);
 impl ScratchDir {
     /// Creates a fresh directory whose name starts with `prefix`.
     pub fn new(prefix: &str) -> ScratchDir {
+        ScratchDir::under(&std::env::temp_dir(), prefix)
+    }
+
+    /// A scratch directory on tmpfs (`/dev/shm`), as a node's `/run` is:
+    /// for run directories in benchmarks (this machine's `/run` and `/tmp`
+    /// are on disk). Falls back to [`ScratchDir::new`].
+    pub fn on_tmpfs(prefix: &str) -> ScratchDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            ScratchDir::under(shm, prefix)
+        } else {
+            ScratchDir::new(prefix)
+        }
+    }
+
+    fn under(parent: &Path, prefix: &str) -> ScratchDir {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        let dir = parent.join(format!("{prefix}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         ScratchDir(dir)
