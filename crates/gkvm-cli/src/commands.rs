@@ -323,14 +323,22 @@ async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
 }
 
 async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
-    // A made-up MAC must not repeat one the instance has: the facade
-    // refuses a duplicate, so vary the index it is made from.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let index = 8 + usize::try_from(nanos % 240).unwrap_or(0);
-    let nic = hv_kvm::NicSpec::parse_option(text, name, index).map_err(|e| usage(e.to_string()))?;
+    let mut nic = hv_kvm::NicSpec::parse_option(text, name, 0).map_err(|e| usage(e.to_string()))?;
+    if !text
+        .split(',')
+        .any(|kv| kv.trim_start().starts_with("mac="))
+    {
+        // Made up: 24 random bits under QEMU's prefix (the instance's own
+        // NICs' flag-made MACs come from its name, and a hot-added NIC
+        // must not repeat one; the facade refuses a duplicate anyway).
+        let mut b = [0u8; 3];
+        // SAFETY: getrandom(2) writes at most 3 bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n != 3 {
+            return Err(usage("no random bytes for a MAC; give mac=".into()));
+        }
+        nic.mac = hv_kvm::MacAddr::new([0x52, 0x54, 0x00, b[0], b[1], b[2]]);
+    }
     let request = Request::NicAdd {
         instance: name.to_owned(),
         nic,

@@ -394,7 +394,7 @@ fn tampered_migration_info_is_refused() {
     let out = accept(&info, &k);
     assert!(stderr(&out).contains("not sealed"), "{}", stderr(&out));
     // An edited sealed file.
-    let edited = sealed.replace("\\\"memory\\\": 64", "\\\"memory\\\": 65");
+    let edited = sealed.replace("\\\"memory\\\":64", "\\\"memory\\\":65");
     assert_ne!(edited, sealed);
     let out = accept(&edited, &k);
     assert!(
@@ -916,4 +916,221 @@ fn verify_reports_a_read_only_run_dir() {
     assert_eq!(ro.status.code(), Some(1));
     let out = String::from_utf8_lossy(&ro.stdout);
     assert!(out.contains("run directory is not writable"), "{out}");
+}
+
+/// The device ids QEMU holds (`qom-list /machine/peripheral`), asked on
+/// the instance's QMP socket with a bare exchange.
+fn qemu_devices(node: &Node, name: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = node.run.join("ctrl").join(format!("{name}.qmp"));
+    let s = std::os::unix::net::UnixStream::connect(&sock).expect("QMP socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"qom-list\",\"arguments\":{\"path\":\"/machine/peripheral\"}}\n").unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("QMP reply");
+        if let Some(list) = v["return"].as_array() {
+            if list.is_empty() {
+                continue;
+            }
+            let mut ids: Vec<String> = list
+                .iter()
+                .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .filter(|n| n.starts_with("nic"))
+                .collect();
+            ids.sort();
+            return ids;
+        }
+    }
+}
+
+/// The NIC device ids the runtime record has, and its NIC files' TAPs.
+fn recorded_nics(node: &Node, name: &str) -> (Vec<String>, Vec<String>) {
+    let record = std::fs::read(node.run.join("conf").join(format!("{name}.runtime"))).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let mut ids: Vec<String> = v["payload"]["spec"]["nics"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["address"]["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    let mut taps: Vec<String> = (0..)
+        .map_while(|i| {
+            std::fs::read_to_string(node.run.join("nic").join(name).join(i.to_string())).ok()
+        })
+        .map(|t| t.trim().to_owned())
+        .collect();
+    taps.sort();
+    (ids, taps)
+}
+
+/// After a killed hot plug and the operation that settles it: the record
+/// has exactly the NICs QEMU has, each TAP recorded is on the bridge and
+/// nothing else is, and the journal is gone.
+fn assert_settled(node: &Node, name: &str, br: &Bridge, why: &str) {
+    let (ids, taps) = recorded_nics(node, name);
+    assert_eq!(ids, qemu_devices(node, name), "{why}: record vs QEMU");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut on_bridge = brif(br);
+    while on_bridge.len() > taps.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        on_bridge = brif(br);
+    }
+    on_bridge.sort();
+    assert_eq!(on_bridge, taps, "{why}: TAPs on the bridge vs recorded");
+    let journal = node.run.join("conf").join(format!("{name}.hotplug"));
+    assert!(!journal.exists(), "{why}: journal left");
+}
+
+#[test]
+fn killed_hot_plugs_are_settled_by_the_next_operation() {
+    let Some(env) = require("faults_killed_hotplug", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-hp", &env.qemu);
+    let br = Bridge::new("gkvmflh0");
+    let accel = accel();
+    // NIC scripts that can be held (a file says so) and that log teardowns.
+    let dir = node.dir.path();
+    let (hold, inside, downs) = (dir.join("hold"), dir.join("inside"), dir.join("downs"));
+    let up = dir.join("ifup");
+    std::fs::write(
+        &up,
+        format!(
+            "#!/bin/sh\nif [ -e {hold} ]; then touch {inside}; sleep 30; fi\n\
+             ip link set \"$INTERFACE\" up && ip link set \"$INTERFACE\" master \"$LINK\"\n",
+            hold = hold.display(),
+            inside = inside.display()
+        ),
+    )
+    .unwrap();
+    let down = dir.join("ifdown");
+    std::fs::write(
+        &down,
+        format!("#!/bin/sh\necho \"$INTERFACE\" >> {}\n", downs.display()),
+    )
+    .unwrap();
+    for s in [&up, &down] {
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nic_up_script = {:?}\nnic_down_script = {:?}\n",
+            up.to_str().unwrap(),
+            down.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    let nic = format!("bridge={}", br.0);
+    let gkvm = |args: &[&str]| {
+        let mut all = vec!["--node-config", cfg.as_str()];
+        all.extend_from_slice(args);
+        node.cmd(&all)
+    };
+    let ok = |args: &[&str]| {
+        let out = gkvm(args).output().unwrap();
+        assert!(out.status.success(), "gkvm {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let start = ["start", "kh1", "--memory", "64", "-H", &accel, "--paused"];
+    ok(&start);
+    node.ok(&["caps"]);
+
+    // Killed while its NIC script runs: QEMU was never touched; the next
+    // hot plug undoes it (down script for that TAP) and does its own.
+    std::fs::write(&hold, "").unwrap();
+    let child = gkvm(&["nic-add", "kh1", "--nic", &nic])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !inside.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(inside.exists(), "the NIC script never ran");
+    signal(&child, libc::SIGKILL);
+    let _ = child.wait_with_output();
+    std::fs::remove_file(&hold).unwrap();
+    let journal = node.run.join("conf/kh1.hotplug");
+    let pending = std::fs::read_to_string(&journal).expect("a journal left by the killed hot plug");
+    assert!(pending.contains("add-nic"), "{pending}");
+    // Migration info is refused by the facade while unsettled, and the
+    // CLI's (through Request) settles first.
+    let hv = KvmHypervisor::new(Config::new(RunDir::new(&node.run)));
+    let e = hv.migration_info("kh1").unwrap_err().to_string();
+    assert!(e.contains("not settled"), "{e}");
+    ok(&["nic-add", "kh1", "--nic", &nic]);
+    let downs_log = std::fs::read_to_string(&downs).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&pending).unwrap();
+    let killed_tap = v[0]["tap"].as_str().unwrap();
+    assert!(
+        downs_log.contains(killed_tap),
+        "down script not run for {killed_tap}: {downs_log}"
+    );
+    assert_settled(&node, "kh1", &br, "killed in the NIC script");
+    assert_eq!(recorded_nics(&node, "kh1").0.len(), 1);
+
+    // Killed at any moment of a hot plug: the next operation (a hot plug,
+    // migration info, stop) leaves the record equal to QEMU's devices.
+    let mut outcomes = std::collections::BTreeMap::<&str, u32>::new();
+    let delays = (1..=24u64).map(|i| i * 700).chain([20000, 40000]);
+    for (round, us) in delays.enumerate() {
+        let why = format!("nic-add SIGKILLed after {us} µs");
+        if recorded_nics(&node, "kh1").0.len() >= 6 {
+            ok(&["stop", "kh1", "--force"]);
+            node.assert_empty(&why);
+            assert_no_tap(&br, &why);
+            ok(&start);
+        }
+        let child = gkvm(&["nic-add", "kh1", "--nic", &nic])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(us));
+        signal(&child, libc::SIGKILL);
+        let status = child.wait_with_output().unwrap().status;
+        let left = journal.exists();
+        let ahead = left && qemu_devices(&node, "kh1") != recorded_nics(&node, "kh1").0;
+        *outcomes
+            .entry(match (status.code(), left, ahead) {
+                (Some(0), _, _) => "finished",
+                (_, true, true) => "killed with the NIC in QEMU, not recorded",
+                (_, true, false) => "killed mid-way, QEMU as recorded",
+                (_, false, _) => "killed before starting",
+            })
+            .or_default() += 1;
+        match round % 3 {
+            0 => {
+                ok(&["nic-add", "kh1", "--nic", &nic]);
+            }
+            1 => {
+                ok(&["migration-info", "kh1"]);
+            }
+            _ => {
+                ok(&["stop", "kh1", "--force"]);
+                node.assert_empty(&why);
+                assert_no_tap(&br, &why);
+                ok(&start);
+                continue;
+            }
+        }
+        assert_settled(&node, "kh1", &br, &why);
+    }
+    eprintln!("killed nic-add outcomes: {outcomes:?}");
+    ok(&["stop", "kh1", "--force"]);
+    node.assert_empty("the end");
+    assert_no_tap(&br, "the end");
 }

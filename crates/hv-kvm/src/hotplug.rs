@@ -6,6 +6,14 @@
 //! `netdev_del` (and the NIC's teardown) or `blockdev-del`. The runtime record changes only once QEMU has confirmed, and
 //! a failure at any step undoes the earlier ones, even if the operation is
 //! dropped (a drop guard undoes with a blocking QMP client).
+//!
+//! A gkvm killed outright (SIGKILL, a power cut of the caller) cannot
+//! undo: each hot plug first writes what it is about to do to the
+//! instance's journal (`conf/NAME.hotplug`), and the next hot plug, stop,
+//! cleanup or migration settles it from what QEMU has — a device QEMU
+//! holds is recorded (QEMU's confirmation is the commit point), anything
+//! short of that is undone. An unplug the guest has not finished stays in
+//! the journal until it has.
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -13,6 +21,7 @@ use std::time::Duration;
 use gkvm_qmp::commands;
 use kvm_cmdline::{DiskSpec, InstanceSpec, NicSpec};
 use kvm_runtime::InstancePaths;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -38,16 +47,41 @@ enum Undo {
     },
 }
 
-/// Undoes, in reverse order, what a hot plug did unless disarmed.
+/// Undoes, in reverse order, what a hot plug did unless disarmed, then
+/// puts the journal back as it was before the hot plug.
 struct HotplugGuard {
     paths: InstancePaths,
     steps: Vec<Undo>,
     armed: bool,
+    journal_before: Vec<Pending>,
+}
+
+/// A hot plug in progress, as its journal keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+enum Pending {
+    /// A NIC being added: its definition as placed, its TAP and the names
+    /// its descriptors are passed under.
+    AddNic {
+        nic: NicSpec,
+        tap: String,
+        fds: Vec<String>,
+    },
+    /// A disk being added, as placed.
+    AddDisk { disk: DiskSpec },
+    /// A device (NIC or disk) being removed, by device id.
+    Remove { id: String },
+    /// A NIC's connection being changed to `nic`'s (same device id).
+    ModifyNic { nic: NicSpec },
+}
+
+fn journal_bytes(journal: &[Pending]) -> Option<Vec<u8>> {
+    (!journal.is_empty()).then(|| serde_json::to_vec(journal).unwrap_or_default())
 }
 
 impl Drop for HotplugGuard {
     fn drop(&mut self) {
-        if !self.armed || self.steps.is_empty() {
+        if !self.armed {
             return;
         }
         tracing::warn!(instance = %self.paths.name, "hot plug failed or was interrupted; undoing it");
@@ -56,7 +90,13 @@ impl Drop for HotplugGuard {
             command_timeout: Duration::from_secs(5),
             ..gkvm_qmp::Options::default()
         };
-        let mut qmp = gkvm_qmp::blocking::Qmp::connect(&self.paths.qmp, options).ok();
+        let needs_qmp = self
+            .steps
+            .iter()
+            .any(|s| !matches!(s, Undo::Teardown { .. }));
+        let mut qmp = needs_qmp
+            .then(|| gkvm_qmp::blocking::Qmp::connect(&self.paths.qmp, options).ok())
+            .flatten();
         for step in self.steps.drain(..).rev() {
             let (name, args) = match step {
                 Undo::Teardown {
@@ -78,6 +118,12 @@ impl Drop for HotplugGuard {
                     tracing::warn!(instance = %self.paths.name, step = name, error = %e, "undo");
                 }
             }
+        }
+        if let Err(e) = self
+            .paths
+            .write_hotplug_journal(journal_bytes(&self.journal_before).as_deref())
+        {
+            tracing::warn!(instance = %self.paths.name, error = %e, "hot plug journal");
         }
     }
 }
@@ -105,14 +151,175 @@ impl KvmHypervisor {
             .ok_or_else(|| Error::NotRunning {
                 instance: name.to_owned(),
             })?;
-        let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
+        let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
-        let hp = Hotplug {
+        let mut hp = Hotplug {
             paths,
             _lock: lock,
             record,
+            journal: Vec::new(),
         };
+        self.settle_journal(&mut hp, &mut spec).await?;
         Ok((hp, spec))
+    }
+
+    /// Settles what a killed gkvm's hot plug left in the journal (see the
+    /// module's documentation), under the instance's lock: a device QEMU
+    /// holds is recorded, one it does not is undone, an unplug the guest
+    /// has not finished stays pending.
+    async fn settle_journal(&self, hp: &mut Hotplug, spec: &mut InstanceSpec) -> Result<()> {
+        let name = hp.paths.name.clone();
+        let Some(data) = hp
+            .paths
+            .read_hotplug_journal()
+            .map_err(|e| runtime(&name, e))?
+        else {
+            return Ok(());
+        };
+        let entries: Vec<Pending> = serde_json::from_slice(&data).map_err(|e| Error::Runtime {
+            instance: name.clone(),
+            source: kvm_runtime::Error::Corrupt {
+                path: hp.paths.hotplug.clone(),
+                reason: format!("not a hot plug journal: {e}"),
+            },
+        })?;
+        let qmp = self.qmp(&hp.paths).await?;
+        let listed = qmp
+            .execute_raw(
+                "qom-list",
+                Some(serde_json::json!({"path": "/machine/peripheral"})),
+            )
+            .await
+            .map_err(|e| hotplug_err(&name, "list QEMU's devices")(e.to_string()))?;
+        let present: std::collections::HashSet<String> = listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.starts_with("child<"))
+            })
+            .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        let ignore = |what: &str, r: std::result::Result<Value, gkvm_qmp::Error>| {
+            if let Err(e) = r {
+                tracing::debug!(instance = %name, what, error = %e, "nothing to undo");
+            }
+        };
+        let down = self.config.nic_down_script.as_deref();
+        let mut taps = hp.paths.read_nics().map_err(|e| runtime(&name, e))?;
+        taps.truncate(spec.nics.len());
+        let (mut keep, mut changed) = (Vec::new(), false);
+        for entry in entries {
+            match &entry {
+                Pending::AddNic { nic, tap, fds } => {
+                    let id = device_id(nic.address.as_ref());
+                    if let Some(seq) =
+                        position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id)
+                    {
+                        // Killed between the record and the NIC file.
+                        if seq == taps.len() {
+                            taps.push(tap.clone());
+                            changed = true;
+                        }
+                        continue;
+                    }
+                    if present.contains(&id) {
+                        tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug's NIC is in QEMU: recorded");
+                        spec.nics.push(nic.clone());
+                        taps.push(tap.clone());
+                        changed = true;
+                    } else {
+                        tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug of a NIC: undone");
+                        for f in fds {
+                            let args = serde_json::json!({ "fdname": f });
+                            ignore("closefd", qmp.execute_raw("closefd", Some(args)).await);
+                        }
+                        let args = serde_json::json!({ "id": id });
+                        ignore(
+                            "netdev_del",
+                            qmp.execute_raw("netdev_del", Some(args)).await,
+                        );
+                        let mut with = spec.clone();
+                        with.nics.push(nic.clone());
+                        crate::nic::deconfigure(&with, with.nics.len() - 1, tap, down);
+                    }
+                }
+                Pending::AddDisk { disk } => {
+                    let id = device_id(disk.address.as_ref());
+                    if position_of(spec.disks.iter().map(|d| d.address.as_ref()), &id).is_some() {
+                        continue;
+                    }
+                    if present.contains(&id) {
+                        tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug's disk is in QEMU: recorded");
+                        spec.disks.push(disk.clone());
+                        changed = true;
+                    } else {
+                        tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug of a disk: undone");
+                        let args = serde_json::json!({ "node-name": id });
+                        ignore(
+                            "blockdev-del",
+                            qmp.execute_raw("blockdev-del", Some(args)).await,
+                        );
+                    }
+                }
+                Pending::ModifyNic { nic } => {
+                    let id = device_id(nic.address.as_ref());
+                    let Some(seq) = position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id)
+                    else {
+                        continue;
+                    };
+                    let current = &spec.nics[seq];
+                    let recorded = (&current.mode, &current.link, &current.ip, &current.vlan)
+                        == (&nic.mode, &nic.link, &nic.ip, &nic.vlan);
+                    if recorded || seq >= taps.len() {
+                        continue;
+                    }
+                    tracing::warn!(instance = %name, nic = %id, "an interrupted change of a NIC: its recorded settings put back");
+                    let mut new = spec.clone();
+                    new.nics[seq] = nic.clone();
+                    self.restore_nic(&new, spec, seq, &taps[seq]).await;
+                }
+                Pending::Remove { id } => {
+                    if present.contains(id) {
+                        // The guest has not let go yet: still pending.
+                        keep.push(entry);
+                        continue;
+                    }
+                    let nic = position_of(spec.nics.iter().map(|n| n.address.as_ref()), id);
+                    let disk = position_of(spec.disks.iter().map(|d| d.address.as_ref()), id);
+                    if let Some(seq) = nic {
+                        tracing::warn!(instance = %name, nic = %id, "an unplugged NIC: its removal finished");
+                        let args = serde_json::json!({ "id": id });
+                        ignore(
+                            "netdev_del",
+                            qmp.execute_raw("netdev_del", Some(args)).await,
+                        );
+                        if seq < taps.len() {
+                            crate::nic::deconfigure(spec, seq, &taps[seq], down);
+                            taps.remove(seq);
+                        }
+                        spec.nics.remove(seq);
+                        changed = true;
+                    } else if let Some(seq) = disk {
+                        tracing::warn!(instance = %name, disk = %id, "an unplugged disk: its removal finished");
+                        let args = serde_json::json!({ "node-name": id });
+                        ignore(
+                            "blockdev-del",
+                            qmp.execute_raw("blockdev-del", Some(args)).await,
+                        );
+                        spec.disks.remove(seq);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            hp.save(spec, Some((&taps, 0)))?;
+        }
+        hp.journal = keep;
+        hp.write_journal()
     }
 
     /// Adds a NIC to a running instance: a TAP (queues, vnet_hdr and
@@ -137,14 +344,22 @@ impl KvmHypervisor {
             .as_ref()
             .map(|a| a.id.clone())
             .unwrap_or_default();
-        let mut guard = HotplugGuard {
-            paths: paths.clone(),
-            steps: Vec::new(),
-            armed: true,
-        };
         let virtio = crate::nic::is_virtio(&spec, &caps);
         let tap = crate::nic::open_tap(&spec, seq, &self.config.tap_template, virtio)?;
         let vhost = crate::nic::open_vhost_for(&spec, &tap)?;
+        let tap_fds = fd_names(&id, "tap", tap.fds().iter().map(AsFd::as_fd));
+        let vhost_fds = fd_names(&id, "vhost", vhost.iter().map(AsFd::as_fd));
+        // Until here nothing outlives this process (the TAP goes with its
+        // descriptors); from here the journal knows.
+        let mut guard = hp.intend(Pending::AddNic {
+            nic: spec.nics[seq].clone(),
+            tap: tap.name().to_owned(),
+            fds: tap_fds
+                .iter()
+                .chain(&vhost_fds)
+                .map(|(n, _)| n.clone())
+                .collect(),
+        })?;
         crate::nic::configure(&spec, seq, tap.name(), self.config.nic_script.as_deref()).await?;
         guard.steps.push(Undo::Teardown {
             spec: Box::new(spec.clone()),
@@ -154,8 +369,6 @@ impl KvmHypervisor {
         });
         let qmp = self.qmp(&paths).await?;
         let step = |s: &'static str| hotplug_err(name, s);
-        let tap_fds = fd_names(&id, "tap", tap.fds().iter().map(AsFd::as_fd));
-        let vhost_fds = fd_names(&id, "vhost", vhost.iter().map(AsFd::as_fd));
         for (fdname, fd) in tap_fds.iter().chain(&vhost_fds) {
             qmp.run_with_fds(
                 &commands::GetFd {
@@ -188,6 +401,7 @@ impl KvmHypervisor {
         taps.push(tap.name().to_owned());
         hp.save(&spec, Some((&taps, seq)))?;
         guard.armed = false;
+        hp.done()?;
         tracing::info!(instance = %name, nic = %id, tap = %tap.name(), "NIC added");
         Ok(spec.nics[seq].clone())
     }
@@ -209,6 +423,9 @@ impl KvmHypervisor {
             .unwrap_or_default();
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
+        // No undo for an unplug: once asked, the guest may let go at any
+        // time, so the journal keeps it until it has.
+        hp.intend(Pending::Remove { id: dev_id.clone() })?.armed = false;
         self.unplug(&qmp, name, &dev_id).await?;
         qmp.execute_raw("netdev_del", Some(serde_json::json!({"id": dev_id})))
             .await
@@ -220,6 +437,7 @@ impl KvmHypervisor {
         }
         spec.nics.remove(seq);
         hp.save(&spec, Some((&taps, seq)))?;
+        hp.done()?;
         tracing::info!(instance = %name, nic = %dev_id, "NIC removed");
         Ok(())
     }
@@ -247,11 +465,9 @@ impl KvmHypervisor {
             .as_ref()
             .map(|a| a.id.clone())
             .unwrap_or_default();
-        let mut guard = HotplugGuard {
-            paths: paths.clone(),
-            steps: Vec::new(),
-            armed: true,
-        };
+        let mut guard = hp.intend(Pending::AddDisk {
+            disk: spec.disks[seq].clone(),
+        })?;
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
         qmp.execute_raw("blockdev-add", Some(node.qmp_arguments()))
@@ -264,6 +480,7 @@ impl KvmHypervisor {
         guard.steps.push(Undo::DeviceDel(id.clone()));
         hp.save(&spec, None)?;
         guard.armed = false;
+        hp.done()?;
         tracing::info!(instance = %name, disk = %id, "disk added");
         Ok(spec.disks[seq].clone())
     }
@@ -283,6 +500,7 @@ impl KvmHypervisor {
             .unwrap_or_default();
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
+        hp.intend(Pending::Remove { id: dev_id.clone() })?.armed = false;
         self.unplug(&qmp, name, &dev_id).await?;
         qmp.execute_raw(
             "blockdev-del",
@@ -292,6 +510,7 @@ impl KvmHypervisor {
         .map_err(|e| step("blockdev-del")(e.to_string()))?;
         spec.disks.remove(seq);
         hp.save(&spec, None)?;
+        hp.done()?;
         tracing::info!(instance = %name, disk = %dev_id, "disk removed");
         Ok(())
     }
@@ -391,19 +610,110 @@ impl KvmHypervisor {
             self.config.nic_script.as_deref(),
             self.config.nic_down_script.as_deref(),
         );
+        // Interrupted from here, the next operation puts the recorded
+        // (old) settings back.
+        hp.intend(Pending::ModifyNic {
+            nic: spec.nics[seq].clone(),
+        })?
+        .armed = false;
         crate::nic::deconfigure(&old, seq, &tap, down);
         detach_bridge(&old.nics[seq], &tap, up.is_some());
         if let Err(e) = crate::nic::configure(&spec, seq, &tap, up).await {
-            detach_bridge(&spec.nics[seq], &tap, up.is_some());
-            crate::nic::deconfigure(&spec, seq, &tap, down);
-            if let Err(back) = crate::nic::configure(&old, seq, &tap, up).await {
-                tracing::error!(instance = %name, error = %back.report(), "the NIC's old settings could not be restored");
-            }
+            self.restore_nic(&spec, &old, seq, &tap).await;
+            hp.done()?;
             return Err(e);
         }
         hp.save(&spec, Some((&taps, seq)))?;
+        hp.done()?;
         tracing::info!(instance = %name, nic = %id, "NIC modified");
         Ok(spec.nics[seq].clone())
+    }
+
+    /// Settles what an interrupted (killed) hot plug left in the
+    /// instance's journal: a device QEMU holds is recorded, anything short
+    /// of that undone (every hot plug does this first; migration info
+    /// needs it). Nothing to do, and no lock taken, without a journal.
+    pub async fn settle_hotplug(&self, name: &str) -> Result<()> {
+        let paths = self.paths(name)?;
+        if paths
+            .read_hotplug_journal()
+            .map_err(|e| runtime(name, e))?
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.begin(name).await.map(drop)
+    }
+
+    /// Refuses what must not run on a record an interrupted hot plug may
+    /// have left behind QEMU (a pending unplug is fine: the record still
+    /// has the device).
+    pub(crate) fn refuse_unsettled_hotplug(&self, paths: &InstancePaths) -> Result<()> {
+        let name = paths.name.as_str();
+        let Some(data) = paths.read_hotplug_journal().map_err(|e| runtime(name, e))? else {
+            return Ok(());
+        };
+        let settled = serde_json::from_slice::<Vec<Pending>>(&data)
+            .is_ok_and(|e| e.iter().all(|e| matches!(e, Pending::Remove { .. })));
+        if settled {
+            return Ok(());
+        }
+        Err(hotplug_err(name, "settle")(format!(
+            "an interrupted hot plug is not settled ({}); settle it first \
+             (settle_hotplug, or any gkvm hot plug command)",
+            paths.hotplug.display()
+        )))
+    }
+
+    /// At stop or cleanup: the teardown of NIC settings only the journal
+    /// knows (a NIC whose hot plug or change was interrupted), beside the
+    /// recorded ones'.
+    pub(crate) fn teardown_journal(
+        &self,
+        paths: &InstancePaths,
+        spec: &InstanceSpec,
+        taps: &[String],
+    ) {
+        let Ok(Some(data)) = paths.read_hotplug_journal() else {
+            return;
+        };
+        let Ok(entries) = serde_json::from_slice::<Vec<Pending>>(&data) else {
+            return;
+        };
+        let down = self.config.nic_down_script.as_deref();
+        for entry in entries {
+            match entry {
+                Pending::AddNic { nic, tap, .. } if !taps.contains(&tap) => {
+                    let mut with = spec.clone();
+                    with.nics.push(nic);
+                    crate::nic::deconfigure(&with, with.nics.len() - 1, &tap, down);
+                }
+                Pending::ModifyNic { nic } => {
+                    let id = device_id(nic.address.as_ref());
+                    let seq = position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id);
+                    if let Some((seq, tap)) = seq.and_then(|i| Some((i, taps.get(i)?))) {
+                        let mut with = spec.clone();
+                        with.nics[seq] = nic;
+                        crate::nic::deconfigure(&with, seq, tap, down);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Puts NIC `seq`'s TAP back from the settings of `new` to those of
+    /// `old`.
+    async fn restore_nic(&self, new: &InstanceSpec, old: &InstanceSpec, seq: usize, tap: &str) {
+        let (up, down) = (
+            self.config.nic_script.as_deref(),
+            self.config.nic_down_script.as_deref(),
+        );
+        detach_bridge(&new.nics[seq], tap, up.is_some());
+        crate::nic::deconfigure(new, seq, tap, down);
+        if let Err(back) = crate::nic::configure(old, seq, tap, up).await {
+            tracing::error!(instance = %old.name, error = %back.report(), "the NIC's old settings could not be restored");
+        }
     }
 
     /// Whether devices can be hot-plugged into this running instance
@@ -428,14 +738,44 @@ impl KvmHypervisor {
     }
 }
 
-/// An instance being hot plugged: its lock held, its record as read.
+/// An instance being hot plugged: its lock held, its record as read, its
+/// journal.
 struct Hotplug {
     paths: InstancePaths,
     _lock: kvm_runtime::InstanceLock,
     record: kvm_runtime::RuntimeRecord,
+    journal: Vec<Pending>,
 }
 
 impl Hotplug {
+    /// Notes in the journal what is about to be done, before QEMU or the
+    /// node is touched; the guard returned puts the journal back if the
+    /// hot plug fails or is dropped.
+    fn intend(&mut self, entry: Pending) -> Result<HotplugGuard> {
+        let journal_before = self.journal.clone();
+        self.journal.retain(|e| *e != entry);
+        self.journal.push(entry);
+        self.write_journal()?;
+        Ok(HotplugGuard {
+            paths: self.paths.clone(),
+            steps: Vec::new(),
+            armed: true,
+            journal_before,
+        })
+    }
+
+    /// Takes the last entry out of the journal: its outcome is recorded.
+    fn done(&mut self) -> Result<()> {
+        self.journal.pop();
+        self.write_journal()
+    }
+
+    fn write_journal(&self) -> Result<()> {
+        self.paths
+            .write_hotplug_journal(journal_bytes(&self.journal).as_deref())
+            .map_err(|e| runtime(&self.paths.name, e))
+    }
+
     /// Writes the instance's new definition into its runtime record and,
     /// when NICs changed from index `first` on, their TAPs into the NIC
     /// records (only those from `first`).
@@ -523,10 +863,20 @@ fn find_device<'a>(
     id: &str,
 ) -> Option<usize> {
     let count = addresses.len();
-    let mut addresses = addresses;
-    addresses
-        .position(|a| a.is_some_and(|a| a.id == id))
-        .or_else(|| id.parse::<usize>().ok().filter(|&i| i < count))
+    position_of(addresses, id).or_else(|| id.parse::<usize>().ok().filter(|&i| i < count))
+}
+
+/// The position of the device whose id is exactly `id`.
+fn position_of<'a>(
+    mut addresses: impl Iterator<Item = Option<&'a kvm_cmdline::DeviceAddress>>,
+    id: &str,
+) -> Option<usize> {
+    addresses.position(|a| a.is_some_and(|a| a.id == id))
+}
+
+/// A placed device's id.
+fn device_id(address: Option<&kvm_cmdline::DeviceAddress>) -> String {
+    address.map(|a| a.id.clone()).unwrap_or_default()
 }
 
 fn runtime(name: &str, source: kvm_runtime::Error) -> Error {

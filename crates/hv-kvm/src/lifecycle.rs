@@ -357,15 +357,13 @@ impl KvmHypervisor {
         let Ok(taps) = paths.read_nics() else {
             return;
         };
-        if taps.is_empty() {
-            return;
-        }
         let Ok(Some(spec)) = self.saved_spec(paths) else {
             return;
         };
         for (i, tap) in taps.iter().enumerate() {
             crate::nic::deconfigure(&spec, i, tap, self.config.nic_down_script.as_deref());
         }
+        self.teardown_journal(paths, &spec, &taps);
     }
 
     /// Clears leftovers but keeps the (held) lock file.

@@ -208,9 +208,14 @@ impl KvmHypervisor {
     /// the node's migration key when one is configured
     /// ([`crate::Config::migration_key`]), so the destination can tell it
     /// was not edited on the way.
+    ///
+    /// Refused while an interrupted hot plug is unsettled (the record may
+    /// lack a device QEMU has): [`Self::settle_hotplug`] first, as
+    /// [`crate::Request::MigrationInfo`] does.
     pub fn migration_info(&self, name: &str) -> Result<String> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
+        self.refuse_unsettled_hotplug(&paths)?;
         let record = paths
             .read_runtime()
             .map_err(|e| Error::Runtime {

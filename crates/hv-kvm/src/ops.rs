@@ -349,6 +349,7 @@ impl KvmHypervisor {
                 Response::Capabilities(self.capabilities(&path).await?)
             }
             R::MigrationInfo { instance } => {
+                self.settle_hotplug(&instance).await?;
                 Response::MigrationInfo(self.migration_info(&instance)?)
             }
             R::Receive {

@@ -84,6 +84,7 @@ impl RunDir {
             guest_agent: ctrl.join(format!("{name}.qga")),
             lock: ctrl.join(format!("{name}.lock")),
             runtime: self.root.join("conf").join(format!("{name}.runtime")),
+            hotplug: self.root.join("conf").join(format!("{name}.hotplug")),
             nic_dir: self.root.join("nic").join(name),
             keymap: self.root.join("keymap").join(name),
             chroot: self.root.join("chroot").join(name),
@@ -165,6 +166,10 @@ pub struct InstancePaths {
     pub lock: PathBuf,
     /// `conf/<name>.runtime`: the runtime file.
     pub runtime: PathBuf,
+    /// `conf/<name>.hotplug`: the hot plug journal — what a hot plug was
+    /// doing, written before it touches QEMU and removed once the runtime
+    /// file says the outcome (opaque here).
+    pub hotplug: PathBuf,
     /// `nic/<name>/`: one file per NIC naming its TAP.
     pub nic_dir: PathBuf,
     /// `keymap/<name>`: the VNC keymap file.
@@ -239,6 +244,20 @@ impl InstancePaths {
         Ok(out)
     }
 
+    /// Replaces the hot plug journal (atomic, not durable: it describes a
+    /// running process, as the runtime file does); `None` removes it.
+    pub fn write_hotplug_journal(&self, data: Option<&[u8]>) -> Result<(), Error> {
+        match data {
+            Some(d) => write_atomic_volatile(&self.hotplug, d),
+            None => remove_file(&self.hotplug),
+        }
+    }
+
+    /// The hot plug journal, if there is one (never through a symlink).
+    pub fn read_hotplug_journal(&self) -> Result<Option<Vec<u8>>, Error> {
+        read_nofollow(&self.hotplug)
+    }
+
     /// Writes the keymap file atomically.
     pub fn write_keymap(&self, content: &str) -> Result<(), Error> {
         write_atomic_volatile(&self.keymap, content.as_bytes())
@@ -271,7 +290,7 @@ impl InstancePaths {
         ] {
             remove_socket(s)?;
         }
-        for f in [&self.pid, &self.runtime, &self.keymap] {
+        for f in [&self.pid, &self.runtime, &self.hotplug, &self.keymap] {
             remove_file(f)?;
             remove_tmp_files(f)?;
         }
