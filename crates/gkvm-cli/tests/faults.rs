@@ -1130,6 +1130,28 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
         assert_settled(&node, "kh1", &br, &why);
     }
     eprintln!("killed nic-add outcomes: {outcomes:?}");
+
+    // A tampered journal: garbage, or a symlink planted in its place, is
+    // an error naming it (nothing is guessed); the instance runs on.
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "[]").unwrap();
+    for tamper in ["garbage", "symlink"] {
+        if tamper == "garbage" {
+            std::fs::write(&journal, "{not json").unwrap();
+        } else {
+            std::os::unix::fs::symlink(&secret, &journal).unwrap();
+        }
+        let out = gkvm(&["nic-add", "kh1", "--nic", &nic]).output().unwrap();
+        assert!(!out.status.success(), "{tamper}");
+        assert!(
+            stderr(&out).contains("kh1.hotplug"),
+            "{tamper}: {}",
+            stderr(&out)
+        );
+        assert_eq!(node.state("kh1").as_deref(), Some("paused"), "{tamper}");
+        std::fs::remove_file(&journal).unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "[]");
     ok(&["stop", "kh1", "--force"]);
     node.assert_empty("the end");
     assert_no_tap(&br, "the end");
