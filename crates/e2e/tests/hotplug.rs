@@ -335,3 +335,63 @@ fn a_nic_moves_to_another_bridge_without_an_unplug() {
         hv.stop("hpm1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+#[test]
+fn a_disk_only_root_may_open_is_hot_added_to_a_qemu_that_dropped_root() {
+    let Some(env) = require("hotplug_disk_fdset", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpf");
+    let hv = common::node(dir.path(), &env.qemu);
+    let image = dir.path().join("private.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut spec = common::guestless_spec("hpf1");
+    spec.hvparams.set_pair("security_model=user").unwrap();
+    spec.hvparams.set_pair("security_domain=nobody").unwrap();
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let pid = hv.info("hpf1").await.unwrap().pid;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nobody = sh("id -u nobody");
+        assert!(
+            status.lines().any(
+                |l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(nobody.trim())
+            ),
+            "QEMU does not run as nobody: {status}"
+        );
+        // QEMU (as nobody) cannot open the image; gkvm passes it in a
+        // descriptor set.
+        let placed = hv
+            .disk_add("hpf1", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let id = placed.address.unwrap().id;
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("hpf1")
+            .unwrap();
+        let mut q =
+            gkvm_qmp::blocking::Qmp::connect(&paths.qmp, gkvm_qmp::Options::default()).unwrap();
+        let nodes = q
+            .execute_raw(
+                "query-named-block-nodes",
+                Some(serde_json::json!({"flat": true})),
+            )
+            .unwrap()
+            .to_string();
+        assert!(
+            nodes.contains(&id) && nodes.contains("/dev/fdset/"),
+            "{nodes}"
+        );
+        let sets = q.execute_raw("query-fdsets", None).unwrap().to_string();
+        assert!(sets.contains(&id), "{sets}");
+        drop(q);
+        // It grows through the descriptor.
+        hv.disk_grow("hpf1", &id, 8 << 20).await.unwrap();
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
+        hv.stop("hpf1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

@@ -16,6 +16,7 @@
 //! the journal until it has.
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use gkvm_qmp::commands;
@@ -38,6 +39,8 @@ enum Undo {
     DeviceDel(String),
     /// A block node added.
     BlockdevDel(String),
+    /// A descriptor set added (`add-fd`).
+    RemoveFdset(i64),
     /// A configured NIC (script or native).
     Teardown {
         spec: Box<InstanceSpec>,
@@ -112,6 +115,7 @@ impl Drop for HotplugGuard {
                 Undo::NetdevDel(id) => ("netdev_del", serde_json::json!({"id": id})),
                 Undo::DeviceDel(id) => ("device_del", serde_json::json!({"id": id})),
                 Undo::BlockdevDel(n) => ("blockdev-del", serde_json::json!({"node-name": n})),
+                Undo::RemoveFdset(id) => ("remove-fd", serde_json::json!({"fdset-id": id})),
             };
             if let Some(q) = qmp.as_mut() {
                 if let Err(e) = q.execute_raw(name, Some(args)) {
@@ -262,6 +266,7 @@ impl KvmHypervisor {
                             "blockdev-del",
                             qmp.execute_raw("blockdev-del", Some(args)).await,
                         );
+                        remove_fdsets(&qmp, &id).await;
                     }
                 }
                 Pending::ModifyNic { nic } => {
@@ -309,6 +314,7 @@ impl KvmHypervisor {
                             "blockdev-del",
                             qmp.execute_raw("blockdev-del", Some(args)).await,
                         );
+                        remove_fdsets(&qmp, id).await;
                         spec.disks.remove(seq);
                         changed = true;
                     }
@@ -470,7 +476,31 @@ impl KvmHypervisor {
         })?;
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
-        qmp.execute_raw("blockdev-add", Some(node.qmp_arguments()))
+        let mut node = node.qmp_arguments();
+        if qemu_opens_as_another_user(&spec) && spec.disks[seq].uri.is_none() {
+            // QEMU dropped root at start: gkvm opens the image and QEMU
+            // takes it from a descriptor set (as libvirt does).
+            let disk = &spec.disks[seq];
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(disk.mode != kvm_cmdline::DiskMode::ReadOnly)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+                .open(&disk.path)
+                .map_err(|e| step("open the disk")(format!("{}: {e}", disk.path.display())))?;
+            let set = qmp
+                .run_with_fds(
+                    &commands::AddFd {
+                        fdset_id: None,
+                        opaque: Some(id.clone()),
+                    },
+                    &[file.as_fd()],
+                )
+                .await
+                .map_err(|e| step("add-fd")(e.to_string()))?;
+            guard.steps.push(Undo::RemoveFdset(set.fdset_id));
+            node["file"]["filename"] = format!("/dev/fdset/{}", set.fdset_id).into();
+        }
+        qmp.execute_raw("blockdev-add", Some(node))
             .await
             .map_err(|e| step("blockdev-add")(e.to_string()))?;
         guard.steps.push(Undo::BlockdevDel(id.clone()));
@@ -508,6 +538,7 @@ impl KvmHypervisor {
         )
         .await
         .map_err(|e| step("blockdev-del")(e.to_string()))?;
+        remove_fdsets(&qmp, &dev_id).await;
         spec.disks.remove(seq);
         hp.save(&spec, None)?;
         hp.done()?;
@@ -808,6 +839,33 @@ impl Hotplug {
                 .write_nics_from(taps, first)
                 .map_err(|e| runtime(name, e)),
             None => Ok(()),
+        }
+    }
+}
+
+/// Whether QEMU runs as another user than gkvm (`security_model` user
+/// or pool): it cannot open what only root may once it runs.
+fn qemu_opens_as_another_user(spec: &InstanceSpec) -> bool {
+    spec.hvparams.security_model != kvm_cmdline::hvparams::SecurityModel::None
+}
+
+/// Removes the descriptor sets added for device `id` (their opaque note
+/// says whose they are); none is fine.
+async fn remove_fdsets(qmp: &gkvm_qmp::Qmp, id: &str) {
+    let Ok(sets) = qmp.execute_raw("query-fdsets", None).await else {
+        return;
+    };
+    for set in sets.as_array().into_iter().flatten() {
+        let ours = set["fds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|fd| fd["opaque"].as_str() == Some(id));
+        if let (true, Some(n)) = (ours, set["fdset-id"].as_i64()) {
+            let args = serde_json::json!({ "fdset-id": n });
+            if let Err(e) = qmp.execute_raw("remove-fd", Some(args)).await {
+                tracing::warn!(device = id, fdset = n, error = %e, "remove-fd");
+            }
         }
     }
 }
