@@ -395,3 +395,41 @@ fn a_disk_only_root_may_open_is_hot_added_to_a_qemu_that_dropped_root() {
         hv.stop("hpf1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+#[test]
+fn a_scsi_disk_is_hot_added_to_an_instance_started_without_disks() {
+    let Some(env) = require("hotplug_scsi", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hps");
+    let hv = common::node(dir.path(), &env.qemu);
+    let image = dir.path().join("scsi.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut spec = common::guestless_spec("hps1");
+    spec.hvparams.set_pair("disk_type=scsi").unwrap();
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let placed = hv
+            .disk_add("hps1", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let id = placed.address.unwrap().id;
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("hps1")
+            .unwrap();
+        let mut q = gkvm_qmp::blocking::Qmp::connect(&paths.qmp, gkvm_qmp::Options::default())
+            .unwrap();
+        let dev = q
+            .execute_raw(
+                "qom-get",
+                Some(serde_json::json!({"path": format!("/machine/peripheral/{id}"), "property": "type"})),
+            )
+            .unwrap();
+        assert_eq!(dev, "scsi-hd");
+        drop(q);
+        hv.stop("hps1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

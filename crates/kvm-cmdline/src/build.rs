@@ -240,6 +240,11 @@ pub fn build(
     let mut scsi_controller = false;
     build_disks(&c, &mut a, &mut scsi_controller)?;
     build_cdroms(&c, &mut a, &mut scsi_controller)?;
+    if c.lean() && hv.disk_type == DiskType::Scsi {
+        // Present without SCSI disks too, so that disks can be hot-plugged
+        // (as Ganeti 3.1 adds it whenever disk_type is SCSI).
+        scsi_controller_once(&c, &mut a, &mut scsi_controller)?;
+    }
     build_floppy(&c, &mut a)?;
     build_kernel(&c, &mut a)?;
     if let Some(m) = &hv.mem_path {
