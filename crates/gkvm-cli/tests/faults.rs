@@ -1131,6 +1131,58 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
     }
     eprintln!("killed nic-add outcomes: {outcomes:?}");
 
+    // Two hot plugs at once: the instance's lock serializes them; both
+    // NICs land, at different slots.
+    ok(&["stop", "kh1", "--force"]);
+    ok(&start);
+    let racers: Vec<Child> = (0..2)
+        .map(|_| {
+            gkvm(&["--json", "nic-add", "kh1", "--nic", &nic])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for r in racers {
+        let out = r.wait_with_output().unwrap();
+        assert!(out.status.success(), "racing nic-add: {}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        slots.push(v["pci_slot"].as_u64());
+    }
+    assert_ne!(slots[0], slots[1], "{slots:?}");
+    assert_settled(&node, "kh1", &br, "racing hot plugs");
+    assert_eq!(recorded_nics(&node, "kh1").0.len(), 2);
+
+    // Killed while moving a NIC to another bridge (its up script held):
+    // the next operation puts the recorded settings back.
+    let br2 = Bridge::new("gkvmflh1");
+    let (ids, taps) = recorded_nics(&node, "kh1");
+    std::fs::write(&hold, "").unwrap();
+    let _ = std::fs::remove_file(&inside);
+    let moved = format!("bridge={}", br2.0);
+    let child = gkvm(&["nic-modify", "kh1", &ids[0], "--nic", &moved])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !inside.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(inside.exists(), "the NIC script never ran");
+    signal(&child, libc::SIGKILL);
+    let _ = child.wait_with_output();
+    std::fs::remove_file(&hold).unwrap();
+    assert!(std::fs::read_to_string(&journal)
+        .unwrap()
+        .contains("modify-nic"));
+    ok(&["migration-info", "kh1"]);
+    assert_settled(&node, "kh1", &br, "killed nic-modify");
+    assert!(brif(&br2).is_empty(), "a TAP on the new bridge");
+    assert_eq!(recorded_nics(&node, "kh1").1, taps);
+
     // A tampered journal: garbage, or a symlink planted in its place, is
     // an error naming it (nothing is guessed); the instance runs on.
     let secret = dir.join("secret");
