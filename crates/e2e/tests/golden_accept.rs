@@ -190,6 +190,12 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("chroot")).unwrap();
     std::fs::write(dir.join("keymap"), "include en-us\ninclude de\n").unwrap();
+    std::fs::write(
+        dir.join("events.in"),
+        "{\"execute\":\"qmp_capabilities\"}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("events.out"), "").unwrap();
 
     // TAPs onto the descriptor numbers the golden names.
     let taps: Vec<gkvm_tap::Tap> = v

@@ -905,12 +905,37 @@ fn user_shutdown_keeps_qemu_until_the_next_start() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(alive(first.pid));
+        // QEMU's event log says how: the guest powered off.
+        let info = hv.info("ush1").await.unwrap();
+        assert_eq!(info.cause.as_deref(), Some("guest-shutdown"), "{info:?}");
+        assert!(info.reason.unwrap().contains("powered off"));
         let listed = hv.overview().await.unwrap();
         assert_eq!(listed[0].state, hv_kvm::InstanceState::Shutdown);
-        // Starting it again replaces that QEMU.
-        let second = hv.start(&spec, hv_kvm::StartMode::Running).await.unwrap();
+        // Starting it again replaces that QEMU; with reboot_behavior=exit
+        // a guest reboot ends it too, and is told apart from a poweroff
+        // (Ganeti would call both a user shutdown).
+        let mut exits = spec.clone();
+        exits.hvparams.set_pair("reboot_behavior=exit").unwrap();
+        let second = hv.start(&exits, hv_kvm::StartMode::Paused).await.unwrap();
         assert_ne!(second.pid, first.pid);
         assert!(!alive(first.pid));
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("ush1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        serial.send_line("reboot -f").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let info = loop {
+            let info = hv.info("ush1").await.unwrap();
+            if info.state == hv_kvm::InstanceState::Shutdown {
+                break info;
+            }
+            assert!(Instant::now() < deadline, "the guest never rebooted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(info.cause.as_deref(), Some("guest-reset"), "{info:?}");
+        assert!(info.reason.unwrap().contains("rebooted"));
         hv.stop("ush1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
@@ -1010,7 +1035,12 @@ fn a_guest_poweroff_and_a_killed_qemu_are_reported_until_cleanup() {
         serial.send_line("poweroff -f").unwrap();
         let off = wait_listed(hv, "off1", hv_kvm::InstanceState::Shutdown).await;
         assert_eq!((off.pid, off.memory_mib), (0, 128));
-        assert!(off.reason.unwrap().contains("exited cleanly"));
+        assert_eq!(off.cause.as_deref(), Some("guest-shutdown"), "{off:?}");
+        let reason = off.reason.unwrap();
+        assert!(
+            reason.contains("exited cleanly") && reason.contains("powered off"),
+            "{reason}"
+        );
         let info = hv.info("off1").await.unwrap();
         assert_eq!(info.state, hv_kvm::InstanceState::Shutdown);
         assert_eq!(info.log.as_deref(), Some(hv.instance_log("off1").as_path()));

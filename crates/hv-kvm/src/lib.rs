@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod events;
 mod ganeti_runtime;
 mod guard;
 mod guest_agent;
@@ -297,6 +298,7 @@ pub(crate) fn node_paths(
         guest_agent: p.guest_agent.clone(),
         chroot: p.chroot.clone(),
         keymap: p.keymap.clone(),
+        events: Some(p.events.clone()),
     }
 }
 

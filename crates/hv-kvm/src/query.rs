@@ -82,6 +82,10 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         // removes it): the guest has not run.
         state = InstanceState::Starting;
     }
+    // QEMU kept after its guest ended (`user_shutdown`): how it ended.
+    let ending = (state == InstanceState::Shutdown)
+        .then(|| crate::events::last_ending(&paths))
+        .flatten();
     InstanceInfo {
         name: paths.name.clone(),
         pid,
@@ -89,7 +93,8 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         memory_mib,
         vcpus,
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
-        reason: None,
+        reason: ending.as_ref().map(|e| e.reason.clone()),
+        cause: ending.map(|e| e.cause),
         log: None,
         guest_agent: None,
     }
@@ -137,6 +142,7 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
         vcpus,
         cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
         reason: None,
+        cause: None,
         log: None,
         guest_agent: None,
     }
@@ -166,10 +172,15 @@ fn stopped_info(
     {
         return None;
     }
+    let ending = crate::events::last_ending(paths);
     let (state, reason) = match liveness {
         Liveness::NoPidFile => (
             InstanceState::Shutdown,
-            "QEMU exited cleanly: the guest powered off, or QEMU was told to quit".to_owned(),
+            match &ending {
+                Some(e) => format!("QEMU exited cleanly: {}", e.reason),
+                None => "QEMU exited cleanly: the guest powered off, or QEMU was told to quit"
+                    .to_owned(),
+            },
         ),
         Liveness::Stale { .. } => {
             let last = crate::qemu_log::tail(log, 2);
@@ -185,6 +196,11 @@ fn stopped_info(
     info.state = state;
     info.cpu_time_secs = 0.0;
     info.reason = Some(reason);
+    // A crash's cause only if QEMU said the guest panicked (an earlier
+    // shutdown of a QEMU kept by user_shutdown is not why it died).
+    info.cause = ending
+        .filter(|e| state == InstanceState::Shutdown || e.cause == "guest-panic")
+        .map(|e| e.cause);
     info.log = Some(log.to_owned());
     Some(info)
 }

@@ -228,6 +228,10 @@ impl KvmHypervisor {
         let spec = &built.spec;
         let name = spec.name.as_str();
         let (log_path, log) = self.open_log(name)?;
+        paths.prepare_event_log().map_err(|e| Error::Runtime {
+            instance: name.to_owned(),
+            source: e,
+        })?;
         let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
         process::die_with_parent(&mut std_cmd);
         // Kept open until QEMU has been spawned.

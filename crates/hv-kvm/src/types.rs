@@ -21,9 +21,15 @@ pub struct InstanceInfo {
     pub vcpus: u32,
     /// CPU time QEMU has used, in seconds.
     pub cpu_time_secs: f64,
-    /// Why it is not running, for `shutdown` without a QEMU and `crashed`.
+    /// Why it is not running, for `shutdown` and `crashed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How the guest ended, as QEMU named it in its event log
+    /// (`guest-shutdown`: it powered off; `guest-reset`: it rebooted under
+    /// `reboot_behavior=exit`, which ends the instance; `guest-panic`;
+    /// `host-qmp-quit`; `host-signal`; ...), for `shutdown` and `crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     /// QEMU's log on this node (from `info`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<PathBuf>,

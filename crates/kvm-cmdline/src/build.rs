@@ -80,6 +80,11 @@ pub struct NodePaths {
     /// QEMU's log (`-D`): with it, a daemonized QEMU keeps writing its
     /// messages to its stderr, which the caller points at this file.
     pub log: Option<PathBuf>,
+    /// QEMU's event log (new starts only): a QMP monitor on a pipe
+    /// chardev, reading `PATH.in` (which must say `qmp_capabilities`) and
+    /// writing every event to `PATH.out`; both must exist before the
+    /// launch.
+    pub events: Option<PathBuf>,
 }
 
 /// The descriptors of one NIC as the child will see them: a TAP queue
@@ -1400,8 +1405,21 @@ fn launch_qmp(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
             ),
         );
     }
+    if let (Some(events), true) = (&node.events, c.lean()) {
+        a.opt(
+            "-chardev",
+            format!(
+                "pipe,id={EVENTS_CHARDEV},path={}",
+                opt_path("event log", events)?
+            ),
+        );
+        a.opt("-mon", format!("chardev={EVENTS_CHARDEV},mode=control"));
+    }
     Ok(())
 }
+
+/// The chardev of QEMU's event log ([`NodePaths::events`]).
+pub const EVENTS_CHARDEV: &str = "gkvm-events";
 
 #[cfg(test)]
 mod tests {

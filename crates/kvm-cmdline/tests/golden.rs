@@ -102,6 +102,7 @@ fn argv_for(
             chroot: dir.join("chroot"),
             keymap: dir.join("keymap"),
             log: Some(dir.join("qemu.log")),
+            events: Some(dir.join("events")),
         },
         paused: v.launch.paused,
         daemonize: true,

@@ -165,6 +165,50 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Option<Vec<u8>>, Error> {
     read_open_capped(f, path, max).map(Some)
 }
 
+/// The last `max` bytes of a regular file (whole lines: a line cut by the
+/// start of the window is dropped), never through a symlink; empty when
+/// the file does not exist.
+pub(crate) fn read_tail_nofollow(path: &Path, max: u64) -> Result<Vec<u8>, Error> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(Error::UnexpectedFileType {
+                path: path.to_owned(),
+                expected: "regular file",
+            })
+        }
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::UnexpectedFileType {
+            path: path.to_owned(),
+            expected: "regular file",
+        });
+    }
+    let start = meta.len().saturating_sub(max);
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| Error::io("seek", path, e))?;
+    let mut data = Vec::new();
+    f.take(max)
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io("read", path, e))?;
+    if start > 0 {
+        let cut = data
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |i| i + 1);
+        data.drain(..cut);
+    }
+    Ok(data)
+}
+
 /// Reads an open file of at most `max` bytes (must be a regular file).
 pub fn read_open_capped(f: File, path: &Path, max: u64) -> Result<Vec<u8>, Error> {
     let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;

@@ -83,6 +83,7 @@ impl RunDir {
             qmp_watch: ctrl.join(format!("{name}.qmp-watch")),
             guest_agent: ctrl.join(format!("{name}.qga")),
             lock: ctrl.join(format!("{name}.lock")),
+            events: ctrl.join(format!("{name}.events")),
             runtime: self.root.join("conf").join(format!("{name}.runtime")),
             hotplug: self.root.join("conf").join(format!("{name}.hotplug")),
             nic_dir: self.root.join("nic").join(name),
@@ -164,6 +165,11 @@ pub struct InstancePaths {
     pub guest_agent: PathBuf,
     /// `ctrl/<name>.lock`: the per-instance operation lock.
     pub lock: PathBuf,
+    /// `ctrl/<name>.events`: QEMU's event log, a QMP monitor on a pipe
+    /// chardev whose input is `<name>.events.in` (the negotiation, written
+    /// before QEMU starts) and whose output `<name>.events.out` collects
+    /// every event QEMU sends: how an instance ended, without a daemon.
+    pub events: PathBuf,
     /// `conf/<name>.runtime`: the runtime file.
     pub runtime: PathBuf,
     /// `conf/<name>.hotplug`: the hot plug journal — what a hot plug was
@@ -244,6 +250,38 @@ impl InstancePaths {
         Ok(out)
     }
 
+    /// `ctrl/<name>.events.in`: what QEMU's event monitor reads.
+    pub fn events_in(&self) -> PathBuf {
+        self.ctrl_file("events.in")
+    }
+
+    /// `ctrl/<name>.events.out`: the events QEMU wrote.
+    pub fn events_out(&self) -> PathBuf {
+        self.ctrl_file("events.out")
+    }
+
+    fn ctrl_file(&self, suffix: &str) -> PathBuf {
+        self.events
+            .with_file_name(format!("{}.{suffix}", self.name))
+    }
+
+    /// Prepares QEMU's event log for a new QEMU: the input says
+    /// `qmp_capabilities` (so QEMU sends events), the output is empty.
+    /// Both 0600, never through a symlink.
+    pub fn prepare_event_log(&self) -> Result<(), Error> {
+        if let Some(dir) = self.events.parent() {
+            ensure_private_dir(dir)?;
+        }
+        write_atomic_volatile(&self.events_in(), b"{\"execute\":\"qmp_capabilities\"}\n")?;
+        write_atomic_volatile(&self.events_out(), b"")
+    }
+
+    /// The last events QEMU wrote (at most the last `max` bytes of the
+    /// log, whole lines only); empty without a log.
+    pub fn read_events(&self, max: u64) -> Result<Vec<u8>, Error> {
+        crate::fsutil::read_tail_nofollow(&self.events_out(), max)
+    }
+
     /// Replaces the hot plug journal (atomic, not durable: it describes a
     /// running process, as the runtime file does); `None` removes it.
     pub fn write_hotplug_journal(&self, data: Option<&[u8]>) -> Result<(), Error> {
@@ -290,7 +328,15 @@ impl InstancePaths {
         ] {
             remove_socket(s)?;
         }
-        for f in [&self.pid, &self.runtime, &self.hotplug, &self.keymap] {
+        let (events_in, events_out) = (self.events_in(), self.events_out());
+        for f in [
+            &self.pid,
+            &self.runtime,
+            &self.hotplug,
+            &self.keymap,
+            &events_in,
+            &events_out,
+        ] {
             remove_file(f)?;
             remove_tmp_files(f)?;
         }
