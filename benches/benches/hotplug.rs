@@ -89,6 +89,12 @@ fn main() {
         for sub in ["pid", "ctrl", "log"] {
             std::fs::create_dir_all(bare.join(sub)).unwrap();
         }
+        // The files gkvm prepares before a launch (its event log).
+        RunDir::new(&bare)
+            .instance("bh1")
+            .unwrap()
+            .prepare_event_log()
+            .unwrap();
         let st = std::process::Command::new(&argv[0])
             .args(&argv[1..])
             .stderr(std::process::Stdio::null())

@@ -61,6 +61,8 @@ fn main() {
     let bare_paths = RunDir::new(&bare_run).instance("bare1").unwrap();
     let mut bare_kills = Vec::new();
     let bare = measure(N, 0, || {
+        // The files gkvm prepares before a launch (its event log).
+        bare_paths.prepare_event_log().unwrap();
         let st = std::process::Command::new(&plan.argv[0])
             .args(&plan.argv[1..])
             .stderr(std::process::Stdio::null())

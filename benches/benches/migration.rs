@@ -249,6 +249,12 @@ fn main() {
         for sub in ["pid", "ctrl", "log"] {
             std::fs::create_dir_all(bare_dir.path().join(tag).join(sub)).unwrap();
         }
+        // The files gkvm prepares before a launch (its event log).
+        hv_kvm::RunDir::new(bare_dir.path().join(tag))
+            .instance("bare1")
+            .unwrap()
+            .prepare_event_log()
+            .unwrap();
     }
     let start = |argv: &[String]| {
         let st = std::process::Command::new(&argv[0])

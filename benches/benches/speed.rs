@@ -220,6 +220,8 @@ fn start_rows(b: &Bench, rt: &tokio::runtime::Runtime, rows: &mut Vec<Row>) {
     // Twice the samples of other rows: QEMU's own start varies by ±10 %
     // from run to run on this host.
     for i in 0..2 * N + 2 {
+        // The files gkvm prepares before a launch (its event log).
+        bare_paths.prepare_event_log().unwrap();
         let t = Instant::now();
         b.bare_start(&argv, &bare_paths.qmp);
         let bare_t = t.elapsed();
