@@ -182,7 +182,14 @@ async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
                     .assess()
                     .into_iter()
                     .map(|w| format!("{}: {}", w.key, w.message))
-                    .collect()
+                    .collect();
+                // Against this node too (Ganeti's ValidateParameters).
+                if let Ok(node) = hypervisor(cli) {
+                    let request = Request::ValidateParams { hvparams: hv };
+                    if let Err(e) = call(&node, request).await {
+                        report.problems.push(e.message);
+                    }
+                }
             }
             Err(e) => report.problems.push(e.to_string()),
         }

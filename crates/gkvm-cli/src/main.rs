@@ -109,7 +109,7 @@ enum Command {
         /// Kill QEMU instead of pressing the power button.
         #[arg(long)]
         force: bool,
-        /// Seconds to wait for the guest to power off.
+        /// Seconds to wait for the guest to power off (0: press the button and return).
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },

@@ -235,6 +235,7 @@ pub(crate) fn stopped(json: bool, name: &str, outcome: &StopOutcome) -> CliResul
     }
     let what = match outcome {
         StopOutcome::PoweredOff => "powered off",
+        StopOutcome::PowerButtonPressed => "got the power button (not waited for)",
         StopOutcome::Killed => "killed",
         StopOutcome::NotRunning => "was not running",
         _ => "stopped",

@@ -24,6 +24,10 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Hypervisor parameters not about any instance are invalid here
+    /// (`validate_params`); the message names the parameter.
+    #[error(transparent)]
+    NodeParams(kvm_cmdline::Error),
     /// The instance definition, hvparams or capabilities do not allow a
     /// command line.
     #[error("instance {instance}")]
@@ -181,7 +185,7 @@ impl Error {
         match self {
             Error::QemuMissing { .. } => "qemu_missing",
             Error::Probe { .. } => "probe",
-            Error::Params { .. } => "params",
+            Error::Params { .. } | Error::NodeParams(_) => "params",
             Error::Runtime {
                 source: kvm_runtime::Error::Busy { .. },
                 ..
@@ -223,7 +227,10 @@ impl Error {
             | Error::Timeout { instance, .. } => {
                 Some(instance.as_str()).filter(|i| !i.starts_with('('))
             }
-            Error::QemuMissing { .. } | Error::Probe { .. } | Error::Io { .. } => None,
+            Error::QemuMissing { .. }
+            | Error::Probe { .. }
+            | Error::Io { .. }
+            | Error::NodeParams(_) => None,
         }
     }
 }

@@ -206,6 +206,21 @@ impl KvmHypervisor {
             .unwrap_or_else(|| spec.hvparams.kvm_path.clone())
     }
 
+    /// Checks hypervisor parameters against this node (Ganeti's
+    /// `ValidateParameters`): syntax first, then the QEMU they name (or
+    /// the node's) and what it supports, users, addresses and files.
+    pub async fn validate_params(&self, hvparams: &HvParams) -> Result<()> {
+        let params = Error::NodeParams;
+        hvparams.check_syntax().map_err(params)?;
+        let mut hv = hvparams.clone();
+        if let Some(p) = &self.config.kvm_path {
+            hv.kvm_path = p.clone();
+        }
+        let caps = self.capabilities(&hv.kvm_path).await?;
+        hv.validate_host(&lifecycle::RealHost, &caps)
+            .map_err(params)
+    }
+
     /// The capabilities of a QEMU binary (cached per binary identity).
     pub async fn capabilities(&self, kvm_path: &std::path::Path) -> Result<Arc<Capabilities>> {
         self.caps.get(kvm_path).await

@@ -23,6 +23,9 @@ use crate::{process, KvmHypervisor};
 pub enum StopOutcome {
     /// The guest powered off after the ACPI power button.
     PoweredOff,
+    /// The ACPI power button was pressed and not waited for (a timeout
+    /// of zero, as Ganeti's non-forced stop: it polls, then forces).
+    PowerButtonPressed,
     /// QEMU was killed.
     Killed,
     /// It was not running (stale files, if any, were removed).
@@ -306,6 +309,10 @@ impl KvmHypervisor {
                     source: e,
                 })?;
             drop(qmp);
+            if timeout.is_zero() {
+                tracing::info!(instance = %name, "power button pressed; not waiting");
+                return Ok(StopOutcome::PowerButtonPressed);
+            }
             if !process::wait_exit(pid, timeout).await {
                 return Err(Error::Timeout {
                     instance: name.clone(),

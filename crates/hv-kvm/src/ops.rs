@@ -29,7 +29,9 @@ pub enum StartMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
     /// Press the ACPI power button and wait up to `timeout` for the guest
-    /// to power off (an instance without ACPI is killed).
+    /// to power off (an instance without ACPI is killed); a zero timeout
+    /// presses it and returns ([`crate::StopOutcome::PowerButtonPressed`]),
+    /// for callers that poll and force later, as Ganeti does.
     Acpi {
         /// How long the guest may take.
         timeout: Duration,
@@ -185,6 +187,13 @@ pub enum Request {
     },
     /// Check the node.
     Verify,
+    /// Check hypervisor parameters against this node (Ganeti's
+    /// `ValidateParameters`): the QEMU they name and what it supports,
+    /// users, addresses, files. Syntax is checked first.
+    ValidateParams {
+        /// The parameters.
+        hvparams: kvm_cmdline::HvParams,
+    },
     /// The command line a start would run, without starting.
     Plan {
         /// The instance definition.
@@ -343,6 +352,7 @@ impl KvmHypervisor {
             R::PowercycleNode { dry_run } => Response::Powercycle(self.powercycle_node(dry_run)?),
             R::Console { instance } => Response::Console(self.console(&instance)?),
             R::Verify => Response::Verify(self.verify().await),
+            R::ValidateParams { hvparams } => done(self.validate_params(&hvparams).await?),
             R::Plan { spec } => Response::Plan(self.plan(&spec).await?),
             R::Capabilities { kvm_path } => {
                 let path = kvm_path.unwrap_or_else(|| self.default_kvm_path());
