@@ -1,0 +1,54 @@
+# Licensed under MIT OR Apache-2.0, like the rest of gkvm.
+"""Makes Ganeti's hypervisor `kvm` gkvm's.
+
+Imported at interpreter start by the `.pth` file `integrations/ganeti/install`
+writes: it costs nothing to a process that never imports Ganeti. When
+`ganeti.hypervisor` is imported, its map of hypervisor classes gets
+`GkvmHypervisor` for `kvm`. Removing the `.pth` file undoes it.
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+
+_TARGET = "ganeti.hypervisor"
+
+
+def _patch(module):
+  from ganeti import constants
+  from gkvm_ganeti.hypervisor import GkvmHypervisor
+  module._HYPERVISOR_MAP[constants.HT_KVM] = GkvmHypervisor
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+  """Finds `ganeti.hypervisor` as usual, and patches it once loaded."""
+
+  def find_spec(self, name, path, target=None):
+    if name != _TARGET:
+      return None
+    sys.meta_path.remove(self)
+    try:
+      spec = importlib.util.find_spec(name)
+    finally:
+      sys.meta_path.insert(0, self)
+    if spec is None or spec.loader is None:
+      return spec
+    loader = spec.loader
+    original = loader.exec_module
+
+    def exec_module(module):
+      original(module)
+      _patch(module)
+
+    loader.exec_module = exec_module
+    return spec
+
+
+def install():
+  if _TARGET in sys.modules:
+    _patch(sys.modules[_TARGET])
+  elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _Finder())
+
+
+install()

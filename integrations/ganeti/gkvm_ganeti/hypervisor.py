@@ -1,0 +1,369 @@
+# Licensed under MIT OR Apache-2.0, like the rest of gkvm.
+"""gkvm as Ganeti 3.1's KVM hypervisor: the hypervisor class.
+
+`GkvmHypervisor` implements Ganeti's hypervisor interface
+(`ganeti.hypervisor.hv_base.BaseHypervisor`) by running the `gkvm` command
+line with `--json` (interface: gkvm's JSON Schemas `schemas/v1`). It maps
+Ganeti's objects (instance, beparams, hvparams, NICs with their nicparams
+and network, disks with their access mode and URIs, tags, uuid, network
+port) onto gkvm's instance definition, and gkvm's answers back onto what
+Ganeti expects. It uses Ganeti's own run directory layout
+(`/var/run/ganeti/kvm-hypervisor`), so instances started by Ganeti's KVM
+driver are adopted as they run.
+
+Why the command line and not bindings of the facade: one `gkvm` process
+costs a few milliseconds (measured by the test suite, see README), the
+same order as Ganeti's own driver's QMP round trips, and it keeps Ganeti's
+Python process free of a native extension that would have to match its
+interpreter; every operation is one versioned JSON document.
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+
+from ganeti import constants
+from ganeti import errors
+from ganeti import objects
+from ganeti.hypervisor import hv_base
+from ganeti.hypervisor import hv_kvm
+
+#: The gkvm JSON interface this plugin speaks (`schemas/v1`), and the gkvm
+#: versions that have it.
+INTERFACE = 1
+SUPPORTED_MAJOR_MINOR = ((0, 1),)
+
+#: Ganeti's KVM run directory: gkvm manages it in the same layout.
+RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
+
+
+class GkvmError(errors.HypervisorError):
+  """gkvm failed; the message is gkvm's (naming the instance, parameter or
+  path)."""
+
+
+def _gkvm_binary():
+  return os.environ.get("GKVM_BIN", "gkvm")
+
+
+def _run_dir():
+  return os.environ.get("GKVM_RUN_DIR", RUN_DIR)
+
+
+def _check_version(binary):
+  """Refuses a gkvm whose JSON interface is not this plugin's."""
+  try:
+    out = subprocess.run([binary, "--version"], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+  except (OSError, subprocess.SubprocessError) as err:
+    raise GkvmError("gkvm (%s) cannot be run: %s" % (binary, err))
+  words = out.split()
+  try:
+    major, minor = (int(x) for x in words[1].split(".")[:2])
+  except (IndexError, ValueError):
+    raise GkvmError("gkvm (%s) printed an unexpected version: %r" %
+                    (binary, out.strip()))
+  if (major, minor) not in SUPPORTED_MAJOR_MINOR:
+    raise GkvmError(
+      "gkvm %s.%s does not speak this plugin's JSON interface v%d (it"
+      " needs gkvm %s); install matching versions of gkvm and its Ganeti"
+      " plugin" % (major, minor, INTERFACE,
+                   " or ".join("%d.%d" % v for v in SUPPORTED_MAJOR_MINOR)))
+  return (major, minor)
+
+
+class Gkvm(object):
+  """The `gkvm` command line, one JSON document per call."""
+
+  _checked = {}
+
+  def __init__(self, binary=None, run_dir=None):
+    self.binary = binary or _gkvm_binary()
+    self.run_dir = run_dir or _run_dir()
+    if self.binary not in Gkvm._checked:
+      Gkvm._checked[self.binary] = _check_version(self.binary)
+
+  def argv(self, args):
+    return [self.binary, "--run-dir", self.run_dir, "--json", "-q"] + args
+
+  def call(self, args, stdin=None, timeout=None, ok_codes=(0,)):
+    """Runs gkvm; returns its JSON answer (None when it printed nothing).
+
+    A failure raises L{GkvmError} with gkvm's own message.
+
+    """
+    try:
+      proc = subprocess.run(self.argv(args), input=stdin, capture_output=True,
+                            text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      raise GkvmError("gkvm %s: no answer within %s s" %
+                      (" ".join(args), timeout))
+    except OSError as err:
+      raise GkvmError("gkvm cannot be run: %s" % err)
+    if proc.returncode not in ok_codes:
+      raise GkvmError(self._message(proc, args))
+    text = proc.stdout.strip()
+    if not text:
+      return None
+    try:
+      return json.loads(text)
+    except ValueError:
+      # JSON Lines (migrate): the last document is the outcome.
+      return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+  @staticmethod
+  def _message(proc, args):
+    err = proc.stderr.strip()
+    for line in reversed(err.splitlines()):
+      try:
+        doc = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(doc, dict) and "message" in doc:
+        return "gkvm %s: %s" % (args[0], doc["message"])
+    return "gkvm %s failed (exit %s): %s" % (args[0], proc.returncode,
+                                             err or "no message")
+
+
+def _nic(nic):
+  """A Ganeti NIC (nicparams filled) as a gkvm NIC."""
+  params = nic.nicparams or {}
+  out = {
+    "mac": nic.mac,
+    "mode": params.get(constants.NIC_MODE, constants.NIC_MODE_BRIDGED),
+    "link": params.get(constants.NIC_LINK, "") or "",
+  }
+  if nic.ip:
+    out["ip"] = nic.ip
+  vlan = params.get(constants.NIC_VLAN)
+  if vlan:
+    out["vlan"] = vlan
+  if nic.uuid:
+    out["uuid"] = nic.uuid
+  if nic.name:
+    out["name"] = nic.name
+  netinfo = getattr(nic, "netinfo", None)
+  if netinfo:
+    net = {"name": netinfo.get("name") or nic.network or ""}
+    for key in ("uuid", "subnet", "gateway", "subnet6", "gateway6",
+                "mac_prefix", "network_type"):
+      if netinfo.get(key):
+        net[key] = netinfo[key]
+    if netinfo.get("tags"):
+      net["tags"] = list(netinfo["tags"])
+    out["network"] = net
+  return out
+
+
+def _disk(block_device):
+  """One of Ganeti's block_devices, (disk, link, uri), as a gkvm disk."""
+  disk, link, uri = (tuple(block_device) + (None, None))[:3]
+  out = {
+    "mode": "ro" if disk.mode == constants.DISK_RDONLY else "rw",
+    "template": disk.dev_type,
+  }
+  access = (disk.params or {}).get(constants.LDP_ACCESS)
+  if uri and access == constants.DISK_USERSPACE:
+    out["uri"] = uri
+  else:
+    out["path"] = link
+  if disk.uuid:
+    out["uuid"] = disk.uuid
+  if disk.name:
+    out["name"] = disk.name
+  return out
+
+
+class GkvmHypervisor(hv_base.BaseHypervisor):
+  """Ganeti's KVM hypervisor, carried out by gkvm."""
+
+  # The same parameters, checks and files as Ganeti's KVM driver: a
+  # cluster's configuration is valid for both.
+  PARAMETERS = hv_kvm.KVMHypervisor.PARAMETERS
+  ANCILLARY_FILES = hv_kvm.KVMHypervisor.ANCILLARY_FILES
+  ANCILLARY_FILES_OPT = hv_kvm.KVMHypervisor.ANCILLARY_FILES_OPT
+  CAN_MIGRATE = True
+
+  def __init__(self):
+    hv_base.BaseHypervisor.__init__(self)
+    self.gkvm = Gkvm()
+
+  # -- the instance definition ---------------------------------------------
+
+  def _spec(self, instance, block_devices, startup_memory=None):
+    be = instance.beparams
+    spec = {
+      "name": instance.name,
+      "memory": be[constants.BE_MAXMEM],
+      "vcpus": be[constants.BE_VCPUS],
+      "tags": sorted(instance.GetTags()),
+      "hvparams": dict(instance.hvparams),
+      "nics": [_nic(n) for n in instance.nics],
+      "disks": [_disk(d) for d in (block_devices or [])],
+    }
+    if instance.uuid:
+      spec["uuid"] = instance.uuid
+    if startup_memory is not None and startup_memory != spec["memory"]:
+      spec["startup_memory"] = startup_memory
+    port = instance.network_port
+    if port is not None:
+      spec["network_port"] = port
+    return spec
+
+  def _with_spec_file(self, spec, fn):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="gkvm-",
+                                     delete=True) as f:
+      json.dump(spec, f)
+      f.flush()
+      return fn(f.name)
+
+  # -- lifecycle -------------------------------------------------------------
+
+  def StartInstance(self, instance, block_devices, startup_paused):
+    spec = self._spec(instance, block_devices,
+                      self._InstanceStartupMemory(instance))
+    args = ["start", "--file"]
+    tail = ["--paused"] if startup_paused else []
+    self._with_spec_file(spec, lambda f: self.gkvm.call(args + [f] + tail))
+
+  def StopInstance(self, instance, force=False, retry=False, name=None,
+                   timeout=None):
+    if name is not None and not force:
+      raise errors.HypervisorError("Cannot shutdown cleanly by name only")
+    name = name or instance.name
+    if force:
+      self.gkvm.call(["stop", name, "--force"])
+    else:
+      # Press the power button and return, as Ganeti's driver does: the
+      # caller polls and forces after its own timeout.
+      self.gkvm.call(["stop", name, "--timeout", "0"])
+
+  def CleanupInstance(self, instance_name):
+    self.gkvm.call(["cleanup", instance_name])
+
+  def RebootInstance(self, instance):
+    # The current configuration: a restart (reboot_behavior=exit) takes
+    # what may change from it, the hardware from the running instance.
+    spec = self._spec(instance, [])
+    self._with_spec_file(
+      spec, lambda f: self.gkvm.call(["reboot", instance.name, "--file", f]))
+
+  def BalloonInstanceMemory(self, instance, mem):
+    self.gkvm.call(["balloon", instance.name, str(mem)])
+
+  # -- queries ---------------------------------------------------------------
+
+  @staticmethod
+  def _info_tuple(doc):
+    """gkvm's info of one instance as Ganeti's (name, id, memory, vcpus,
+    state, times), or None when it does not run."""
+    state = doc.get("state")
+    if doc.get("pid", 0) == 0:
+      return None
+    if state == "shutdown":
+      # QEMU kept after its guest ended (user_shutdown). A reboot under
+      # reboot_behavior=exit is not a user's shutdown: report it gone so
+      # that the cluster restarts it.
+      if doc.get("cause") == "guest-reset":
+        return None
+      hv_state = hv_base.HvInstanceState.SHUTDOWN
+    elif state in ("starting", "incoming", "migrated"):
+      return None
+    else:
+      hv_state = hv_base.HvInstanceState.RUNNING
+    return (doc["name"], doc["pid"], doc.get("memory_mib", 0),
+            doc.get("vcpus", 1), hv_state, doc.get("cpu_time_secs", 0.0))
+
+  def ListInstances(self, hvparams=None):
+    return [d["name"] for d in self.gkvm.call(["list"]) or []
+            if self._info_tuple(d) is not None]
+
+  def GetInstanceInfo(self, instance_name, hvparams=None):
+    try:
+      docs = self.gkvm.call(["info", instance_name])
+    except GkvmError:
+      # Not running here (gkvm names it); Ganeti wants None.
+      if instance_name not in [d["name"] for d in
+                               self.gkvm.call(["list"]) or []]:
+        return None
+      raise
+    for doc in docs or []:
+      if doc.get("name") == instance_name:
+        return self._info_tuple(doc)
+    return None
+
+  def GetAllInstancesInfo(self, hvparams=None):
+    return [t for t in (self._info_tuple(d)
+                        for d in self.gkvm.call(["info"]) or [])
+            if t is not None]
+
+  def GetNodeInfo(self, hvparams=None):
+    result = self.GetLinuxNodeInfo()
+    node = self.gkvm.call(["node-info"]) or {}
+    version = node.get("hv_version")
+    if version:
+      result[constants.HV_NODEINFO_KEY_VERSION] = tuple(version)
+    return result
+
+  @classmethod
+  def GetInstanceConsole(cls, instance, primary_node, node_group,
+                         hvparams, beparams):
+    if hvparams[constants.HV_SERIAL_CONSOLE]:
+      cmd = [_gkvm_binary(), "--run-dir", _run_dir(), "console",
+             instance.name]
+      ndparams = node_group.FillND(primary_node)
+      return objects.InstanceConsole(instance=instance.name,
+                                     kind=constants.CONS_SSH,
+                                     host=primary_node.name,
+                                     port=ndparams.get(constants.ND_SSH_PORT),
+                                     user=constants.SSH_CONSOLE_USER,
+                                     command=cmd)
+    # VNC and SPICE: as Ganeti's driver says them (same ports, addresses).
+    return hv_kvm.KVMHypervisor.GetInstanceConsole(
+      instance, primary_node, node_group, hvparams, beparams)
+
+  def Verify(self, hvparams=None):
+    doc = self.gkvm.call(["verify"], ok_codes=(0, 1)) or {}
+    problems = doc.get("problems") or []
+    return self._FormatVerifyResults(problems)
+
+  # -- parameters --------------------------------------------------------------
+
+  @classmethod
+  def CheckParameterSyntax(cls, hvparams):
+    # Pure checks (run on the master): Ganeti's own, so that a cluster's
+    # configuration is judged exactly as by its KVM driver.
+    hv_kvm.KVMHypervisor.CheckParameterSyntax(hvparams)
+
+  @staticmethod
+  def _hv_args(hvparams):
+    args = []
+    for key, value in sorted(hvparams.items()):
+      if value is None:
+        continue
+      if isinstance(value, bool):
+        value = "true" if value else "false"
+      args += ["-H", "%s=%s" % (key, value)]
+    return args
+
+  @classmethod
+  def ValidateParameters(cls, hvparams):
+    # On the node: gkvm checks what this node has (QEMU, users, addresses,
+    # files the parameters name).
+    doc = Gkvm().call(["verify"] + cls._hv_args(hvparams),
+                      ok_codes=(0, 1)) or {}
+    problems = [p for p in doc.get("problems") or []
+                if "hypervisor parameter" in p]
+    if problems:
+      raise errors.HypervisorError("; ".join(problems))
+
+  @classmethod
+  def AssessParameters(cls, hvparams):
+    doc = Gkvm().call(["verify"] + cls._hv_args(hvparams),
+                      ok_codes=(0, 1)) or {}
+    return list(doc.get("warnings") or [])
+
+  @classmethod
+  def PowercycleNode(cls, hvparams=None):
+    Gkvm().call(["powercycle-node", "--confirm"])

@@ -1,0 +1,319 @@
+# Licensed under MIT OR Apache-2.0, like the rest of gkvm.
+"""The plugin under Ganeti 3.1's own code: its hypervisor conformance
+tests, and the hypervisor call sequence on this node through Ganeti's
+objects, with a real QEMU and the booted test guest (TCG).
+
+Run by `integrations/ganeti/run-tests` (GKVM_BIN, GKVM_GUEST_DIR,
+GANETI_TESTSUITE set there).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import gkvm_ganeti.activate  # noqa: F401  (makes `kvm` the plugin's)
+from ganeti import constants
+from ganeti import hypervisor
+from ganeti import objects
+from ganeti.hypervisor import hv_base
+
+from gkvm_ganeti.hypervisor import GkvmHypervisor
+
+READY = b"gkvm-test-guest: ready"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sh(*argv):
+  subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+
+
+class Serial(object):
+  """The guest's serial console socket."""
+
+  def __init__(self, path, timeout=10):
+    deadline = time.time() + timeout
+    while True:
+      try:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        break
+      except OSError:
+        if time.time() > deadline:
+          raise
+        time.sleep(0.05)
+    self.buf = b""
+
+  def wait_for(self, text, timeout=90):
+    """Waits for `text`; returns what came before it (and drops both)."""
+    deadline = time.time() + timeout
+    while text not in self.buf:
+      self.sock.settimeout(max(0.1, deadline - time.time()))
+      try:
+        chunk = self.sock.recv(4096)
+      except socket.timeout:
+        chunk = b""
+      if not chunk and time.time() > deadline:
+        raise AssertionError("no %r on the console; it said: %r" %
+                             (text, self.buf[-2000:]))
+      self.buf += chunk
+    at = self.buf.index(text)
+    before, self.buf = self.buf[:at], self.buf[at + len(text):]
+    return before
+
+  def run(self, command, marker, timeout=30):
+    """Runs a shell command in the guest; returns its output."""
+    self.sock.sendall(command.encode() + b"; echo " + marker.encode() +
+                      b"-$((6*7))\n")
+    return self.wait_for(("%s-42" % marker).encode(), timeout)
+
+  def close(self):
+    self.sock.close()
+
+
+class TestConformance(unittest.TestCase):
+  """Ganeti's tests that hold for any hypervisor class, with `kvm` the
+  plugin's."""
+
+  def test_ganeti_hypervisor_unittest(self):
+    suite = os.environ["GANETI_TESTSUITE"]
+    script = os.path.join(suite, "test", "py", "legacy",
+                          "ganeti.hypervisor_unittest.py")
+    code = ("import gkvm_ganeti.activate, runpy, sys;"
+            "from ganeti import hypervisor, constants;"
+            "assert hypervisor.GetHypervisorClass(constants.HT_KVM).__name__"
+            " == 'GkvmHypervisor';"
+            "sys.argv = [%r]; runpy.run_path(%r, run_name='__main__')"
+            % (script, script))
+    env = dict(os.environ, TOP_SRCDIR=suite)
+    env["PYTHONPATH"] = os.pathsep.join(
+      [os.path.join(suite, "test", "py", "legacy"), env["PYTHONPATH"]])
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True)
+    self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+    self.assertIn("OK", proc.stderr)
+
+  def test_the_class_is_complete(self):
+    cls = hypervisor.GetHypervisorClass(constants.HT_KVM)
+    self.assertIs(cls, GkvmHypervisor)
+    self.assertEqual(sorted(cls.PARAMETERS),
+                     sorted(constants.HVC_DEFAULTS[constants.HT_KVM]))
+    self.assertTrue(cls.CAN_MIGRATE)
+    # Every operation of Ganeti's interface is the plugin's own (none
+    # falls back to BaseHypervisor's "not implemented").
+    own = ["StartInstance", "StopInstance", "CleanupInstance",
+           "RebootInstance", "ListInstances", "GetInstanceInfo",
+           "GetAllInstancesInfo", "GetNodeInfo", "GetInstanceConsole",
+           "Verify", "BalloonInstanceMemory", "CheckParameterSyntax",
+           "ValidateParameters", "AssessParameters", "PowercycleNode"]
+    for name in own:
+      self.assertIn(name, vars(GkvmHypervisor), name)
+
+
+class TestInstall(unittest.TestCase):
+  """The one installation step, and its undoing."""
+
+  def _kvm_class(self, site):
+    code = ("import site; site.addsitedir(%r);"
+            "from ganeti import hypervisor, constants;"
+            "print(hypervisor.GetHypervisorClass(constants.HT_KVM).__name__)"
+            % site)
+    env = dict(os.environ)
+    # Only Ganeti on the path: the plugin must come from the site dir.
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(
+      os.path.abspath(constants.__file__)))
+    return subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+  def test_install_and_uninstall(self):
+    site = tempfile.mkdtemp(prefix="gkvm-site-")
+    try:
+      script = os.path.join(os.path.dirname(HERE), "install")
+      self.assertEqual(self._kvm_class(site), "KVMHypervisor")
+      subprocess.run([script, "--prefix", site], check=True,
+                     stdout=subprocess.DEVNULL)
+      self.assertEqual(self._kvm_class(site), "GkvmHypervisor")
+      subprocess.run([script, "--uninstall", "--prefix", site], check=True,
+                     stdout=subprocess.DEVNULL)
+      self.assertEqual(self._kvm_class(site), "KVMHypervisor")
+      self.assertEqual(os.listdir(site), [])
+    finally:
+      shutil.rmtree(site, ignore_errors=True)
+
+
+class TestOneNode(unittest.TestCase):
+  """The hypervisor call sequence on this node, as Ganeti's backend makes
+  it, through Ganeti's objects."""
+
+  @classmethod
+  def setUpClass(cls):
+    cls.tmp = tempfile.mkdtemp(prefix="gkvm-gnt-", dir="/tmp")
+    os.environ["GKVM_RUN_DIR"] = os.path.join(cls.tmp, "run")
+    cls.bridge = "gkvmgnt%d" % (os.getpid() % 1000)
+    _sh("ip", "link", "add", cls.bridge, "type", "bridge")
+    _sh("ip", "link", "set", cls.bridge, "up")
+    cls.hv = GkvmHypervisor()
+
+  @classmethod
+  def tearDownClass(cls):
+    subprocess.run(["ip", "link", "del", cls.bridge],
+                   stderr=subprocess.DEVNULL)
+    # Nothing may be left running.
+    for name in cls.hv.ListInstances():
+      cls.hv.StopInstance(None, force=True, name=name)
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+
+  def _instance(self, name, **hv):
+    guest = os.environ["GKVM_GUEST_DIR"]
+    with open(os.path.join(guest, "cmdline")) as f:
+      cmdline = f.read().replace("console=ttyS0", "").strip()
+    hvparams = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
+    hvparams.update({
+      constants.HV_KERNEL_PATH: os.path.join(guest, "vmlinux"),
+      constants.HV_INITRD_PATH: os.path.join(guest, "initramfs.cpio.gz"),
+      constants.HV_ROOT_PATH: "/dev/ram0",
+      constants.HV_KERNEL_ARGS: cmdline,
+      constants.HV_SERIAL_SPEED: 115200,
+      constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED,
+      constants.HV_VNC_BIND_ADDRESS: "",
+      constants.HV_BOOT_ORDER: constants.HT_BO_DISK,
+      # This machine has no /dev/vhost-net (Ganeti 3.1's default is on).
+      constants.HV_VHOST_NET: False,
+    })
+    hvparams.update(hv)
+    beparams = {constants.BE_MAXMEM: 128, constants.BE_MINMEM: 128,
+                constants.BE_VCPUS: 1, constants.BE_AUTO_BALANCE: True,
+                constants.BE_ALWAYS_FAILOVER: False,
+                constants.BE_SPINDLE_USE: 1}
+    nic = objects.NIC(mac="52:54:00:47:4e:01", ip=None,
+                      uuid="6b1f2a8e-7a5d-4f0e-9d3c-1c2b3a4d5e6f",
+                      name="eth0",
+                      nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                                 constants.NIC_LINK: self.bridge,
+                                 constants.NIC_VLAN: ""})
+    inst = objects.Instance(name=name, primary_node="node1-uuid",
+                            uuid="0d7d3c2e-4f5a-4b6c-8d9e-0a1b2c3d4e5f",
+                            os="noop", hypervisor=constants.HT_KVM,
+                            hvparams=hvparams, beparams=beparams,
+                            nics=[nic], disks=[], disks_info=[],
+                            admin_state=constants.ADMINST_UP,
+                            network_port=None, tags=set(["gkvm-test"]))
+    return inst
+
+  def _disk(self, size_mib=4):
+    path = os.path.join(self.tmp, "disk0.img")
+    with open(path, "wb") as f:
+      f.write(b"gkvm-ganeti-disk")
+      f.truncate(size_mib << 20)
+    disk = objects.Disk(dev_type=constants.DT_FILE, size=size_mib,
+                        mode=constants.DISK_RDWR, logical_id=("loop", path),
+                        uuid="9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+                        name="disk0", params={})
+    return [(disk, path, None)]
+
+  def _wait_gone(self, name, timeout=60):
+    deadline = time.time() + timeout
+    while self.hv.GetInstanceInfo(name) is not None:
+      self.assertLess(time.time(), deadline, "%s never stopped" % name)
+      time.sleep(0.2)
+
+  def test_start_info_console_balloon_reboot_stop_cleanup(self):
+    inst = self._instance("gnt1")
+    hv = self.hv
+    hv.StartInstance(inst, self._disk(), True)
+    serial = Serial(os.path.join(os.environ["GKVM_RUN_DIR"], "ctrl",
+                                 "gnt1.serial"))
+    info = hv.GetInstanceInfo("gnt1")
+    self.assertEqual(info[0], "gnt1")
+    self.assertGreater(info[1], 0)
+    self.assertEqual((info[2], info[3]), (128, 1))
+    self.assertEqual(info[4], hv_base.HvInstanceState.RUNNING)
+    self.assertIn("gnt1", hv.ListInstances())
+    # Started paused: resumed as Ganeti does (through the same QMP).
+    subprocess.run([os.environ["GKVM_BIN"], "resume", "gnt1"], check=True,
+                   stdout=subprocess.DEVNULL)
+    serial.wait_for(READY)
+    # The disk and the NIC as the guest sees them.
+    out = serial.run("dd if=/dev/vda bs=16 count=1 2>/dev/null; echo; "
+                     "cat /sys/class/net/eth0/address", "disk")
+    self.assertIn(b"gkvm-ganeti-disk", out)
+    self.assertIn(b"52:54:00:47:4e:01", out)
+    # The TAP is on the bridge.
+    self.assertEqual(len(os.listdir("/sys/class/net/%s/brif" % self.bridge)),
+                     1)
+
+    all_info = hv.GetAllInstancesInfo()
+    self.assertEqual([t[0] for t in all_info], ["gnt1"])
+    node = hv.GetNodeInfo()
+    for key in ("memory_total", "memory_free", "cpu_total", "hv_version"):
+      self.assertIn(key, node)
+
+    group = objects.NodeGroup(name="default", ndparams={})
+    pnode = objects.Node(name="node1", uuid="node1-uuid", ndparams={})
+    console = GkvmHypervisor.GetInstanceConsole(
+      inst, pnode, group, inst.hvparams, inst.beparams)
+    console.Validate()
+    self.assertEqual(console.kind, constants.CONS_SSH)
+    self.assertEqual(console.command[-2:], ["console", "gnt1"])
+
+    hv.BalloonInstanceMemory(inst, 96)
+    deadline = time.time() + 30
+    while hv.GetInstanceInfo("gnt1")[2] != 96:
+      self.assertLess(time.time(), deadline, "balloon never got to 96 MiB")
+      time.sleep(0.2)
+
+    # Reboot in place (reboot_behavior=reboot): the guest boots again.
+    hv.RebootInstance(inst)
+    serial.wait_for(READY)
+    self.assertEqual(hv.GetInstanceInfo("gnt1")[4],
+                     hv_base.HvInstanceState.RUNNING)
+
+    # An ACPI stop (not forced): the power button, then Ganeti polls.
+    hv.StopInstance(inst)
+    self._wait_gone("gnt1")
+    self.assertNotIn("gnt1", hv.ListInstances())
+    hv.CleanupInstance("gnt1")
+    serial.close()
+    self.assertEqual(os.listdir("/sys/class/net/%s/brif" % self.bridge), [])
+
+    # Started again and forced off.
+    hv.StartInstance(inst, self._disk(), False)
+    self.assertEqual(hv.GetInstanceInfo("gnt1")[4],
+                     hv_base.HvInstanceState.RUNNING)
+    hv.StopInstance(inst, force=True)
+    self.assertIsNone(hv.GetInstanceInfo("gnt1"))
+    hv.CleanupInstance("gnt1")
+    self.assertEqual(hv.ListInstances(), [])
+
+  def test_parameters_are_checked_on_the_node(self):
+    good = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
+    # Ganeti's default kernel (/boot/vmlinuz-3-kvmU) is not on this node;
+    # Ganeti's own driver refuses it here too.
+    good[constants.HV_KERNEL_PATH] = ""
+    good[constants.HV_INITRD_PATH] = ""
+    good[constants.HV_VHOST_NET] = False
+    GkvmHypervisor.CheckParameterSyntax(good)
+    GkvmHypervisor.ValidateParameters(good)
+    bad = dict(good)
+    bad[constants.HV_SECURITY_MODEL] = constants.HT_SM_USER
+    bad[constants.HV_SECURITY_DOMAIN] = "no-such-user-gkvm"
+    with self.assertRaises(Exception) as ctx:
+      GkvmHypervisor.ValidateParameters(bad)
+    self.assertIn("no-such-user-gkvm", str(ctx.exception))
+    warnings = GkvmHypervisor.AssessParameters(good)
+    self.assertTrue(any("cpu_type" in w for w in warnings), warnings)
+
+  def test_a_stop_of_an_instance_that_does_not_run(self):
+    self.assertIsNone(self.hv.GetInstanceInfo("gnt-none"))
+    self.hv.StopInstance(None, force=True, name="gnt-none")
+    self.hv.CleanupInstance("gnt-none")
+
+
+if __name__ == "__main__":
+  unittest.main()
