@@ -78,8 +78,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
         Command::NicModify { name, id, nic } => {
-            let nic =
-                hv_kvm::NicSpec::parse_option(nic, name, 0).map_err(|e| usage(e.to_string()))?;
+            let nic = nic_option(nic, name)?;
             let request = Request::NicModify {
                 instance: name.clone(),
                 id: id.clone(),
@@ -100,6 +99,14 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             render::done(c.json, op, &format!("disk {id} removed"))
         }
         Command::DiskGrow { name, id, size } => disk_grow(c, name, id, size).await,
+        Command::HotplugSupported { name } => {
+            let request = Request::HotplugSupported {
+                instance: name.clone(),
+            };
+            call(&hypervisor(c)?, request).await?;
+            let op = Operation::new(name, "hotplug-supported");
+            render::done(c.json, op, &format!("{name}: devices can be hot-plugged"))
+        }
         Command::NodeInfo => node_info(c).await,
         Command::Console { name } => attach_console(c, name).await,
         Command::ConsoleInfo { name } => console_info(c, name).await,
@@ -111,8 +118,48 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             listen,
             timeout,
             hvparams,
-        } => accept(c, info, listen, *timeout, hvparams).await,
-        Command::Migrate { name, to, non_live } => migrate(c, name, to, *non_live).await,
+            no_wait,
+            current,
+        } => {
+            let opts = AcceptOpts {
+                timeout: *timeout,
+                no_wait: *no_wait,
+                current: current.as_deref(),
+            };
+            accept(c, info, listen, hvparams, opts).await
+        }
+        Command::Migrate {
+            name,
+            to,
+            non_live,
+            no_finalize,
+        } => migrate(c, name, to, *non_live, *no_finalize).await,
+        Command::FinalizeMigration {
+            name,
+            source,
+            failed,
+            ..
+        } => {
+            let outcome = if *failed {
+                hv_kvm::MigrationOutcome::Failed
+            } else {
+                hv_kvm::MigrationOutcome::Completed
+            };
+            let request = if *source {
+                Request::FinalizeSource {
+                    instance: name.clone(),
+                    outcome,
+                }
+            } else {
+                Request::FinalizeDestination {
+                    instance: name.clone(),
+                    outcome,
+                }
+            };
+            call(&hypervisor(c)?, request).await?;
+            let op = Operation::new(name, "finalize-migration");
+            render::done(c.json, op, "migration finalized")
+        }
         Command::MigrationStatus { name } => migration_status(c, name).await,
         Command::MigrateCancel { name } => {
             simple(
@@ -330,10 +377,11 @@ async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
 }
 
 async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
-    let mut nic = hv_kvm::NicSpec::parse_option(text, name, 0).map_err(|e| usage(e.to_string()))?;
-    if !text
-        .split(',')
-        .any(|kv| kv.trim_start().starts_with("mac="))
+    let mut nic = nic_option(text, name)?;
+    if !is_json(text)
+        && !text
+            .split(',')
+            .any(|kv| kv.trim_start().starts_with("mac="))
     {
         // Made up: 24 random bits under QEMU's prefix (the instance's own
         // NICs' flag-made MACs come from its name, and a hot-added NIC
@@ -381,10 +429,26 @@ async fn nic_remove(cli: &Cli, name: &str, id: &str) -> CliResult {
     render::done(cli.json, op, &format!("NIC {id} removed"))
 }
 
+/// Whether a --nic or --disk value is a JSON object.
+fn is_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
+/// A --nic value: the text form, or a NIC of the JSON definition.
+fn nic_option(text: &str, instance: &str) -> Result<hv_kvm::NicSpec, Failure> {
+    if is_json(text) {
+        return serde_json::from_str(text).map_err(|e| usage(format!("--nic (JSON): {e}")));
+    }
+    hv_kvm::NicSpec::parse_option(text, instance, 0).map_err(|e| usage(e.to_string()))
+}
+
 async fn disk_add(cli: &Cli, name: &str, text: &str) -> CliResult {
-    let disk: hv_kvm::DiskSpec = text
-        .parse()
-        .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?;
+    let disk: hv_kvm::DiskSpec = if is_json(text) {
+        serde_json::from_str(text).map_err(|e| usage(format!("--disk (JSON): {e}")))?
+    } else {
+        text.parse()
+            .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?
+    };
     let request = Request::DiskAdd {
         instance: name.to_owned(),
         disk,
@@ -481,18 +545,46 @@ fn node_hvparams(hv: &mut KvmHypervisor, hvparams: &[String]) -> CliResult {
     Ok(())
 }
 
+/// `accept`'s choices beyond where to listen.
+struct AcceptOpts<'a> {
+    timeout: u64,
+    no_wait: bool,
+    current: Option<&'a Path>,
+}
+
 async fn accept(
     cli: &Cli,
     info: &Path,
     listen: &str,
-    timeout: u64,
     hvparams: &[String],
+    opts: AcceptOpts<'_>,
 ) -> CliResult {
     let (address, port) = split_host_port(listen)?;
     let info = read_file(info, "migration info")?;
     let mut hv = hypervisor(cli)?;
     node_hvparams(&mut hv, hvparams)?;
     let port = hv.port_for_info(&info, port)?;
+    let timeout = opts.timeout;
+    if opts.no_wait || opts.current.is_some() {
+        let config = match opts.current {
+            Some(f) => Some(load_instance(f)?.hvparams),
+            None => None,
+        };
+        let request = Request::AcceptInstance {
+            info,
+            address,
+            port: Some(port),
+            config,
+        };
+        return match call(&hv, request).await? {
+            Response::Started(report) => render::done(
+                cli.json,
+                Operation::new(&report.name, "accept"),
+                "waits for its migration",
+            ),
+            other => Err(unexpected(&other)),
+        };
+    }
     if !cli.json && !cli.quiet {
         errln!(
             "waiting for the migration on {}",
@@ -530,7 +622,7 @@ fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
     })
 }
 
-async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool) -> CliResult {
+async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool, no_finalize: bool) -> CliResult {
     let (target, port) = split_host_port(to)?;
     let hv = hypervisor(cli)?;
     let json = cli.json;
@@ -547,15 +639,25 @@ async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool) -> CliResult {
             write_error = render::migration_progress_line(s).err();
         }
     };
-    let request = Request::Migrate {
-        instance: name.to_owned(),
-        target,
-        port,
-        mode: if non_live {
-            MigrationMode::Offline
-        } else {
-            MigrationMode::Live
-        },
+    let mode = if non_live {
+        MigrationMode::Offline
+    } else {
+        MigrationMode::Live
+    };
+    let request = if no_finalize {
+        Request::MigrateInstance {
+            instance: name.to_owned(),
+            target,
+            port,
+            mode,
+        }
+    } else {
+        Request::Migrate {
+            instance: name.to_owned(),
+            target,
+            port,
+            mode,
+        }
     };
     let result = hv.handle_with_progress(request, &mut progress).await;
     if let Some(b) = &bar {

@@ -156,7 +156,8 @@ enum Command {
         name: String,
         /// The NIC, as start's --nic: bridge=BR | routed=TABLE,ip=A |
         /// ovs=SWITCH | ext=LINK, with ,mac=..,vlan=.. (a MAC is made up
-        /// when none is given).
+        /// when none is given); or a NIC of the JSON instance definition
+        /// (`{"mac": .., "mode": .., "link": .., "uuid": ..}`).
         #[arg(long, value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
         nic: String,
     },
@@ -167,7 +168,7 @@ enum Command {
         name: String,
         /// The NIC's device id or index.
         id: String,
-        /// The new connection, as --nic (its MAC is kept).
+        /// The new connection, as --nic, text or JSON (its MAC is kept).
         #[arg(long, value_name = "MODE=LINK[,ip=A][,vlan=V]")]
         nic: String,
     },
@@ -184,7 +185,9 @@ enum Command {
     DiskAdd {
         /// The instance.
         name: String,
-        /// The disk, as start's --disk: PATH[:ro] or a storage URI.
+        /// The disk, as start's --disk: PATH[:ro] or a storage URI; or a
+        /// disk of the JSON instance definition (`{"path": .., "mode":
+        /// "ro", "uuid": ..}`).
         #[arg(long, value_name = "PATH[:ro]")]
         disk: String,
     },
@@ -205,6 +208,12 @@ enum Command {
         id: String,
         /// The new size: bytes, or with K, M, G or T (powers of 1024).
         size: String,
+    },
+    /// Check that devices can be hot-plugged into a running instance
+    /// (exit 0), or say why not.
+    HotplugSupported {
+        /// The instance.
+        name: String,
     },
     /// Show the node's memory, CPUs and QEMU version.
     NodeInfo,
@@ -260,6 +269,15 @@ enum Command {
         /// (repeatable); any other value in the file is refused.
         #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
         hvparams: Vec<String>,
+        /// Return once QEMU listens (Ganeti's AcceptInstance); then
+        /// `finalize-migration NAME --destination`.
+        #[arg(long)]
+        no_wait: bool,
+        /// The cluster's current definition of the instance (JSON, as
+        /// `start --file`): what may change on a move (keymap, password
+        /// files, chroot, security) comes from it.
+        #[arg(long, value_name = "FILE")]
+        current: Option<PathBuf>,
     },
     /// Live-migrate an instance to a node where `gkvm accept` waits.
     Migrate {
@@ -272,6 +290,31 @@ enum Command {
         /// Pause the guest for the whole transfer.
         #[arg(long)]
         non_live: bool,
+        /// Leave the source for `finalize-migration NAME --source` (Ganeti's
+        /// MigrateInstance): it stays, never to run again if the
+        /// migration completed.
+        #[arg(long)]
+        no_finalize: bool,
+    },
+    /// Ganeti's last migration step, on either side: the source is stopped
+    /// (completed) or runs again (failed); the destination runs (completed)
+    /// or is removed (failed).
+    FinalizeMigration {
+        /// The instance.
+        name: String,
+        /// This is the source.
+        #[arg(
+            long,
+            conflicts_with = "destination",
+            required_unless_present = "destination"
+        )]
+        source: bool,
+        /// This is the destination.
+        #[arg(long)]
+        destination: bool,
+        /// The migration failed (default: it completed).
+        #[arg(long)]
+        failed: bool,
     },
     /// Show the migration of an instance now.
     MigrationStatus {
@@ -324,6 +367,7 @@ impl Command {
             Command::NicRemove { name, .. } => ("nic-remove", Some(name)),
             Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
             Command::Accept { .. } => ("accept", None),
+            Command::FinalizeMigration { name, .. } => ("finalize-migration", Some(name)),
             Command::Demo { .. } => ("demo", None),
             _ => ("the command", None),
         };

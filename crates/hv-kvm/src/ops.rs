@@ -157,6 +157,13 @@ pub enum Request {
         /// Its new size in bytes.
         bytes: u64,
     },
+    /// Whether devices can be hot-plugged into a running instance
+    /// ([`KvmHypervisor::hotplug_supported`]): done, or an error saying
+    /// why not.
+    HotplugSupported {
+        /// The instance.
+        instance: String,
+    },
     /// Remove what a stopped instance left ([`KvmHypervisor::cleanup`]).
     Cleanup {
         /// The instance.
@@ -255,6 +262,19 @@ pub enum Request {
         /// [`KvmHypervisor::incoming_spec_with`]).
         config: Option<crate::HvParams>,
     },
+    /// Source, Ganeti's middle step: migrate, without finalizing the
+    /// source ([`KvmHypervisor::migrate`]): on success the source QEMU
+    /// stays, handed over, until [`Request::FinalizeSource`].
+    MigrateInstance {
+        /// The instance.
+        instance: String,
+        /// The destination's address.
+        target: String,
+        /// The destination's port; `None`: the instance's `migration_port`.
+        port: Option<u16>,
+        /// Live or offline.
+        mode: MigrationMode,
+    },
     /// Destination, Ganeti's last step.
     FinalizeDestination {
         /// The instance.
@@ -329,6 +349,7 @@ impl KvmHypervisor {
             R::Resume { instance } => done(self.resume(&instance).await?),
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
+            R::HotplugSupported { instance } => done(self.hotplug_supported(&instance).await?),
             R::NicAdd { instance, nic } => {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))
             }
@@ -396,6 +417,18 @@ impl KvmHypervisor {
                 let port = self.port_for_info(&info, port)?;
                 Response::Started(
                     self.accept_instance_with(&info, &address, port, config.as_ref())
+                        .await?,
+                )
+            }
+            R::MigrateInstance {
+                instance,
+                target,
+                port,
+                mode,
+            } => {
+                let port = self.port_for_instance(&instance, port)?;
+                Response::Migration(
+                    self.migrate(&instance, &target, port, mode, progress)
                         .await?,
                 )
             }

@@ -22,10 +22,11 @@ pub fn is_valid_device_id(id: &str) -> bool {
 /// name, which QEMU keeps in 31 bytes.
 const MAX_DERIVED_ID: usize = 31;
 
-/// A device's id from the cluster's UUID (its first group, as Ganeti 3.1
-/// names devices: `disk-9a8b7c6d`) or name, when they make one.
+/// A device's id from the cluster's UUID (up to its third `-`, exactly as
+/// Ganeti 3.1 names devices: `disk-932df160-7a22-4067`) or name, when
+/// they make one.
 fn derived_id(kind: &str, uuid: Option<&Uuid>, name: Option<&str>) -> Option<String> {
-    let uuid = uuid.and_then(|u| u.as_str().split('-').next());
+    let uuid = uuid.and_then(|u| u.as_str().rsplitn(3, '-').last());
     [uuid, name]
         .into_iter()
         .flatten()
@@ -211,7 +212,7 @@ mod tests {
         assert_eq!(a(&s.disks[0].address).pci_slot, Some(12));
         assert_eq!(a(&s.disks[1].address).id, "disk-data");
         assert_eq!(a(&s.disks[1].address).pci_slot, Some(13));
-        assert_eq!(a(&s.nics[0].address).id, "nic-2b1c9b3e");
+        assert_eq!(a(&s.nics[0].address).id, "nic-2b1c9b3e-5d0e-4a39");
         assert_eq!(a(&s.nics[0].address).pci_slot, Some(14));
         s.check_addresses().unwrap();
 

@@ -87,8 +87,9 @@ class Gkvm(object):
   def argv(self, args):
     return [self.binary, "--run-dir", self.run_dir, "--json", "-q"] + args
 
-  def call(self, args, stdin=None, timeout=None, ok_codes=(0,)):
-    """Runs gkvm; returns its JSON answer (None when it printed nothing).
+  def call(self, args, stdin=None, timeout=None, ok_codes=(0,), raw=False):
+    """Runs gkvm; returns its JSON answer (None when it printed nothing),
+    or its output as text with `raw`.
 
     A failure raises L{GkvmError} with gkvm's own message.
 
@@ -104,6 +105,8 @@ class Gkvm(object):
     if proc.returncode not in ok_codes:
       raise GkvmError(self._message(proc, args))
     text = proc.stdout.strip()
+    if raw:
+      return text
     if not text:
       return None
     try:
@@ -327,6 +330,117 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
     doc = self.gkvm.call(["verify"], ok_codes=(0, 1)) or {}
     problems = doc.get("problems") or []
     return self._FormatVerifyResults(problems)
+
+  # -- migration ---------------------------------------------------------------
+
+  @staticmethod
+  def VersionsSafeForMigration(src, target):
+    # As Ganeti's driver: the machine type travels with the instance, and
+    # the destination refuses one its QEMU lacks, naming it.
+    return True
+
+  def MigrationInfo(self, instance):
+    return self.gkvm.call(["migration-info", instance.name], raw=True)
+
+  def AcceptInstance(self, instance, info, target):
+    port = instance.hvparams[constants.HV_MIGRATION_PORT]
+    current = self._spec(instance, [])
+
+    def accept(info_file):
+      return self._with_spec_file(current, lambda spec_file: self.gkvm.call(
+        ["accept", info_file, "--listen", "%s:%s" % (target, port),
+         "--no-wait", "--current", spec_file]))
+
+    with tempfile.NamedTemporaryFile("w", suffix=".mig", prefix="gkvm-",
+                                     delete=True) as f:
+      f.write(info)
+      f.flush()
+      accept(f.name)
+
+  def FinalizeMigrationDst(self, instance, info, success):
+    self.gkvm.call(["finalize-migration", instance.name, "--destination"] +
+                   ([] if success else ["--failed"]))
+
+  def MigrateInstance(self, cluster_name, instance, target, live):
+    # gkvm follows the migration to its end (events, not Ganeti's 2 s
+    # polls): a failure raises here, and the source still runs until
+    # FinalizeMigrationSource.
+    port = instance.hvparams[constants.HV_MIGRATION_PORT]
+    self.gkvm.call(["migrate", instance.name, "--to",
+                    "%s:%s" % (target, port), "--no-finalize"] +
+                   ([] if live else ["--non-live"]))
+
+  def FinalizeMigrationSource(self, instance, success, live):
+    self.gkvm.call(["finalize-migration", instance.name, "--source"] +
+                   ([] if success else ["--failed"]))
+
+  def GetMigrationStatus(self, instance):
+    doc = self.gkvm.call(["migration-status", instance.name]) or {}
+    status = objects.MigrationStatus(status=doc.get("status", "failed"))
+    status.transferred_ram = doc.get("transferred_bytes", 0)
+    status.total_ram = doc.get("total_bytes", 0)
+    status.postcopy_status = (doc.get("status") == "postcopy-active") or None
+    return status
+
+  # -- hot plug ----------------------------------------------------------------
+
+  @staticmethod
+  def _device_id(dev_type, device):
+    """The device's id in QEMU: gkvm derives it from the UUID exactly as
+    Ganeti 3.1's driver does (up to the third '-')."""
+    return "%s-%s" % (dev_type.lower(), device.uuid.rsplit("-", 2)[0])
+
+  def HotplugSupported(self, instance):
+    try:
+      self.gkvm.call(["hotplug-supported", instance.name])
+    except GkvmError as err:
+      raise errors.HotplugError(str(err))
+
+  def VerifyHotplugSupport(self, instance, action, dev_type):
+    # The device models Ganeti's driver can hot-plug, from the running
+    # instance's parameters.
+    hvp = instance.hvparams
+    device_type = hv_kvm._DEVICE_TYPE[dev_type](hvp)
+    if device_type not in hv_kvm._HOTPLUGGABLE_DEVICE_TYPES[dev_type]:
+      raise errors.HypervisorError(
+        "Hotplug is not supported for device type %s" % device_type)
+    if action == constants.HOTPLUG_ACTION_MODIFY and \
+        dev_type != constants.HOTPLUG_TARGET_NIC:
+      raise errors.HotplugError("Only NICs can be modified while running")
+    self.HotplugSupported(instance)
+
+  def HotAddDevice(self, instance, dev_type, device, extra, seq):
+    if dev_type == constants.HOTPLUG_TARGET_NIC:
+      self.gkvm.call(["nic-add", instance.name, "--nic",
+                      json.dumps(_nic(device))])
+    elif dev_type == constants.HOTPLUG_TARGET_DISK:
+      link, uri = (tuple(extra or ()) + (None, None))[:2]
+      self.gkvm.call(["disk-add", instance.name, "--disk",
+                      json.dumps(_disk((device, link, uri)))])
+    else:
+      raise errors.HotplugError("Cannot hot-plug a %s" % dev_type)
+
+  def HotDelDevice(self, instance, dev_type, device, extra, seq):
+    command = {constants.HOTPLUG_TARGET_NIC: "nic-remove",
+               constants.HOTPLUG_TARGET_DISK: "disk-remove"}.get(dev_type)
+    if command is None:
+      raise errors.HotplugError("Cannot hot-unplug a %s" % dev_type)
+    self.gkvm.call([command, instance.name,
+                    self._device_id(dev_type, device)])
+
+  def HotModDevice(self, instance, dev_type, device, extra, seq):
+    # The same TAP, reconnected: unlike Ganeti's driver (unplug + plug),
+    # the guest does not see it.
+    if dev_type == constants.HOTPLUG_TARGET_NIC:
+      self.gkvm.call(["nic-modify", instance.name,
+                      self._device_id(dev_type, device),
+                      "--nic", json.dumps(_nic(device))])
+
+  def ResizeDisk(self, instance, disk, new_size):
+    # Ganeti's sizes are MiB.
+    self.gkvm.call(["disk-grow", instance.name,
+                    self._device_id(constants.HOTPLUG_TARGET_DISK, disk),
+                    "%dM" % new_size])
 
   # -- parameters --------------------------------------------------------------
 

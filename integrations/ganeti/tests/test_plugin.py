@@ -110,7 +110,12 @@ class TestConformance(unittest.TestCase):
            "RebootInstance", "ListInstances", "GetInstanceInfo",
            "GetAllInstancesInfo", "GetNodeInfo", "GetInstanceConsole",
            "Verify", "BalloonInstanceMemory", "CheckParameterSyntax",
-           "ValidateParameters", "AssessParameters", "PowercycleNode"]
+           "ValidateParameters", "AssessParameters", "PowercycleNode",
+           "HotplugSupported", "VerifyHotplugSupport", "HotAddDevice",
+           "HotDelDevice", "HotModDevice", "ResizeDisk", "MigrationInfo",
+           "AcceptInstance", "FinalizeMigrationDst", "MigrateInstance",
+           "FinalizeMigrationSource", "GetMigrationStatus",
+           "VersionsSafeForMigration"]
     for name in own:
       self.assertIn(name, vars(GkvmHypervisor), name)
 
@@ -169,7 +174,7 @@ class TestOneNode(unittest.TestCase):
       cls.hv.StopInstance(None, force=True, name=name)
     shutil.rmtree(cls.tmp, ignore_errors=True)
 
-  def _instance(self, name, **hv):
+  def _instance(self, name, migration_port=None, **hv):
     guest = os.environ["GKVM_GUEST_DIR"]
     with open(os.path.join(guest, "cmdline")) as f:
       cmdline = f.read().replace("console=ttyS0", "").strip()
@@ -187,6 +192,8 @@ class TestOneNode(unittest.TestCase):
       constants.HV_VHOST_NET: False,
     })
     hvparams.update(hv)
+    if migration_port:
+      hvparams[constants.HV_MIGRATION_PORT] = migration_port
     beparams = {constants.BE_MAXMEM: 128, constants.BE_MINMEM: 128,
                 constants.BE_VCPUS: 1, constants.BE_AUTO_BALANCE: True,
                 constants.BE_ALWAYS_FAILOVER: False,
@@ -262,6 +269,46 @@ class TestOneNode(unittest.TestCase):
     self.assertEqual(console.kind, constants.CONS_SSH)
     self.assertEqual(console.command[-2:], ["console", "gnt1"])
 
+    # Hot plug, as Ganeti's backend calls it: a NIC and a disk appear in
+    # the guest; the disk grows; both go away.
+    hv.HotplugSupported(inst)
+    nic2 = objects.NIC(mac="52:54:00:47:4e:02", ip=None,
+                       uuid="1f2e3d4c-5b6a-4789-8a7b-6c5d4e3f2a1b",
+                       name="eth1",
+                       nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                                  constants.NIC_LINK: self.bridge,
+                                  constants.NIC_VLAN: ""})
+    hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_ADD,
+                            constants.HOTPLUG_TARGET_NIC)
+    hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_NIC, nic2, None, 1)
+    path = os.path.join(self.tmp, "disk1.img")
+    with open(path, "wb") as f:
+      f.write(b"gkvm-hotplugged")
+      f.truncate(4 << 20)
+    disk2 = objects.Disk(dev_type=constants.DT_FILE, size=4,
+                         mode=constants.DISK_RDWR,
+                         logical_id=("loop", path),
+                         uuid="3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f",
+                         name="disk1", params={})
+    hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_DISK, disk2,
+                    (path, None), 1)
+    out = serial.run("for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vdb ]"
+                     " && [ -e /sys/class/net/eth1 ] && break; sleep 1; done;"
+                     " cat /sys/class/net/eth1/address; cat /sys/block/vdb/size;"
+                     " dd if=/dev/vdb bs=15 count=1 2>/dev/null; echo",
+                     "hot", timeout=60)
+    self.assertIn(b"52:54:00:47:4e:02", out)
+    self.assertIn(b"8192", out)
+    self.assertIn(b"gkvm-hotplugged", out)
+    hv.ResizeDisk(inst, disk2, 8)
+    out = serial.run("sleep 1; cat /sys/block/vdb/size", "grown")
+    self.assertIn(b"16384", out)
+    hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, disk2, None, 1)
+    hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_NIC, nic2, None, 1)
+    out = serial.run("sleep 1; ls /sys/block /sys/class/net", "gone")
+    self.assertNotIn(b"vdb", out)
+    self.assertNotIn(b"eth1", out)
+
     hv.BalloonInstanceMemory(inst, 96)
     deadline = time.time() + 30
     while hv.GetInstanceInfo("gnt1")[2] != 96:
@@ -290,6 +337,49 @@ class TestOneNode(unittest.TestCase):
     self.assertIsNone(hv.GetInstanceInfo("gnt1"))
     hv.CleanupInstance("gnt1")
     self.assertEqual(hv.ListInstances(), [])
+
+  def test_migration_there_and_back_through_ganetis_steps(self):
+    """Two run directories on this machine stand for two nodes: Ganeti's
+    MigrationInfo, AcceptInstance, MigrateInstance, GetMigrationStatus
+    and both Finalize calls, the guest answering after each hop; then a
+    migration to nowhere fails and the source runs on."""
+    from gkvm_ganeti.hypervisor import Gkvm
+    run = os.environ["GKVM_RUN_DIR"]
+    nodes = [self.hv, GkvmHypervisor()]
+    nodes[1].gkvm = Gkvm(run_dir=os.path.join(self.tmp, "run-b"))
+    port = 42000 + os.getpid() % 1000
+    inst = self._instance("gntm", migration_port=port)
+    nodes[0].StartInstance(inst, [], False)
+    serial = Serial(os.path.join(run, "ctrl", "gntm.serial"))
+    serial.wait_for(READY)
+    serial.close()
+    for hop, (src, dst) in enumerate([(0, 1), (1, 0)]):
+      s, d = nodes[src], nodes[dst]
+      info = s.MigrationInfo(inst)
+      d.AcceptInstance(inst, info, "127.0.0.1")
+      s.MigrateInstance("cluster", inst, "127.0.0.1", True)
+      self.assertEqual(s.GetMigrationStatus(inst).status,
+                       constants.HV_MIGRATION_COMPLETED)
+      d.FinalizeMigrationDst(inst, info, True)
+      s.FinalizeMigrationSource(inst, True, True)
+      self.assertIsNone(s.GetInstanceInfo("gntm"), "hop %d" % hop)
+      self.assertEqual(d.GetInstanceInfo("gntm")[4],
+                       hv_base.HvInstanceState.RUNNING)
+      serial = Serial(os.path.join(d.gkvm.run_dir, "ctrl", "gntm.serial"))
+      out = serial.run("echo alive-$((40+hop))".replace("hop", str(hop)),
+                       "after%d" % hop)
+      self.assertIn(("alive-%d" % (40 + hop)).encode(), out)
+      serial.close()
+    # A destination that never listens: the migration fails, the source
+    # is told so and runs on.
+    s = nodes[0]
+    with self.assertRaises(Exception):
+      s.MigrateInstance("cluster", inst, "127.0.0.1", True)
+    s.FinalizeMigrationSource(inst, False, True)
+    self.assertEqual(s.GetInstanceInfo("gntm")[4],
+                     hv_base.HvInstanceState.RUNNING)
+    s.StopInstance(inst, force=True)
+    s.CleanupInstance("gntm")
 
   def test_parameters_are_checked_on_the_node(self):
     good = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
