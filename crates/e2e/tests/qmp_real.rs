@@ -217,3 +217,89 @@ fn blocking_client_on_a_guestless_vm() {
     // After QEMU is gone the client reports the connection closed.
     assert!(q.run(&commands::QueryStatus).unwrap_err().is_fatal());
 }
+
+#[test]
+fn a_busy_qmp_socket_is_waited_for_not_failed() {
+    let Some(env) = require("qmp_busy_socket", &[Need::Qemu]) else {
+        return;
+    };
+    let vm = Vm::spawn(&env, |_| {});
+    // QEMU serves one client per QMP socket and queues a few more (its
+    // backlog of 1 lets the kernel queue two): a connect beyond that fails
+    // at once with EAGAIN. Both clients wait instead, and get the socket
+    // when the others let go.
+    let busy = |qmp: &std::path::Path| -> Vec<std::os::unix::net::UnixStream> {
+        let mut v = Vec::new();
+        while let Ok(s) = crate::nonblocking_connect(qmp) {
+            v.push(s);
+        }
+        assert!(!v.is_empty());
+        v
+    };
+    let others = busy(&vm.qmp);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(others);
+    });
+    let options = Options {
+        connect_timeout: Duration::from_secs(5),
+        ..Options::default()
+    };
+    let t = Instant::now();
+    let mut q = blocking::Qmp::connect(&vm.qmp, options).unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    q.run(&commands::QueryStatus).unwrap();
+    release.join().unwrap();
+
+    // The async client too.
+    drop(q);
+    std::thread::sleep(Duration::from_millis(50));
+    let others = busy(&vm.qmp);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(others);
+    });
+    rt().block_on(async {
+        let q = Qmp::connect(&vm.qmp, options).await.unwrap();
+        q.run(&commands::QueryStatus).await.unwrap();
+    });
+    release.join().unwrap();
+
+    // Busy past the timeout: a clear timeout, not a hang.
+    std::thread::sleep(Duration::from_millis(50));
+    let _others = busy(&vm.qmp);
+    let short = Options {
+        connect_timeout: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let e = blocking::Qmp::connect(&vm.qmp, short).err().unwrap();
+    assert!(e.to_string().contains("busy"), "{e}");
+}
+
+/// A non-blocking connect: fails with EAGAIN when the backlog is full.
+fn nonblocking_connect(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    // SAFETY: socket(2), connect(2) on a zeroed, filled sockaddr_un; the
+    // fd is owned by the returned stream.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0);
+        let stream = std::os::unix::net::UnixStream::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap();
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = libc::c_char::from_ne_bytes([*s]);
+        }
+        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap();
+        if libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) == 0 {
+            Ok(stream)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}

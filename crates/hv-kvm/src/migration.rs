@@ -106,6 +106,12 @@ fn tcp_uri(host: &str, port: u16) -> String {
 /// Whether the source migrates over TLS, in the migration info's payload.
 const MIGRATION_TLS_KEY: &str = "migration_tls";
 
+/// The migration info's record of the accelerator the source QEMU really
+/// runs (`kvm` or `tcg`), as QMP `query-kvm` says: guest state differs
+/// between them (e.g. `kvmclock`), and Ganeti's driver leaves it to the
+/// binary (Debian's `/usr/bin/kvm` enables KVM whatever `kvm_flag` says).
+const ACCEL_KEY: &str = "accel";
+
 /// Turns on, before a transfer and on either side, MIGRATION events
 /// (off by default in QEMU; gkvm follows migrations by them) and the
 /// instance's `migration_caps` (Ganeti 3.1), in one command, after
@@ -213,6 +219,25 @@ impl KvmHypervisor {
     /// lack a device QEMU has): [`Self::settle_hotplug`] first, as
     /// [`crate::Request::MigrationInfo`] does.
     pub fn migration_info(&self, name: &str) -> Result<String> {
+        self.migration_info_with(name, None)
+    }
+
+    /// [`Self::migration_info`] with what the source QEMU says: its
+    /// accelerator (`query-kvm`), so that the destination runs the same.
+    pub async fn migration_info_live(&self, name: &str) -> Result<String> {
+        let paths = self.paths(name)?;
+        self.running_pid(&paths)?;
+        let kvm = match self.qmp(&paths).await {
+            Ok(qmp) => qmp.run(&commands::QueryKvm).await.ok().map(|k| k.enabled),
+            Err(e) => {
+                tracing::debug!(instance = %name, error = %e.report(), "query-kvm");
+                None
+            }
+        };
+        self.migration_info_with(name, kvm)
+    }
+
+    fn migration_info_with(&self, name: &str, kvm: Option<bool>) -> Result<String> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
         self.refuse_unsettled_hotplug(&paths)?;
@@ -226,12 +251,19 @@ impl KvmHypervisor {
                 instance: name.into(),
             })?;
         let mut record = record;
+        if record.payload.is_null() {
+            // A runtime file of Ganeti's driver has no payload.
+            record.payload = serde_json::Value::Object(serde_json::Map::new());
+        }
         if let Some(payload) = record.payload.as_object_mut() {
             // The destination must speak TLS iff this node does.
             payload.insert(
                 MIGRATION_TLS_KEY.into(),
                 self.config.migration_tls_dir.is_some().into(),
             );
+            if let Some(kvm) = kvm {
+                payload.insert(ACCEL_KEY.into(), if kvm { "kvm" } else { "tcg" }.into());
+            }
         }
         let runtime = String::from_utf8_lossy(&record.to_json()).into_owned();
         Ok(match &self.config.migration_key {
@@ -261,6 +293,21 @@ impl KvmHypervisor {
         let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
         if let Some(current) = current {
             spec.hvparams.take_restart_safe(current);
+        }
+        // The accelerator the source really runs, when its info says.
+        let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
+        let accel = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("payload")?
+                    .get(ACCEL_KEY)?
+                    .as_str()
+                    .map(str::to_owned)
+            });
+        match accel.as_deref() {
+            Some("kvm") => spec.hvparams.kvm_flag = kvm_cmdline::hvparams::KvmFlag::Enabled,
+            Some("tcg") => spec.hvparams.kvm_flag = kvm_cmdline::hvparams::KvmFlag::Disabled,
+            _ => {}
         }
         crate::trust::check_node_local(
             &spec,

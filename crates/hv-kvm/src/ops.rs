@@ -381,7 +381,7 @@ impl KvmHypervisor {
             }
             R::MigrationInfo { instance } => {
                 self.settle_hotplug(&instance).await?;
-                Response::MigrationInfo(self.migration_info(&instance)?)
+                Response::MigrationInfo(self.migration_info_live(&instance).await?)
             }
             R::Receive {
                 info,

@@ -20,7 +20,9 @@ use crate::Error;
 pub const MAX_STATE_FILE: u64 = 4 << 20;
 
 /// Checks that `dir` is a directory this user may trust: not a symlink,
-/// owned by the effective uid, not writable by group or others.
+/// owned by the effective uid, not writable by others, nor by its group
+/// unless that group is root's (Ganeti creates its run directories 0775
+/// root:root, and root's group writing there is root writing there).
 pub fn check_trusted_dir(dir: &Path) -> Result<(), Error> {
     let m = fs::symlink_metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
     trusted(dir, &m)
@@ -41,7 +43,12 @@ fn trusted(dir: &Path, m: &fs::Metadata) -> Result<(), Error> {
             reason: format!("owned by uid {}, not by this user (uid {euid})", m.uid()),
         });
     }
-    if m.mode() & 0o022 != 0 {
+    let writable = if m.gid() == 0 && euid == 0 {
+        0o002
+    } else {
+        0o022
+    };
+    if m.mode() & writable != 0 {
         return Err(Error::Untrusted {
             path: dir.to_owned(),
             reason: format!(

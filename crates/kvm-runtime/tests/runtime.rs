@@ -93,15 +93,29 @@ fn untrusted_run_dirs_are_refused_and_never_chmodded() {
         0o1777
     );
 
-    // A subdirectory writable by its group.
+    // A subdirectory writable by its group (not root's group).
     let (_t, run) = run_dir();
     std::fs::set_permissions(
         run.root().join("pid"),
         std::fs::Permissions::from_mode(0o770),
     )
     .unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(run.root().join("pid"), None, Some(65534)).unwrap();
+    }
     assert!(matches!(run.ensure(), Err(Error::Untrusted { .. })));
     assert_eq!(mode(&run.root().join("pid")), 0o770);
+    if is_root() {
+        // Ganeti's own run directories: 0775 root:root, trusted (only
+        // root writes there).
+        std::os::unix::fs::chown(run.root().join("pid"), None, Some(0)).unwrap();
+        std::fs::set_permissions(
+            run.root().join("pid"),
+            std::fs::Permissions::from_mode(0o775),
+        )
+        .unwrap();
+        run.ensure().unwrap();
+    }
 
     // Owned by another user (root can chown; elsewhere this part is moot).
     if is_root() {

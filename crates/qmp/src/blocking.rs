@@ -35,7 +35,20 @@ impl Qmp {
     /// capabilities, within `options.connect_timeout`.
     pub fn connect(path: impl AsRef<Path>, options: Options) -> Result<Qmp, Error> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path).map_err(|e| crate::sys::connect_error(path, e))?;
+        let stream = crate::sys::connect_unix_until(
+            path,
+            std::time::Instant::now() + options.connect_timeout,
+        )
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => Error::Timeout {
+                command: format!(
+                    "connect to {} (another client keeps QEMU's QMP socket busy)",
+                    path.display()
+                ),
+                timeout: options.connect_timeout,
+            },
+            _ => crate::sys::connect_error(path, e),
+        })?;
         let mut qmp = Qmp {
             stream,
             decoder: Decoder::new(options.max_message),

@@ -66,10 +66,28 @@ impl Qmp {
     pub async fn connect(path: impl AsRef<Path>, options: Options) -> Result<Qmp, Error> {
         let path = path.as_ref();
         let timeout = options.connect_timeout;
-        let stream = match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
+        // QEMU serves one client per QMP socket and queues one more: while
+        // another client holds it, a connect fails with EAGAIN. Wait for
+        // it to let go, within the connect timeout.
+        let connect = async {
+            let mut pause = std::time::Duration::from_millis(2);
+            loop {
+                match UnixStream::connect(path).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                    }
+                    r => return r,
+                }
+            }
+        };
+        let stream = match tokio::time::timeout(timeout, connect).await {
             Err(_) => {
                 return Err(Error::Timeout {
-                    command: format!("connect to {}", path.display()),
+                    command: format!(
+                        "connect to {} (another client keeps QEMU's QMP socket busy)",
+                        path.display()
+                    ),
                     timeout,
                 })
             }

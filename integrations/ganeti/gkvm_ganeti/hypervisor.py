@@ -34,6 +34,13 @@ from ganeti.hypervisor import hv_kvm
 INTERFACE = 1
 SUPPORTED_MAJOR_MINOR = ((0, 1),)
 
+#: Hypervisor parameters a migration info may not choose on the
+#: destination (gkvm's `hv_kvm::trust::NODE_LOCAL_HVPARAMS`): the
+#: destination takes them from the cluster's configuration.
+NODE_LOCAL = ("kvm_path", "kvm_extra", "vnc_password_file",
+              "spice_password_file", "vnc_x509_path", "use_chroot",
+              "security_model", "security_domain", "mem_path")
+
 #: Ganeti's KVM run directory: gkvm manages it in the same layout.
 RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
 
@@ -346,10 +353,16 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
     port = instance.hvparams[constants.HV_MIGRATION_PORT]
     current = self._spec(instance, [])
 
+    # This node's values of what the info may not choose are the
+    # cluster's, which Ganeti hands over with the instance.
+    node_local = self._hv_args(dict((k, v) for k, v in
+                                    instance.hvparams.items()
+                                    if k in NODE_LOCAL))
+
     def accept(info_file):
       return self._with_spec_file(current, lambda spec_file: self.gkvm.call(
         ["accept", info_file, "--listen", "%s:%s" % (target, port),
-         "--no-wait", "--current", spec_file]))
+         "--no-wait", "--current", spec_file] + node_local))
 
     with tempfile.NamedTemporaryFile("w", suffix=".mig", prefix="gkvm-",
                                      delete=True) as f:

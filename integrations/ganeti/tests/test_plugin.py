@@ -66,6 +66,19 @@ class Serial(object):
     before, self.buf = self.buf[:at], self.buf[at + len(text):]
     return before
 
+  def answer(self, timeout=90):
+    """Waits until the guest's shell answers (its boot may be over, or not
+    yet: what it printed before this connection is gone)."""
+    deadline = time.time() + timeout
+    n = 0
+    while True:
+      n += 1
+      try:
+        return self.run("echo up", "up%d" % n, timeout=2)
+      except AssertionError:
+        if time.time() > deadline:
+          raise
+
   def run(self, command, marker, timeout=30):
     """Runs a shell command in the guest; returns its output."""
     self.sock.sendall(command.encode() + b"; echo " + marker.encode() +
@@ -380,6 +393,70 @@ class TestOneNode(unittest.TestCase):
                      hv_base.HvInstanceState.RUNNING)
     s.StopInstance(inst, force=True)
     s.CleanupInstance("gntm")
+
+  def test_an_instance_of_ganetis_own_driver_is_adopted_and_migrated(self):
+    """Started by Ganeti 3.1's own KVMHypervisor (in the same run
+    directory), then seen, migrated and stopped by the plugin."""
+    import gc
+    from ganeti import pathutils
+    from ganeti.hypervisor import hv_kvm
+    from gkvm_ganeti.hypervisor import Gkvm
+    root = os.environ["GKVM_RUN_DIR"]
+    attrs = {"_ROOT_DIR": root}
+    for attr, sub in (("_PIDS_DIR", "pid"), ("_UIDS_DIR", "uid"),
+                      ("_CTRL_DIR", "ctrl"), ("_CONF_DIR", "conf"),
+                      ("_NICS_DIR", "nic"), ("_CHROOT_DIR", "chroot"),
+                      ("_CHROOT_QUARANTINE_DIR", "chroot-quarantine")):
+      attrs[attr] = os.path.join(root, sub)
+    attrs["_DIRS"] = [root] + [v for k, v in attrs.items() if k != "_ROOT_DIR"]
+    ganeti_driver = type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
+    log_dir = os.path.join(self.tmp, "ganeti-log")
+    os.makedirs(log_dir, exist_ok=True)
+    saved_log_dir, pathutils.LOG_KVM_DIR = pathutils.LOG_KVM_DIR, log_dir
+    port = 43000 + os.getpid() % 1000
+    # TCG: Ganeti 3.1 adds no accelerator option and leaves it to the
+    # binary; plain qemu-system-x86_64 runs TCG.
+    inst = self._instance("gntadopt", migration_port=port,
+                          kvm_path=shutil.which("qemu-system-x86_64"))
+    inst.nics = []
+    try:
+      driver = ganeti_driver()
+      driver.StartInstance(inst, [], False)
+      pid = driver.GetInstanceInfo("gntadopt")[1]
+      # noded makes a driver object per request; this one's QMP
+      # connection goes with it.
+      del driver
+      gc.collect()
+    finally:
+      pathutils.LOG_KVM_DIR = saved_log_dir
+    self.addCleanup(lambda: [
+      subprocess.run([os.environ["GKVM_BIN"], "--run-dir", d, "stop",
+                      "gntadopt", "--force"], capture_output=True)
+      for d in (root, os.path.join(self.tmp, "run-adopt-b"))])
+    serial = Serial(os.path.join(root, "ctrl", "gntadopt.serial"))
+    serial.answer()
+    serial.close()
+    a = self.hv
+    self.assertIn("gntadopt", a.ListInstances())
+    info = a.GetInstanceInfo("gntadopt")
+    self.assertEqual((info[1], info[4]), (pid, hv_base.HvInstanceState.RUNNING))
+
+    b = GkvmHypervisor()
+    b.gkvm = Gkvm(run_dir=os.path.join(self.tmp, "run-adopt-b"))
+    mig = a.MigrationInfo(inst)
+    b.AcceptInstance(inst, mig, "127.0.0.1")
+    a.MigrateInstance("cluster", inst, "127.0.0.1", True)
+    b.FinalizeMigrationDst(inst, mig, True)
+    a.FinalizeMigrationSource(inst, True, True)
+    self.assertIsNone(a.GetInstanceInfo("gntadopt"))
+    serial = Serial(os.path.join(b.gkvm.run_dir, "ctrl", "gntadopt.serial"))
+    out = serial.run("echo adopted-$((6*7))", "landed")
+    self.assertIn(b"adopted-42", out)
+    serial.close()
+    b.StopInstance(inst, force=True)
+    b.CleanupInstance("gntadopt")
+    self.assertEqual(b.ListInstances(), [])
+    self.assertEqual(os.listdir(os.path.join(root, "pid")), [])
 
   def test_parameters_are_checked_on_the_node(self):
     good = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
