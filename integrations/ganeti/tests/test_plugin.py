@@ -352,25 +352,51 @@ class TestOneNode(unittest.TestCase):
     self.assertEqual(hv.ListInstances(), [])
 
   def test_migration_there_and_back_through_ganetis_steps(self):
-    """Two run directories on this machine stand for two nodes: Ganeti's
-    MigrationInfo, AcceptInstance, MigrateInstance, GetMigrationStatus
-    and both Finalize calls, the guest answering after each hop; then a
-    migration to nowhere fails and the source runs on."""
+    """Two nodes, each gkvm in its own network namespace (joined by a
+    veth pair): Ganeti's MigrationInfo, AcceptInstance, MigrateInstance,
+    GetMigrationStatus and both Finalize calls, the guest answering after
+    each hop; then a migration to an address where nobody listens fails
+    and the source runs on."""
     from gkvm_ganeti.hypervisor import Gkvm
-    run = os.environ["GKVM_RUN_DIR"]
-    nodes = [self.hv, GkvmHypervisor()]
-    nodes[1].gkvm = Gkvm(run_dir=os.path.join(self.tmp, "run-b"))
+    tag = os.getpid() % 10000
+    spaces = ["gkgA%d" % tag, "gkgB%d" % tag]
+    addrs = ["10.231.7.1", "10.231.7.2"]
+    veth = ["gkgva%d" % tag, "gkgvb%d" % tag]
+    for n in spaces:
+      _sh("ip", "netns", "add", n)
+      self.addCleanup(subprocess.run, ["ip", "netns", "del", n],
+                      stderr=subprocess.DEVNULL)
+    _sh("ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+    nodes = []
+    for i, n in enumerate(spaces):
+      _sh("ip", "link", "set", veth[i], "netns", n)
+      _sh("ip", "-n", n, "addr", "add", addrs[i] + "/24", "dev", veth[i])
+      _sh("ip", "-n", n, "link", "set", veth[i], "up")
+      _sh("ip", "-n", n, "link", "set", "lo", "up")
+      wrapper = os.path.join(self.tmp, "gkvm-%s" % n)
+      with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n" %
+                (n, os.environ["GKVM_BIN"]))
+      os.chmod(wrapper, 0o755)
+      node = GkvmHypervisor()
+      node.gkvm = Gkvm(binary=wrapper,
+                       run_dir=os.path.join(self.tmp, "run-%s" % n))
+      nodes.append(node)
+      self.addCleanup(subprocess.run, [wrapper, "--run-dir", node.gkvm.run_dir,
+                                       "stop", "gntm", "--force"],
+                      capture_output=True)
     port = 42000 + os.getpid() % 1000
     inst = self._instance("gntm", migration_port=port)
+    inst.nics = []
     nodes[0].StartInstance(inst, [], False)
-    serial = Serial(os.path.join(run, "ctrl", "gntm.serial"))
-    serial.wait_for(READY)
+    serial = Serial(os.path.join(nodes[0].gkvm.run_dir, "ctrl", "gntm.serial"))
+    serial.answer()
     serial.close()
     for hop, (src, dst) in enumerate([(0, 1), (1, 0)]):
       s, d = nodes[src], nodes[dst]
       info = s.MigrationInfo(inst)
-      d.AcceptInstance(inst, info, "127.0.0.1")
-      s.MigrateInstance("cluster", inst, "127.0.0.1", True)
+      d.AcceptInstance(inst, info, addrs[dst])
+      s.MigrateInstance("cluster", inst, addrs[dst], True)
       self.assertEqual(s.GetMigrationStatus(inst).status,
                        constants.HV_MIGRATION_COMPLETED)
       d.FinalizeMigrationDst(inst, info, True)
@@ -387,7 +413,7 @@ class TestOneNode(unittest.TestCase):
     # is told so and runs on.
     s = nodes[0]
     with self.assertRaises(Exception):
-      s.MigrateInstance("cluster", inst, "127.0.0.1", True)
+      s.MigrateInstance("cluster", inst, addrs[1], True)
     s.FinalizeMigrationSource(inst, False, True)
     self.assertEqual(s.GetInstanceInfo("gntm")[4],
                      hv_base.HvInstanceState.RUNNING)
