@@ -16,22 +16,11 @@ import time
 
 import gkvm_ganeti.activate  # noqa: F401
 from ganeti import constants, objects, pathutils
-from ganeti.hypervisor import hv_kvm
 
 from gkvm_ganeti.hypervisor import GkvmHypervisor
+from tests.support import ganeti_driver
 
 ROUNDS = 10
-
-
-def ganeti_driver(root):
-  attrs = {"_ROOT_DIR": root}
-  for attr, sub in (("_PIDS_DIR", "pid"), ("_UIDS_DIR", "uid"),
-                    ("_CTRL_DIR", "ctrl"), ("_CONF_DIR", "conf"),
-                    ("_NICS_DIR", "nic"), ("_CHROOT_DIR", "chroot"),
-                    ("_CHROOT_QUARANTINE_DIR", "chroot-quarantine")):
-    attrs[attr] = os.path.join(root, sub)
-  attrs["_DIRS"] = [root] + [v for k, v in attrs.items() if k != "_ROOT_DIR"]
-  return type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
 
 
 def instance(name):

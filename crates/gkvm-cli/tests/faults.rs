@@ -1043,26 +1043,31 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
         assert!(out.status.success(), "gkvm {args:?}: {}", stderr(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // Runs gkvm ARGS with its NIC script held, and SIGKILLs it there.
+    let kill_in_script = |args: &[&str]| {
+        std::fs::write(&hold, "").unwrap();
+        let _ = std::fs::remove_file(&inside);
+        let child = gkvm(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !inside.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(inside.exists(), "the NIC script never ran");
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait_with_output();
+        std::fs::remove_file(&hold).unwrap();
+    };
     let start = ["start", "kh1", "--memory", "64", "-H", &accel, "--paused"];
     ok(&start);
     node.ok(&["caps"]);
 
     // Killed while its NIC script runs: QEMU was never touched; the next
     // hot plug undoes it (down script for that TAP) and does its own.
-    std::fs::write(&hold, "").unwrap();
-    let child = gkvm(&["nic-add", "kh1", "--nic", &nic])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !inside.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(inside.exists(), "the NIC script never ran");
-    signal(&child, libc::SIGKILL);
-    let _ = child.wait_with_output();
-    std::fs::remove_file(&hold).unwrap();
+    kill_in_script(&["nic-add", "kh1", "--nic", &nic]);
     let journal = node.run.join("conf/kh1.hotplug");
     let pending = std::fs::read_to_string(&journal).expect("a journal left by the killed hot plug");
     assert!(pending.contains("add-nic"), "{pending}");
@@ -1159,22 +1164,8 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
     // the next operation puts the recorded settings back.
     let br2 = Bridge::new("gkvmflh1");
     let (ids, taps) = recorded_nics(&node, "kh1");
-    std::fs::write(&hold, "").unwrap();
-    let _ = std::fs::remove_file(&inside);
     let moved = format!("bridge={}", br2.0);
-    let child = gkvm(&["nic-modify", "kh1", &ids[0], "--nic", &moved])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !inside.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(inside.exists(), "the NIC script never ran");
-    signal(&child, libc::SIGKILL);
-    let _ = child.wait_with_output();
-    std::fs::remove_file(&hold).unwrap();
+    kill_in_script(&["nic-modify", "kh1", &ids[0], "--nic", &moved]);
     assert!(std::fs::read_to_string(&journal)
         .unwrap()
         .contains("modify-nic"));

@@ -345,11 +345,7 @@ impl KvmHypervisor {
         };
         spec.assign_addresses().map_err(params)?;
         crate::lifecycle::check_spec(&spec)?;
-        let id = spec.nics[seq]
-            .address
-            .as_ref()
-            .map(|a| a.id.clone())
-            .unwrap_or_default();
+        let id = device_id(spec.nics[seq].address.as_ref());
         let virtio = crate::nic::is_virtio(&spec, &caps);
         let tap = crate::nic::open_tap(&spec, seq, &self.config.tap_template, virtio)?;
         let vhost = crate::nic::open_vhost_for(&spec, &tap)?;
@@ -422,17 +418,10 @@ impl KvmHypervisor {
         let paths = hp.paths.clone();
         let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
-        let dev_id = spec.nics[seq]
-            .address
-            .as_ref()
-            .map(|a| a.id.clone())
-            .unwrap_or_default();
+        let dev_id = device_id(spec.nics[seq].address.as_ref());
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
-        // No undo for an unplug: once asked, the guest may let go at any
-        // time, so the journal keeps it until it has.
-        hp.intend(Pending::Remove { id: dev_id.clone() })?.armed = false;
-        self.unplug(&qmp, name, &dev_id).await?;
+        self.unplug(&qmp, &mut hp, &dev_id).await?;
         qmp.execute_raw("netdev_del", Some(serde_json::json!({"id": dev_id})))
             .await
             .map_err(|e| step("netdev_del")(e.to_string()))?;
@@ -466,11 +455,7 @@ impl KvmHypervisor {
         spec.assign_addresses().map_err(params)?;
         crate::lifecycle::check_spec(&spec)?;
         let (node, device) = kvm_cmdline::hotplug_disk(&spec, &caps, seq).map_err(params)?;
-        let id = spec.disks[seq]
-            .address
-            .as_ref()
-            .map(|a| a.id.clone())
-            .unwrap_or_default();
+        let id = device_id(spec.disks[seq].address.as_ref());
         let mut guard = hp.intend(Pending::AddDisk {
             disk: spec.disks[seq].clone(),
         })?;
@@ -523,15 +508,10 @@ impl KvmHypervisor {
         let paths = hp.paths.clone();
         let seq = find_disk(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
-        let dev_id = spec.disks[seq]
-            .address
-            .as_ref()
-            .map(|a| a.id.clone())
-            .unwrap_or_default();
+        let dev_id = device_id(spec.disks[seq].address.as_ref());
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
-        hp.intend(Pending::Remove { id: dev_id.clone() })?.armed = false;
-        self.unplug(&qmp, name, &dev_id).await?;
+        self.unplug(&qmp, &mut hp, &dev_id).await?;
         qmp.execute_raw(
             "blockdev-del",
             Some(serde_json::json!({"node-name": dev_id})),
@@ -555,11 +535,7 @@ impl KvmHypervisor {
         let paths = &hp.paths;
         let seq = find_disk(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the disk")(format!("it has no disk {id:?}")))?;
-        let node = spec.disks[seq]
-            .address
-            .as_ref()
-            .map(|a| a.id.clone())
-            .unwrap_or_default();
+        let node = device_id(spec.disks[seq].address.as_ref());
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(paths).await?;
         let nodes = qmp
@@ -593,8 +569,15 @@ impl KvmHypervisor {
     }
 
     /// `device_del` and the wait for the guest to release the device.
-    async fn unplug(&self, qmp: &gkvm_qmp::Qmp, name: &str, dev_id: &str) -> Result<()> {
-        let step = |s: &'static str| hotplug_err(name, s);
+    /// No undo for an unplug: once asked, the guest may let go at any
+    /// time, so the journal keeps it until it has.
+    async fn unplug(&self, qmp: &gkvm_qmp::Qmp, hp: &mut Hotplug, dev_id: &str) -> Result<()> {
+        let name = hp.paths.name.clone();
+        let step = |s: &'static str| hotplug_err(&name, s);
+        hp.intend(Pending::Remove {
+            id: dev_id.to_owned(),
+        })?
+        .armed = false;
         qmp.execute_raw("device_del", Some(serde_json::json!({"id": dev_id})))
             .await
             .map_err(|e| step("device_del")(e.to_string()))?;

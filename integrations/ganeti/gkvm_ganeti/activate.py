@@ -15,6 +15,11 @@ _TARGET = "ganeti.hypervisor"
 
 
 def _patch(module):
+  own = sys.modules.get("gkvm_ganeti.hypervisor")
+  if own is not None and not hasattr(own, "GkvmHypervisor"):
+    # The plugin's module is importing `ganeti.hypervisor` itself; it
+    # registers its class when it is done (`hypervisor._register`).
+    return
   from ganeti import constants
   from gkvm_ganeti.hypervisor import GkvmHypervisor
   module._HYPERVISOR_MAP[constants.HT_KVM] = GkvmHypervisor

@@ -494,3 +494,16 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   @classmethod
   def PowercycleNode(cls, hvparams=None):
     Gkvm().call(["powercycle-node", "--confirm"])
+
+
+def _register():
+  """With the plugin installed (`gkvm_ganeti.activate` loaded), a process
+  that imported this module before `ganeti.hypervisor` finished loading
+  gets `kvm` mapped here, now that the class exists."""
+  import sys
+  if "gkvm_ganeti.activate" in sys.modules:
+    sys.modules["ganeti.hypervisor"]._HYPERVISOR_MAP[constants.HT_KVM] = \
+      GkvmHypervisor
+
+
+_register()

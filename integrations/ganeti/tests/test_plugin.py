@@ -23,6 +23,7 @@ from ganeti import objects
 from ganeti.hypervisor import hv_base
 
 from gkvm_ganeti.hypervisor import GkvmHypervisor
+from tests import support
 
 READY = b"gkvm-test-guest: ready"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,11 +137,11 @@ class TestConformance(unittest.TestCase):
 class TestInstall(unittest.TestCase):
   """The one installation step, and its undoing."""
 
-  def _kvm_class(self, site):
-    code = ("import site; site.addsitedir(%r);"
+  def _kvm_class(self, site, first=""):
+    code = ("import site; site.addsitedir(%r);%s"
             "from ganeti import hypervisor, constants;"
             "print(hypervisor.GetHypervisorClass(constants.HT_KVM).__name__)"
-            % site)
+            % (site, first))
     env = dict(os.environ)
     # Only Ganeti on the path: the plugin must come from the site dir.
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(
@@ -157,6 +158,10 @@ class TestInstall(unittest.TestCase):
       subprocess.run([script, "--prefix", site], check=True,
                      stdout=subprocess.DEVNULL)
       self.assertEqual(self._kvm_class(site), "GkvmHypervisor")
+      # A process that imports the plugin's class before Ganeti's
+      # hypervisor package (the class imports that package itself).
+      self.assertEqual(self._kvm_class(
+        site, "import gkvm_ganeti.hypervisor;"), "GkvmHypervisor")
       subprocess.run([script, "--uninstall", "--prefix", site], check=True,
                      stdout=subprocess.DEVNULL)
       self.assertEqual(self._kvm_class(site), "KVMHypervisor")
@@ -187,6 +192,13 @@ class TestOneNode(unittest.TestCase):
       cls.hv.StopInstance(None, force=True, name=name)
     shutil.rmtree(cls.tmp, ignore_errors=True)
 
+  def _nic(self, mac, uuid, name):
+    """A bridged NIC on the test's bridge, as Ganeti builds it."""
+    return objects.NIC(mac=mac, ip=None, uuid=uuid, name=name,
+                       nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
+                                  constants.NIC_LINK: self.bridge,
+                                  constants.NIC_VLAN: ""})
+
   def _instance(self, name, migration_port=None, **hv):
     guest = os.environ["GKVM_GUEST_DIR"]
     with open(os.path.join(guest, "cmdline")) as f:
@@ -211,12 +223,8 @@ class TestOneNode(unittest.TestCase):
                 constants.BE_VCPUS: 1, constants.BE_AUTO_BALANCE: True,
                 constants.BE_ALWAYS_FAILOVER: False,
                 constants.BE_SPINDLE_USE: 1}
-    nic = objects.NIC(mac="52:54:00:47:4e:01", ip=None,
-                      uuid="6b1f2a8e-7a5d-4f0e-9d3c-1c2b3a4d5e6f",
-                      name="eth0",
-                      nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
-                                 constants.NIC_LINK: self.bridge,
-                                 constants.NIC_VLAN: ""})
+    nic = self._nic("52:54:00:47:4e:01",
+                    "6b1f2a8e-7a5d-4f0e-9d3c-1c2b3a4d5e6f", "eth0")
     inst = objects.Instance(name=name, primary_node="node1-uuid",
                             uuid="0d7d3c2e-4f5a-4b6c-8d9e-0a1b2c3d4e5f",
                             os="noop", hypervisor=constants.HT_KVM,
@@ -285,12 +293,8 @@ class TestOneNode(unittest.TestCase):
     # Hot plug, as Ganeti's backend calls it: a NIC and a disk appear in
     # the guest; the disk grows; both go away.
     hv.HotplugSupported(inst)
-    nic2 = objects.NIC(mac="52:54:00:47:4e:02", ip=None,
-                       uuid="1f2e3d4c-5b6a-4789-8a7b-6c5d4e3f2a1b",
-                       name="eth1",
-                       nicparams={constants.NIC_MODE: constants.NIC_MODE_BRIDGED,
-                                  constants.NIC_LINK: self.bridge,
-                                  constants.NIC_VLAN: ""})
+    nic2 = self._nic("52:54:00:47:4e:02",
+                     "1f2e3d4c-5b6a-4789-8a7b-6c5d4e3f2a1b", "eth1")
     hv.VerifyHotplugSupport(inst, constants.HOTPLUG_ACTION_ADD,
                             constants.HOTPLUG_TARGET_NIC)
     hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_NIC, nic2, None, 1)
@@ -425,17 +429,9 @@ class TestOneNode(unittest.TestCase):
     directory), then seen, migrated and stopped by the plugin."""
     import gc
     from ganeti import pathutils
-    from ganeti.hypervisor import hv_kvm
     from gkvm_ganeti.hypervisor import Gkvm
     root = os.environ["GKVM_RUN_DIR"]
-    attrs = {"_ROOT_DIR": root}
-    for attr, sub in (("_PIDS_DIR", "pid"), ("_UIDS_DIR", "uid"),
-                      ("_CTRL_DIR", "ctrl"), ("_CONF_DIR", "conf"),
-                      ("_NICS_DIR", "nic"), ("_CHROOT_DIR", "chroot"),
-                      ("_CHROOT_QUARANTINE_DIR", "chroot-quarantine")):
-      attrs[attr] = os.path.join(root, sub)
-    attrs["_DIRS"] = [root] + [v for k, v in attrs.items() if k != "_ROOT_DIR"]
-    ganeti_driver = type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
+    ganeti_driver = support.ganeti_driver(root)
     log_dir = os.path.join(self.tmp, "ganeti-log")
     os.makedirs(log_dir, exist_ok=True)
     saved_log_dir, pathutils.LOG_KVM_DIR = pathutils.LOG_KVM_DIR, log_dir
