@@ -128,9 +128,33 @@ impl InstancePaths {
                 .and_then(|i| args.get(i + 1))
         };
         let name_ok = value(b"-name").is_some_and(|v| name_matches(v, &self.name));
-        let pidfile_ok = value(b"-pidfile")
-            .is_none_or(|v| Path::new(std::ffi::OsStr::from_bytes(v)) == self.pid);
+        let pidfile_ok = value(b"-pidfile").is_none_or(|v| self.is_pid_file(v));
         name_ok && pidfile_ok
+    }
+
+    /// Whether a `-pidfile` argument names this instance's pid file: the
+    /// same path, or the same file name in the same directory reached by
+    /// another path (a run directory given as `/var/run/...` by one tool
+    /// and `/run/...` by another, or through a symlink).
+    fn is_pid_file(&self, arg: &[u8]) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
+        if arg == self.pid {
+            return true;
+        }
+        let (Some(dir), Some(name)) = (arg.parent(), arg.file_name()) else {
+            return false;
+        };
+        let (Some(own_dir), Some(own_name)) = (self.pid.parent(), self.pid.file_name()) else {
+            return false;
+        };
+        if name != own_name || !arg.is_absolute() {
+            return false;
+        }
+        match (std::fs::metadata(dir), std::fs::metadata(own_dir)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     }
 
     /// The live QEMU whose `-pidfile` is this instance's pid file and whose
@@ -148,7 +172,7 @@ impl InstancePaths {
                     return false;
                 };
                 args.windows(2)
-                    .any(|w| w[0] == b"-pidfile" && w[1] == needle)
+                    .any(|w| w[0] == b"-pidfile" && (w[1] == needle || self.is_pid_file(&w[1])))
                     && self.cmdline_is_ours(&args)
                     && !is_zombie_or_gone(pid)
             })
@@ -194,5 +218,37 @@ pub fn is_zombie_or_gone(pid: i32) -> bool {
     {
         Some(state) => matches!(state, "Z" | "X" | "x"),
         None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<Vec<u8>> {
+        list.iter().map(|a| a.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn a_pid_file_reached_by_another_path_is_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        let alias = tmp.path().join("alias");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &alias).unwrap();
+        let ours = crate::RunDir::new(&alias).instance("vm1").unwrap();
+        let other_dir = tmp.path().join("other");
+        std::fs::create_dir(&other_dir).unwrap();
+        let pid_of = |dir: &Path, name: &str| dir.join("pid").join(name);
+        std::fs::create_dir(real.join("pid")).unwrap();
+        std::fs::create_dir(other_dir.join("pid")).unwrap();
+        let via = |p: std::path::PathBuf| {
+            args(&["qemu", "-name", "vm1", "-pidfile", p.to_str().unwrap()])
+        };
+        assert!(ours.cmdline_is_ours(&via(pid_of(&alias, "vm1"))));
+        assert!(ours.cmdline_is_ours(&via(pid_of(&real, "vm1"))));
+        assert!(!ours.cmdline_is_ours(&via(pid_of(&other_dir, "vm1"))));
+        assert!(!ours.cmdline_is_ours(&via(pid_of(&real, "vm2"))));
+        assert!(!ours.cmdline_is_ours(&args(&["qemu", "-name", "vm1", "-pidfile", "pid/vm1"])));
     }
 }

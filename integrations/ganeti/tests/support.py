@@ -2,8 +2,13 @@
 """What the plugin's tests and its benchmark share."""
 
 import os
+import socket
+import time
 
 from ganeti.hypervisor import hv_kvm
+
+#: What the test guest prints on its console when it has booted.
+READY = b"gkvm-test-guest: ready"
 
 
 def ganeti_driver(root):
@@ -17,3 +22,59 @@ def ganeti_driver(root):
     attrs[attr] = os.path.join(root, sub)
   attrs["_DIRS"] = [root] + [v for k, v in attrs.items() if k != "_ROOT_DIR"]
   return type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
+
+
+class Serial(object):
+  """The guest's serial console socket."""
+
+  def __init__(self, path, timeout=10):
+    deadline = time.time() + timeout
+    while True:
+      try:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        break
+      except OSError:
+        if time.time() > deadline:
+          raise
+        time.sleep(0.05)
+    self.buf = b""
+
+  def wait_for(self, text, timeout=90):
+    """Waits for `text`; returns what came before it (and drops both)."""
+    deadline = time.time() + timeout
+    while text not in self.buf:
+      self.sock.settimeout(max(0.1, deadline - time.time()))
+      try:
+        chunk = self.sock.recv(4096)
+      except socket.timeout:
+        chunk = b""
+      if not chunk and time.time() > deadline:
+        raise AssertionError("no %r on the console; it said: %r" %
+                             (text, self.buf[-2000:]))
+      self.buf += chunk
+    at = self.buf.index(text)
+    before, self.buf = self.buf[:at], self.buf[at + len(text):]
+    return before
+
+  def answer(self, timeout=90):
+    """Waits until the guest's shell answers (its boot may be over, or not
+    yet: what it printed before this connection is gone)."""
+    deadline = time.time() + timeout
+    n = 0
+    while True:
+      n += 1
+      try:
+        return self.run("echo up", "up%d" % n, timeout=2)
+      except AssertionError:
+        if time.time() > deadline:
+          raise
+
+  def run(self, command, marker, timeout=30):
+    """Runs a shell command in the guest; returns its output."""
+    self.sock.sendall(command.encode() + b"; echo " + marker.encode() +
+                      b"-$((6*7))\n")
+    return self.wait_for(("%s-42" % marker).encode(), timeout)
+
+  def close(self):
+    self.sock.close()

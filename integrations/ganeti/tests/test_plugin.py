@@ -9,7 +9,6 @@ GANETI_TESTSUITE set there).
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,69 +24,12 @@ from ganeti.hypervisor import hv_base
 from gkvm_ganeti.hypervisor import GkvmHypervisor
 from tests import support
 
-READY = b"gkvm-test-guest: ready"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sh(*argv):
   subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
-
-
-class Serial(object):
-  """The guest's serial console socket."""
-
-  def __init__(self, path, timeout=10):
-    deadline = time.time() + timeout
-    while True:
-      try:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        break
-      except OSError:
-        if time.time() > deadline:
-          raise
-        time.sleep(0.05)
-    self.buf = b""
-
-  def wait_for(self, text, timeout=90):
-    """Waits for `text`; returns what came before it (and drops both)."""
-    deadline = time.time() + timeout
-    while text not in self.buf:
-      self.sock.settimeout(max(0.1, deadline - time.time()))
-      try:
-        chunk = self.sock.recv(4096)
-      except socket.timeout:
-        chunk = b""
-      if not chunk and time.time() > deadline:
-        raise AssertionError("no %r on the console; it said: %r" %
-                             (text, self.buf[-2000:]))
-      self.buf += chunk
-    at = self.buf.index(text)
-    before, self.buf = self.buf[:at], self.buf[at + len(text):]
-    return before
-
-  def answer(self, timeout=90):
-    """Waits until the guest's shell answers (its boot may be over, or not
-    yet: what it printed before this connection is gone)."""
-    deadline = time.time() + timeout
-    n = 0
-    while True:
-      n += 1
-      try:
-        return self.run("echo up", "up%d" % n, timeout=2)
-      except AssertionError:
-        if time.time() > deadline:
-          raise
-
-  def run(self, command, marker, timeout=30):
-    """Runs a shell command in the guest; returns its output."""
-    self.sock.sendall(command.encode() + b"; echo " + marker.encode() +
-                      b"-$((6*7))\n")
-    return self.wait_for(("%s-42" % marker).encode(), timeout)
-
-  def close(self):
-    self.sock.close()
 
 
 class TestConformance(unittest.TestCase):
@@ -255,7 +197,7 @@ class TestOneNode(unittest.TestCase):
     inst = self._instance("gnt1")
     hv = self.hv
     hv.StartInstance(inst, self._disk(), True)
-    serial = Serial(os.path.join(os.environ["GKVM_RUN_DIR"], "ctrl",
+    serial = support.Serial(os.path.join(os.environ["GKVM_RUN_DIR"], "ctrl",
                                  "gnt1.serial"))
     info = hv.GetInstanceInfo("gnt1")
     self.assertEqual(info[0], "gnt1")
@@ -266,7 +208,7 @@ class TestOneNode(unittest.TestCase):
     # Started paused: resumed as Ganeti does (through the same QMP).
     subprocess.run([os.environ["GKVM_BIN"], "resume", "gnt1"], check=True,
                    stdout=subprocess.DEVNULL)
-    serial.wait_for(READY)
+    serial.wait_for(support.READY)
     # The disk and the NIC as the guest sees them.
     out = serial.run("dd if=/dev/vda bs=16 count=1 2>/dev/null; echo; "
                      "cat /sys/class/net/eth0/address", "disk")
@@ -334,7 +276,7 @@ class TestOneNode(unittest.TestCase):
 
     # Reboot in place (reboot_behavior=reboot): the guest boots again.
     hv.RebootInstance(inst)
-    serial.wait_for(READY)
+    serial.wait_for(support.READY)
     self.assertEqual(hv.GetInstanceInfo("gnt1")[4],
                      hv_base.HvInstanceState.RUNNING)
 
@@ -393,7 +335,7 @@ class TestOneNode(unittest.TestCase):
     inst = self._instance("gntm", migration_port=port)
     inst.nics = []
     nodes[0].StartInstance(inst, [], False)
-    serial = Serial(os.path.join(nodes[0].gkvm.run_dir, "ctrl", "gntm.serial"))
+    serial = support.Serial(os.path.join(nodes[0].gkvm.run_dir, "ctrl", "gntm.serial"))
     serial.answer()
     serial.close()
     for hop, (src, dst) in enumerate([(0, 1), (1, 0)]):
@@ -408,7 +350,7 @@ class TestOneNode(unittest.TestCase):
       self.assertIsNone(s.GetInstanceInfo("gntm"), "hop %d" % hop)
       self.assertEqual(d.GetInstanceInfo("gntm")[4],
                        hv_base.HvInstanceState.RUNNING)
-      serial = Serial(os.path.join(d.gkvm.run_dir, "ctrl", "gntm.serial"))
+      serial = support.Serial(os.path.join(d.gkvm.run_dir, "ctrl", "gntm.serial"))
       out = serial.run("echo alive-$((40+hop))".replace("hop", str(hop)),
                        "after%d" % hop)
       self.assertIn(("alive-%d" % (40 + hop)).encode(), out)
@@ -455,7 +397,7 @@ class TestOneNode(unittest.TestCase):
       subprocess.run([os.environ["GKVM_BIN"], "--run-dir", d, "stop",
                       "gntadopt", "--force"], capture_output=True)
       for d in (root, os.path.join(self.tmp, "run-adopt-b"))])
-    serial = Serial(os.path.join(root, "ctrl", "gntadopt.serial"))
+    serial = support.Serial(os.path.join(root, "ctrl", "gntadopt.serial"))
     serial.answer()
     serial.close()
     a = self.hv
@@ -471,7 +413,7 @@ class TestOneNode(unittest.TestCase):
     b.FinalizeMigrationDst(inst, mig, True)
     a.FinalizeMigrationSource(inst, True, True)
     self.assertIsNone(a.GetInstanceInfo("gntadopt"))
-    serial = Serial(os.path.join(b.gkvm.run_dir, "ctrl", "gntadopt.serial"))
+    serial = support.Serial(os.path.join(b.gkvm.run_dir, "ctrl", "gntadopt.serial"))
     out = serial.run("echo adopted-$((6*7))", "landed")
     self.assertIn(b"adopted-42", out)
     serial.close()

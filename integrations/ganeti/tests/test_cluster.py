@@ -1,0 +1,155 @@
+# Licensed under MIT OR Apache-2.0, like the rest of gkvm.
+"""A one-node Ganeti 3.1 cluster (`integrations/ganeti/cluster`: Debian's
+Ganeti, its daemons started by `gnt-cluster init`, the node in its own
+namespaces) whose hypervisor `kvm` is gkvm: Ganeti's command line, through
+its daemons and the node daemon's hypervisor calls, drives gkvm.
+
+Run by `integrations/ganeti/run-tests` (GKVM_BIN, GKVM_GUEST_DIR set there).
+"""
+
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+from tests import support
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLUSTER = os.path.join(os.path.dirname(HERE), "cluster")
+# Ganeti's KVM run directory (/var/run is a symlink to /run, which would
+# leave the node's mount namespace when read through /proc/PID/root).
+RUN = "/run/ganeti/kvm-hypervisor"
+NAME = "gi1.gkvm.test"
+
+
+class TestOneNodeCluster(unittest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    cls.dir = tempfile.mkdtemp(prefix="gkvm-cluster-", dir="/tmp")
+    try:
+      subprocess.run([CLUSTER, "up", cls.dir, os.environ["GKVM_BIN"]],
+                     check=True, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE)
+    except subprocess.CalledProcessError as err:
+      subprocess.run([CLUSTER, "down", cls.dir])
+      raise AssertionError("cluster up failed: %s" % err.stderr.decode())
+    with open(os.path.join(cls.dir, "pid")) as f:
+      # The node's files as seen from here (its mount namespace).
+      cls.node_root = "/proc/%s/root" % f.read().strip()
+
+  @classmethod
+  def tearDownClass(cls):
+    subprocess.run([CLUSTER, "down", cls.dir])
+
+  def gnt(self, *argv):
+    proc = subprocess.run([CLUSTER, "run", self.dir] + list(argv),
+                          capture_output=True, text=True, timeout=300)
+    self.assertEqual(proc.returncode, 0, "%s: %s%s" % (" ".join(argv),
+                                                       proc.stdout,
+                                                       proc.stderr))
+    return proc.stdout
+
+  def node(self, path):
+    return self.node_root + path
+
+  def gkvm_info(self):
+    """What gkvm itself says runs on the node (Ganeti's run directory)."""
+    return json.loads(self.gnt("gkvm", "--json", "--run-dir", RUN, "info"))
+
+  def qemu_pid(self):
+    with open(self.node(RUN + "/pid/" + NAME)) as f:
+      return int(f.read())
+
+  def taps(self):
+    return sorted(os.listdir(self.node("/sys/class/net/gnt0/brif")))
+
+  def serial(self):
+    return support.Serial(self.node(RUN + "/ctrl/" + NAME + ".serial"))
+
+  def test_instance_life_through_ganetis_command_line(self):
+    guest = os.environ["GKVM_GUEST_DIR"]
+    with open(os.path.join(guest, "cmdline")) as f:
+      cmdline = f.read().replace("console=ttyS0", "").strip()
+    hv = ",".join([
+      "kernel_path=" + os.path.join(guest, "vmlinux"),
+      "initrd_path=" + os.path.join(guest, "initramfs.cpio.gz"),
+      "root_path=/dev/ram0", "kernel_args=" + cmdline,
+      "serial_speed=115200", "kvm_flag=disabled",  # TCG: see README
+      "kvm_path=/usr/bin/qemu-system-x86_64"])
+    # Ganeti's default reboot (hard) ends QEMU and starts another.
+    out = self.gnt("gnt-instance", "add", "-n", "node1.gkvm.test",
+                   "-t", "diskless", "-o", "noop",
+                   "-B", "maxmem=128M,minmem=128M,vcpus=1", "-H", "kvm:" + hv,
+                   "--net", "0:mac=52:54:00:47:4e:11", NAME)
+    # gkvm started it: its record and event log are in Ganeti's run dir.
+    info = self.gkvm_info()
+    self.assertEqual([(i["name"], i["state"]) for i in info],
+                     [(NAME, "running")])
+    self.assertTrue(os.path.exists(self.node(RUN + "/ctrl/" + NAME +
+                                             ".events.out")))
+    serial = self.serial()
+    serial.answer()
+    out = serial.run("cat /sys/class/net/eth0/address", "mac")
+    self.assertIn(b"52:54:00:47:4e:11", out)
+    self.assertEqual(len(self.taps()), 1)
+
+    out = self.gnt("gnt-instance", "info", NAME)
+    self.assertIn("actual state is up", out)
+    self.assertIn("MAC: 52:54:00:47:4e:11", out)
+    out = self.gnt("gnt-instance", "list", "--no-headers",
+                   "-o", "name,status,oper_ram,oper_vcpus")
+    self.assertEqual(out.split(), [NAME, "running", "128M", "1"])
+
+    # Hot plug (Ganeti 3.1 hot-plugs by default; --no-hotplug turns it off).
+    out = self.gnt("gnt-instance", "modify", "--net",
+                   "add:mac=52:54:00:47:4e:12", NAME)
+    self.assertIn("hotplug:done", out)
+    out = serial.run("for i in 1 2 3 4 5 6 7 8 9 10; do"
+                     " [ -e /sys/class/net/eth1 ] && break; sleep 1; done;"
+                     " cat /sys/class/net/eth1/address", "hot", timeout=60)
+    self.assertIn(b"52:54:00:47:4e:12", out)
+    self.assertEqual(len(self.taps()), 2)
+    out = self.gnt("gnt-instance", "modify", "--net", "1:remove", NAME)
+    self.assertIn("hotplug:done", out)
+    out = serial.run("sleep 1; ls /sys/class/net", "gone")
+    self.assertNotIn(b"eth1", out)
+    self.assertEqual(len(self.taps()), 1)
+
+    # A soft reboot is the hypervisor's reboot: same QEMU, the guest
+    # boots again.
+    pid = self.qemu_pid()
+    self.gnt("gnt-instance", "reboot", "--type=soft", NAME)
+    serial.wait_for(support.READY)
+    self.assertEqual(self.qemu_pid(), pid)
+    serial.close()
+    # Ganeti's default (hard) reboot: ACPI stop, then a new QEMU.
+    self.gnt("gnt-instance", "reboot", NAME)
+    self.assertNotEqual(self.qemu_pid(), pid)
+    serial = self.serial()
+    serial.answer()
+    serial.close()
+
+    self.gnt("gnt-instance", "stop", NAME)
+    self.assertEqual(self.gkvm_info(), [])
+    self.assertEqual(self.taps(), [])
+    out = self.gnt("gnt-instance", "list", "--no-headers", "-o", "status")
+    self.assertEqual(out.split(), ["ADMIN_down"])
+
+    self.gnt("gnt-instance", "start", NAME)
+    self.assertEqual([i["state"] for i in self.gkvm_info()], ["running"])
+    serial = self.serial()
+    serial.answer()
+    serial.close()
+
+    self.gnt("gnt-instance", "remove", "-f", NAME)
+    self.assertEqual(self.gkvm_info(), [])
+    self.assertEqual(self.taps(), [])
+    self.assertEqual(self.gnt("gnt-instance", "list", "--no-headers"), "")
+    for sub in ("pid", "conf", "ctrl", "nic"):
+      self.assertEqual(os.listdir(self.node(RUN + "/" + sub)), [], sub)
+
+
+if __name__ == "__main__":
+  unittest.main()
