@@ -23,6 +23,9 @@ enum Reply {
     Qmp { class: String, desc: String },
 }
 
+/// The id of `qmp_capabilities`, sent first; commands count from 1.
+const CAPABILITIES_ID: u64 = 0;
+
 #[derive(Default)]
 struct Pending {
     waiters: HashMap<u64, oneshot::Sender<Reply>>,
@@ -93,7 +96,24 @@ impl Qmp {
             }
             Ok(r) => r.map_err(|e| crate::sys::connect_error(path, e))?,
         };
-        let (mut read, write) = stream.into_split();
+        let (mut read, mut write) = stream.into_split();
+        // `qmp_capabilities` goes out before the greeting is read: QEMU
+        // reads it only after sending its greeting, so it is answered in
+        // negotiation mode as if sent after it, and the connection costs
+        // one round trip instead of two.
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (caps_tx, caps_rx) = oneshot::channel();
+        lock(&pending).waiters.insert(CAPABILITIES_ID, caps_tx);
+        let caps = encode_command(CAPABILITIES_ID, "qmp_capabilities", None);
+        match tokio::time::timeout(timeout, write.write_all(&caps)).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    command: "qmp_capabilities".into(),
+                    timeout,
+                })
+            }
+            Ok(r) => r.map_err(|e| Error::io("QMP write", e))?,
+        }
         let mut decoder = Decoder::new(options.max_message);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let greeting =
@@ -108,7 +128,6 @@ impl Qmp {
                 }
                 Ok(r) => r?,
             };
-        let pending = Arc::new(Mutex::new(Pending::default()));
         let reader = tokio::spawn(read_loop(read, decoder, pending.clone(), events_tx));
         let qmp = Qmp {
             pending,
@@ -122,7 +141,31 @@ impl Qmp {
             options,
             reader,
         };
-        qmp.call_raw("qmp_capabilities", None, &[], timeout).await?;
+        let reply = match tokio::time::timeout(timeout, caps_rx).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    command: "qmp_capabilities".into(),
+                    timeout,
+                })
+            }
+            Ok(Err(_)) => {
+                let p = lock(&qmp.pending);
+                return Err(match &p.closed {
+                    Some(reason) => closed_error(reason, "qmp_capabilities"),
+                    None => Error::Closed {
+                        command: Some("qmp_capabilities".into()),
+                    },
+                });
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        if let Reply::Qmp { class, desc } = reply {
+            return Err(Error::Qmp {
+                command: "qmp_capabilities".into(),
+                class,
+                desc,
+            });
+        }
         Ok(qmp)
     }
 
