@@ -173,6 +173,12 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Demo { guest_dir, kvm } => run_demo(c, guest_dir.as_deref(), *kvm).await,
         Command::Manpages { dir } => write_manpages(dir),
         Command::Completions { shell } => completions(*shell),
+        // Handled before the runtime starts (the server forks).
+        Command::Serve { .. } => Err(Failure::new(
+            2,
+            "usage",
+            "serve runs on its own, not inside another command".to_owned(),
+        )),
     }
 }
 

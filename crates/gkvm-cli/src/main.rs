@@ -28,6 +28,7 @@ mod demo;
 mod input;
 mod node_config;
 mod render;
+mod serve;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -340,6 +341,19 @@ enum Command {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
     },
+    /// Answer gkvm commands over a Unix socket, each in a forked child
+    /// (no process start per call: for cluster software that calls often)
+    Serve {
+        /// The socket (0600; a lock file beside it keeps one server per socket).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Exit after this many seconds without a call (default: never).
+        #[arg(long, value_name = "SECS")]
+        idle_exit: Option<u64>,
+        /// Return once the socket listens; the server goes on in the background.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Write the manual pages (gkvm.1 and one per subcommand) into DIR.
     #[command(hide = true)]
     Manpages {
@@ -498,10 +512,10 @@ fn escape_controls(text: &str) -> String {
 
 /// The exit of a command that failed: one line on stderr, or with
 /// `--json` one JSON object (schemas/v1/error.json).
-fn report_failure(mut f: Failure, succeeded: &str, json: bool) -> ExitCode {
+fn report_failure(mut f: Failure, succeeded: &str, json: bool) -> u8 {
     match f.output.take() {
         // The reader went away (`gkvm list | head -1`): end quietly.
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return 0,
         Some(e) => f.message = format!("{succeeded}, but writing its output failed: {e}"),
         None => {}
     }
@@ -516,14 +530,64 @@ fn report_failure(mut f: Failure, succeeded: &str, json: bool) -> ExitCode {
     } else {
         errln!("gkvm: error: {}", escape_controls(&f.message));
     }
-    ExitCode::from(f.code)
+    f.code
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    ExitCode::from(run(std::env::args_os().collect(), None))
+}
+
+/// What `gkvm serve` prepares in a child before a call comes.
+pub(crate) struct Prepared {
+    /// The command line parser, built.
+    pub(crate) parser: clap::Command,
+    /// The runtime the command will run on, if it could be built.
+    pub(crate) runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// The runtime of one command.
+fn new_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs one gkvm command line (`argv[0]` is the program's name); returns
+/// its exit code. `gkvm serve` calls it in each forked child, with the
+/// parser it built before forking (building it is most of the cost of
+/// parsing a command line) and a runtime built before the call came.
+fn run(argv: Vec<std::ffi::OsString>, prepared: Option<Prepared>) -> u8 {
+    use clap::{CommandFactory, FromArgMatches};
+    let json_asked = argv.iter().any(|a| a == "--json");
+    let served = prepared.is_some();
+    let (parser, runtime) = prepared.map_or((None, None), |p| (Some(p.parser), p.runtime));
+    let mut parser = parser.unwrap_or_else(Cli::command);
+    let parsed = parser
+        .try_get_matches_from_mut(argv)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+        Err(e) => return usage_error(e.format(&mut parser), json_asked),
     };
+    if served {
+        // A served child exits right after this command: freeing the
+        // parser's thousands of allocations would only delay the answer.
+        std::mem::forget(parser);
+    }
+    if let Command::Serve {
+        socket,
+        idle_exit,
+        detach,
+    } = &cli.command
+    {
+        // Before logging and the runtime: the server stays single-threaded
+        // so that it can fork.
+        let idle = idle_exit.map(std::time::Duration::from_secs);
+        return match serve::serve(socket, idle, *detach) {
+            Ok(()) => 0,
+            Err(f) => report_failure(f, "serve", cli.json),
+        };
+    }
     let level = if cli.quiet {
         "error"
     } else {
@@ -554,14 +618,11 @@ fn main() -> ExitCode {
     // One operation per process: a single thread runs it (its blocking
     // steps go to tokio's blocking pool). Every QMP reply then wakes the
     // operation on the thread that read it, without a cross-thread hop.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime.map_or_else(new_runtime, Ok) {
         Ok(r) => r,
         Err(e) => {
             errln!("gkvm: error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return 1;
         }
     };
     let what = cli.command.describe();
@@ -583,7 +644,7 @@ fn main() -> ExitCode {
         Ok(signal)
     });
     match result {
-        Ok(None) => ExitCode::SUCCESS,
+        Ok(None) => 0,
         Ok(Some((signal, code))) => report_failure(
             Failure::new(
                 code,
@@ -600,13 +661,12 @@ fn main() -> ExitCode {
 /// A command line clap refused: its own message, or with `--json` (seen
 /// anywhere among the arguments) an error object; help and version are
 /// printed as asked.
-fn usage_error(e: clap::Error) -> ExitCode {
+fn usage_error(e: clap::Error, json: bool) -> u8 {
     use clap::error::ErrorKind;
-    let json = std::env::args().any(|a| a == "--json");
     if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let code = e.exit_code();
         let _ = e.print();
-        return ExitCode::from(u8::try_from(code).unwrap_or(2));
+        return u8::try_from(code).unwrap_or(2);
     }
     let message = e.kind().as_str().map_or_else(
         || e.to_string().lines().next().unwrap_or("").to_owned(),

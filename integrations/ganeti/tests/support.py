@@ -24,6 +24,21 @@ def ganeti_driver(root):
   return type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
 
 
+def wait_pid_gone(pid, timeout=10):
+  """Waits until `pid` has exited (a zombie counts: this machine's init
+  reaps orphans slowly)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      with open("/proc/%d/stat" % pid) as f:
+        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+          return
+    except OSError:
+      return
+    time.sleep(0.02)
+  raise AssertionError("process %d never exited" % pid)
+
+
 class Serial(object):
   """The guest's serial console socket."""
 

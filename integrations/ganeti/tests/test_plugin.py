@@ -21,6 +21,7 @@ from ganeti import hypervisor
 from ganeti import objects
 from ganeti.hypervisor import hv_base
 
+from gkvm_ganeti import hypervisor as plugin
 from gkvm_ganeti.hypervisor import GkvmHypervisor
 from tests import support
 
@@ -444,6 +445,102 @@ class TestOneNode(unittest.TestCase):
     self.assertIsNone(self.hv.GetInstanceInfo("gnt-none"))
     self.hv.StopInstance(None, force=True, name="gnt-none")
     self.hv.CleanupInstance("gnt-none")
+
+
+def _ppid(pid):
+  try:
+    with open("/proc/%d/stat" % pid) as f:
+      return int(f.read().rsplit(")", 1)[1].split()[1])
+  except OSError:
+    return None
+
+
+class TestServer(unittest.TestCase):
+  """The plugin's calls through `gkvm serve`: a server killed, retired or
+  answering garbage costs a call nothing, or fails it with a clear error."""
+
+  def setUp(self):
+    self.tmp = tempfile.mkdtemp(prefix="gkvm-gsrv-", dir="/tmp")
+    self.run_dir = os.path.join(self.tmp, "run")
+    os.makedirs(self.run_dir)
+    self.gkvm = plugin.Gkvm(run_dir=self.run_dir)
+    self.socket = self.gkvm.socket_path()
+
+  def tearDown(self):
+    # The server leaves once its socket is gone (within 2 s).
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+  def _server_pids(self):
+    out = subprocess.run(["pgrep", "-f", "serve --socket " + self.socket],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+  def _server(self):
+    """The server's pid (its child forked ahead for the next call has the
+    same command line)."""
+    pids = self._server_pids()
+    servers = [p for p in pids if _ppid(p) not in pids]
+    self.assertEqual(len(servers), 1, pids)
+    return servers[0], pids
+
+  def test_calls_start_the_server_and_survive_its_kill(self):
+    self.assertEqual(self.gkvm.call(["list"]), [])
+    self.assertTrue(os.path.exists(self.socket), "no server was started")
+    server, pids = self._server()
+    os.kill(server, 9)
+    # Its child waiting for a call dies with it.
+    for pid in pids:
+      support.wait_pid_gone(pid)
+    # The socket is stale: the next call starts a new server.
+    self.assertEqual(self.gkvm.call(["list"]), [])
+    new, _ = self._server()
+    self.assertNotIn(new, pids)
+
+  def test_without_a_server_the_binary_answers(self):
+    os.environ["GKVM_PLUGIN_SERVE"] = "0"
+    try:
+      self.assertEqual(self.gkvm.call(["list"]), [])
+    finally:
+      del os.environ["GKVM_PLUGIN_SERVE"]
+    self.assertFalse(os.path.exists(self.socket))
+    # A run dir that does not exist yet: no server there, the binary runs.
+    other = plugin.Gkvm(run_dir=os.path.join(self.tmp, "none"))
+    self.assertEqual(other.call(["list"]), [])
+
+  def _fake_server(self, answer):
+    """A socket answering `answer` (bytes) to every call (gkvm itself never
+    answers garbage or another version: a fault only a fake can make)."""
+    import socket
+    import threading
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(self.socket)
+    srv.listen(4)
+
+    def loop():
+      while True:
+        try:
+          conn, _ = srv.accept()
+        except OSError:
+          return
+        conn.recv(65536)
+        conn.sendall(answer)
+        conn.close()
+    threading.Thread(target=loop, daemon=True).start()
+    self.addCleanup(srv.close)
+
+  def test_garbage_from_the_server_is_a_clear_error(self):
+    self._fake_server(b"{not json\n")
+    with self.assertRaises(plugin.GkvmError) as ctx:
+      self.gkvm.call(["list"])
+    self.assertIn("answered garbage", str(ctx.exception))
+    self.assertIn(self.socket, str(ctx.exception))
+
+  def test_a_server_of_another_version_is_refused(self):
+    self._fake_server(b'{"version": "9.3.0", "code": 2, "stdout": "",'
+                      b' "stderr": ""}\n')
+    with self.assertRaises(plugin.GkvmError) as ctx:
+      self.gkvm.call(["list"])
+    self.assertIn("9.3", str(ctx.exception))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,473 @@
+//! `gkvm serve`: the command line without a process start per call.
+//!
+//! A caller that runs many short gkvm commands (Ganeti's node daemon asks
+//! for instance info every few seconds) pays more for starting a process
+//! than for the command itself. The server is a fork server: it loads once,
+//! stays single-threaded, and for each connection forks a child that runs
+//! exactly what `gkvm ARGS...` would run (same parsing, same output, same
+//! exit code, its own process: a crash or a leak ends with it), with stdin,
+//! stdout and stderr in memory files that go back as one JSON line.
+//!
+//! Protocol (one request per connection), a JSON line each way:
+//! `{"argv": ["--json", "info", "vm1"], "stdin": "...", "cwd": "/",
+//! "env": {"GKVM_NODE_CONFIG": "..."}}` →
+//! `{"version": "0.1.0", "code": 0, "stdout": "...", "stderr": "..."}`.
+//! Only `GKVM_*` and `NO_COLOR` are taken from `env`. A request may name
+//! the versions its caller speaks (`"versions": ["0.1"]`, major.minor): a
+//! server of another version answers a usage error (exit code 2) without
+//! running the command, so a caller never runs a command it would not
+//! understand the answer of. Only the server's own
+//! user (or root) may connect (`SO_PEERCRED`); the socket is 0600. A server
+//! whose binary was replaced (an upgrade) stops serving: the connection is
+//! closed unanswered and the socket removed, so a caller runs the new
+//! binary and starts a new server. A server whose socket was removed (its
+//! run directory deleted) exits too. At most one server per socket (a lock
+//! file beside it).
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{CliResult, Failure};
+
+/// The largest request accepted (argv and stdin): a migration info or an
+/// instance definition is a few KiB.
+const MAX_REQUEST: u64 = 16 << 20;
+
+/// How often an idle server checks that its socket is still its own.
+const SOCKET_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One call.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    argv: Vec<String>,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    versions: Option<Vec<String>>,
+}
+
+/// This server's version as major.minor.
+fn major_minor() -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    v.splitn(3, '.').take(2).collect::<Vec<_>>().join(".")
+}
+
+/// `gkvm serve`: runs until idle for `idle_exit` (or forever), or until its
+/// binary is replaced. With `detach`, returns once the socket listens (the
+/// server goes on in the background), or at once when another server
+/// already serves this socket.
+pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliResult {
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::new(
+            1,
+            "serve",
+            format!("serve: {what} {}: {e}", socket.display()),
+        )
+    };
+    let lock_path = with_suffix(socket, ".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(|e| fail("cannot open the lock file of", e))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // Another server serves this socket.
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_file() || m.is_dir() => {
+            return Err(fail(
+                "refusing to replace what is not a socket:",
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ))
+        }
+        Ok(_) => std::fs::remove_file(socket).map_err(|e| fail("cannot remove the stale", e))?,
+        Err(_) => {}
+    }
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(|e| fail("cannot listen on", e))?;
+    let socket_id = std::fs::symlink_metadata(socket)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| fail("cannot stat", e))?;
+    let exe = std::env::current_exe().map_err(|e| fail("cannot find its own binary for", e))?;
+    let exe_id = std::fs::metadata(&exe)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| fail("cannot stat its own binary for", e))?;
+    if detach {
+        // SAFETY: single-threaded here (no runtime, no logging thread).
+        match unsafe { libc::fork() } {
+            -1 => return Err(fail("cannot fork for", std::io::Error::last_os_error())),
+            0 => {
+                // SAFETY: a new session: no controlling terminal, not in
+                // the caller's process group (its kill does not reach us).
+                unsafe { libc::setsid() };
+                redirect_std_to_null();
+            }
+            _ => return Ok(()),
+        }
+    }
+    // Children are reaped by the kernel; each child restores the default
+    // so that the command it runs can wait for its own children.
+    // SAFETY: setting a disposition.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    let me = nix::unistd::Uid::current().as_raw();
+    let mut parser = <crate::Cli as clap::CommandFactory>::command();
+    parser.build();
+    let ours = Owned {
+        lock: lock.as_raw_fd(),
+        socket,
+        socket_id,
+        exe: &exe,
+        exe_id,
+    };
+    let result = accept_loop(&listener, &ours, idle_exit, me, parser);
+    // Whoever holds the lock owns the socket: remove it while we still do
+    // (if it is still ours).
+    if socket_is(socket, socket_id) {
+        let _ = std::fs::remove_file(socket);
+    }
+    drop(lock);
+    if detach {
+        // SAFETY: the detached server ends here.
+        unsafe { libc::_exit(i32::from(result.is_err())) };
+    }
+    result
+}
+
+fn socket_is(socket: &Path, id: (u64, u64)) -> bool {
+    std::fs::symlink_metadata(socket).is_ok_and(|m| (m.dev(), m.ino()) == id)
+}
+
+/// What the server holds and watches.
+struct Owned<'a> {
+    /// The lock file's descriptor (a child closes its copy: a long command
+    /// must not keep the next server out).
+    lock: i32,
+    socket: &'a Path,
+    socket_id: (u64, u64),
+    exe: &'a Path,
+    exe_id: (u64, u64),
+}
+
+/// What a waiting child tells the server (one byte on a pipe).
+const TOOK_CALL: u8 = b'c';
+/// ... that the binary was replaced: the server retires.
+const REPLACED: u8 = b'r';
+
+/// The server keeps one child forked ahead, blocked in `accept`: a call
+/// does not wait for a fork. The child that takes a call says so on a
+/// pipe, and the server forks the next one.
+fn accept_loop(
+    listener: &UnixListener,
+    ours: &Owned<'_>,
+    idle_exit: Option<Duration>,
+    me: u32,
+    parser: clap::Command,
+) -> CliResult {
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::new(
+            1,
+            "serve",
+            format!("serve: {what} {}: {e}", ours.socket.display()),
+        )
+    };
+    let mut ends = [0i32; 2];
+    // SAFETY: pipe2 fills two descriptors, owned below.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(fail(
+            "cannot make a pipe for",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: new descriptors nobody else owns.
+    let (notify_r, notify_w) =
+        unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    let server = nix::unistd::getpid().as_raw();
+    let mut waiting: Option<i32> = None;
+    let mut last = Instant::now();
+    let result = loop {
+        if waiting.is_none() {
+            // SAFETY: single-threaded; the child only runs `waiting_child`
+            // and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    drop(notify_r);
+                    let code = waiting_child(listener, ours, &notify_w, me, server, parser);
+                    // SAFETY: the child ends without running the server's
+                    // destructors (the socket file, the lock are the server's).
+                    unsafe { libc::_exit(code) };
+                }
+                -1 => break Err(fail("cannot fork for", std::io::Error::last_os_error())),
+                pid => waiting = Some(pid),
+            }
+        }
+        let wait = idle_exit.map(|idle| idle.saturating_sub(last.elapsed()));
+        if wait == Some(Duration::ZERO) {
+            break Ok(());
+        }
+        let mut fds = [libc::pollfd {
+            fd: notify_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let wait = wait.map_or(SOCKET_CHECK, |w| w.min(SOCKET_CHECK));
+        let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+        if n <= 0 {
+            if !socket_is(ours.socket, ours.socket_id) {
+                break Ok(());
+            }
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(notify_r.as_raw_fd(), &mut byte) {
+            Ok(1) if byte[0] == TOOK_CALL => {
+                waiting = None;
+                last = Instant::now();
+            }
+            // Replaced: the child closed the call unanswered.
+            Ok(1) if byte[0] == REPLACED => {
+                waiting = None;
+                break Ok(());
+            }
+            _ => {}
+        }
+    };
+    if let Some(pid) = waiting {
+        // SAFETY: our own child, blocked in accept.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    result
+}
+
+/// A child forked ahead: takes one call, runs it, exits.
+fn waiting_child(
+    listener: &UnixListener,
+    ours: &Owned<'_>,
+    notify: &OwnedFd,
+    me: u32,
+    server: i32,
+    parser: clap::Command,
+) -> i32 {
+    // SAFETY: the lock is the server's, not the command's. A child still
+    // waiting for a call dies with the server (checked after asking, in
+    // case the server died first).
+    unsafe {
+        libc::close(ours.lock);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    if nix::unistd::getppid().as_raw() != server {
+        return 1;
+    }
+    // Built while no call waits for it.
+    let prepared = crate::Prepared {
+        parser,
+        runtime: crate::new_runtime().ok(),
+    };
+    let conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                let _ = nix::unistd::write(notify, &[TOOK_CALL]);
+                return 1;
+            }
+        }
+    };
+    // SAFETY: the listening socket is the server's; a call taken runs to
+    // its end even if the server dies meanwhile.
+    unsafe {
+        libc::close(listener.as_raw_fd());
+        libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+    }
+    // An upgrade replaced the binary: the caller runs the new one.
+    let replaced = std::fs::metadata(ours.exe).map_or(true, |m| (m.dev(), m.ino()) != ours.exe_id);
+    let _ = nix::unistd::write(notify, &[if replaced { REPLACED } else { TOOK_CALL }]);
+    // SAFETY: the pipe is the server's.
+    unsafe { libc::close(notify.as_raw_fd()) };
+    if replaced || !peer_allowed(&conn, me) {
+        return 0;
+    }
+    child(conn, prepared)
+}
+
+/// Only the server's own user, or root.
+fn peer_allowed(conn: &UnixStream, me: u32) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+    // SAFETY: cred and len describe a ucred buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && (cred.uid == me || cred.uid == 0)
+}
+
+fn respond_error(mut conn: &UnixStream, message: &str) -> std::io::Result<()> {
+    let obj = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "code": 2,
+        "stdout": "",
+        "stderr": serde_json::json!({"kind": "usage", "instance": null, "message": message, "exit_code": 2}).to_string() + "\n",
+    });
+    (&mut conn).write_all(format!("{obj}\n").as_bytes())
+}
+
+/// In the forked child: read the request, run it as `gkvm ARGV`, answer.
+fn child(conn: UnixStream, prepared: crate::Prepared) -> i32 {
+    // SAFETY: back to the default, so the command can wait for its children.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let mut line = String::new();
+    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
+    let request = match read {
+        Ok(_) if line.ends_with('\n') => {
+            serde_json::from_str::<Request>(&line).map_err(|e| format!("serve: not a request: {e}"))
+        }
+        Ok(_) => Err("serve: the request is not one JSON line (or too large)".to_owned()),
+        Err(e) => Err(format!("serve: cannot read the request: {e}")),
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(message) => return i32::from(respond_error(&conn, &message).is_err()),
+    };
+    if let Some(versions) = &request.versions {
+        let mine = major_minor();
+        if !versions.contains(&mine) {
+            let message = format!(
+                "serve: gkvm {} does not speak the caller's versions ({}); nothing was run",
+                env!("CARGO_PKG_VERSION"),
+                versions.join(", ")
+            );
+            return i32::from(respond_error(&conn, &message).is_err());
+        }
+    }
+    match run_request(&request, prepared) {
+        Ok((code, stdout, stderr)) => {
+            let obj = serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "code": code,
+                "stdout": stdout,
+                "stderr": stderr,
+            });
+            // One write: the answer is one line.
+            i32::from((&conn).write_all(format!("{obj}\n").as_bytes()).is_err())
+        }
+        Err(e) => i32::from(respond_error(&conn, &format!("serve: {e}")).is_err()),
+    }
+}
+
+fn run_request(
+    request: &Request,
+    prepared: crate::Prepared,
+) -> std::io::Result<(u8, String, String)> {
+    // The caller's environment for gkvm, nothing else of it.
+    let ours: Vec<OsString> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| is_passed(&k.to_string_lossy()))
+        .collect();
+    for key in ours {
+        // SAFETY: single-threaded (a freshly forked child).
+        unsafe { std::env::remove_var(key) };
+    }
+    for (key, value) in &request.env {
+        if is_passed(key) && !key.contains('=') && !key.contains('\0') && !value.contains('\0') {
+            // SAFETY: as above.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+    if let Some(dir) = &request.cwd {
+        std::env::set_current_dir(dir)?;
+    }
+    let stdin = memfd("gkvm-stdin")?;
+    if let Some(text) = &request.stdin {
+        (&stdin).write_all(text.as_bytes())?;
+        (&stdin).rewind()?;
+    }
+    let stdout = memfd("gkvm-stdout")?;
+    let stderr = memfd("gkvm-stderr")?;
+    for (fd, target) in [(&stdin, 0), (&stdout, 1), (&stderr, 2)] {
+        // SAFETY: dup2 onto the standard descriptors of this child.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let mut argv = vec![OsString::from("gkvm")];
+    argv.extend(request.argv.iter().map(OsString::from));
+    let code = crate::run(argv, Some(prepared));
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    Ok((code, read_all(&stdout)?, read_all(&stderr)?))
+}
+
+fn is_passed(key: &str) -> bool {
+    key.starts_with("GKVM_") || key == "NO_COLOR"
+}
+
+fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated name; the descriptor is owned below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn read_all(mut file: &std::fs::File) -> std::io::Result<String> {
+    file.rewind()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn redirect_std_to_null() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for target in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors.
+            unsafe { libc::dup2(null.as_raw_fd(), target) };
+        }
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}

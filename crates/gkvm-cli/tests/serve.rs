@@ -1,0 +1,255 @@
+//! `gkvm serve`: the same answers as the command line, without a process
+//! start per call; one server per socket; it steps aside when its binary is
+//! replaced or its socket removed, and survives callers that send garbage.
+
+use gkvm_testkit::ScratchDir;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const GKVM: &str = env!("CARGO_BIN_EXE_gkvm");
+
+/// A server in the foreground, killed at the end of the test.
+struct Server(Child);
+
+impl Server {
+    fn start(binary: &Path, socket: &Path) -> Server {
+        let child = Command::new(binary)
+            .args(["-q", "serve", "--socket"])
+            .arg(socket)
+            .args(["--idle-exit", "60"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn gkvm serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(socket).is_err() {
+            assert!(Instant::now() < deadline, "the server never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server(child)
+    }
+
+    /// Waits for the server to exit by itself.
+    fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.0.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `line` as is; the answer line, or None when the server closed
+/// the connection unanswered.
+fn raw(socket: &Path, line: &[u8]) -> Option<Value> {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(line).unwrap();
+    let mut answer = String::new();
+    let _ = BufReader::new(&s).read_line(&mut answer);
+    if answer.is_empty() {
+        return None;
+    }
+    assert!(answer.ends_with('\n'), "one line: {answer:?}");
+    Some(serde_json::from_str(&answer).expect("the answer is JSON"))
+}
+
+fn call(socket: &Path, request: &Value) -> Value {
+    raw(socket, format!("{request}\n").as_bytes()).expect("an answer")
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(GKVM).args(args).output().expect("run gkvm")
+}
+
+/// The served answer equals the command line's: code, stdout, stderr.
+fn same_as_cli(socket: &Path, args: &[&str]) {
+    let served = call(socket, &json!({ "argv": args }));
+    let out = cli(args);
+    assert_eq!(
+        served["code"],
+        json!(out.status.code().unwrap()),
+        "{args:?}: {served}"
+    );
+    assert_eq!(
+        served["stdout"],
+        json!(String::from_utf8_lossy(&out.stdout))
+    );
+    assert_eq!(
+        served["stderr"],
+        json!(String::from_utf8_lossy(&out.stderr))
+    );
+    assert_eq!(served["version"], json!(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn answers_as_the_command_line_and_survives_garbage() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let run = dir.path().join("run");
+    let run_s = run.to_str().unwrap();
+    let socket = dir.path().join("s.sock");
+    let _server = Server::start(Path::new(GKVM), &socket);
+    let mode = std::fs::symlink_metadata(&socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "only its user may connect");
+
+    same_as_cli(&socket, &["--run-dir", run_s, "--json", "list"]);
+    same_as_cli(&socket, &["--run-dir", run_s, "list"]);
+    same_as_cli(&socket, &["--run-dir", run_s, "--json", "info", "nosuch"]);
+    same_as_cli(&socket, &["--run-dir", run_s, "info", "bad/name"]);
+    same_as_cli(&socket, &["--json", "no-such-command"]);
+    same_as_cli(&socket, &["--version"]);
+    let info = call(
+        &socket,
+        &json!({"argv": ["--json", "info", "nosuch"], "env": {"GKVM_RUN_DIR": run_s}}),
+    );
+    assert_ne!(info["code"], json!(0));
+    assert!(
+        info["stderr"].as_str().unwrap().contains("nosuch"),
+        "{info}"
+    );
+
+    // The instance definition on stdin, relative paths from cwd.
+    let def = r#"{"name":"s1","memory":64,"hvparams":{"vnc_bind_address":"","kernel_path":""}}"#;
+    std::fs::write(dir.path().join("s1.json"), def).unwrap();
+    let by_file = cli(&[
+        "--run-dir",
+        run_s,
+        "argv",
+        dir.path().join("s1.json").to_str().unwrap(),
+    ]);
+    assert!(by_file.status.success());
+    let on_stdin = call(
+        &socket,
+        &json!({"argv": ["--run-dir", run_s, "argv", "/dev/stdin"], "stdin": def}),
+    );
+    assert_eq!(on_stdin["code"], json!(0), "{on_stdin}");
+    assert_eq!(
+        on_stdin["stdout"],
+        json!(String::from_utf8_lossy(&by_file.stdout))
+    );
+    let in_cwd = call(
+        &socket,
+        &json!({"argv": ["--run-dir", run_s, "argv", "s1.json"], "cwd": dir.path()}),
+    );
+    assert_eq!(in_cwd["stdout"], on_stdin["stdout"]);
+
+    // Garbage: a usage error, and the server goes on serving.
+    for line in [
+        &b"not json\n"[..],
+        b"{\"argv\": 3}\n",
+        b"{\"argv\": [], \"surprise\": 1}\n",
+        b"\xff\xfe\n",
+        b"{\"argv\": [\"list\"]}",
+    ] {
+        let answer = raw(&socket, line).expect("garbage is answered");
+        assert_eq!(answer["code"], json!(2), "{answer}");
+        let err: Value = serde_json::from_str(answer["stderr"].as_str().unwrap()).unwrap();
+        assert_eq!(err["kind"], json!("usage"));
+    }
+    // A caller of another interface: nothing is run.
+    let refused = call(
+        &socket,
+        &json!({"argv": ["--run-dir", run_s, "start", "--file", dir.path().join("s1.json")],
+                "versions": ["9.9"]}),
+    );
+    assert_eq!(refused["code"], json!(2), "{refused}");
+    assert!(refused["stderr"]
+        .as_str()
+        .unwrap()
+        .contains("does not speak"));
+    assert!(!run.join("pid").join("s1").exists());
+    let mine = env!("CARGO_PKG_VERSION").rsplit_once('.').unwrap().0;
+    let spoken = call(
+        &socket,
+        &json!({"argv": ["--run-dir", run_s, "list"], "versions": ["9.9", mine]}),
+    );
+    assert_eq!(spoken["code"], json!(0), "{spoken}");
+
+    // A second server on the same socket returns at once; the first serves on.
+    let t = Instant::now();
+    let second = Command::new(GKVM)
+        .args(["serve", "--detach", "--socket"])
+        .arg(&socket)
+        .status()
+        .unwrap();
+    assert!(second.success());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    same_as_cli(&socket, &["--version"]);
+}
+
+#[test]
+fn steps_aside_when_its_socket_is_removed() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let mut server = Server::start(Path::new(GKVM), &socket);
+    std::fs::remove_file(&socket).unwrap();
+    assert!(
+        server.wait_exit(Duration::from_secs(10)),
+        "the server outlived its socket"
+    );
+}
+
+#[test]
+fn steps_aside_when_its_binary_is_replaced() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let binary: PathBuf = dir.path().join("gkvm");
+    std::fs::copy(GKVM, &binary).unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut server = Server::start(&binary, &socket);
+    let before = call(&socket, &json!({"argv": ["--version"]}));
+    assert_eq!(before["code"], json!(0));
+    // An upgrade: a new file renamed over the old one.
+    let new = dir.path().join("gkvm.new");
+    std::fs::copy(GKVM, &new).unwrap();
+    std::fs::rename(&new, &binary).unwrap();
+    assert!(
+        raw(&socket, b"{\"argv\": [\"--version\"]}\n").is_none(),
+        "the old binary answered after the upgrade"
+    );
+    assert!(server.wait_exit(Duration::from_secs(10)));
+    assert!(!socket.exists(), "the retired server left its socket");
+    // The caller starts the new binary's server.
+    let _new = Server::start(&binary, &socket);
+    assert_eq!(
+        call(&socket, &json!({"argv": ["--version"]}))["code"],
+        json!(0)
+    );
+}
+
+#[test]
+fn a_detached_server_serves_and_idles_out() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let st = Command::new(GKVM)
+        .args(["serve", "--detach", "--idle-exit", "2", "--socket"])
+        .arg(&socket)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        call(&socket, &json!({"argv": ["--version"]}))["code"],
+        json!(0)
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while socket.exists() {
+        assert!(Instant::now() < deadline, "the idle server never left");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
