@@ -17,12 +17,17 @@
 //! server of another version answers a usage error (exit code 2) without
 //! running the command, so a caller never runs a command it would not
 //! understand the answer of. Only the server's own
-//! user (or root) may connect (`SO_PEERCRED`); the socket is 0600. A server
-//! whose binary was replaced (an upgrade) stops serving: the connection is
-//! closed unanswered and the socket removed, so a caller runs the new
-//! binary and starts a new server. A server whose socket was removed (its
-//! run directory deleted) exits too. At most one server per socket (a lock
-//! file beside it).
+//! user (or root) may connect (`SO_PEERCRED`); the socket is 0600.
+//!
+//! A server retires when its binary is replaced (an upgrade), after
+//! `--idle-exit` seconds without a call, or when its socket is removed (its
+//! run directory deleted). A call it will not run is answered
+//! `{"version": "0.1.0", "retired": true}` (nothing was run: the caller
+//! runs the binary, which starts a new server); every call it took is
+//! answered. A connection closed without an answer means the child running
+//! the call died (killed): the command may have run in part, as when a
+//! `gkvm` process is killed. At most one server per socket (a lock file
+//! beside it).
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Seek, Write};
@@ -143,16 +148,39 @@ pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliRes
     };
     let result = accept_loop(&listener, &ours, idle_exit, me, parser);
     // Whoever holds the lock owns the socket: remove it while we still do
-    // (if it is still ours).
+    // (if it is still ours). Calls that connected before are answered
+    // `retired`.
     if socket_is(socket, socket_id) {
         let _ = std::fs::remove_file(socket);
     }
+    drain(&listener);
     drop(lock);
     if detach {
         // SAFETY: the detached server ends here.
         unsafe { libc::_exit(i32::from(result.is_err())) };
     }
     result
+}
+
+/// Answers `retired` to every call waiting in the listening socket's queue.
+fn drain(listener: &UnixListener) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while let Ok((conn, _)) = listener.accept() {
+        let _ = conn.set_nonblocking(false);
+        let _ = respond_retired(&conn, Duration::from_millis(200));
+    }
+}
+
+/// Answers `retired` once the caller has sent its request (read and
+/// dropped within `wait`), so that its write does not meet a closed socket.
+fn respond_retired(mut conn: &UnixStream, wait: Duration) -> std::io::Result<()> {
+    let _ = conn.set_read_timeout(Some(wait));
+    let mut line = String::new();
+    let _ = BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line);
+    let obj = serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "retired": true});
+    conn.write_all(format!("{obj}\n").as_bytes())
 }
 
 fn socket_is(socket: &Path, id: (u64, u64)) -> bool {
@@ -247,7 +275,7 @@ fn accept_loop(
                 waiting = None;
                 last = Instant::now();
             }
-            // Replaced: the child closed the call unanswered.
+            // Replaced: the child answered the call `retired`.
             Ok(1) if byte[0] == REPLACED => {
                 waiting = None;
                 break Ok(());
@@ -256,10 +284,33 @@ fn accept_loop(
         }
     };
     if let Some(pid) = waiting {
-        // SAFETY: our own child, blocked in accept.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        release(pid, ours, &notify_r);
     }
     result
+}
+
+/// Ends the child waiting in `accept` without losing a call it may be
+/// taking at this very moment: a call of our own wakes it (it answers
+/// that one, or the caller's that came first, and says so on the pipe);
+/// only a child that does not say so within a second is killed.
+fn release(pid: i32, ours: &Owned<'_>, notify_r: &OwnedFd) {
+    let poke = socket_is(ours.socket, ours.socket_id)
+        .then(|| UnixStream::connect(ours.socket).ok())
+        .flatten();
+    if let Some(poke) = &poke {
+        let _ = (&*poke).write_all(b"\n");
+        let mut fds = [libc::pollfd {
+            fd: notify_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) } == 1 {
+            return;
+        }
+    }
+    // SAFETY: our own child, still blocked in accept.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
 /// A child forked ahead: takes one call, runs it, exits.
@@ -307,7 +358,10 @@ fn waiting_child(
     let _ = nix::unistd::write(notify, &[if replaced { REPLACED } else { TOOK_CALL }]);
     // SAFETY: the pipe is the server's.
     unsafe { libc::close(notify.as_raw_fd()) };
-    if replaced || !peer_allowed(&conn, me) {
+    if replaced {
+        return i32::from(respond_retired(&conn, REQUEST_TIMEOUT).is_err());
+    }
+    if !peer_allowed(&conn, me) {
         return 0;
     }
     child(conn, prepared)

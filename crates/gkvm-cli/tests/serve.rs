@@ -219,10 +219,9 @@ fn steps_aside_when_its_binary_is_replaced() {
     let new = dir.path().join("gkvm.new");
     std::fs::copy(GKVM, &new).unwrap();
     std::fs::rename(&new, &binary).unwrap();
-    assert!(
-        raw(&socket, b"{\"argv\": [\"--version\"]}\n").is_none(),
-        "the old binary answered after the upgrade"
-    );
+    let retired = raw(&socket, b"{\"argv\": [\"--version\"]}\n").expect("an answer");
+    assert_eq!(retired["retired"], json!(true), "{retired}");
+    assert!(retired.get("code").is_none(), "nothing was run: {retired}");
     assert!(server.wait_exit(Duration::from_secs(10)));
     assert!(!socket.exists(), "the retired server left its socket");
     // The caller starts the new binary's server.
@@ -252,4 +251,27 @@ fn a_detached_server_serves_and_idles_out() {
         assert!(Instant::now() < deadline, "the idle server never left");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Nor is its child that was waiting for a call left behind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serving(&socket).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            serving(&socket)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Live (not zombie) processes whose command line names `socket`.
+fn serving(socket: &Path) -> Vec<i32> {
+    let needle = socket.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
 }

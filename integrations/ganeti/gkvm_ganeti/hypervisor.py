@@ -153,28 +153,40 @@ class Gkvm(object):
             if self._start_server():
               continue
           return None
-        sock.sendall(data)
+        try:
+          sock.sendall(data)
+        except OSError:
+          # The server went away before taking the call: nothing ran.
+          return None
         chunks = []
-        while True:
-          chunk = sock.recv(65536)
-          if not chunk:
-            break
-          chunks.append(chunk)
-          if chunk.endswith(b"\n"):
-            break
-      except OSError:
-        return None
+        try:
+          while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+              break
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+              break
+        except OSError as err:
+          chunks = [str(err).encode()]
       finally:
         sock.close()
       line = b"".join(chunks)
       if not line.endswith(b"\n"):
-        # Retired (an upgraded binary, idle) or lost: run the binary.
-        return None
+        # The child that took the call died (killed) before answering: it
+        # may have run in part, as a killed gkvm process; not run again.
+        raise GkvmError("gkvm %s: gkvm's server (%s) ended the call without"
+                        " an answer (%s)" %
+                        (" ".join(args), self.socket_path(),
+                         line.decode(errors="replace") or "connection closed"))
       try:
         doc = json.loads(line)
+        if doc.get("retired") is True:
+          # Retired (an upgraded binary, idle): nothing ran; run the binary.
+          return None
         answer = _Answer(int(doc["code"]), doc["stdout"], doc["stderr"])
         version = str(doc["version"])
-      except (ValueError, KeyError, TypeError):
+      except (ValueError, KeyError, TypeError, AttributeError):
         raise GkvmError("gkvm's server (%s) answered garbage: %r" %
                         (self.socket_path(), line[:200]))
       key = (self.binary, version)

@@ -535,6 +535,18 @@ class TestServer(unittest.TestCase):
     self.assertIn("answered garbage", str(ctx.exception))
     self.assertIn(self.socket, str(ctx.exception))
 
+  def test_a_call_the_server_lost_is_not_run_again(self):
+    # The child that took the call died before answering: the command may
+    # have run in part, so the plugin says so rather than run it twice.
+    self._fake_server(b"")
+    with self.assertRaises(plugin.GkvmError) as ctx:
+      self.gkvm.call(["list"])
+    self.assertIn("without an answer", str(ctx.exception))
+
+  def test_a_retired_server_hands_the_call_to_the_binary(self):
+    self._fake_server(b'{"version": "0.1.0", "retired": true}\n')
+    self.assertEqual(self.gkvm.call(["list"]), [])
+
   def test_a_server_of_another_version_is_refused(self):
     self._fake_server(b'{"version": "9.3.0", "code": 2, "stdout": "",'
                       b' "stderr": ""}\n')
