@@ -141,31 +141,13 @@ impl Qmp {
             options,
             reader,
         };
-        let reply = match tokio::time::timeout(timeout, caps_rx).await {
-            Err(_) => {
-                return Err(Error::Timeout {
-                    command: "qmp_capabilities".into(),
-                    timeout,
-                })
-            }
-            Ok(Err(_)) => {
-                let p = lock(&qmp.pending);
-                return Err(match &p.closed {
-                    Some(reason) => closed_error(reason, "qmp_capabilities"),
-                    None => Error::Closed {
-                        command: Some("qmp_capabilities".into()),
-                    },
-                });
-            }
-            Ok(Ok(reply)) => reply,
-        };
-        if let Reply::Qmp { class, desc } = reply {
-            return Err(Error::Qmp {
-                command: "qmp_capabilities".into(),
-                class,
-                desc,
-            });
-        }
+        qmp.finish(
+            CAPABILITIES_ID,
+            "qmp_capabilities",
+            timeout,
+            qmp.reply(caps_rx, "qmp_capabilities"),
+        )
+        .await?;
         Ok(qmp)
     }
 
@@ -286,16 +268,34 @@ impl Qmp {
         tracing::trace!(command = name, id, "QMP call");
         let exchange = async {
             self.send(&line, fds).await?;
-            rx.await.map_err(|_| {
-                let p = lock(&self.pending);
-                match &p.closed {
-                    Some(reason) => closed_error(reason, name),
-                    None => Error::Closed {
-                        command: Some(name.to_owned()),
-                    },
-                }
-            })
+            self.reply(rx, name).await
         };
+        self.finish(id, name, timeout, exchange).await
+    }
+
+    /// The reply `rx` brings; the connection's end names `name` if it
+    /// brings none.
+    async fn reply(&self, rx: oneshot::Receiver<Reply>, name: &str) -> Result<Reply, Error> {
+        rx.await.map_err(|_| {
+            let p = lock(&self.pending);
+            match &p.closed {
+                Some(reason) => closed_error(reason, name),
+                None => Error::Closed {
+                    command: Some(name.to_owned()),
+                },
+            }
+        })
+    }
+
+    /// Waits for command `id`'s `exchange` within `timeout` (forgetting
+    /// the command if it fails) and turns its reply into a result.
+    async fn finish(
+        &self,
+        id: u64,
+        name: &str,
+        timeout: Duration,
+        exchange: impl std::future::Future<Output = Result<Reply, Error>>,
+    ) -> Result<Value, Error> {
         let result = tokio::time::timeout(timeout, exchange).await;
         match result {
             Err(_) => {
