@@ -75,13 +75,7 @@ fn major_minor() -> String {
 /// server goes on in the background), or at once when another server
 /// already serves this socket.
 pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliResult {
-    let fail = |what: &str, e: std::io::Error| {
-        Failure::new(
-            1,
-            "serve",
-            format!("serve: {what} {}: {e}", socket.display()),
-        )
-    };
+    let fail = |what: &str, e| failure(socket, what, e);
     let lock_path = with_suffix(socket, ".lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -162,6 +156,41 @@ pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliRes
     result
 }
 
+/// The server's failure to `what` its socket.
+fn failure(socket: &Path, what: &str, e: std::io::Error) -> Failure {
+    Failure::new(
+        1,
+        "serve",
+        format!("serve: {what} {}: {e}", socket.display()),
+    )
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable_within(fd: &OwnedFd, ms: i32) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) == 1 }
+}
+
+/// Reads the caller's request line, waiting up to `wait` for it.
+fn read_request(conn: &UnixStream, wait: Duration) -> std::io::Result<String> {
+    conn.set_read_timeout(Some(wait))?;
+    let mut line = String::new();
+    BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line)?;
+    Ok(line)
+}
+
+/// Sends `answer` (a JSON object) with this server's version, as one line
+/// in one write.
+fn respond(mut conn: &UnixStream, mut answer: serde_json::Value) -> std::io::Result<()> {
+    answer["version"] = env!("CARGO_PKG_VERSION").into();
+    conn.write_all(format!("{answer}\n").as_bytes())
+}
+
 /// Answers `retired` to every call waiting in the listening socket's queue.
 fn drain(listener: &UnixListener) {
     if listener.set_nonblocking(true).is_err() {
@@ -175,12 +204,9 @@ fn drain(listener: &UnixListener) {
 
 /// Answers `retired` once the caller has sent its request (read and
 /// dropped within `wait`), so that its write does not meet a closed socket.
-fn respond_retired(mut conn: &UnixStream, wait: Duration) -> std::io::Result<()> {
-    let _ = conn.set_read_timeout(Some(wait));
-    let mut line = String::new();
-    let _ = BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line);
-    let obj = serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "retired": true});
-    conn.write_all(format!("{obj}\n").as_bytes())
+fn respond_retired(conn: &UnixStream, wait: Duration) -> std::io::Result<()> {
+    let _ = read_request(conn, wait);
+    respond(conn, serde_json::json!({"retired": true}))
 }
 
 fn socket_is(socket: &Path, id: (u64, u64)) -> bool {
@@ -213,13 +239,7 @@ fn accept_loop(
     me: u32,
     parser: clap::Command,
 ) -> CliResult {
-    let fail = |what: &str, e: std::io::Error| {
-        Failure::new(
-            1,
-            "serve",
-            format!("serve: {what} {}: {e}", ours.socket.display()),
-        )
-    };
+    let fail = |what: &str, e| failure(ours.socket, what, e);
     let mut ends = [0i32; 2];
     // SAFETY: pipe2 fills two descriptors, owned below.
     if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -254,16 +274,9 @@ fn accept_loop(
         if wait == Some(Duration::ZERO) {
             break Ok(());
         }
-        let mut fds = [libc::pollfd {
-            fd: notify_r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
         let wait = wait.map_or(SOCKET_CHECK, |w| w.min(SOCKET_CHECK));
         let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
-        if n <= 0 {
+        if !readable_within(&notify_r, ms) {
             if !socket_is(ours.socket, ours.socket_id) {
                 break Ok(());
             }
@@ -299,13 +312,7 @@ fn release(pid: i32, ours: &Owned<'_>, notify_r: &OwnedFd) {
         .flatten();
     if let Some(poke) = &poke {
         let _ = (&*poke).write_all(b"\n");
-        let mut fds = [libc::pollfd {
-            fd: notify_r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) } == 1 {
+        if readable_within(notify_r, 1000) {
             return;
         }
     }
@@ -388,25 +395,21 @@ fn peer_allowed(conn: &UnixStream, me: u32) -> bool {
     rc == 0 && (cred.uid == me || cred.uid == 0)
 }
 
-fn respond_error(mut conn: &UnixStream, message: &str) -> std::io::Result<()> {
+fn respond_error(conn: &UnixStream, message: &str) -> std::io::Result<()> {
     let obj = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
         "code": 2,
         "stdout": "",
         "stderr": serde_json::json!({"kind": "usage", "instance": null, "message": message, "exit_code": 2}).to_string() + "\n",
     });
-    (&mut conn).write_all(format!("{obj}\n").as_bytes())
+    respond(conn, obj)
 }
 
 /// In the forked child: read the request, run it as `gkvm ARGV`, answer.
 fn child(conn: UnixStream, prepared: crate::Prepared) -> i32 {
     // SAFETY: back to the default, so the command can wait for its children.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
-    let mut line = String::new();
-    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
-    let request = match read {
-        Ok(_) if line.ends_with('\n') => {
+    let request = match read_request(&conn, REQUEST_TIMEOUT) {
+        Ok(line) if line.ends_with('\n') => {
             serde_json::from_str::<Request>(&line).map_err(|e| format!("serve: not a request: {e}"))
         }
         Ok(_) => Err("serve: the request is not one JSON line (or too large)".to_owned()),
@@ -429,14 +432,8 @@ fn child(conn: UnixStream, prepared: crate::Prepared) -> i32 {
     }
     match run_request(&request, prepared) {
         Ok((code, stdout, stderr)) => {
-            let obj = serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
-                "code": code,
-                "stdout": stdout,
-                "stderr": stderr,
-            });
-            // One write: the answer is one line.
-            i32::from((&conn).write_all(format!("{obj}\n").as_bytes()).is_err())
+            let answer = serde_json::json!({"code": code, "stdout": stdout, "stderr": stderr});
+            i32::from(respond(&conn, answer).is_err())
         }
         Err(e) => i32::from(respond_error(&conn, &format!("serve: {e}")).is_err()),
     }
