@@ -26,7 +26,8 @@ import gkvm_ganeti.activate  # noqa: F401
 from ganeti import constants, errors, objects, pathutils
 
 from gkvm_ganeti.hypervisor import Gkvm, GkvmHypervisor
-from tests.support import READY, Serial, ganeti_driver, wait_pid_gone
+from tests.support import (READY, Serial, ganeti_driver, guest_hvparams,
+                           wait_pid_gone)
 
 ROUNDS = 10
 
@@ -48,17 +49,7 @@ def instance(name, guest=False, migration_port=None):
   if migration_port:
     hvp[constants.HV_MIGRATION_PORT] = migration_port
   if guest:
-    # The booted test guest, under TCG (this machine's nested KVM stalls
-    # a Linux guest; see README).
-    d = os.environ["GKVM_GUEST_DIR"]
-    with open(os.path.join(d, "cmdline")) as f:
-      cmdline = f.read().replace("console=ttyS0", "").strip()
-    hvp.update({constants.HV_KERNEL_PATH: os.path.join(d, "vmlinux"),
-                constants.HV_INITRD_PATH: os.path.join(d, "initramfs.cpio.gz"),
-                constants.HV_ROOT_PATH: "/dev/ram0",
-                constants.HV_KERNEL_ARGS: cmdline,
-                constants.HV_SERIAL_SPEED: 115200,
-                constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED})
+    hvp.update(guest_hvparams())
   mem = 128 if guest else 64
   be = {constants.BE_MAXMEM: mem, constants.BE_MINMEM: mem,
         constants.BE_VCPUS: 1, constants.BE_AUTO_BALANCE: True,

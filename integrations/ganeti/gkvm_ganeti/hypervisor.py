@@ -97,15 +97,6 @@ _GKVM_ENV = ("GKVM_RUN_DIR", "GKVM_NODE_CONFIG", "GKVM_KVM_PATH",
              "GKVM_MIGRATION_KEY", "GKVM_LOG", "NO_COLOR")
 
 
-class _Answer(object):
-  """What a gkvm command printed and returned."""
-
-  def __init__(self, returncode, stdout, stderr):
-    self.returncode = returncode
-    self.stdout = stdout
-    self.stderr = stderr
-
-
 class Gkvm(object):
   """The `gkvm` command line, one JSON document per call.
 
@@ -184,7 +175,8 @@ class Gkvm(object):
         if doc.get("retired") is True:
           # Retired (an upgraded binary, idle): nothing ran; run the binary.
           return None
-        answer = _Answer(int(doc["code"]), doc["stdout"], doc["stderr"])
+        answer = subprocess.CompletedProcess(
+          args, int(doc["code"]), doc["stdout"], doc["stderr"])
         version = str(doc["version"])
       except (ValueError, KeyError, TypeError, AttributeError):
         raise GkvmError("gkvm's server (%s) answered garbage: %r" %

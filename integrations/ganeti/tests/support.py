@@ -5,6 +5,7 @@ import os
 import socket
 import time
 
+from ganeti import constants
 from ganeti.hypervisor import hv_kvm
 
 #: What the test guest prints on its console when it has booted.
@@ -24,16 +25,37 @@ def ganeti_driver(root):
   return type("GanetiKVM", (hv_kvm.KVMHypervisor,), attrs)
 
 
+def guest_hvparams():
+  """The hypervisor parameters that boot the test guest (GKVM_GUEST_DIR),
+  under TCG: this machine's nested KVM stalls a Linux guest (see README)."""
+  guest = os.environ["GKVM_GUEST_DIR"]
+  with open(os.path.join(guest, "cmdline")) as f:
+    cmdline = f.read().replace("console=ttyS0", "").strip()
+  return {constants.HV_KERNEL_PATH: os.path.join(guest, "vmlinux"),
+          constants.HV_INITRD_PATH: os.path.join(guest, "initramfs.cpio.gz"),
+          constants.HV_ROOT_PATH: "/dev/ram0",
+          constants.HV_KERNEL_ARGS: cmdline,
+          constants.HV_SERIAL_SPEED: 115200,
+          constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED}
+
+
+def proc_stat(pid):
+  """The fields of /proc/PID/stat after the command name (state first,
+  then the parent's pid), or None when the process is gone."""
+  try:
+    with open("/proc/%d/stat" % pid) as f:
+      return f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return None
+
+
 def wait_pid_gone(pid, timeout=10):
   """Waits until `pid` has exited (a zombie counts: this machine's init
   reaps orphans slowly)."""
   deadline = time.time() + timeout
   while time.time() < deadline:
-    try:
-      with open("/proc/%d/stat" % pid) as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-          return
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None or fields[0] == "Z":
       return
     time.sleep(0.02)
   raise AssertionError("process %d never exited" % pid)

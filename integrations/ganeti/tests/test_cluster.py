@@ -69,15 +69,9 @@ class TestOneNodeCluster(unittest.TestCase):
     return support.Serial(self.node(RUN + "/ctrl/" + NAME + ".serial"))
 
   def test_instance_life_through_ganetis_command_line(self):
-    guest = os.environ["GKVM_GUEST_DIR"]
-    with open(os.path.join(guest, "cmdline")) as f:
-      cmdline = f.read().replace("console=ttyS0", "").strip()
-    hv = ",".join([
-      "kernel_path=" + os.path.join(guest, "vmlinux"),
-      "initrd_path=" + os.path.join(guest, "initramfs.cpio.gz"),
-      "root_path=/dev/ram0", "kernel_args=" + cmdline,
-      "serial_speed=115200", "kvm_flag=disabled",  # TCG: see README
-      "kvm_path=/usr/bin/qemu-system-x86_64"])
+    hvp = support.guest_hvparams()
+    hvp["kvm_path"] = "/usr/bin/qemu-system-x86_64"
+    hv = ",".join("%s=%s" % kv for kv in sorted(hvp.items()))
     # Ganeti's default reboot (hard) ends QEMU and starts another.
     out = self.gnt("gnt-instance", "add", "-n", "node1.gkvm.test",
                    "-t", "diskless", "-o", "noop",

@@ -143,17 +143,9 @@ class TestOneNode(unittest.TestCase):
                                   constants.NIC_VLAN: ""})
 
   def _instance(self, name, migration_port=None, **hv):
-    guest = os.environ["GKVM_GUEST_DIR"]
-    with open(os.path.join(guest, "cmdline")) as f:
-      cmdline = f.read().replace("console=ttyS0", "").strip()
     hvparams = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
+    hvparams.update(support.guest_hvparams())
     hvparams.update({
-      constants.HV_KERNEL_PATH: os.path.join(guest, "vmlinux"),
-      constants.HV_INITRD_PATH: os.path.join(guest, "initramfs.cpio.gz"),
-      constants.HV_ROOT_PATH: "/dev/ram0",
-      constants.HV_KERNEL_ARGS: cmdline,
-      constants.HV_SERIAL_SPEED: 115200,
-      constants.HV_KVM_FLAG: constants.HT_KVM_DISABLED,
       constants.HV_VNC_BIND_ADDRESS: "",
       constants.HV_BOOT_ORDER: constants.HT_BO_DISK,
       # This machine has no /dev/vhost-net (Ganeti 3.1's default is on).
@@ -447,14 +439,6 @@ class TestOneNode(unittest.TestCase):
     self.hv.CleanupInstance("gnt-none")
 
 
-def _ppid(pid):
-  try:
-    with open("/proc/%d/stat" % pid) as f:
-      return int(f.read().rsplit(")", 1)[1].split()[1])
-  except OSError:
-    return None
-
-
 class TestServer(unittest.TestCase):
   """The plugin's calls through `gkvm serve`: a server killed, retired or
   answering garbage costs a call nothing, or fails it with a clear error."""
@@ -479,7 +463,8 @@ class TestServer(unittest.TestCase):
     """The server's pid (its child forked ahead for the next call has the
     same command line)."""
     pids = self._server_pids()
-    servers = [p for p in pids if _ppid(p) not in pids]
+    servers = [p for p in pids
+               if int((support.proc_stat(p) or [0, 0])[1]) not in pids]
     self.assertEqual(len(servers), 1, pids)
     return servers[0], pids
 
