@@ -275,3 +275,61 @@ fn serving(socket: &Path) -> Vec<i32> {
         })
         .collect()
 }
+
+#[test]
+fn a_terminated_server_leaves_nothing_that_stops_the_next() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let mut server = Server::start(Path::new(GKVM), &socket);
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(i32::try_from(server.0.id()).unwrap(), libc::SIGTERM) };
+    assert!(server.wait_exit(Duration::from_secs(10)));
+    // Its waiting child goes with it; the stale socket is replaced.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serving(&socket).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            serving(&socket)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _next = Server::start(Path::new(GKVM), &socket);
+    assert_eq!(
+        call(&socket, &json!({"argv": ["--version"]}))["code"],
+        json!(0)
+    );
+}
+
+#[test]
+fn tampered_paths_are_refused_by_name() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let serve = |socket: &Path| {
+        Command::new(GKVM)
+            .args(["serve", "--detach", "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap()
+    };
+    // A regular file where the socket goes is not removed.
+    let file = dir.path().join("file.sock");
+    std::fs::write(&file, "keep").unwrap();
+    let out = serve(&file);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a socket") && err.contains("file.sock"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    // A symlink planted as the lock file is not followed.
+    let target = dir.path().join("elsewhere");
+    std::fs::write(&target, "").unwrap();
+    let linked = dir.path().join("l.sock");
+    std::os::unix::fs::symlink(&target, dir.path().join("l.sock.lock")).unwrap();
+    let out = serve(&linked);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lock file") && err.contains("l.sock"), "{err}");
+    assert!(!linked.exists());
+}
