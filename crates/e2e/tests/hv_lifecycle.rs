@@ -941,6 +941,107 @@ fn user_shutdown_keeps_qemu_until_the_next_start() {
     });
 }
 
+/// Starts `spec` and waits until its guest is ready (the power button
+/// listener included).
+async fn boot(hv: &KvmHypervisor, node: &Node, spec: &kvm_cmdline::InstanceSpec) -> (i32, Serial) {
+    let pid = hv.start(spec, hv_kvm::StartMode::Paused).await.unwrap().pid;
+    let paths = RunDir::new(node.run()).instance(&spec.name).unwrap();
+    let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+    hv.resume(&spec.name).await.unwrap();
+    serial
+        .wait_for(READY_LINE, Duration::from_secs(90))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (pid, serial)
+}
+
+/// Waits until `name`'s info shows `state`.
+async fn wait_info(
+    hv: &KvmHypervisor,
+    name: &str,
+    state: hv_kvm::InstanceState,
+) -> hv_kvm::InstanceInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(info) = hv.info(name).await {
+            if info.state == state {
+                return info;
+            }
+        }
+        assert!(Instant::now() < deadline, "{name} never got to {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Ganeti 3.1 with `user_shutdown`: an administrator's stop (the power
+/// button) ends QEMU once the guest is off, so it is not "user down"; a
+/// QEMU whose guest already powered itself off is ended at once by any
+/// stop; a QEMU ended by a signal is "user down" (as Ganeti's kvmd says).
+#[test]
+fn user_shutdown_tells_an_administrators_stop_from_the_users() {
+    let Some(env) = require("hv_user_down", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let mut spec = guest_spec(&env, "udown1");
+    spec.hvparams.set_pair("user_shutdown=true").unwrap();
+    let long = hv_kvm::StopMode::Acpi {
+        timeout: Duration::from_secs(120),
+    };
+    rt().block_on(async {
+        let hv = &node.hv;
+        // A graceful stop waits for the guest's poweroff, not its timeout.
+        let (pid, _serial) = boot(hv, &node, &spec).await;
+        let outcome = hv.stop("udown1", long).await.map_err(|e| e.report());
+        assert_eq!(outcome, Ok(StopOutcome::PoweredOff));
+        assert!(!alive(pid));
+
+        // Ganeti's stop: press the button and poll. QEMU exits; the end
+        // follows the power button, so it is not the user's.
+        let (pid, _serial) = boot(hv, &node, &spec).await;
+        let pressed = hv.stop(
+            "udown1",
+            hv_kvm::StopMode::Acpi {
+                timeout: Duration::ZERO,
+            },
+        );
+        assert_eq!(pressed.await.unwrap(), StopOutcome::PowerButtonPressed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU stayed after the guest powered off"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let info = wait_info(hv, "udown1", hv_kvm::InstanceState::Shutdown).await;
+        assert_eq!((info.pid, info.user_down), (0, false), "{info:?}");
+        hv.cleanup("udown1").await.unwrap();
+
+        // The guest powers itself off: QEMU waits, "user down"; a stop
+        // ends it at once.
+        let (pid, mut serial) = boot(hv, &node, &spec).await;
+        serial.send_line("poweroff -f").unwrap();
+        let info = wait_info(hv, "udown1", hv_kvm::InstanceState::Shutdown).await;
+        assert_eq!((info.pid, info.user_down), (pid, true), "{info:?}");
+        let outcome = hv.stop("udown1", long).await.map_err(|e| e.report());
+        assert_eq!(outcome, Ok(StopOutcome::PoweredOff));
+        assert!(!alive(pid));
+
+        // A signal on the host (Ganeti's QA: pkill): "user down", QEMU gone.
+        let (pid, _serial) = boot(hv, &node, &spec).await;
+        // SAFETY: a plain kill(2) of the QEMU this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let info = wait_info(hv, "udown1", hv_kvm::InstanceState::Shutdown).await;
+        assert_eq!(info.cause.as_deref(), Some("host-signal"), "{info:?}");
+        assert_eq!((info.pid, info.user_down), (0, true), "{info:?}");
+        assert_eq!(
+            hv.stop("udown1", long).await.unwrap(),
+            StopOutcome::NotRunning
+        );
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}
+
 #[test]
 fn display_binds_resolve_interface_names_on_this_node() {
     let Some(env) = require("hv_display_binds", &[Need::Root, Need::Qemu]) else {

@@ -17,32 +17,51 @@ pub(crate) struct Ending {
     pub(crate) cause: String,
     /// What it means, in words.
     pub(crate) reason: String,
+    /// Whether QEMU reported the ACPI power button (`POWERDOWN`, what
+    /// gkvm's stop presses) before this shutdown: an administrator's stop,
+    /// not the guest's or a user's own (Ganeti's kvmd draws the same line).
+    pub(crate) after_powerdown: bool,
+}
+
+impl Ending {
+    /// Whether this end is Ganeti's "user down" for an instance with
+    /// `user_shutdown`: the guest powered itself off or a signal on the
+    /// host ended QEMU, not gkvm's power button. A reboot under
+    /// `reboot_behavior=exit` (`guest-reset`) is not: the instance is to
+    /// be started again.
+    pub(crate) fn is_user_down(&self) -> bool {
+        !self.after_powerdown && self.cause != "guest-reset" && self.cause != "guest-panic"
+    }
 }
 
 /// The last shutdown or panic QEMU reported in `log` (lines of QMP JSON;
 /// anything else is skipped).
 pub(crate) fn last_ending_in(log: &[u8]) -> Option<Ending> {
     let mut last = None;
+    let mut powerdown = false;
     for line in log.split(|&b| b == b'\n') {
         let Ok(v) = serde_json::from_slice::<Value>(line) else {
             continue;
         };
         match v.get("event").and_then(Value::as_str) {
+            Some("POWERDOWN") => powerdown = true,
             Some("SHUTDOWN") => {
                 let cause = v
                     .pointer("/data/reason")
                     .and_then(Value::as_str)
                     .unwrap_or("none")
                     .to_owned();
-                last = Some(cause);
+                // A shutdown answers the power button pressed before it.
+                last = Some((cause, std::mem::take(&mut powerdown)));
             }
-            Some("GUEST_PANICKED") => last = Some("guest-panic".to_owned()),
+            Some("GUEST_PANICKED") => last = Some(("guest-panic".to_owned(), false)),
             _ => {}
         }
     }
-    last.map(|cause| Ending {
+    last.map(|(cause, after_powerdown)| Ending {
         reason: describe(&cause),
         cause,
+        after_powerdown,
     })
 }
 
@@ -103,5 +122,32 @@ garbage
                 .reason,
             "QEMU shut down (snapshot-load)"
         );
+    }
+
+    #[test]
+    fn a_shutdown_after_the_power_button_is_an_administrators() {
+        let admin = br#"{"event": "POWERDOWN"}
+{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}
+"#;
+        let e = last_ending_in(admin).unwrap();
+        assert!(e.after_powerdown);
+        assert!(!e.is_user_down());
+        // The guest's own poweroff, and a signal on the host: the user's.
+        for cause in ["guest-shutdown", "host-signal", "host-qmp-quit"] {
+            let log = format!(r#"{{"event": "SHUTDOWN", "data": {{"reason": "{cause}"}}}}"#);
+            let e = last_ending_in(log.as_bytes()).unwrap();
+            assert!(!e.after_powerdown);
+            assert!(e.is_user_down(), "{cause}");
+        }
+        // A power button answered by an earlier shutdown does not carry
+        // over to the next one (QEMU kept by user_shutdown, started again).
+        let later = br#"{"event": "POWERDOWN"}
+{"event": "SHUTDOWN", "data": {"reason": "guest-shutdown"}}
+{"event": "SHUTDOWN", "data": {"reason": "host-signal"}}
+"#;
+        assert!(last_ending_in(later).unwrap().is_user_down());
+        // A reboot under reboot_behavior=exit is to be started again.
+        let reset = br#"{"event": "SHUTDOWN", "data": {"reason": "guest-reset"}}"#;
+        assert!(!last_ending_in(reset).unwrap().is_user_down());
     }
 }

@@ -289,18 +289,39 @@ impl KvmHypervisor {
                 return Ok(StopOutcome::NotRunning);
             }
         };
-        let acpi = self
-            .saved_spec(paths)
-            .ok()
-            .flatten()
-            .map(|s| s.hvparams.acpi)
-            .unwrap_or(true);
+        let spec = self.saved_spec(paths).ok().flatten();
+        let acpi = spec.as_ref().map(|s| s.hvparams.acpi).unwrap_or(true);
+        let kept = spec.as_ref().is_some_and(|s| s.hvparams.user_shutdown);
         let timeout = match mode {
             StopMode::Acpi { timeout } if acpi => Some(timeout),
             _ => None,
         };
+        // `user_shutdown`: a QEMU whose guest already shut down waits for
+        // nothing more; it ends at once, whatever the mode.
+        if kept && timeout.is_some() && self.guest_has_shut_down(paths, pid).await {
+            tracing::info!(instance = %name, pid, "the guest had shut down; ending its QEMU");
+            self.kill(paths, pid).await?;
+            self.cleanup_files(paths)?;
+            return Ok(StopOutcome::PoweredOff);
+        }
         let outcome = if let Some(timeout) = timeout {
             let qmp = self.qmp(paths).await?;
+            if kept {
+                // An administrator's stop ends QEMU when the guest powers
+                // off (QEMU was started with -no-shutdown to keep it after
+                // the guest's own poweroff): as Ganeti's kvmd tells the
+                // two apart by the power button, so does QEMU's event log.
+                if let Err(e) = qmp
+                    .run(&commands::SetAction {
+                        shutdown: Some("poweroff".into()),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    tracing::warn!(instance = %name, error = %e,
+                        "set-action shutdown=poweroff failed; QEMU will stay after the guest powers off");
+                }
+            }
             qmp.run(&commands::SystemPowerdown)
                 .await
                 .map_err(|e| Error::Qmp {
@@ -328,6 +349,14 @@ impl KvmHypervisor {
         self.cleanup_files(paths)?;
         tracing::info!(instance = %name, ?outcome, "stopped");
         Ok(outcome)
+    }
+
+    /// Whether QEMU says its guest shut down (QEMU kept by `user_shutdown`).
+    async fn guest_has_shut_down(&self, paths: &InstancePaths, pid: i32) -> bool {
+        matches!(
+            self.condition(paths, pid).await,
+            Condition::Live(RunState::Shutdown)
+        )
     }
 
     pub(crate) async fn kill(&self, paths: &InstancePaths, pid: i32) -> Result<()> {
@@ -384,14 +413,18 @@ impl KvmHypervisor {
     /// Removes what an instance left behind (pid file, sockets, runtime
     /// file, NIC records, uid...). A QEMU that holds no guest of its own —
     /// a start interrupted before the guest ran, a source whose migration
-    /// completed, a destination still waiting for its migration — is
-    /// killed first; an instance whose guest runs here is refused.
+    /// completed, a destination still waiting for its migration, one whose
+    /// guest shut down (`user_shutdown`) — is killed first; an instance
+    /// whose guest runs here is refused.
     pub async fn cleanup(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
         if let Liveness::Running { pid } = self.liveness(&paths)? {
             match self.condition(&paths, pid).await {
-                Condition::HalfStarted | Condition::MigratedAway | Condition::Incoming => {
+                Condition::HalfStarted
+                | Condition::MigratedAway
+                | Condition::Incoming
+                | Condition::Live(RunState::Shutdown) => {
                     tracing::info!(instance = %name, pid, "cleanup: killing a QEMU without a guest of its own");
                     self.kill(&paths, pid).await?;
                 }

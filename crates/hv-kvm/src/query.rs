@@ -64,11 +64,8 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     .await
     .ok()
     .flatten();
-    let starting = paths
-        .read_runtime()
-        .ok()
-        .flatten()
-        .is_some_and(|r| crate::lifecycle::is_starting(&r));
+    let record = paths.read_runtime().ok().flatten();
+    let starting = record.as_ref().is_some_and(crate::lifecycle::is_starting);
     if let Some((status, balloon)) = answers {
         if let Some(s) = status {
             state = InstanceState::from(s.status);
@@ -86,6 +83,10 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     let ending = (state == InstanceState::Shutdown)
         .then(|| crate::events::last_ending(&paths))
         .flatten();
+    let user_down = record.as_ref().is_some_and(user_shutdown)
+        && ending
+            .as_ref()
+            .is_some_and(crate::events::Ending::is_user_down);
     InstanceInfo {
         name: paths.name.clone(),
         pid,
@@ -97,6 +98,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         cause: ending.map(|e| e.cause),
         log: None,
         guest_agent: None,
+        user_down,
     }
 }
 
@@ -151,6 +153,7 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
         cause: None,
         log: None,
         guest_agent: None,
+        user_down: false,
     }
 }
 
@@ -202,6 +205,11 @@ fn stopped_info(
     info.state = state;
     info.cpu_time_secs = 0.0;
     info.reason = Some(reason);
+    info.user_down = state == InstanceState::Shutdown
+        && user_shutdown(record)
+        && ending
+            .as_ref()
+            .is_some_and(crate::events::Ending::is_user_down);
     // A crash's cause only if QEMU said the guest panicked (an earlier
     // shutdown of a QEMU kept by user_shutdown is not why it died).
     info.cause = ending

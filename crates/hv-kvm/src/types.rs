@@ -37,6 +37,12 @@ pub struct InstanceInfo {
     /// instance with `use_guest_agent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<bool>,
+    /// For `shutdown` with `user_shutdown` on: the guest powered itself
+    /// off, or a signal on the host ended QEMU — not gkvm's power button
+    /// (`stop`). Ganeti's "user down" (its kvmd draws the same line): the
+    /// cluster leaves such an instance down instead of calling it an error.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_down: bool,
 }
 
 /// The node's resources.

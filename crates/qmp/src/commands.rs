@@ -597,6 +597,27 @@ impl Command for QomSet {
     type Output = ();
 }
 
+/// `set-action` (QEMU 6.0+): what QEMU does on a guest's shutdown, reboot,
+/// panic or watchdog, changed while it runs (`-action` on its command
+/// line). Members left `None` keep their current action.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SetAction {
+    /// On a guest's shutdown: `poweroff` (QEMU exits) or `pause` (QEMU
+    /// stays, as `-no-shutdown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<String>,
+    /// On a guest's reboot: `reset` or `shutdown` (as `-no-reboot`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<String>,
+    /// On a guest's panic: `pause`, `shutdown`, `exit-failure` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panic: Option<String>,
+}
+impl Command for SetAction {
+    const NAME: &'static str = "set-action";
+    type Output = ();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +650,18 @@ mod tests {
         let v = serde_json::to_value(&cmd).unwrap();
         assert_eq!(v["vhost"], Value::Bool(false));
         assert_eq!(v["type"], "tap");
+    }
+
+    #[test]
+    fn set_action_sends_only_what_changes() {
+        let cmd = SetAction {
+            shutdown: Some("poweroff".into()),
+            ..SetAction::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&cmd).unwrap(),
+            serde_json::json!({"shutdown": "poweroff"})
+        );
     }
 
     #[test]

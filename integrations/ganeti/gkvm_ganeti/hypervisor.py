@@ -380,25 +380,28 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
     """gkvm's info of one instance as Ganeti's (name, id, memory, vcpus,
     state, times), or None when it does not run."""
     state = doc.get("state")
-    if doc.get("pid", 0) == 0:
-      return None
+    pid = doc.get("pid", 0)
     if state == "shutdown":
-      # QEMU kept after its guest ended (user_shutdown). A reboot under
-      # reboot_behavior=exit is not a user's shutdown: report it gone so
-      # that the cluster restarts it.
-      if doc.get("cause") == "guest-reset":
+      # With user_shutdown, gkvm says whether the guest (or a signal on the
+      # host) ended it, not an administrator's power button: Ganeti's
+      # USER_down, as its kvmd decides. Otherwise (a stop, a reboot under
+      # reboot_behavior=exit to be started again) it is not running.
+      if not doc.get("user_down"):
         return None
-      hv_state = hv_base.HvInstanceState.SHUTDOWN
-    elif state in ("starting", "incoming", "migrated"):
+      if pid == 0:
+        # QEMU is gone (a signal): as Ganeti's driver reports it.
+        return (doc["name"], -1, 0, 0, hv_base.HvInstanceState.SHUTDOWN, 0)
+      return (doc["name"], pid, doc.get("memory_mib", 0), doc.get("vcpus", 1),
+              hv_base.HvInstanceState.SHUTDOWN, doc.get("cpu_time_secs", 0.0))
+    if pid == 0 or state in ("starting", "incoming", "migrated"):
       return None
-    else:
-      hv_state = hv_base.HvInstanceState.RUNNING
-    return (doc["name"], doc["pid"], doc.get("memory_mib", 0),
-            doc.get("vcpus", 1), hv_state, doc.get("cpu_time_secs", 0.0))
+    return (doc["name"], pid, doc.get("memory_mib", 0), doc.get("vcpus", 1),
+            hv_base.HvInstanceState.RUNNING, doc.get("cpu_time_secs", 0.0))
 
   def ListInstances(self, hvparams=None):
+    # Instances with a QEMU here (as Ganeti's driver: a live pid).
     return [d["name"] for d in self.gkvm.call(["list"]) or []
-            if self._info_tuple(d) is not None]
+            if (self._info_tuple(d) or (None, -1))[1] > 0]
 
   def GetInstanceInfo(self, instance_name, hvparams=None):
     try:
@@ -561,10 +564,12 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
                       "--nic", json.dumps(_nic(device))])
 
   def ResizeDisk(self, instance, disk, new_size):
-    # Ganeti's sizes are MiB.
+    # Ganeti's backend passes the new size in bytes (LUInstanceGrowDisk:
+    # `self.target * (1024 ** 2)`), as its driver hands it to block_resize;
+    # a disk object's own `size` is MiB.
     self.gkvm.call(["disk-grow", instance.name,
                     self._device_id(constants.HOTPLUG_TARGET_DISK, disk),
-                    "%dM" % new_size])
+                    "%d" % new_size])
 
   # -- parameters --------------------------------------------------------------
 

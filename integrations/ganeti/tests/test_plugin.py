@@ -9,6 +9,7 @@ GANETI_TESTSUITE set there).
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,7 +253,8 @@ class TestOneNode(unittest.TestCase):
     self.assertIn(b"52:54:00:47:4e:02", out)
     self.assertIn(b"8192", out)
     self.assertIn(b"gkvm-hotplugged", out)
-    hv.ResizeDisk(inst, disk2, 8)
+    # As Ganeti's LUInstanceGrowDisk calls it: the new size in bytes.
+    hv.ResizeDisk(inst, disk2, 8 * 1024 * 1024)
     out = serial.run("sleep 1; cat /sys/block/vdb/size", "grown")
     self.assertIn(b"16384", out)
     hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, disk2, None, 1)
@@ -288,6 +290,64 @@ class TestOneNode(unittest.TestCase):
     hv.StopInstance(inst, force=True)
     self.assertIsNone(hv.GetInstanceInfo("gnt1"))
     hv.CleanupInstance("gnt1")
+    self.assertEqual(hv.ListInstances(), [])
+
+  def _boot(self, inst):
+    """Starts `inst` as Ganeti does and waits for its guest."""
+    self.hv.StartInstance(inst, self._disk(), True)
+    serial = support.Serial(os.path.join(os.environ["GKVM_RUN_DIR"], "ctrl",
+                                         "%s.serial" % inst.name))
+    self.addCleanup(serial.close)
+    subprocess.run([os.environ["GKVM_BIN"], "resume", inst.name], check=True,
+                   stdout=subprocess.DEVNULL)
+    serial.wait_for(support.READY)
+    return self.hv.GetInstanceInfo(inst.name)[1], serial
+
+  def _wait_state(self, name, state, timeout=60):
+    deadline = time.time() + timeout
+    while True:
+      info = self.hv.GetInstanceInfo(name)
+      if info is not None and info[4] == state:
+        return info
+      self.assertLess(time.time(), deadline, "%s never got to %s (%r)" %
+                      (name, state, info))
+      time.sleep(0.2)
+
+  def test_user_shutdown_as_ganetis_kvmd_tells_it(self):
+    """user_shutdown=true (Ganeti QA's TestInstanceUserDown): an
+    administrator's stop ends the instance (not USER_down, no wait for the
+    timeout); the guest's own poweroff and a QEMU killed by a signal are
+    USER_down; the watcher's stop of a USER_down instance ends it at once."""
+    inst = self._instance("gntush", **{constants.HV_KVM_USER_SHUTDOWN: True})
+    hv = self.hv
+    # gnt-instance shutdown: the power button, then Ganeti polls until the
+    # instance is gone (its backend forces only after the timeout).
+    self._boot(inst)
+    hv.StopInstance(inst)
+    self._wait_gone("gntush", timeout=60)
+    hv.CleanupInstance("gntush")
+
+    # Ganeti QA's user shutdown for KVM: pkill -f "-name NAME" (SIGTERM).
+    pid, _ = self._boot(inst)
+    os.kill(pid, signal.SIGTERM)
+    info = self._wait_state("gntush", hv_base.HvInstanceState.SHUTDOWN)
+    self.assertEqual(info[1], -1)
+    self.assertNotIn("gntush", hv.ListInstances())
+    self.assertIn("gntush", [t[0] for t in hv.GetAllInstancesInfo()])
+    # The watcher (or gnt-instance shutdown) stops a USER_down instance.
+    hv.StopInstance(inst)
+    self.assertIsNone(hv.GetInstanceInfo("gntush"))
+    hv.CleanupInstance("gntush")
+
+    # The guest powers itself off: USER_down while its QEMU waits, and a
+    # stop ends that QEMU at once.
+    pid, serial = self._boot(inst)
+    serial.sock.sendall(b"poweroff -f\n")
+    info = self._wait_state("gntush", hv_base.HvInstanceState.SHUTDOWN)
+    self.assertEqual(info[1], pid)
+    hv.StopInstance(inst)
+    self.assertIsNone(hv.GetInstanceInfo("gntush"))
+    hv.CleanupInstance("gntush")
     self.assertEqual(hv.ListInstances(), [])
 
   def test_migration_there_and_back_through_ganetis_steps(self):
