@@ -239,12 +239,12 @@ async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
                 // Against this node too (Ganeti's ValidateParameters).
                 if let Ok(node) = hypervisor(cli) {
                     let request = Request::ValidateParams { hvparams: hv };
-                    if let Err(e) = call(&node, request).await {
-                        report.problems.push(e.message);
+                    if let Err(e) = node.handle(request).await {
+                        report.add_param_problem(e.param(), e.report());
                     }
                 }
             }
-            Err(e) => report.problems.push(e.to_string()),
+            Err(e) => report.add_param_problem(e.key(), e.to_string()),
         }
     }
     render::verify(cli.json, &report)

@@ -210,6 +210,15 @@ impl Error {
         report(self)
     }
 
+    /// The hypervisor parameter at fault, for a `params` error that names
+    /// one (`kvm_path`, `security_domain`, ...).
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Error::Params { source, .. } | Error::NodeParams(source) => source.key(),
+            _ => None,
+        }
+    }
+
     /// The instance the error is about, when there is one.
     pub fn instance(&self) -> Option<&str> {
         match self {

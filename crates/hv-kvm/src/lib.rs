@@ -216,7 +216,21 @@ impl KvmHypervisor {
         if let Some(p) = &self.config.kvm_path {
             hv.kvm_path = p.clone();
         }
-        let caps = self.capabilities(&hv.kvm_path).await?;
+        // The QEMU they name is theirs to get right: a binary that is not
+        // there or does not answer is a kvm_path problem.
+        let kvm_path = |reason: String| {
+            Error::NodeParams(kvm_cmdline::Error::Host {
+                key: "kvm_path".into(),
+                reason,
+            })
+        };
+        if !hv.kvm_path.is_file() {
+            return Err(kvm_path(format!("{} is not a file", hv.kvm_path.display())));
+        }
+        let caps = self
+            .capabilities(&hv.kvm_path)
+            .await
+            .map_err(|e| kvm_path(e.report()))?;
         hv.validate_host(&lifecycle::RealHost, &caps)
             .map_err(params)
     }

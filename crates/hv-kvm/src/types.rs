@@ -118,6 +118,32 @@ pub struct VerifyReport {
     /// `AssessParameters`), when parameters were given to assess.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The problems (also in `problems`) of the hypervisor parameters given
+    /// to check, by parameter: what a caller acts on (Ganeti's
+    /// `ValidateParameters` refuses exactly these), the node's own problems
+    /// aside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid_params: Vec<ParamProblem>,
+}
+
+/// A hypervisor parameter that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ParamProblem {
+    /// The parameter (`kvm_path`), or `-` when the error names none.
+    pub key: String,
+    /// Why, in one line.
+    pub message: String,
+}
+
+impl ParamProblem {
+    /// A problem of `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> ParamProblem {
+        ParamProblem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl VerifyReport {
@@ -126,7 +152,15 @@ impl VerifyReport {
         VerifyReport {
             problems,
             warnings: Vec::new(),
+            invalid_params: Vec::new(),
         }
+    }
+
+    /// Adds a problem of the parameters given to check.
+    pub fn add_param_problem(&mut self, key: Option<&str>, message: String) {
+        self.problems.push(message.clone());
+        self.invalid_params
+            .push(ParamProblem::new(key.unwrap_or("-"), message));
     }
 }
 

@@ -245,7 +245,7 @@ pub fn build(
     let mut scsi_controller = false;
     build_disks(&c, &mut a, &mut scsi_controller)?;
     build_cdroms(&c, &mut a, &mut scsi_controller)?;
-    if c.lean() && hv.disk_type == DiskType::Scsi {
+    if c.lean() && hv.disk_type.on_scsi_bus() {
         // Present without SCSI disks too, so that disks can be hot-plugged
         // (as Ganeti 3.1 adds it whenever disk_type is SCSI).
         scsi_controller_once(&c, &mut a, &mut scsi_controller)?;
@@ -355,8 +355,13 @@ fn disk_device(kind: DiskType, cdrom: bool, drive_id: &str) -> Option<Device> {
         (DiskType::Paravirtual, _) => ("virtio-blk-pci", false),
         (DiskType::Ide, false) => ("ide-hd", false),
         (DiskType::Ide, true) => ("ide-cd", false),
-        (DiskType::Scsi, false) => ("scsi-hd", true),
-        (DiskType::Scsi, true) => ("scsi-cd", true),
+        // A CD-ROM image on the SCSI bus is a SCSI CD-ROM, whatever the
+        // disks' SCSI type.
+        (k, true) if k.on_scsi_bus() => ("scsi-cd", true),
+        (DiskType::Scsi | DiskType::ScsiHd, false) => ("scsi-hd", true),
+        (DiskType::ScsiBlock, false) => ("scsi-block", true),
+        (DiskType::ScsiGeneric, false) => ("scsi-generic", true),
+        (DiskType::ScsiCd, false) => ("scsi-cd", true),
         _ => return None,
     };
     let mut dev = Device::new(driver).with("drive", drive_id);
@@ -405,7 +410,7 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
         };
         if c.blockdev_disks() {
             if let Some(dev) = disk_device(hv.disk_type, false, &id) {
-                if hv.disk_type == DiskType::Scsi {
+                if hv.disk_type.on_scsi_bus() {
                     scsi_controller_once(c, a, scsi_controller)?;
                 }
                 let is_boot = std::mem::take(&mut boot_disk);
@@ -445,7 +450,7 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
             a.drive(&extend(drive, tail))?;
             continue;
         };
-        if hv.disk_type == DiskType::Scsi {
+        if hv.disk_type.on_scsi_bus() {
             scsi_controller_once(c, a, scsi_controller)?;
         }
         drive = drive.with("if", "none").with("id", id.as_str());
@@ -529,7 +534,10 @@ fn disk_pieces(
     if needs_auto_read_only_off(c) {
         node.props.set("auto-read-only", false);
     }
-    dev.set("write-cache", write_cache);
+    // Passed-through SCSI devices have no cache of QEMU's to set.
+    if !matches!(dev.driver.as_str(), "scsi-block" | "scsi-generic") {
+        dev.set("write-cache", write_cache);
+    }
     if is_boot {
         dev.set("bootindex", 1);
     }
@@ -556,10 +564,8 @@ pub fn hotplug_disk(
         disk.address.as_ref().map(|a| a.id.clone()).ok_or_else(|| {
             c.instance_err(&field, "a hot-plugged disk needs its id and slot".into())
         })?;
-    if !matches!(
-        spec.hvparams.disk_type,
-        DiskType::Paravirtual | DiskType::Scsi
-    ) {
+    let disk_type = spec.hvparams.disk_type;
+    if disk_type != DiskType::Paravirtual && !disk_type.on_scsi_bus() {
         return Err(c.unsupported(
             "disk_type",
             &format!(
@@ -687,7 +693,7 @@ fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(),
         let id = format!("cdrom{n}");
         if c.blockdev_disks() {
             if let Some(mut dev) = disk_device(kind, true, &id) {
-                if kind == DiskType::Scsi {
+                if kind.on_scsi_bus() {
                     scsi_controller_once(c, a, scsi_controller)?;
                 }
                 a.blockdev(&cdrom_node(key, image, &id)?, SYNTAX)?;
@@ -702,7 +708,7 @@ fn build_cdroms(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(),
             a.drive(&drive.with("if", kind.to_string()))?;
             continue;
         };
-        if kind == DiskType::Scsi {
+        if kind.on_scsi_bus() {
             scsi_controller_once(c, a, scsi_controller)?;
         }
         a.drive(

@@ -78,3 +78,19 @@ pub enum Error {
         reason: String,
     },
 }
+
+impl Error {
+    /// The hypervisor parameter (or field) at fault, when the error is
+    /// about one: what a caller matches on instead of the message.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Error::UnknownParameter { key }
+            | Error::InvalidValue { key, .. }
+            | Error::Syntax { key, .. }
+            | Error::Host { key, .. }
+            | Error::Unsupported { key, .. } => Some(key),
+            Error::Unexpressible { field, .. } => Some(field),
+            Error::Instance { .. } | Error::Capabilities { .. } => None,
+        }
+    }
+}

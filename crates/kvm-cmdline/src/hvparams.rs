@@ -50,7 +50,26 @@ str_enum!(
     /// `disk_type` and `cdrom_disk_type`: how disks are attached.
     DiskType { /** virtio-blk. */ Paravirtual = "paravirtual", /** IDE. */ Ide = "ide",
                /** SCSI (virtio-scsi controller on modern QEMU). */ Scsi = "scsi",
-               /** SD card. */ Sd = "sd", /** MTD. */ Mtd = "mtd", /** Parallel flash. */ Pflash = "pflash" } default Paravirtual);
+               /** SD card. */ Sd = "sd", /** MTD. */ Mtd = "mtd", /** Parallel flash. */ Pflash = "pflash",
+               /** Ganeti 3.1: a SCSI disk (`scsi-hd`) on the SCSI controller. */ ScsiHd = "scsi-hd",
+               /** Ganeti 3.1: a host SCSI block device passed through (`scsi-block`). */ ScsiBlock = "scsi-block",
+               /** Ganeti 3.1: a host SCSI device passed through as SG_IO (`scsi-generic`). */ ScsiGeneric = "scsi-generic",
+               /** Ganeti 3.1: a SCSI CD-ROM (`scsi-cd`). */ ScsiCd = "scsi-cd" } default Paravirtual);
+
+impl DiskType {
+    /// Whether devices of this type sit on the SCSI controller
+    /// (`scsi_controller_type`).
+    pub fn on_scsi_bus(self) -> bool {
+        matches!(
+            self,
+            DiskType::Scsi
+                | DiskType::ScsiHd
+                | DiskType::ScsiBlock
+                | DiskType::ScsiGeneric
+                | DiskType::ScsiCd
+        )
+    }
+}
 str_enum!(
     /// `usb_mouse`.
     UsbMouse { /** Relative USB mouse. */ Mouse = "mouse", /** Absolute tablet. */ Tablet = "tablet" } default Tablet);

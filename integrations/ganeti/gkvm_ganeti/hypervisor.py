@@ -592,12 +592,16 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
 
   @classmethod
   def ValidateParameters(cls, hvparams):
-    # On the node: gkvm checks what this node has (QEMU, users, addresses,
-    # files the parameters name).
+    # Ganeti's own checks of the parameters' files first (kvm_path must be
+    # an existing file, ...), as its KVM driver extends them.
+    hv_base.BaseHypervisor.ValidateParameters.__func__(cls, hvparams)
+    # Then gkvm's, against what this node has (the QEMU named and what it
+    # supports, users, addresses, files): the parameters' own problems,
+    # by parameter, not the node's (those are Verify's).
     doc = Gkvm().call(["verify"] + cls._hv_args(hvparams),
                       ok_codes=(0, 1)) or {}
-    problems = [p for p in doc.get("problems") or []
-                if "hypervisor parameter" in p]
+    problems = ["%s: %s" % (p.get("key"), p.get("message"))
+                for p in doc.get("invalid_params") or []]
     if problems:
       raise errors.HypervisorError("; ".join(problems))
 

@@ -490,6 +490,22 @@ class TestOneNode(unittest.TestCase):
     with self.assertRaises(Exception) as ctx:
       GkvmHypervisor.ValidateParameters(bad)
     self.assertIn("no-such-user-gkvm", str(ctx.exception))
+    # A QEMU that is not there (gnt-cluster modify -H kvm_path=...): refused
+    # by Ganeti's file check and by gkvm (by parameter, not by wording).
+    missing = dict(good)
+    missing[constants.HV_KVM_PATH] = "/nonexistent/qemu-gkvm"
+    with self.assertRaises(Exception) as ctx:
+      GkvmHypervisor.ValidateParameters(missing)
+    self.assertIn("/nonexistent/qemu-gkvm", str(ctx.exception))
+    doc = plugin.Gkvm().call(["verify"] + GkvmHypervisor._hv_args(missing),
+                             ok_codes=(1,))
+    self.assertEqual([p["key"] for p in doc["invalid_params"]], ["kvm_path"])
+    # A directory is not a QEMU either.
+    nodir = dict(good)
+    nodir[constants.HV_KVM_PATH] = "/usr/bin"
+    with self.assertRaises(Exception) as ctx:
+      GkvmHypervisor.ValidateParameters(nodir)
+    self.assertIn("kvm_path", str(ctx.exception))
     warnings = GkvmHypervisor.AssessParameters(good)
     self.assertTrue(any("cpu_type" in w for w in warnings), warnings)
 
