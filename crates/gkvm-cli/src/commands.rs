@@ -77,12 +77,22 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
-        Command::NicModify { name, id, nic } => {
-            let nic = nic_option(nic, name)?;
+        Command::NicModify {
+            name,
+            id,
+            nic: text,
+        } => {
+            let nic = nic_option(text, name)?;
+            // Without a MAC of its own (`bridge=br1`), the NIC keeps its.
+            let keep_mac = !is_json(text)
+                && !text
+                    .split(',')
+                    .any(|kv| kv.trim_start().starts_with("mac="));
             let request = Request::NicModify {
                 instance: name.clone(),
                 id: id.clone(),
                 nic,
+                keep_mac,
             };
             call(&hypervisor(c)?, request).await?;
             let op = Operation::new(name, "nic-modify").with_device(id, None);

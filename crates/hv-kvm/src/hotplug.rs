@@ -601,13 +601,39 @@ impl KvmHypervisor {
     /// table, switch), IP or VLAN — without the guest noticing: the TAP is
     /// unconfigured (down script or native) and configured again with the
     /// new settings (Ganeti 3.1 unplugs and plugs the NIC instead, which
-    /// the guest sees). The MAC and device stay. On failure the old
-    /// settings are restored.
+    /// the guest sees). The device stays. On failure the old settings are
+    /// restored. A new MAC is the guest's hardware changing: the NIC is
+    /// unplugged and plugged again with it, as Ganeti 3.1 does (the guest
+    /// sees a new device).
     pub async fn nic_modify(&self, name: &str, id: &str, new: NicSpec) -> Result<NicSpec> {
+        self.nic_modify_with(name, id, new, false).await
+    }
+
+    /// [`Self::nic_modify`]; with `keep_mac`, `new`'s MAC is ignored and the
+    /// NIC keeps its own (the CLI's `--nic` without `mac=`).
+    pub(crate) async fn nic_modify_with(
+        &self,
+        name: &str,
+        id: &str,
+        mut new: NicSpec,
+        keep_mac: bool,
+    ) -> Result<NicSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
         let paths = hp.paths.clone();
         let seq = find_nic(&spec, id)
             .ok_or_else(|| hotplug_err(name, "find the NIC")(format!("it has no NIC {id:?}")))?;
+        if keep_mac {
+            new.mac = spec.nics[seq].mac;
+        }
+        if new.mac != spec.nics[seq].mac {
+            // The same NIC (uuid, name: its device id) with the new MAC.
+            let current = &spec.nics[seq];
+            new.uuid = new.uuid.or_else(|| current.uuid.clone());
+            new.name = new.name.or_else(|| current.name.clone());
+            new.address = None;
+            drop(hp);
+            return self.nic_replug(name, id, new).await;
+        }
         let taps = paths.read_nics().map_err(|e| runtime(name, e))?;
         let tap = taps.get(seq).cloned().ok_or_else(|| {
             hotplug_err(name, "find the TAP")(format!("NIC {id} has no TAP record"))
@@ -641,6 +667,19 @@ impl KvmHypervisor {
         hp.done()?;
         tracing::info!(instance = %name, nic = %id, "NIC modified");
         Ok(spec.nics[seq].clone())
+    }
+
+    /// Unplugs NIC `id` and plugs `new` in its place (a MAC change).
+    async fn nic_replug(&self, name: &str, id: &str, new: NicSpec) -> Result<NicSpec> {
+        tracing::info!(instance = %name, nic = %id, mac = %new.mac,
+            "a new MAC: unplugging the NIC and plugging it again");
+        self.nic_remove(name, id).await?;
+        self.nic_add(name, new).await.map_err(|e| {
+            hotplug_err(name, "plug the NIC again with its new MAC")(format!(
+                "NIC {id} was unplugged, and plugging it again failed: {}",
+                e.report()
+            ))
+        })
     }
 
     /// Settles what an interrupted (killed) hot plug left in the

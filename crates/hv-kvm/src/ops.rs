@@ -124,8 +124,11 @@ pub enum Request {
         instance: String,
         /// The NIC's device id (or index).
         id: String,
-        /// The new settings (its MAC is kept).
+        /// The new settings. A MAC other than the NIC's replugs it (the
+        /// guest sees a new device), unless `keep_mac`.
         nic: kvm_cmdline::NicSpec,
+        /// Keep the NIC's own MAC, whatever `nic` says.
+        keep_mac: bool,
     },
     /// Unplug a NIC ([`KvmHypervisor::nic_remove`]).
     NicRemove {
@@ -354,9 +357,14 @@ impl KvmHypervisor {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))
             }
             R::NicRemove { instance, id } => done(self.nic_remove(&instance, &id).await?),
-            R::NicModify { instance, id, nic } => {
-                Response::NicAdded(Box::new(self.nic_modify(&instance, &id, nic).await?))
-            }
+            R::NicModify {
+                instance,
+                id,
+                nic,
+                keep_mac,
+            } => Response::NicAdded(Box::new(
+                self.nic_modify_with(&instance, &id, nic, keep_mac).await?,
+            )),
             R::DiskAdd { instance, disk } => {
                 Response::DiskAdded(Box::new(self.disk_add(&instance, disk).await?))
             }

@@ -556,8 +556,9 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
                     self._device_id(dev_type, device)])
 
   def HotModDevice(self, instance, dev_type, device, extra, seq):
-    # The same TAP, reconnected: unlike Ganeti's driver (unplug + plug),
-    # the guest does not see it.
+    # A change of link or mode reconnects the same TAP: unlike Ganeti's
+    # driver (unplug + plug), the guest does not see it. A new MAC is new
+    # hardware: gkvm unplugs the NIC and plugs it again, as Ganeti does.
     if dev_type == constants.HOTPLUG_TARGET_NIC:
       self.gkvm.call(["nic-modify", instance.name,
                       self._device_id(dev_type, device),

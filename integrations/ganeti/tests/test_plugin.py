@@ -257,6 +257,17 @@ class TestOneNode(unittest.TestCase):
     hv.ResizeDisk(inst, disk2, 8 * 1024 * 1024)
     out = serial.run("sleep 1; cat /sys/block/vdb/size", "grown")
     self.assertIn(b"16384", out)
+    # gnt-instance modify --net 1:modify,mac=...: the guest sees the new
+    # MAC (the NIC is plugged again, as by Ganeti's driver); a change of
+    # link only keeps the device.
+    nic2.mac = "52:54:00:47:4e:03"
+    hv.HotModDevice(inst, constants.HOTPLUG_TARGET_NIC, nic2, None, 1)
+    out = serial.run("for i in $(seq 30); do grep -q 4e:03 "
+                     "/sys/class/net/eth*/address 2>/dev/null && break;"
+                     " sleep 0.5; done; cat /sys/class/net/eth*/address",
+                     "newmac", timeout=60)
+    self.assertIn(b"52:54:00:47:4e:03", out)
+    self.assertNotIn(b"52:54:00:47:4e:02", out)
     hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, disk2, None, 1)
     hv.HotDelDevice(inst, constants.HOTPLUG_TARGET_NIC, nic2, None, 1)
     out = serial.run("sleep 1; ls /sys/block /sys/class/net", "gone")
