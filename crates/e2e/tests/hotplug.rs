@@ -542,3 +542,54 @@ fn ganetis_scsi_disk_types_start_and_hot_plug() {
         assert_eq!(hv.state_files(), Vec::<std::path::PathBuf>::new());
     });
 }
+
+/// A q35 machine has no hot-pluggable PCI slot (gkvm gives it no root
+/// ports yet): hotplug-supported says no and a NIC is refused before
+/// anything is made, naming the machine; a SCSI disk (on the controller's
+/// own bus) still hot-plugs.
+#[test]
+fn a_q35_machine_refuses_pci_hot_plug_by_name() {
+    let Some(env) = require("hotplug_q35", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpq");
+    let hv = common::node(dir.path(), &env.qemu);
+    let br = Bridge::new("gkvmhpbrq");
+    let image = dir.path().join("q35.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut spec = common::guestless_spec("hpq1");
+    spec.hvparams.set_pair("machine_version=q35").unwrap();
+    spec.hvparams.set_pair("disk_type=scsi-hd").unwrap();
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let err = hv.hotplug_supported("hpq1").await.unwrap_err().report();
+        assert!(err.contains("q35") && err.contains("hpq1"), "{err}");
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("hpq1")
+            .unwrap();
+        let err = hv
+            .nic_add(
+                "hpq1",
+                NicSpec::new("52:54:00:00:75:01".parse().unwrap(), &br.0),
+            )
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("q35"), "{err}");
+        assert!(paths.read_nics().unwrap().is_empty());
+        assert!(std::fs::read_dir(format!("/sys/class/net/{}/brif", br.0))
+            .unwrap()
+            .next()
+            .is_none());
+        hv.disk_add("hpq1", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        hv.stop("hpq1", hv_kvm::StopMode::Force).await.unwrap();
+        assert_eq!(hv.state_files(), Vec::<std::path::PathBuf>::new());
+    });
+}

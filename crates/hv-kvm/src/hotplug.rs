@@ -335,6 +335,7 @@ impl KvmHypervisor {
     /// the step; whatever was done is undone.
     pub async fn nic_add(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
+        refuse_pcie_root(name, &hp.record)?;
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         let seq = spec.nics.len();
@@ -444,6 +445,10 @@ impl KvmHypervisor {
     /// step; whatever was done is undone.
     pub async fn disk_add(&self, name: &str, disk: DiskSpec) -> Result<DiskSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
+        // A SCSI disk goes on the SCSI controller's bus, which hot-plugs.
+        if !spec.hvparams.disk_type.on_scsi_bus() {
+            refuse_pcie_root(name, &hp.record)?;
+        }
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         let seq = spec.disks.len();
@@ -780,6 +785,10 @@ impl KvmHypervisor {
             instance: name.to_owned(),
         })?;
         check_placed(&spec)?;
+        let record = paths.read_runtime().map_err(|e| runtime(name, e))?;
+        if let Some(r) = &record {
+            refuse_pcie_root(name, r)?;
+        }
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         if caps.devices.is_empty() || caps.features.drive_boot {
             return Err(hotplug_err(name, "check")(format!(
@@ -789,6 +798,23 @@ impl KvmHypervisor {
         }
         Ok(())
     }
+}
+
+/// A PCI Express machine (q35) has no hot-pluggable slot on its root bus
+/// (QEMU: "Bus 'pcie.0' does not support hotplugging") and gkvm gives it
+/// no root ports yet: hot plug is refused there, naming the machine.
+fn refuse_pcie_root(name: &str, record: &kvm_runtime::RuntimeRecord) -> Result<()> {
+    let machine = record
+        .payload
+        .get("machine")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if machine.contains("q35") {
+        return Err(hotplug_err(name, "check")(format!(
+            "machine {machine} is PCI Express: its root bus has no hot-pluggable slots"
+        )));
+    }
+    Ok(())
 }
 
 /// An instance being hot plugged: its lock held, its record as read, its
