@@ -72,6 +72,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
+        Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
         Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
@@ -278,6 +279,34 @@ async fn migration_status(cli: &Cli, name: &str) -> CliResult {
         Response::Migration(s) => render::migration_status(cli.json, name, &s),
         other => Err(unexpected(&other)),
     }
+}
+
+/// `gkvm release-to-ganeti`: each instance in turn; the first failure
+/// ends it (those before it were handed over).
+async fn release_to_ganeti(cli: &Cli, names: &[String], all: bool) -> CliResult {
+    let hv = hypervisor(cli)?;
+    let names = if all {
+        match call(&hv, Request::List).await? {
+            Response::Names(n) => n,
+            other => return Err(unexpected(&other)),
+        }
+    } else if names.is_empty() {
+        return Err(usage("name the instances, or give --all".into()));
+    } else {
+        names.to_vec()
+    };
+    for name in &names {
+        let request = Request::ReleaseToGaneti {
+            instance: name.clone(),
+        };
+        call(&hv, request).await?;
+        render::done(
+            cli.json,
+            Operation::new(name, "release-to-ganeti"),
+            "handed over to Ganeti's own KVM driver",
+        )?;
+    }
+    Ok(())
 }
 
 /// An operation that reports nothing but its success.

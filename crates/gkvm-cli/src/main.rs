@@ -135,6 +135,16 @@ enum Command {
         /// The instance.
         name: String,
     },
+    /// Hand running instances over to Ganeti 3.1's own KVM driver without
+    /// restarting them (a node rolled back from gkvm): their runtime files
+    /// in the driver's format, gkvm's own files removed.
+    ReleaseToGaneti {
+        /// The instances (or give --all).
+        names: Vec<String>,
+        /// Every running instance of the run directory.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
     /// List running instances from the node's records, without asking
     /// each QEMU (`info` asks: paused, balloon size, live vCPUs).
     List,

@@ -120,6 +120,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A running instance cannot be handed over to Ganeti's own KVM
+    /// driver now ([`crate::KvmHypervisor::release_to_ganeti`]).
+    #[error("instance {instance}: not handed over to Ganeti's own KVM driver: {reason}")]
+    Release {
+        /// The instance.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
     /// A migration failed or was cancelled.
     #[error("instance {instance}: migration {status}: {reason}")]
     Migration {
@@ -179,7 +188,7 @@ impl Error {
     /// A stable, machine-readable name of the error's kind (the `kind` of
     /// `gkvm --json` errors): `qemu_missing`, `probe`, `params`, `busy`,
     /// `runtime`, `qmp`, `tap`, `already_running`, `handed_over`,
-    /// `migration_info`, `not_running`, `start`, `migration`, `timeout`,
+    /// `migration_info`, `not_running`, `start`, `hotplug`, `release`, `migration`, `timeout`,
     /// `io`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -199,6 +208,7 @@ impl Error {
             Error::NotRunning { .. } => "not_running",
             Error::Start { .. } => "start",
             Error::Hotplug { .. } => "hotplug",
+            Error::Release { .. } => "release",
             Error::Migration { .. } => "migration",
             Error::Timeout { .. } => "timeout",
             Error::Io { .. } => "io",
@@ -232,6 +242,7 @@ impl Error {
             | Error::NotRunning { instance }
             | Error::Start { instance, .. }
             | Error::Hotplug { instance, .. }
+            | Error::Release { instance, .. }
             | Error::Migration { instance, .. }
             | Error::Timeout { instance, .. } => {
                 Some(instance.as_str()).filter(|i| !i.starts_with('('))

@@ -150,9 +150,232 @@ pub(crate) fn network_port(argv: &[String]) -> Option<u16> {
     })
 }
 
+/// The instance as Ganeti 3.1's own KVM driver keeps it in its runtime
+/// file, for handing a running instance back to that driver (the inverse
+/// of [`nics`] and [`disks`]): `argv` is what QEMU runs
+/// (`/proc/PID/cmdline`) without what the driver adds itself when it
+/// starts or accepts the instance — NICs (`-netdev` and their devices),
+/// disks (their nodes and devices), `-qmp`, `-S`, `-incoming`, `-k`, the
+/// security options — and without gkvm's own event log monitor; `drivers`
+/// maps each NIC's and disk's device id to its QEMU driver (QOM `type`).
+pub(crate) fn to_ganeti(
+    spec: &kvm_cmdline::InstanceSpec,
+    hvparams: &serde_json::Map<String, Value>,
+    argv: &[String],
+    drivers: &std::collections::HashMap<String, String>,
+) -> kvm_runtime::RuntimeRecord {
+    use serde_json::json;
+    let nic_ids: Vec<&str> = spec
+        .nics
+        .iter()
+        .filter_map(|n| n.address.as_ref().map(|a| a.id.as_str()))
+        .collect();
+    let disk_ids: Vec<&str> = spec
+        .disks
+        .iter()
+        .filter_map(|d| d.address.as_ref().map(|a| a.id.as_str()))
+        .collect();
+    let prop = |value: &str, key: &str| {
+        value
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let is_disk = |id: Option<String>| id.is_some_and(|id| disk_ids.contains(&id.as_str()));
+    let mut kvm_cmd = Vec::with_capacity(argv.len());
+    let mut i = 0;
+    while i < argv.len() {
+        let flag = argv[i].as_str();
+        let value = argv.get(i + 1).map(String::as_str).unwrap_or_default();
+        let drop_pair = match flag {
+            "-netdev" | "-qmp" | "-incoming" | "-k" | "-runas" | "-chroot" | "-run-with"
+            | "-add-fd" => true,
+            "-device" => {
+                prop(value, "netdev").is_some()
+                    || prop(value, "id").is_some_and(|id| nic_ids.contains(&id.as_str()))
+                    || is_disk(prop(value, "id"))
+                    || is_disk(prop(value, "drive"))
+            }
+            "-blockdev" => is_disk(prop(value, "node-name")),
+            "-drive" => is_disk(prop(value, "id")),
+            "-chardev" => prop(value, "id").as_deref() == Some(kvm_cmdline::EVENTS_CHARDEV),
+            "-mon" => prop(value, "chardev").as_deref() == Some(kvm_cmdline::EVENTS_CHARDEV),
+            _ => false,
+        };
+        if drop_pair {
+            i += 2;
+            continue;
+        }
+        if flag != "-S" {
+            kvm_cmd.push(argv[i].clone());
+        }
+        i += 1;
+    }
+    let hvinfo = |id: &str, slot: Option<u8>| {
+        let driver = drivers.get(id).cloned().unwrap_or_default();
+        let mut info = json!({"driver": driver, "id": id});
+        // Ganeti 3.1 counts PCI slots by `bus`/`addr`; a device on the SCSI
+        // controller keeps QEMU's own bus (gkvm's controller is `scsi0`,
+        // Ganeti's `scsi`), so none is written for it.
+        if let Some(slot) = slot {
+            info["bus"] = json!("pci.0");
+            info["addr"] = json!(format!("{slot:#x}"));
+        }
+        info
+    };
+    let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::from);
+    let nics = spec
+        .nics
+        .iter()
+        .map(|n| {
+            let mode = match n.mode {
+                kvm_cmdline::NicMode::Bridged => "bridged",
+                kvm_cmdline::NicMode::Routed => "routed",
+                kvm_cmdline::NicMode::Openvswitch => "openvswitch",
+                _ => "ext",
+            };
+            let mut v = json!({
+                "mac": n.mac.to_string(),
+                "ip": opt(&n.ip),
+                "nicparams": {"mode": mode, "link": n.link, "vlan": n.vlan.clone().unwrap_or_default()},
+            });
+            if let Some(u) = &n.uuid {
+                v["uuid"] = json!(u.to_string());
+            }
+            if let Some(name) = &n.name {
+                v["name"] = json!(name);
+            }
+            if let Some(net) = &n.network {
+                v["network"] = net.uuid.as_ref().map_or(Value::Null, |u| json!(u.to_string()));
+                v["netinfo"] = json!({
+                    "name": net.name,
+                    "uuid": net.uuid.as_ref().map(ToString::to_string),
+                    "network": net.subnet,
+                    "gateway": net.gateway,
+                    "network6": net.subnet6,
+                    "gateway6": net.gateway6,
+                    "mac_prefix": net.mac_prefix,
+                    "tags": net.tags,
+                });
+            }
+            if let Some(a) = &n.address {
+                v["hvinfo"] = hvinfo(&a.id, a.pci_slot);
+            }
+            v
+        })
+        .collect();
+    let disks = spec
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let link = d.path.to_string_lossy().into_owned();
+            let template = d.template.clone().unwrap_or_else(|| {
+                if link.starts_with("/dev/") {
+                    "blockdev"
+                } else {
+                    "file"
+                }
+                .to_owned()
+            });
+            let mut dict = json!({
+                "dev_type": template,
+                "iv_name": format!("disk/{i}"),
+                "mode": if d.mode == DiskMode::ReadOnly { "ro" } else { "rw" },
+                "params": if d.uri.is_some() { json!({"access": "userspace"}) } else { json!({}) },
+            });
+            if let Some(u) = &d.uuid {
+                dict["uuid"] = json!(u.to_string());
+            }
+            if let Some(name) = &d.name {
+                dict["name"] = json!(name);
+            }
+            if let Some(a) = &d.address {
+                let on_pci =
+                    spec.hvparams.disk_type == kvm_cmdline::hvparams::DiskType::Paravirtual;
+                dict["hvinfo"] = hvinfo(&a.id, a.pci_slot.filter(|_| on_pci));
+            }
+            let link = if link.is_empty() {
+                opt(&d.uri)
+            } else {
+                json!(link)
+            };
+            json!([dict, link, opt(&d.uri)])
+        })
+        .collect();
+    kvm_runtime::RuntimeRecord {
+        argv: kvm_cmd,
+        nics,
+        hvparams: hvparams.clone(),
+        disks,
+        payload: Value::Null,
+        origin: kvm_runtime::Origin::Ganeti,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_handed_to_ganeti_keeps_its_command_line_and_devices() {
+        let mut spec = kvm_cmdline::InstanceSpec::new("back1", 64);
+        let mut nic = NicSpec::new("52:54:00:00:01:02".parse().unwrap(), "br0");
+        nic.address = Some(DeviceAddress {
+            id: "nic0".into(),
+            pci_slot: Some(13),
+        });
+        spec.nics.push(nic);
+        let mut disk = DiskSpec::new("/var/run/ganeti/instance-disks/back1:0");
+        disk.template = Some("plain".into());
+        disk.address = Some(DeviceAddress {
+            id: "disk-9a8b7c6d".into(),
+            pci_slot: Some(12),
+        });
+        spec.disks.push(disk);
+        let argv: Vec<String> = "/usr/bin/qemu-system-x86_64 -name back1 -nodefaults -m 64 \
+            -blockdev driver=raw,node-name=disk-9a8b7c6d,file.driver=host_device,file.filename=/x \
+            -device virtio-blk-pci,drive=disk-9a8b7c6d,id=disk-9a8b7c6d,addr=0x0c \
+            -pidfile /r/pid/back1 -daemonize -serial unix:/r/ctrl/back1.serial,server=on,wait=off \
+            -netdev tap,id=nic0,fd=11 -device virtio-net-pci,mac=52:54:00:00:01:02,netdev=nic0,id=nic0,addr=0x0d \
+            -qmp unix:/r/ctrl/back1.qmp,server=on,wait=off -qmp unix:/r/ctrl/back1.qmp-watch,server=on,wait=off \
+            -chardev pipe,id=gkvm-events,path=/r/ctrl/back1.events -mon chardev=gkvm-events,mode=control \
+            -device virtio-balloon-pci,id=balloon0 -S"
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        let drivers = [
+            ("nic0".to_owned(), "virtio-net-pci".to_owned()),
+            ("disk-9a8b7c6d".to_owned(), "virtio-blk-pci".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        let mut hv = serde_json::Map::new();
+        hv.insert("kvm_path".into(), "/usr/bin/kvm".into());
+        let r = to_ganeti(&spec, &hv, &argv, &drivers);
+        assert_eq!(
+            r.argv.join(" "),
+            "/usr/bin/qemu-system-x86_64 -name back1 -nodefaults -m 64 -pidfile /r/pid/back1 \
+             -daemonize -serial unix:/r/ctrl/back1.serial,server=on,wait=off \
+             -device virtio-balloon-pci,id=balloon0"
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        assert_eq!(
+            r.nics[0]["hvinfo"],
+            serde_json::json!({"driver": "virtio-net-pci", "id": "nic0", "bus": "pci.0", "addr": "0xd"})
+        );
+        assert_eq!(r.disks[0][0]["hvinfo"]["addr"], "0xc");
+        assert_eq!(r.disks[0][1], "/var/run/ganeti/instance-disks/back1:0");
+        // Read back as gkvm reads Ganeti's files: the same devices, places.
+        let data = r.to_ganeti_json();
+        let path = std::path::Path::new("back1.runtime");
+        let again = kvm_runtime::RuntimeRecord::from_json(&data, path).unwrap();
+        assert_eq!(again.origin, kvm_runtime::Origin::Ganeti);
+        assert_eq!(nics(&again.nics).unwrap(), spec.nics);
+        assert_eq!(disks(&again.disks).unwrap(), spec.disks);
+    }
 
     #[test]
     fn ganeti_3_1_runtime_keeps_nics_disks_and_their_places() {

@@ -811,3 +811,83 @@ impl kvm_cmdline::HostFacts for RealHost {
         crate::vhost_net_available()
     }
 }
+
+impl KvmHypervisor {
+    /// Leaves running instance `name` to Ganeti 3.1's own KVM driver — a
+    /// node rolled back from gkvm (`integrations/ganeti/install
+    /// --uninstall`) — without restarting its guest: a hot plug a killed
+    /// gkvm left is settled, the runtime file is rewritten in the driver's
+    /// format (the command line QEMU runs, less what the driver adds
+    /// itself; NICs and disks, hot-plugged ones included, with the device
+    /// ids and slots they have), and the files only gkvm keeps (event log,
+    /// lock) are removed. An instance in a migration, or one that never
+    /// finished starting, is refused.
+    pub async fn release_to_ganeti(&self, name: &str) -> Result<()> {
+        self.settle_hotplug(name).await?;
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        let pid = self.running_pid(&paths)?;
+        let state = match self.condition(&paths, pid).await {
+            Condition::Live(state) => state,
+            other => {
+                return Err(Error::Release {
+                    instance: name.to_owned(),
+                    reason: format!(
+                        "it is not simply running ({other:?}): a start or migration is not finished"
+                    ),
+                })
+            }
+        };
+        let runtime = |e| Error::Runtime {
+            instance: name.to_owned(),
+            source: e,
+        };
+        let record = paths
+            .read_runtime()
+            .map_err(runtime)?
+            .ok_or_else(|| Error::NotRunning {
+                instance: name.to_owned(),
+            })?;
+        let record = if record.origin == kvm_runtime::Origin::Ganeti {
+            record
+        } else {
+            let spec = spec_from_record(name, &record, &paths.runtime)?;
+            let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map_err(|e| Error::Io {
+                    context: format!("reading the command line of instance {name} (pid {pid})"),
+                    source: e,
+                })?
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let qmp = self.qmp(&paths).await?;
+            let mut drivers = std::collections::HashMap::new();
+            let ids = spec
+                .nics
+                .iter()
+                .filter_map(|n| n.address.as_ref())
+                .chain(spec.disks.iter().filter_map(|d| d.address.as_ref()));
+            for a in ids {
+                let ty = qmp
+                    .run(&commands::QomGet {
+                        path: format!("/machine/peripheral/{}", a.id),
+                        property: "type".into(),
+                    })
+                    .await
+                    .map_err(|e| Error::Qmp {
+                        instance: name.to_owned(),
+                        op: format!("qom-get {} type", a.id),
+                        source: e,
+                    })?;
+                if let Some(ty) = ty.as_str() {
+                    drivers.insert(a.id.clone(), ty.to_owned());
+                }
+            }
+            crate::ganeti_runtime::to_ganeti(&spec, &record.hvparams, &argv, &drivers)
+        };
+        paths.release_to_ganeti(&record).map_err(runtime)?;
+        tracing::info!(instance = %name, pid, ?state, "handed over to Ganeti's own KVM driver");
+        Ok(())
+    }
+}

@@ -172,6 +172,12 @@ pub enum Request {
         /// The instance.
         instance: String,
     },
+    /// Hand a running instance over to Ganeti 3.1's own KVM driver
+    /// ([`KvmHypervisor::release_to_ganeti`]).
+    ReleaseToGaneti {
+        /// The instance.
+        instance: String,
+    },
     /// Names of the running instances.
     List,
     /// Every running instance from the node's records and `/proc`, without
@@ -352,6 +358,7 @@ impl KvmHypervisor {
             R::Resume { instance } => done(self.resume(&instance).await?),
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
+            R::ReleaseToGaneti { instance } => done(self.release_to_ganeti(&instance).await?),
             R::HotplugSupported { instance } => done(self.hotplug_supported(&instance).await?),
             R::NicAdd { instance, nic } => {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))

@@ -351,21 +351,9 @@ fn build_machine(c: &Ctx, a: &mut Args) -> Result<String, Error> {
 /// The `-device` driver of a disk or CD-ROM, with its bus; `None` for
 /// types QEMU only attaches through `-drive if=TYPE`.
 fn disk_device(kind: DiskType, cdrom: bool, drive_id: &str) -> Option<Device> {
-    let (driver, scsi) = match (kind, cdrom) {
-        (DiskType::Paravirtual, _) => ("virtio-blk-pci", false),
-        (DiskType::Ide, false) => ("ide-hd", false),
-        (DiskType::Ide, true) => ("ide-cd", false),
-        // A CD-ROM image on the SCSI bus is a SCSI CD-ROM, whatever the
-        // disks' SCSI type.
-        (k, true) if k.on_scsi_bus() => ("scsi-cd", true),
-        (DiskType::Scsi | DiskType::ScsiHd, false) => ("scsi-hd", true),
-        (DiskType::ScsiBlock, false) => ("scsi-block", true),
-        (DiskType::ScsiGeneric, false) => ("scsi-generic", true),
-        (DiskType::ScsiCd, false) => ("scsi-cd", true),
-        _ => return None,
-    };
+    let driver = kind.device_driver(cdrom)?;
     let mut dev = Device::new(driver).with("drive", drive_id);
-    if scsi {
+    if kind.on_scsi_bus() {
         dev.set("bus", "scsi0.0");
     }
     Some(dev)

@@ -57,6 +57,24 @@ str_enum!(
                /** Ganeti 3.1: a SCSI CD-ROM (`scsi-cd`). */ ScsiCd = "scsi-cd" } default Paravirtual);
 
 impl DiskType {
+    /// The `-device` driver of a disk (`cdrom`: a CD-ROM) of this type;
+    /// `None` for types QEMU only attaches through `-drive if=TYPE`.
+    pub fn device_driver(self, cdrom: bool) -> Option<&'static str> {
+        Some(match (self, cdrom) {
+            (DiskType::Paravirtual, _) => "virtio-blk-pci",
+            (DiskType::Ide, false) => "ide-hd",
+            (DiskType::Ide, true) => "ide-cd",
+            // A CD-ROM image on the SCSI bus is a SCSI CD-ROM, whatever
+            // the disks' SCSI type.
+            (k, true) if k.on_scsi_bus() => "scsi-cd",
+            (DiskType::Scsi | DiskType::ScsiHd, false) => "scsi-hd",
+            (DiskType::ScsiBlock, false) => "scsi-block",
+            (DiskType::ScsiGeneric, false) => "scsi-generic",
+            (DiskType::ScsiCd, false) => "scsi-cd",
+            _ => return None,
+        })
+    }
+
     /// Whether devices of this type sit on the SCSI controller
     /// (`scsi_controller_type`).
     pub fn on_scsi_bus(self) -> bool {

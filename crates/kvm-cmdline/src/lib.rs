@@ -51,7 +51,8 @@ mod values;
 
 pub use build::{
     build, hotplug_disk, hotplug_nic, keymap_file, pick_address, uses_vhost, BuildEnv, Launch,
-    NicBackend, NodePaths, QemuCommand, MIGRATION_TLS_IN, MIGRATION_TLS_OUT, VNC_BASE_PORT,
+    NicBackend, NodePaths, QemuCommand, EVENTS_CHARDEV, MIGRATION_TLS_IN, MIGRATION_TLS_OUT,
+    VNC_BASE_PORT,
 };
 pub use caps::{
     parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,

@@ -168,6 +168,20 @@ impl RuntimeRecord {
 }
 
 impl InstancePaths {
+    /// Hands a running instance over to Ganeti's own KVM driver (a node
+    /// rolled back from gkvm): writes `record` as its runtime file in the
+    /// driver's list form, then removes the files only gkvm keeps (QEMU's
+    /// event log, which QEMU holds open, the settled hot plug journal,
+    /// the lock file last). The caller holds the instance's lock and has
+    /// built `record` in Ganeti's terms.
+    pub fn release_to_ganeti(&self, record: &RuntimeRecord) -> Result<(), Error> {
+        write_atomic_volatile(&self.runtime, &record.to_ganeti_json())?;
+        for f in [&self.events_in(), &self.events_out(), &self.hotplug] {
+            crate::fsutil::remove_file(f)?;
+        }
+        crate::fsutil::remove_file(&self.lock)
+    }
+
     /// Writes the runtime file atomically (mode 0600), without fsync: it
     /// describes a running process, which a power cut ends too, so
     /// durability buys nothing, while atomicity (a reader, or a gkvm

@@ -597,6 +597,20 @@ impl Command for QomSet {
     type Output = ();
 }
 
+/// `qom-get`: a property of a QOM object (`type` of
+/// `/machine/peripheral/ID` is a device's driver).
+#[derive(Debug, Clone, Serialize)]
+pub struct QomGet {
+    /// The object's QOM path.
+    pub path: String,
+    /// The property.
+    pub property: String,
+}
+impl Command for QomGet {
+    const NAME: &'static str = "qom-get";
+    type Output = Value;
+}
+
 /// `set-action` (QEMU 6.0+): what QEMU does on a guest's shutdown, reboot,
 /// panic or watchdog, changed while it runs (`-action` on its command
 /// line). Members left `None` keep their current action.

@@ -486,6 +486,65 @@ class TestOneNode(unittest.TestCase):
     self.assertEqual(b.ListInstances(), [])
     self.assertEqual(os.listdir(os.path.join(root, "pid")), [])
 
+  def test_a_node_rolled_back_hands_its_instances_to_ganetis_driver(self):
+    """gkvm started the instance and hot-plugged a disk into it; the
+    plugin is uninstalled (`install --uninstall`): Ganeti 3.1's own driver
+    reads its runtime file, unplugs and plugs that disk (the guest sees
+    both), reports and stops it, and nothing of gkvm's is left."""
+    import gc
+    root = os.environ["GKVM_RUN_DIR"]
+    inst = self._instance("gntback")
+    inst.nics = []
+    hv = self.hv
+    _, serial = self._boot(inst)
+    path = os.path.join(self.tmp, "back1.img")
+    with open(path, "wb") as f:
+      f.write(b"gkvm-rolled-back")
+      f.truncate(4 << 20)
+    disk = objects.Disk(dev_type=constants.DT_FILE, size=4,
+                        mode=constants.DISK_RDWR, logical_id=("loop", path),
+                        uuid="5e6f7a8b-9c0d-4e1f-8a2b-3c4d5e6f7a8b",
+                        name="back1", params={})
+    hv.HotAddDevice(inst, constants.HOTPLUG_TARGET_DISK, disk, (path, None), 1)
+    out = serial.run("for i in $(seq 20); do [ -e /sys/block/vdb ] && break;"
+                     " sleep 0.5; done; ls /sys/block", "plugged", timeout=60)
+    self.assertIn(b"vdb", out)
+
+    site = tempfile.mkdtemp(prefix="gkvm-site-")
+    self.addCleanup(shutil.rmtree, site, True)
+    script = os.path.join(os.path.dirname(HERE), "install")
+    subprocess.run([script, "--prefix", site], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([script, "--uninstall", "--prefix", site], check=True,
+                   stdout=subprocess.DEVNULL)
+    ctrl = os.listdir(os.path.join(root, "ctrl"))
+    self.assertEqual([f for f in ctrl if f.startswith("gntback.events")
+                      or f == "gntback.lock"], [])
+
+    driver = support.ganeti_driver(root)()
+    pid = driver.GetInstanceInfo("gntback")[1]
+    self.assertGreater(pid, 0)
+    driver.HotDelDevice(inst, constants.HOTPLUG_TARGET_DISK, disk, None, 1)
+    out = serial.run("for i in $(seq 20); do [ -e /sys/block/vdb ] || break;"
+                     " sleep 0.5; done; echo disks-$(ls /sys/block | tr -d '\\n')",
+                     "unplugged", timeout=60)
+    self.assertIn(b"disks-vda\r", out)
+    driver.HotAddDevice(inst, constants.HOTPLUG_TARGET_DISK, disk,
+                        (path, None), 1)
+    out = serial.run("for i in $(seq 20); do [ -e /sys/block/vdb ] && break;"
+                     " sleep 0.5; done; dd if=/dev/vdb bs=16 count=1"
+                     " 2>/dev/null; echo", "replugged", timeout=60)
+    self.assertIn(b"gkvm-rolled-back", out)
+    driver.StopInstance(inst, force=True)
+    support.wait_pid_gone(pid)
+    driver.CleanupInstance("gntback")
+    del driver
+    gc.collect()
+    left = [f for d in ("ctrl", "conf", "pid", "nic")
+            for f in os.listdir(os.path.join(root, d))
+            if f.startswith("gntback")]
+    self.assertEqual(left, [])
+
   def test_parameters_are_checked_on_the_node(self):
     good = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
     # Ganeti's default kernel (/boot/vmlinuz-3-kvmU) is not on this node;
