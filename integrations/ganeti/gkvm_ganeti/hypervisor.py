@@ -30,6 +30,7 @@ import tempfile
 from ganeti import constants
 from ganeti import errors
 from ganeti import objects
+from ganeti import pathutils
 from ganeti.hypervisor import hv_base
 from ganeti.hypervisor import hv_kvm
 
@@ -97,6 +98,66 @@ _GKVM_ENV = ("GKVM_RUN_DIR", "GKVM_NODE_CONFIG", "GKVM_KVM_PATH",
              "GKVM_MIGRATION_KEY", "GKVM_LOG", "NO_COLOR")
 
 
+#: gkvm's own node configuration: when it exists, the administrator's
+#: settings are gkvm's and the plugin writes none.
+GKVM_NODE_CONFIG = "/etc/gkvm/node.toml"
+
+
+def _cluster_settings():
+  """What of this Ganeti node's configuration gkvm must use, as gkvm's
+  node configuration (TOML lines): the cluster's uid pool (its first
+  range; gkvm takes one), Ganeti's SPICE certificates, and Ganeti's own
+  kvm-ifup as the NIC script where the site replaced Ganeti's networking
+  with its kvm-vif-bridge hook (Ganeti's driver runs that hook through
+  kvm-ifup; without it, gkvm configures NICs as kvm-ifup would)."""
+  lines = []
+  try:
+    from ganeti import ssconf
+    from ganeti import uidpool
+    pool = uidpool.ParseUidPool(ssconf.SimpleStore().GetUidPool(),
+                                separator="\n")
+  except Exception:  # pylint: disable=W0703
+    pool = []  # no cluster configuration here (yet): no pool
+  if pool:
+    lo, hi = sorted(pool)[0]
+    lines.append('uid_pool = "%d-%d"' % (lo, hi))
+  if os.path.isfile(pathutils.SPICE_CERT_FILE):
+    lines.append('spice_cert = "%s"' % pathutils.SPICE_CERT_FILE)
+  if os.path.isfile(pathutils.SPICE_CACERT_FILE):
+    lines.append('spice_cacert = "%s"' % pathutils.SPICE_CACERT_FILE)
+  hook = os.path.join(pathutils.CONF_DIR, "kvm-vif-bridge")
+  if os.access(hook, os.X_OK) and os.access(pathutils.KVM_IFUP, os.X_OK):
+    lines.append('nic_up_script = "%s"' % pathutils.KVM_IFUP)
+  return lines
+
+
+def _node_config(run_dir):
+  """The gkvm node configuration file that carries the cluster's settings
+  (`RUN_DIR/gkvm-node.toml`, rewritten when they change), or None when
+  there is nothing to carry or the node has gkvm's own file."""
+  if os.environ.get("GKVM_NODE_CONFIG") or os.path.exists(GKVM_NODE_CONFIG):
+    return None
+  lines = _cluster_settings()
+  if not lines or not os.path.isdir(run_dir):
+    return None
+  path = os.path.join(run_dir, "gkvm-node.toml")
+  text = "# Written by gkvm's Ganeti plugin from the cluster's settings.\n" + \
+    "\n".join(lines) + "\n"
+  try:
+    with open(path) as f:
+      if f.read() == text:
+        return path
+  except OSError:
+    pass
+  tmp = "%s.%d.tmp" % (path, os.getpid())
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+               0o644)
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.rename(tmp, path)
+  return path
+
+
 class Gkvm(object):
   """The `gkvm` command line, one JSON document per call.
 
@@ -115,7 +176,10 @@ class Gkvm(object):
     self.run_dir = run_dir or _run_dir()
 
   def argv(self, args):
-    return [self.binary, "--run-dir", self.run_dir, "--json", "-q"] + args
+    config = _node_config(self.run_dir)
+    extra = ["--node-config", config] if config else []
+    return [self.binary, "--run-dir", self.run_dir] + extra + \
+      ["--json", "-q"] + args
 
   def socket_path(self):
     return os.path.join(self.run_dir, "gkvm-serve.sock")

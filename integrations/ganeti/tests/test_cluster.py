@@ -144,6 +144,43 @@ class TestOneNodeCluster(unittest.TestCase):
     for sub in ("pid", "conf", "ctrl", "nic"):
       self.assertEqual(os.listdir(self.node(RUN + "/" + sub)), [], sub)
 
+  def test_site_hooks_and_cluster_settings_reach_gkvm(self):
+    """A site that replaced Ganeti's networking with its kvm-vif-bridge
+    hook sees it run for gkvm's NICs (through Ganeti's kvm-ifup, as its
+    own driver runs it); the cluster's uid pool reaches gkvm."""
+    name = "gi2.gkvm.test"
+    hook = os.path.join(self.dir, "state", "etc", "kvm-vif-bridge")
+    with open(hook, "w") as f:
+      f.write("#!/bin/sh\n"
+              "echo \"$INTERFACE $MAC $MODE $LINK\" >> /etc/ganeti/hook.log\n"
+              "ip link set \"$INTERFACE\" up\n"
+              "ip link set \"$INTERFACE\" master \"$LINK\"\n")
+    os.chmod(hook, 0o755)
+    self.addCleanup(os.remove, hook)
+    self.gnt("gnt-cluster", "modify", "--uid-pool=20000-20099")
+    self.addCleanup(self.gnt, "gnt-cluster", "modify", "--uid-pool=")
+    hvp = support.guest_hvparams()
+    hvp["kvm_path"] = "/usr/bin/qemu-system-x86_64"
+    hv = ",".join("%s=%s" % kv for kv in sorted(hvp.items()))
+    self.gnt("gnt-instance", "add", "-n", "node1.gkvm.test",
+             "-t", "diskless", "-o", "noop",
+             "-B", "maxmem=128M,minmem=128M,vcpus=1", "-H", "kvm:" + hv,
+             "--net", "0:mac=52:54:00:47:4e:21", name)
+    self.addCleanup(self.gnt, "gnt-instance", "remove", "-f", name)
+    with open(os.path.join(self.dir, "state", "etc", "hook.log")) as f:
+      log = f.read().split()
+    self.assertEqual(log[1:], ["52:54:00:47:4e:21", "bridged", "gnt0"])
+    self.assertIn(log[0], self.taps())
+    with open(self.node(RUN + "/gkvm-node.toml")) as f:
+      config = f.read()
+    self.assertIn('uid_pool = "20000-20099"', config)
+    self.assertIn('nic_up_script = "/usr/lib/ganeti/kvm-ifup"', config)
+    serial = support.Serial(self.node(RUN + "/ctrl/" + name + ".serial"))
+    serial.answer()
+    out = serial.run("cat /sys/class/net/eth0/address", "mac")
+    serial.close()
+    self.assertIn(b"52:54:00:47:4e:21", out)
+
 
 if __name__ == "__main__":
   unittest.main()
