@@ -595,3 +595,72 @@ fn multifd_migrates_over_parallel_channels() {
         b.stop("mfd1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+/// A hot plug on a destination still waiting for its guest, or on a source
+/// whose guest has gone to the destination, is refused by name and changes
+/// nothing (no TAP, no record change); the migration then lands with the
+/// hardware the guest had.
+#[test]
+fn hot_plug_is_refused_in_a_migration_on_both_sides() {
+    let Some(env) = require("migrate_hotplug_refused", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (da, db) = (ScratchDir::new("gkvm-mhp-a"), ScratchDir::new("gkvm-mhp-b"));
+    let _guards = guards(&[&da, &db]);
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    let br = gkvm_testkit::Bridge::new("gkvmmhpbr0");
+    let nic = || kvm_cmdline::NicSpec::new("52:54:00:00:76:01".parse().unwrap(), &br.0);
+    let image = da.path().join("hp.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    rt().block_on(async {
+        a.start(&guestless_spec("mhp1"), hv_kvm::StartMode::Running)
+            .await
+            .unwrap();
+        let info = a.migration_info("mhp1").unwrap();
+        b.accept_instance(&info, "127.0.0.1", port(7))
+            .await
+            .unwrap();
+        let err = b.nic_add("mhp1", nic()).await.unwrap_err().report();
+        assert!(err.contains("incoming migration"), "{err}");
+        let err = b
+            .disk_add("mhp1", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("incoming migration"), "{err}");
+        a.migrate(
+            "mhp1",
+            "127.0.0.1",
+            port(7),
+            hv_kvm::MigrationMode::Live,
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let err = a.nic_add("mhp1", nic()).await.unwrap_err().report();
+        assert!(err.contains("migrat"), "{err}");
+        assert!(std::fs::read_dir(format!("/sys/class/net/{}/brif", br.0))
+            .unwrap()
+            .next()
+            .is_none());
+        b.wait_incoming("mhp1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        a.finalize_migration_source("mhp1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        b.finalize_migration_dst("mhp1", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        assert!(!b
+            .migration_info("mhp1")
+            .unwrap()
+            .contains("52:54:00:00:76:01"));
+        b.stop("mhp1", hv_kvm::StopMode::Force).await.unwrap();
+        assert_eq!(files(da.path()), Vec::<PathBuf>::new());
+        assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+    });
+}

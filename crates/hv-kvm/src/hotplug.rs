@@ -155,6 +155,7 @@ impl KvmHypervisor {
             .ok_or_else(|| Error::NotRunning {
                 instance: name.to_owned(),
             })?;
+        refuse_in_migration(name, &record)?;
         let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
         let mut hp = Hotplug {
@@ -798,6 +799,26 @@ impl KvmHypervisor {
         }
         Ok(())
     }
+}
+
+/// A hot plug changes the hardware of the guest that runs here: not of a
+/// destination still waiting for its guest (the migration would land
+/// with devices the guest never saw plugged), nor of a source in or past
+/// its migration (its QEMU must never run again).
+fn refuse_in_migration(name: &str, record: &kvm_runtime::RuntimeRecord) -> Result<()> {
+    use crate::lifecycle::{has_marker, HANDED_OVER, INCOMING, MIGRATING};
+    let state = if has_marker(record, INCOMING) {
+        "waiting for an incoming migration"
+    } else if has_marker(record, HANDED_OVER) {
+        "migrated away (its guest runs on the destination)"
+    } else if has_marker(record, MIGRATING) {
+        "migrating away"
+    } else {
+        return Ok(());
+    };
+    Err(hotplug_err(name, "check")(format!(
+        "it is {state}: hot plug only where its guest runs"
+    )))
 }
 
 /// A PCI Express machine (q35) has no hot-pluggable slot on its root bus
