@@ -267,6 +267,13 @@ fn a_hot_added_disk_shows_its_content_grows_and_goes_away() {
             .unwrap();
         assert!(out.contains("16384"), "{out}");
         assert!(hv.disk_grow("hpd1", &id, 1 << 20).await.is_err(), "shrunk");
+        let err = hv
+            .disk_grow("hpd1", &id, u64::MAX)
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("beyond what QEMU can address"), "{err}");
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
 
         // Removed: gone from the guest and from the record.
         hv.disk_remove("hpd1", &id).await.unwrap();

@@ -130,9 +130,13 @@ impl NodeConfig {
             }
         }
         if let Some(t) = &self.tap_template {
-            if t.matches("%d").count() != 1 || t.len() > 13 || t.contains('/') {
+            let plain = t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '%' | '-' | '_' | '.'));
+            if t.matches("%d").count() != 1 || t.len() > 13 || !plain || t.starts_with('-') {
                 return Err(format!(
-                    "tap_template: {t:?} must contain %d once and fit an interface name"
+                    "tap_template: {t:?} must contain %d once and make an interface name \
+                     (letters, digits, '-', '_', '.'; not starting with '-')"
                 ));
             }
         }
@@ -167,8 +171,31 @@ impl NodeConfig {
         if first == 0 || first > last {
             return Err(bad());
         }
+        let sys_max = sys_uid_max();
+        if first <= sys_max {
+            return Err(format!(
+                "uid_pool: {text:?} covers system uids (up to {sys_max}, SYS_UID_MAX of \
+                 /etc/login.defs): QEMU would run as a system account"
+            ));
+        }
         Ok(Some(hv_kvm::UidPool::new(first, last)))
     }
+}
+
+/// The highest system uid: `SYS_UID_MAX` of `/etc/login.defs`, else 999
+/// (Debian's default).
+fn sys_uid_max() -> u32 {
+    std::fs::read_to_string("/etc/login.defs")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some("SYS_UID_MAX"))
+                    .then(|| words.next()?.parse().ok())
+                    .flatten()
+            })
+        })
+        .unwrap_or(999)
 }
 
 #[cfg(test)]
@@ -195,6 +222,12 @@ mod tests {
         assert!(e.starts_with("tap_template:"), "{e}");
         let e = parse("nic_up_script = \"/nonexistent/ifup\"").unwrap_err();
         assert!(e.starts_with("nic_up_script:"), "{e}");
+        let e = parse("tap_template = \"-x%d\"").unwrap_err();
+        assert!(e.starts_with("tap_template:"), "{e}");
+        let e = parse("tap_template = \"a b%d\"").unwrap_err();
+        assert!(e.starts_with("tap_template:"), "{e}");
+        let e = parse("uid_pool = \"1-20999\"").unwrap_err();
+        assert!(e.contains("system uids"), "{e}");
         let c = parse("uid_pool = \"20000-20999\"\nrun_dir = \"/run/x\"").unwrap();
         assert_eq!(c.uid_pool().unwrap().unwrap().last(), 20999);
     }

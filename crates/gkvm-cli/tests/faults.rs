@@ -386,6 +386,20 @@ fn tampered_migration_info_is_refused() {
     ]);
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A private key that belongs to somebody else (nobody): refused too.
+    std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+    let out = a.run(&[
+        "--migration-key",
+        key.to_str().unwrap(),
+        "migration-info",
+        "ti1",
+    ]);
+    assert!(
+        stderr(&out).contains("owned by uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+    std::os::unix::fs::chown(&key, Some(0), None).unwrap();
     let k = ["--migration-key", key.to_str().unwrap()];
     let sealed = a.ok(&[k[0], k[1], "migration-info", "ti1"]);
     v = serde_json::from_str(&sealed).unwrap();

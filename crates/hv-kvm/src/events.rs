@@ -49,8 +49,8 @@ pub(crate) fn last_ending_in(log: &[u8]) -> Option<Ending> {
                 let cause = v
                     .pointer("/data/reason")
                     .and_then(Value::as_str)
-                    .unwrap_or("none")
-                    .to_owned();
+                    .map(plain_token)
+                    .unwrap_or_else(|| "none".to_owned());
                 // A shutdown answers the power button pressed before it.
                 last = Some((cause, std::mem::take(&mut powerdown)));
             }
@@ -74,6 +74,24 @@ pub(crate) fn last_ending(paths: &InstancePaths) -> Option<Ending> {
             tracing::debug!(instance = %paths.name, error = %e, "event log");
             None
         }
+    }
+}
+
+/// QEMU's causes are lowercase words joined by '-': anything else in the
+/// file (tampered, or garbage) is shown escaped, never raw.
+fn plain_token(text: &str) -> String {
+    if !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        text.to_owned()
+    } else {
+        text.chars()
+            .take(64)
+            .flat_map(char::escape_default)
+            .collect()
     }
 }
 
@@ -122,6 +140,15 @@ garbage
                 .reason,
             "QEMU shut down (snapshot-load)"
         );
+    }
+
+    #[test]
+    fn a_cause_with_control_characters_is_escaped() {
+        let log = "{\"event\": \"SHUTDOWN\", \"data\": {\"reason\": \"x\\u001b[2Jy\\n\"}}";
+        let e = last_ending_in(log.as_bytes()).unwrap();
+        assert!(!e.cause.chars().any(char::is_control), "{:?}", e.cause);
+        assert!(!e.reason.chars().any(char::is_control), "{:?}", e.reason);
+        assert!(e.cause.contains("\\u{1b}"), "{}", e.cause);
     }
 
     #[test]

@@ -537,6 +537,13 @@ impl KvmHypervisor {
     /// must have been grown first, as Ganeti grows the volume before).
     /// Shrinking is refused.
     pub async fn disk_grow(&self, name: &str, id: &str, bytes: u64) -> Result<()> {
+        // QEMU's sizes are signed 64-bit.
+        if i64::try_from(bytes).is_err() {
+            return Err(hotplug_err(name, "check the size")(format!(
+                "{bytes} bytes is beyond what QEMU can address ({} at most)",
+                i64::MAX
+            )));
+        }
         let (hp, spec) = self.begin(name).await?;
         let paths = &hp.paths;
         let seq = find_disk(&spec, id)

@@ -60,7 +60,12 @@ impl KvmHypervisor {
 /// features this host lacks and modules it could not load left out),
 /// joined with "; ".
 pub(crate) fn tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else {
+    // Not through a symlink planted at the log's place.
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -79,5 +84,37 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
                 && !l.contains("failed to open module")
         })
         .collect();
-    kept[kept.len().saturating_sub(lines)..].join("; ")
+    // What QEMU wrote is shown, never run by a terminal.
+    kept[kept.len().saturating_sub(lines)..]
+        .join("; ")
+        .chars()
+        .flat_map(|c| {
+            let escaped = c.is_control().then(|| c.escape_default());
+            escaped
+                .into_iter()
+                .flatten()
+                .chain((!c.is_control()).then_some(c))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_escapes_controls_and_follows_no_symlink() {
+        let dir = std::env::temp_dir().join(format!("gkvm-logtail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("i1.log");
+        std::fs::write(&log, "first\nqemu: \u{1b}[2Jcleared\n").unwrap();
+        let t = tail(&log, 2);
+        assert_eq!(t, "first; qemu: \\u{1b}[2Jcleared");
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "not for the log\n").unwrap();
+        let link = dir.join("i2.log");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert_eq!(tail(&link, 2), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

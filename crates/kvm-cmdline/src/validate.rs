@@ -309,6 +309,20 @@ impl HvParams {
 
     /// Free-text values QEMU receives.
     fn check_text(&self) -> Result<(), Error> {
+        /// QEMU options gkvm sets itself; `kvm_extra` may not give them.
+        const OWNED_OPTIONS: &[&str] = &[
+            "-pidfile",
+            "-qmp",
+            "-qmp-pretty",
+            "-daemonize",
+            "-name",
+            "-runas",
+            "-chroot",
+            "-run-with",
+            "-incoming",
+            "-S",
+            "-D",
+        ];
         for (key, v) in [
             ("root_path", &self.root_path),
             ("kernel_args", &self.kernel_args),
@@ -327,7 +341,22 @@ impl HvParams {
                 return Err(syntax(key, format!("{v:?} contains control characters")));
             }
         }
-        self.kvm_extra_args()?;
+        for arg in self.kvm_extra_args()? {
+            // What gkvm itself decides (and relies on: stop, cleanup and
+            // liveness find QEMU by its pid file and sockets) is not
+            // kvm_extra's to change.
+            let flag = arg.split('=').next().unwrap_or_default();
+            let flag = match flag.strip_prefix("--") {
+                Some(f) => format!("-{f}"),
+                None => flag.to_owned(),
+            };
+            if OWNED_OPTIONS.contains(&flag.as_str()) {
+                return Err(syntax(
+                    "kvm_extra",
+                    format!("{arg} is gkvm's to set (pid file, QMP, daemonizing, name, user, chroot, migration, log), not kvm_extra's"),
+                ));
+            }
+        }
         if self.keymap.contains('/') {
             return Err(syntax(
                 "keymap",
@@ -475,5 +504,36 @@ mod tests {
         assert!(tuned.assess().is_empty(), "{:?}", tuned.assess());
         let open = HvParams::from_pairs(&["vnc_bind_address=0.0.0.0", "nic_type=e1000"]).unwrap();
         assert!(keys(&open).contains(&"vnc_tls") && keys(&open).contains(&"nic_type"));
+    }
+
+    #[test]
+    fn kvm_extra_may_not_take_over_what_gkvm_owns() {
+        for extra in [
+            "-pidfile /tmp/x",
+            "-smbios type=1 --daemonize",
+            "-qmp unix:/tmp/q,server=on,wait=off",
+            "-name other",
+            "-runas nobody",
+            "-chroot /",
+            "-incoming tcp:0:4444",
+        ] {
+            let hv = HvParams::from_pairs(&[&format!("kvm_extra={extra}")]).unwrap();
+            match hv.check_syntax() {
+                Err(Error::Syntax { key, reason }) => {
+                    assert_eq!(key, "kvm_extra");
+                    assert!(reason.contains("gkvm's to set"), "{reason}");
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        // Options of the guest's hardware stay the administrator's.
+        for extra in [
+            "-smbios type=1,manufacturer=gkvm",
+            "-monitor none",
+            "-serial null",
+        ] {
+            let hv = HvParams::from_pairs(&[&format!("kvm_extra={extra}")]).unwrap();
+            hv.check_syntax().unwrap();
+        }
     }
 }

@@ -118,8 +118,11 @@ def _cluster_settings():
                                 separator="\n")
   except Exception:  # pylint: disable=W0703
     pool = []  # no cluster configuration here (yet): no pool
+  # gkvm refuses a pool that covers system accounts (Debian's first user
+  # uid is 1000): such ranges of the cluster's pool are left out.
+  pool = [(lo, hi) for lo, hi in sorted(pool) if lo >= 1000]
   if pool:
-    lo, hi = sorted(pool)[0]
+    lo, hi = pool[0]
     lines.append('uid_pool = "%d-%d"' % (lo, hi))
   if os.path.isfile(pathutils.SPICE_CERT_FILE):
     lines.append('spice_cert = "%s"' % pathutils.SPICE_CERT_FILE)
