@@ -115,18 +115,13 @@ impl NodeConfig {
                 }
             }
         }
-        for (key, script) in [
+        for (key, program) in [
+            ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),
         ] {
-            if let Some(s) = script {
-                let mode = std::fs::metadata(s)
-                    .map_err(|e| format!("{key}: {}: {e}", s.display()))?
-                    .permissions()
-                    .mode();
-                if mode & 0o111 == 0 {
-                    return Err(format!("{key}: {} is not executable", s.display()));
-                }
+            if let Some(p) = program {
+                check_program(p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
             }
         }
         if let Some(t) = &self.tap_template {
@@ -182,6 +177,52 @@ impl NodeConfig {
     }
 }
 
+/// A program gkvm runs as root must be a regular executable file that
+/// only root (or this user) can change, in directories only they can
+/// change, as sudo and sshd require of what they run.
+fn check_program(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    check_owner(path, &meta, "it")?;
+    // The directories above it (symlinks resolved: what runs is the target).
+    let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
+    let real_meta = std::fs::metadata(&real).map_err(|e| e.to_string())?;
+    check_owner(&real, &real_meta, "it")?;
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        check_owner(dir, &m, &dir.display().to_string())?;
+    }
+    Ok(())
+}
+
+/// `path` belongs to root or this user and nobody else may write it (a
+/// directory with the sticky bit, such as /tmp, keeps others from
+/// replacing what is in it, so its own mode may be open).
+fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "{what} is owned by uid {}, not by root or this user",
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode();
+    let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky_dir {
+        return Err(format!(
+            "{what} ({}) is writable by others (mode {:04o}): what runs as root would be theirs to change",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// The highest system uid: `SYS_UID_MAX` of `/etc/login.defs`, else 999
 /// (Debian's default).
 fn sys_uid_max() -> u32 {
@@ -222,6 +263,36 @@ mod tests {
         assert!(e.starts_with("tap_template:"), "{e}");
         let e = parse("nic_up_script = \"/nonexistent/ifup\"").unwrap_err();
         assert!(e.starts_with("nic_up_script:"), "{e}");
+        // Programs that run as root: not a directory, not writable by
+        // others, not owned by somebody else, not in a directory others
+        // can write.
+        let dir = std::env::temp_dir().join(format!("gkvm-nodecfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = dir.join("ifup");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = |p: &Path| format!("nic_up_script = \"{}\"", p.display());
+        parse(&cfg(&script)).unwrap();
+        let e = parse(&cfg(&dir)).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = parse(&cfg(&script)).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&script, Some(65534), None).unwrap();
+        let e = parse(&cfg(&script)).unwrap_err();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        std::os::unix::fs::chown(&script, Some(0), None).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = parse(&cfg(&script)).unwrap_err();
+        assert!(
+            e.contains("writable by others") && e.contains(dir.to_str().unwrap()),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = parse("kvm_path = \"/nonexistent/qemu\"").unwrap_err();
+        assert!(e.starts_with("kvm_path:"), "{e}");
         let e = parse("tap_template = \"-x%d\"").unwrap_err();
         assert!(e.starts_with("tap_template:"), "{e}");
         let e = parse("tap_template = \"a b%d\"").unwrap_err();
