@@ -630,19 +630,22 @@ async fn accept(
             other => Err(unexpected(&other)),
         };
     }
-    if !cli.json && !cli.quiet {
-        errln!(
-            "waiting for the migration on {}",
-            render::host_port(&address, port)
-        );
-    }
+    // Said once QEMU listens there (a script may start the migration on
+    // reading it), not before.
+    let announce = !cli.json && !cli.quiet;
+    let listen_at = render::host_port(&address, port);
+    let mut listening = |_: &hv_kvm::MigrationStatus| {
+        if announce {
+            errln!("waiting for the migration on {listen_at}");
+        }
+    };
     let request = Request::Receive {
         info,
         address,
         port: Some(port),
         timeout: Duration::from_secs(timeout),
     };
-    match call(&hv, request).await? {
+    match hv.handle_with_progress(request, &mut listening).await? {
         Response::Started(report) => render::done(
             cli.json,
             Operation::new(&report.name, "accept"),

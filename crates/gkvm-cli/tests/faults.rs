@@ -1213,3 +1213,51 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
     node.assert_empty("the end");
     assert_no_tap(&br, "the end");
 }
+
+/// The README's two-terminal flow, automated: `migrate` starts the moment
+/// `accept` says it waits. The line comes once QEMU listens, so the
+/// migration never finds the port closed (50 hops back and forth).
+#[test]
+fn accept_says_it_waits_only_once_it_listens() {
+    let Some(env) = require("faults_accept_announce", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    use std::io::BufRead as _;
+    let (a, b) = migration_pair("gkvm-fault-ann", &env.qemu);
+    let accel = accel();
+    a.ok(&["start", "ann1", "--memory", "32", "-H", &accel]);
+    let (mut src, mut dst) = (&a, &b);
+    for hop in 0..50u16 {
+        let listen = format!("127.0.0.1:{}", port(40 + hop % 2));
+        let info = src.ok(&["migration-info", "ann1"]);
+        let file = dst.dir.path().join("ann1.mig");
+        std::fs::write(&file, info).unwrap();
+        let mut child = dst
+            .cmd(&[
+                "accept",
+                file.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--timeout",
+                "60",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let said = lines.next().map(Result::unwrap).unwrap_or_default();
+        assert!(
+            said.starts_with("waiting for the migration on"),
+            "hop {hop}: {said:?}"
+        );
+        let out = src.run(&["migrate", "ann1", "--to", &listen]);
+        assert!(out.status.success(), "hop {hop}: {}", stderr(&out));
+        let rest: Vec<String> = lines.map(Result::unwrap).collect();
+        assert!(child.wait().unwrap().success(), "hop {hop}: {rest:?}");
+        std::mem::swap(&mut src, &mut dst);
+    }
+    src.ok(&["stop", "ann1", "--force"]);
+    a.assert_empty("announce");
+    b.assert_empty("announce");
+}

@@ -365,6 +365,21 @@ impl KvmHypervisor {
         port: u16,
         timeout: Duration,
     ) -> Result<StartReport> {
+        self.receive_reporting(info, address, port, timeout, &mut |_| {})
+            .await
+    }
+
+    /// [`Self::receive`], reporting once (a status of state `none`, no
+    /// migration yet) when QEMU listens on `address:port`: from then on a
+    /// source may connect.
+    pub async fn receive_reporting(
+        &self,
+        info: &str,
+        address: &str,
+        port: u16,
+        timeout: Duration,
+        listening: crate::Progress<'_>,
+    ) -> Result<StartReport> {
         let (spec, paths) = self.incoming(info, address, port, None)?;
         let _lock = self.lock(&paths).await?;
         let _guard = IncomingGuard {
@@ -372,6 +387,9 @@ impl KvmHypervisor {
             qmp_timeout: self.config.qmp_timeout,
         };
         let report = self.accept_locked(&spec, &paths, address, port).await?;
+        // QEMU opened its listening socket before its start returned
+        // (-incoming is set up before it daemonizes).
+        listening(&MigrationStatus::default());
         self.wait_incoming(&spec.name, timeout).await?;
         self.finalize_dst_locked(&paths, MigrationOutcome::Completed)
             .await?;

@@ -226,7 +226,8 @@ pub enum Request {
         instance: String,
     },
     /// Destination, whole sequence: accept, wait, finalize
-    /// ([`KvmHypervisor::receive`]).
+    /// ([`KvmHypervisor::receive_reporting`]: progress is told once, with
+    /// state `none`, when QEMU listens).
     Receive {
         /// The source's migration info.
         info: String,
@@ -405,7 +406,10 @@ impl KvmHypervisor {
                 timeout,
             } => {
                 let port = self.port_for_info(&info, port)?;
-                Response::Started(self.receive(&info, &address, port, timeout).await?)
+                Response::Started(
+                    self.receive_reporting(&info, &address, port, timeout, progress)
+                        .await?,
+                )
             }
             R::Migrate {
                 instance,
