@@ -23,6 +23,7 @@ impl Node {
         let mut config = Config::new(RunDir::new(dir.path().join("run")));
         config.kvm_path = Some(env.qemu.clone());
         config.caps_cache_dir = Some(dir.path().join("caps"));
+        config.trust_unsealed_migration_info = true;
         tweak(&mut config);
         Node {
             hv: KvmHypervisor::new(config),

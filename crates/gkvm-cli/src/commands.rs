@@ -131,11 +131,13 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             hvparams,
             no_wait,
             current,
+            trust_unsealed,
         } => {
             let opts = AcceptOpts {
                 timeout: *timeout,
                 no_wait: *no_wait,
                 current: current.as_deref(),
+                trust_unsealed: *trust_unsealed,
             };
             accept(c, info, listen, hvparams, opts).await
         }
@@ -595,6 +597,7 @@ struct AcceptOpts<'a> {
     timeout: u64,
     no_wait: bool,
     current: Option<&'a Path>,
+    trust_unsealed: bool,
 }
 
 async fn accept(
@@ -608,6 +611,9 @@ async fn accept(
     let info = read_file(info, "migration info")?;
     let mut hv = hypervisor(cli)?;
     node_hvparams(&mut hv, hvparams)?;
+    if opts.trust_unsealed {
+        hv.config_mut().trust_unsealed_migration_info = true;
+    }
     let port = hv.port_for_info(&info, port)?;
     let timeout = opts.timeout;
     if opts.no_wait || opts.current.is_some() {

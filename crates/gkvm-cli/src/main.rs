@@ -289,6 +289,12 @@ enum Command {
         /// files, chroot, security) comes from it.
         #[arg(long, value_name = "FILE")]
         current: Option<PathBuf>,
+        /// Accept a file no migration key vouches for (this node has no
+        /// migration_key). The file says which disks and files QEMU opens
+        /// here as root: say so only where it came over a channel you
+        /// trust.
+        #[arg(long)]
+        trust_unsealed: bool,
     },
     /// Live-migrate an instance to a node where `gkvm accept` waits.
     Migrate {

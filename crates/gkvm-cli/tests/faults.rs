@@ -338,6 +338,18 @@ fn tampered_migration_info_is_refused() {
         args.extend_from_slice(extra);
         b.run(&args)
     };
+    // A node without a migration key takes no unsealed file unless told.
+    let out = accept(&info, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = stderr(&out);
+    assert!(
+        said.contains("ti1")
+            && said.contains("no migration key")
+            && said.contains("--trust-unsealed"),
+        "{said}"
+    );
+    assert!(!said.contains("waiting for the migration"), "{said}");
+    b.assert_empty("unsealed");
     let mut v: serde_json::Value = serde_json::from_str(&info).unwrap();
     for (key, value) in [
         ("kvm_extra", "-qmp tcp:0.0.0.0:4444,server=on,wait=off"),
@@ -348,7 +360,7 @@ fn tampered_migration_info_is_refused() {
         let mut edited = v.clone();
         edited["hvparams"][key] = serde_json::Value::String(value.into());
         edited["payload"]["spec"]["hvparams"][key] = serde_json::Value::String(value.into());
-        let out = accept(&edited.to_string(), &[]);
+        let out = accept(&edited.to_string(), &["--trust-unsealed"]);
         assert_eq!(out.status.code(), Some(1), "{key}");
         assert!(
             stderr(&out).contains(&format!("hvparam {key}")),
@@ -365,6 +377,7 @@ fn tampered_migration_info_is_refused() {
         .arg("--run-dir")
         .arg(&b.run)
         .args(["accept", file.to_str().unwrap(), "--listen", &listen])
+        .arg("--trust-unsealed")
         .output()
         .unwrap();
     assert!(
@@ -654,6 +667,7 @@ fn spawn_accept(a: &Node, b: &Node, name: &str, listen: &str) -> Child {
             listen,
             "--timeout",
             "60",
+            "--trust-unsealed",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1228,7 +1242,7 @@ fn accept_says_it_waits_only_once_it_listens() {
     a.ok(&["start", "ann1", "--memory", "32", "-H", &accel]);
     let (mut src, mut dst) = (&a, &b);
     for hop in 0..50u16 {
-        let listen = format!("127.0.0.1:{}", port(40 + hop % 2));
+        let listen = format!("127.0.0.1:{}", port(60 + hop % 2));
         let info = src.ok(&["migration-info", "ann1"]);
         let file = dst.dir.path().join("ann1.mig");
         std::fs::write(&file, info).unwrap();
@@ -1240,6 +1254,7 @@ fn accept_says_it_waits_only_once_it_listens() {
                 &listen,
                 "--timeout",
                 "60",
+                "--trust-unsealed",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1247,10 +1262,10 @@ fn accept_says_it_waits_only_once_it_listens() {
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let said = lines.next().map(Result::unwrap).unwrap_or_default();
-        assert!(
-            said.starts_with("waiting for the migration on"),
-            "hop {hop}: {said:?}"
-        );
+        if !said.starts_with("waiting for the migration on") {
+            let rest: Vec<String> = lines.map(Result::unwrap).collect();
+            panic!("hop {hop}: {said:?} {rest:?}");
+        }
         let out = src.run(&["migrate", "ann1", "--to", &listen]);
         assert!(out.status.success(), "hop {hop}: {}", stderr(&out));
         let rest: Vec<String> = lines.map(Result::unwrap).collect();

@@ -146,6 +146,7 @@ fn hop(src: &Node, dst: &Node, addr: &str, port: Option<u16>, dir: &Path) {
         &listen,
         "--timeout",
         "120",
+        "--trust-unsealed",
     ]);
     wait_for_incoming_qemu(dst, &mut accept);
     std::thread::sleep(Duration::from_millis(200));
@@ -323,6 +324,7 @@ fn migrate_over_tls_and_refuse_a_wrong_certificate() {
             info.to_str().unwrap(),
             "--listen",
             "10.232.77.2:8120",
+            "--trust-unsealed",
         ])
         .output()
         .unwrap();
@@ -351,6 +353,7 @@ fn migrate_over_tls_and_refuse_a_wrong_certificate() {
         "10.232.77.2:8121",
         "--timeout",
         "60",
+        "--trust-unsealed",
     ]);
     wait_for_incoming_qemu(&wrong, &mut accept);
     std::thread::sleep(Duration::from_millis(300));

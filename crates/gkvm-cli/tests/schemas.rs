@@ -160,7 +160,13 @@ fn every_json_output_matches_its_schema() {
     let port = 20000 + (std::process::id() % 20000) as u16 + 77;
     let listen = format!("127.0.0.1:{port}");
     let accept = b
-        .cmd(&["accept", info.to_str().unwrap(), "--listen", &listen])
+        .cmd(&[
+            "accept",
+            info.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--trust-unsealed",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

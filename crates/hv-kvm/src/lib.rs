@@ -110,6 +110,13 @@ pub struct Config {
     /// With a key, `migration_info` seals and accepting refuses anything
     /// not sealed with it.
     pub migration_key: Option<Vec<u8>>,
+    /// Whether to accept migration info that no shared key vouches for
+    /// (this node has no `migration_key`). Off by default: the file says
+    /// which disks and files the destination's QEMU opens as root, so one
+    /// that passed through untrusted hands must not be taken; turn it on
+    /// where the info travels over a channel that is already authenticated
+    /// (Ganeti's node daemons), or where both ends are this node.
+    pub trust_unsealed_migration_info: bool,
     /// This node's values of node-local hvparams (see
     /// [`trust::NODE_LOCAL_HVPARAMS`]) that differ from the defaults: an
     /// incoming instance must have the same.
@@ -133,6 +140,7 @@ impl Config {
             start_timeout: Duration::from_secs(60),
             info_timeout: Duration::from_secs(3),
             migration_key: None,
+            trust_unsealed_migration_info: false,
             log_dir: None,
             migration_tls_dir: None,
             unplug_timeout: Duration::from_secs(30),

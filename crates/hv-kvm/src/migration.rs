@@ -291,6 +291,17 @@ impl KvmHypervisor {
         current: Option<&kvm_cmdline::HvParams>,
     ) -> Result<crate::InstanceSpec> {
         let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
+        if self.config.migration_key.is_none() && !self.config.trust_unsealed_migration_info {
+            return Err(Error::MigrationInfo {
+                instance: spec.name.clone(),
+                reason: "this node has no migration key, so nothing vouches for the file, \
+                         and it chooses the disks and files QEMU opens here as root: share \
+                         a migration key between the nodes (migration_key), or accept \
+                         unsealed files explicitly (--trust-unsealed) where they travel \
+                         over a channel you trust"
+                    .into(),
+            });
+        }
         if let Some(current) = current {
             spec.hvparams.take_restart_safe(current);
         }
