@@ -613,6 +613,33 @@ fn inputs_out_of_bounds_are_clear_errors() {
         &node.run(&["start", "b1", "--memory", "0", "-H", &accel]),
         "memory",
     );
+    // Refused before anything was made: no rollback warning above the error.
+    one_line(
+        &node.run(&[
+            "start",
+            "b1",
+            "--memory",
+            "64",
+            "-H",
+            &accel,
+            "--disk",
+            "/nonexistent/d.img",
+        ]),
+        "/nonexistent/d.img",
+    );
+    one_line(
+        &node.run(&[
+            "start",
+            "b1",
+            "--memory",
+            "64",
+            "-H",
+            &accel,
+            "--nic",
+            "bridge=gkvmnobr77",
+        ]),
+        "gkvmnobr77",
+    );
     let nics: Vec<String> = (0..9).map(|_| "--nic=bridge=br0".to_owned()).collect();
     let mut args = vec!["start", "b1", "--memory", "64"];
     args.extend(nics.iter().map(String::as_str));

@@ -114,7 +114,9 @@ impl Drop for RollbackGuard {
         if !self.armed {
             return;
         }
-        tracing::warn!(instance = %self.paths.name, operation = self.what,
+        // Not a warning: the failure is the caller's error (one line, which
+        // a refused input must stay) or its interruption, which it reports.
+        tracing::info!(instance = %self.paths.name, operation = self.what,
             "operation failed or was interrupted; rolling back");
         if let Some(fd) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
             process::kill_and_wait_pidfd(&fd, Duration::from_secs(10));
