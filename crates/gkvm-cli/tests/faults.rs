@@ -295,7 +295,7 @@ fn force_stop_preempts_a_graceful_stop() {
     node.ok(&["start", "ff1", "--memory", "64", "-H", &accel]);
     let graceful = node
         .cmd(&["stop", "ff1", "--timeout", "60"])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -310,6 +310,9 @@ fn force_stop_preempts_a_graceful_stop() {
     );
     let g = graceful.wait_with_output().unwrap();
     assert!(g.status.code().is_some(), "graceful stop: {}", stderr(&g));
+    // The guest never powered off: the graceful stop does not say it did.
+    let said = String::from_utf8_lossy(&g.stdout);
+    assert!(!said.contains("powered off"), "{said}");
     node.assert_empty("force during graceful");
 }
 

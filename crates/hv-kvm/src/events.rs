@@ -65,6 +65,29 @@ pub(crate) fn last_ending_in(log: &[u8]) -> Option<Ending> {
     })
 }
 
+/// Whether the log ends with a shutdown that answered the power button:
+/// `Some(false)` when the last `POWERDOWN` has no `SHUTDOWN` after it (QEMU
+/// ended otherwise: killed), `None` when the log has no `POWERDOWN`.
+pub(crate) fn answered_power_button_in(log: &[u8]) -> Option<bool> {
+    let mut answered = None;
+    for line in log.split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        match v.get("event").and_then(Value::as_str) {
+            Some("POWERDOWN") => answered = Some(false),
+            Some("SHUTDOWN") if answered.is_some() => answered = Some(true),
+            _ => {}
+        }
+    }
+    answered
+}
+
+/// [`answered_power_button_in`] for the instance's current QEMU.
+pub(crate) fn answered_power_button(paths: &InstancePaths) -> Option<bool> {
+    answered_power_button_in(&paths.read_events(TAIL).ok()?)
+}
+
 /// The last shutdown or panic of the instance's current QEMU, if its log
 /// says one.
 pub(crate) fn last_ending(paths: &InstancePaths) -> Option<Ending> {
@@ -140,6 +163,16 @@ garbage
                 .reason,
             "QEMU shut down (snapshot-load)"
         );
+    }
+
+    #[test]
+    fn a_power_button_answered_or_not() {
+        assert_eq!(answered_power_button_in(b""), None);
+        let pressed = br#"{"event": "POWERDOWN"}"#;
+        assert_eq!(answered_power_button_in(pressed), Some(false));
+        let answered = br#"{"event": "POWERDOWN"}
+{"event": "SHUTDOWN", "data": {"reason": "guest-shutdown"}}"#;
+        assert_eq!(answered_power_button_in(answered), Some(true));
     }
 
     #[test]

@@ -341,7 +341,14 @@ impl KvmHypervisor {
                     after: timeout,
                 });
             }
-            StopOutcome::PoweredOff
+            // QEMU ended; the guest powered off only if its log says so
+            // (a forced stop may have killed it meanwhile).
+            if crate::events::answered_power_button(paths) == Some(false) {
+                tracing::info!(instance = %name, "QEMU ended before the guest powered off (killed)");
+                StopOutcome::Killed
+            } else {
+                StopOutcome::PoweredOff
+            }
         } else {
             self.kill(paths, pid).await?;
             StopOutcome::Killed
