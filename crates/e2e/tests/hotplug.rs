@@ -16,13 +16,32 @@ fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hp");
-    let hv = common::node(dir.path(), &env.qemu);
+    // TAPs of its own name, so the test looks only at what it made.
+    let hv = KvmHypervisor::new({
+        let mut c = common::node_config(dir.path(), &env.qemu);
+        c.tap_template = "gkvmhpt%d".into();
+        c
+    });
+    let own_taps = || -> Vec<String> {
+        let mut t: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("gkvmhpt"))
+            .collect();
+        t.sort();
+        t
+    };
     let br = Bridge::new("gkvmhpbr0");
     sh("ip addr add 10.96.0.1/24 dev gkvmhpbr0");
     let mut spec = guest_spec(&env, "hp1");
     spec.hvparams.set_pair("reboot_behavior=exit").unwrap();
     let dir_b = ScratchDir::new("gkvm-hp-b");
     let hv_b = common::node(dir_b.path(), &env.qemu);
+    // A failing assertion kills every QEMU this test started (both nodes).
+    let _guards = [
+        gkvm_testkit::KillRunDir(dir.path().join("run")),
+        gkvm_testkit::KillRunDir(dir_b.path().join("run")),
+    ];
     rt().block_on(async {
         hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
         let paths = RunDir::new(dir.path().join("run")).instance("hp1").unwrap();
@@ -34,13 +53,13 @@ fn a_hot_added_nic_works_in_the_guest_and_goes_away() {
 
         // A bridge that does not exist: refused at the NIC's configuration,
         // the instance runs on, no TAP and no record change left.
-        let taps_before = sh("ls /sys/class/net");
+        let taps_before = own_taps();
         let err = hv
             .nic_add("hp1", NicSpec::new("52:54:00:00:70:09".parse().unwrap(), "gkvmnosuchbr"))
             .await
             .unwrap_err();
         assert!(err.report().contains("gkvmnosuchbr"), "{}", err.report());
-        assert_eq!(sh("ls /sys/class/net"), taps_before);
+        assert_eq!(own_taps(), taps_before);
         assert!(paths.read_nics().unwrap().is_empty());
 
         let t = Instant::now();

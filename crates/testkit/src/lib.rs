@@ -416,9 +416,14 @@ impl Vm {
         let serial = env.guest.as_ref().map(|_| {
             Serial::connect(&serial_path, Duration::from_secs(20)).expect("serial console socket")
         });
-        // The QMP socket exists once QEMU got past option parsing.
+        // The socket file appears when QEMU binds it, a moment before it
+        // listens: wait until a connection is taken (a busy machine
+        // stretches that moment), then leave the socket to the test.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !qmp.exists() && Instant::now() < deadline {
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&qmp).is_ok() {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         Vm {
