@@ -319,6 +319,8 @@ impl InstancePaths {
     /// (removing a held lock's file would let a second locker in).
     pub fn clear_state(&self) -> Result<CleanupReport, Error> {
         let mut report = CleanupReport::default();
+        // A socket some process still serves stops everything (it may be
+        // a QEMU this run dir does not know of: its files stay).
         for s in [
             &self.monitor,
             &self.serial,
@@ -328,6 +330,15 @@ impl InstancePaths {
         ] {
             remove_socket(s)?;
         }
+        // Then every file that can go goes, even when one cannot (a
+        // directory planted at a file's place): the first error is
+        // returned after the rest is removed.
+        let mut first_error = None;
+        let mut keep = |r: Result<(), Error>| {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+        };
         let (events_in, events_out) = (self.events_in(), self.events_out());
         for f in [
             &self.pid,
@@ -337,8 +348,11 @@ impl InstancePaths {
             &events_in,
             &events_out,
         ] {
-            remove_file(f)?;
-            remove_tmp_files(f)?;
+            keep(remove_file(f));
+            keep(remove_tmp_files(f));
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         report.released_uid = crate::uid::release(self)?;
         match std::fs::remove_dir_all(&self.nic_dir) {

@@ -169,6 +169,20 @@ fn temp_names_are_unpredictable_and_cleanup_removes_leftovers() {
 }
 
 #[test]
+fn a_directory_planted_at_a_files_place_does_not_keep_the_rest() {
+    let (_t, run) = run_dir();
+    let p = run.instance("dir1").unwrap();
+    p.write_runtime(&record("a")).unwrap();
+    std::fs::write(&p.pid, "1\n").unwrap();
+    std::fs::create_dir(&p.hotplug).unwrap();
+    let err = p.clear_state().unwrap_err().to_string();
+    assert!(err.contains("dir1.hotplug"), "{err}");
+    // The pid and runtime files went anyway; the planted directory stays.
+    assert!(!p.pid.exists() && !p.runtime.exists());
+    assert!(p.hotplug.is_dir());
+}
+
+#[test]
 fn oversized_and_special_files_are_not_read() {
     let (_t, run) = run_dir();
     let p = run.instance("big1").unwrap();
