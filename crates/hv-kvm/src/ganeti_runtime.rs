@@ -421,9 +421,13 @@ mod tests {
         assert_eq!((incoming.nics, incoming.disks), (spec.nics, spec.disks));
         // Accepted with the cluster's current configuration: what may
         // change between starts comes from it, the hardware from the file.
-        let hv = crate::KvmHypervisor::new(crate::Config::new(crate::RunDir::new(
-            "/nonexistent/gkvm-run",
-        )));
+        let mut config = crate::Config::new(crate::RunDir::new("/nonexistent/gkvm-run"));
+        // No key here: an unsealed file is refused unless the node says so.
+        assert!(crate::KvmHypervisor::new(config.clone())
+            .incoming_spec_with(text, None)
+            .is_err());
+        config.trust_unsealed_migration_info = true;
+        let hv = crate::KvmHypervisor::new(config);
         let mut current = kvm_cmdline::HvParams::default();
         for p in ["keymap=fr", "nic_type=e1000"] {
             current.set_pair(p).unwrap();
