@@ -164,6 +164,8 @@ fn a_guest_that_never_releases_a_nic_keeps_it_and_runs_on() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpt");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let mut config = common::node_config(dir.path(), &env.qemu);
     config.unplug_timeout = Duration::from_secs(2);
     let hv = KvmHypervisor::new(config);
@@ -225,6 +227,8 @@ fn a_hot_added_disk_shows_its_content_grows_and_goes_away() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpd");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let image = dir.path().join("data.img");
     {
@@ -314,6 +318,8 @@ fn a_nic_moves_to_another_bridge_without_an_unplug() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpm");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let (br1, br2) = (Bridge::new("gkvmhpbr3"), Bridge::new("gkvmhpbr4"));
     let master = |tap: &str| {
@@ -368,6 +374,8 @@ fn a_disk_only_root_may_open_is_hot_added_to_a_qemu_that_dropped_root() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpf");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let image = dir.path().join("private.img");
     std::fs::File::create(&image)
@@ -428,6 +436,8 @@ fn a_scsi_disk_is_hot_added_to_an_instance_started_without_disks() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hps");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let image = dir.path().join("scsi.img");
     std::fs::File::create(&image)
@@ -471,6 +481,8 @@ fn ganetis_scsi_disk_types_start_and_hot_plug() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpst");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let image = |name: &str| {
         let p = dir.path().join(name);
@@ -579,6 +591,8 @@ fn a_q35_machine_refuses_pci_hot_plug_by_name() {
         return;
     };
     let dir = ScratchDir::new("gkvm-hpq");
+    // A failing assertion kills every QEMU this test started.
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
     let hv = common::node(dir.path(), &env.qemu);
     let br = Bridge::new("gkvmhpbrq");
     let image = dir.path().join("q35.img");

@@ -193,6 +193,8 @@ fn migrate_across_network_namespaces_and_back() {
         return;
     };
     let dir = ScratchDir::new("gkvm-netns");
+    // A failing assertion kills every QEMU this test started.
+    let _guards = ["a", "b"].map(|r| gkvm_testkit::KillRunDir(dir.path().join(r)));
     let _ns = Netns::pair("gkvm-node-a", "gkvm-node-b", "10.231.77.1", "10.231.77.2");
     let a = Node {
         ns: "gkvm-node-a".into(),
@@ -274,6 +276,7 @@ fn migrate_over_tls_and_refuse_a_wrong_certificate() {
         return;
     };
     let dir = ScratchDir::new("gkvm-tls");
+    let _guards = ["a", "b", "b-plain"].map(|r| gkvm_testkit::KillRunDir(dir.path().join(r)));
     let _ns = Netns::pair_via(
         "gkvm-tls-a",
         "gkvm-tls-b",
