@@ -57,13 +57,7 @@ fn migration_key(given: Option<&PathBuf>) -> Result<Option<Vec<u8>>, Failure> {
     let meta = file.metadata().map_err(|e| fail(e.to_string()))?;
     let mode = std::os::unix::fs::MetadataExt::mode(&meta);
     // Whoever owns the key can read it, and rewrite it: root or this user.
-    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
-    let me = nix::unistd::geteuid().as_raw();
-    if owner != me && owner != 0 {
-        return Err(fail(format!(
-            "owned by uid {owner}, not by this user or root; chown it"
-        )));
-    }
+    crate::node_config::owned_by_root_or_me(&meta).map_err(|e| fail(format!("{e}; chown it")))?;
     if mode & 0o077 != 0 {
         return Err(fail(format!(
             "mode {:04o} lets others read it; chmod 600 it",

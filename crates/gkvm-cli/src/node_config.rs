@@ -78,19 +78,7 @@ fn read_private(path: &Path) -> Result<String, String> {
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(format!(
-            "owned by uid {}, not by this user or root",
-            meta.uid()
-        ));
-    }
-    if meta.permissions().mode() & 0o022 != 0 {
-        return Err(format!(
-            "mode {:04o} lets others change what runs as root; chmod go-w it",
-            meta.permissions().mode() & 0o7777
-        ));
-    }
+    check_owner(path, &meta, "it")?;
     let text = hv_kvm::read_open_capped(file, path, MAX_SIZE).map_err(|e| e.report())?;
     String::from_utf8(text).map_err(|_| "not UTF-8".to_owned())
 }
@@ -204,20 +192,28 @@ fn check_program(path: &Path) -> Result<(), String> {
 /// directory with the sticky bit, such as /tmp, keeps others from
 /// replacing what is in it, so its own mode may be open).
 fn check_owner(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(format!(
-            "{what} is owned by uid {}, not by root or this user",
-            meta.uid()
-        ));
-    }
+    owned_by_root_or_me(meta).map_err(|e| format!("{what} is {e}"))?;
     let mode = meta.permissions().mode();
     let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
     if mode & 0o022 != 0 && !sticky_dir {
         return Err(format!(
-            "{what} ({}) is writable by others (mode {:04o}): what runs as root would be theirs to change",
+            "{what} ({}) is writable by others (mode {:04o}): what runs as root would be \
+             theirs to change; chmod go-w it",
             path.display(),
             mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// What gkvm trusts — its node configuration, the programs it names, the
+/// migration key — belongs to root or to the user running gkvm.
+pub(crate) fn owned_by_root_or_me(meta: &std::fs::Metadata) -> Result<(), String> {
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "owned by uid {}, not by this user or root",
+            meta.uid()
         ));
     }
     Ok(())

@@ -683,26 +683,29 @@ fn migration_pair(tag: &str, qemu: &Path) -> (Node, Node) {
     (a, b)
 }
 
-/// Starts `gkvm accept` on `b` for `name` (info from `a`) and waits until
-/// its QEMU listens.
-fn spawn_accept(a: &Node, b: &Node, name: &str, listen: &str) -> Child {
+/// `gkvm accept` on `b` for `name`, its info taken from `a` now (both
+/// nodes are this machine: the unsealed file is trusted), stderr piped.
+fn accept_cmd(a: &Node, b: &Node, name: &str, listen: &str) -> Command {
     let info = a.ok(&["migration-info", name]);
     let file = b.dir.path().join(format!("{name}.mig"));
     std::fs::write(&file, info).unwrap();
-    let child = b
-        .cmd(&[
-            "accept",
-            file.to_str().unwrap(),
-            "--listen",
-            listen,
-            "--timeout",
-            "60",
-            "--trust-unsealed",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = b.cmd(&[
+        "accept",
+        file.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--timeout",
+        "60",
+        "--trust-unsealed",
+    ]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+/// Starts `gkvm accept` on `b` for `name` (info from `a`) and waits until
+/// its QEMU listens.
+fn spawn_accept(a: &Node, b: &Node, name: &str, listen: &str) -> Child {
+    let child = accept_cmd(a, b, name, listen).spawn().unwrap();
     let state = b.wait_state(name, Some("incoming"), Duration::from_secs(20));
     assert_eq!(
         state.as_deref(),
@@ -1273,23 +1276,7 @@ fn accept_says_it_waits_only_once_it_listens() {
     let (mut src, mut dst) = (&a, &b);
     for hop in 0..50u16 {
         let listen = format!("127.0.0.1:{}", port(60 + hop % 2));
-        let info = src.ok(&["migration-info", "ann1"]);
-        let file = dst.dir.path().join("ann1.mig");
-        std::fs::write(&file, info).unwrap();
-        let mut child = dst
-            .cmd(&[
-                "accept",
-                file.to_str().unwrap(),
-                "--listen",
-                &listen,
-                "--timeout",
-                "60",
-                "--trust-unsealed",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = accept_cmd(src, dst, "ann1", &listen).spawn().unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let said = lines.next().map(Result::unwrap).unwrap_or_default();
         if !said.starts_with("waiting for the migration on") {
