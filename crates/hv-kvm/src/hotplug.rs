@@ -789,14 +789,16 @@ impl KvmHypervisor {
     pub async fn hotplug_supported(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
-        let spec = self.saved_spec(&paths)?.ok_or_else(|| Error::NotRunning {
-            instance: name.to_owned(),
-        })?;
+        // The record once: the instance and its machine both come from it.
+        let record = paths
+            .read_runtime()
+            .map_err(|e| runtime(name, e))?
+            .ok_or_else(|| Error::NotRunning {
+                instance: name.to_owned(),
+            })?;
+        let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
-        let record = paths.read_runtime().map_err(|e| runtime(name, e))?;
-        if let Some(r) = &record {
-            refuse_pcie_root(name, r)?;
-        }
+        refuse_pcie_root(name, &record)?;
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         if caps.devices.is_empty() || caps.features.drive_boot {
             return Err(hotplug_err(name, "check")(format!(
