@@ -616,11 +616,11 @@ async fn accept(
     }
     let port = hv.port_for_info(&info, port)?;
     let timeout = opts.timeout;
-    if opts.no_wait || opts.current.is_some() {
-        let config = match opts.current {
-            Some(f) => Some(load_instance(f)?.hvparams),
-            None => None,
-        };
+    let config = match opts.current {
+        Some(f) => Some(crate::input::load_current(f)?),
+        None => None,
+    };
+    if opts.no_wait {
         let request = Request::AcceptInstance {
             info,
             address,
@@ -640,8 +640,13 @@ async fn accept(
     // reading it), not before.
     let announce = !cli.json && !cli.quiet;
     let listen_at = render::host_port(&address, port);
+    let json = cli.json;
+    let host = address.clone();
     let mut listening = |_: &hv_kvm::MigrationStatus| {
-        if announce {
+        if json {
+            // A closed reader must not stop the migration.
+            let _ = render::listening_line(&host, port);
+        } else if announce {
             errln!("waiting for the migration on {listen_at}");
         }
     };
@@ -650,6 +655,7 @@ async fn accept(
         address,
         port: Some(port),
         timeout: Duration::from_secs(timeout),
+        config,
     };
     match hv.handle_with_progress(request, &mut listening).await? {
         Response::Started(report) => render::done(

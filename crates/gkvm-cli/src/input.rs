@@ -106,7 +106,22 @@ pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
     })
 }
 
-/// `HOST:PORT` or `[V6]:PORT`.
+/// `accept --current FILE`: the instance's definition on this node. Its
+/// disks are this node's only when the file lists them (a `"disks"` key,
+/// even empty): a definition without one leaves them to the migration
+/// info.
+pub(crate) fn load_current(path: &Path) -> Result<hv_kvm::CurrentConfig, Failure> {
+    let spec = load_instance(path)?;
+    let text = read_file(path, "instance file")?;
+    let lists_disks = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .is_some_and(|v| v.get("disks").is_some());
+    Ok(hv_kvm::CurrentConfig {
+        hvparams: spec.hvparams,
+        disks: lists_disks.then_some(spec.disks),
+    })
+}
+
 /// `HOST:PORT`, `HOST`, `[V6]:PORT`, `[V6]` or a bare IPv6 address; no
 /// port means the instance's `migration_port`.
 pub(crate) fn split_host_port(s: &str) -> Result<(String, Option<u16>), Failure> {

@@ -284,9 +284,11 @@ enum Command {
         /// `finalize-migration NAME --destination`.
         #[arg(long)]
         no_wait: bool,
-        /// The cluster's current definition of the instance (JSON, as
-        /// `start --file`): what may change on a move (keymap, password
-        /// files, chroot, security) comes from it.
+        /// This node's definition of the instance (JSON, as `start
+        /// --file`): what may change on a move (keymap, password files,
+        /// chroot, security) comes from it, and, when it lists disks,
+        /// each disk's path on this node (the file then chooses no host
+        /// file QEMU opens).
         #[arg(long, value_name = "FILE")]
         current: Option<PathBuf>,
         /// Accept a file no migration key vouches for (this node has no

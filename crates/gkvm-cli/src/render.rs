@@ -392,6 +392,17 @@ pub(crate) fn migrated(
 }
 
 /// One JSON line of `gkvm migrate --json` progress.
+/// `accept --json`'s first line (`schemas/v1/accept-listening.json`):
+/// QEMU listens at `host:port`, a source may start the migration.
+pub(crate) fn listening_line(host: &str, port: u16) -> CliResult {
+    let line = serde_json::json!({
+        "listening": true,
+        "address": host_port(host, port),
+        "port": port,
+    });
+    outln!("{line}")
+}
+
 pub(crate) fn migration_progress_line(s: &MigrationStatus) -> CliResult {
     outln!("{}", serde_json::to_string(s)?)
 }

@@ -324,7 +324,18 @@ fn tampered_migration_info_is_refused() {
     let a = Node::new("gkvm-fault-info-a", &env.qemu);
     let b = Node::new("gkvm-fault-info-b", &env.qemu);
     let accel = accel();
-    a.ok(&["start", "ti1", "--memory", "64", "-H", &accel]);
+    let disk = a.dir.path().join("ti1.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    a.ok(&[
+        "start",
+        "ti1",
+        "--memory",
+        "64",
+        "--disk",
+        disk.to_str().unwrap(),
+        "-H",
+        &accel,
+    ]);
     let info = a.ok(&["migration-info", "ti1"]);
     let file = b.dir.path().join("ti1.mig");
     let listen = format!("127.0.0.1:{}", port(1));
@@ -372,6 +383,52 @@ fn tampered_migration_info_is_refused() {
         );
         b.assert_empty(key);
     }
+    // The disks: a file that names a host file as the guest's disk does
+    // not choose what QEMU opens when this node's definition lists its
+    // own disks (`--current`): QEMU opens the node's path.
+    let secret = b.dir.path().join("secret");
+    std::fs::write(&secret, "not the guest's").unwrap();
+    let mine = b.dir.path().join("ti1-on-b.img");
+    std::fs::write(&mine, vec![0u8; 1 << 20]).unwrap();
+    let mut edited = v.clone();
+    let disks = &mut edited["payload"]["spec"]["disks"];
+    assert_eq!(disks.as_array().map(Vec::len), Some(1), "{edited}");
+    disks[0]["path"] = secret.to_str().unwrap().into();
+    let current = b.dir.path().join("ti1.json");
+    let write_current = |disks: serde_json::Value| {
+        let mut def = v["payload"]["spec"].clone();
+        def["disks"] = disks;
+        std::fs::write(&current, def.to_string()).unwrap();
+    };
+    let cur = ["--trust-unsealed", "--current", current.to_str().unwrap()];
+    for (disks, refusal) in [
+        (serde_json::json!([]), "the file has 1 disks"),
+        (serde_json::json!([{}]), "names the host path"),
+    ] {
+        write_current(disks.clone());
+        let out = accept(&edited.to_string(), &cur);
+        assert_eq!(out.status.code(), Some(1), "{disks}");
+        let said = stderr(&out);
+        assert!(
+            said.contains("ti1") && said.contains(refusal),
+            "{disks}: {said}"
+        );
+        b.assert_empty("disks refused");
+    }
+    write_current(serde_json::json!([{"path": mine.to_str().unwrap()}]));
+    let mut no_wait = cur.to_vec();
+    no_wait.push("--no-wait");
+    let out = accept(&edited.to_string(), &no_wait);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pid = b.qemus();
+    assert_eq!(pid.len(), 1, "one QEMU waits");
+    let argv = std::fs::read(format!("/proc/{}/cmdline", pid[0])).unwrap();
+    let argv = String::from_utf8_lossy(&argv);
+    assert!(argv.contains(mine.to_str().unwrap()), "{argv}");
+    assert!(!argv.contains(secret.to_str().unwrap()), "{argv}");
+    b.ok(&["finalize-migration", "ti1", "--destination", "--failed"]);
+    b.assert_empty("own disk");
+
     // Without a node override of the QEMU binary, the file's is compared too.
     let mut edited = v.clone();
     edited["payload"]["spec"]["hvparams"]["kvm_path"] = "/bin/sh".into();
@@ -427,10 +484,11 @@ fn tampered_migration_info_is_refused() {
     let edited = sealed.replace("\\\"memory\\\":64", "\\\"memory\\\":65");
     assert_ne!(edited, sealed);
     let out = accept(&edited, &k);
+    let said = stderr(&out);
+    // Named as the file claims (nothing vouches for it), not "(unknown)".
     assert!(
-        stderr(&out).contains("integrity check failed"),
-        "{}",
-        stderr(&out)
+        said.contains("integrity check failed") && said.contains("ti1"),
+        "{said}"
     );
     b.assert_empty("sealed");
     // The intact sealed file is accepted (and times out waiting here).
@@ -1276,10 +1334,27 @@ fn accept_says_it_waits_only_once_it_listens() {
     let (mut src, mut dst) = (&a, &b);
     for hop in 0..50u16 {
         let listen = format!("127.0.0.1:{}", port(60 + hop % 2));
-        let mut child = accept_cmd(src, dst, "ann1", &listen).spawn().unwrap();
+        // Every fifth hop as a script reading JSON would: the first line
+        // on stdout.
+        let json = hop % 5 == 4;
+        let mut cmd = accept_cmd(src, dst, "ann1", &listen);
+        if json {
+            cmd.arg("--json").stdout(Stdio::piped());
+        }
+        let mut child = cmd.spawn().unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let said = lines.next().map(Result::unwrap).unwrap_or_default();
-        if !said.starts_with("waiting for the migration on") {
+        let said = if json {
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+            out.next().map(Result::unwrap).unwrap_or_default()
+        } else {
+            lines.next().map(Result::unwrap).unwrap_or_default()
+        };
+        let announced = if json {
+            said.contains("\"listening\":true")
+        } else {
+            said.starts_with("waiting for the migration on")
+        };
+        if !announced {
             let rest: Vec<String> = lines.map(Result::unwrap).collect();
             panic!("hop {hop}: {said:?} {rest:?}");
         }

@@ -432,6 +432,10 @@ mod tests {
         for p in ["keymap=fr", "nic_type=e1000"] {
             current.set_pair(p).unwrap();
         }
+        let current = crate::CurrentConfig {
+            hvparams: current,
+            disks: None,
+        };
         let accepted = hv.incoming_spec_with(text, Some(&current)).unwrap();
         assert_eq!(accepted.hvparams.keymap, "fr");
         assert_eq!(accepted.hvparams.nic_type, spec.hvparams.nic_type);

@@ -45,7 +45,7 @@ pub use kvm_runtime::human_duration;
 pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
-pub use migration::{parse_migration_info, MigrationStatus};
+pub use migration::{parse_migration_info, CurrentConfig, MigrationStatus};
 pub use nic::nic_script_env;
 pub use ops::{MigrationMode, MigrationOutcome, Progress, Request, Response, StartMode, StopMode};
 use serde::{Deserialize, Serialize};

@@ -288,7 +288,7 @@ impl KvmHypervisor {
     pub fn incoming_spec_with(
         &self,
         info: &str,
-        current: Option<&kvm_cmdline::HvParams>,
+        current: Option<&CurrentConfig>,
     ) -> Result<crate::InstanceSpec> {
         let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
         if self.config.migration_key.is_none() && !self.config.trust_unsealed_migration_info {
@@ -303,7 +303,10 @@ impl KvmHypervisor {
             });
         }
         if let Some(current) = current {
-            spec.hvparams.take_restart_safe(current);
+            spec.hvparams.take_restart_safe(&current.hvparams);
+            if let Some(disks) = &current.disks {
+                take_local_disks(&mut spec, disks)?;
+            }
         }
         // The accelerator the source really runs, when its info says.
         let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
@@ -376,22 +379,24 @@ impl KvmHypervisor {
         port: u16,
         timeout: Duration,
     ) -> Result<StartReport> {
-        self.receive_reporting(info, address, port, timeout, &mut |_| {})
+        self.receive_reporting(info, address, port, timeout, None, &mut |_| {})
             .await
     }
 
-    /// [`Self::receive`], reporting once (a status of state `none`, no
-    /// migration yet) when QEMU listens on `address:port`: from then on a
-    /// source may connect.
+    /// [`Self::receive`], with this node's own configuration of the
+    /// instance when it has one (see [`Self::incoming_spec_with`]),
+    /// reporting once (a status of state `none`, no migration yet) when
+    /// QEMU listens on `address:port`: from then on a source may connect.
     pub async fn receive_reporting(
         &self,
         info: &str,
         address: &str,
         port: u16,
         timeout: Duration,
+        current: Option<&CurrentConfig>,
         listening: crate::Progress<'_>,
     ) -> Result<StartReport> {
-        let (spec, paths) = self.incoming(info, address, port, None)?;
+        let (spec, paths) = self.incoming(info, address, port, current)?;
         let _lock = self.lock(&paths).await?;
         let _guard = IncomingGuard {
             paths: paths.clone(),
@@ -429,7 +434,7 @@ impl KvmHypervisor {
         info: &str,
         address: &str,
         port: u16,
-        current: Option<&kvm_cmdline::HvParams>,
+        current: Option<&CurrentConfig>,
     ) -> Result<StartReport> {
         let (spec, paths) = self.incoming(info, address, port, current)?;
         let _lock = self.lock(&paths).await?;
@@ -443,7 +448,7 @@ impl KvmHypervisor {
         info: &str,
         address: &str,
         port: u16,
-        current: Option<&kvm_cmdline::HvParams>,
+        current: Option<&CurrentConfig>,
     ) -> Result<(crate::InstanceSpec, InstancePaths)> {
         let spec = self.incoming_spec_with(info, current)?;
         self.check_tls_agrees(&spec.name, info)?;
@@ -870,16 +875,100 @@ fn check_listen(instance: &str, address: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// What the destination itself says of an incoming instance (Ganeti's
+/// configuration of it now, as its AcceptInstance has it): it decides
+/// what may differ between nodes or change between starts, the migration
+/// info file only the hardware the guest already has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CurrentConfig {
+    /// The instance's hvparams now: keymap, password files, chroot and
+    /// security model come from them
+    /// ([`kvm_cmdline::HvParams::take_restart_safe`]).
+    pub hvparams: kvm_cmdline::HvParams,
+    /// The instance's disks as this node reaches them, in the guest's
+    /// order, when this node knows them: each host path (and access mode)
+    /// comes from here, not from the file, which must have as many disks.
+    /// A disk here with neither path nor URI keeps the file's URI (QEMU's
+    /// own network client, no host file), never a host path of the file's.
+    /// `None`: the file's disks, as far as the file is trusted.
+    pub disks: Option<Vec<crate::DiskSpec>>,
+}
+
+/// Puts this node's own storage under the incoming instance's disks (see
+/// [`CurrentConfig::disks`]): the file keeps only where each disk sits in
+/// the guest.
+fn take_local_disks(spec: &mut crate::InstanceSpec, local: &[crate::DiskSpec]) -> Result<()> {
+    let bad = |reason: String| Error::MigrationInfo {
+        instance: spec.name.clone(),
+        reason,
+    };
+    if local.len() != spec.disks.len() {
+        return Err(bad(format!(
+            "the file has {} disks, and this node's definition of the instance {}",
+            spec.disks.len(),
+            local.len()
+        )));
+    }
+    let mut disks = spec.disks.clone();
+    for (i, (disk, mine)) in disks.iter_mut().zip(local).enumerate() {
+        if let (Some(a), Some(b)) = (&disk.uuid, &mine.uuid) {
+            if a != b {
+                return Err(bad(format!(
+                    "disk {i} is {a} in the file and {b} in this node's definition"
+                )));
+            }
+        }
+        if mine.uri.is_some() || !mine.path.as_os_str().is_empty() {
+            disk.path.clone_from(&mine.path);
+            disk.uri.clone_from(&mine.uri);
+        } else if disk.uri.is_none() {
+            return Err(bad(format!(
+                "disk {i}: the file names the host path {}, and this node's definition \
+                 gives none (only a network URI may come from the file)",
+                disk.path.display()
+            )));
+        }
+        disk.mode = mine.mode;
+        disk.template.clone_from(&mine.template);
+    }
+    spec.disks = disks;
+    Ok(())
+}
+
 /// The instance a migration info file describes: its seal checked with
 /// `key` (when given), then read as an instance definition or as a
 /// runtime record (gkvm's or Ganeti's format). Pure: no node checks (see
 /// [`KvmHypervisor::incoming_spec`]).
 pub fn parse_migration_info(info: &str, key: Option<&[u8]>) -> Result<crate::InstanceSpec> {
-    let body = crate::trust::unseal(key, info)?;
+    let body = crate::trust::unseal(key, info).map_err(|e| match e {
+        Error::MigrationInfo { instance, reason } if instance == "(unknown)" => {
+            Error::MigrationInfo {
+                instance: claimed_name(info).unwrap_or(instance),
+                reason,
+            }
+        }
+        e => e,
+    })?;
     match serde_json::from_str::<crate::InstanceSpec>(&body) {
         Ok(spec) => Ok(spec),
         Err(_) => spec_from_migration_record(&body),
     }
+}
+
+/// The instance a refused file names, unchecked (nothing vouches for it,
+/// but an error that names it tells the operator which file it was), if
+/// it names a valid one.
+fn claimed_name(info: &str) -> Option<String> {
+    let mut doc = serde_json::from_str::<serde_json::Value>(info).ok()?;
+    if let Some(body) = doc.get("runtime").and_then(|r| r.as_str()) {
+        doc = serde_json::from_str(body).ok()?;
+    }
+    let name = doc
+        .get("name")
+        .or_else(|| doc.get("payload")?.get("spec")?.get("name"))?
+        .as_str()?;
+    kvm_runtime::validate_name(name).ok()?;
+    Some(name.to_owned())
 }
 
 /// The instance in a runtime record used as migration info (gkvm's or

@@ -237,6 +237,9 @@ pub enum Request {
         port: Option<u16>,
         /// How long to wait for the guest.
         timeout: Duration,
+        /// This node's configuration of the instance now (see
+        /// [`KvmHypervisor::incoming_spec_with`]).
+        config: Option<crate::CurrentConfig>,
     },
     /// Source, whole sequence: migrate, then finalize the source
     /// ([`KvmHypervisor::migrate_to`]).
@@ -270,7 +273,7 @@ pub enum Request {
         port: Option<u16>,
         /// The cluster's configuration of the instance now (see
         /// [`KvmHypervisor::incoming_spec_with`]).
-        config: Option<crate::HvParams>,
+        config: Option<crate::CurrentConfig>,
     },
     /// Source, Ganeti's middle step: migrate, without finalizing the
     /// source ([`KvmHypervisor::migrate`]): on success the source QEMU
@@ -404,11 +407,19 @@ impl KvmHypervisor {
                 address,
                 port,
                 timeout,
+                config,
             } => {
                 let port = self.port_for_info(&info, port)?;
                 Response::Started(
-                    self.receive_reporting(&info, &address, port, timeout, progress)
-                        .await?,
+                    self.receive_reporting(
+                        &info,
+                        &address,
+                        port,
+                        timeout,
+                        config.as_ref(),
+                        progress,
+                    )
+                    .await?,
                 )
             }
             R::Migrate {

@@ -372,6 +372,9 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   ANCILLARY_FILES = hv_kvm.KVMHypervisor.ANCILLARY_FILES
   ANCILLARY_FILES_OPT = hv_kvm.KVMHypervisor.ANCILLARY_FILES_OPT
   CAN_MIGRATE = True
+  # Where Ganeti links each instance's disks on a node (its backend's
+  # _GetBlockDevSymlinkPath).
+  disk_links_dir = pathutils.DISK_LINKS_DIR
 
   def __init__(self):
     hv_base.BaseHypervisor.__init__(self)
@@ -530,9 +533,28 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   def MigrationInfo(self, instance):
     return self.gkvm.call(["migration-info", instance.name], raw=True)
 
+  def _local_disks(self, instance):
+    """The instance's disks as this node reaches them: the links Ganeti
+    makes on every node that opens them (BlockdevOpen, before
+    AcceptInstance), so that the migration info chooses no host file QEMU
+    opens here. A userspace-access disk keeps the URI of the info (QEMU's
+    network client opens it, no host file)."""
+    out = []
+    for idx, disk in enumerate(getattr(instance, "disks_info", None) or []):
+      entry = _disk((disk, None, None))
+      entry.pop("path", None)
+      entry.pop("uri", None)
+      if (disk.params or {}).get(constants.LDP_ACCESS) != constants.DISK_USERSPACE:
+        entry["path"] = os.path.join(
+          self.disk_links_dir,
+          "%s%s%d" % (instance.name, constants.DISK_SEPARATOR, idx))
+      out.append(entry)
+    return out
+
   def AcceptInstance(self, instance, info, target):
     port = instance.hvparams[constants.HV_MIGRATION_PORT]
     current = self._spec(instance, [])
+    current["disks"] = self._local_disks(instance)
 
     # This node's values of what the info may not choose are the
     # cluster's, which Ganeti hands over with the instance.

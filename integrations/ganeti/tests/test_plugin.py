@@ -398,7 +398,17 @@ class TestOneNode(unittest.TestCase):
     port = 42000 + os.getpid() % 1000
     inst = self._instance("gntm", migration_port=port)
     inst.nics = []
-    nodes[0].StartInstance(inst, [], False)
+    # The disk as Ganeti links it on each node; the accepting node opens
+    # its own link, whatever the migration info says.
+    ((disk, image, _),) = self._disk()
+    inst.disks_info = [disk]
+    links = []
+    for i, node in enumerate(nodes):
+      node.disk_links_dir = os.path.join(self.tmp, "links-%d" % i)
+      os.mkdir(node.disk_links_dir)
+      links.append(os.path.join(node.disk_links_dir, "gntm:0"))
+      os.symlink(image, links[-1])
+    nodes[0].StartInstance(inst, [(disk, links[0], None)], False)
     serial = support.Serial(os.path.join(nodes[0].gkvm.run_dir, "ctrl", "gntm.serial"))
     serial.answer()
     serial.close()
@@ -406,6 +416,13 @@ class TestOneNode(unittest.TestCase):
       s, d = nodes[src], nodes[dst]
       info = s.MigrationInfo(inst)
       d.AcceptInstance(inst, info, addrs[dst])
+      (waiting,) = d.gkvm.call(["info", "gntm"])
+      self.assertEqual(waiting["state"], "incoming")
+      pid = waiting["pid"]
+      with open("/proc/%d/cmdline" % pid, "rb") as f:
+        argv = f.read().decode()
+      self.assertIn(links[dst], argv)
+      self.assertNotIn(links[src], argv)
       s.MigrateInstance("cluster", inst, addrs[dst], True)
       self.assertEqual(s.GetMigrationStatus(inst).status,
                        constants.HV_MIGRATION_COMPLETED)
