@@ -79,6 +79,8 @@ fn read_private(path: &Path) -> Result<String, String> {
         return Err("not a regular file".into());
     }
     check_owner(path, &meta, "it")?;
+    // Whoever may rename in a directory above it may swap it.
+    check_directories(path)?;
     let text = hv_kvm::read_open_capped(file, path, MAX_SIZE).map_err(|e| e.report())?;
     String::from_utf8(text).map_err(|_| "not UTF-8".to_owned())
 }
@@ -177,7 +179,13 @@ fn check_program(path: &Path) -> Result<(), String> {
         return Err("not executable".into());
     }
     check_owner(path, &meta, "it")?;
-    // The directories above it (symlinks resolved: what runs is the target).
+    check_directories(path)
+}
+
+/// The directories above `path` (symlinks resolved: what is read or run
+/// is the target, which must be as safe as the link) belong to root or
+/// this user and nobody else may write them.
+fn check_directories(path: &Path) -> Result<(), String> {
     let real = std::fs::canonicalize(path).map_err(|e| e.to_string())?;
     let real_meta = std::fs::metadata(&real).map_err(|e| e.to_string())?;
     check_owner(&real, &real_meta, "it")?;

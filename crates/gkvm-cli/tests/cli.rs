@@ -461,6 +461,15 @@ fn node_configuration_file_is_read_checked_and_overridden() {
     );
     let err = String::from_utf8_lossy(&run(&["list"]).stderr).into_owned();
     assert!(err.contains("chmod go-w"), "{err}");
+    // Nor the directory it is in (they could swap the file).
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = String::from_utf8_lossy(&run(&["list"]).stderr).into_owned();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(
+        err.contains(dir.path().to_str().unwrap()) && err.contains("chmod go-w"),
+        "{err}"
+    );
 
     // verify -H assesses parameters as Ganeti 3.1 does: warnings, not
     // problems (the problems here are the node's, if any).

@@ -652,6 +652,70 @@ fn start_to_a_full_disk_says_the_instance_started() {
     node.assert_empty("after stop");
 }
 
+/// Unmounts what a test mounted, when it ends or fails.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A start on a run dir that is (nearly) full fails saying why, whatever
+/// step runs out of space (a runtime file, QEMU's pid file or log), and
+/// leaves no QEMU behind.
+#[test]
+fn a_start_on_a_full_run_dir_says_why() {
+    let Some(env) = require("faults_full_run_dir", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-fullrun", &env.qemu);
+    let fs = node.dir.path().join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _unmount = Unmount(fs.clone());
+    let run = fs.join("run");
+    let cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .arg("--run-dir")
+            .arg(&run)
+            .arg("--kvm-path")
+            .arg(&env.qemu)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(cmd(&["verify"]).status.code().is_some());
+    let accel = accel();
+    let fill = fs.join("fill");
+    for free_pages in 0..6u64 {
+        // All but `free_pages` of the file system's 64 pages (the run
+        // dir's own files take the rest).
+        let used = nix::sys::statvfs::statvfs(&fs).unwrap();
+        let free = used.blocks_available() * used.fragment_size();
+        let size = usize::try_from(free - free_pages * 4096).unwrap();
+        std::fs::write(&fill, vec![0u8; size]).unwrap();
+        let out = cmd(&["start", "fr1", "--memory", "32", "-H", &accel, "--paused"]);
+        std::fs::remove_file(&fill).unwrap();
+        let said = stderr(&out);
+        if out.status.success() {
+            cmd(&["stop", "fr1", "--force"]);
+            continue;
+        }
+        assert!(
+            said.contains("No space left") || said.contains("is full"),
+            "{free_pages} pages free: {said}"
+        );
+        assert!(!said.contains(":  (log"), "{said}");
+        assert!(qemus_in(&run).is_empty(), "{free_pages}: {said}");
+    }
+}
+
 #[test]
 fn inputs_out_of_bounds_are_clear_errors() {
     let Some(env) = require("faults_bounds", &[Need::Root, Need::Qemu]) else {

@@ -322,11 +322,13 @@ impl KvmHypervisor {
         if status.success() {
             return Ok(());
         }
-        let reason = format!(
-            "QEMU exited with {status}: {} (log: {})",
-            crate::qemu_log::tail(log, 6),
-            log.display()
-        );
+        let said = crate::qemu_log::tail(log, 6);
+        let said = if said.is_empty() {
+            silent_exit_reason(log, self.config.run_dir.root())
+        } else {
+            said
+        };
+        let reason = format!("QEMU exited with {status}: {said} (log: {})", log.display());
         Err(step_error(name, "spawn QEMU", reason))
     }
 
@@ -416,4 +418,26 @@ impl KvmHypervisor {
         qmp.close().await;
         Ok(stay_paused)
     }
+}
+
+/// Why QEMU may have failed without a word in its log: most often the
+/// file system its log and pid file are on is full.
+fn silent_exit_reason(log: &std::path::Path, run_dir: &std::path::Path) -> String {
+    // Below this, QEMU cannot write its pid file and log lines.
+    const NEARLY_FULL: u64 = 64 * 1024;
+    let dirs = [log.parent().unwrap_or(run_dir), run_dir];
+    for dir in dirs {
+        if let Ok(fs) = nix::sys::statvfs::statvfs(dir) {
+            let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+            if free < NEARLY_FULL {
+                return format!(
+                    "it wrote nothing to its log, and the file system of {} is full \
+                     ({} KiB free): QEMU could not write its pid file or log there",
+                    dir.display(),
+                    free / 1024
+                );
+            }
+        }
+    }
+    "it wrote nothing to its log".to_owned()
 }
