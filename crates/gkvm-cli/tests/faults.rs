@@ -574,6 +574,45 @@ fn untrusted_run_dirs_and_planted_symlinks() {
     std::os::unix::fs::symlink(&elsewhere, &caps).unwrap();
     let _ = gkvm(&run, &["caps"]);
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+    // A run dir that is a symlink: one rule for every command (refused,
+    // naming it), a list included.
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(&run, &linked).unwrap();
+    for args in [
+        &["list"][..],
+        &["info", "rd1"],
+        &["start", "rd1", "--memory", "64", "-H", &accel, "--paused"],
+        &["stop", "rd1"],
+    ] {
+        let out = gkvm(&linked, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("linked is not a directory"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(qemus_in(&run).is_empty());
+
+    // A user who may not read the run dir is told so, not "instance *".
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_gkvm"))
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("list")
+        .output()
+        .unwrap();
+    let said = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("run directory {}", run.display()))
+            && said.contains("run gkvm as root")
+            && !said.contains("instance *"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -47,6 +47,18 @@ pub enum Error {
         #[source]
         source: kvm_runtime::Error,
     },
+    /// The run directory as a whole (the list of its instances) could not
+    /// be read.
+    #[error("run directory {}{hint}", path.display())]
+    RunDir {
+        /// The run directory.
+        path: std::path::PathBuf,
+        /// What to do about it, when something can be said (" (...)").
+        hint: &'static str,
+        /// The runtime crate's error.
+        #[source]
+        source: kvm_runtime::Error,
+    },
     /// A QMP exchange failed.
     #[error("instance {instance}: {op}")]
     Qmp {
@@ -199,7 +211,7 @@ impl Error {
                 source: kvm_runtime::Error::Busy { .. },
                 ..
             } => "busy",
-            Error::Runtime { .. } => "runtime",
+            Error::Runtime { .. } | Error::RunDir { .. } => "runtime",
             Error::Qmp { .. } => "qmp",
             Error::Tap { .. } => "tap",
             Error::AlreadyRunning { .. } => "already_running",
@@ -249,6 +261,7 @@ impl Error {
             }
             Error::QemuMissing { .. }
             | Error::Probe { .. }
+            | Error::RunDir { .. }
             | Error::Io { .. }
             | Error::NodeParams(_) => None,
         }

@@ -237,14 +237,20 @@ impl KvmHypervisor {
 
     /// Every instance the run dir knows of, with its liveness.
     fn survey(&self) -> Result<Vec<(InstancePaths, Liveness)>> {
-        let names = self
-            .config
-            .run_dir
-            .instances()
-            .map_err(|e| Error::Runtime {
-                instance: "*".into(),
+        let names = self.config.run_dir.instances().map_err(|e| {
+            let denied = matches!(&e, kvm_runtime::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::PermissionDenied);
+            Error::RunDir {
+                path: self.config.run_dir.root().to_owned(),
+                hint: if denied {
+                    " (readable by root and its owner only: run gkvm as root, or give \
+                         another --run-dir)"
+                } else {
+                    ""
+                },
                 source: e,
-            })?;
+            }
+        })?;
         Ok(names
             .iter()
             .filter_map(|n| self.config.run_dir.instance(n).ok())

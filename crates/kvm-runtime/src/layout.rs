@@ -72,6 +72,7 @@ impl RunDir {
     /// The paths of instance `name`, after checking the name.
     pub fn instance(&self, name: &str) -> Result<InstancePaths, Error> {
         validate_name(name)?;
+        self.check_not_a_link()?;
         let ctrl = self.root.join("ctrl");
         let paths = InstancePaths {
             name: name.to_owned(),
@@ -105,8 +106,24 @@ impl RunDir {
         Ok(paths)
     }
 
+    /// The run dir itself is a directory, not a symlink (or does not exist
+    /// yet): the one rule every command keeps, so that a list never shows
+    /// what a start would refuse to touch.
+    fn check_not_a_link(&self) -> Result<(), Error> {
+        match std::fs::symlink_metadata(&self.root) {
+            Ok(m) if !m.is_dir() => Err(Error::UnexpectedFileType {
+                path: self.root.clone(),
+                expected: "directory",
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Names of the instances that have a pid file (running or stale).
+    /// A run dir that is a symlink is refused, as every operation that
+    /// writes in it refuses it; one that does not exist has none.
     pub fn instances_with_pid_files(&self) -> Result<Vec<String>, Error> {
+        self.check_not_a_link()?;
         let mut names: Vec<String> = list_dir(&self.root.join("pid"))?
             .into_iter()
             .map(|(n, _)| n)

@@ -231,11 +231,13 @@ mod tests {
 
     #[test]
     fn a_pid_file_reached_by_another_path_is_the_same() {
+        // A symlink above the run dir (as /var/run is to /run): the run
+        // dir itself may not be one.
         let tmp = tempfile::tempdir().unwrap();
-        let real = tmp.path().join("real");
-        let alias = tmp.path().join("alias");
-        std::fs::create_dir(&real).unwrap();
-        std::os::unix::fs::symlink(&real, &alias).unwrap();
+        let real = tmp.path().join("real").join("run");
+        std::fs::create_dir_all(&real).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("real"), tmp.path().join("alias")).unwrap();
+        let alias = tmp.path().join("alias").join("run");
         let ours = crate::RunDir::new(&alias).instance("vm1").unwrap();
         let other_dir = tmp.path().join("other");
         std::fs::create_dir(&other_dir).unwrap();
