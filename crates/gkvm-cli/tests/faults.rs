@@ -284,6 +284,51 @@ fn lost_or_garbled_pid_file_never_makes_a_second_copy() {
     node.assert_empty("socket removed");
 }
 
+/// `list` while instances start beside it warns of nothing: a QEMU found
+/// in /proc before its start recorded the pid is an operation under way,
+/// not a tampered pid file.
+#[test]
+fn list_during_concurrent_starts_is_quiet() {
+    let Some(env) = require("faults_list_quiet", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-quiet", &env.qemu);
+    let accel = accel();
+    let names: Vec<String> = (0..4).map(|i| format!("lq{i}")).collect();
+    let starts: Vec<Child> = names
+        .iter()
+        .map(|n| {
+            node.cmd(&["start", n, "--memory", "32", "-H", &accel, "--paused"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut lists = 0;
+    loop {
+        let out = node.run(&["list"]);
+        lists += 1;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stderr(&out), "", "list {lists} warned");
+        if names
+            .iter()
+            .all(|n| node.state(n).as_deref() == Some("paused"))
+        {
+            break;
+        }
+        assert!(lists < 2000, "the starts never finished");
+    }
+    for child in starts {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for n in &names {
+        node.ok(&["stop", n, "--force"]);
+    }
+    node.assert_empty("the end");
+}
+
 #[test]
 fn force_stop_preempts_a_graceful_stop() {
     let Some(env) = require("faults_force_stop", &[Need::Root, Need::Qemu]) else {

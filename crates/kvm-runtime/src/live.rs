@@ -92,8 +92,15 @@ impl InstancePaths {
         let deadline = std::time::Instant::now() + UNIDENTIFIED_GRACE;
         loop {
             if let Some(pid) = self.find_process() {
-                tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
-                    "the pid file does not name the running QEMU; found it in /proc");
+                // While an operation runs (a start that has not recorded
+                // the pid yet) this is expected, not a sign of tampering.
+                if self.operation_in_progress() {
+                    tracing::debug!(instance = %self.name, pid,
+                        "found in /proc while an operation is under way");
+                } else {
+                    tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
+                        "the pid file does not name the running QEMU; found it in /proc");
+                }
                 return Ok(Liveness::Running { pid });
             }
             let served = [&self.qmp, &self.qmp_watch, &self.serial, &self.guest_agent]

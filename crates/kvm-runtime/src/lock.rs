@@ -119,6 +119,23 @@ fn lock_with_timeout(path: &Path, timeout: Duration) -> Result<Option<LockGuard>
 }
 
 impl InstancePaths {
+    /// Whether another operation holds the instance's lock now (a start
+    /// between spawning QEMU and recording its pid, say). Looks only: the
+    /// lock file is neither created nor kept locked.
+    pub fn operation_in_progress(&self) -> bool {
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.lock)
+        else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor we own; closing it releases a
+        // shared lock taken here.
+        let held = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0;
+        held && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    }
+
     /// Takes the instance's lock, waiting up to `timeout`; [`Error::Busy`]
     /// names the instance when another operation keeps it. Dropping the
     /// guard of an instance that has no state (the operation was refused
