@@ -1462,6 +1462,34 @@ fn killed_hot_plugs_are_settled_by_the_next_operation() {
         std::fs::remove_file(&journal).unwrap();
     }
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "[]");
+    // A journal that names a device QEMU holds as something it is not (a
+    // disk as a NIC being added): checked against QEMU, the entry is
+    // dropped; the disk stays a disk, no NIC is recorded for it.
+    let image = dir.join("kh1-disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let added = ok(&[
+        "--json",
+        "disk-add",
+        "kh1",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let added: serde_json::Value = serde_json::from_str(&added).unwrap();
+    let disk_id = added["device"].as_str().unwrap().to_owned();
+    let record = std::fs::read(node.run.join("conf/kh1.runtime")).unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let mut fake = record["payload"]["spec"]["nics"][0].clone();
+    fake["address"]["id"] = disk_id.clone().into();
+    let entry = serde_json::json!([{"op": "add-nic", "nic": fake, "tap": "gkvmfake0", "fds": []}]);
+    let before = recorded_nics(&node, "kh1");
+    std::fs::write(&journal, entry.to_string()).unwrap();
+    ok(&["migration-info", "kh1"]);
+    assert!(!journal.exists(), "journal left");
+    assert_eq!(recorded_nics(&node, "kh1"), before);
+    let record = std::fs::read(node.run.join("conf/kh1.runtime")).unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let disks = record["payload"]["spec"]["disks"].to_string();
+    assert!(disks.contains(&disk_id), "{disks}");
     ok(&["stop", "kh1", "--force"]);
     node.assert_empty("the end");
     assert_no_tap(&br, "the end");

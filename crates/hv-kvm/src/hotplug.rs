@@ -230,6 +230,12 @@ impl KvmHypervisor {
                         }
                         continue;
                     }
+                    if present.contains(&id) && !is_device_of(&qmp, &id, "netdev").await {
+                        // Not what the journal says it is: a tampered
+                        // journal decides nothing (recorded or undone).
+                        tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a NIC, and it is not one: entry dropped");
+                        continue;
+                    }
                     if present.contains(&id) {
                         tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug's NIC is in QEMU: recorded");
                         spec.nics.push(nic.clone());
@@ -254,6 +260,10 @@ impl KvmHypervisor {
                 Pending::AddDisk { disk } => {
                     let id = device_id(disk.address.as_ref());
                     if position_of(spec.disks.iter().map(|d| d.address.as_ref()), &id).is_some() {
+                        continue;
+                    }
+                    if present.contains(&id) && !is_device_of(&qmp, &id, "drive").await {
+                        tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a disk, and it is not one: entry dropped");
                         continue;
                     }
                     if present.contains(&id) {
@@ -1020,4 +1030,15 @@ fn runtime(name: &str, source: kvm_runtime::Error) -> Error {
         instance: name.to_owned(),
         source,
     }
+}
+
+/// Whether QEMU's device `id` has the QOM property `property` (`netdev`
+/// for a NIC, `drive` for a disk): what the journal says a device is, as
+/// QEMU knows it.
+async fn is_device_of(qmp: &gkvm_qmp::Qmp, id: &str, property: &str) -> bool {
+    let args = serde_json::json!({
+        "path": format!("/machine/peripheral/{id}"),
+        "property": property,
+    });
+    qmp.execute_raw("qom-get", Some(args)).await.is_ok()
 }
