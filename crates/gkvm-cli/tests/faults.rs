@@ -800,6 +800,49 @@ fn a_start_on_a_full_run_dir_says_why() {
     }
 }
 
+/// Growing an image file past the free space of its file system works
+/// (it grows sparse, as Ganeti's file storage does) and says that the
+/// guest will run out of space.
+#[test]
+fn a_disk_grown_past_free_space_is_warned_of() {
+    let Some(env) = require("faults_grow_space", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-grow", &env.qemu);
+    let fs = node.dir.path().join("fs");
+    std::fs::create_dir(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let _unmount = Unmount(fs.clone());
+    let image = fs.join("g1.img");
+    std::fs::write(&image, vec![0u8; 512 << 10]).unwrap();
+    let accel = accel();
+    node.ok(&[
+        "start",
+        "g1",
+        "--memory",
+        "32",
+        "-H",
+        &accel,
+        "--paused",
+        "--disk",
+        image.to_str().unwrap(),
+    ]);
+    let out = node.run(&["disk-grow", "g1", "0", "768K"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("no space left"), "{}", stderr(&out));
+    let out = node.run(&["disk-grow", "g1", "0", "64M"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no space left"), "{}", stderr(&out));
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    node.ok(&["stop", "g1", "--force"]);
+    node.assert_empty("grown");
+}
+
 #[test]
 fn inputs_out_of_bounds_are_clear_errors() {
     let Some(env) = require("faults_bounds", &[Need::Root, Need::Qemu]) else {

@@ -581,6 +581,7 @@ impl KvmHypervisor {
                 "{bytes} bytes is smaller than the disk's {current}; disks only grow"
             )));
         }
+        warn_if_short_of_space(name, &spec.disks[seq], bytes - current);
         qmp.execute_raw(
             "block_resize",
             Some(serde_json::json!({"node-name": node, "size": bytes})),
@@ -1041,4 +1042,23 @@ async fn is_device_of(qmp: &gkvm_qmp::Qmp, id: &str, property: &str) -> bool {
         "property": property,
     });
     qmp.execute_raw("qom-get", Some(args)).await.is_ok()
+}
+
+/// An image file grows sparse, so growing it past the free space of its
+/// file system succeeds (thin provisioning, as Ganeti's own file storage
+/// grows), but the guest then meets ENOSPC when it writes: said, not
+/// refused.
+fn warn_if_short_of_space(name: &str, disk: &DiskSpec, growth: u64) {
+    if disk.uri.is_some() || !std::fs::metadata(&disk.path).is_ok_and(|m| m.is_file()) {
+        return;
+    }
+    let Ok(fs) = nix::sys::statvfs::statvfs(&disk.path) else {
+        return;
+    };
+    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    if growth > free {
+        tracing::warn!(instance = %name, path = %disk.path.display(), growth, free,
+            "the image grows by more than its file system has free: the guest will meet \
+             'no space left' when it fills the disk");
+    }
 }
