@@ -123,7 +123,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::ConsoleInfo { name } => console_info(c, name).await,
         Command::Verify { hvparams } => verify(c, hvparams).await,
         Command::PowercycleNode { confirm, dry_run } => powercycle(c, *confirm, *dry_run).await,
-        Command::MigrationInfo { name } => migration_info(c, name).await,
+        Command::MigrationInfo { name, for_ganeti } => migration_info(c, name, *for_ganeti).await,
         Command::Accept {
             info,
             listen,
@@ -263,9 +263,10 @@ async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
     render::verify(cli.json, &report)
 }
 
-async fn migration_info(cli: &Cli, name: &str) -> CliResult {
+async fn migration_info(cli: &Cli, name: &str, for_ganeti: bool) -> CliResult {
     let request = Request::MigrationInfo {
         instance: name.to_owned(),
+        for_ganeti,
     };
     match call(&hypervisor(cli)?, request).await? {
         Response::MigrationInfo(text) => outln!("{text}"),

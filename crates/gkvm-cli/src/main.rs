@@ -262,6 +262,11 @@ enum Command {
     MigrationInfo {
         /// The instance.
         name: String,
+        /// In a form Ganeti 3.1's own KVM driver accepts too (Ganeti's
+        /// runtime list, gkvm's info inside it), for a cluster whose
+        /// nodes switch to gkvm one by one; not sealed.
+        #[arg(long)]
+        for_ganeti: bool,
     },
     /// Receive an instance: start it waiting for the migration, wait until
     /// it has landed, then resume it (or clean up if it failed).

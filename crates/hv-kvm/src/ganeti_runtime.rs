@@ -200,6 +200,10 @@ pub(crate) fn to_ganeti(
             "-drive" => is_disk(prop(value, "id")),
             "-chardev" => prop(value, "id").as_deref() == Some(kvm_cmdline::EVENTS_CHARDEV),
             "-mon" => prop(value, "chardev").as_deref() == Some(kvm_cmdline::EVENTS_CHARDEV),
+            // gkvm's own QEMU log (kvm_extra may not set one), in a
+            // directory Ganeti's driver does not make: a destination
+            // running it would fail to open it.
+            "-D" => true,
             _ => false,
         };
         if drop_pair {
@@ -375,6 +379,10 @@ mod tests {
         assert_eq!(again.origin, kvm_runtime::Origin::Ganeti);
         assert_eq!(nics(&again.nics).unwrap(), spec.nics);
         assert_eq!(disks(&again.disks).unwrap(), spec.disks);
+        // The machine stays lean (-nodefaults): its own devices keep their
+        // slots, so a migration of it loads.
+        let back = crate::lifecycle::spec_from_record("back1", &again, path).unwrap();
+        assert_eq!(back.layout, Some(kvm_cmdline::Layout::Lean));
     }
 
     #[test]

@@ -610,6 +610,13 @@ pub(crate) fn spec_from_record(
     spec.nics = crate::ganeti_runtime::nics(&r.nics).map_err(corrupt)?;
     spec.disks = crate::ganeti_runtime::disks(&r.disks).map_err(corrupt)?;
     spec.network_port = crate::ganeti_runtime::network_port(&r.argv);
+    // A runtime gkvm handed to Ganeti's driver (a rollback, a migration
+    // in a mixed cluster) keeps gkvm's lean machine: without it the
+    // default devices would move the guest's own (its balloon to another
+    // slot) and its migration would not load.
+    if r.argv.iter().any(|a| a == "-nodefaults") {
+        spec.layout = Some(kvm_cmdline::Layout::Lean);
+    }
     Ok(spec)
 }
 
@@ -855,7 +862,23 @@ impl KvmHypervisor {
             .ok_or_else(|| Error::NotRunning {
                 instance: name.to_owned(),
             })?;
-        let record = if record.origin == kvm_runtime::Origin::Ganeti {
+        let record = self.ganeti_record(&paths, pid, record).await?;
+        paths.release_to_ganeti(&record).map_err(runtime)?;
+        tracing::info!(instance = %name, pid, ?state, "handed over to Ganeti's own KVM driver");
+        Ok(())
+    }
+
+    /// The runtime record of running instance `paths` (QEMU `pid`) as
+    /// Ganeti 3.1's KVM driver writes it (see
+    /// [`Self::release_to_ganeti`]); one of Ganeti's stays as it is.
+    pub(crate) async fn ganeti_record(
+        &self,
+        paths: &InstancePaths,
+        pid: i32,
+        record: kvm_runtime::RuntimeRecord,
+    ) -> Result<kvm_runtime::RuntimeRecord> {
+        let name = paths.name.as_str();
+        Ok(if record.origin == kvm_runtime::Origin::Ganeti {
             record
         } else {
             let spec = spec_from_record(name, &record, &paths.runtime)?;
@@ -868,7 +891,7 @@ impl KvmHypervisor {
                 .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            let qmp = self.qmp(&paths).await?;
+            let qmp = self.qmp(paths).await?;
             let mut drivers = std::collections::HashMap::new();
             let ids = spec
                 .nics
@@ -892,9 +915,6 @@ impl KvmHypervisor {
                 }
             }
             crate::ganeti_runtime::to_ganeti(&spec, &record.hvparams, &argv, &drivers)
-        };
-        paths.release_to_ganeti(&record).map_err(runtime)?;
-        tracing::info!(instance = %name, pid, ?state, "handed over to Ganeti's own KVM driver");
-        Ok(())
+        })
     }
 }

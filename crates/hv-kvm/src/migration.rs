@@ -237,6 +237,54 @@ impl KvmHypervisor {
         self.migration_info_with(name, kvm)
     }
 
+    /// [`Self::migration_info_live`] that Ganeti 3.1's own KVM driver
+    /// takes too (a cluster switching node by node): Ganeti's runtime list
+    /// (the command line, NICs, hvparams, disks as its driver writes them,
+    /// see [`Self::release_to_ganeti`]) with gkvm's info as a fifth element,
+    /// which Ganeti's driver ignores and gkvm reads. Not sealed (Ganeti's
+    /// driver could not read it): refused on a node with a migration key.
+    pub async fn migration_info_for_ganeti(&self, name: &str) -> Result<String> {
+        if self.config.migration_key.is_some() {
+            return Err(Error::MigrationInfo {
+                instance: name.to_owned(),
+                reason: "this node seals migration info (migration_key), and Ganeti's \
+                         driver reads no sealed file"
+                    .into(),
+            });
+        }
+        let info = self.migration_info_live(name).await?;
+        let paths = self.paths(name)?;
+        let pid = self.running_pid(&paths)?;
+        let record = paths
+            .read_runtime()
+            .map_err(|e| Error::Runtime {
+                instance: name.into(),
+                source: e,
+            })?
+            .ok_or_else(|| Error::NotRunning {
+                instance: name.into(),
+            })?;
+        let ganeti = self.ganeti_record(&paths, pid, record).await?;
+        let mut list: serde_json::Value = serde_json::from_slice(&ganeti.to_ganeti_json())
+            .map_err(|e| Error::MigrationInfo {
+                instance: name.to_owned(),
+                reason: format!("Ganeti's runtime of the instance: {e}"),
+            })?;
+        let inner: serde_json::Value =
+            serde_json::from_str(&info).map_err(|e| Error::MigrationInfo {
+                instance: name.to_owned(),
+                reason: format!("gkvm's migration info: {e}"),
+            })?;
+        if let Some(items) = list.as_array_mut() {
+            // Ganeti's fourth element is the disks (none: an empty list).
+            if items.len() == 3 {
+                items.push(serde_json::json!([]));
+            }
+            items.push(serde_json::json!({ crate::trust::EMBEDDED: inner }));
+        }
+        Ok(list.to_string())
+    }
+
     fn migration_info_with(&self, name: &str, kvm: Option<bool>) -> Result<String> {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;

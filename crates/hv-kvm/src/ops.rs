@@ -224,6 +224,9 @@ pub enum Request {
     MigrationInfo {
         /// The instance.
         instance: String,
+        /// In a form Ganeti's own KVM driver takes too
+        /// ([`KvmHypervisor::migration_info_for_ganeti`]).
+        for_ganeti: bool,
     },
     /// Destination, whole sequence: accept, wait, finalize
     /// ([`KvmHypervisor::receive_reporting`]: progress is told once, with
@@ -398,9 +401,16 @@ impl KvmHypervisor {
                 let path = kvm_path.unwrap_or_else(|| self.default_kvm_path());
                 Response::Capabilities(self.capabilities(&path).await?)
             }
-            R::MigrationInfo { instance } => {
+            R::MigrationInfo {
+                instance,
+                for_ganeti,
+            } => {
                 self.settle_hotplug(&instance).await?;
-                Response::MigrationInfo(self.migration_info_live(&instance).await?)
+                Response::MigrationInfo(if for_ganeti {
+                    self.migration_info_for_ganeti(&instance).await?
+                } else {
+                    self.migration_info_live(&instance).await?
+                })
             }
             R::Receive {
                 info,

@@ -64,9 +64,25 @@ pub fn seal(key: &[u8], body: &str) -> String {
     serde_json::json!({ ENVELOPE: 1, "runtime": body, "hmac_sha256": tag }).to_string()
 }
 
+/// The key of gkvm's own info inside a migration info file in Ganeti's
+/// format (the fifth element of its runtime list; Ganeti's driver reads
+/// the first four).
+pub(crate) const EMBEDDED: &str = "gkvm_migration_info";
+
 /// The body of a migration info file, after checking its seal when this
-/// node has a `key` (then an unsealed file is refused too).
+/// node has a `key` (then an unsealed file is refused too). A file in
+/// Ganeti's format that carries gkvm's own info (see
+/// [`crate::KvmHypervisor::migration_info_for_ganeti`]) gives that info.
 pub fn unseal(key: Option<&[u8]>, info: &str) -> Result<String> {
+    let body = unseal_envelope(key, info)?;
+    let embedded = serde_json::from_str::<Value>(&body).ok().and_then(|v| {
+        let inner = v.as_array()?.get(4)?.get(EMBEDDED)?;
+        inner.is_object().then(|| inner.to_string())
+    });
+    Ok(embedded.unwrap_or(body))
+}
+
+fn unseal_envelope(key: Option<&[u8]>, info: &str) -> Result<String> {
     let bad = |reason: String| Error::MigrationInfo {
         instance: "(unknown)".into(),
         reason,
@@ -153,6 +169,18 @@ fn show(v: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gkvms_info_inside_ganetis_runtime_list_is_what_gkvm_reads() {
+        let inner = r#"{"gkvm_runtime":1,"argv":["qemu"],"payload":{"accel":"tcg"}}"#;
+        let list = format!(r#"[["qemu","-m","64"],[],{{}},[],{{"{EMBEDDED}":{inner}}}]"#);
+        let body: Value = serde_json::from_str(&unseal(None, &list).unwrap()).unwrap();
+        assert_eq!(body, serde_json::from_str::<Value>(inner).unwrap());
+        // A plain Ganeti runtime stays as it is; a keyed node takes neither.
+        let plain = r#"[["qemu"],[],{},[]]"#;
+        assert_eq!(unseal(None, plain).unwrap(), plain);
+        assert!(unseal(Some(b"key"), &list).is_err());
+    }
 
     #[test]
     fn seal_round_trip_and_tampering() {

@@ -114,11 +114,13 @@ impl RuntimeRecord {
         }
     }
 
-    /// Ganeti's `[argv, nics, hvparams]` or `[argv, nics, hvparams, disks]`.
+    /// Ganeti's `[argv, nics, hvparams]` or `[argv, nics, hvparams, disks]`;
+    /// further elements are ignored, as Ganeti's driver ignores them (a
+    /// runtime that came from gkvm carries gkvm's migration info there).
     fn from_ganeti(items: Vec<Value>) -> Result<RuntimeRecord, String> {
-        if !(3..=4).contains(&items.len()) {
+        if items.len() < 3 {
             return Err(format!(
-                "Ganeti runtime list has {} elements, not 3 or 4",
+                "Ganeti runtime list has {} elements, not 3 or more",
                 items.len()
             ));
         }

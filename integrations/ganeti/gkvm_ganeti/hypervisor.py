@@ -48,6 +48,8 @@ NODE_LOCAL = ("kvm_path", "kvm_extra", "vnc_password_file",
 
 #: Ganeti's KVM run directory: gkvm manages it in the same layout.
 RUN_DIR = "/var/run/ganeti/kvm-hypervisor"
+# The cluster's settings for gkvm (see _node_config).
+NODE_CONFIG = os.path.join(pathutils.CONF_DIR, "gkvm-node.toml")
 
 
 class GkvmError(errors.HypervisorError):
@@ -134,16 +136,22 @@ def _cluster_settings():
   return lines
 
 
-def _node_config(run_dir):
+def _node_config():
   """The gkvm node configuration file that carries the cluster's settings
-  (`RUN_DIR/gkvm-node.toml`, rewritten when they change), or None when
-  there is nothing to carry or the node has gkvm's own file."""
+  (`/etc/ganeti/gkvm-node.toml`, rewritten when they change), or None when
+  there is nothing to carry or the node has gkvm's own file.
+
+  It names programs gkvm runs as root, so gkvm takes it only from a
+  directory that only root may change: Ganeti's run directory is under
+  /run/ganeti, which belongs to Ganeti's daemons' user. Only root writes
+  it (the master's job processes, which assess parameters, run as that
+  user: they use the file as root wrote it)."""
   if os.environ.get("GKVM_NODE_CONFIG") or os.path.exists(GKVM_NODE_CONFIG):
     return None
   lines = _cluster_settings()
-  if not lines or not os.path.isdir(run_dir):
+  if not lines:
     return None
-  path = os.path.join(run_dir, "gkvm-node.toml")
+  path = NODE_CONFIG
   text = "# Written by gkvm's Ganeti plugin from the cluster's settings.\n" + \
     "\n".join(lines) + "\n"
   try:
@@ -152,6 +160,8 @@ def _node_config(run_dir):
         return path
   except OSError:
     pass
+  if os.geteuid() != 0 or not os.path.isdir(os.path.dirname(path)):
+    return path if os.path.exists(path) else None
   tmp = "%s.%d.tmp" % (path, os.getpid())
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                0o644)
@@ -179,7 +189,7 @@ class Gkvm(object):
     self.run_dir = run_dir or _run_dir()
 
   def argv(self, args):
-    config = _node_config(self.run_dir)
+    config = _node_config()
     extra = ["--node-config", config] if config else []
     return [self.binary, "--run-dir", self.run_dir] + extra + \
       ["--json", "-q"] + args
@@ -531,7 +541,10 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
     return True
 
   def MigrationInfo(self, instance):
-    return self.gkvm.call(["migration-info", instance.name], raw=True)
+    # In Ganeti's format with gkvm's own info inside: the destination may
+    # still run Ganeti's own driver (a cluster switching node by node).
+    return self.gkvm.call(["migration-info", instance.name, "--for-ganeti"],
+                          raw=True)
 
   def _local_disks(self, instance):
     """The instance's disks as this node reaches them: the links Ganeti

@@ -171,7 +171,7 @@ class TestOneNodeCluster(unittest.TestCase):
       log = f.read().split()
     self.assertEqual(log[1:], ["52:54:00:47:4e:21", "bridged", "gnt0"])
     self.assertIn(log[0], self.taps())
-    with open(self.node(RUN + "/gkvm-node.toml")) as f:
+    with open(os.path.join(self.dir, "state", "etc", "gkvm-node.toml")) as f:
       config = f.read()
     self.assertIn('uid_pool = "20000-20099"', config)
     self.assertIn('nic_up_script = "/usr/lib/ganeti/kvm-ifup"', config)
