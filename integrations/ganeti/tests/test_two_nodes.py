@@ -236,10 +236,19 @@ class TestMixedCluster(_TwoNodes, unittest.TestCase):
       site = f.read().strip()
     self.run_on(0, os.path.join(os.path.dirname(CLUSTER), "install"),
                 "--uninstall", "--prefix", site)
+    # Its node daemon imported the plugin at start: restarted, as the
+    # install script says.
+    self.run_on(0, "/usr/lib/ganeti/daemon-util", "stop", "ganeti-noded")
+    self.run_on(0, "/usr/lib/ganeti/daemon-util", "start", "ganeti-noded")
+    self.assert_runs_on(name, 0, "handed over")
+    self.check_guest(name, 0, "handed over", "handed")
     for i, node in enumerate((1, 0)):
       why = "both nodes on Ganeti's driver, hop %d" % i
       self.gnt("gnt-instance", "migrate", "-f", name)
       self.assert_runs_on(name, node, why)
+      self.assertFalse(
+        os.path.exists(self.roots[node] + RUN + "/ctrl/" + name +
+                       ".events.out"), "%s: gkvm runs it" % why)
       self.check_guest(name, node, why, "back%d" % i)
 
 
