@@ -96,8 +96,12 @@ pub(crate) fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
 }
 
 pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
-    let text = read_file(path, "instance file")?;
-    serde_json::from_str(&text).map_err(|e| {
+    parse_instance(path, &read_file(path, "instance file")?)
+}
+
+/// The instance definition `text` read from `path`.
+fn parse_instance(path: &Path, text: &str) -> Result<InstanceSpec, Failure> {
+    serde_json::from_str(text).map_err(|e| {
         Failure::new(
             1,
             "params",
@@ -111,8 +115,8 @@ pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
 /// even empty): a definition without one leaves them to the migration
 /// info.
 pub(crate) fn load_current(path: &Path) -> Result<hv_kvm::CurrentConfig, Failure> {
-    let spec = load_instance(path)?;
     let text = read_file(path, "instance file")?;
+    let spec = parse_instance(path, &text)?;
     let lists_disks = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
         .is_some_and(|v| v.get("disks").is_some());

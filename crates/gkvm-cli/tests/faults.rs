@@ -37,9 +37,14 @@ impl Node {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
+        self.cmd_in(&self.run, args)
+    }
+
+    /// [`Node::cmd`] on another run dir of this node's.
+    fn cmd_in(&self, run: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
         c.arg("--run-dir")
-            .arg(&self.run)
+            .arg(run)
             .arg("--kvm-path")
             .arg(&self.qemu)
             .args(args)
@@ -745,6 +750,19 @@ impl Drop for Unmount {
     }
 }
 
+/// A tmpfs of `size` (mount's syntax) at `dir`, made here, unmounted when
+/// the guard drops.
+fn small_tmpfs(dir: &Path, size: &str) -> Unmount {
+    std::fs::create_dir(dir).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    Unmount(dir.to_owned())
+}
+
 /// A start on a run dir that is (nearly) full fails saying why, whatever
 /// step runs out of space (a runtime file, QEMU's pid file or log), and
 /// leaves no QEMU behind.
@@ -755,25 +773,10 @@ fn a_start_on_a_full_run_dir_says_why() {
     };
     let node = Node::new("gkvm-fault-fullrun", &env.qemu);
     let fs = node.dir.path().join("fs");
-    std::fs::create_dir(&fs).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&fs)
-        .status()
-        .unwrap();
-    assert!(mounted.success());
-    let _unmount = Unmount(fs.clone());
+    let _unmount = small_tmpfs(&fs, "256k");
     let run = fs.join("run");
-    let cmd = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_gkvm"))
-            .arg("--run-dir")
-            .arg(&run)
-            .arg("--kvm-path")
-            .arg(&env.qemu)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let _kill = KillRunDir(run.clone());
+    let cmd = |args: &[&str]| node.cmd_in(&run, args).output().unwrap();
     assert!(cmd(&["verify"]).status.code().is_some());
     let accel = accel();
     let fill = fs.join("fill");
@@ -810,14 +813,7 @@ fn a_disk_grown_past_free_space_is_warned_of() {
     };
     let node = Node::new("gkvm-fault-grow", &env.qemu);
     let fs = node.dir.path().join("fs");
-    std::fs::create_dir(&fs).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&fs)
-        .status()
-        .unwrap();
-    assert!(mounted.success());
-    let _unmount = Unmount(fs.clone());
+    let _unmount = small_tmpfs(&fs, "1m");
     let image = fs.join("g1.img");
     std::fs::write(&image, vec![0u8; 512 << 10]).unwrap();
     let accel = accel();

@@ -149,12 +149,7 @@ impl KvmHypervisor {
         let paths = self.paths(name)?;
         let lock = self.lock(&paths).await?;
         self.running_pid(&paths)?;
-        let record = paths
-            .read_runtime()
-            .map_err(|e| runtime(name, e))?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.to_owned(),
-            })?;
+        let record = self.running_record(&paths)?;
         refuse_in_migration(name, &record)?;
         let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
@@ -801,12 +796,7 @@ impl KvmHypervisor {
         let paths = self.paths(name)?;
         self.running_pid(&paths)?;
         // The record once: the instance and its machine both come from it.
-        let record = paths
-            .read_runtime()
-            .map_err(|e| runtime(name, e))?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.to_owned(),
-            })?;
+        let record = self.running_record(&paths)?;
         let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
         refuse_pcie_root(name, &record)?;

@@ -129,6 +129,20 @@ impl KvmHypervisor {
         })
     }
 
+    /// The runtime record of an instance that runs: [`Error::NotRunning`]
+    /// when it has none.
+    pub(crate) fn running_record(&self, paths: &InstancePaths) -> Result<RuntimeRecord> {
+        paths
+            .read_runtime()
+            .map_err(|e| Error::Runtime {
+                instance: paths.name.clone(),
+                source: e,
+            })?
+            .ok_or_else(|| Error::NotRunning {
+                instance: paths.name.clone(),
+            })
+    }
+
     /// The instance definition saved at start (for instances started by the
     /// Ganeti KVM driver: rebuilt from its runtime file and argv).
     pub(crate) fn saved_spec(&self, paths: &InstancePaths) -> Result<Option<InstanceSpec>> {
@@ -856,12 +870,7 @@ impl KvmHypervisor {
             instance: name.to_owned(),
             source: e,
         };
-        let record = paths
-            .read_runtime()
-            .map_err(runtime)?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.to_owned(),
-            })?;
+        let record = self.running_record(&paths)?;
         let record = self.ganeti_record(&paths, pid, record).await?;
         paths.release_to_ganeti(&record).map_err(runtime)?;
         tracing::info!(instance = %name, pid, ?state, "handed over to Ganeti's own KVM driver");

@@ -219,22 +219,15 @@ impl KvmHypervisor {
     /// lack a device QEMU has): [`Self::settle_hotplug`] first, as
     /// [`crate::Request::MigrationInfo`] does.
     pub fn migration_info(&self, name: &str) -> Result<String> {
-        self.migration_info_with(name, None)
+        let record = self.migration_record(&self.paths(name)?, None)?;
+        Ok(self.sealed(&record))
     }
 
     /// [`Self::migration_info`] with what the source QEMU says: its
     /// accelerator (`query-kvm`), so that the destination runs the same.
     pub async fn migration_info_live(&self, name: &str) -> Result<String> {
-        let paths = self.paths(name)?;
-        self.running_pid(&paths)?;
-        let kvm = match self.qmp(&paths).await {
-            Ok(qmp) => qmp.run(&commands::QueryKvm).await.ok().map(|k| k.enabled),
-            Err(e) => {
-                tracing::debug!(instance = %name, error = %e.report(), "query-kvm");
-                None
-            }
-        };
-        self.migration_info_with(name, kvm)
+        let (_, _, record) = self.migration_record_live(name).await?;
+        Ok(self.sealed(&record))
     }
 
     /// [`Self::migration_info_live`] that Ganeti 3.1's own KVM driver
@@ -252,28 +245,17 @@ impl KvmHypervisor {
                     .into(),
             });
         }
-        let info = self.migration_info_live(name).await?;
-        let paths = self.paths(name)?;
-        let pid = self.running_pid(&paths)?;
-        let record = paths
-            .read_runtime()
-            .map_err(|e| Error::Runtime {
-                instance: name.into(),
-                source: e,
-            })?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.into(),
+        let (paths, pid, record) = self.migration_record_live(name).await?;
+        let inner: serde_json::Value =
+            serde_json::from_slice(&record.to_json()).map_err(|e| Error::MigrationInfo {
+                instance: name.to_owned(),
+                reason: format!("gkvm's migration info: {e}"),
             })?;
         let ganeti = self.ganeti_record(&paths, pid, record).await?;
         let mut list: serde_json::Value = serde_json::from_slice(&ganeti.to_ganeti_json())
             .map_err(|e| Error::MigrationInfo {
                 instance: name.to_owned(),
                 reason: format!("Ganeti's runtime of the instance: {e}"),
-            })?;
-        let inner: serde_json::Value =
-            serde_json::from_str(&info).map_err(|e| Error::MigrationInfo {
-                instance: name.to_owned(),
-                reason: format!("gkvm's migration info: {e}"),
             })?;
         if let Some(items) = list.as_array_mut() {
             // Ganeti's fourth element is the disks (none: an empty list).
@@ -285,20 +267,36 @@ impl KvmHypervisor {
         Ok(list.to_string())
     }
 
-    fn migration_info_with(&self, name: &str, kvm: Option<bool>) -> Result<String> {
+    /// [`Self::migration_record`], the accelerator asked of the running
+    /// QEMU; with its paths and pid.
+    async fn migration_record_live(
+        &self,
+        name: &str,
+    ) -> Result<(InstancePaths, i32, kvm_runtime::RuntimeRecord)> {
         let paths = self.paths(name)?;
-        self.running_pid(&paths)?;
-        self.refuse_unsettled_hotplug(&paths)?;
-        let record = paths
-            .read_runtime()
-            .map_err(|e| Error::Runtime {
-                instance: name.into(),
-                source: e,
-            })?
-            .ok_or_else(|| Error::NotRunning {
-                instance: name.into(),
-            })?;
-        let mut record = record;
+        let pid = self.running_pid(&paths)?;
+        let kvm = match self.qmp(&paths).await {
+            Ok(qmp) => qmp.run(&commands::QueryKvm).await.ok().map(|k| k.enabled),
+            Err(e) => {
+                tracing::debug!(instance = %name, error = %e.report(), "query-kvm");
+                None
+            }
+        };
+        let record = self.migration_record(&paths, kvm)?;
+        Ok((paths, pid, record))
+    }
+
+    /// The runtime record that travels as migration info: what the
+    /// destination must agree on (TLS, the accelerator when known) added
+    /// to its payload.
+    fn migration_record(
+        &self,
+        paths: &InstancePaths,
+        kvm: Option<bool>,
+    ) -> Result<kvm_runtime::RuntimeRecord> {
+        self.running_pid(paths)?;
+        self.refuse_unsettled_hotplug(paths)?;
+        let mut record = self.running_record(paths)?;
         if record.payload.is_null() {
             // A runtime file of Ganeti's driver has no payload.
             record.payload = serde_json::Value::Object(serde_json::Map::new());
@@ -313,11 +311,16 @@ impl KvmHypervisor {
                 payload.insert(ACCEL_KEY.into(), if kvm { "kvm" } else { "tcg" }.into());
             }
         }
+        Ok(record)
+    }
+
+    /// `record` as migration info: sealed when this node has a key.
+    fn sealed(&self, record: &kvm_runtime::RuntimeRecord) -> String {
         let runtime = String::from_utf8_lossy(&record.to_json()).into_owned();
-        Ok(match &self.config.migration_key {
+        match &self.config.migration_key {
             Some(key) => crate::trust::seal(key, &runtime),
             None => runtime,
-        })
+        }
     }
 
     /// The instance a migration info file describes, once it is trusted:

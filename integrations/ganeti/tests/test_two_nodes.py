@@ -111,6 +111,20 @@ class _TwoNodes(object):
              "--net", "0:mac=" + mac, *disk, name)
     self.addCleanup(self.run_on, 0, "gnt-instance", "remove", "-f", name,
                     check=False)
+    self.assert_runs_on(name, 0, "added")
+    if template != "diskless":
+      # What check_guest reads back wherever the instance goes.
+      serial = self.guest(name, 0)
+      serial.answer()
+      serial.run("printf gkvm-disk! | dd of=/dev/vda conv=fsync 2>/dev/null",
+                 "wrote")
+      serial.close()
+
+  def run_by_gkvm(self, name, node):
+    """Whether gkvm runs `name` on `node`: it keeps an event log there,
+    Ganeti's driver does not."""
+    return os.path.exists(self.roots[node] + RUN + "/ctrl/" + name +
+                          ".events.out")
 
   def check_guest(self, name, node, why, marker):
     """The guest answers on `node` and still has what was written on its
@@ -130,12 +144,6 @@ class TestTwoNodes(_TwoNodes, unittest.TestCase):
   def test_moves_between_nodes(self):
     name = "gm1.gkvm.test"
     self.add_instance(name, "52:54:00:47:4e:31")
-    self.assert_runs_on(name, 0, "added")
-    serial = self.guest(name, 0)
-    serial.answer()
-    serial.run("printf gkvm-disk! | dd of=/dev/vda conv=fsync 2>/dev/null",
-               "wrote")
-    serial.close()
 
     steps = [
       (("gnt-instance", "migrate", "-f", name), 1, "live migration"),
@@ -199,14 +207,7 @@ class TestMixedCluster(_TwoNodes, unittest.TestCase):
   def test_moves_between_gkvm_and_ganetis_driver(self):
     name = "gx1.gkvm.test"
     self.add_instance(name, "52:54:00:47:4e:41")
-    self.assert_runs_on(name, 0, "added")
-    self.assertTrue(os.path.exists(self.roots[0] + RUN + "/ctrl/" + name +
-                                   ".events.out"), "not started by gkvm")
-    serial = self.guest(name, 0)
-    serial.answer()
-    serial.run("printf gkvm-disk! | dd of=/dev/vda conv=fsync 2>/dev/null",
-               "wrote")
-    serial.close()
+    self.assertTrue(self.run_by_gkvm(name, 0), "not started by gkvm")
     # (Non-live only towards gkvm: Ganeti's driver never resumes a guest
     # that arrives paused, and QEMU keeps the source's paused state, so
     # after a non-live migration onto its node the guest stays paused,
@@ -224,10 +225,7 @@ class TestMixedCluster(_TwoNodes, unittest.TestCase):
     for i, (argv, node, why) in enumerate(steps):
       self.gnt(*argv)
       self.assert_runs_on(name, node, why)
-      # Who runs it: gkvm keeps an event log, Ganeti's driver does not.
-      self.assertEqual(
-        os.path.exists(self.roots[node] + RUN + "/ctrl/" + name +
-                       ".events.out"), node == 0, why)
+      self.assertEqual(self.run_by_gkvm(name, node), node == 0, why)
       self.check_guest(name, node, why, "step%d" % i)
 
     # The first node goes back to Ganeti's driver: its running instance
@@ -246,9 +244,7 @@ class TestMixedCluster(_TwoNodes, unittest.TestCase):
       why = "both nodes on Ganeti's driver, hop %d" % i
       self.gnt("gnt-instance", "migrate", "-f", name)
       self.assert_runs_on(name, node, why)
-      self.assertFalse(
-        os.path.exists(self.roots[node] + RUN + "/ctrl/" + name +
-                       ".events.out"), "%s: gkvm runs it" % why)
+      self.assertFalse(self.run_by_gkvm(name, node), "%s: gkvm runs it" % why)
       self.check_guest(name, node, why, "back%d" % i)
 
 
