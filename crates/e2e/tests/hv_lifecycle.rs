@@ -3,7 +3,7 @@
 //! guest-less instances (SeaBIOS only) use KVM.
 
 mod common;
-use common::{guest_spec, guestless_spec, rt};
+use common::{guest_spec, guestless_spec, rt, sh};
 use gkvm_testkit::{require, Bridge, Env, Need, ScratchDir, Serial, READY_LINE};
 use hv_kvm::{Config, Error, KvmHypervisor, RunDir, StopOutcome};
 use kvm_cmdline::{NicMode, NicSpec};
@@ -650,6 +650,99 @@ fn nic_script_gets_the_ganeti_environment() {
                 "{down}"
             );
         }
+    });
+}
+
+/// Ganeti 3.1's instance-communication NICs: their TAPs are named
+/// `gnt.com.N` (the NIC's own template), and natively (no NIC up script)
+/// the node's communication script configures them, as Ganeti's
+/// `kvm-ifup` runs `kvm-ifup-os`, instead of the routed setup (they have
+/// no routing table); a hot-added one is named and configured the same.
+#[test]
+fn instance_communication_nics_get_their_tap_names_and_script() {
+    let Some(env) = require("hv_communication_nic", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let tmp = ScratchDir::new("gkvm-comm");
+    let script = tmp.path().join("kvm-ifup-os");
+    let log = tmp.path().join("log");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 $INTERFACE $MODE $MAC $IP $INTERFACE_NAME $ACTION\" >> {}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let node = Node::new(&env, |c| c.nic_communication_script = Some(script.clone()));
+    let communication = |mac: &str, ip: &str| {
+        let mut n = nic(mac, "communication_rt");
+        n.mode = NicMode::Routed;
+        n.ip = Some(ip.into());
+        n.name = Some("ganeti:communication:comm1".into());
+        n.tap_template = Some("gnt.com.%d".into());
+        n
+    };
+    let mut spec = guestless_spec("comm1");
+    spec.nics.push(nic("52:54:00:00:41:01", "br-none-x"));
+    spec.nics[0].mode = NicMode::Ext;
+    spec.nics
+        .push(communication("52:54:00:00:41:02", "169.254.10.2"));
+    rt().block_on(async {
+        let r = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap();
+        let tap = &r.taps[1];
+        assert!(tap.starts_with("gnt.com."), "{:?}", r.taps);
+        assert!(!r.taps[0].starts_with("gnt.com."), "{:?}", r.taps);
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            lines.trim(),
+            format!(
+                "{tap} {tap} routed 52:54:00:00:41:02 169.254.10.2 \
+                 ganeti:communication:comm1 up"
+            )
+        );
+        // No rule for a table: the script, not gkvm, routes it.
+        assert!(!sh("ip rule show").contains(&format!("iif {tap} ")));
+        assert_eq!(
+            sh(&format!("cat /sys/class/net/{tap}/operstate")).trim(),
+            "unknown",
+            "the TAP is up (a TAP with a carrier reads unknown)"
+        );
+
+        // Hot plug: a second one gets a TAP of its own under the template.
+        let added = node
+            .hv
+            .nic_add("comm1", communication("52:54:00:00:41:03", "169.254.10.3"))
+            .await
+            .unwrap();
+        assert_eq!(added.tap_template.as_deref(), Some("gnt.com.%d"));
+        let taps = RunDir::new(node.run())
+            .instance("comm1")
+            .unwrap()
+            .read_nics()
+            .unwrap();
+        let hot = taps.last().unwrap().clone();
+        assert!(hot.starts_with("gnt.com.") && &hot != tap, "{taps:?}");
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            lines
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with(&format!("{hot} {hot} routed 52:54:00:00:41:03")),
+            "{lines}"
+        );
+        node.hv
+            .stop("comm1", hv_kvm::StopMode::Force)
+            .await
+            .unwrap();
+        assert!(!std::path::Path::new(&format!("/sys/class/net/{hot}")).exists());
     });
 }
 

@@ -24,6 +24,7 @@ pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
     config.migration_tls_dir = node.migration_tls_dir.clone();
     config.nic_script = node.nic_up_script.clone();
     config.nic_down_script = node.nic_down_script.clone();
+    config.nic_communication_script = node.nic_communication_script.clone();
     config.uid_pool = node.uid_pool()?;
     if let Some(t) = &node.tap_template {
         config.tap_template = t.clone();

@@ -8,6 +8,7 @@
 //! kvm_path = "/usr/bin/qemu-system-x86_64"
 //! nic_up_script = "/etc/gkvm/kvm-ifup"      # ACTION=up; none: native
 //! nic_down_script = "/etc/gkvm/kvm-ifdown"  # ACTION=down; none: native
+//! nic_communication_script = "/etc/ganeti/kvm-ifup-os"  # natively, for gnt.com.N TAPs
 //! tap_template = "gkvm%d"
 //! uid_pool = "20000-20999"                  # for security_model=pool
 //! migration_key = "/etc/gkvm/migration.key"
@@ -39,6 +40,7 @@ pub(crate) struct NodeConfig {
     pub(crate) kvm_path: Option<PathBuf>,
     pub(crate) nic_up_script: Option<PathBuf>,
     pub(crate) nic_down_script: Option<PathBuf>,
+    pub(crate) nic_communication_script: Option<PathBuf>,
     pub(crate) tap_template: Option<String>,
     pub(crate) uid_pool: Option<String>,
     pub(crate) migration_key: Option<PathBuf>,
@@ -94,6 +96,7 @@ impl NodeConfig {
             ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),
+            ("nic_communication_script", &self.nic_communication_script),
             ("migration_key", &self.migration_key),
             ("migration_tls_dir", &self.migration_tls_dir),
             ("spice_cacert", &self.spice_cacert),
@@ -109,21 +112,18 @@ impl NodeConfig {
             ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),
+            ("nic_communication_script", &self.nic_communication_script),
         ] {
             if let Some(p) = program {
                 check_program(p).map_err(|e| format!("{key}: {}: {e}", p.display()))?;
             }
         }
-        if let Some(t) = &self.tap_template {
-            let plain = t
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '%' | '-' | '_' | '.'));
-            if t.matches("%d").count() != 1 || t.len() > 13 || !plain || t.starts_with('-') {
-                return Err(format!(
-                    "tap_template: {t:?} must contain %d once and make an interface name \
-                     (letters, digits, '-', '_', '.'; not starting with '-')"
-                ));
-            }
+        if let Some(problem) = self
+            .tap_template
+            .as_deref()
+            .and_then(hv_kvm::tap_template_problem)
+        {
+            return Err(format!("tap_template: {problem}"));
         }
         self.uid_pool()?;
         if let Some(dir) = &self.migration_tls_dir {

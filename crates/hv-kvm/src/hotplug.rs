@@ -369,7 +369,7 @@ impl KvmHypervisor {
                 .map(|(n, _)| n.clone())
                 .collect(),
         })?;
-        crate::nic::configure(&spec, seq, tap.name(), self.config.nic_script.as_deref()).await?;
+        crate::nic::configure(&spec, seq, tap.name(), &self.config).await?;
         guard.steps.push(Undo::Teardown {
             spec: Box::new(spec.clone()),
             seq,
@@ -677,7 +677,7 @@ impl KvmHypervisor {
         .armed = false;
         crate::nic::deconfigure(&old, seq, &tap, down);
         detach_bridge(&old.nics[seq], &tap, up.is_some());
-        if let Err(e) = crate::nic::configure(&spec, seq, &tap, up).await {
+        if let Err(e) = crate::nic::configure(&spec, seq, &tap, &self.config).await {
             self.restore_nic(&spec, &old, seq, &tap).await;
             hp.done()?;
             return Err(e);
@@ -783,7 +783,7 @@ impl KvmHypervisor {
         );
         detach_bridge(&new.nics[seq], tap, up.is_some());
         crate::nic::deconfigure(new, seq, tap, down);
-        if let Err(back) = crate::nic::configure(old, seq, tap, up).await {
+        if let Err(back) = crate::nic::configure(old, seq, tap, &self.config).await {
             tracing::error!(instance = %old.name, error = %back.report(), "the NIC's old settings could not be restored");
         }
     }

@@ -38,7 +38,8 @@ use std::time::Duration;
 pub use error::{report, Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{
-    Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, MacAddr, NicMode, NicSpec, Uuid,
+    tap_template_problem, Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, MacAddr,
+    NicMode, NicSpec, Uuid,
 };
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;
@@ -46,7 +47,7 @@ pub use kvm_runtime::RunDir;
 pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
 pub use migration::{parse_migration_info, CurrentConfig, MigrationStatus};
-pub use nic::nic_script_env;
+pub use nic::{is_instance_communication_tap, nic_script_env};
 pub use ops::{MigrationMode, MigrationOutcome, Progress, Request, Response, StartMode, StopMode};
 use serde::{Deserialize, Serialize};
 pub use types::{
@@ -80,6 +81,13 @@ pub struct Config {
     /// (stop, migration away, failed start). Without one, gkvm undoes
     /// natively what the kernel keeps (routing rules, Open vSwitch ports).
     pub nic_down_script: Option<PathBuf>,
+    /// What configures a Ganeti 3.1 instance-communication NIC (a routed
+    /// NIC whose TAP is `gnt.com.N`, Ganeti's `is_instance_communication_tap`)
+    /// when there is no NIC up script: Ganeti's `/etc/ganeti/kvm-ifup-os`
+    /// (the TAP's address 169.254.169.254, a host route, the node's
+    /// dnsmasq), run as its `kvm-ifup` runs it. Without one, such a NIC's
+    /// TAP is only brought up (it has no routing table to join).
+    pub nic_communication_script: Option<PathBuf>,
     /// The uid pool for `security_model=pool`.
     pub uid_pool: Option<kvm_runtime::UidPool>,
     /// Kernel name template for TAP interfaces.
@@ -135,6 +143,7 @@ impl Config {
             build_env: kvm_cmdline::BuildEnv::default(),
             nic_script: None,
             nic_down_script: None,
+            nic_communication_script: None,
             uid_pool: None,
             tap_template: "gkvm%d".into(),
             start_timeout: Duration::from_secs(60),

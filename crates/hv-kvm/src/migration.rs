@@ -848,7 +848,7 @@ impl KvmHypervisor {
         })?;
         for (i, (nic, tap)) in spec.nics.iter().zip(&taps).enumerate() {
             if nic.mode != kvm_cmdline::NicMode::Bridged {
-                crate::nic::configure(&spec, i, tap, self.config.nic_script.as_deref()).await?;
+                crate::nic::configure(&spec, i, tap, &self.config).await?;
             }
         }
         let qmp = self.qmp(paths).await?;

@@ -36,13 +36,15 @@ pub(crate) fn open_taps(spec: &InstanceSpec, template: &str, virtio: bool) -> Re
         .collect()
 }
 
-/// Opens the TAP of NIC `i` (its queues, vnet_hdr as the hvparams say).
+/// Opens the TAP of NIC `i` (its queues, vnet_hdr as the hvparams say),
+/// named from the NIC's own template, else from the node's `template`.
 pub(crate) fn open_tap(spec: &InstanceSpec, i: usize, template: &str, virtio: bool) -> Result<Tap> {
     let vnet_hdr = if virtio && spec.hvparams.vnet_hdr {
         VnetHdr::Auto
     } else {
         VnetHdr::Off
     };
+    let template = spec.nics[i].tap_template.as_deref().unwrap_or(template);
     TapBuilder::new()
         .name_template(template)
         .vnet_hdr(vnet_hdr)
@@ -182,18 +184,30 @@ fn run_tool(
     Err(format!("{shown} failed ({status}): {}", err.trim()))
 }
 
-/// Configures NIC `seq`'s TAP: runs `script INTERFACE` with Ganeti's
-/// environment and `ACTION=up` when one is configured; else natively:
-/// link up, then per mode — bridged: join the bridge; routed: a host route
-/// to the NIC's IP (in table `link` with a rule for the TAP when a table
-/// is given), proxy ARP/NDP and forwarding, as Ganeti's `net-routed-up`;
-/// openvswitch: `ovs-vsctl add-port` with the VLAN tag and trunks, as
-/// `net-ovs-up`; ext: nothing more.
+/// Whether `tap` of a NIC in `mode` is a Ganeti 3.1 instance-communication
+/// TAP (Ganeti's `is_instance_communication_tap`: routed, named
+/// `gnt.com.N`).
+pub fn is_instance_communication_tap(mode: NicMode, tap: &str) -> bool {
+    mode == NicMode::Routed && tap.starts_with(COMMUNICATION_TAP_PREFIX)
+}
+
+/// The name prefix of Ganeti's instance-communication TAPs.
+const COMMUNICATION_TAP_PREFIX: &str = "gnt.com.";
+
+/// Configures NIC `seq`'s TAP: runs the NIC up script `INTERFACE` with
+/// Ganeti's environment and `ACTION=up` when the node has one; else
+/// natively, as Ganeti's `kvm-ifup` would: link up, then per mode —
+/// bridged: join the bridge; routed: a host route to the NIC's IP (in
+/// table `link` with a rule for the TAP when a table is given), proxy
+/// ARP/NDP and forwarding, as Ganeti's `net-routed-up`; an
+/// instance-communication TAP instead runs the node's communication
+/// script (`kvm-ifup-os`); openvswitch: `ovs-vsctl add-port` with the
+/// VLAN tag and trunks, as `net-ovs-up`; ext: nothing more.
 pub(crate) async fn configure(
     spec: &InstanceSpec,
     seq: usize,
     tap: &str,
-    script: Option<&Path>,
+    config: &crate::Config,
 ) -> Result<()> {
     let nic = &spec.nics[seq];
     let fail = |reason: String| Error::Start {
@@ -201,6 +215,19 @@ pub(crate) async fn configure(
         step: "NIC configuration",
         reason,
     };
+    let communication = is_instance_communication_tap(nic.mode, tap);
+    let script = match (&config.nic_script, &config.nic_communication_script) {
+        (Some(up), _) => Some(up),
+        (None, Some(os)) if communication => Some(os),
+        _ => None,
+    };
+    if communication && config.nic_script.is_none() {
+        gkvm_tap::set_link_up(tap).map_err(|source| Error::Tap {
+            instance: spec.name.clone(),
+            nic: seq,
+            source,
+        })?;
+    }
     if let Some(script) = script {
         let mut env = nic_script_env(spec, seq, nic, tap);
         env.push(("ACTION".into(), "up".into()));
@@ -209,6 +236,10 @@ pub(crate) async fn configure(
             .await
             .map_err(|e| fail(e.to_string()))?
             .map_err(fail);
+    }
+    if communication {
+        // Up, and no routing table to join: that is all without a script.
+        return Ok(());
     }
     gkvm_tap::set_link_up(tap).map_err(|source| Error::Tap {
         instance: spec.name.clone(),
@@ -344,6 +375,7 @@ pub(crate) fn deconfigure(spec: &InstanceSpec, seq: usize, tap: &str, script: Op
         run_tool(script, &[tap], &env)
     } else {
         match nic.mode {
+            NicMode::Routed if is_instance_communication_tap(nic.mode, tap) => Ok(()),
             NicMode::Routed if !nic.link.is_empty() => {
                 delete_rules(nic.ip.as_deref().is_some_and(|ip| ip.contains(':')), tap);
                 Ok(())

@@ -182,7 +182,7 @@ impl KvmHypervisor {
             if opts.incoming.is_some() && routed {
                 continue;
             }
-            crate::nic::configure(spec, i, tap.name(), self.config.nic_script.as_deref()).await?;
+            crate::nic::configure(spec, i, tap.name(), &self.config).await?;
             let (spec, tap, down) = (
                 spec.clone(),
                 tap.name().to_owned(),

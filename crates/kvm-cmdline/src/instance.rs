@@ -244,6 +244,33 @@ pub struct NicSpec {
     /// ([`InstanceSpec::assign_addresses`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<DeviceAddress>,
+    /// The kernel name template of this NIC's TAP (`%d` once; the kernel
+    /// takes the lowest free number), instead of the node's: Ganeti 3.1's
+    /// instance-communication NICs are `gnt.com.%d`. A template, never a
+    /// fixed name, so a TAP is always new (a fixed name could join
+    /// another instance's multi-queue TAP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_template: Option<String>,
+}
+
+/// Why `template` is not a TAP name template: it must contain `%d` once
+/// and make an interface name (at most 15 bytes once numbered; letters,
+/// digits, `-`, `_`, `.`; not starting with `-` or `.`).
+pub fn tap_template_problem(template: &str) -> Option<String> {
+    let plain = template
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '%' | '-' | '_' | '.'));
+    let bad = template.matches("%d").count() != 1
+        || template.matches('%').count() != 1
+        || template.len() > 13
+        || !plain
+        || template.starts_with(['-', '.']);
+    bad.then(|| {
+        format!(
+            "{template:?} must contain %d once and make an interface name of at most 15 \
+             bytes (letters, digits, '-', '_', '.'; not starting with '-' or '.')"
+        )
+    })
 }
 
 impl NicSpec {
@@ -457,6 +484,9 @@ fn check_nic_mode(nic: &NicSpec) -> Result<(), (&'static str, String)> {
             }
             Some(_) => {}
         }
+    }
+    if let Some(problem) = nic.tap_template.as_deref().and_then(tap_template_problem) {
+        return Err(("tap_template", problem));
     }
     if let Some(vlan) = &nic.vlan {
         if !is_vlan_spec(vlan) {

@@ -61,6 +61,7 @@ pub use caps::{
 pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;
 pub use hvparams::{HvParams, RESTART_SAFE_HVPARAMS};
+pub use instance::tap_template_problem;
 pub use instance::{
     validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec, Layout,
     NetworkSpec, NicMode, NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, PCI_SLOTS,

@@ -6,7 +6,8 @@
 //! - NIC: comma-separated `key=value` pairs: one of `bridge=BRIDGE`,
 //!   `routed=TABLE`, `ovs=SWITCH` (`openvswitch=` too) or `ext=LINK` for
 //!   the mode and link, then optionally `mac=52:54:00:12:34:56`,
-//!   `ip=ADDRESS` and `vlan=.N:M` (Ganeti's VLAN syntax). A NIC
+//!   `ip=ADDRESS`, `vlan=.N:M` (Ganeti's VLAN syntax) and `tap=NAME%d`
+//!   (the TAP's name template, instead of the node's). A NIC
 //!   without a MAC gets one made from the instance name and NIC index
 //!   ([`generated_mac`]): locally administered, stable across restarts.
 
@@ -85,11 +86,17 @@ impl NicSpec {
                     nic.ip = Some(v.into());
                     None
                 }
+                "tap" => {
+                    nic.tap_template = Some(v.into());
+                    None
+                }
                 other => {
                     return Err(bad(
                         instance,
                         &field,
-                        format!("unknown key {other:?} (bridge, routed, ovs, ext, mac, ip, vlan)"),
+                        format!(
+                            "unknown key {other:?} (bridge, routed, ovs, ext, mac, ip, vlan, tap)"
+                        ),
                     ))
                 }
             };
@@ -144,6 +151,28 @@ mod tests {
         );
         assert!("nbd://:1/e".parse::<DiskSpec>().is_err());
         assert!(":ro".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn nic_tap_templates() {
+        let n = NicSpec::parse_option("routed=,ip=169.254.0.9,tap=gnt.com.%d", "w1", 0).unwrap();
+        assert_eq!(n.tap_template.as_deref(), Some("gnt.com.%d"));
+        for bad in [
+            "tap0",
+            "t%d%d",
+            "%s%d",
+            "-t%d",
+            ".t%d",
+            "a b%d",
+            "averylongname%d",
+        ] {
+            assert!(crate::tap_template_problem(bad).is_some(), "{bad}");
+        }
+        let mut spec = crate::InstanceSpec::new("w1", 128);
+        spec.nics.push(n);
+        spec.nics[0].tap_template = Some("gnt.com.0".into());
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains("nics[0].tap_template"), "{e}");
     }
 
     #[test]

@@ -111,7 +111,8 @@ def _cluster_settings():
   range; gkvm takes one), Ganeti's SPICE certificates, and Ganeti's own
   kvm-ifup as the NIC script where the site replaced Ganeti's networking
   with its kvm-vif-bridge hook (Ganeti's driver runs that hook through
-  kvm-ifup; without it, gkvm configures NICs as kvm-ifup would)."""
+  kvm-ifup; without it, gkvm configures NICs as kvm-ifup would), and the
+  kvm-ifup-os that kvm-ifup runs for instance-communication TAPs."""
   lines = []
   try:
     from ganeti import ssconf
@@ -133,6 +134,10 @@ def _cluster_settings():
   hook = os.path.join(pathutils.CONF_DIR, "kvm-vif-bridge")
   if os.access(hook, os.X_OK) and os.access(pathutils.KVM_IFUP, os.X_OK):
     lines.append('nic_up_script = "%s"' % pathutils.KVM_IFUP)
+  # What Ganeti's kvm-ifup runs for an instance-communication TAP.
+  ifup_os = os.path.join(pathutils.CONF_DIR, "kvm-ifup-os")
+  if os.access(ifup_os, os.X_OK):
+    lines.append('nic_communication_script = "%s"' % ifup_os)
   return lines
 
 
@@ -324,6 +329,11 @@ class Gkvm(object):
                                              err or "no message")
 
 
+#: The TAP names of instance-communication NICs (Ganeti's GenerateTapName
+#: makes gnt.com.N; the kernel picks N here, atomically).
+COMMUNICATION_TAP_TEMPLATE = "gnt.com.%d"
+
+
 def _nic(nic):
   """A Ganeti NIC (nicparams filled) as a gkvm NIC."""
   params = nic.nicparams or {}
@@ -341,6 +351,10 @@ def _nic(nic):
     out["uuid"] = nic.uuid
   if nic.name:
     out["name"] = nic.name
+    if nic.name.startswith(constants.INSTANCE_COMMUNICATION_NIC_PREFIX):
+      # Ganeti 3.1's instance communication: its TAP is gnt.com.N, which
+      # its kvm-ifup (and gkvm natively) configure with kvm-ifup-os.
+      out["tap_template"] = COMMUNICATION_TAP_TEMPLATE
   netinfo = getattr(nic, "netinfo", None)
   if netinfo:
     net = {"name": netinfo.get("name") or nic.network or ""}
