@@ -566,6 +566,43 @@ pub(crate) struct Prepared {
     pub(crate) parser: clap::Command,
     /// The runtime the command will run on, if it could be built.
     pub(crate) runtime: Option<tokio::runtime::Runtime>,
+    /// The server's run directory and node configuration, which every
+    /// call it serves uses.
+    pub(crate) pinned: serve::Pinned,
+}
+
+impl Cli {
+    /// The options that fall back to a variable, from this process's
+    /// environment now: a parser built ahead (the server's) read the
+    /// variables when it was built, before a call set the caller's.
+    fn refresh_env(&mut self, matches: &clap::ArgMatches) {
+        use clap::parser::ValueSource;
+        for (id, var, field) in [
+            ("run_dir", "GKVM_RUN_DIR", &mut self.run_dir),
+            ("node_config", "GKVM_NODE_CONFIG", &mut self.node_config),
+            ("kvm_path", "GKVM_KVM_PATH", &mut self.kvm_path),
+            (
+                "migration_key",
+                "GKVM_MIGRATION_KEY",
+                &mut self.migration_key,
+            ),
+        ] {
+            if matches.value_source(id) != Some(ValueSource::CommandLine) {
+                *field = std::env::var_os(var)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from);
+            }
+        }
+    }
+}
+
+/// What became of a command line run by [`run_prepared`].
+pub(crate) enum Ran {
+    /// It ran (or was refused as a usage error): its exit code.
+    Exit(u8),
+    /// Not run: it names another run directory or node configuration
+    /// than the server's (the message says which).
+    NotServed(String),
 }
 
 /// The runtime of one command.
@@ -580,23 +617,48 @@ fn new_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// parser it built before forking (building it is most of the cost of
 /// parsing a command line) and a runtime built before the call came.
 fn run(argv: Vec<std::ffi::OsString>, prepared: Option<Prepared>) -> u8 {
+    match run_prepared(argv, prepared) {
+        Ran::Exit(code) => code,
+        Ran::NotServed(_) => 2,
+    }
+}
+
+/// [`run`], for the server's children: a command line that names another
+/// run directory or node configuration than the server's is not run.
+pub(crate) fn run_prepared(argv: Vec<std::ffi::OsString>, prepared: Option<Prepared>) -> Ran {
     use clap::{CommandFactory, FromArgMatches};
     let json_asked = argv.iter().any(|a| a == "--json");
     let served = prepared.is_some();
-    let (parser, runtime) = prepared.map_or((None, None), |p| (Some(p.parser), p.runtime));
+    let (parser, runtime, pinned) = prepared.map_or((None, None, None), |p| {
+        (Some(p.parser), p.runtime, Some(p.pinned))
+    });
     let mut parser = parser.unwrap_or_else(Cli::command);
-    let parsed = parser
-        .try_get_matches_from_mut(argv)
-        .and_then(|m| Cli::from_arg_matches(&m));
-    let cli = match parsed {
+    let parsed = parser.try_get_matches_from_mut(argv).and_then(|m| {
+        let mut cli = Cli::from_arg_matches(&m)?;
+        if served {
+            cli.refresh_env(&m);
+        }
+        Ok(cli)
+    });
+    let mut cli = match parsed {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e.format(&mut parser), json_asked),
+        Err(e) => return Ran::Exit(usage_error(e.format(&mut parser), json_asked)),
     };
     if served {
         // A served child exits right after this command: freeing the
         // parser's thousands of allocations would only delay the answer.
         std::mem::forget(parser);
     }
+    if let Some(pinned) = pinned {
+        if let Err(why) = pinned.apply(&mut cli.run_dir, &mut cli.node_config) {
+            return Ran::NotServed(why);
+        }
+    }
+    Ran::Exit(run_cli(cli, runtime))
+}
+
+/// Runs a parsed command line on `runtime` (a new one when none).
+fn run_cli(cli: Cli, runtime: Option<tokio::runtime::Runtime>) -> u8 {
     if let Command::Serve {
         socket,
         idle_exit,
@@ -606,7 +668,11 @@ fn run(argv: Vec<std::ffi::OsString>, prepared: Option<Prepared>) -> u8 {
         // Before logging and the runtime: the server stays single-threaded
         // so that it can fork.
         let idle = idle_exit.map(std::time::Duration::from_secs);
-        return match serve::serve(socket, idle, *detach) {
+        let pinned = serve::Pinned {
+            run_dir: cli.run_dir.clone(),
+            node_config: cli.node_config.clone(),
+        };
+        return match serve::serve(socket, idle, *detach, pinned) {
             Ok(()) => 0,
             Err(f) => report_failure(f, "serve", cli.json),
         };

@@ -28,9 +28,18 @@
 //! the call died (killed): the command may have run in part, as when a
 //! `gkvm` process is killed. At most one server per socket (a lock file
 //! beside it).
+//!
+//! Calls run in the server's run directory with its node configuration
+//! (its `--run-dir`/`--node-config` or their variables): a call that names
+//! others is answered `{"retired": true, "reason": ...}` without running,
+//! and the server retires, so the caller's next call starts a server of
+//! its own. At most [`MAX_CALLS`] calls run at once (the others wait in
+//! the socket's queue); a request must arrive whole within 10 s and its
+//! answer be taken within 10 s; a child killed while it waited for a call
+//! is replaced (each child is watched through a pidfd).
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -46,8 +55,56 @@ const MAX_REQUEST: u64 = 16 << 20;
 /// How often an idle server checks that its socket is still its own.
 const SOCKET_CHECK: Duration = Duration::from_secs(2);
 
-/// How long a client may take to send its request.
+/// How long a client may take to send its whole request, and to take
+/// the answer once it is written.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many calls run at once; further connections wait in the socket's
+/// queue until one ends.
+const MAX_CALLS: usize = 64;
+
+/// What the server fixes for every call: its run directory and node
+/// configuration (its own `--run-dir`, `--node-config` or their
+/// variables). A call that names others is not run: it is answered
+/// `retired`, so its caller runs the binary, and the server retires so
+/// that the next call starts a server for them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pinned {
+    /// The server's `--run-dir` (none: the node configuration's, else
+    /// the default).
+    pub(crate) run_dir: Option<PathBuf>,
+    /// The server's `--node-config` (none: the default file).
+    pub(crate) node_config: Option<PathBuf>,
+}
+
+impl Pinned {
+    /// Gives a call's unset run dir and node configuration the server's;
+    /// the error says which one the call names differently.
+    pub(crate) fn apply(
+        &self,
+        run_dir: &mut Option<PathBuf>,
+        node_config: &mut Option<PathBuf>,
+    ) -> Result<(), String> {
+        for (what, call, ours) in [
+            ("run directory", &mut *run_dir, &self.run_dir),
+            ("node configuration", &mut *node_config, &self.node_config),
+        ] {
+            match (&*call, ours) {
+                (None, _) => call.clone_from(ours),
+                (Some(c), Some(o)) if c == o => {}
+                (Some(c), _) => {
+                    return Err(format!(
+                        "the call names the {what} {}, the server serves {}",
+                        c.display(),
+                        ours.as_deref()
+                            .map_or_else(|| "the default".to_owned(), |o| o.display().to_string())
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// One call.
 #[derive(serde::Deserialize)]
@@ -74,7 +131,12 @@ fn major_minor() -> String {
 /// binary is replaced. With `detach`, returns once the socket listens (the
 /// server goes on in the background), or at once when another server
 /// already serves this socket.
-pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliResult {
+pub fn serve(
+    socket: &Path,
+    idle_exit: Option<Duration>,
+    detach: bool,
+    pinned: Pinned,
+) -> CliResult {
     let fail = |what: &str, e| failure(socket, what, e);
     let lock_path = with_suffix(socket, ".lock");
     let lock = std::fs::OpenOptions::new()
@@ -139,6 +201,7 @@ pub fn serve(socket: &Path, idle_exit: Option<Duration>, detach: bool) -> CliRes
         socket_id,
         exe: &exe,
         exe_id,
+        pinned,
     };
     let result = accept_loop(&listener, &ours, idle_exit, me, parser);
     // Whoever holds the lock owns the socket: remove it while we still do
@@ -176,18 +239,45 @@ fn readable_within(fd: &OwnedFd, ms: i32) -> bool {
     unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) == 1 }
 }
 
-/// Reads the caller's request line, waiting up to `wait` for it.
+/// Reads the caller's request line, all of it within `wait` (a client
+/// that sends a byte now and then does not hold a child longer).
 fn read_request(conn: &UnixStream, wait: Duration) -> std::io::Result<String> {
-    conn.set_read_timeout(Some(wait))?;
-    let mut line = String::new();
-    BufReader::new(conn.take(MAX_REQUEST)).read_line(&mut line)?;
-    Ok(line)
+    let deadline = Instant::now() + wait;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let mut reader = conn.take(MAX_REQUEST);
+    while !bytes.ends_with(b"\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no whole request within {} s", wait.as_secs()),
+            ));
+        }
+        conn.set_read_timeout(Some(left))?;
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            // Interrupted, or this read's share of the deadline is up.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| std::io::Error::other("the request is not UTF-8"))
 }
 
 /// Sends `answer` (a JSON object) with this server's version, as one line
 /// in one write.
 fn respond(mut conn: &UnixStream, mut answer: serde_json::Value) -> std::io::Result<()> {
     answer["version"] = env!("CARGO_PKG_VERSION").into();
+    // A caller that does not take its answer does not hold the child.
+    conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     conn.write_all(format!("{answer}\n").as_bytes())
 }
 
@@ -222,16 +312,59 @@ struct Owned<'a> {
     socket_id: (u64, u64),
     exe: &'a Path,
     exe_id: (u64, u64),
+    pinned: Pinned,
 }
 
 /// What a waiting child tells the server (one byte on a pipe).
 const TOOK_CALL: u8 = b'c';
 /// ... that the binary was replaced: the server retires.
 const REPLACED: u8 = b'r';
+/// What a child running a call tells the server: the call names another
+/// run directory or node configuration; the server retires.
+const RETIRE: u8 = b'x';
+
+/// A descriptor that becomes readable when process `pid` ends (a
+/// pidfd); `None` when it has already gone.
+fn pidfd(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the result is a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a new descriptor nobody else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Which of `fds` are readable within `ms` milliseconds.
+fn poll_readable(fds: &[&OwnedFd], ms: i32) -> Vec<bool> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let n = libc::nfds_t::try_from(polled.len()).unwrap_or(0);
+    // SAFETY: `polled` holds `n` valid pollfds.
+    let rc = unsafe { libc::poll(polled.as_mut_ptr(), n, ms) };
+    if rc <= 0 {
+        return vec![false; fds.len()];
+    }
+    polled.iter().map(|p| p.revents != 0).collect()
+}
+
+/// The child waiting in `accept`.
+struct Waiting {
+    pid: i32,
+    /// Readable once it has ended.
+    exit: Option<OwnedFd>,
+}
 
 /// The server keeps one child forked ahead, blocked in `accept`: a call
 /// does not wait for a fork. The child that takes a call says so on a
-/// pipe, and the server forks the next one.
+/// pipe, and the server forks the next one — at most [`MAX_CALLS`] run at
+/// once. Each child is watched through a pidfd: one killed while it
+/// waited is replaced, so no call connects to a server that has nobody
+/// accepting.
 fn accept_loop(
     listener: &UnixListener,
     ours: &Owned<'_>,
@@ -242,7 +375,7 @@ fn accept_loop(
     let fail = |what: &str, e| failure(ours.socket, what, e);
     let mut ends = [0i32; 2];
     // SAFETY: pipe2 fills two descriptors, owned below.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
         return Err(fail(
             "cannot make a pipe for",
             std::io::Error::last_os_error(),
@@ -251,53 +384,99 @@ fn accept_loop(
     // SAFETY: new descriptors nobody else owns.
     let (notify_r, notify_w) =
         unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    // The children block on their writes (a byte each; never full).
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(notify_w.as_raw_fd(), libc::F_SETFL, 0) };
     let server = nix::unistd::getpid().as_raw();
-    let mut waiting: Option<i32> = None;
+    let mut waiting: Option<Waiting> = None;
+    // The pidfds of the children running calls.
+    let mut busy: Vec<OwnedFd> = Vec::new();
     let mut last = Instant::now();
-    let result = loop {
-        if waiting.is_none() {
+    // A child that dies before taking a call is replaced, after a pause
+    // (so a child that cannot start does not make a fork loop).
+    let mut fork_after = Instant::now();
+    let result = 'serve: loop {
+        if waiting.is_none() && busy.len() < MAX_CALLS && Instant::now() >= fork_after {
             // SAFETY: single-threaded; the child only runs `waiting_child`
             // and exits.
             match unsafe { libc::fork() } {
                 0 => {
                     drop(notify_r);
-                    let code = waiting_child(listener, ours, &notify_w, me, server, parser);
+                    let code = waiting_child(listener, ours, notify_w, me, server, parser);
                     // SAFETY: the child ends without running the server's
                     // destructors (the socket file, the lock are the server's).
                     unsafe { libc::_exit(code) };
                 }
                 -1 => break Err(fail("cannot fork for", std::io::Error::last_os_error())),
-                pid => waiting = Some(pid),
+                pid => {
+                    waiting = Some(Waiting {
+                        pid,
+                        exit: pidfd(pid),
+                    });
+                }
             }
         }
-        let wait = idle_exit.map(|idle| idle.saturating_sub(last.elapsed()));
-        if wait == Some(Duration::ZERO) {
+        let idle = idle_exit.map(|idle| idle.saturating_sub(last.elapsed()));
+        if idle == Some(Duration::ZERO) {
             break Ok(());
         }
-        let wait = wait.map_or(SOCKET_CHECK, |w| w.min(SOCKET_CHECK));
+        let mut wait = idle.map_or(SOCKET_CHECK, |w| w.min(SOCKET_CHECK));
+        if waiting.is_none() && busy.len() < MAX_CALLS {
+            wait = wait.min(fork_after.saturating_duration_since(Instant::now()));
+        }
         let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
-        if !readable_within(&notify_r, ms) {
+        let mut fds: Vec<&OwnedFd> = vec![&notify_r];
+        let waiting_fd = waiting.as_ref().and_then(|w| w.exit.as_ref());
+        fds.extend(waiting_fd);
+        fds.extend(busy.iter());
+        let ready = poll_readable(&fds, ms);
+        if !ready.iter().any(|r| *r) {
             if !socket_is(ours.socket, ours.socket_id) {
                 break Ok(());
             }
             continue;
         }
-        let mut byte = [0u8; 1];
-        match nix::unistd::read(notify_r.as_raw_fd(), &mut byte) {
-            Ok(1) if byte[0] == TOOK_CALL => {
-                waiting = None;
-                last = Instant::now();
+        let busy_ready: Vec<bool> = ready[1 + usize::from(waiting_fd.is_some())..].to_vec();
+        let waiting_died = waiting_fd.is_some() && ready[1];
+        // What the children said first: a child writes before it ends.
+        let mut bytes = [0u8; 64];
+        if ready[0] {
+            let n = nix::unistd::read(notify_r.as_raw_fd(), &mut bytes).unwrap_or(0);
+            for byte in &bytes[..n] {
+                match *byte {
+                    TOOK_CALL => {
+                        if let Some(w) = waiting.take() {
+                            busy.extend(w.exit);
+                        }
+                        last = Instant::now();
+                    }
+                    // Replaced: the waiting child answered the call
+                    // `retired`.
+                    REPLACED => {
+                        waiting = None;
+                        break 'serve Ok(());
+                    }
+                    RETIRE => break 'serve Ok(()),
+                    _ => {}
+                }
             }
-            // Replaced: the child answered the call `retired`.
-            Ok(1) if byte[0] == REPLACED => {
-                waiting = None;
-                break Ok(());
-            }
-            _ => {}
+        }
+        // Ended calls leave the count.
+        let mut i = 0;
+        busy.retain(|_| {
+            let keep = !busy_ready.get(i).copied().unwrap_or(false);
+            i += 1;
+            keep
+        });
+        // The waiting child ended without taking a call (killed): the
+        // next one is forked.
+        if waiting_died && waiting.is_some() {
+            waiting = None;
+            fork_after = Instant::now() + Duration::from_millis(100);
         }
     };
-    if let Some(pid) = waiting {
-        release(pid, ours, &notify_r);
+    if let Some(w) = waiting {
+        release(w.pid, ours, &notify_r);
     }
     result
 }
@@ -324,7 +503,7 @@ fn release(pid: i32, ours: &Owned<'_>, notify_r: &OwnedFd) {
 fn waiting_child(
     listener: &UnixListener,
     ours: &Owned<'_>,
-    notify: &OwnedFd,
+    notify: OwnedFd,
     me: u32,
     server: i32,
     parser: clap::Command,
@@ -343,13 +522,14 @@ fn waiting_child(
     let prepared = crate::Prepared {
         parser,
         runtime: crate::new_runtime().ok(),
+        pinned: ours.pinned.clone(),
     };
     let conn = loop {
         match listener.accept() {
             Ok((conn, _)) => break conn,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => {
-                let _ = nix::unistd::write(notify, &[TOOK_CALL]);
+                let _ = nix::unistd::write(&notify, &[TOOK_CALL]);
                 return 1;
             }
         }
@@ -362,16 +542,14 @@ fn waiting_child(
     }
     // An upgrade replaced the binary: the caller runs the new one.
     let replaced = std::fs::metadata(ours.exe).map_or(true, |m| (m.dev(), m.ino()) != ours.exe_id);
-    let _ = nix::unistd::write(notify, &[if replaced { REPLACED } else { TOOK_CALL }]);
-    // SAFETY: the pipe is the server's.
-    unsafe { libc::close(notify.as_raw_fd()) };
+    let _ = nix::unistd::write(&notify, &[if replaced { REPLACED } else { TOOK_CALL }]);
     if replaced {
         return i32::from(respond_retired(&conn, REQUEST_TIMEOUT).is_err());
     }
     if !peer_allowed(&conn, me) {
         return 0;
     }
-    child(conn, prepared)
+    child(conn, prepared, notify)
 }
 
 /// Only the server's own user, or root.
@@ -405,7 +583,9 @@ fn respond_error(conn: &UnixStream, message: &str) -> std::io::Result<()> {
 }
 
 /// In the forked child: read the request, run it as `gkvm ARGV`, answer.
-fn child(conn: UnixStream, prepared: crate::Prepared) -> i32 {
+/// `notify` (the server's pipe) is kept to ask the server to retire when
+/// the call is not the server's to run.
+fn child(conn: UnixStream, prepared: crate::Prepared, notify: OwnedFd) -> i32 {
     // SAFETY: back to the default, so the command can wait for its children.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     let request = match read_request(&conn, REQUEST_TIMEOUT) {
@@ -431,18 +611,31 @@ fn child(conn: UnixStream, prepared: crate::Prepared) -> i32 {
         }
     }
     match run_request(&request, prepared) {
-        Ok((code, stdout, stderr)) => {
+        Ok(Served::Ran(code, stdout, stderr)) => {
             let answer = serde_json::json!({"code": code, "stdout": stdout, "stderr": stderr});
+            i32::from(respond(&conn, answer).is_err())
+        }
+        Ok(Served::NotOurs(why)) => {
+            // Nothing ran: the caller runs the binary; the next call
+            // starts a server for its run directory and configuration.
+            tracing::debug!("serve: retiring: {why}");
+            let _ = nix::unistd::write(&notify, &[RETIRE]);
+            let answer = serde_json::json!({"retired": true, "reason": why});
             i32::from(respond(&conn, answer).is_err())
         }
         Err(e) => i32::from(respond_error(&conn, &format!("serve: {e}")).is_err()),
     }
 }
 
-fn run_request(
-    request: &Request,
-    prepared: crate::Prepared,
-) -> std::io::Result<(u8, String, String)> {
+/// What became of a call.
+enum Served {
+    /// Run: its exit code, stdout and stderr.
+    Ran(u8, String, String),
+    /// Not run: it is not this server's (why).
+    NotOurs(String),
+}
+
+fn run_request(request: &Request, prepared: crate::Prepared) -> std::io::Result<Served> {
     // The caller's environment for gkvm, nothing else of it.
     let ours: Vec<OsString> = std::env::vars_os()
         .map(|(k, _)| k)
@@ -476,10 +669,13 @@ fn run_request(
     }
     let mut argv = vec![OsString::from("gkvm")];
     argv.extend(request.argv.iter().map(OsString::from));
-    let code = crate::run(argv, Some(prepared));
+    let code = match crate::run_prepared(argv, Some(prepared)) {
+        crate::Ran::Exit(code) => code,
+        crate::Ran::NotServed(why) => return Ok(Served::NotOurs(why)),
+    };
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    Ok((code, read_all(&stdout)?, read_all(&stderr)?))
+    Ok(Served::Ran(code, read_all(&stdout)?, read_all(&stderr)?))
 }
 
 fn is_passed(key: &str) -> bool {

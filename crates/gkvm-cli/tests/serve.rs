@@ -18,7 +18,13 @@ struct Server(Child);
 
 impl Server {
     fn start(binary: &Path, socket: &Path) -> Server {
+        Server::start_with(binary, socket, &[])
+    }
+
+    /// With gkvm's global options `globals` (e.g. `--run-dir X`).
+    fn start_with(binary: &Path, socket: &Path, globals: &[&str]) -> Server {
         let child = Command::new(binary)
+            .args(globals)
             .args(["-q", "serve", "--socket"])
             .arg(socket)
             .args(["--idle-exit", "60"])
@@ -102,7 +108,7 @@ fn answers_as_the_command_line_and_survives_garbage() {
     let run = dir.path().join("run");
     let run_s = run.to_str().unwrap();
     let socket = dir.path().join("s.sock");
-    let _server = Server::start(Path::new(GKVM), &socket);
+    let _server = Server::start_with(Path::new(GKVM), &socket, &["--run-dir", run_s]);
     let mode = std::fs::symlink_metadata(&socket)
         .unwrap()
         .permissions()
@@ -181,6 +187,10 @@ fn answers_as_the_command_line_and_survives_garbage() {
         &json!({"argv": ["--run-dir", run_s, "list"], "versions": ["9.9", mine]}),
     );
     assert_eq!(spoken["code"], json!(0), "{spoken}");
+
+    // A call without a run dir is run in the server's.
+    let served = call(&socket, &json!({"argv": ["--json", "list"]}));
+    assert_eq!(served["stdout"], json!("[]\n"), "{served}");
 
     // A second server on the same socket returns at once; the first serves on.
     let t = Instant::now();
@@ -332,4 +342,155 @@ fn tampered_paths_are_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lock file") && err.contains("l.sock"), "{err}");
     assert!(!linked.exists());
+}
+
+/// The pids of `pid`'s children.
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Waits until `pid` has `n` children (the server forks its waiting
+/// child ahead of calls); they are returned.
+fn wait_children(pid: u32, n: usize) -> Vec<i32> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = children_of(pid);
+        if now.len() == n {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pid} has children {now:?}, not {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_killed_waiting_child_is_replaced() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let server = Server::start(Path::new(GKVM), &socket);
+    for _ in 0..3 {
+        let [waiting] = wait_children(server.0.id(), 1)[..] else {
+            unreachable!()
+        };
+        // SAFETY: a signal to the server's child, which this test made.
+        unsafe { libc::kill(waiting, libc::SIGKILL) };
+        // Gone (a call that reached it while it died would be lost, as
+        // with any killed process: not what this test is about).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{waiting}")).exists() {
+            assert!(Instant::now() < deadline, "{waiting} outlived SIGKILL");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The next call is answered (before: it connected and waited for ever).
+        let answer = raw(&socket, b"{\"argv\": [\"--version\"]}\n")
+            .expect("a call after the waiting child was killed is answered");
+        assert_eq!(answer["code"], json!(0), "{answer}");
+    }
+}
+
+#[test]
+fn calls_are_bounded_and_slow_callers_time_out() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let server = Server::start(Path::new(GKVM), &socket);
+    // 100 callers that connect and say nothing: at most 64 children take
+    // them (and one more waits); the rest wait in the socket's queue.
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while children_of(server.0.id()).len() < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            children_of(server.0.id())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let most = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            children_of(server.0.id()).len()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 65, "{most} children for 100 idle callers");
+    // An honest call behind them is answered once they time out.
+    let answer = raw(&socket, b"{\"argv\": [\"--version\"]}\n").expect("answered");
+    assert_eq!(answer["code"], json!(0), "{answer}");
+    drop(idle);
+
+    // A caller that sends a byte a second is cut off after the request's
+    // 10 s in all, not 10 s per byte.
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    let start = Instant::now();
+    let mut answer = String::new();
+    slow.set_read_timeout(Some(Duration::from_millis(900)))
+        .unwrap();
+    while start.elapsed() < Duration::from_secs(60) {
+        if slow.write_all(b" ").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match std::io::Read::read(&mut slow, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if answer.ends_with('\n') {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "a slow caller held its child for {:?}",
+        start.elapsed()
+    );
+    assert!(answer.contains("no whole request"), "{answer}");
+}
+
+#[test]
+fn a_server_only_touches_its_own_run_dir() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let (ours, other) = (dir.path().join("ours"), dir.path().join("other"));
+    let socket = dir.path().join("s.sock");
+    let mut server = Server::start_with(
+        Path::new(GKVM),
+        &socket,
+        &["--run-dir", ours.to_str().unwrap()],
+    );
+    // No run dir in the call: the server's (node-info fills its caps cache).
+    let answer = call(&socket, &json!({"argv": ["--json", "node-info"]}));
+    assert_eq!(answer["code"], json!(0), "{answer}");
+    assert!(ours.join("caps").exists());
+    // Another one, by flag or by variable: not run, and the server retires
+    // so that the caller's next call starts a server for its own.
+    for request in [
+        json!({"argv": ["--run-dir", other.to_str().unwrap(), "--json", "node-info"]}),
+        json!({"argv": ["--json", "node-info"], "env": {"GKVM_RUN_DIR": other}}),
+    ] {
+        let answer = call(&socket, &request);
+        assert_eq!(answer["retired"], json!(true), "{request}: {answer}");
+        assert!(
+            answer["reason"].as_str().unwrap().contains("run directory"),
+            "{answer}"
+        );
+        assert!(!other.exists(), "the server touched {}", other.display());
+        if answer["retired"] == json!(true) && server.wait_exit(Duration::from_secs(10)) {
+            server = Server::start_with(
+                Path::new(GKVM),
+                &socket,
+                &["--run-dir", ours.to_str().unwrap()],
+            );
+        }
+    }
 }

@@ -54,7 +54,12 @@ NODE_CONFIG = os.path.join(pathutils.CONF_DIR, "gkvm-node.toml")
 
 class GkvmError(errors.HypervisorError):
   """gkvm failed; the message is gkvm's (naming the instance, parameter or
-  path)."""
+  path), `kind` its error kind (schemas/v1/error.json; None when gkvm
+  gave no JSON error)."""
+
+  def __init__(self, message, kind=None):
+    errors.HypervisorError.__init__(self, message)
+    self.kind = kind
 
 
 def _gkvm_binary():
@@ -98,6 +103,15 @@ SERVE_IDLE_EXIT = 300
 #: The environment gkvm reads (its options' variables, its log filter).
 _GKVM_ENV = ("GKVM_RUN_DIR", "GKVM_NODE_CONFIG", "GKVM_KVM_PATH",
              "GKVM_MIGRATION_KEY", "GKVM_LOG", "NO_COLOR")
+
+
+#: How long a call to gkvm's server may take to connect and send (s).
+SERVE_SEND_TIMEOUT = 10
+
+#: How long a served call may take to answer (s): longer than any of
+#: gkvm's own bounds (a stop's shutdown timeout, a start's), so it ends
+#: only a call that can no longer be answered.
+SERVE_ANSWER_TIMEOUT = 900
 
 
 #: gkvm's own node configuration: when it exists, the administrator's
@@ -193,11 +207,14 @@ class Gkvm(object):
     self.binary = binary or _gkvm_binary()
     self.run_dir = run_dir or _run_dir()
 
-  def argv(self, args):
+  def _node_options(self):
+    """gkvm's options naming this node's run directory and configuration."""
     config = _node_config()
     extra = ["--node-config", config] if config else []
-    return [self.binary, "--run-dir", self.run_dir] + extra + \
-      ["--json", "-q"] + args
+    return ["--run-dir", self.run_dir] + extra
+
+  def argv(self, args):
+    return [self.binary] + self._node_options() + ["--json", "-q"] + args
 
   def socket_path(self):
     return os.path.join(self.run_dir, "gkvm-serve.sock")
@@ -218,6 +235,7 @@ class Gkvm(object):
     data = (json.dumps(request) + "\n").encode()
     for attempt in (0, 1):
       sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+      sock.settimeout(SERVE_SEND_TIMEOUT)
       try:
         try:
           sock.connect(self.socket_path())
@@ -232,6 +250,7 @@ class Gkvm(object):
           # The server went away before taking the call: nothing ran.
           return None
         chunks = []
+        sock.settimeout(SERVE_ANSWER_TIMEOUT)
         try:
           while True:
             chunk = sock.recv(65536)
@@ -240,6 +259,11 @@ class Gkvm(object):
             chunks.append(chunk)
             if chunk.endswith(b"\n"):
               break
+        except socket.timeout:
+          raise GkvmError("gkvm %s: gkvm's server (%s) did not answer within"
+                          " %d s; the call may still be running" %
+                          (" ".join(args), self.socket_path(),
+                           SERVE_ANSWER_TIMEOUT))
         except OSError as err:
           chunks = [str(err).encode()]
       finally:
@@ -273,8 +297,11 @@ class Gkvm(object):
     if not os.path.isdir(self.run_dir):
       return False
     try:
+      # The server's run directory and node configuration are those of
+      # every call it serves (a call naming others retires it).
       proc = subprocess.run(
-        [self.binary, "-q", "serve", "--socket", self.socket_path(),
+        [self.binary] + self._node_options() +
+        ["-q", "serve", "--socket", self.socket_path(),
          "--idle-exit", str(SERVE_IDLE_EXIT), "--detach"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, timeout=30)
@@ -303,7 +330,7 @@ class Gkvm(object):
       except OSError as err:
         raise GkvmError("gkvm cannot be run: %s" % err)
     if proc.returncode not in ok_codes:
-      raise GkvmError(self._message(proc, args))
+      raise GkvmError(*self._message(proc, args))
     text = proc.stdout.strip()
     if raw:
       return text
@@ -317,6 +344,7 @@ class Gkvm(object):
 
   @staticmethod
   def _message(proc, args):
+    """gkvm's error as (message, kind)."""
     err = proc.stderr.strip()
     for line in reversed(err.splitlines()):
       try:
@@ -324,9 +352,9 @@ class Gkvm(object):
       except ValueError:
         continue
       if isinstance(doc, dict) and "message" in doc:
-        return "gkvm %s: %s" % (args[0], doc["message"])
-    return "gkvm %s failed (exit %s): %s" % (args[0], proc.returncode,
-                                             err or "no message")
+        return ("gkvm %s: %s" % (args[0], doc["message"]), doc.get("kind"))
+    return ("gkvm %s failed (exit %s): %s" % (args[0], proc.returncode,
+                                              err or "no message"), None)
 
 
 #: The TAP names of instance-communication NICs (Ganeti's GenerateTapName
@@ -500,10 +528,9 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   def GetInstanceInfo(self, instance_name, hvparams=None):
     try:
       docs = self.gkvm.call(["info", instance_name])
-    except GkvmError:
-      # Not running here (gkvm names it); Ganeti wants None.
-      if instance_name not in [d["name"] for d in
-                               self.gkvm.call(["list"]) or []]:
+    except GkvmError as err:
+      # Not running here: Ganeti wants None.
+      if err.kind == "not_running":
         return None
       raise
     for doc in docs or []:
