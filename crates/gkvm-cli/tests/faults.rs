@@ -289,6 +289,34 @@ fn lost_or_garbled_pid_file_never_makes_a_second_copy() {
     node.assert_empty("socket removed");
 }
 
+/// A runtime record whose instance definition does not parse is an
+/// error naming the file (it was rebuilt from the argv, silently losing
+/// what only the definition has); the instance can still be stopped.
+#[test]
+fn a_tampered_runtime_record_is_an_error_not_a_guess() {
+    let Some(env) = require("faults_runtime_record", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-rec", &env.qemu);
+    let accel = accel();
+    node.ok(&["start", "tr1", "--memory", "64", "-H", &accel, "--paused"]);
+    let file = node.run.join("conf/tr1.runtime");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let tampered = text.replacen("\"memory\":64,\"name\":\"tr1\"", "\"memory\":\"lots\",\"name\":\"tr1\"", 1);
+    assert_ne!(tampered, text, "the record has no spec to tamper with: {text}");
+    std::fs::write(&file, tampered).unwrap();
+    let out = node.run(&["hotplug-supported", "tr1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("conf/tr1.runtime") && err.contains("spec"),
+        "{err}"
+    );
+    let out = node.ok(&["stop", "tr1", "--force"]);
+    assert!(out.contains("killed"), "{out}");
+    node.assert_empty("tampered record");
+}
+
 /// `list` while instances start beside it warns of nothing: a QEMU found
 /// in /proc before its start recorded the pid is an operation under way,
 /// not a tampered pid file.

@@ -597,13 +597,21 @@ pub(crate) fn spec_from_record(
     r: &RuntimeRecord,
     source: &std::path::Path,
 ) -> Result<InstanceSpec> {
-    if let Some(spec) = r
-        .payload
-        .get("spec")
-        .and_then(|s| InstanceSpec::deserialize(s).ok())
-    {
-        return Ok(spec);
+    let corrupt = |reason: String| Error::Runtime {
+        instance: name.to_owned(),
+        source: kvm_runtime::Error::Corrupt {
+            path: source.to_owned(),
+            reason,
+        },
+    };
+    // gkvm's own record has the definition; one that does not parse was
+    // tampered with or written by another gkvm: an error, never a guess
+    // rebuilt from the argv (which would lose what only the spec has).
+    if let Some(spec) = r.payload.get("spec") {
+        return InstanceSpec::deserialize(spec)
+            .map_err(|e| corrupt(format!("its instance definition (\"spec\"): {e}")));
     }
+    // Ganeti's own runtime: rebuilt from its parts.
     let (memory, vcpus) = crate::query::argv_resources(&r.argv);
     let mut spec = InstanceSpec::new(name, memory);
     spec.vcpus = vcpus;
@@ -614,13 +622,6 @@ pub(crate) fn spec_from_record(
             let _ = spec.hvparams.set(k, v.clone());
         }
     }
-    let corrupt = |reason: String| Error::Runtime {
-        instance: name.to_owned(),
-        source: kvm_runtime::Error::Corrupt {
-            path: source.to_owned(),
-            reason,
-        },
-    };
     spec.nics = crate::ganeti_runtime::nics(&r.nics).map_err(corrupt)?;
     spec.disks = crate::ganeti_runtime::disks(&r.disks).map_err(corrupt)?;
     spec.network_port = crate::ganeti_runtime::network_port(&r.argv);
