@@ -183,6 +183,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
+        Command::Api { file, schema } => api(c, file.as_deref(), *schema).await,
         Command::Demo { guest_dir, kvm } => run_demo(c, guest_dir.as_deref(), *kvm).await,
         Command::Manpages { dir } => write_manpages(dir),
         Command::Completions { shell } => completions(*shell),
@@ -192,6 +193,58 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             "usage",
             "serve runs on its own, not inside another command".to_owned(),
         )),
+    }
+}
+
+/// `gkvm api`: one typed request, answered by [`hv_kvm::Reply`] lines on
+/// stdout (each flushed as it comes: a migration's progress streams).
+async fn api(cli: &Cli, file: Option<&Path>, schema: bool) -> CliResult {
+    use hv_kvm::Reply;
+    use std::io::Write as _;
+    let emit = |reply: &Reply| -> CliResult {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, reply)?;
+        out.write_all(b"\n").map_err(Failure::output)?;
+        out.flush().map_err(Failure::output)
+    };
+    if schema {
+        let text = serde_json::to_string_pretty(&hv_kvm::api_schema())?;
+        let mut out = std::io::stdout().lock();
+        return writeln!(out, "{text}").map_err(Failure::output);
+    }
+    let text = match file {
+        Some(f) => crate::input::read_file(f, "API request")?,
+        None => crate::input::read_stdin("API request")?,
+    };
+    let request = match Request::from_json(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            let failure = Failure::new(2, "usage", format!("not an API request: {e}"));
+            emit(&Reply::Error(hv_kvm::ErrorReply {
+                kind: failure.kind.to_owned(),
+                instance: None,
+                message: failure.message.clone(),
+            }))?;
+            return Err(failure);
+        }
+    };
+    let hv = hypervisor(cli)?;
+    let mut progress_failed = None;
+    let mut progress = |status: &hv_kvm::MigrationStatus| {
+        if let Err(f) = emit(&Reply::Progress(status.clone())) {
+            progress_failed.get_or_insert(f);
+        }
+    };
+    let answer = hv.handle_with_progress(request, &mut progress).await;
+    if let Some(f) = progress_failed {
+        return Err(f);
+    }
+    match answer {
+        Ok(response) => emit(&Reply::Response(response)),
+        Err(e) => {
+            emit(&Reply::Error(hv_kvm::ErrorReply::from(&e)))?;
+            Err(Failure::from(e))
+        }
     }
 }
 

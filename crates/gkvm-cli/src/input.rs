@@ -96,6 +96,23 @@ pub(crate) fn read_file(path: &Path, what: &str) -> Result<String, Failure> {
     String::from_utf8(data).map_err(|_| fail("not UTF-8 text".into()))
 }
 
+/// Standard input as text, at most [`MAX_INPUT_FILE`] bytes (a pipe, a
+/// file or the server's memory file).
+pub(crate) fn read_stdin(what: &str) -> Result<String, Failure> {
+    use std::io::Read as _;
+    let fail = |e: String| Failure::new(1, "input", format!("cannot read {what} from stdin: {e}"));
+    let mut data = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_INPUT_FILE + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| fail(e.to_string()))?;
+    if data.len() as u64 > MAX_INPUT_FILE {
+        return Err(fail(format!("larger than {MAX_INPUT_FILE} bytes")));
+    }
+    String::from_utf8(data).map_err(|_| fail("not UTF-8 text".into()))
+}
+
 pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
     parse_instance(path, &read_file(path, "instance file")?)
 }

@@ -364,6 +364,16 @@ enum Command {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
     },
+    /// Carry out one request of gkvm's typed API (JSON, schema
+    /// schemas/v1/api.json) read from FILE or stdin; the answer is JSON
+    /// Lines on stdout: progress lines, then one response or error.
+    Api {
+        /// The request (default: stdin).
+        file: Option<PathBuf>,
+        /// Print the API's JSON Schema instead.
+        #[arg(long, conflicts_with = "file")]
+        schema: bool,
+    },
     /// Answer gkvm commands over a Unix socket, each in a forked child
     /// (no process start per call: for cluster software that calls often)
     Serve {

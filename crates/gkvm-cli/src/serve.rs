@@ -110,7 +110,13 @@ impl Pinned {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
+    /// A command line (its answer: exit code, stdout and stderr).
+    #[serde(default)]
     argv: Vec<String>,
+    /// Or a typed API request (`hv_kvm::Request`): answered by the API's
+    /// reply lines themselves, progress streamed as it comes.
+    #[serde(default)]
+    request: Option<serde_json::Value>,
     #[serde(default)]
     stdin: Option<String>,
     #[serde(default)]
@@ -610,7 +616,13 @@ fn child(conn: UnixStream, prepared: crate::Prepared, notify: OwnedFd) -> i32 {
             return i32::from(respond_error(&conn, &message).is_err());
         }
     }
-    match run_request(&request, prepared) {
+    if request.request.is_some() && !request.argv.is_empty() {
+        let message = "serve: a call has argv or request, not both";
+        return i32::from(respond_error(&conn, message).is_err());
+    }
+    match run_request(&request, prepared, &conn) {
+        // The reply lines went to the caller as they came.
+        Ok(Served::Streamed) => 0,
         Ok(Served::Ran(code, stdout, stderr)) => {
             let answer = serde_json::json!({"code": code, "stdout": stdout, "stderr": stderr});
             i32::from(respond(&conn, answer).is_err())
@@ -633,9 +645,15 @@ enum Served {
     Ran(u8, String, String),
     /// Not run: it is not this server's (why).
     NotOurs(String),
+    /// A typed request: its reply lines were written to the caller.
+    Streamed,
 }
 
-fn run_request(request: &Request, prepared: crate::Prepared) -> std::io::Result<Served> {
+fn run_request(
+    request: &Request,
+    prepared: crate::Prepared,
+    conn: &UnixStream,
+) -> std::io::Result<Served> {
     // The caller's environment for gkvm, nothing else of it.
     let ours: Vec<OsString> = std::env::vars_os()
         .map(|(k, _)| k)
@@ -654,25 +672,43 @@ fn run_request(request: &Request, prepared: crate::Prepared) -> std::io::Result<
     if let Some(dir) = &request.cwd {
         std::env::set_current_dir(dir)?;
     }
+    // A typed request is `gkvm api` with the request on stdin and its
+    // reply lines straight to the caller.
+    let typed = request.request.as_ref().map(ToString::to_string);
     let stdin = memfd("gkvm-stdin")?;
-    if let Some(text) = &request.stdin {
+    if let Some(text) = typed.as_ref().or(request.stdin.as_ref()) {
         (&stdin).write_all(text.as_bytes())?;
         (&stdin).rewind()?;
     }
     let stdout = memfd("gkvm-stdout")?;
     let stderr = memfd("gkvm-stderr")?;
-    for (fd, target) in [(&stdin, 0), (&stdout, 1), (&stderr, 2)] {
+    let out_fd = if typed.is_some() {
+        // A caller that stops reading does not hold the child.
+        conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        conn.as_raw_fd()
+    } else {
+        stdout.as_raw_fd()
+    };
+    for (fd, target) in [(stdin.as_raw_fd(), 0), (out_fd, 1), (stderr.as_raw_fd(), 2)] {
         // SAFETY: dup2 onto the standard descriptors of this child.
-        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+        if unsafe { libc::dup2(fd, target) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
     let mut argv = vec![OsString::from("gkvm")];
-    argv.extend(request.argv.iter().map(OsString::from));
+    if typed.is_some() {
+        argv.push("api".into());
+    } else {
+        argv.extend(request.argv.iter().map(OsString::from));
+    }
     let code = match crate::run_prepared(argv, Some(prepared)) {
         crate::Ran::Exit(code) => code,
         crate::Ran::NotServed(why) => return Ok(Served::NotOurs(why)),
     };
+    if typed.is_some() {
+        let _ = std::io::stdout().flush();
+        return Ok(Served::Streamed);
+    }
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     Ok(Served::Ran(code, read_all(&stdout)?, read_all(&stderr)?))

@@ -302,8 +302,15 @@ fn a_tampered_runtime_record_is_an_error_not_a_guess() {
     node.ok(&["start", "tr1", "--memory", "64", "-H", &accel, "--paused"]);
     let file = node.run.join("conf/tr1.runtime");
     let text = std::fs::read_to_string(&file).unwrap();
-    let tampered = text.replacen("\"memory\":64,\"name\":\"tr1\"", "\"memory\":\"lots\",\"name\":\"tr1\"", 1);
-    assert_ne!(tampered, text, "the record has no spec to tamper with: {text}");
+    let tampered = text.replacen(
+        "\"memory\":64,\"name\":\"tr1\"",
+        "\"memory\":\"lots\",\"name\":\"tr1\"",
+        1,
+    );
+    assert_ne!(
+        tampered, text,
+        "the record has no spec to tamper with: {text}"
+    );
     std::fs::write(&file, tampered).unwrap();
     let out = node.run(&["hotplug-supported", "tr1"]);
     assert!(!out.status.success());

@@ -60,7 +60,7 @@ struct HotplugGuard {
 }
 
 /// A hot plug in progress, as its journal keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 enum Pending {
     /// A NIC being added: its definition as placed, its TAP and the names

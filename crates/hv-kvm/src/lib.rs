@@ -48,7 +48,10 @@ pub use kvm_runtime::UidPool;
 pub use lifecycle::StopOutcome;
 pub use migration::{parse_migration_info, CurrentConfig, MigrationStatus};
 pub use nic::{is_instance_communication_tap, nic_script_env};
-pub use ops::{MigrationMode, MigrationOutcome, Progress, Request, Response, StartMode, StopMode};
+pub use ops::{
+    api_schema, ErrorReply, MigrationMode, MigrationOutcome, Progress, Reply, Request, Response,
+    StartMode, StopMode,
+};
 use serde::{Deserialize, Serialize};
 pub use types::{
     ConsoleInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
@@ -161,7 +164,7 @@ impl Config {
 }
 
 /// What a start of an instance would run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct LaunchPlan {
     /// The instance.

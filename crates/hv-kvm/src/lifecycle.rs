@@ -17,7 +17,7 @@ use crate::types::StartReport;
 use crate::{process, KvmHypervisor};
 
 /// How a stop ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StopOutcome {

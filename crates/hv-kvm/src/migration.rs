@@ -23,7 +23,7 @@ use crate::types::{MigrationState, StartReport};
 use crate::KvmHypervisor;
 
 /// Where a migration stands.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct MigrationStatus {
     /// QEMU's state of the migration.
@@ -930,8 +930,10 @@ fn check_listen(instance: &str, address: &str, port: u16) -> Result<()> {
 /// configuration of it now, as its AcceptInstance has it): it decides
 /// what may differ between nodes or change between starts, the migration
 /// info file only the hardware the guest already has.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CurrentConfig {
+    #[serde(default)]
     /// The instance's hvparams now: keymap, password files, chroot and
     /// security model come from them
     /// ([`kvm_cmdline::HvParams::take_restart_safe`]).
@@ -942,6 +944,7 @@ pub struct CurrentConfig {
     /// A disk here with neither path nor URI keeps the file's URI (QEMU's
     /// own network client, no host file), never a host path of the file's.
     /// `None`: the file's disks, as far as the file is trusted.
+    #[serde(default)]
     pub disks: Option<Vec<crate::DiskSpec>>,
 }
 

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::Result;
 use crate::{
     Capabilities, ConsoleInfo, InstanceInfo, InstanceSpec, KvmHypervisor, LaunchPlan,
@@ -16,7 +18,10 @@ use crate::{
 };
 
 /// Whether a started guest runs at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum StartMode {
     /// Resume the vCPUs once configured.
     #[default]
@@ -26,7 +31,8 @@ pub enum StartMode {
 }
 
 /// How to stop an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum StopMode {
     /// Press the ACPI power button and wait up to `timeout` for the guest
     /// to power off (an instance without ACPI is killed); a zero timeout
@@ -34,6 +40,8 @@ pub enum StopMode {
     /// for callers that poll and force later, as Ganeti does.
     Acpi {
         /// How long the guest may take.
+        #[serde(rename = "timeout_secs", with = "secs")]
+        #[schemars(with = "f64")]
         timeout: Duration,
     },
     /// Kill QEMU, preempting any operation that holds the instance.
@@ -41,7 +49,10 @@ pub enum StopMode {
 }
 
 /// How to move the guest's memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum MigrationMode {
     /// Copy while the guest runs; it pauses only for the last round.
     #[default]
@@ -61,7 +72,8 @@ impl MigrationMode {
 }
 
 /// How a migration ended, as the side finalizing it learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum MigrationOutcome {
     /// The guest landed on the destination.
     Completed,
@@ -72,8 +84,12 @@ pub enum MigrationOutcome {
 /// A migration progress callback.
 pub type Progress<'a> = &'a mut (dyn FnMut(&MigrationStatus) + Send);
 
-/// One operation on this node.
-#[derive(Debug, Clone)]
+/// One operation on this node. As JSON (the API of `gkvm api` and `gkvm
+/// serve`, schema in `schemas/v1/api.json`): an object whose `op` names
+/// the operation in snake case, with the variant's fields beside it, e.g.
+/// `{"op": "stop", "instance": "web1", "mode": {"kind": "force"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Request {
     /// Start an instance ([`KvmHypervisor::start`]).
@@ -239,6 +255,8 @@ pub enum Request {
         /// Listen port; `None`: the instance's `migration_port`.
         port: Option<u16>,
         /// How long to wait for the guest.
+        #[serde(rename = "timeout_secs", with = "secs")]
+        #[schemars(with = "f64")]
         timeout: Duration,
         /// This node's configuration of the instance now (see
         /// [`KvmHypervisor::incoming_spec_with`]).
@@ -307,8 +325,10 @@ pub enum Request {
     },
 }
 
-/// The answer to a [`Request`].
-#[derive(Debug, Clone)]
+/// The answer to a [`Request`]. As JSON: `{"answer": "stopped", "value":
+/// ...}` (`value` absent for `done`).
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "answer", content = "value", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Response {
     /// Done; nothing to report.
@@ -341,6 +361,82 @@ pub enum Response {
     MigrationInfo(String),
     /// Where a migration stands (or how it ended).
     Migration(MigrationStatus),
+}
+
+impl Request {
+    /// Parses an API request, refusing unknown fields everywhere (serde
+    /// alone lets them pass beside an operation without fields, such as
+    /// `{"op": "list", "surprise": 1}`).
+    pub fn from_json(text: &str) -> std::result::Result<Request, String> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let request = Request::deserialize(&value).map_err(|e| e.to_string())?;
+        let known = serde_json::to_value(&request).map_err(|e| e.to_string())?;
+        if let (Some(given), Some(known)) = (value.as_object(), known.as_object()) {
+            if let Some(extra) = given.keys().find(|k| !known.contains_key(*k)) {
+                return Err(format!("unknown field `{extra}` of `{}`", known["op"]));
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// An error as the API tells it (the CLI's `--json` error object without
+/// its exit code).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// What kind of error ([`crate::Error::kind`]): callers decide by it,
+    /// never by the message.
+    pub kind: String,
+    /// The instance concerned, when there is one.
+    pub instance: Option<String>,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl From<&crate::Error> for ErrorReply {
+    fn from(e: &crate::Error) -> ErrorReply {
+        ErrorReply {
+            kind: e.kind().to_owned(),
+            instance: e.instance().map(str::to_owned),
+            message: e.report(),
+        }
+    }
+}
+
+/// One line of an answer over the API: any number of `progress` lines
+/// (a migration's), then one `response` or `error`.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Where a long operation stands.
+    Progress(MigrationStatus),
+    /// The operation's answer.
+    Response(Response),
+    /// Why it failed.
+    Error(ErrorReply),
+}
+
+/// gkvm's API, version 1: a [`Request`] (one JSON object) is answered by
+/// [`Reply`] lines (JSON Lines).
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+struct Api {
+    /// One operation.
+    request: Request,
+    /// One line of its answer.
+    reply: Reply,
+}
+
+/// The API's JSON Schema (`schemas/v1/api.json`), generated from the
+/// types themselves.
+pub fn api_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(Api)).unwrap_or_default();
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert("$id".into(), "urn:gkvm:schema:v1:api".into());
+        obj.insert("title".into(), "gkvm API v1".into());
+    }
+    schema
 }
 
 impl KvmHypervisor {
@@ -496,4 +592,19 @@ impl KvmHypervisor {
 
 fn done((): ()) -> Response {
     Response::Done
+}
+
+/// A duration as seconds (a JSON number, fractions allowed).
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// What identifies one build of a binary: any change re-probes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BinaryIdentity {
     /// The path as configured.
     pub path: PathBuf,
@@ -56,7 +56,7 @@ impl BinaryIdentity {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 struct CacheEntry {
     identity: BinaryIdentity,
     /// The feature table the entry was probed with ([`rules_fingerprint`]):

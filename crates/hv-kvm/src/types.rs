@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// An instance this node has a record of: running, or stopped without
 /// having been stopped by gkvm (`shutdown` or `crashed`, `pid` 0).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct InstanceInfo {
     /// Its name.
@@ -46,7 +46,7 @@ pub struct InstanceInfo {
 }
 
 /// The node's resources.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct NodeInfo {
     /// Total memory in MiB.
@@ -66,7 +66,7 @@ pub struct NodeInfo {
 }
 
 /// How to reach an instance's console.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum ConsoleInfo {
@@ -109,7 +109,7 @@ pub enum ConsoleInfo {
 }
 
 /// Problems `verify` found; empty means healthy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct VerifyReport {
     /// One line per problem.
@@ -127,7 +127,7 @@ pub struct VerifyReport {
 }
 
 /// A hypervisor parameter that is wrong, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct ParamProblem {
     /// The parameter (`kvm_path`), or `-` when the error names none.
@@ -165,7 +165,7 @@ impl VerifyReport {
 }
 
 /// What a successful start did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct StartReport {
     /// The instance.
@@ -182,7 +182,7 @@ pub struct StartReport {
 
 /// What a running instance is doing: QEMU's run state (`prelaunch` shown
 /// as paused), or gkvm's own view of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum InstanceState {
@@ -253,7 +253,9 @@ impl From<gkvm_qmp::commands::RunState> for InstanceState {
 }
 
 /// Where a migration stands, as QEMU's `query-migrate` says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum MigrationState {
@@ -328,7 +330,7 @@ impl std::fmt::Display for MigrationState {
 }
 
 /// What a node power-cycle does, step by step (Ganeti 3.1's fencing).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct PowercyclePlan {
     /// The steps, in order.

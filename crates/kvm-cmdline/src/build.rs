@@ -26,7 +26,7 @@ pub const VNC_BASE_PORT: u16 = 5900;
 /// The built argv of an instance, before its start-time parts. This is
 /// what the runtime file keeps and what a migration target receives: it
 /// holds no node-local path or descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct QemuCommand {
     /// The command line; `argv[0]` is the QEMU binary.

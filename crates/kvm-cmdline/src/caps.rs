@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::Error;
 
 /// A QEMU version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QemuVersion {
     /// Major.
     pub major: u32,
@@ -40,7 +40,7 @@ impl std::fmt::Display for QemuVersion {
 }
 
 /// One machine type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MachineType {
     /// Its name, e.g. `pc-i440fx-7.2` or `pc`.
     pub name: String,
@@ -91,7 +91,7 @@ macro_rules! features {
     ($($(#[$doc:meta])* $name:ident: $help:expr, $qmp:expr;)+) => {
         /// The option features the builder and Ganeti's checks depend on,
         /// each derived by one row of [`RULES`].
-        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
         #[serde(default)]
         #[non_exhaustive]
         pub struct Features {
@@ -218,7 +218,7 @@ impl Facts<'_> {
 }
 
 /// What one QEMU binary supports. Serializable so it can be cached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[non_exhaustive]
 pub struct Capabilities {
     /// Its version.

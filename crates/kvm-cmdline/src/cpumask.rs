@@ -146,6 +146,18 @@ impl Default for CpuMask {
     }
 }
 
+impl schemars::JsonSchema for CpuMask {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "CpuMask".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Ganeti's cpu_mask: \"all\", CPU lists and ranges (\"0-2,4\"), or one per vCPU separated by ':'.",
+        })
+    }
+}
+
 impl Serialize for CpuMask {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())

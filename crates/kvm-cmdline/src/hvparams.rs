@@ -12,7 +12,7 @@ use crate::Error;
 macro_rules! str_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $s:literal),+ $(,)? } default $def:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
         pub enum $name {
             $($(#[$vdoc])* #[serde(rename = $s)] $variant),+
         }
@@ -148,7 +148,7 @@ pub const DEFAULT_SPICE_TLS_CIPHERS: &str = "HIGH:-DES:-3DES:-EXPORT:-ADH";
 
 /// Every KVM hypervisor parameter of Ganeti's KVM driver, typed. Empty strings
 /// in Ganeti's format are `None` here for optional values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct HvParams {
@@ -156,9 +156,11 @@ pub struct HvParams {
     pub kvm_path: PathBuf,
     /// Kernel to boot directly (none: boot from disk).
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub kernel_path: Option<PathBuf>,
     /// Initrd for `kernel_path`.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub initrd_path: Option<PathBuf>,
     /// `root=` for `kernel_path`.
     pub root_path: String,
@@ -166,66 +168,85 @@ pub struct HvParams {
     pub kernel_args: String,
     /// ACPI on.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub acpi: bool,
     /// Serial console on a Unix socket.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub serial_console: bool,
     /// Console speed for `console=ttyS0,SPEED`.
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub serial_speed: u32,
     /// VNC: an IPv4 address, or an absolute directory for a Unix socket.
     pub vnc_bind_address: String,
     /// VNC TLS.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub vnc_tls: bool,
     /// VNC x509 certificate directory.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub vnc_x509_path: Option<PathBuf>,
     /// Verify VNC clients' certificates.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub vnc_x509_verify: bool,
     /// File holding the VNC password (set over QMP, never on the command line).
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub vnc_password_file: Option<PathBuf>,
     /// SPICE: an IP address or a host interface name.
     pub spice_bind: String,
     /// SPICE IP version: 0 (any), 4 or 6.
     #[serde(with = "lenient")]
+    #[schemars(with = "u8")]
     pub spice_ip_version: u8,
     /// File holding the SPICE password (set over QMP).
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub spice_password_file: Option<PathBuf>,
     /// SPICE lossless image compression.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<SpiceLossless>")]
     pub spice_image_compression: Option<SpiceLossless>,
     /// SPICE JPEG WAN compression.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<SpiceLossy>")]
     pub spice_jpeg_wan_compression: Option<SpiceLossy>,
     /// SPICE zlib-glz WAN compression.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<SpiceLossy>")]
     pub spice_zlib_glz_wan_compression: Option<SpiceLossy>,
     /// SPICE video stream detection.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<SpiceVideo>")]
     pub spice_streaming_video: Option<SpiceVideo>,
     /// SPICE audio compression.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub spice_playback_compression: bool,
     /// SPICE over TLS.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub spice_use_tls: bool,
     /// SPICE TLS ciphers.
     pub spice_tls_ciphers: String,
     /// SPICE guest agent channel.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub spice_use_vdagent: bool,
     /// Floppy image.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub floppy_image_path: Option<PathBuf>,
     /// CD-ROM image.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub cdrom_image_path: Option<PathBuf>,
     /// Second CD-ROM image.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub cdrom2_image_path: Option<PathBuf>,
     /// Boot device.
     pub boot_order: BootOrder,
@@ -235,20 +256,25 @@ pub struct HvParams {
     pub disk_type: DiskType,
     /// CD-ROM attachment (default: `disk_type`).
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<DiskType>")]
     pub cdrom_disk_type: Option<DiskType>,
     /// USB pointing device.
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<UsbMouse>")]
     pub usb_mouse: Option<UsbMouse>,
     /// VNC keyboard layout.
     pub keymap: String,
     /// Migration TCP port.
     #[serde(with = "lenient")]
+    #[schemars(with = "u16")]
     pub migration_port: u16,
     /// Migration bandwidth limit in MiB/s.
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub migration_bandwidth: u32,
     /// Migration downtime limit in ms.
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub migration_downtime: u32,
     /// Live or not.
     pub migration_mode: MigrationMode,
@@ -257,6 +283,7 @@ pub struct HvParams {
     pub migration_caps: String,
     /// RTC in local time.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub use_localtime: bool,
     /// Disk cache mode.
     pub disk_cache: DiskCache,
@@ -276,29 +303,36 @@ pub struct HvParams {
     pub kvm_flag: KvmFlag,
     /// vhost-net for paravirtual NICs.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub vhost_net: bool,
     /// Keep QEMU when the guest shuts itself down (`-no-shutdown`), so the
     /// instance shows `shutdown` — the user's, not a crash — until it is
     /// started again or stopped (Ganeti 3.1).
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub user_shutdown: bool,
     /// A virtio-serial port for the QEMU guest agent, on a socket in the
     /// run dir (Ganeti 3.1).
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub use_guest_agent: bool,
     /// Offer the virtio-net header on paravirtual NICs' TAPs when the
     /// kernel has it (Ganeti 3.1).
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub vnet_hdr: bool,
     /// Queues of each paravirtual NIC (Ganeti 3.1; 1 to 32): one TAP
     /// queue each, and `mq=on,vectors=2N+2` on the device.
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub virtio_net_queues: u32,
     /// chroot QEMU into an empty per-instance directory.
     #[serde(with = "lenient")]
+    #[schemars(with = "bool")]
     pub use_chroot: bool,
     /// Back guest RAM by files in this directory (hugetlbfs).
     #[serde(with = "empty_none")]
+    #[schemars(with = "Option<PathBuf>")]
     pub mem_path: Option<PathBuf>,
     /// What a guest reboot does.
     pub reboot_behavior: RebootBehavior,
@@ -308,12 +342,15 @@ pub struct HvParams {
     pub cpu_type: String,
     /// Cores per socket (0: QEMU decides).
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub cpu_cores: u32,
     /// Threads per core (0: QEMU decides).
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub cpu_threads: u32,
     /// Sockets (0: QEMU decides).
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub cpu_sockets: u32,
     /// Sound card model.
     pub soundhw: String,
@@ -330,6 +367,7 @@ pub struct HvParams {
     /// PCI slots left to QEMU's own devices; NICs and disks get explicit
     /// slots from this one up (Ganeti 3.1's default: 12).
     #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
     pub kvm_pci_reservations: u32,
 }
 

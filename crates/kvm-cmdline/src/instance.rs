@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, HvParams, MacAddr, Uuid};
 
 /// An instance to start: the JSON interface of gkvm.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     /// Instance name (a host name; used in paths and `-name`).
@@ -47,7 +47,7 @@ pub struct InstanceSpec {
 }
 
 /// The machine's devices beyond those the instance asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Layout {
     /// QEMU's defaults (VGA, parallel port, floppy and CD-ROM drives, a
@@ -79,7 +79,9 @@ fn hvparams_from_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HvParams,
 }
 
 /// Read-write or read-only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 pub enum DiskMode {
     /// Read-write.
     #[default]
@@ -91,7 +93,7 @@ pub enum DiskMode {
 }
 
 /// One disk.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DiskSpec {
@@ -128,7 +130,7 @@ pub struct DiskSpec {
 /// A NIC's or disk's identity in the guest: a device id that never
 /// changes while the instance lives (unplugging one device renumbers no
 /// other), and for a PCI device its slot on the machine's main PCI bus.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceAddress {
     /// The QEMU id of the device (its backend gets the same id).
@@ -155,7 +157,9 @@ impl DiskSpec {
 }
 
 /// How a NIC reaches the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum NicMode {
     /// TAP attached to the bridge named by `link`.
@@ -183,7 +187,7 @@ impl NicMode {
 }
 
 /// The network a NIC belongs to (Ganeti's network objects).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(default)]
 pub struct NetworkSpec {
     /// Network name.
@@ -209,7 +213,7 @@ pub struct NetworkSpec {
 }
 
 /// One NIC.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct NicSpec {

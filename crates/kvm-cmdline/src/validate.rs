@@ -47,7 +47,7 @@ fn is_norm_abs(p: &str) -> bool {
 
 /// A parameter value that works but is rarely what one wants (Ganeti
 /// 3.1's `AssessParameters`): shown, never refused.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct Warning {
     /// The hvparam.
     pub key: &'static str,

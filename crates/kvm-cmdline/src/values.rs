@@ -119,7 +119,19 @@ impl fmt::Debug for Uuid {
 }
 
 macro_rules! serde_as_string {
-    ($t:ty) => {
+    ($t:ty, $pattern:expr, $what:expr) => {
+        impl schemars::JsonSchema for $t {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($t).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "pattern": $pattern,
+                    "description": $what,
+                })
+            }
+        }
         impl Serialize for $t {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.collect_str(self)
@@ -133,8 +145,16 @@ macro_rules! serde_as_string {
         }
     };
 }
-serde_as_string!(MacAddr);
-serde_as_string!(Uuid);
+serde_as_string!(
+    MacAddr,
+    "^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$",
+    "A MAC address, six hex pairs separated by ':'."
+);
+serde_as_string!(
+    Uuid,
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    "A UUID in its text form."
+);
 
 #[cfg(test)]
 mod tests {

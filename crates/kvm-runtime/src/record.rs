@@ -10,7 +10,9 @@ use crate::{Error, InstancePaths};
 pub const FORMAT_VERSION: u64 = 1;
 
 /// Where a runtime record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Written by gkvm.
@@ -23,7 +25,7 @@ pub enum Origin {
 /// What is saved about a running instance: the argv QEMU was started with,
 /// its NICs, hvparams and disks, and a payload the caller owns. This crate
 /// does not interpret NICs, hvparams, disks or the payload.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RuntimeRecord {
     /// The QEMU command line (without start-time parts such as fds).
     pub argv: Vec<String>,
@@ -54,7 +56,7 @@ struct Versioned {
 impl RuntimeRecord {
     /// Serializes in gkvm's versioned format.
     pub fn to_json(&self) -> Vec<u8> {
-        #[derive(Serialize)]
+        #[derive(Serialize, schemars::JsonSchema)]
         struct VersionedRef<'a> {
             gkvm_runtime: u64,
             #[serde(flatten)]
