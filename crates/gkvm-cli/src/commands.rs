@@ -183,7 +183,19 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
-        Command::Api { file, schema } => api(c, file.as_deref(), *schema).await,
+        Command::Api {
+            file,
+            schema,
+            reference,
+        } => {
+            if *reference {
+                let text =
+                    crate::api_doc::reference().map_err(|e| Failure::new(1, "internal", e))?;
+                return std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes())
+                    .map_err(Failure::output);
+            }
+            api(c, file.as_deref(), *schema).await
+        }
         Command::Demo { guest_dir, kvm } => run_demo(c, guest_dir.as_deref(), *kvm).await,
         Command::Manpages { dir } => write_manpages(dir),
         Command::Completions { shell } => completions(*shell),

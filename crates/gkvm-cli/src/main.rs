@@ -22,6 +22,7 @@ macro_rules! errln {
     }};
 }
 
+mod api_doc;
 mod commands;
 mod console;
 mod demo;
@@ -373,6 +374,9 @@ enum Command {
         /// Print the API's JSON Schema instead.
         #[arg(long, conflicts_with = "file")]
         schema: bool,
+        /// Print the API reference (Markdown, docs/API.md) instead.
+        #[arg(long, conflicts_with_all = ["file", "schema"])]
+        reference: bool,
     },
     /// Answer gkvm commands over a Unix socket, each in a forked child
     /// (no process start per call: for cluster software that calls often)

@@ -266,3 +266,30 @@ fn log_colours_only_on_a_terminal() {
         "escape codes in a redirected file: {err:?}"
     );
 }
+
+/// The committed API schema and reference are what the types generate
+/// (`gkvm api --schema`, `gkvm api --reference`), and every example in the
+/// reference parses (the generator refuses one that does not).
+#[test]
+fn api_schema_and_reference_are_current() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (flag, file) in [
+        ("--schema", "schemas/v1/api.json"),
+        ("--reference", "docs/API.md"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .args(["api", flag])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let committed = std::fs::read_to_string(root.join(file)).unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout) == committed,
+            "{file} is not what the API's types generate: run `gkvm api {flag} > {file}`"
+        );
+    }
+}
