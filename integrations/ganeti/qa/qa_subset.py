@@ -26,6 +26,14 @@ KNOWN = {
   # whatever the hypervisor (the QA test predates that check).
   "instance-device-names/file":
     "can't remove volume from a running instance without using hotplug",
+  # Its last check wants `ip address show dev gnt.com.N` as iproute2
+  # printed it in 2014 (three lines, "brd 169.254.255.255"); Ganeti 3.1's
+  # own kvm-ifup-os adds a /32 (no brd), and today's iproute2 prints the
+  # lifetimes and the IPv6 link-local address: six lines, whatever the
+  # hypervisor. Every check before it (the NIC's name, network and mode,
+  # its IP, the route over gnt.com.N) passes.
+  "instance-communication/diskless":
+    "Checking if the IP address is established: 6 == 3",
 }
 
 
@@ -44,6 +52,33 @@ class _Tee(object):
 
   def __getattr__(self, name):
     return getattr(self.out, name)
+
+
+def _communication(instance):
+  """QA's TestInstanceCommunication, with its field reader mended: it
+  asks `gnt-instance list --separator=:` and splits on ':', which the
+  communication NIC's own name ("ganeti:communication:NAME") contains, so
+  the test fails before it checks anything, whatever the hypervisor. The
+  same reader with a separator that no field here contains ('|')."""
+  from qa import qa_config
+  from qa import qa_instance
+  from qa import qa_utils
+  from ganeti import utils
+
+  def fields(name, wanted):
+    cmd = utils.ShellQuoteArgs(["gnt-instance", "list", "--no-headers",
+                                "--separator=|", "--units", "m", "-o",
+                                ",".join(wanted), name])
+    out = qa_utils.GetCommandOutput(qa_config.GetMasterNode().primary, cmd)
+    return tuple(out.strip().split("|"))
+
+  original = qa_instance._GetInstanceFields
+  qa_instance._GetInstanceFields = fields
+  try:
+    return qa_instance.TestInstanceCommunication(
+      instance, qa_config.GetMasterNode())
+  finally:
+    qa_instance._GetInstanceFields = original
 
 
 def main(qa_dir, config):
@@ -96,6 +131,7 @@ def main(qa_dir, config):
     run("node-list", qa_node.TestNodeList)
     run("node-info", qa_node.TestNodeInfo)
     run("job-list", qa_job.TestJobList)
+    run("cluster-instance-communication", qa_cluster.TestInstanceCommunication)
 
     # ganeti-qa.py's order (RunCommonInstanceTests), fewer repetitions:
     # what depends on the disk template runs for each, the rest once.
@@ -103,7 +139,7 @@ def main(qa_dir, config):
     plans = [
       ("diskless", qa_instance.TestInstanceAddDiskless,
        ["shutdown", "startup", "list", "info", "device-names", "reboot",
-        "migrate", "user-down", "remove"]),
+        "migrate", "user-down", "communication", "remove"]),
       ("file", qa_instance.TestInstanceAddFile,
        ["info", "device-names", "shutdown", "grow-disk", "startup",
         "remove"]),
@@ -122,6 +158,7 @@ def main(qa_dir, config):
       "migrate": qa_instance.TestInstanceMigrate,
       "failover": qa_instance.TestInstanceFailover,
       "user-down": qa_instance.TestInstanceUserDown,
+      "communication": _communication,
       "remove": qa_instance.TestInstanceRemove,
     }
     for template, add, plan in plans:
