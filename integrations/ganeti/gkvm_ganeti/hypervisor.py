@@ -2,22 +2,27 @@
 """gkvm as Ganeti 3.1's KVM hypervisor: the hypervisor class.
 
 `GkvmHypervisor` implements Ganeti's hypervisor interface
-(`ganeti.hypervisor.hv_base.BaseHypervisor`) by running the `gkvm` command
-line with `--json` (interface: gkvm's JSON Schemas `schemas/v1`). It maps
-Ganeti's objects (instance, beparams, hvparams, NICs with their nicparams
-and network, disks with their access mode and URIs, tags, uuid, network
-port) onto gkvm's instance definition, and gkvm's answers back onto what
-Ganeti expects. It uses Ganeti's own run directory layout
+(`ganeti.hypervisor.hv_base.BaseHypervisor`) through gkvm's typed API
+(`docs/API.md`, `schemas/v1/api.json`: one JSON request of the facade's
+own types, answered by JSON reply lines whose errors carry a `kind`). It
+maps Ganeti's objects (instance, beparams, hvparams, NICs with their
+nicparams and network, disks with their access mode and URIs, tags, uuid,
+network port) onto gkvm's instance definition, and gkvm's answers back
+onto what Ganeti expects. It uses Ganeti's own run directory layout
 (`/var/run/ganeti/kvm-hypervisor`), so instances started by Ganeti's KVM
-driver are adopted as they run.
+driver are adopted as they run. Three calls stay on the command line
+(`--json`, `schemas/v1`), for what only the CLI composes: `verify` (the
+node's problems, the parameters' and Ganeti's warnings in one document),
+`accept` (the destination's node-local settings and its trust of
+Ganeti's RPC are node configuration, not a request) and
+`powercycle-node --confirm`.
 
-Why the command line and not bindings of the facade: it keeps Ganeti's
+Why gkvm's process and not bindings of the facade: it keeps Ganeti's
 Python process free of a native extension that would have to match its
-interpreter, and every operation is one versioned JSON document. Its cost
-is a process start per call (about 4 ms for `gkvm info` here, more than
-Ganeti's own driver's 3 ms of QMP): so calls go to `gkvm serve`, a fork
-server that runs the same command line without a process start (about
-2.5 ms for `info`; see `Gkvm` and README, "Using gkvm from Ganeti").
+interpreter. Its cost is a process start per call (about 4 ms for an
+`info` here, more than Ganeti's own driver's 3 ms of QMP): so calls go to
+`gkvm serve`, a fork server that answers without a process start (see
+`Gkvm` and README, "Using gkvm from Ganeti").
 """
 
 import errno
@@ -191,13 +196,14 @@ def _node_config():
 
 
 class Gkvm(object):
-  """The `gkvm` command line, one JSON document per call.
+  """gkvm: `api` (a typed request, its reply lines) and `call` (a command
+  line, its JSON document).
 
   Calls go to `gkvm serve` (a fork server on `RUN_DIR/gkvm-serve.sock`,
   started on first use, exiting after SERVE_IDLE_EXIT s idle): the same
-  command line and answer without starting a process per call. Without a
-  server (it could not start, it retired for an upgrade, a call with a
-  timeout) the binary runs as usual.
+  answer without starting a process per call, within a deadline. Without
+  a server (it could not start, it retired for an upgrade or another run
+  directory, a call with a timeout) the binary runs as usual.
 
   """
 
@@ -219,20 +225,18 @@ class Gkvm(object):
   def socket_path(self):
     return os.path.join(self.run_dir, "gkvm-serve.sock")
 
-  def _served(self, args, stdin):
-    """The answer through gkvm's server, or None to run the binary."""
+  def _exchange(self, call, what):
+    """Sends one call to gkvm's server; all it answered (bytes), or None
+    when no server took the call (nothing ran: run the binary). A call
+    the server took and lost raises GkvmError (it may have run in part,
+    as a killed gkvm process; it is not run again)."""
     if os.environ.get("GKVM_PLUGIN_SERVE", "1") == "0":
       return None
-    request = {"argv": self.argv(args)[1:], "stdin": stdin,
-               # A gkvm of another interface runs nothing, and says so.
-               "versions": ["%d.%d" % v for v in SUPPORTED_MAJOR_MINOR],
-               "env": dict((k, os.environ[k]) for k in _GKVM_ENV
-                           if k in os.environ)}
-    try:
-      request["cwd"] = os.getcwd()
-    except OSError:
-      pass
-    data = (json.dumps(request) + "\n").encode()
+    # A gkvm of another interface runs nothing, and says so.
+    call["versions"] = ["%d.%d" % v for v in SUPPORTED_MAJOR_MINOR]
+    call["env"] = dict((k, os.environ[k]) for k in _GKVM_ENV
+                       if k in os.environ)
+    data = (json.dumps(call) + "\n").encode()
     for attempt in (0, 1):
       sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
       sock.settimeout(SERVE_SEND_TIMEOUT)
@@ -257,41 +261,108 @@ class Gkvm(object):
             if not chunk:
               break
             chunks.append(chunk)
-            if chunk.endswith(b"\n"):
-              break
         except socket.timeout:
           raise GkvmError("gkvm %s: gkvm's server (%s) did not answer within"
                           " %d s; the call may still be running" %
-                          (" ".join(args), self.socket_path(),
-                           SERVE_ANSWER_TIMEOUT))
+                          (what, self.socket_path(), SERVE_ANSWER_TIMEOUT))
         except OSError as err:
           chunks = [str(err).encode()]
       finally:
         sock.close()
-      line = b"".join(chunks)
-      if not line.endswith(b"\n"):
-        # The child that took the call died (killed) before answering: it
-        # may have run in part, as a killed gkvm process; not run again.
+      answer = b"".join(chunks)
+      if not answer.endswith(b"\n"):
         raise GkvmError("gkvm %s: gkvm's server (%s) ended the call without"
                         " an answer (%s)" %
-                        (" ".join(args), self.socket_path(),
-                         line.decode(errors="replace") or "connection closed"))
+                        (what, self.socket_path(),
+                         answer.decode(errors="replace") or
+                         "connection closed"))
+      last = answer.rstrip(b"\n").rsplit(b"\n", 1)[-1]
       try:
-        doc = json.loads(line)
-        if doc.get("retired") is True:
-          # Retired (an upgraded binary, idle): nothing ran; run the binary.
+        if json.loads(last).get("retired") is True:
+          # Retired (an upgraded binary, idle, another run directory):
+          # nothing ran; run the binary.
           return None
-        answer = subprocess.CompletedProcess(
-          args, int(doc["code"]), doc["stdout"], doc["stderr"])
-        version = str(doc["version"])
-      except (ValueError, KeyError, TypeError, AttributeError):
+      except (ValueError, AttributeError):
         raise GkvmError("gkvm's server (%s) answered garbage: %r" %
-                        (self.socket_path(), line[:200]))
-      key = (self.binary, version)
-      if key not in Gkvm._checked:
-        Gkvm._checked[key] = _check_version(self.binary, version)
+                        (self.socket_path(), answer[:200]))
       return answer
     return None
+
+  def _served(self, args, stdin):
+    """A command line's answer through gkvm's server, or None to run the
+    binary."""
+    call = {"argv": self.argv(args)[1:], "stdin": stdin}
+    try:
+      call["cwd"] = os.getcwd()
+    except OSError:
+      pass
+    line = self._exchange(call, " ".join(args))
+    if line is None:
+      return None
+    try:
+      doc = json.loads(line)
+      answer = subprocess.CompletedProcess(
+        args, int(doc["code"]), doc["stdout"], doc["stderr"])
+      version = str(doc["version"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+      raise GkvmError("gkvm's server (%s) answered garbage: %r" %
+                      (self.socket_path(), line[:200]))
+    key = (self.binary, version)
+    if key not in Gkvm._checked:
+      Gkvm._checked[key] = _check_version(self.binary, version)
+    return answer
+
+  def api(self, request, timeout=None):
+    """One request of gkvm's typed API (docs/API.md, e.g. {"op": "info",
+    "instances": [NAME]}): the response's value (None for `done`). An
+    error raises GkvmError with gkvm's message and kind."""
+    what = request.get("op", "api")
+    answer = None
+    if timeout is None:
+      answer = self._exchange({"request": request}, what)
+    if answer is None:
+      if self.binary not in Gkvm._checked:
+        Gkvm._checked[self.binary] = _check_version(self.binary)
+      try:
+        proc = subprocess.run(
+          [self.binary] + self._node_options() + ["-q", "api"],
+          input=json.dumps(request), capture_output=True, text=True,
+          timeout=timeout)
+      except subprocess.TimeoutExpired:
+        raise GkvmError("gkvm %s: no answer within %s s" % (what, timeout))
+      except OSError as err:
+        raise GkvmError("gkvm cannot be run: %s" % err)
+      answer = proc.stdout.encode()
+      if not answer.strip():
+        raise GkvmError(*self._message(proc, [what]))
+    return self._api_value(what, answer)
+
+  def _api_value(self, what, answer):
+    """The value of the API's reply lines `answer` (progress skipped)."""
+    for line in reversed(answer.decode(errors="replace").splitlines()):
+      if not line.strip():
+        continue
+      try:
+        doc = json.loads(line)
+      except ValueError:
+        break
+      if not isinstance(doc, dict) or "progress" in doc:
+        continue
+      if "response" in doc:
+        return doc["response"].get("value")
+      if "error" in doc:
+        err = doc["error"]
+        raise GkvmError("gkvm %s: %s" % (what, err.get("message")),
+                        err.get("kind"))
+      if "code" in doc:
+        # The server refused the call before running it (another
+        # interface version, a malformed call): its error as the CLI's.
+        proc = subprocess.CompletedProcess([what], int(doc["code"]),
+                                           doc.get("stdout", ""),
+                                           doc.get("stderr", ""))
+        raise GkvmError(*self._message(proc, [what]))
+      break
+    raise GkvmError("gkvm %s: no answer in %r" % (what, answer[:200]))
 
   def _start_server(self):
     if not os.path.isdir(self.run_dir):
@@ -466,9 +537,8 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   def StartInstance(self, instance, block_devices, startup_paused):
     spec = self._spec(instance, block_devices,
                       self._InstanceStartupMemory(instance))
-    args = ["start", "--file"]
-    tail = ["--paused"] if startup_paused else []
-    self._with_spec_file(spec, lambda f: self.gkvm.call(args + [f] + tail))
+    self.gkvm.api({"op": "start", "spec": spec,
+                   "mode": "paused" if startup_paused else "running"})
 
   def StopInstance(self, instance, force=False, retry=False, name=None,
                    timeout=None):
@@ -476,24 +546,25 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
       raise errors.HypervisorError("Cannot shutdown cleanly by name only")
     name = name or instance.name
     if force:
-      self.gkvm.call(["stop", name, "--force"])
+      mode = {"kind": "force"}
     else:
       # Press the power button and return, as Ganeti's driver does: the
       # caller polls and forces after its own timeout.
-      self.gkvm.call(["stop", name, "--timeout", "0"])
+      mode = {"kind": "acpi", "timeout_secs": 0}
+    self.gkvm.api({"op": "stop", "instance": name, "mode": mode})
 
   def CleanupInstance(self, instance_name):
-    self.gkvm.call(["cleanup", instance_name])
+    self.gkvm.api({"op": "cleanup", "instance": instance_name})
 
   def RebootInstance(self, instance):
     # The current configuration: a restart (reboot_behavior=exit) takes
     # what may change from it, the hardware from the running instance.
     spec = self._spec(instance, [])
-    self._with_spec_file(
-      spec, lambda f: self.gkvm.call(["reboot", instance.name, "--file", f]))
+    self.gkvm.api({"op": "reboot", "instance": instance.name,
+                   "config": spec["hvparams"]})
 
   def BalloonInstanceMemory(self, instance, mem):
-    self.gkvm.call(["balloon", instance.name, str(mem)])
+    self.gkvm.api({"op": "balloon", "instance": instance.name, "mib": mem})
 
   # -- queries ---------------------------------------------------------------
 
@@ -522,12 +593,12 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
 
   def ListInstances(self, hvparams=None):
     # Instances with a QEMU here (as Ganeti's driver: a live pid).
-    return [d["name"] for d in self.gkvm.call(["list"]) or []
+    return [d["name"] for d in self.gkvm.api({"op": "overview"}) or []
             if (self._info_tuple(d) or (None, -1))[1] > 0]
 
   def GetInstanceInfo(self, instance_name, hvparams=None):
     try:
-      docs = self.gkvm.call(["info", instance_name])
+      docs = self.gkvm.api({"op": "info", "instances": [instance_name]})
     except GkvmError as err:
       # Not running here: Ganeti wants None.
       if err.kind == "not_running":
@@ -540,12 +611,13 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
 
   def GetAllInstancesInfo(self, hvparams=None):
     return [t for t in (self._info_tuple(d)
-                        for d in self.gkvm.call(["info"]) or [])
+                        for d in self.gkvm.api({"op": "info",
+                                                "instances": []}) or [])
             if t is not None]
 
   def GetNodeInfo(self, hvparams=None):
     result = self.GetLinuxNodeInfo()
-    node = self.gkvm.call(["node-info"]) or {}
+    node = self.gkvm.api({"op": "node_info"}) or {}
     version = node.get("hv_version")
     if version:
       result[constants.HV_NODEINFO_KEY_VERSION] = tuple(version)
@@ -584,8 +656,8 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   def MigrationInfo(self, instance):
     # In Ganeti's format with gkvm's own info inside: the destination may
     # still run Ganeti's own driver (a cluster switching node by node).
-    return self.gkvm.call(["migration-info", instance.name, "--for-ganeti"],
-                          raw=True)
+    return self.gkvm.api({"op": "migration_info", "instance": instance.name,
+                          "for_ganeti": True})
 
   def _local_disks(self, instance):
     """The instance's disks as this node reaches them: the links Ganeti
@@ -632,24 +704,25 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
       accept(f.name)
 
   def FinalizeMigrationDst(self, instance, info, success):
-    self.gkvm.call(["finalize-migration", instance.name, "--destination"] +
-                   ([] if success else ["--failed"]))
+    self.gkvm.api({"op": "finalize_destination", "instance": instance.name,
+                   "outcome": "completed" if success else "failed"})
 
   def MigrateInstance(self, cluster_name, instance, target, live):
     # gkvm follows the migration to its end (events, not Ganeti's 2 s
     # polls): a failure raises here, and the source still runs until
     # FinalizeMigrationSource.
     port = instance.hvparams[constants.HV_MIGRATION_PORT]
-    self.gkvm.call(["migrate", instance.name, "--to",
-                    "%s:%s" % (target, port), "--no-finalize"] +
-                   ([] if live else ["--non-live"]))
+    self.gkvm.api({"op": "migrate_instance", "instance": instance.name,
+                   "target": target, "port": port,
+                   "mode": "live" if live else "offline"})
 
   def FinalizeMigrationSource(self, instance, success, live):
-    self.gkvm.call(["finalize-migration", instance.name, "--source"] +
-                   ([] if success else ["--failed"]))
+    self.gkvm.api({"op": "finalize_source", "instance": instance.name,
+                   "outcome": "completed" if success else "failed"})
 
   def GetMigrationStatus(self, instance):
-    doc = self.gkvm.call(["migration-status", instance.name]) or {}
+    doc = self.gkvm.api({"op": "migration_status",
+                         "instance": instance.name}) or {}
     status = objects.MigrationStatus(status=doc.get("status", "failed"))
     status.transferred_ram = doc.get("transferred_bytes", 0)
     status.total_ram = doc.get("total_bytes", 0)
@@ -666,7 +739,7 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
 
   def HotplugSupported(self, instance):
     try:
-      self.gkvm.call(["hotplug-supported", instance.name])
+      self.gkvm.api({"op": "hotplug_supported", "instance": instance.name})
     except GkvmError as err:
       raise errors.HotplugError(str(err))
 
@@ -685,39 +758,39 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
 
   def HotAddDevice(self, instance, dev_type, device, extra, seq):
     if dev_type == constants.HOTPLUG_TARGET_NIC:
-      self.gkvm.call(["nic-add", instance.name, "--nic",
-                      json.dumps(_nic(device))])
+      self.gkvm.api({"op": "nic_add", "instance": instance.name,
+                     "nic": _nic(device)})
     elif dev_type == constants.HOTPLUG_TARGET_DISK:
       link, uri = (tuple(extra or ()) + (None, None))[:2]
-      self.gkvm.call(["disk-add", instance.name, "--disk",
-                      json.dumps(_disk((device, link, uri)))])
+      self.gkvm.api({"op": "disk_add", "instance": instance.name,
+                     "disk": _disk((device, link, uri))})
     else:
       raise errors.HotplugError("Cannot hot-plug a %s" % dev_type)
 
   def HotDelDevice(self, instance, dev_type, device, extra, seq):
-    command = {constants.HOTPLUG_TARGET_NIC: "nic-remove",
-               constants.HOTPLUG_TARGET_DISK: "disk-remove"}.get(dev_type)
-    if command is None:
+    op = {constants.HOTPLUG_TARGET_NIC: "nic_remove",
+          constants.HOTPLUG_TARGET_DISK: "disk_remove"}.get(dev_type)
+    if op is None:
       raise errors.HotplugError("Cannot hot-unplug a %s" % dev_type)
-    self.gkvm.call([command, instance.name,
-                    self._device_id(dev_type, device)])
+    self.gkvm.api({"op": op, "instance": instance.name,
+                   "id": self._device_id(dev_type, device)})
 
   def HotModDevice(self, instance, dev_type, device, extra, seq):
     # A change of link or mode reconnects the same TAP: unlike Ganeti's
     # driver (unplug + plug), the guest does not see it. A new MAC is new
     # hardware: gkvm unplugs the NIC and plugs it again, as Ganeti does.
     if dev_type == constants.HOTPLUG_TARGET_NIC:
-      self.gkvm.call(["nic-modify", instance.name,
-                      self._device_id(dev_type, device),
-                      "--nic", json.dumps(_nic(device))])
+      self.gkvm.api({"op": "nic_modify", "instance": instance.name,
+                     "id": self._device_id(dev_type, device),
+                     "nic": _nic(device), "keep_mac": False})
 
   def ResizeDisk(self, instance, disk, new_size):
     # Ganeti's backend passes the new size in bytes (LUInstanceGrowDisk:
     # `self.target * (1024 ** 2)`), as its driver hands it to block_resize;
     # a disk object's own `size` is MiB.
-    self.gkvm.call(["disk-grow", instance.name,
-                    self._device_id(constants.HOTPLUG_TARGET_DISK, disk),
-                    "%d" % new_size])
+    self.gkvm.api({"op": "disk_grow", "instance": instance.name,
+                   "id": self._device_id(constants.HOTPLUG_TARGET_DISK, disk),
+                   "bytes": int(new_size)})
 
   # -- parameters --------------------------------------------------------------
 

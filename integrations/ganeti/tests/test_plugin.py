@@ -702,6 +702,44 @@ class TestServer(unittest.TestCase):
       self.gkvm.call(["list"])
     self.assertIn("9.3", str(ctx.exception))
 
+  def test_typed_requests_through_the_server_and_the_binary(self):
+    """The typed API (what the plugin's Ganeti calls use) answers the same
+    through the server and the binary; an error carries its kind, which
+    the plugin decides by; a server that never answers ends the call at
+    its deadline instead of blocking Ganeti's node daemon."""
+    served = self.gkvm.api({"op": "info", "instances": []})
+    self.assertTrue(os.path.exists(self.socket), "no server was started")
+    os.environ["GKVM_PLUGIN_SERVE"] = "0"
+    try:
+      self.assertEqual(self.gkvm.api({"op": "info", "instances": []}), served)
+      with self.assertRaises(plugin.GkvmError) as ctx:
+        self.gkvm.api({"op": "resume", "instance": "nosuch"})
+    finally:
+      del os.environ["GKVM_PLUGIN_SERVE"]
+    self.assertEqual(ctx.exception.kind, "not_running")
+    with self.assertRaises(plugin.GkvmError) as ctx:
+      self.gkvm.api({"op": "resume", "instance": "nosuch"})
+    self.assertEqual(ctx.exception.kind, "not_running")
+    with self.assertRaises(plugin.GkvmError) as ctx:
+      self.gkvm.api({"op": "no_such_op"})
+    self.assertEqual(ctx.exception.kind, "usage")
+
+  def test_a_server_that_never_answers_meets_the_deadline(self):
+    import socket
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(self.socket)
+    srv.listen(4)
+    self.addCleanup(srv.close)
+    old = plugin.SERVE_ANSWER_TIMEOUT
+    plugin.SERVE_ANSWER_TIMEOUT = 1
+    try:
+      # Taken into the socket's queue and never answered.
+      with self.assertRaises(plugin.GkvmError) as ctx:
+        self.gkvm.api({"op": "info", "instances": []})
+    finally:
+      plugin.SERVE_ANSWER_TIMEOUT = old
+    self.assertIn("did not answer within", str(ctx.exception))
+
 
 if __name__ == "__main__":
   unittest.main()
