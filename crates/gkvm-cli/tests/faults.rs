@@ -324,6 +324,39 @@ fn a_tampered_runtime_record_is_an_error_not_a_guess() {
     node.assert_empty("tampered record");
 }
 
+/// The runtime record keeps the instance once, as its definition, and
+/// every hot-plugged device in it (hot plug updated a second NIC list and
+/// no disk list, which drifted apart from the definition).
+#[test]
+fn the_runtime_record_has_the_instance_once_with_hot_plugged_devices() {
+    let Some(env) = require("faults_record_once", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new("gkvm-fault-once", &env.qemu);
+    let accel = accel();
+    node.ok(&["start", "ro1", "--memory", "64", "-H", &accel, "--paused"]);
+    let image = node.run.parent().unwrap().join("ro1-extra.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    node.ok(&["disk-add", "ro1", "--disk", image.to_str().unwrap()]);
+    node.ok(&["nic-add", "ro1", "--nic", "ext=,mac=52:54:00:00:77:01"]);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.run.join("conf/ro1.runtime")).unwrap()).unwrap();
+    for key in ["nics", "disks", "hvparams"] {
+        assert!(
+            record.get(key).is_none(),
+            "a second copy of {key}: {record}"
+        );
+    }
+    let spec = &record["payload"]["spec"];
+    assert_eq!(spec["disks"][0]["path"], serde_json::json!(image), "{spec}");
+    assert_eq!(spec["nics"][0]["mac"], "52:54:00:00:77:01", "{spec}");
+    // And it reads back.
+    let out = node.ok(&["--json", "info", "ro1"]);
+    assert!(out.contains("\"ro1\""), "{out}");
+    node.ok(&["stop", "ro1", "--force"]);
+    node.assert_empty("record once");
+}
+
 /// `list` while instances start beside it warns of nothing: a QEMU found
 /// in /proc before its start recorded the pid is an operation under way,
 /// not a tampered pid file.

@@ -892,11 +892,14 @@ impl Hotplug {
     fn save(&mut self, spec: &InstanceSpec, taps: Option<(&[String], usize)>) -> Result<()> {
         let name = spec.name.as_str();
         let record = &mut self.record;
-        record.nics = spec
-            .nics
-            .iter()
-            .filter_map(|n| serde_json::to_value(n).ok())
-            .collect();
+        // The definition is the record of every device, hot-plugged NICs
+        // and disks alike; lists in another form (Ganeti's, of an adopted
+        // instance, or a record of an older gkvm) would go stale.
+        record.nics.clear();
+        record.disks.clear();
+        if !record.payload.is_object() {
+            record.payload = Value::Object(serde_json::Map::new());
+        }
         if let Some(p) = record.payload.as_object_mut() {
             p.insert(
                 "spec".into(),

@@ -745,19 +745,14 @@ pub(crate) fn runtime_record(
     caps: &kvm_cmdline::Capabilities,
     taps: &[String],
 ) -> RuntimeRecord {
+    // The instance once, as its definition in the payload (hot plug keeps
+    // it current); the NIC, hvparam and disk lists are Ganeti's parts of
+    // a record, left empty in gkvm's own.
     RuntimeRecord {
         argv: cmd.argv.clone(),
-        nics: spec
-            .nics
-            .iter()
-            .filter_map(|n| serde_json::to_value(n).ok())
-            .collect(),
-        hvparams: spec.hvparams.to_map(),
-        disks: spec
-            .disks
-            .iter()
-            .filter_map(|d| serde_json::to_value(d).ok())
-            .collect(),
+        nics: Vec::new(),
+        hvparams: serde_json::Map::new(),
+        disks: Vec::new(),
         payload: serde_json::json!({
             "spec": spec,
             "machine": cmd.machine,
@@ -924,7 +919,14 @@ impl KvmHypervisor {
                     drivers.insert(a.id.clone(), ty.to_owned());
                 }
             }
-            crate::ganeti_runtime::to_ganeti(&spec, &record.hvparams, &argv, &drivers)
+            // A record Ganeti wrote keeps all of Ganeti's hvparams (keys
+            // gkvm does not know among them); gkvm's has its definition's.
+            let hvparams = if record.hvparams.is_empty() {
+                spec.hvparams.to_map()
+            } else {
+                record.hvparams.clone()
+            };
+            crate::ganeti_runtime::to_ganeti(&spec, &hvparams, &argv, &drivers)
         })
     }
 }

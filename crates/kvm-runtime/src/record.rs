@@ -29,14 +29,15 @@ pub enum Origin {
 pub struct RuntimeRecord {
     /// The QEMU command line (without start-time parts such as fds).
     pub argv: Vec<String>,
-    /// The NICs, as the writer serialized them.
-    #[serde(default)]
+    /// The NICs, as the writer serialized them (Ganeti's driver; gkvm keeps
+    /// its instance definition in the payload instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<Value>,
-    /// The hypervisor parameters in force.
-    #[serde(default)]
+    /// The hypervisor parameters in force (as above).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub hvparams: Map<String, Value>,
-    /// The disks.
-    #[serde(default)]
+    /// The disks (as above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<Value>,
     /// Anything else the writer needs back (opaque here).
     #[serde(default)]
