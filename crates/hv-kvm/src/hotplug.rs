@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
-use gkvm_qmp::commands;
+use gkvm_qmp::commands::{self, Command as _};
 use kvm_cmdline::{DiskSpec, InstanceSpec, NicSpec};
 use kvm_runtime::InstancePaths;
 use serde::{Deserialize, Serialize};
@@ -101,26 +101,42 @@ impl Drop for HotplugGuard {
             .then(|| gkvm_qmp::blocking::Qmp::connect(&self.paths.qmp, options).ok())
             .flatten();
         for step in self.steps.drain(..).rev() {
-            let (name, args) = match step {
-                Undo::Teardown {
-                    spec,
-                    seq,
-                    tap,
-                    script,
-                } => {
-                    crate::nic::deconfigure(&spec, seq, &tap, script.as_deref());
-                    continue;
-                }
-                Undo::CloseFd(n) => ("closefd", serde_json::json!({"fdname": n})),
-                Undo::NetdevDel(id) => ("netdev_del", serde_json::json!({"id": id})),
-                Undo::DeviceDel(id) => ("device_del", serde_json::json!({"id": id})),
-                Undo::BlockdevDel(n) => ("blockdev-del", serde_json::json!({"node-name": n})),
-                Undo::RemoveFdset(id) => ("remove-fd", serde_json::json!({"fdset-id": id})),
+            if let Undo::Teardown {
+                spec,
+                seq,
+                tap,
+                script,
+            } = step
+            {
+                crate::nic::deconfigure(&spec, seq, &tap, script.as_deref());
+                continue;
+            }
+            let Some(q) = qmp.as_mut() else { continue };
+            let (name, result) = match step {
+                Undo::CloseFd(fdname) => (
+                    commands::CloseFd::NAME,
+                    q.run(&commands::CloseFd { fdname }),
+                ),
+                Undo::NetdevDel(id) => (
+                    commands::NetdevDel::NAME,
+                    q.run(&commands::NetdevDel { id }),
+                ),
+                Undo::DeviceDel(id) => (
+                    commands::DeviceDel::NAME,
+                    q.run(&commands::DeviceDel { id }),
+                ),
+                Undo::BlockdevDel(node_name) => (
+                    commands::BlockdevDel::NAME,
+                    q.run(&commands::BlockdevDel { node_name }),
+                ),
+                Undo::RemoveFdset(fdset_id) => (
+                    commands::RemoveFd::NAME,
+                    q.run(&commands::RemoveFd { fdset_id, fd: None }),
+                ),
+                Undo::Teardown { .. } => continue,
             };
-            if let Some(q) = qmp.as_mut() {
-                if let Err(e) = q.execute_raw(name, Some(args)) {
-                    tracing::warn!(instance = %self.paths.name, step = name, error = %e, "undo");
-                }
+            if let Err(e) = result {
+                tracing::warn!(instance = %self.paths.name, step = name, error = %e, "undo");
             }
         }
         if let Err(e) = self
@@ -185,24 +201,17 @@ impl KvmHypervisor {
         })?;
         let qmp = self.qmp(&hp.paths).await?;
         let listed = qmp
-            .execute_raw(
-                "qom-list",
-                Some(serde_json::json!({"path": "/machine/peripheral"})),
-            )
+            .run(&commands::QomList {
+                path: "/machine/peripheral".into(),
+            })
             .await
             .map_err(|e| hotplug_err(&name, "list QEMU's devices")(e.to_string()))?;
         let present: std::collections::HashSet<String> = listed
-            .as_array()
             .into_iter()
-            .flatten()
-            .filter(|p| {
-                p.get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t.starts_with("child<"))
-            })
-            .filter_map(|p| p.get("name").and_then(Value::as_str).map(str::to_owned))
+            .filter(|p| p.kind.starts_with("child<"))
+            .map(|p| p.name)
             .collect();
-        let ignore = |what: &str, r: std::result::Result<Value, gkvm_qmp::Error>| {
+        let ignore = |what: &str, r: std::result::Result<(), gkvm_qmp::Error>| {
             if let Err(e) = r {
                 tracing::debug!(instance = %name, what, error = %e, "nothing to undo");
             }
@@ -239,14 +248,11 @@ impl KvmHypervisor {
                     } else {
                         tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug of a NIC: undone");
                         for f in fds {
-                            let args = serde_json::json!({ "fdname": f });
-                            ignore("closefd", qmp.execute_raw("closefd", Some(args)).await);
+                            let close = commands::CloseFd { fdname: f.clone() };
+                            ignore("closefd", qmp.run(&close).await);
                         }
-                        let args = serde_json::json!({ "id": id });
-                        ignore(
-                            "netdev_del",
-                            qmp.execute_raw("netdev_del", Some(args)).await,
-                        );
+                        let del = commands::NetdevDel { id: id.clone() };
+                        ignore("netdev_del", qmp.run(&del).await);
                         let mut with = spec.clone();
                         with.nics.push(nic.clone());
                         crate::nic::deconfigure(&with, with.nics.len() - 1, tap, down);
@@ -267,11 +273,10 @@ impl KvmHypervisor {
                         changed = true;
                     } else {
                         tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug of a disk: undone");
-                        let args = serde_json::json!({ "node-name": id });
-                        ignore(
-                            "blockdev-del",
-                            qmp.execute_raw("blockdev-del", Some(args)).await,
-                        );
+                        let del = commands::BlockdevDel {
+                            node_name: id.clone(),
+                        };
+                        ignore("blockdev-del", qmp.run(&del).await);
                         remove_fdsets(&qmp, &id).await;
                     }
                 }
@@ -302,11 +307,8 @@ impl KvmHypervisor {
                     let disk = position_of(spec.disks.iter().map(|d| d.address.as_ref()), id);
                     if let Some(seq) = nic {
                         tracing::warn!(instance = %name, nic = %id, "an unplugged NIC: its removal finished");
-                        let args = serde_json::json!({ "id": id });
-                        ignore(
-                            "netdev_del",
-                            qmp.execute_raw("netdev_del", Some(args)).await,
-                        );
+                        let del = commands::NetdevDel { id: id.clone() };
+                        ignore("netdev_del", qmp.run(&del).await);
                         if seq < taps.len() {
                             crate::nic::deconfigure(spec, seq, &taps[seq], down);
                             taps.remove(seq);
@@ -315,11 +317,10 @@ impl KvmHypervisor {
                         changed = true;
                     } else if let Some(seq) = disk {
                         tracing::warn!(instance = %name, disk = %id, "an unplugged disk: its removal finished");
-                        let args = serde_json::json!({ "node-name": id });
-                        ignore(
-                            "blockdev-del",
-                            qmp.execute_raw("blockdev-del", Some(args)).await,
-                        );
+                        let del = commands::BlockdevDel {
+                            node_name: id.clone(),
+                        };
+                        ignore("blockdev-del", qmp.run(&del).await);
                         remove_fdsets(&qmp, id).await;
                         spec.disks.remove(seq);
                         changed = true;
@@ -395,13 +396,13 @@ impl KvmHypervisor {
         let (netdev, device) =
             kvm_cmdline::hotplug_nic(&spec, &caps, seq, &names(&tap_fds), &names(&vhost_fds))
                 .map_err(params)?;
-        qmp.execute_raw("netdev_add", Some(netdev.qmp_arguments()))
+        qmp.run(&netdev_add(netdev.qmp_arguments()))
             .await
             .map_err(|e| step("netdev_add")(e.to_string()))?;
         // QEMU took the descriptors: nothing to close any more.
         guard.steps.retain(|s| !matches!(s, Undo::CloseFd(_)));
         guard.steps.push(Undo::NetdevDel(id.clone()));
-        qmp.execute_raw("device_add", Some(device.qmp_arguments()))
+        qmp.run(&device_add(device.qmp_arguments()))
             .await
             .map_err(|e| step("device_add")(e.to_string()))?;
         guard.steps.push(Undo::DeviceDel(id.clone()));
@@ -429,7 +430,7 @@ impl KvmHypervisor {
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
         self.unplug(&qmp, &mut hp, &dev_id).await?;
-        qmp.execute_raw("netdev_del", Some(serde_json::json!({"id": dev_id})))
+        qmp.run(&commands::NetdevDel { id: dev_id.clone() })
             .await
             .map_err(|e| step("netdev_del")(e.to_string()))?;
         let mut taps = paths.read_nics().map_err(|e| runtime(name, e))?;
@@ -496,11 +497,19 @@ impl KvmHypervisor {
             guard.steps.push(Undo::RemoveFdset(set.fdset_id));
             node["file"]["filename"] = format!("/dev/fdset/{}", set.fdset_id).into();
         }
-        qmp.execute_raw("blockdev-add", Some(node))
+        let options = match node {
+            Value::Object(options) => options,
+            other => {
+                return Err(step("blockdev-add")(format!(
+                    "not a block node's options: {other}"
+                )))
+            }
+        };
+        qmp.run(&commands::BlockdevAdd { options })
             .await
             .map_err(|e| step("blockdev-add")(e.to_string()))?;
         guard.steps.push(Undo::BlockdevDel(id.clone()));
-        qmp.execute_raw("device_add", Some(device.qmp_arguments()))
+        qmp.run(&device_add(device.qmp_arguments()))
             .await
             .map_err(|e| step("device_add")(e.to_string()))?;
         guard.steps.push(Undo::DeviceDel(id.clone()));
@@ -523,10 +532,9 @@ impl KvmHypervisor {
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(&paths).await?;
         self.unplug(&qmp, &mut hp, &dev_id).await?;
-        qmp.execute_raw(
-            "blockdev-del",
-            Some(serde_json::json!({"node-name": dev_id})),
-        )
+        qmp.run(&commands::BlockdevDel {
+            node_name: dev_id.clone(),
+        })
         .await
         .map_err(|e| step("blockdev-del")(e.to_string()))?;
         remove_fdsets(&qmp, &dev_id).await;
@@ -557,19 +565,13 @@ impl KvmHypervisor {
         let step = |s: &'static str| hotplug_err(name, s);
         let qmp = self.qmp(paths).await?;
         let nodes = qmp
-            .execute_raw(
-                "query-named-block-nodes",
-                Some(serde_json::json!({"flat": true})),
-            )
+            .run(&commands::QueryNamedBlockNodes { flat: true })
             .await
             .map_err(|e| step("query-named-block-nodes")(e.to_string()))?;
         let current = nodes
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))
-            })
-            .and_then(|n| n.get("image")?.get("virtual-size")?.as_u64())
+            .iter()
+            .find(|n| n.node_name == node)
+            .map(|n| n.image.virtual_size)
             .ok_or_else(|| step("find the block node")(format!("QEMU has no node {node}")))?;
         if bytes < current {
             return Err(step("check the size")(format!(
@@ -577,10 +579,10 @@ impl KvmHypervisor {
             )));
         }
         warn_if_short_of_space(name, &spec.disks[seq], bytes - current);
-        qmp.execute_raw(
-            "block_resize",
-            Some(serde_json::json!({"node-name": node, "size": bytes})),
-        )
+        qmp.run(&commands::BlockResize {
+            node_name: node.clone(),
+            size: bytes,
+        })
         .await
         .map_err(|e| step("block_resize")(e.to_string()))?;
         tracing::info!(instance = %name, disk = %node, bytes, "disk grown");
@@ -597,9 +599,11 @@ impl KvmHypervisor {
             id: dev_id.to_owned(),
         })?
         .armed = false;
-        qmp.execute_raw("device_del", Some(serde_json::json!({"id": dev_id})))
-            .await
-            .map_err(|e| step("device_del")(e.to_string()))?;
+        qmp.run(&commands::DeviceDel {
+            id: dev_id.to_owned(),
+        })
+        .await
+        .map_err(|e| step("device_del")(e.to_string()))?;
         let gone = qmp
             .wait_for_event(self.config.unplug_timeout, |e| {
                 e.name == "DEVICE_DELETED"
@@ -934,19 +938,17 @@ fn qemu_opens_as_another_user(spec: &InstanceSpec) -> bool {
 /// Removes the descriptor sets added for device `id` (their opaque note
 /// says whose they are); none is fine.
 async fn remove_fdsets(qmp: &gkvm_qmp::Qmp, id: &str) {
-    let Ok(sets) = qmp.execute_raw("query-fdsets", None).await else {
+    let Ok(sets) = qmp.run(&commands::QueryFdsets).await else {
         return;
     };
-    for set in sets.as_array().into_iter().flatten() {
-        let ours = set["fds"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|fd| fd["opaque"].as_str() == Some(id));
-        if let (true, Some(n)) = (ours, set["fdset-id"].as_i64()) {
-            let args = serde_json::json!({ "fdset-id": n });
-            if let Err(e) = qmp.execute_raw("remove-fd", Some(args)).await {
-                tracing::warn!(device = id, fdset = n, error = %e, "remove-fd");
+    for set in sets {
+        if set.fds.iter().any(|fd| fd.opaque.as_deref() == Some(id)) {
+            let remove = commands::RemoveFd {
+                fdset_id: set.fdset_id,
+                fd: None,
+            };
+            if let Err(e) = qmp.run(&remove).await {
+                tracing::warn!(device = id, fdset = set.fdset_id, error = %e, "remove-fd");
             }
         }
     }
@@ -1030,11 +1032,11 @@ fn runtime(name: &str, source: kvm_runtime::Error) -> Error {
 /// for a NIC, `drive` for a disk): what the journal says a device is, as
 /// QEMU knows it.
 async fn is_device_of(qmp: &gkvm_qmp::Qmp, id: &str, property: &str) -> bool {
-    let args = serde_json::json!({
-        "path": format!("/machine/peripheral/{id}"),
-        "property": property,
-    });
-    qmp.execute_raw("qom-get", Some(args)).await.is_ok()
+    let get = commands::QomGet {
+        path: format!("/machine/peripheral/{id}"),
+        property: property.to_owned(),
+    };
+    qmp.run(&get).await.is_ok()
 }
 
 /// An image file grows sparse, so growing it past the free space of its
@@ -1053,5 +1055,40 @@ fn warn_if_short_of_space(name: &str, disk: &DiskSpec, growth: u64) {
         tracing::warn!(instance = %name, path = %disk.path.display(), growth, free,
             "the image grows by more than its file system has free: the guest will meet \
              'no space left' when it fills the disk");
+    }
+}
+
+/// `netdev_add` of the argv layer's arguments (`type`, `id`, the rest).
+fn netdev_add(arguments: Value) -> commands::NetdevAdd {
+    let mut props = into_map(arguments);
+    commands::NetdevAdd {
+        kind: take_string(&mut props, "type"),
+        id: take_string(&mut props, "id"),
+        props,
+    }
+}
+
+/// `device_add` of the argv layer's arguments (`driver`, `id`, the rest).
+fn device_add(arguments: Value) -> commands::DeviceAdd {
+    let mut props = into_map(arguments);
+    commands::DeviceAdd {
+        driver: take_string(&mut props, "driver"),
+        id: take_string(&mut props, "id"),
+        props,
+    }
+}
+
+fn into_map(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn take_string(m: &mut serde_json::Map<String, Value>, key: &str) -> String {
+    match m.remove(key) {
+        Some(Value::String(s)) => s,
+        Some(other) => other.to_string(),
+        None => String::new(),
     }
 }

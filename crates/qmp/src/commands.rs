@@ -611,6 +611,138 @@ impl Command for QomGet {
     type Output = Value;
 }
 
+/// `qom-list`: the properties (children among them) of a QOM object.
+#[derive(Debug, Clone, Serialize)]
+pub struct QomList {
+    /// The object's QOM path, e.g. `/machine/peripheral`.
+    pub path: String,
+}
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    type Output = Vec<ObjectPropertyInfo>;
+}
+
+/// One property of `qom-list`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ObjectPropertyInfo {
+    /// Its name (a device's id under `/machine/peripheral`).
+    pub name: String,
+    /// Its type: `child<virtio-net-pci>` for a child object.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// `blockdev-add`: a block node, its options as QEMU's schema has them
+/// (`driver`, `node-name`, nested `file`, ...).
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockdevAdd {
+    /// The node's options.
+    #[serde(flatten)]
+    pub options: Map<String, Value>,
+}
+impl Command for BlockdevAdd {
+    const NAME: &'static str = "blockdev-add";
+    type Output = ();
+}
+
+/// `blockdev-del`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevDel {
+    /// The node's name.
+    pub node_name: String,
+}
+impl Command for BlockdevDel {
+    const NAME: &'static str = "blockdev-del";
+    type Output = ();
+}
+
+/// `block_resize`: grow (or shrink) a block node.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockResize {
+    /// The node's name.
+    pub node_name: String,
+    /// Its new size in bytes.
+    pub size: u64,
+}
+impl Command for BlockResize {
+    const NAME: &'static str = "block_resize";
+    type Output = ();
+}
+
+/// `query-named-block-nodes`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QueryNamedBlockNodes {
+    /// Only the nodes themselves, not their backing chains.
+    pub flat: bool,
+}
+impl Command for QueryNamedBlockNodes {
+    const NAME: &'static str = "query-named-block-nodes";
+    type Output = Vec<BlockNodeInfo>;
+}
+
+/// One node of `query-named-block-nodes` (what gkvm reads of it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockNodeInfo {
+    /// The node's name.
+    pub node_name: String,
+    /// Its image.
+    pub image: BlockImageInfo,
+}
+
+/// The image of a block node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockImageInfo {
+    /// The size the guest sees, in bytes.
+    pub virtual_size: u64,
+}
+
+/// `query-fdsets`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryFdsets;
+impl Command for QueryFdsets {
+    const NAME: &'static str = "query-fdsets";
+    type Output = Vec<FdsetInfo>;
+}
+
+/// One fd set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FdsetInfo {
+    /// The set's id.
+    pub fdset_id: i64,
+    /// Its descriptors.
+    pub fds: Vec<FdsetFdInfo>,
+}
+
+/// One descriptor of an fd set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct FdsetFdInfo {
+    /// Its number inside QEMU.
+    pub fd: i64,
+    /// The note `add-fd` kept with it.
+    #[serde(default)]
+    pub opaque: Option<String>,
+}
+
+/// `remove-fd`: a descriptor of an fd set, or the whole set.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RemoveFd {
+    /// The set.
+    pub fdset_id: i64,
+    /// One descriptor of it (all when `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i64>,
+}
+impl Command for RemoveFd {
+    const NAME: &'static str = "remove-fd";
+    type Output = ();
+}
+
 /// `set-action` (QEMU 6.0+): what QEMU does on a guest's shutdown, reboot,
 /// panic or watchdog, changed while it runs (`-action` on its command
 /// line). Members left `None` keep their current action.
