@@ -182,7 +182,8 @@ impl KvmHypervisor {
     /// Settles what a killed gkvm's hot plug left in the journal (see the
     /// module's documentation), under the instance's lock: a device QEMU
     /// holds is recorded, one it does not is undone, an unplug the guest
-    /// has not finished stays pending.
+    /// has not finished stays pending. Each kind of entry is settled on
+    /// its own ([`Settle`]).
     async fn settle_journal(&self, hp: &mut Hotplug, spec: &mut InstanceSpec) -> Result<()> {
         let name = hp.paths.name.clone();
         let Some(data) = hp
@@ -200,136 +201,49 @@ impl KvmHypervisor {
             },
         })?;
         let qmp = self.qmp(&hp.paths).await?;
-        let listed = qmp
+        let present = qmp
             .run(&commands::QomList {
                 path: "/machine/peripheral".into(),
             })
             .await
-            .map_err(|e| hotplug_err(&name, "list QEMU's devices")(e.to_string()))?;
-        let present: std::collections::HashSet<String> = listed
+            .map_err(|e| hotplug_err(&name, "list QEMU's devices")(e.to_string()))?
             .into_iter()
             .filter(|p| p.kind.starts_with("child<"))
             .map(|p| p.name)
             .collect();
-        let ignore = |what: &str, r: std::result::Result<(), gkvm_qmp::Error>| {
-            if let Err(e) = r {
-                tracing::debug!(instance = %name, what, error = %e, "nothing to undo");
-            }
-        };
-        let down = self.config.nic_down_script.as_deref();
         let mut taps = hp.paths.read_nics().map_err(|e| runtime(&name, e))?;
         taps.truncate(spec.nics.len());
-        let (mut keep, mut changed) = (Vec::new(), false);
+        let mut settle = Settle {
+            hv: self,
+            name: &name,
+            qmp: &qmp,
+            present,
+            taps,
+            changed: false,
+        };
+        let mut keep = Vec::new();
         for entry in entries {
-            match &entry {
+            let pending = match &entry {
                 Pending::AddNic { nic, tap, fds } => {
-                    let id = device_id(nic.address.as_ref());
-                    if let Some(seq) =
-                        position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id)
-                    {
-                        // Killed between the record and the NIC file.
-                        if seq == taps.len() {
-                            taps.push(tap.clone());
-                            changed = true;
-                        }
-                        continue;
-                    }
-                    if present.contains(&id) && !is_device_of(&qmp, &id, "netdev").await {
-                        // Not what the journal says it is: a tampered
-                        // journal decides nothing (recorded or undone).
-                        tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a NIC, and it is not one: entry dropped");
-                        continue;
-                    }
-                    if present.contains(&id) {
-                        tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug's NIC is in QEMU: recorded");
-                        spec.nics.push(nic.clone());
-                        taps.push(tap.clone());
-                        changed = true;
-                    } else {
-                        tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug of a NIC: undone");
-                        for f in fds {
-                            let close = commands::CloseFd { fdname: f.clone() };
-                            ignore("closefd", qmp.run(&close).await);
-                        }
-                        let del = commands::NetdevDel { id: id.clone() };
-                        ignore("netdev_del", qmp.run(&del).await);
-                        let mut with = spec.clone();
-                        with.nics.push(nic.clone());
-                        crate::nic::deconfigure(&with, with.nics.len() - 1, tap, down);
-                    }
+                    settle.add_nic(spec, nic, tap, fds).await;
+                    false
                 }
                 Pending::AddDisk { disk } => {
-                    let id = device_id(disk.address.as_ref());
-                    if position_of(spec.disks.iter().map(|d| d.address.as_ref()), &id).is_some() {
-                        continue;
-                    }
-                    if present.contains(&id) && !is_device_of(&qmp, &id, "drive").await {
-                        tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a disk, and it is not one: entry dropped");
-                        continue;
-                    }
-                    if present.contains(&id) {
-                        tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug's disk is in QEMU: recorded");
-                        spec.disks.push(disk.clone());
-                        changed = true;
-                    } else {
-                        tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug of a disk: undone");
-                        let del = commands::BlockdevDel {
-                            node_name: id.clone(),
-                        };
-                        ignore("blockdev-del", qmp.run(&del).await);
-                        remove_fdsets(&qmp, &id).await;
-                    }
+                    settle.add_disk(spec, disk).await;
+                    false
                 }
                 Pending::ModifyNic { nic } => {
-                    let id = device_id(nic.address.as_ref());
-                    let Some(seq) = position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id)
-                    else {
-                        continue;
-                    };
-                    let current = &spec.nics[seq];
-                    let recorded = (&current.mode, &current.link, &current.ip, &current.vlan)
-                        == (&nic.mode, &nic.link, &nic.ip, &nic.vlan);
-                    if recorded || seq >= taps.len() {
-                        continue;
-                    }
-                    tracing::warn!(instance = %name, nic = %id, "an interrupted change of a NIC: its recorded settings put back");
-                    let mut new = spec.clone();
-                    new.nics[seq] = nic.clone();
-                    self.restore_nic(&new, spec, seq, &taps[seq]).await;
+                    settle.modify_nic(spec, nic).await;
+                    false
                 }
-                Pending::Remove { id } => {
-                    if present.contains(id) {
-                        // The guest has not let go yet: still pending.
-                        keep.push(entry);
-                        continue;
-                    }
-                    let nic = position_of(spec.nics.iter().map(|n| n.address.as_ref()), id);
-                    let disk = position_of(spec.disks.iter().map(|d| d.address.as_ref()), id);
-                    if let Some(seq) = nic {
-                        tracing::warn!(instance = %name, nic = %id, "an unplugged NIC: its removal finished");
-                        let del = commands::NetdevDel { id: id.clone() };
-                        ignore("netdev_del", qmp.run(&del).await);
-                        if seq < taps.len() {
-                            crate::nic::deconfigure(spec, seq, &taps[seq], down);
-                            taps.remove(seq);
-                        }
-                        spec.nics.remove(seq);
-                        changed = true;
-                    } else if let Some(seq) = disk {
-                        tracing::warn!(instance = %name, disk = %id, "an unplugged disk: its removal finished");
-                        let del = commands::BlockdevDel {
-                            node_name: id.clone(),
-                        };
-                        ignore("blockdev-del", qmp.run(&del).await);
-                        remove_fdsets(&qmp, id).await;
-                        spec.disks.remove(seq);
-                        changed = true;
-                    }
-                }
+                Pending::Remove { id } => settle.remove(spec, id).await,
+            };
+            if pending {
+                keep.push(entry);
             }
         }
-        if changed {
-            hp.save(spec, Some((&taps, 0)))?;
+        if settle.changed {
+            hp.save(spec, Some((&settle.taps, 0)))?;
         }
         hp.journal = keep;
         hp.write_journal()
@@ -951,6 +865,145 @@ async fn remove_fdsets(qmp: &gkvm_qmp::Qmp, id: &str) {
                 tracing::warn!(device = id, fdset = set.fdset_id, error = %e, "remove-fd");
             }
         }
+    }
+}
+
+/// What settling a hot plug journal works with: QEMU's devices as it
+/// holds them now, the instance's TAPs, and whether the record changed.
+struct Settle<'a> {
+    hv: &'a KvmHypervisor,
+    name: &'a str,
+    qmp: &'a gkvm_qmp::Qmp,
+    present: std::collections::HashSet<String>,
+    taps: Vec<String>,
+    changed: bool,
+}
+
+impl Settle<'_> {
+    /// An undo step that finds nothing to undo is fine.
+    fn ignore(&self, what: &str, r: std::result::Result<(), gkvm_qmp::Error>) {
+        if let Err(e) = r {
+            tracing::debug!(instance = %self.name, what, error = %e, "nothing to undo");
+        }
+    }
+
+    /// A NIC plug: recorded if QEMU holds it as a NIC, else undone (its
+    /// descriptors closed, its backend removed, its TAP's setup undone).
+    async fn add_nic(&mut self, spec: &mut InstanceSpec, nic: &NicSpec, tap: &str, fds: &[String]) {
+        let name = self.name;
+        let id = device_id(nic.address.as_ref());
+        if let Some(seq) = position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id) {
+            // Killed between the record and the NIC file.
+            if seq == self.taps.len() {
+                self.taps.push(tap.to_owned());
+                self.changed = true;
+            }
+            return;
+        }
+        let held = self.present.contains(&id);
+        if held && !is_device_of(self.qmp, &id, "netdev").await {
+            // Not what the journal says it is: a tampered journal decides
+            // nothing (recorded or undone).
+            tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a NIC, and it is not one: entry dropped");
+            return;
+        }
+        if held {
+            tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug's NIC is in QEMU: recorded");
+            spec.nics.push(nic.clone());
+            self.taps.push(tap.to_owned());
+            self.changed = true;
+            return;
+        }
+        tracing::warn!(instance = %name, nic = %id, "an interrupted hot plug of a NIC: undone");
+        for f in fds {
+            let close = commands::CloseFd { fdname: f.clone() };
+            self.ignore("closefd", self.qmp.run(&close).await);
+        }
+        let del = commands::NetdevDel { id: id.clone() };
+        self.ignore("netdev_del", self.qmp.run(&del).await);
+        let mut with = spec.clone();
+        with.nics.push(nic.clone());
+        let down = self.hv.config.nic_down_script.as_deref();
+        crate::nic::deconfigure(&with, with.nics.len() - 1, tap, down);
+    }
+
+    /// A disk plug: recorded if QEMU holds it as a disk, else undone (its
+    /// block node and descriptor sets removed).
+    async fn add_disk(&mut self, spec: &mut InstanceSpec, disk: &DiskSpec) {
+        let name = self.name;
+        let id = device_id(disk.address.as_ref());
+        if position_of(spec.disks.iter().map(|d| d.address.as_ref()), &id).is_some() {
+            return;
+        }
+        let held = self.present.contains(&id);
+        if held && !is_device_of(self.qmp, &id, "drive").await {
+            tracing::warn!(instance = %name, device = %id, "the hot plug journal names a device QEMU holds as a disk, and it is not one: entry dropped");
+            return;
+        }
+        if held {
+            tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug's disk is in QEMU: recorded");
+            spec.disks.push(disk.clone());
+            self.changed = true;
+            return;
+        }
+        tracing::warn!(instance = %name, disk = %id, "an interrupted hot plug of a disk: undone");
+        let del = commands::BlockdevDel {
+            node_name: id.clone(),
+        };
+        self.ignore("blockdev-del", self.qmp.run(&del).await);
+        remove_fdsets(self.qmp, &id).await;
+    }
+
+    /// A NIC change: its TAP is put back to the recorded settings unless
+    /// they are the new ones already.
+    async fn modify_nic(&mut self, spec: &InstanceSpec, nic: &NicSpec) {
+        let id = device_id(nic.address.as_ref());
+        let Some(seq) = position_of(spec.nics.iter().map(|n| n.address.as_ref()), &id) else {
+            return;
+        };
+        let current = &spec.nics[seq];
+        let recorded = (&current.mode, &current.link, &current.ip, &current.vlan)
+            == (&nic.mode, &nic.link, &nic.ip, &nic.vlan);
+        if recorded || seq >= self.taps.len() {
+            return;
+        }
+        tracing::warn!(instance = %self.name, nic = %id, "an interrupted change of a NIC: its recorded settings put back");
+        let mut new = spec.clone();
+        new.nics[seq] = nic.clone();
+        self.hv.restore_nic(&new, spec, seq, &self.taps[seq]).await;
+    }
+
+    /// An unplug: still pending (true) while the guest holds the device;
+    /// once it let go, the device's backend goes and the record forgets it.
+    async fn remove(&mut self, spec: &mut InstanceSpec, id: &str) -> bool {
+        let name = self.name;
+        if self.present.contains(id) {
+            return true;
+        }
+        let nic = position_of(spec.nics.iter().map(|n| n.address.as_ref()), id);
+        let disk = position_of(spec.disks.iter().map(|d| d.address.as_ref()), id);
+        if let Some(seq) = nic {
+            tracing::warn!(instance = %name, nic = %id, "an unplugged NIC: its removal finished");
+            let del = commands::NetdevDel { id: id.to_owned() };
+            self.ignore("netdev_del", self.qmp.run(&del).await);
+            if seq < self.taps.len() {
+                let down = self.hv.config.nic_down_script.as_deref();
+                crate::nic::deconfigure(spec, seq, &self.taps[seq], down);
+                self.taps.remove(seq);
+            }
+            spec.nics.remove(seq);
+            self.changed = true;
+        } else if let Some(seq) = disk {
+            tracing::warn!(instance = %name, disk = %id, "an unplugged disk: its removal finished");
+            let del = commands::BlockdevDel {
+                node_name: id.to_owned(),
+            };
+            self.ignore("blockdev-del", self.qmp.run(&del).await);
+            remove_fdsets(self.qmp, id).await;
+            spec.disks.remove(seq);
+            self.changed = true;
+        }
+        false
     }
 }
 
