@@ -36,8 +36,8 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "migrate", "instance": "web1", "target": "192.0.2.2", "port": null, "mode": "live"}"#,
     r#"{"op": "migration_status", "instance": "web1"}"#,
     r#"{"op": "cancel_migration", "instance": "web1"}"#,
-    r#"{"op": "accept_instance", "info": "<migration_info's answer>", "address": "192.0.2.2", "port": 8102, "config": null}"#,
-    r#"{"op": "migrate_instance", "instance": "web1", "target": "192.0.2.2", "port": 8102, "mode": "offline"}"#,
+    r#"{"op": "await_migration", "info": "<migration_info's answer>", "address": "192.0.2.2", "port": 8102, "config": null}"#,
+    r#"{"op": "migrate_unfinalized", "instance": "web1", "target": "192.0.2.2", "port": 8102, "mode": "offline"}"#,
     r#"{"op": "finalize_destination", "instance": "web1", "outcome": "completed"}"#,
     r#"{"op": "finalize_source", "instance": "web1", "outcome": "completed"}"#,
 ];

@@ -687,7 +687,7 @@ async fn accept(
         None => None,
     };
     if opts.no_wait {
-        let request = Request::AcceptInstance {
+        let request = Request::AwaitMigration {
             info,
             address,
             port: Some(port),
@@ -771,7 +771,7 @@ async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool, no_finalize: b
         MigrationMode::Live
     };
     let request = if no_finalize {
-        Request::MigrateInstance {
+        Request::MigrateUnfinalized {
             instance: name.to_owned(),
             target,
             port,

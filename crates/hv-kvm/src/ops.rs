@@ -284,8 +284,12 @@ pub enum Request {
         /// The instance.
         instance: String,
     },
-    /// Destination, Ganeti's first step: start waiting for the guest.
-    AcceptInstance {
+    /// Destination, first of the steps (Ganeti's AcceptInstance): start
+    /// a QEMU that waits for the guest, and return once it listens; the
+    /// instance is finished by [`Request::FinalizeDestination`]
+    /// ([`KvmHypervisor::accept_instance`]). [`Request::Receive`] is the
+    /// whole destination sequence in one.
+    AwaitMigration {
         /// The source's migration info.
         info: String,
         /// Listen address.
@@ -296,10 +300,12 @@ pub enum Request {
         /// [`KvmHypervisor::incoming_spec_with`]).
         config: Option<crate::CurrentConfig>,
     },
-    /// Source, Ganeti's middle step: migrate, without finalizing the
-    /// source ([`KvmHypervisor::migrate`]): on success the source QEMU
-    /// stays, handed over, until [`Request::FinalizeSource`].
-    MigrateInstance {
+    /// Source, the middle step (Ganeti's MigrateInstance): migrate and
+    /// leave the source unfinalized ([`KvmHypervisor::migrate`]): on
+    /// success its QEMU stays, handed over and never to run again, until
+    /// [`Request::FinalizeSource`]. [`Request::Migrate`] is the whole
+    /// source sequence in one.
+    MigrateUnfinalized {
         /// The instance.
         instance: String,
         /// The destination's address.
@@ -544,7 +550,7 @@ impl KvmHypervisor {
                 Response::Migration(self.migration_status(&instance).await?)
             }
             R::CancelMigration { instance } => done(self.cancel_migration(&instance).await?),
-            R::AcceptInstance {
+            R::AwaitMigration {
                 info,
                 address,
                 port,
@@ -556,7 +562,7 @@ impl KvmHypervisor {
                         .await?,
                 )
             }
-            R::MigrateInstance {
+            R::MigrateUnfinalized {
                 instance,
                 target,
                 port,

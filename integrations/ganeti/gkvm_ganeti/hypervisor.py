@@ -712,7 +712,7 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
     # polls): a failure raises here, and the source still runs until
     # FinalizeMigrationSource.
     port = instance.hvparams[constants.HV_MIGRATION_PORT]
-    self.gkvm.api({"op": "migrate_instance", "instance": instance.name,
+    self.gkvm.api({"op": "migrate_unfinalized", "instance": instance.name,
                    "target": target, "port": port,
                    "mode": "live" if live else "offline"})
 
