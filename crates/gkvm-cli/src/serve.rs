@@ -1,23 +1,34 @@
-//! `gkvm serve`: the command line without a process start per call.
+//! `gkvm serve`: gkvm's API and command line without a process start per
+//! call.
 //!
-//! A caller that runs many short gkvm commands (Ganeti's node daemon asks
-//! for instance info every few seconds) pays more for starting a process
-//! than for the command itself. The server is a fork server: it loads once,
-//! stays single-threaded, and for each connection forks a child that runs
-//! exactly what `gkvm ARGS...` would run (same parsing, same output, same
-//! exit code, its own process: a crash or a leak ends with it), with stdin,
-//! stdout and stderr in memory files that go back as one JSON line.
+//! A caller that runs many short gkvm operations (Ganeti's node daemon
+//! asks for instance info every few seconds) pays more for starting a
+//! process than for the operation itself. The server loads once and stays
+//! single-threaded: it accepts connections and reads their requests
+//! itself (any number at once, up to [`MAX_CONNS`], each with a 10 s
+//! deadline, so callers that connect and say nothing hold no process),
+//! and hands each whole request — the caller's connection and the request,
+//! by SCM_RIGHTS — to a child forked ahead with its runtime built. The
+//! child runs exactly what `gkvm ARGS...` (or `gkvm api`) would run (same
+//! parsing, same output, same exit code, its own process: a crash or a
+//! leak ends with it) and answers.
 //!
-//! Protocol (one request per connection), a JSON line each way:
-//! `{"argv": ["--json", "info", "vm1"], "stdin": "...", "cwd": "/",
-//! "env": {"GKVM_NODE_CONFIG": "..."}}` →
-//! `{"version": "0.1.0", "code": 0, "stdout": "...", "stderr": "..."}`.
+//! Protocol (one request per connection), a JSON line to the server:
+//! - a command line, `{"argv": ["--json", "info", "vm1"], "stdin": "...",
+//!   "cwd": "/", "env": {"GKVM_NODE_CONFIG": "..."}}`, answered by one line
+//!   `{"version": "0.1.0", "code": 0, "stdout": "...", "stderr": "..."}`
+//!   (stdin, stdout and stderr in memory files);
+//! - or a typed request of the API, `{"request": {"op": "info", ...},
+//!   "env": {...}}`, answered by the API's reply lines as they come
+//!   (`docs/API.md`).
+//!
 //! Only `GKVM_*` and `NO_COLOR` are taken from `env`. A request may name
 //! the versions its caller speaks (`"versions": ["0.1"]`, major.minor): a
 //! server of another version answers a usage error (exit code 2) without
-//! running the command, so a caller never runs a command it would not
-//! understand the answer of. Only the server's own
-//! user (or root) may connect (`SO_PEERCRED`); the socket is 0600.
+//! running anything, so a caller never runs a command it would not
+//! understand the answer of. Only the server's own user (or root) may
+//! connect (`SO_PEERCRED`, checked when the server accepts); the socket is
+//! 0600.
 //!
 //! A server retires when its binary is replaced (an upgrade), after
 //! `--idle-exit` seconds without a call, or when its socket is removed (its
@@ -33,10 +44,10 @@
 //! (its `--run-dir`/`--node-config` or their variables): a call that names
 //! others is answered `{"retired": true, "reason": ...}` without running,
 //! and the server retires, so the caller's next call starts a server of
-//! its own. At most [`MAX_CALLS`] calls run at once (the others wait in
-//! the socket's queue); a request must arrive whole within 10 s and its
-//! answer be taken within 10 s; a child killed while it waited for a call
-//! is replaced (each child is watched through a pidfd).
+//! its own. At most [`MAX_CALLS`] calls run at once (whole requests wait
+//! for a child); a request must arrive whole within 10 s and its answer be
+//! taken within 10 s; a child killed while it waited for a call is
+//! replaced (each child is watched through a pidfd).
 
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
@@ -202,7 +213,6 @@ pub fn serve(
     let mut parser = <crate::Cli as clap::CommandFactory>::command();
     parser.build();
     let ours = Owned {
-        lock: lock.as_raw_fd(),
         socket,
         socket_id,
         exe: &exe,
@@ -232,17 +242,6 @@ fn failure(socket: &Path, what: &str, e: std::io::Error) -> Failure {
         "serve",
         format!("serve: {what} {}: {e}", socket.display()),
     )
-}
-
-/// Whether `fd` becomes readable within `ms` milliseconds.
-fn readable_within(fd: &OwnedFd, ms: i32) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) == 1 }
 }
 
 /// Reads the caller's request line, all of it within `wait` (a client
@@ -311,9 +310,6 @@ fn socket_is(socket: &Path, id: (u64, u64)) -> bool {
 
 /// What the server holds and watches.
 struct Owned<'a> {
-    /// The lock file's descriptor (a child closes its copy: a long command
-    /// must not keep the next server out).
-    lock: i32,
     socket: &'a Path,
     socket_id: (u64, u64),
     exe: &'a Path,
@@ -321,13 +317,17 @@ struct Owned<'a> {
     pinned: Pinned,
 }
 
-/// What a waiting child tells the server (one byte on a pipe).
-const TOOK_CALL: u8 = b'c';
-/// ... that the binary was replaced: the server retires.
-const REPLACED: u8 = b'r';
-/// What a child running a call tells the server: the call names another
-/// run directory or node configuration; the server retires.
+/// What a child running a call tells the server (one byte on a pipe):
+/// the call names another run directory or node configuration; the
+/// server retires.
 const RETIRE: u8 = b'x';
+
+/// How many connections the server reads requests from at once (each
+/// costs a descriptor and what it has sent so far).
+const MAX_CONNS: usize = 4096;
+
+/// How many request bytes the server holds at once, over all connections.
+const MAX_BUFFERED: usize = 64 << 20;
 
 /// A descriptor that becomes readable when process `pid` ends (a
 /// pidfd); `None` when it has already gone.
@@ -339,12 +339,12 @@ fn pidfd(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Which of `fds` are readable within `ms` milliseconds.
-fn poll_readable(fds: &[&OwnedFd], ms: i32) -> Vec<bool> {
+/// Which of `fds` are readable (or closed) within `ms` milliseconds.
+fn poll_readable(fds: &[i32], ms: i32) -> Vec<bool> {
     let mut polled: Vec<libc::pollfd> = fds
         .iter()
         .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
+            fd: *fd,
             events: libc::POLLIN,
             revents: 0,
         })
@@ -358,19 +358,43 @@ fn poll_readable(fds: &[&OwnedFd], ms: i32) -> Vec<bool> {
     polled.iter().map(|p| p.revents != 0).collect()
 }
 
-/// The child waiting in `accept`.
+/// The child forked ahead, waiting for a call on its end of `chan`.
 struct Waiting {
     pid: i32,
     /// Readable once it has ended.
     exit: Option<OwnedFd>,
+    /// The server's end of the pair the call is handed over.
+    chan: UnixStream,
 }
 
-/// The server keeps one child forked ahead, blocked in `accept`: a call
-/// does not wait for a fork. The child that takes a call says so on a
-/// pipe, and the server forks the next one — at most [`MAX_CALLS`] run at
-/// once. Each child is watched through a pidfd: one killed while it
-/// waited is replaced, so no call connects to a server that has nobody
-/// accepting.
+/// A connection whose request is still arriving.
+struct Reading {
+    conn: UnixStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What the server loop keeps.
+#[derive(Default)]
+struct Calls {
+    /// Connections still sending their request.
+    reading: Vec<Reading>,
+    /// Whole requests waiting for a child.
+    ready: std::collections::VecDeque<(UnixStream, Vec<u8>)>,
+    /// The pidfds of the children running calls.
+    busy: Vec<OwnedFd>,
+    /// Request bytes held.
+    buffered: usize,
+}
+
+/// The server: the parent reads requests itself, from any number of
+/// connections at once (up to [`MAX_CONNS`], with a deadline each), so a
+/// caller that connects and says nothing, or says it slowly, holds no
+/// process; a whole request is handed (the connection and the request,
+/// by SCM_RIGHTS) to a child forked ahead with its runtime built, which
+/// runs it and answers. At most [`MAX_CALLS`] run at once; the others
+/// wait, whole, for a child. Each child is watched through a pidfd: one
+/// killed while it waited is replaced.
 fn accept_loop(
     listener: &UnixListener,
     ours: &Owned<'_>,
@@ -393,134 +417,334 @@ fn accept_loop(
     // The children block on their writes (a byte each; never full).
     // SAFETY: fcntl on our own descriptor.
     unsafe { libc::fcntl(notify_w.as_raw_fd(), libc::F_SETFL, 0) };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| fail("cannot set up", e))?;
+    let max_conns = raise_fd_limit().min(MAX_CONNS);
     let server = nix::unistd::getpid().as_raw();
     let mut waiting: Option<Waiting> = None;
-    // The pidfds of the children running calls.
-    let mut busy: Vec<OwnedFd> = Vec::new();
+    let mut calls = Calls::default();
     let mut last = Instant::now();
     // A child that dies before taking a call is replaced, after a pause
     // (so a child that cannot start does not make a fork loop).
     let mut fork_after = Instant::now();
     let result = 'serve: loop {
-        if waiting.is_none() && busy.len() < MAX_CALLS && Instant::now() >= fork_after {
-            // SAFETY: single-threaded; the child only runs `waiting_child`
-            // and exits.
-            match unsafe { libc::fork() } {
-                0 => {
-                    drop(notify_r);
-                    let code = waiting_child(listener, ours, notify_w, me, server, parser);
-                    // SAFETY: the child ends without running the server's
-                    // destructors (the socket file, the lock are the server's).
-                    unsafe { libc::_exit(code) };
+        if waiting.is_none() && calls.busy.len() < MAX_CALLS && Instant::now() >= fork_after {
+            match fork_waiting(ours, &notify_w, me, server, &parser) {
+                Ok(w) => waiting = Some(w),
+                Err(e) => break Err(fail("cannot fork for", e)),
+            }
+        }
+        // A whole request and a child ready for it: handed over.
+        if waiting.is_some() && !calls.ready.is_empty() {
+            if let Some((conn, request)) = calls.ready.pop_front() {
+                calls.buffered = calls.buffered.saturating_sub(request.len());
+                last = Instant::now();
+                if binary_replaced(ours) {
+                    // An upgrade: this call and all others go to the new
+                    // binary (answered `retired`, nothing ran).
+                    let _ = respond_now(&conn, serde_json::json!({"retired": true}));
+                    break Ok(());
                 }
-                -1 => break Err(fail("cannot fork for", std::io::Error::last_os_error())),
-                pid => {
-                    waiting = Some(Waiting {
-                        pid,
-                        exit: pidfd(pid),
-                    });
+                let w = waiting.take().unwrap_or_else(|| unreachable!());
+                match hand_over(&w.chan, &conn, &request) {
+                    Ok(()) => calls.busy.extend(w.exit),
+                    Err(_) => {
+                        // It died meanwhile: the call waits for the next.
+                        calls.buffered += request.len();
+                        calls.ready.push_front((conn, request));
+                        fork_after = Instant::now() + Duration::from_millis(100);
+                    }
                 }
+                continue;
             }
         }
         let idle = idle_exit.map(|idle| idle.saturating_sub(last.elapsed()));
-        if idle == Some(Duration::ZERO) {
+        if idle == Some(Duration::ZERO) && calls.reading.is_empty() && calls.ready.is_empty() {
             break Ok(());
         }
-        let mut wait = idle.map_or(SOCKET_CHECK, |w| w.min(SOCKET_CHECK));
-        if waiting.is_none() && busy.len() < MAX_CALLS {
-            wait = wait.min(fork_after.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let mut wait = idle.map_or(SOCKET_CHECK, |w| {
+            w.min(SOCKET_CHECK).max(Duration::from_millis(1))
+        });
+        if let Some(first) = calls.reading.iter().map(|r| r.deadline).min() {
+            wait = wait.min(first.saturating_duration_since(now));
+        }
+        if waiting.is_none() && calls.busy.len() < MAX_CALLS {
+            wait = wait.min(fork_after.saturating_duration_since(now));
         }
         let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
-        let mut fds: Vec<&OwnedFd> = vec![&notify_r];
-        let waiting_fd = waiting.as_ref().and_then(|w| w.exit.as_ref());
+        // What the poll watches, in this order.
+        let accepting = calls.reading.len() + calls.ready.len() < max_conns;
+        let mut fds = vec![notify_r.as_raw_fd()];
+        if accepting {
+            fds.push(listener.as_raw_fd());
+        }
+        let waiting_fd = waiting
+            .as_ref()
+            .and_then(|w| w.exit.as_ref())
+            .map(AsRawFd::as_raw_fd);
         fds.extend(waiting_fd);
-        fds.extend(busy.iter());
+        fds.extend(calls.busy.iter().map(AsRawFd::as_raw_fd));
+        fds.extend(calls.reading.iter().map(|r| r.conn.as_raw_fd()));
         let ready = poll_readable(&fds, ms);
-        if !ready.iter().any(|r| *r) {
-            if !socket_is(ours.socket, ours.socket_id) {
-                break Ok(());
-            }
-            continue;
-        }
-        let busy_ready: Vec<bool> = ready[1 + usize::from(waiting_fd.is_some())..].to_vec();
-        let waiting_died = waiting_fd.is_some() && ready[1];
-        // What the children said first: a child writes before it ends.
-        let mut bytes = [0u8; 64];
-        if ready[0] {
+        let mut at = 0;
+        let mut next = || {
+            at += 1;
+            ready.get(at - 1).copied().unwrap_or(false)
+        };
+        if next() {
+            let mut bytes = [0u8; 64];
             let n = nix::unistd::read(notify_r.as_raw_fd(), &mut bytes).unwrap_or(0);
-            for byte in &bytes[..n] {
-                match *byte {
-                    TOOK_CALL => {
-                        if let Some(w) = waiting.take() {
-                            busy.extend(w.exit);
-                        }
-                        last = Instant::now();
-                    }
-                    // Replaced: the waiting child answered the call
-                    // `retired`.
-                    REPLACED => {
-                        waiting = None;
-                        break 'serve Ok(());
-                    }
-                    RETIRE => break 'serve Ok(()),
-                    _ => {}
-                }
+            if bytes[..n].contains(&RETIRE) {
+                break 'serve Ok(());
             }
         }
-        // Ended calls leave the count.
-        let mut i = 0;
-        busy.retain(|_| {
-            let keep = !busy_ready.get(i).copied().unwrap_or(false);
-            i += 1;
-            keep
-        });
-        // The waiting child ended without taking a call (killed): the
-        // next one is forked.
-        if waiting_died && waiting.is_some() {
+        if accepting && next() {
+            accept_all(listener, me, max_conns, &mut calls);
+        }
+        if waiting_fd.is_some() && next() {
+            // The waiting child ended without a call (killed): the next
+            // one is forked.
             waiting = None;
             fork_after = Instant::now() + Duration::from_millis(100);
         }
+        let busy_ended: Vec<bool> = calls.busy.iter().map(|_| next()).collect();
+        let mut i = 0;
+        calls.busy.retain(|_| {
+            i += 1;
+            !busy_ended[i - 1]
+        });
+        let readable: Vec<bool> = calls.reading.iter().map(|_| next()).collect();
+        read_requests(&mut calls, &readable);
+        expire(&mut calls);
+        if !ready.iter().any(|r| *r) && !socket_is(ours.socket, ours.socket_id) {
+            break Ok(());
+        }
     };
+    // Nothing handed over is lost: the waiting child has no call.
     if let Some(w) = waiting {
-        release(w.pid, ours, &notify_r);
+        // SAFETY: our own child, waiting for a call it will not get.
+        unsafe { libc::kill(w.pid, libc::SIGKILL) };
+    }
+    // The calls not run yet go to the binary (or the next server).
+    for r in calls.reading {
+        let _ = respond_retired(&r.conn, Duration::from_millis(200));
+    }
+    for (conn, _) in calls.ready {
+        let _ = respond_now(&conn, serde_json::json!({"retired": true}));
     }
     result
 }
 
-/// Ends the child waiting in `accept` without losing a call it may be
-/// taking at this very moment: a call of our own wakes it (it answers
-/// that one, or the caller's that came first, and says so on the pipe);
-/// only a child that does not say so within a second is killed.
-fn release(pid: i32, ours: &Owned<'_>, notify_r: &OwnedFd) {
-    let poke = socket_is(ours.socket, ours.socket_id)
-        .then(|| UnixStream::connect(ours.socket).ok())
-        .flatten();
-    if let Some(poke) = &poke {
-        let _ = (&*poke).write_all(b"\n");
-        if readable_within(notify_r, 1000) {
-            return;
+/// Raises this process's descriptor limit to its hard limit (a server
+/// reads from many connections); the descriptors it may use for them.
+fn raise_fd_limit() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(65536),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
         }
     }
-    // SAFETY: our own child, still blocked in accept.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Room for the children's pidfds, the pipe and what std holds.
+    usize::try_from(lim.rlim_cur)
+        .unwrap_or(1024)
+        .saturating_sub(MAX_CALLS + 64)
+}
+
+/// Whether this server's binary was replaced (an upgrade).
+fn binary_replaced(ours: &Owned<'_>) -> bool {
+    std::fs::metadata(ours.exe).map_or(true, |m| (m.dev(), m.ino()) != ours.exe_id)
+}
+
+/// Takes every connection waiting in the queue: another user's is closed
+/// at once; each other one is read from without blocking.
+fn accept_all(listener: &UnixListener, me: u32, max: usize, calls: &mut Calls) {
+    while calls.reading.len() + calls.ready.len() < max {
+        let conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        if !peer_allowed(&conn, me) || conn.set_nonblocking(true).is_err() {
+            continue;
+        }
+        calls.reading.push(Reading {
+            conn,
+            buf: Vec::new(),
+            deadline: Instant::now() + REQUEST_TIMEOUT,
+        });
+    }
+}
+
+/// Reads what the `readable` connections sent: a whole line is a request
+/// ready for a child; a connection closed before it, or one that sends
+/// more than a request may hold, is answered an error.
+fn read_requests(calls: &mut Calls, readable: &[bool]) {
+    let mut i = 0;
+    calls.reading.retain_mut(|r| {
+        i += 1;
+        if !readable[i - 1] {
+            return true;
+        }
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            match (&r.conn).read(&mut chunk) {
+                Ok(0) => {
+                    let message = "serve: the request is not one JSON line (or too large)";
+                    let _ = respond_error(&r.conn, message);
+                    calls.buffered = calls.buffered.saturating_sub(r.buf.len());
+                    return false;
+                }
+                Ok(n) => {
+                    r.buf.extend_from_slice(&chunk[..n]);
+                    calls.buffered += n;
+                    if let Some(end) = r.buf.iter().position(|b| *b == b'\n') {
+                        calls.buffered = calls.buffered.saturating_sub(r.buf.len() - end - 1);
+                        r.buf.truncate(end + 1);
+                        return true;
+                    }
+                    let cap = u64::try_from(r.buf.len()).unwrap_or(u64::MAX) > MAX_REQUEST;
+                    if cap || calls.buffered > MAX_BUFFERED {
+                        let message =
+                            "serve: the request is too large (or the server holds too many)";
+                        let _ = respond_error(&r.conn, message);
+                        calls.buffered = calls.buffered.saturating_sub(r.buf.len());
+                        return false;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => {
+                    calls.buffered = calls.buffered.saturating_sub(r.buf.len());
+                    return false;
+                }
+            }
+        }
+    });
+    // Whole requests go to the queue for a child, in arrival order.
+    let (complete, still): (Vec<Reading>, Vec<Reading>) = std::mem::take(&mut calls.reading)
+        .into_iter()
+        .partition(|r| r.buf.last() == Some(&b'\n'));
+    calls.reading = still;
+    for r in complete {
+        calls.ready.push_back((r.conn, r.buf));
+    }
+}
+
+/// Answers the connections whose request did not arrive whole in time.
+fn expire(calls: &mut Calls) {
+    let now = Instant::now();
+    calls.reading.retain(|r| {
+        if r.deadline > now {
+            return true;
+        }
+        let message = format!(
+            "serve: cannot read the request: no whole request within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        );
+        let _ = respond_error(&r.conn, &message);
+        calls.buffered = calls.buffered.saturating_sub(r.buf.len());
+        false
+    });
+}
+
+/// Answers on a connection the server itself holds (non-blocking): it
+/// waits at most a second for the caller to take a line.
+fn respond_now(conn: &UnixStream, answer: serde_json::Value) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_write_timeout(Some(Duration::from_secs(1)))?;
+    respond(conn, answer)
+}
+
+/// Hands a call to the waiting child: the caller's connection and a
+/// memory file with its request, by SCM_RIGHTS.
+fn hand_over(chan: &UnixStream, conn: &UnixStream, request: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let file = memfd("gkvm-request")?;
+    (&file).write_all(request)?;
+    (&file).rewind()?;
+    conn.set_nonblocking(false)?;
+    let fds = [conn.as_raw_fd(), file.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(b"c")];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(chan.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+}
+
+/// Forks the next child to wait for a call.
+fn fork_waiting(
+    ours: &Owned<'_>,
+    notify: &OwnedFd,
+    me: u32,
+    server: i32,
+    parser: &clap::Command,
+) -> std::io::Result<Waiting> {
+    let (chan, theirs) = UnixStream::pair()?;
+    // SAFETY: single-threaded; the child only runs `waiting_child` and
+    // exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            // Only what the child needs: its end of the pair, the pipe,
+            // the standard descriptors (the server's connections, lock
+            // and listening socket are the server's).
+            let keep = [theirs.as_raw_fd(), notify.as_raw_fd()];
+            close_all_but(&keep);
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                waiting_child(&theirs, ours, notify, me, server, parser.clone())
+            }))
+            .unwrap_or(101);
+            // SAFETY: the child ends without running the server's
+            // destructors (the socket file, the lock are the server's).
+            unsafe { libc::_exit(code) };
+        }
+        -1 => Err(std::io::Error::last_os_error()),
+        pid => Ok(Waiting {
+            pid,
+            exit: pidfd(pid),
+            chan,
+        }),
+    }
+}
+
+/// Closes every descriptor above the standard three except `keep`.
+fn close_all_but(keep: &[i32]) {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|f| u32::try_from(*f).ok()).collect();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for k in keep.into_iter().chain([u32::MAX]) {
+        if k > from {
+            // SAFETY: close_range(2) on descriptors nothing in this child
+            // uses (the server's copies).
+            unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0) };
+        }
+        from = from.max(k.saturating_add(1));
+    }
 }
 
 /// A child forked ahead: takes one call, runs it, exits.
 fn waiting_child(
-    listener: &UnixListener,
+    chan: &UnixStream,
     ours: &Owned<'_>,
-    notify: OwnedFd,
-    me: u32,
+    notify: &OwnedFd,
+    _me: u32,
     server: i32,
     parser: clap::Command,
 ) -> i32 {
-    // SAFETY: the lock is the server's, not the command's. A child still
-    // waiting for a call dies with the server (checked after asking, in
-    // case the server died first).
-    unsafe {
-        libc::close(ours.lock);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    }
+    // SAFETY: a child still waiting for a call dies with the server
+    // (checked after asking, in case the server died first).
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     if nix::unistd::getppid().as_raw() != server {
         return 1;
     }
@@ -530,32 +754,55 @@ fn waiting_child(
         runtime: crate::new_runtime().ok(),
         pinned: ours.pinned.clone(),
     };
-    let conn = loop {
-        match listener.accept() {
-            Ok((conn, _)) => break conn,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => {
-                let _ = nix::unistd::write(&notify, &[TOOK_CALL]);
-                return 1;
-            }
+    let Some((conn, request)) = take_call(chan) else {
+        return 1;
+    };
+    // SAFETY: a call taken runs to its end even if the server dies.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    child(conn, prepared, notify, &request)
+}
+
+/// Receives a call from the server: the caller's connection and its
+/// request (`None` when the server went away).
+fn take_call(chan: &UnixStream) -> Option<(UnixStream, String)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let msg = loop {
+        match recvmsg::<()>(
+            chan.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None,
+            Ok(msg) => break msg,
         }
     };
-    // SAFETY: the listening socket is the server's; a call taken runs to
-    // its end even if the server dies meanwhile.
-    unsafe {
-        libc::close(listener.as_raw_fd());
-        libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            fds.extend(r);
+        }
     }
-    // An upgrade replaced the binary: the caller runs the new one.
-    let replaced = std::fs::metadata(ours.exe).map_or(true, |m| (m.dev(), m.ino()) != ours.exe_id);
-    let _ = nix::unistd::write(&notify, &[if replaced { REPLACED } else { TOOK_CALL }]);
-    if replaced {
-        return i32::from(respond_retired(&conn, REQUEST_TIMEOUT).is_err());
-    }
-    if !peer_allowed(&conn, me) {
-        return 0;
-    }
-    child(conn, prepared, notify)
+    let [conn, file] = fds[..] else {
+        for fd in fds {
+            // SAFETY: descriptors just received, owned by nobody else.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        return None;
+    };
+    // SAFETY: both were just received: this child owns them.
+    let (conn, file) = unsafe {
+        (
+            UnixStream::from(OwnedFd::from_raw_fd(conn)),
+            std::fs::File::from(OwnedFd::from_raw_fd(file)),
+        )
+    };
+    let request = read_all(&file).ok()?;
+    Some((conn, request))
 }
 
 /// Only the server's own user, or root.
@@ -588,19 +835,14 @@ fn respond_error(conn: &UnixStream, message: &str) -> std::io::Result<()> {
     respond(conn, obj)
 }
 
-/// In the forked child: read the request, run it as `gkvm ARGV`, answer.
-/// `notify` (the server's pipe) is kept to ask the server to retire when
-/// the call is not the server's to run.
-fn child(conn: UnixStream, prepared: crate::Prepared, notify: OwnedFd) -> i32 {
+/// In the forked child: parse the request, run it as `gkvm ARGV` (or
+/// `gkvm api`), answer. `notify` (the server's pipe) is kept to ask the
+/// server to retire when the call is not the server's to run.
+fn child(conn: UnixStream, prepared: crate::Prepared, notify: &OwnedFd, line: &str) -> i32 {
     // SAFETY: back to the default, so the command can wait for its children.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    let request = match read_request(&conn, REQUEST_TIMEOUT) {
-        Ok(line) if line.ends_with('\n') => {
-            serde_json::from_str::<Request>(&line).map_err(|e| format!("serve: not a request: {e}"))
-        }
-        Ok(_) => Err("serve: the request is not one JSON line (or too large)".to_owned()),
-        Err(e) => Err(format!("serve: cannot read the request: {e}")),
-    };
+    let request =
+        serde_json::from_str::<Request>(line).map_err(|e| format!("serve: not a request: {e}"));
     let request = match request {
         Ok(r) => r,
         Err(message) => return i32::from(respond_error(&conn, &message).is_err()),
@@ -631,7 +873,7 @@ fn child(conn: UnixStream, prepared: crate::Prepared, notify: OwnedFd) -> i32 {
             // Nothing ran: the caller runs the binary; the next call
             // starts a server for its run directory and configuration.
             tracing::debug!("serve: retiring: {why}");
-            let _ = nix::unistd::write(&notify, &[RETIRE]);
+            let _ = nix::unistd::write(notify, &[RETIRE]);
             let answer = serde_json::json!({"retired": true, "reason": why});
             i32::from(respond(&conn, answer).is_err())
         }

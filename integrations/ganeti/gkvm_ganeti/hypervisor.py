@@ -225,7 +225,7 @@ class Gkvm(object):
   def socket_path(self):
     return os.path.join(self.run_dir, "gkvm-serve.sock")
 
-  def _exchange(self, call, what):
+  def _exchange(self, call, what, node=None):
     """Sends one call to gkvm's server; all it answered (bytes), or None
     when no server took the call (nothing ran: run the binary). A call
     the server took and lost raises GkvmError (it may have run in part,
@@ -236,6 +236,14 @@ class Gkvm(object):
     call["versions"] = ["%d.%d" % v for v in SUPPORTED_MAJOR_MINOR]
     call["env"] = dict((k, os.environ[k]) for k in _GKVM_ENV
                        if k in os.environ)
+    if node is not None:
+      # A typed request has no command line: this node's run directory
+      # and configuration travel as the variables that name them.
+      options = dict(zip(node[::2], node[1::2]))
+      call["env"]["GKVM_RUN_DIR"] = options["--run-dir"]
+      call["env"].pop("GKVM_NODE_CONFIG", None)
+      if "--node-config" in options:
+        call["env"]["GKVM_NODE_CONFIG"] = options["--node-config"]
     data = (json.dumps(call) + "\n").encode()
     for attempt in (0, 1):
       sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -319,7 +327,8 @@ class Gkvm(object):
     what = request.get("op", "api")
     answer = None
     if timeout is None:
-      answer = self._exchange({"request": request}, what)
+      answer = self._exchange({"request": request}, what,
+                              node=self._node_options())
     if answer is None:
       if self.binary not in Gkvm._checked:
         Gkvm._checked[self.binary] = _check_version(self.binary)
