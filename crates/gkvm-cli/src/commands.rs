@@ -261,20 +261,11 @@ async fn api(cli: &Cli, file: Option<&Path>, schema: bool) -> CliResult {
 }
 
 async fn node_info(cli: &Cli) -> CliResult {
-    match call(&hypervisor(cli)?, Request::NodeInfo).await? {
-        Response::Node(n) => render::node(cli.json, &n),
-        other => Err(unexpected(&other)),
-    }
+    render::node(cli.json, &hypervisor(cli)?.node_info().await?)
 }
 
 async fn console_info(cli: &Cli, name: &str) -> CliResult {
-    let request = Request::Console {
-        instance: name.to_owned(),
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::Console(c) => render::console_info(cli.json, &c),
-        other => Err(unexpected(&other)),
-    }
+    render::console_info(cli.json, &hypervisor(cli)?.console(name)?)
 }
 
 /// `gkvm powercycle-node`: only with `--confirm` (or `--dry-run`).
@@ -286,20 +277,15 @@ async fn powercycle(cli: &Cli, confirm: bool, dry_run: bool) -> CliResult {
                 .into(),
         ));
     }
-    match call(&hypervisor(cli)?, Request::PowercycleNode { dry_run }).await? {
-        Response::Powercycle(plan) => render::powercycle(cli.json, &plan),
-        other => Err(unexpected(&other)),
-    }
+    let plan = hypervisor(cli)?.powercycle_node(dry_run)?;
+    render::powercycle(cli.json, &plan)
 }
 
 /// `gkvm verify`: a bad node configuration is one of the problems found
 /// (naming its key), not a failure to verify.
 async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
     let mut report = match hypervisor(cli) {
-        Ok(hv) => match call(&hv, Request::Verify).await? {
-            Response::Verify(report) => report,
-            other => return Err(unexpected(&other)),
-        },
+        Ok(hv) => hv.verify().await,
         Err(e) => hv_kvm::VerifyReport::with_problems(vec![e.message]),
     };
     if !hvparams.is_empty() {
@@ -329,24 +315,15 @@ async fn verify(cli: &Cli, hvparams: &[String]) -> CliResult {
 }
 
 async fn migration_info(cli: &Cli, name: &str, for_ganeti: bool) -> CliResult {
-    let request = Request::MigrationInfo {
-        instance: name.to_owned(),
-        for_ganeti,
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::MigrationInfo(text) => outln!("{text}"),
-        other => Err(unexpected(&other)),
-    }
+    let text = hypervisor(cli)?
+        .migration_info_settled(name, for_ganeti)
+        .await?;
+    outln!("{text}")
 }
 
 async fn migration_status(cli: &Cli, name: &str) -> CliResult {
-    let request = Request::MigrationStatus {
-        instance: name.to_owned(),
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::Migration(s) => render::migration_status(cli.json, name, &s),
-        other => Err(unexpected(&other)),
-    }
+    let status = hypervisor(cli)?.migration_status(name).await?;
+    render::migration_status(cli.json, name, &status)
 }
 
 /// `gkvm release-to-ganeti`: each instance in turn; the first failure
@@ -354,10 +331,7 @@ async fn migration_status(cli: &Cli, name: &str) -> CliResult {
 async fn release_to_ganeti(cli: &Cli, names: &[String], all: bool) -> CliResult {
     let hv = hypervisor(cli)?;
     let names = if all {
-        match call(&hv, Request::List).await? {
-            Response::Names(n) => n,
-            other => return Err(unexpected(&other)),
-        }
+        hv.list()?
     } else if names.is_empty() {
         return Err(usage("name the instances, or give --all".into()));
     } else {
@@ -405,13 +379,8 @@ async fn caps(
     device_text: &Option<PathBuf>,
 ) -> CliResult {
     let Some(h) = help_text else {
-        let request = Request::Capabilities {
-            kvm_path: Some(default_qemu(cli)?),
-        };
-        return match call(&hypervisor(cli)?, request).await? {
-            Response::Capabilities(c) => render::caps(cli.json, &c),
-            other => Err(unexpected(&other)),
-        };
+        let caps = hypervisor(cli)?.capabilities(&default_qemu(cli)?).await?;
+        return render::caps(cli.json, &caps);
     };
     let opt = |p: &Option<PathBuf>, what| p.as_deref().map(|p| read_file(p, what)).transpose();
     let caps = Capabilities::from_help(
@@ -424,10 +393,7 @@ async fn caps(
 
 async fn argv(cli: &Cli, instance: &Path) -> CliResult {
     let spec = load_instance(instance)?;
-    match call(&hypervisor(cli)?, Request::Plan { spec }).await? {
-        Response::Plan(plan) => render::plan(cli.json, &plan),
-        other => Err(unexpected(&other)),
-    }
+    render::plan(cli.json, &hypervisor(cli)?.plan(&spec).await?)
 }
 
 async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
@@ -437,10 +403,8 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
     } else {
         StartMode::Running
     };
-    match call(&hypervisor(cli)?, Request::Start { spec, mode }).await? {
-        Response::Started(report) => render::started(cli.json, &report),
-        other => Err(unexpected(&other)),
-    }
+    let report = hypervisor(cli)?.start(&spec, mode).await?;
+    render::started(cli.json, &report)
 }
 
 async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
@@ -451,31 +415,16 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
             timeout: Duration::from_secs(timeout),
         }
     };
-    let request = Request::Stop {
-        instance: name.to_owned(),
-        mode,
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::Stopped(outcome) => render::stopped(cli.json, name, &outcome),
-        other => Err(unexpected(&other)),
-    }
+    let outcome = hypervisor(cli)?.stop(name, mode).await?;
+    render::stopped(cli.json, name, &outcome)
 }
 
 async fn info(cli: &Cli, names: &[String]) -> CliResult {
-    let request = Request::Info {
-        instances: names.to_vec(),
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::Info(infos) => render::infos(cli.json, &infos),
-        other => Err(unexpected(&other)),
-    }
+    render::infos(cli.json, &hypervisor(cli)?.info_many(names).await?)
 }
 
 async fn list(cli: &Cli) -> CliResult {
-    match call(&hypervisor(cli)?, Request::Overview).await? {
-        Response::Info(infos) => render::infos(cli.json, &infos),
-        other => Err(unexpected(&other)),
-    }
+    render::infos(cli.json, &hypervisor(cli)?.overview().await?)
 }
 
 async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
@@ -507,12 +456,9 @@ async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
         }
         nic.mac = hv_kvm::MacAddr::new([0x52, 0x54, 0x00, b[0], b[1], b[2]]);
     }
-    let request = Request::NicAdd {
-        instance: name.to_owned(),
-        nic,
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::NicAdded(nic) => {
+    {
+        let nic = hypervisor(cli)?.nic_add(name, nic).await?;
+        {
             let (id, slot) = nic
                 .address
                 .as_ref()
@@ -528,7 +474,6 @@ async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
                 &what,
             )
         }
-        other => Err(unexpected(&other)),
     }
 }
 
@@ -562,12 +507,9 @@ async fn disk_add(cli: &Cli, name: &str, text: &str) -> CliResult {
         text.parse()
             .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?
     };
-    let request = Request::DiskAdd {
-        instance: name.to_owned(),
-        disk,
-    };
-    match call(&hypervisor(cli)?, request).await? {
-        Response::DiskAdded(disk) => {
+    {
+        let disk = hypervisor(cli)?.disk_add(name, disk).await?;
+        {
             let (id, slot) = disk
                 .address
                 .as_ref()
@@ -583,7 +525,6 @@ async fn disk_add(cli: &Cli, name: &str, text: &str) -> CliResult {
                 &what,
             )
         }
-        other => Err(unexpected(&other)),
     }
 }
 
@@ -617,17 +558,13 @@ fn parse_size(text: &str) -> Option<u64> {
 }
 
 async fn attach_console(cli: &Cli, name: &str) -> CliResult {
-    let request = Request::Console {
-        instance: name.to_owned(),
-    };
-    let socket = match call(&hypervisor(cli)?, request).await? {
-        Response::Console(hv_kvm::ConsoleInfo::Serial { socket, .. }) => socket,
-        Response::Console(other) => {
+    let socket = match hypervisor(cli)?.console(name)? {
+        hv_kvm::ConsoleInfo::Serial { socket, .. } => socket,
+        other => {
             return Err(Failure::from(format!(
                 "instance {name} has no serial console ({other:?}); see gkvm console-info"
             )))
         }
-        other => return Err(unexpected(&other)),
     };
     let owned = name.to_owned();
     let ended = tokio::task::spawn_blocking(move || console::attach(&owned, &socket))

@@ -506,14 +506,7 @@ impl KvmHypervisor {
             R::MigrationInfo {
                 instance,
                 for_ganeti,
-            } => {
-                self.settle_hotplug(&instance).await?;
-                Response::MigrationInfo(if for_ganeti {
-                    self.migration_info_for_ganeti(&instance).await?
-                } else {
-                    self.migration_info_live(&instance).await?
-                })
-            }
+            } => Response::MigrationInfo(self.migration_info_settled(&instance, for_ganeti).await?),
             R::Receive {
                 info,
                 address,
@@ -581,6 +574,19 @@ impl KvmHypervisor {
                 done(self.finalize_migration_source(&instance, outcome).await?)
             }
         })
+    }
+
+    /// What a migration destination needs of a running instance, after
+    /// settling a hot plug a killed gkvm left: gkvm's info
+    /// ([`Self::migration_info_live`]), or with `for_ganeti` Ganeti's
+    /// runtime list with gkvm's inside ([`Self::migration_info_for_ganeti`]).
+    pub async fn migration_info_settled(&self, instance: &str, for_ganeti: bool) -> Result<String> {
+        self.settle_hotplug(instance).await?;
+        if for_ganeti {
+            self.migration_info_for_ganeti(instance).await
+        } else {
+            self.migration_info_live(instance).await
+        }
     }
 
     /// Details of these instances, or of every running one.
