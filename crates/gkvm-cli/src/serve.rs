@@ -607,11 +607,12 @@ fn read_requests(calls: &mut Calls, readable: &[bool]) {
                     return false;
                 }
                 Ok(n) => {
-                    r.buf.extend_from_slice(&chunk[..n]);
-                    calls.buffered += n;
-                    if let Some(end) = r.buf.iter().position(|b| *b == b'\n') {
-                        calls.buffered = calls.buffered.saturating_sub(r.buf.len() - end - 1);
-                        r.buf.truncate(end + 1);
+                    // Only the new bytes are searched for the line's end.
+                    let end = chunk[..n].iter().position(|b| *b == b'\n');
+                    let take = end.map_or(n, |e| e + 1);
+                    r.buf.extend_from_slice(&chunk[..take]);
+                    calls.buffered += take;
+                    if end.is_some() {
                         return true;
                     }
                     let cap = u64::try_from(r.buf.len()).unwrap_or(u64::MAX) > MAX_REQUEST;

@@ -693,3 +693,61 @@ fn typed_requests_are_answered_as_the_facade_answers() {
     rt.block_on(hv.stop("api1", hv_kvm::StopMode::Force))
         .unwrap();
 }
+
+/// A request larger than the server takes is answered an error, not read
+/// for ever; a caller of another user is closed on at once (it holds
+/// nothing), and the server serves on.
+#[test]
+fn oversize_requests_and_other_users_are_turned_away() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let _server = Server::start(Path::new(GKVM), &socket);
+    let mut big = UnixStream::connect(&socket).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0usize;
+    // The server stops reading past 16 MiB: a write then fails or the
+    // answer comes.
+    while sent < (32 << 20) && big.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    let mut answer = String::new();
+    let _ = BufReader::new(&big).read_line(&mut answer);
+    assert!(
+        answer.contains("too large"),
+        "after {sent} bytes: {answer:?}"
+    );
+
+    if nix::unistd::Uid::effective().is_root() {
+        // SAFETY: fork in a test; the child only switches user, connects
+        // and exits with what it saw.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = (|| {
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).ok()?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(65534)).ok()?;
+                // The socket is 0600: another user may not even connect,
+                // whatever the directory allows.
+                match UnixStream::connect(&socket) {
+                    Err(_) => Some(0),
+                    Ok(s) => {
+                        let _ = (&s).write_all(b"{\"argv\": [\"--version\"]}\n");
+                        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                        let mut line = String::new();
+                        let _ = BufReader::new(&s).read_line(&mut line);
+                        Some(i32::from(!line.is_empty()))
+                    }
+                }
+            })()
+            .unwrap_or(2);
+            // SAFETY: the forked child ends here.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 0, "another user was answered");
+    }
+    let ok = raw(&socket, b"{\"argv\": [\"--version\"]}\n").expect("served on");
+    assert_eq!(ok["code"], json!(0));
+}
