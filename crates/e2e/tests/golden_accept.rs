@@ -196,6 +196,11 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
     )
     .unwrap();
     std::fs::write(dir.join("events.out"), "").unwrap();
+    if v.spec.hvparams.firmware != kvm_cmdline::hvparams::Firmware::Bios {
+        // The instance's variable store, as hv-kvm makes it at a first start.
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", dir.join("nvram.fd"))
+            .map_err(|e| format!("OVMF's variable store template: {e}"))?;
+    }
 
     // TAPs onto the descriptor numbers the golden names.
     let taps: Vec<gkvm_tap::Tap> = v

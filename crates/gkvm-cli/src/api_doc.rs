@@ -21,6 +21,7 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "hotplug_supported", "instance": "web1"}"#,
     r#"{"op": "cleanup", "instance": "web1"}"#,
     r#"{"op": "release_to_ganeti", "instance": "web1"}"#,
+    r#"{"op": "remove_state", "instance": "web1"}"#,
     r#"{"op": "list"}"#,
     r#"{"op": "overview"}"#,
     r#"{"op": "info", "instances": ["web1"]}"#,

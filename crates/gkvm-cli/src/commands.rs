@@ -72,6 +72,15 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
+        Command::RemoveState { name } => {
+            simple(
+                c,
+                Request::RemoveState {
+                    instance: name.clone(),
+                },
+            )
+            .await
+        }
         Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
         Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
@@ -357,6 +366,7 @@ async fn simple(cli: &Cli, request: Request) -> CliResult {
         Request::Reboot { instance, .. } => (instance.clone(), "reboot", "rebooted"),
         Request::Resume { instance } => (instance.clone(), "resume", "resumed"),
         Request::Cleanup { instance } => (instance.clone(), "cleanup", "cleaned up"),
+        Request::RemoveState { instance } => (instance.clone(), "remove-state", "state removed"),
         Request::CancelMigration { instance } => {
             (instance.clone(), "migrate-cancel", "migration cancelled")
         }

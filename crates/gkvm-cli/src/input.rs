@@ -21,6 +21,12 @@ pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
     config.migration_key =
         migration_key(cli.migration_key.as_ref().or(node.migration_key.as_ref()))?;
     config.log_dir = node.log_dir.clone();
+    if let Some(d) = &node.state_dir {
+        config.state_dir = d.clone();
+    }
+    if let Some(d) = &node.ovmf_dir {
+        config.ovmf_dir = d.clone();
+    }
     config.migration_tls_dir = node.migration_tls_dir.clone();
     config.nic_script = node.nic_up_script.clone();
     config.nic_down_script = node.nic_down_script.clone();

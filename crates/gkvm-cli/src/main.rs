@@ -136,6 +136,12 @@ enum Command {
         /// The instance.
         name: String,
     },
+    /// Remove what an instance keeps on this node between runs (its UEFI
+    /// variable store, under the node's state_dir); refused while it runs.
+    RemoveState {
+        /// The instance.
+        name: String,
+    },
     /// Hand running instances over to Ganeti 3.1's own KVM driver without
     /// restarting them (a node rolled back from gkvm): their runtime files
     /// in the driver's format, gkvm's own files removed.
@@ -408,6 +414,7 @@ impl Command {
             Command::Reboot { name, .. } => ("reboot", Some(name)),
             Command::Resume { name } => ("resume", Some(name)),
             Command::Cleanup { name } => ("cleanup", Some(name)),
+            Command::RemoveState { name } => ("remove-state", Some(name)),
             Command::Balloon { name, .. } => ("balloon", Some(name)),
             Command::Migrate { name, .. } => ("migrate", Some(name)),
             Command::NicAdd { name, .. } => ("nic-add", Some(name)),

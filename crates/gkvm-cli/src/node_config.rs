@@ -5,6 +5,8 @@
 //! ```toml
 //! run_dir = "/run/gkvm"
 //! log_dir = "/var/log/gkvm"                # QEMU's logs, NAME.log
+//! state_dir = "/var/lib/gkvm"              # what outlives a run (UEFI variables)
+//! ovmf_dir = "/usr/share/OVMF"             # OVMF's images (Debian's ovmf)
 //! kvm_path = "/usr/bin/qemu-system-x86_64"
 //! nic_up_script = "/etc/gkvm/kvm-ifup"      # ACTION=up; none: native
 //! nic_down_script = "/etc/gkvm/kvm-ifdown"  # ACTION=down; none: native
@@ -37,6 +39,8 @@ const MAX_SIZE: u64 = 64 << 10;
 pub(crate) struct NodeConfig {
     pub(crate) run_dir: Option<PathBuf>,
     pub(crate) log_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) ovmf_dir: Option<PathBuf>,
     pub(crate) kvm_path: Option<PathBuf>,
     pub(crate) nic_up_script: Option<PathBuf>,
     pub(crate) nic_down_script: Option<PathBuf>,
@@ -93,6 +97,8 @@ impl NodeConfig {
         for (key, path) in [
             ("run_dir", &self.run_dir),
             ("log_dir", &self.log_dir),
+            ("state_dir", &self.state_dir),
+            ("ovmf_dir", &self.ovmf_dir),
             ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),

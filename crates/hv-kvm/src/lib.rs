@@ -28,6 +28,7 @@ mod process;
 mod qemu_log;
 mod query;
 mod start;
+mod state;
 pub mod trust;
 mod types;
 
@@ -128,6 +129,14 @@ pub struct Config {
     /// where the info travels over a channel that is already authenticated
     /// (Ganeti's node daemons), or where both ends are this node.
     pub trust_unsealed_migration_info: bool,
+    /// Where per-instance state that outlives a run lives (a UEFI
+    /// instance's variable store, `instances/NAME/nvram.fd`): not the run
+    /// directory, which is tmpfs. Removed only by
+    /// [`KvmHypervisor::remove_state`].
+    pub state_dir: PathBuf,
+    /// Where OVMF's images are (Debian's `ovmf`: `OVMF_CODE_4M.fd`,
+    /// `OVMF_VARS_4M.fd`, and `.secboot`/`.ms` for Secure Boot).
+    pub ovmf_dir: PathBuf,
     /// This node's values of node-local hvparams (see
     /// [`trust::NODE_LOCAL_HVPARAMS`]) that differ from the defaults: an
     /// incoming instance must have the same.
@@ -147,6 +156,8 @@ impl Config {
             nic_script: None,
             nic_down_script: None,
             nic_communication_script: None,
+            state_dir: PathBuf::from("/var/lib/gkvm"),
+            ovmf_dir: PathBuf::from("/usr/share/OVMF"),
             uid_pool: None,
             tap_template: "gkvm%d".into(),
             start_timeout: Duration::from_secs(60),
@@ -302,7 +313,11 @@ impl KvmHypervisor {
             })
             .collect();
         let launch = kvm_cmdline::Launch {
-            node: node_paths(&paths, Some(self.instance_log(&spec.name))),
+            node: node_paths(
+                &paths,
+                Some(self.instance_log(&spec.name)),
+                self.firmware_files(&spec),
+            ),
             paused: true,
             daemonize: true,
             incoming: None,
@@ -337,9 +352,11 @@ fn caps_dir(config: &Config) -> PathBuf {
 pub(crate) fn node_paths(
     p: &kvm_runtime::InstancePaths,
     log: Option<PathBuf>,
+    firmware: Option<kvm_cmdline::FirmwareFiles>,
 ) -> kvm_cmdline::NodePaths {
     kvm_cmdline::NodePaths {
         log,
+        firmware,
         pidfile: p.pid.clone(),
         qmp: p.qmp.clone(),
         qmp_watch: Some(p.qmp_watch.clone()),

@@ -887,6 +887,18 @@ impl KvmHypervisor {
             record
         } else {
             let spec = spec_from_record(name, &record, &paths.runtime)?;
+            if spec.hvparams.firmware != kvm_cmdline::hvparams::Firmware::Bios {
+                // Ganeti's driver boots BIOS only: it would start the guest
+                // on other hardware, without its variable store.
+                return Err(Error::MigrationInfo {
+                    instance: name.to_owned(),
+                    reason: format!(
+                        "it boots UEFI (firmware={}), which Ganeti 3.1's own KVM driver \
+                         cannot run",
+                        spec.hvparams.firmware.as_str()
+                    ),
+                });
+            }
             let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map_err(|e| Error::Io {
                     context: format!("reading the command line of instance {name} (pid {pid})"),
@@ -922,7 +934,12 @@ impl KvmHypervisor {
             // A record Ganeti wrote keeps all of Ganeti's hvparams (keys
             // gkvm does not know among them); gkvm's has its definition's.
             let hvparams = if record.hvparams.is_empty() {
-                spec.hvparams.to_map()
+                // Ganeti's 65 keys only (gkvm's own mean nothing there).
+                let mut map = spec.hvparams.to_map();
+                for key in kvm_cmdline::GKVM_HVPARAMS {
+                    map.remove(key);
+                }
+                map
             } else {
                 record.hvparams.clone()
             };

@@ -188,6 +188,13 @@ pub enum Request {
         /// The instance.
         instance: String,
     },
+    /// Remove what an instance keeps on this node between runs (its UEFI
+    /// variable store; [`KvmHypervisor::remove_state`]); refused while it
+    /// runs here.
+    RemoveState {
+        /// The instance.
+        instance: String,
+    },
     /// Hand a running instance over to Ganeti 3.1's own KVM driver
     /// ([`KvmHypervisor::release_to_ganeti`]).
     ReleaseToGaneti {
@@ -468,6 +475,7 @@ impl KvmHypervisor {
             R::Balloon { instance, mib } => done(self.balloon(&instance, mib).await?),
             R::Cleanup { instance } => done(self.cleanup(&instance).await?),
             R::ReleaseToGaneti { instance } => done(self.release_to_ganeti(&instance).await?),
+            R::RemoveState { instance } => done(self.remove_state(&instance).await?),
             R::HotplugSupported { instance } => done(self.hotplug_supported(&instance).await?),
             R::NicAdd { instance, nic } => {
                 Response::NicAdded(Box::new(self.nic_add(&instance, nic).await?))

@@ -170,6 +170,9 @@ impl KvmHypervisor {
     ) -> Result<Vec<gkvm_tap::Tap>> {
         let spec = &built.spec;
         let hv = &spec.hvparams;
+        // What outlives the run (a UEFI variable store), before anything
+        // that the rollback removes.
+        self.prepare_state(spec)?;
         let virtio = crate::nic::is_virtio(spec, &built.caps);
         let taps = crate::nic::open_taps(spec, &self.config.tap_template, virtio)?;
         for tap in &taps {
@@ -248,7 +251,7 @@ impl KvmHypervisor {
             })
             .collect();
         let launch = Launch {
-            node: node_paths(paths, Some(log_path.clone())),
+            node: node_paths(paths, Some(log_path.clone()), self.firmware_files(spec)),
             // Stopped at first: pinning, ballooning and passwords come before
             // the guest runs (as Ganeti does). An incoming instance runs as
             // soon as its migration lands (the source has then stopped for

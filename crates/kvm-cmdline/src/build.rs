@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::escape::{opt_path, opt_value, path_str, whole_arg};
 use crate::hvparams::{
-    BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, KvmFlag, NicType, RebootBehavior,
-    ScsiControllerType, SecurityModel,
+    BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, Firmware, KvmFlag, NicType,
+    RebootBehavior, ScsiControllerType, SecurityModel,
 };
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
@@ -85,7 +85,25 @@ pub struct NodePaths {
     /// writing every event to `PATH.out`; both must exist before the
     /// launch.
     pub events: Option<PathBuf>,
+    /// The UEFI firmware's files (`firmware` uefi or uefi-secboot): its
+    /// code, read-only, and the instance's own variable store, which must
+    /// exist (the caller copies the template at the first start).
+    pub firmware: Option<FirmwareFiles>,
 }
+
+/// The two flash images of a UEFI machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareFiles {
+    /// The firmware's code (OVMF_CODE*.fd), read-only and shared.
+    pub code: PathBuf,
+    /// The instance's variable store (a copy of OVMF_VARS*.fd), writable.
+    pub vars: PathBuf,
+}
+
+/// The block node names of a UEFI machine's flash images.
+pub const FIRMWARE_CODE_NODE: &str = "gkvm-fw-code";
+/// See [`FIRMWARE_CODE_NODE`].
+pub const FIRMWARE_VARS_NODE: &str = "gkvm-fw-vars";
 
 /// The descriptors of one NIC as the child will see them: a TAP queue
 /// each, and with `vhost_net` a `/dev/vhost-net` descriptor per queue that
@@ -333,10 +351,36 @@ fn build_machine(c: &Ctx, a: &mut Args) -> Result<String, Error> {
         if acpi_via_machine {
             m = m.with("acpi", false);
         }
+        if hv.firmware != Firmware::Bios {
+            if !f.blockdev {
+                return Err(c.unsupported("firmware", "-blockdev flash images (UEFI)"));
+            }
+            m = m
+                .with("pflash0", FIRMWARE_CODE_NODE)
+                .with("pflash1", FIRMWARE_VARS_NODE);
+        }
+        if hv.firmware == Firmware::UefiSecboot {
+            if !machine.contains("q35") {
+                return Err(Error::Syntax {
+                    key: "firmware".into(),
+                    reason: format!(
+                        "uefi-secboot needs a q35 machine (machine_version), not {machine}: \
+                         Secure Boot locks the variable store behind SMM, which i440fx lacks"
+                    ),
+                });
+            }
+            m = m.with("smm", true);
+        }
         a.machine(&m)?;
+        if hv.firmware == Firmware::UefiSecboot {
+            a.opt("-global", "driver=cfi.pflash01,property=secure,value=on");
+        }
     } else {
         if acpi_via_machine {
             return Err(c.unsupported("acpi", "turning ACPI off (-no-acpi or -machine acpi=off)"));
+        }
+        if hv.firmware != Firmware::Bios {
+            return Err(c.unsupported("firmware", "-machine with flash images (UEFI)"));
         }
         a.opt("-M", opt_value("machine_version", &machine)?);
         match hv.kvm_flag {
@@ -1120,6 +1164,7 @@ impl QemuCommand {
         } else {
             a.opt("-serial", "none");
         }
+        launch_firmware(&c, &mut a, node)?;
         launch_run_as(&c, &mut a, launch)?;
         launch_keymap(&c, &mut a, node)?;
         if c.hv.use_guest_agent {
@@ -1138,6 +1183,32 @@ impl QemuCommand {
         }
         Ok(a.into_vec())
     }
+}
+
+/// A UEFI machine's flash images: the firmware's code read-only, the
+/// instance's variable store writable (QEMU opens both before it drops
+/// privileges).
+fn launch_firmware(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
+    if c.hv.firmware == Firmware::Bios {
+        return Ok(());
+    }
+    let files = node.firmware.as_ref().ok_or_else(|| {
+        c.instance_err(
+            "hvparams.firmware",
+            "UEFI needs the node's firmware and the instance's variable store".into(),
+        )
+    })?;
+    let code = Blockdev::raw_file(
+        FIRMWARE_CODE_NODE,
+        checked_path("firmware code", &files.code)?,
+    )
+    .with("read-only", true);
+    let vars = Blockdev::raw_file(
+        FIRMWARE_VARS_NODE,
+        checked_path("firmware variables", &files.vars)?,
+    );
+    a.blockdev(&code, SYNTAX)?;
+    a.blockdev(&vars, SYNTAX)
 }
 
 /// Migration TLS: both ends' x509 credentials, and for an incoming

@@ -124,6 +124,11 @@ str_enum!(
     /// `reboot_behavior`.
     RebootBehavior { /** The guest may reboot (gkvm 0.1 spelled it `allow`). */ #[serde(alias = "allow")] Allow = "reboot", /** A reboot makes QEMU exit. */ Exit = "exit" } default Allow);
 str_enum!(
+    /// `firmware` (gkvm's, not Ganeti's): what the machine boots from.
+    Firmware { /** SeaBIOS, QEMU's default (as Ganeti starts every instance). */ Bios = "bios",
+               /** UEFI (OVMF), its variables in a per-instance store that persists. */ Uefi = "uefi",
+               /** UEFI with Secure Boot and Microsoft's keys enrolled (a q35 machine, SMM). */ UefiSecboot = "uefi-secboot" } default Bios);
+str_enum!(
     /// SPICE lossless image compression.
     SpiceLossless { #[allow(missing_docs)] AutoGlz = "auto_glz", #[allow(missing_docs)] AutoLz = "auto_lz",
                     #[allow(missing_docs)] Quic = "quic", #[allow(missing_docs)] Glz = "glz",
@@ -369,6 +374,10 @@ pub struct HvParams {
     #[serde(with = "lenient")]
     #[schemars(with = "u32")]
     pub kvm_pci_reservations: u32,
+    /// What the machine boots from: BIOS, or UEFI with its own variable
+    /// store (gkvm's parameter; Ganeti 3.1 has none, see
+    /// [`GKVM_HVPARAMS`]).
+    pub firmware: Firmware,
 }
 
 impl Default for HvParams {
@@ -439,9 +448,15 @@ impl Default for HvParams {
             kvm_extra: String::new(),
             machine_version: String::new(),
             kvm_pci_reservations: 12,
+            firmware: Firmware::Bios,
         }
     }
 }
+
+/// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
+/// cluster cannot set them (its parameter tables are fixed in its code);
+/// they take their defaults there.
+pub const GKVM_HVPARAMS: [&str; 1] = ["firmware"];
 
 /// The hvparams a restart (`reboot_behavior=exit`) or a migration's
 /// destination takes from the current configuration rather than from the
@@ -801,7 +816,7 @@ mod tests {
         assert_eq!(m["serial_speed"], 38400);
         assert_eq!(m["cpu_mask"], "all");
         assert_eq!(HvParams::from_map(&m).unwrap(), d);
-        assert_eq!(HvParams::keys().len(), 65);
+        assert_eq!(HvParams::keys().len(), 65 + GKVM_HVPARAMS.len());
     }
 
     #[test]

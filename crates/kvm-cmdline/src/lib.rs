@@ -50,9 +50,9 @@ mod validate;
 mod values;
 
 pub use build::{
-    build, hotplug_disk, hotplug_nic, keymap_file, pick_address, uses_vhost, BuildEnv, Launch,
-    NicBackend, NodePaths, QemuCommand, EVENTS_CHARDEV, MIGRATION_TLS_IN, MIGRATION_TLS_OUT,
-    VNC_BASE_PORT,
+    build, hotplug_disk, hotplug_nic, keymap_file, pick_address, uses_vhost, BuildEnv,
+    FirmwareFiles, Launch, NicBackend, NodePaths, QemuCommand, EVENTS_CHARDEV, FIRMWARE_CODE_NODE,
+    FIRMWARE_VARS_NODE, MIGRATION_TLS_IN, MIGRATION_TLS_OUT, VNC_BASE_PORT,
 };
 pub use caps::{
     parse_devices, parse_machines, parse_version, Capabilities, Features, MachineType, Probe,
@@ -60,7 +60,7 @@ pub use caps::{
 };
 pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;
-pub use hvparams::{HvParams, RESTART_SAFE_HVPARAMS};
+pub use hvparams::{HvParams, GKVM_HVPARAMS, RESTART_SAFE_HVPARAMS};
 pub use instance::tap_template_problem;
 pub use instance::{
     validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec, Layout,

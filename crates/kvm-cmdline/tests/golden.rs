@@ -103,6 +103,16 @@ fn argv_for(
             keymap: dir.join("keymap"),
             log: Some(dir.join("qemu.log")),
             events: Some(dir.join("events")),
+            firmware: Some(kvm_cmdline::FirmwareFiles {
+                code: PathBuf::from(
+                    if v.spec.hvparams.firmware == kvm_cmdline::hvparams::Firmware::UefiSecboot {
+                        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+                    } else {
+                        "/usr/share/OVMF/OVMF_CODE_4M.fd"
+                    },
+                ),
+                vars: dir.join("nvram.fd"),
+            }),
         },
         paused: v.launch.paused,
         daemonize: true,
@@ -406,7 +416,10 @@ fn ganeti_3_1_kvm_defaults_are_accepted() {
     assert_eq!(map.len(), 65);
     let hv = kvm_cmdline::HvParams::from_map(&map).unwrap();
     hv.check_syntax().unwrap();
-    assert_eq!(kvm_cmdline::HvParams::keys().len(), map.len());
+    assert_eq!(
+        kvm_cmdline::HvParams::keys().len(),
+        map.len() + kvm_cmdline::GKVM_HVPARAMS.len()
+    );
     for profile in PROFILES {
         let mut spec = InstanceSpec::new("g31", 128);
         spec.hvparams = hv.clone();
