@@ -195,3 +195,54 @@ fn uefi_variables_travel_with_a_migration() {
     );
     rt().block_on(b.stop("uefim", StopMode::Force)).unwrap();
 }
+
+/// Secure Boot: q35, SMM, a secure flash and a store with Microsoft's keys
+/// enrolled. Started under TCG (this machine's nested KVM has no SMM);
+/// the store is made from the enrolled template.
+#[test]
+fn uefi_secure_boot_starts_with_the_enrolled_store() {
+    let Some(env) = require("uefi_secboot", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd").exists() {
+        gkvm_testkit::skip(
+            "uefi_secboot",
+            "no OVMF (Debian's ovmf; scripts/install-deps)",
+        );
+        return;
+    }
+    let dir = ScratchDir::new("gkvm-uefi-sb");
+    let _kill = gkvm_testkit::KillRunDir(dir.path().join("run"));
+    let mut config = common::node_config(dir.path(), &env.qemu);
+    config.state_dir = dir.path().join("state");
+    let hv = KvmHypervisor::new(config);
+    let mut spec = hv_kvm::InstanceSpec::new("sb1", 256);
+    for pair in [
+        "firmware=uefi-secboot",
+        "machine_version=q35",
+        "kvm_flag=disabled",
+    ] {
+        spec.hvparams.set_pair(pair).unwrap();
+    }
+    rt().block_on(async {
+        hv.start(&spec, StartMode::Paused).await.unwrap();
+        assert_eq!(
+            hv.info("sb1").await.unwrap().state,
+            hv_kvm::InstanceState::Paused
+        );
+        hv.stop("sb1", StopMode::Force).await.unwrap();
+    });
+    let store = std::fs::read(dir.path().join("state/instances/sb1/nvram.fd")).unwrap();
+    let enrolled = std::fs::read("/usr/share/OVMF/OVMF_VARS_4M.ms.fd").unwrap();
+    assert_eq!(store.len(), enrolled.len());
+    // On i440fx it is refused, naming the parameter.
+    spec.hvparams.set_pair("machine_version=pc").unwrap();
+    let e = rt()
+        .block_on(hv.start(&spec, StartMode::Paused))
+        .unwrap_err();
+    assert!(
+        e.report().contains("uefi-secboot needs a q35 machine"),
+        "{}",
+        e.report()
+    );
+}

@@ -55,6 +55,12 @@ fn vhost_fd(nic: usize, q: usize) -> i32 {
 /// goldens check the descriptor plumbing and `hv_lifecycle` checks the
 /// error path).
 fn not_startable_here(v: &Variant) -> Option<&'static str> {
+    if v.spec.hvparams.firmware == kvm_cmdline::hvparams::Firmware::UefiSecboot && !kvm_has_smm() {
+        // Secure Boot locks the variable store behind SMM; this machine's
+        // nested KVM has none ("System Management Mode not supported by
+        // this hypervisor").
+        return Some("this node's KVM has no SMM");
+    }
     if v.name == "userspace-uris" {
         // Their servers are TEST-NET addresses; the NBD and HTTP goldens
         // are started against servers this test runs.
@@ -62,6 +68,25 @@ fn not_startable_here(v: &Variant) -> Option<&'static str> {
     }
     (kvm_cmdline::uses_vhost(&v.spec.hvparams) && !Path::new("/dev/vhost-net").exists())
         .then_some("no /dev/vhost-net on this node")
+}
+
+/// Whether this node's KVM emulates System Management Mode
+/// (`KVM_CHECK_EXTENSION` of `KVM_CAP_X86_SMM`).
+fn kvm_has_smm() -> bool {
+    const KVM_CHECK_EXTENSION: libc::c_ulong = 0xAE03;
+    const KVM_CAP_X86_SMM: libc::c_ulong = 117;
+    let Ok(kvm) = std::fs::File::open("/dev/kvm") else {
+        return false;
+    };
+    // SAFETY: KVM_CHECK_EXTENSION takes an integer and returns one.
+    let r = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&kvm),
+            KVM_CHECK_EXTENSION,
+            KVM_CAP_X86_SMM,
+        )
+    };
+    r > 0
 }
 
 /// The servers the userspace goldens name: an NBD export of
