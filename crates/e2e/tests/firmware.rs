@@ -5,14 +5,44 @@
 //! the state is refused while it runs, and ends it once stopped.
 
 mod common;
-use common::{guest_spec, rt};
-use gkvm_testkit::{require, Need, ScratchDir, Serial, READY_LINE};
+use common::{guest_spec, hop, rt};
+use gkvm_testkit::{require, Env, Need, ScratchDir, Serial, READY_LINE};
 use hv_kvm::{KvmHypervisor, RunDir, StartMode, StopMode};
 use std::path::Path;
 use std::time::Duration;
 
 /// An EFI variable of the test's own vendor GUID.
 const VAR: &str = "GkvmTest-4b1f0e2a-8d6c-4b7e-9f10-2a3b4c5d6e7f";
+
+/// Whether OVMF's `file` is missing here (the test is then skipped,
+/// saying so).
+fn ovmf_missing(test: &str, file: &str) -> bool {
+    let missing = !Path::new("/usr/share/OVMF").join(file).exists();
+    if missing {
+        gkvm_testkit::skip(test, "no OVMF (Debian's ovmf; scripts/install-deps)");
+    }
+    missing
+}
+
+/// A node at `dir` whose state directory is `dir/state`.
+fn uefi_node(dir: &Path, qemu: &Path) -> KvmHypervisor {
+    let mut config = common::node_config(dir, qemu);
+    config.state_dir = dir.join("state");
+    KvmHypervisor::new(config)
+}
+
+/// The test guest, booting UEFI.
+fn uefi_guest(env: &Env, name: &str) -> hv_kvm::InstanceSpec {
+    let mut spec = guest_spec(env, name);
+    // OVMF and the EFI stub's decompression want more than the 128 MiB
+    // the guest boots in under SeaBIOS.
+    spec.memory = 256;
+    spec.hvparams.set_pair("firmware=uefi").unwrap();
+    // OVMF boots a kernel with its EFI stub: the bzImage beside the ELF.
+    let kernel = &env.guest.as_ref().expect("test guest").kernel;
+    spec.hvparams.kernel_path = Some(kernel.with_file_name("bzImage"));
+    spec
+}
 
 fn boot(hv: &KvmHypervisor, run: &Path, spec: &hv_kvm::InstanceSpec) -> Serial {
     rt().block_on(hv.start(spec, StartMode::Paused)).unwrap();
@@ -25,47 +55,55 @@ fn boot(hv: &KvmHypervisor, run: &Path, spec: &hv_kvm::InstanceSpec) -> Serial {
     serial
 }
 
-#[test]
-fn uefi_boots_and_keeps_its_variables() {
-    let Some(env) = require("uefi", &[Need::Root, Need::Guest]) else {
-        return;
-    };
-    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
-        gkvm_testkit::skip("uefi", "no OVMF (Debian's ovmf; scripts/install-deps)");
-        return;
-    }
-    let dir = ScratchDir::new("gkvm-uefi");
-    let run = dir.path().join("run");
-    let _kill = gkvm_testkit::KillRunDir(run.clone());
-    let mut config = common::node_config(dir.path(), &env.qemu);
-    config.state_dir = dir.path().join("state");
-    let hv = KvmHypervisor::new(config);
-    let guest = env.guest.as_ref().unwrap();
-    let mut spec = guest_spec(&env, "uefi1");
-    // OVMF and the EFI stub's decompression want more than the 128 MiB
-    // the guest boots in under SeaBIOS.
-    spec.memory = 256;
-    spec.hvparams.set_pair("firmware=uefi").unwrap();
-    // OVMF boots a kernel with its EFI stub: the bzImage beside the ELF.
-    let bz = guest.kernel.with_file_name("bzImage");
-    spec.hvparams.kernel_path = Some(bz);
-
-    let mut serial = boot(&hv, &run, &spec);
-    let nvram = dir.path().join("state/instances/uefi1/nvram.fd");
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&nvram).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600, "{}", nvram.display());
+/// Writes the test's EFI variable (`value`, 12 bytes) in the booted
+/// guest, through efivarfs.
+fn write_var(serial: &mut Serial, value: &str) {
     let out = serial
         .run(
             &format!(
                 "ls -d /sys/firmware/efi && mount -t efivarfs none /sys/firmware/efi/efivars \
-                 && printf '\\007\\000\\000\\000gkvm-uefi-42' > /sys/firmware/efi/efivars/{VAR} \
+                 && printf '\\007\\000\\000\\000{value}' > /sys/firmware/efi/efivars/{VAR} \
                  && echo written-$?"
             ),
             Duration::from_secs(60),
         )
         .unwrap();
     assert!(out.contains("written-0"), "{out}");
+}
+
+/// What the booted guest reads of the test's EFI variable.
+fn read_var(serial: &mut Serial) -> String {
+    serial
+        .run(
+            &format!(
+                "mount -t efivarfs none /sys/firmware/efi/efivars; \
+                 tail -c 12 /sys/firmware/efi/efivars/{VAR}; echo; echo read-$?"
+            ),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+}
+
+#[test]
+fn uefi_boots_and_keeps_its_variables() {
+    let Some(env) = require("uefi", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    if ovmf_missing("uefi", "OVMF_CODE_4M.fd") {
+        return;
+    }
+    let dir = ScratchDir::new("gkvm-uefi");
+    let run = dir.path().join("run");
+    let _kill = gkvm_testkit::KillRunDir(run.clone());
+    let hv = uefi_node(dir.path(), &env.qemu);
+    let spec = uefi_guest(&env, "uefi1");
+
+    let mut serial = boot(&hv, &run, &spec);
+    let nvram = dir.path().join("state/instances/uefi1/nvram.fd");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&nvram).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", nvram.display());
+    write_var(&mut serial, "gkvm-uefi-42");
     // Removing the state of a running instance is refused.
     let refused = rt().block_on(hv.remove_state("uefi1")).unwrap_err();
     assert!(
@@ -78,15 +116,7 @@ fn uefi_boots_and_keeps_its_variables() {
 
     // Started again: the variable is there (the store persisted).
     let mut serial = boot(&hv, &run, &spec);
-    let out = serial
-        .run(
-            &format!(
-                "mount -t efivarfs none /sys/firmware/efi/efivars; \
-                 tail -c 12 /sys/firmware/efi/efivars/{VAR}; echo; echo read-$?"
-            ),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let out = read_var(&mut serial);
     assert!(
         out.contains("gkvm-uefi-42"),
         "the EFI variable did not survive a restart:\n{out}"
@@ -108,87 +138,38 @@ fn uefi_variables_travel_with_a_migration() {
     let Some(env) = require("uefi_migration", &[Need::Root, Need::Guest]) else {
         return;
     };
-    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() {
-        gkvm_testkit::skip(
-            "uefi_migration",
-            "no OVMF (Debian's ovmf; scripts/install-deps)",
-        );
+    if ovmf_missing("uefi_migration", "OVMF_CODE_4M.fd") {
         return;
     }
     let (da, db) = (
         ScratchDir::new("gkvm-uefi-a"),
         ScratchDir::new("gkvm-uefi-b"),
     );
-    let node = |d: &ScratchDir| {
-        let mut c = common::node_config(d.path(), &env.qemu);
-        c.state_dir = d.path().join("state");
-        KvmHypervisor::new(c)
-    };
-    let (a, b) = (node(&da), node(&db));
+    let (a, b) = (
+        uefi_node(da.path(), &env.qemu),
+        uefi_node(db.path(), &env.qemu),
+    );
     let (_ka, _kb) = (
         gkvm_testkit::KillRunDir(da.path().join("run")),
         gkvm_testkit::KillRunDir(db.path().join("run")),
     );
-    let guest = env.guest.as_ref().unwrap();
-    let mut spec = guest_spec(&env, "uefim");
-    spec.memory = 256;
-    spec.hvparams.set_pair("firmware=uefi").unwrap();
-    spec.hvparams.kernel_path = Some(guest.kernel.with_file_name("bzImage"));
+    let mut spec = uefi_guest(&env, "uefim");
     let port = 21000 + u16::try_from(std::process::id() % 2000).unwrap();
     spec.hvparams.migration_port = port;
 
     let mut serial = boot(&a, &da.path().join("run"), &spec);
-    let out = serial
-        .run(
-            &format!(
-                "mount -t efivarfs none /sys/firmware/efi/efivars \
-                 && printf '\\007\\000\\000\\000gkvm-moved-7' > /sys/firmware/efi/efivars/{VAR} \
-                 && echo written-$?"
-            ),
-            Duration::from_secs(60),
-        )
-        .unwrap();
-    assert!(out.contains("written-0"), "{out}");
+    write_var(&mut serial, "gkvm-moved-7");
     drop(serial);
     let b_store = db.path().join("state/instances/uefim/nvram.fd");
     assert!(!b_store.exists());
     rt().block_on(async {
-        let info = a.migration_info("uefim").unwrap();
-        b.accept_instance(&info, "127.0.0.1", port).await.unwrap();
-        let status = a
-            .migrate(
-                "uefim",
-                "127.0.0.1",
-                port,
-                hv_kvm::MigrationMode::Live,
-                |_| {},
-            )
-            .await
-            .unwrap();
-        assert_eq!(status.status, hv_kvm::MigrationState::Completed);
-        b.wait_incoming("uefim", Duration::from_secs(60))
-            .await
-            .unwrap();
-        a.finalize_migration_source("uefim", hv_kvm::MigrationOutcome::Completed)
-            .await
-            .unwrap();
-        b.finalize_migration_dst("uefim", hv_kvm::MigrationOutcome::Completed)
-            .await
-            .unwrap();
+        hop(&a, &b, "uefim", port).await;
         b.stop("uefim", StopMode::Force).await.unwrap();
     });
     assert!(b_store.exists(), "the destination made no variable store");
     // Started again on the destination, from its own store.
     let mut serial = boot(&b, &db.path().join("run"), &spec);
-    let out = serial
-        .run(
-            &format!(
-                "mount -t efivarfs none /sys/firmware/efi/efivars; \
-                 tail -c 12 /sys/firmware/efi/efivars/{VAR}; echo; echo read-$?"
-            ),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+    let out = read_var(&mut serial);
     assert!(
         out.contains("gkvm-moved-7"),
         "the variable did not travel:\n{out}"
@@ -204,18 +185,12 @@ fn uefi_secure_boot_starts_with_the_enrolled_store() {
     let Some(env) = require("uefi_secboot", &[Need::Root, Need::Qemu]) else {
         return;
     };
-    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd").exists() {
-        gkvm_testkit::skip(
-            "uefi_secboot",
-            "no OVMF (Debian's ovmf; scripts/install-deps)",
-        );
+    if ovmf_missing("uefi_secboot", "OVMF_CODE_4M.secboot.fd") {
         return;
     }
     let dir = ScratchDir::new("gkvm-uefi-sb");
     let _kill = gkvm_testkit::KillRunDir(dir.path().join("run"));
-    let mut config = common::node_config(dir.path(), &env.qemu);
-    config.state_dir = dir.path().join("state");
-    let hv = KvmHypervisor::new(config);
+    let hv = uefi_node(dir.path(), &env.qemu);
     let mut spec = hv_kvm::InstanceSpec::new("sb1", 256);
     for pair in [
         "firmware=uefi-secboot",

@@ -3,7 +3,7 @@
 //! the source guest running and the destination clean.
 
 mod common;
-use common::{guest_spec, guestless_spec, node, rt};
+use common::{guest_spec, guestless_spec, hop, hop_seen, node, rt};
 use gkvm_testkit::{require, Env, Need, ScratchDir, Serial, READY_LINE};
 use hv_kvm::{Config, Error, InstanceSpec, KvmHypervisor, RunDir};
 use std::path::{Path, PathBuf};
@@ -35,51 +35,6 @@ async fn boot(hv: &KvmHypervisor, spec: &InstanceSpec, dir: &Path) -> Serial {
         .wait_for(READY_LINE, Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{e}"));
     serial
-}
-
-/// One hop: accept on `dst`, migrate from `src`, finalize both.
-async fn hop(
-    src: &KvmHypervisor,
-    dst: &KvmHypervisor,
-    name: &str,
-    port: u16,
-) -> hv_kvm::MigrationStatus {
-    hop_seen(src, dst, name, port).await.0
-}
-
-/// [`hop`], with every status the migration went through.
-async fn hop_seen(
-    src: &KvmHypervisor,
-    dst: &KvmHypervisor,
-    name: &str,
-    port: u16,
-) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
-    let info = src.migration_info(name).unwrap();
-    dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
-    let mut seen = Vec::new();
-    let status = src
-        .migrate(name, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
-            seen.push(s.status)
-        })
-        .await
-        .unwrap();
-    eprintln!("{name}: {seen:?}, downtime {:?} ms", status.downtime_ms);
-    assert_eq!(status.status, hv_kvm::MigrationState::Completed);
-    assert_eq!(
-        seen.last(),
-        Some(&hv_kvm::MigrationState::Completed),
-        "{seen:?}"
-    );
-    dst.wait_incoming(name, Duration::from_secs(30))
-        .await
-        .unwrap();
-    src.finalize_migration_source(name, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .unwrap();
-    dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
-        .await
-        .unwrap();
-    (status, seen)
 }
 
 #[test]

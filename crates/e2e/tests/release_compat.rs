@@ -230,32 +230,7 @@ fn placed_devices_keep_their_ids_and_slots_across_a_migration() {
             assert!(argv_a.iter().any(|a| a == w), "{w} not in {argv_a:?}");
         }
         let port = 28000 + u16::try_from(std::process::id() % 4000).unwrap();
-        let info = a.migration_info("placed1").unwrap();
-        b.accept_instance(&info, "127.0.0.1", port).await.unwrap();
-        let status = a
-            .migrate(
-                "placed1",
-                "127.0.0.1",
-                port,
-                hv_kvm::MigrationMode::Live,
-                |_| {},
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            status.status,
-            hv_kvm::MigrationState::Completed,
-            "{status:?}"
-        );
-        b.wait_incoming("placed1", Duration::from_secs(30))
-            .await
-            .unwrap();
-        a.finalize_migration_source("placed1", hv_kvm::MigrationOutcome::Completed)
-            .await
-            .unwrap();
-        b.finalize_migration_dst("placed1", hv_kvm::MigrationOutcome::Completed)
-            .await
-            .unwrap();
+        common::hop(&a, &b, "placed1", port).await;
         let landed = b.info("placed1").await.unwrap();
         assert_eq!(landed.state, hv_kvm::InstanceState::Running);
         let argv_b = cmdline(landed.pid);

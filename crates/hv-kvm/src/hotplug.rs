@@ -310,13 +310,13 @@ impl KvmHypervisor {
         let (netdev, device) =
             kvm_cmdline::hotplug_nic(&spec, &caps, seq, &names(&tap_fds), &names(&vhost_fds))
                 .map_err(params)?;
-        qmp.run(&netdev_add(netdev.qmp_arguments()))
+        qmp.run(&netdev_add(&netdev))
             .await
             .map_err(|e| step("netdev_add")(e.to_string()))?;
         // QEMU took the descriptors: nothing to close any more.
         guard.steps.retain(|s| !matches!(s, Undo::CloseFd(_)));
         guard.steps.push(Undo::NetdevDel(id.clone()));
-        qmp.run(&device_add(device.qmp_arguments()))
+        qmp.run(&device_add(&device))
             .await
             .map_err(|e| step("device_add")(e.to_string()))?;
         guard.steps.push(Undo::DeviceDel(id.clone()));
@@ -423,7 +423,7 @@ impl KvmHypervisor {
             .await
             .map_err(|e| step("blockdev-add")(e.to_string()))?;
         guard.steps.push(Undo::BlockdevDel(id.clone()));
-        qmp.run(&device_add(device.qmp_arguments()))
+        qmp.run(&device_add(&device))
             .await
             .map_err(|e| step("device_add")(e.to_string()))?;
         guard.steps.push(Undo::DeviceDel(id.clone()));
@@ -1111,35 +1111,29 @@ fn warn_if_short_of_space(name: &str, disk: &DiskSpec, growth: u64) {
     }
 }
 
-/// `netdev_add` of the argv layer's arguments (`type`, `id`, the rest).
-fn netdev_add(arguments: Value) -> commands::NetdevAdd {
-    let mut props = into_map(arguments);
+/// `netdev_add` of the argv layer's backend: its kind, its id, the rest.
+fn netdev_add(netdev: &kvm_cmdline::qemu::Netdev) -> commands::NetdevAdd {
+    let mut props = netdev.props.to_json();
     commands::NetdevAdd {
-        kind: take_string(&mut props, "type"),
-        id: take_string(&mut props, "id"),
+        kind: netdev.kind.clone(),
+        id: take_id(&mut props),
         props,
     }
 }
 
-/// `device_add` of the argv layer's arguments (`driver`, `id`, the rest).
-fn device_add(arguments: Value) -> commands::DeviceAdd {
-    let mut props = into_map(arguments);
+/// `device_add` of the argv layer's device: its driver, its id, the rest.
+fn device_add(device: &kvm_cmdline::qemu::Device) -> commands::DeviceAdd {
+    let mut props = device.props.to_json();
     commands::DeviceAdd {
-        driver: take_string(&mut props, "driver"),
-        id: take_string(&mut props, "id"),
+        driver: device.driver.clone(),
+        id: take_id(&mut props),
         props,
     }
 }
 
-fn into_map(v: Value) -> serde_json::Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        _ => serde_json::Map::new(),
-    }
-}
-
-fn take_string(m: &mut serde_json::Map<String, Value>, key: &str) -> String {
-    match m.remove(key) {
+/// The `id` property, taken out of the others.
+fn take_id(props: &mut serde_json::Map<String, Value>) -> String {
+    match props.remove("id") {
         Some(Value::String(s)) => s,
         Some(other) => other.to_string(),
         None => String::new(),

@@ -221,7 +221,10 @@ pub(crate) async fn configure(
         (None, Some(os)) if communication => Some(os),
         _ => None,
     };
-    if communication && config.nic_script.is_none() {
+    // gkvm brings the TAP up itself when it configures the NIC natively,
+    // and before a communication script (the node's NIC up script does
+    // all of it).
+    if script.is_none() || (communication && config.nic_script.is_none()) {
         gkvm_tap::set_link_up(tap).map_err(|source| Error::Tap {
             instance: spec.name.clone(),
             nic: seq,
@@ -241,11 +244,6 @@ pub(crate) async fn configure(
         // Up, and no routing table to join: that is all without a script.
         return Ok(());
     }
-    gkvm_tap::set_link_up(tap).map_err(|source| Error::Tap {
-        instance: spec.name.clone(),
-        nic: seq,
-        source,
-    })?;
     match nic.mode {
         NicMode::Bridged if !nic.link.is_empty() => gkvm_tap::bridge_add_interface(&nic.link, tap)
             .map_err(|source| Error::Tap {

@@ -213,11 +213,15 @@ class Gkvm(object):
     self.binary = binary or _gkvm_binary()
     self.run_dir = run_dir or _run_dir()
 
+  def _node_settings(self):
+    """This node's run directory and gkvm configuration file (or None)."""
+    return self.run_dir, _node_config()
+
   def _node_options(self):
     """gkvm's options naming this node's run directory and configuration."""
-    config = _node_config()
+    run_dir, config = self._node_settings()
     extra = ["--node-config", config] if config else []
-    return ["--run-dir", self.run_dir] + extra
+    return ["--run-dir", run_dir] + extra
 
   def argv(self, args):
     return [self.binary] + self._node_options() + ["--json", "-q"] + args
@@ -239,11 +243,11 @@ class Gkvm(object):
     if node is not None:
       # A typed request has no command line: this node's run directory
       # and configuration travel as the variables that name them.
-      options = dict(zip(node[::2], node[1::2]))
-      call["env"]["GKVM_RUN_DIR"] = options["--run-dir"]
+      run_dir, config = node
+      call["env"]["GKVM_RUN_DIR"] = run_dir
       call["env"].pop("GKVM_NODE_CONFIG", None)
-      if "--node-config" in options:
-        call["env"]["GKVM_NODE_CONFIG"] = options["--node-config"]
+      if config:
+        call["env"]["GKVM_NODE_CONFIG"] = config
     data = (json.dumps(call) + "\n").encode()
     for attempt in (0, 1):
       sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -328,7 +332,7 @@ class Gkvm(object):
     answer = None
     if timeout is None:
       answer = self._exchange({"request": request}, what,
-                              node=self._node_options())
+                              node=self._node_settings())
     if answer is None:
       if self.binary not in Gkvm._checked:
         Gkvm._checked[self.binary] = _check_version(self.binary)

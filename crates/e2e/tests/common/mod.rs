@@ -4,6 +4,7 @@
 use gkvm_testkit::Env;
 use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
 use std::path::Path;
+use std::time::Duration;
 
 /// A two-thread runtime, as `gkvm` uses.
 pub fn rt() -> tokio::runtime::Runtime {
@@ -55,4 +56,49 @@ pub fn sh(cmd: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One hop: accept on `dst`, migrate from `src`, finalize both.
+pub async fn hop(
+    src: &KvmHypervisor,
+    dst: &KvmHypervisor,
+    name: &str,
+    port: u16,
+) -> hv_kvm::MigrationStatus {
+    hop_seen(src, dst, name, port).await.0
+}
+
+/// [`hop`], with every status the migration went through.
+pub async fn hop_seen(
+    src: &KvmHypervisor,
+    dst: &KvmHypervisor,
+    name: &str,
+    port: u16,
+) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
+    let info = src.migration_info(name).unwrap();
+    dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
+    let mut seen = Vec::new();
+    let status = src
+        .migrate(name, "127.0.0.1", port, hv_kvm::MigrationMode::Live, |s| {
+            seen.push(s.status)
+        })
+        .await
+        .unwrap();
+    eprintln!("{name}: {seen:?}, downtime {:?} ms", status.downtime_ms);
+    assert_eq!(status.status, hv_kvm::MigrationState::Completed);
+    assert_eq!(
+        seen.last(),
+        Some(&hv_kvm::MigrationState::Completed),
+        "{seen:?}"
+    );
+    dst.wait_incoming(name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    src.finalize_migration_source(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
+    dst.finalize_migration_dst(name, hv_kvm::MigrationOutcome::Completed)
+        .await
+        .unwrap();
+    (status, seen)
 }
