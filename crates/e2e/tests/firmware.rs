@@ -107,8 +107,9 @@ fn uefi_boots_and_keeps_its_variables() {
     // Removing the state of a running instance is refused.
     let refused = rt().block_on(hv.remove_state("uefi1")).unwrap_err();
     assert!(
-        refused.report().contains("stop it first"),
-        "{}",
+        refused.report().contains("stop it first") && refused.kind() == "state",
+        "{}: {}",
+        refused.kind(),
         refused.report()
     );
     rt().block_on(hv.stop("uefi1", StopMode::Force)).unwrap();

@@ -249,7 +249,17 @@ async fn api(cli: &Cli, file: Option<&Path>, schema: bool) -> CliResult {
             return Err(failure);
         }
     };
-    let hv = hypervisor(cli)?;
+    let hv = match hypervisor(cli) {
+        Ok(hv) => hv,
+        Err(failure) => {
+            emit(&Reply::Error(hv_kvm::ErrorReply {
+                kind: failure.kind.to_owned(),
+                instance: None,
+                message: failure.message.clone(),
+            }))?;
+            return Err(failure);
+        }
+    };
     let mut progress_failed = None;
     let mut progress = |status: &hv_kvm::MigrationStatus| {
         if let Err(f) = emit(&Reply::Progress(status.clone())) {

@@ -10,16 +10,39 @@ use crate::{Cli, Failure, StartArgs};
 /// The node's hypervisor: flags and environment, then the node
 /// configuration file, then the defaults.
 pub(crate) fn hypervisor(cli: &Cli) -> Result<KvmHypervisor, Failure> {
-    let node = crate::node_config::load(cli.node_config.as_deref())?;
-    let run_dir = cli
+    hypervisor_of(&NodeOptions {
+        run_dir: cli.run_dir.clone(),
+        node_config: cli.node_config.clone(),
+        kvm_path: cli.kvm_path.clone(),
+        migration_key: cli.migration_key.clone(),
+    })
+}
+
+/// What a call says of the node (flags, or their `GKVM_*` variables).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NodeOptions {
+    /// `--run-dir`.
+    pub(crate) run_dir: Option<PathBuf>,
+    /// `--node-config`.
+    pub(crate) node_config: Option<PathBuf>,
+    /// `--kvm-path`.
+    pub(crate) kvm_path: Option<PathBuf>,
+    /// `--migration-key`.
+    pub(crate) migration_key: Option<PathBuf>,
+}
+
+/// [`hypervisor`] from the node options alone.
+pub(crate) fn hypervisor_of(opts: &NodeOptions) -> Result<KvmHypervisor, Failure> {
+    let node = crate::node_config::load(opts.node_config.as_deref())?;
+    let run_dir = opts
         .run_dir
         .clone()
         .or_else(|| node.run_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
     let mut config = Config::new(RunDir::new(run_dir));
-    config.kvm_path = cli.kvm_path.clone().or_else(|| node.kvm_path.clone());
+    config.kvm_path = opts.kvm_path.clone().or_else(|| node.kvm_path.clone());
     config.migration_key =
-        migration_key(cli.migration_key.as_ref().or(node.migration_key.as_ref()))?;
+        migration_key(opts.migration_key.as_ref().or(node.migration_key.as_ref()))?;
     config.log_dir = node.log_dir.clone();
     if let Some(d) = &node.state_dir {
         config.state_dir = d.clone();

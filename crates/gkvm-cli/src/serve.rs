@@ -59,6 +59,8 @@ use std::time::{Duration, Instant};
 
 use crate::{CliResult, Failure};
 
+mod worker;
+
 /// The largest request accepted (argv and stdin): a migration info or an
 /// instance definition is a few KiB.
 const MAX_REQUEST: u64 = 16 << 20;
@@ -279,11 +281,16 @@ fn read_request(conn: &UnixStream, wait: Duration) -> std::io::Result<String> {
 
 /// Sends `answer` (a JSON object) with this server's version, as one line
 /// in one write.
-fn respond(mut conn: &UnixStream, mut answer: serde_json::Value) -> std::io::Result<()> {
-    answer["version"] = env!("CARGO_PKG_VERSION").into();
+fn respond(mut conn: &UnixStream, answer: serde_json::Value) -> std::io::Result<()> {
     // A caller that does not take its answer does not hold the child.
     conn.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-    conn.write_all(format!("{answer}\n").as_bytes())
+    conn.write_all(versioned(answer).as_bytes())
+}
+
+/// `answer` (a JSON object) with this server's version, as a line.
+fn versioned(mut answer: serde_json::Value) -> String {
+    answer["version"] = env!("CARGO_PKG_VERSION").into();
+    format!("{answer}\n")
 }
 
 /// Answers `retired` to every call waiting in the listening socket's queue.
@@ -374,13 +381,21 @@ struct Reading {
     deadline: Instant,
 }
 
+/// A whole request, waiting for the worker or a child.
+struct Whole {
+    conn: UnixStream,
+    request: Vec<u8>,
+    /// For the worker ([`worker::takes`]).
+    query: bool,
+}
+
 /// What the server loop keeps.
 #[derive(Default)]
 struct Calls {
     /// Connections still sending their request.
     reading: Vec<Reading>,
-    /// Whole requests waiting for a child.
-    ready: std::collections::VecDeque<(UnixStream, Vec<u8>)>,
+    /// Whole requests waiting for the worker or a child.
+    ready: std::collections::VecDeque<Whole>,
     /// The pidfds of the children running calls.
     busy: Vec<OwnedFd>,
     /// Request bytes held.
@@ -423,6 +438,8 @@ fn accept_loop(
     let max_conns = raise_fd_limit().min(MAX_CONNS);
     let server = nix::unistd::getpid().as_raw();
     let mut waiting: Option<Waiting> = None;
+    let mut worker: Option<worker::Worker> = None;
+    let mut worker_after = Instant::now();
     let mut calls = Calls::default();
     let mut last = Instant::now();
     // A child that dies before taking a call is replaced, after a pause
@@ -435,9 +452,44 @@ fn accept_loop(
                 Err(e) => break Err(fail("cannot fork for", e)),
             }
         }
+        if worker.is_none() && Instant::now() >= worker_after {
+            match worker::fork(ours, &notify_w) {
+                Ok(w) => worker = Some(w),
+                // Not fatal: children answer every call meanwhile.
+                Err(_) => worker_after = Instant::now() + Duration::from_secs(1),
+            }
+        }
+        // Whole requests that only read: to the worker, whatever waits
+        // before them; one it cannot take goes to a child.
+        if let Some(w) = &worker {
+            let mut at = 0;
+            while at < calls.ready.len() {
+                if !calls.ready[at].query {
+                    at += 1;
+                    continue;
+                }
+                let Some(mut whole) = calls.ready.remove(at) else {
+                    break;
+                };
+                last = Instant::now();
+                if binary_replaced(ours) {
+                    let _ = respond_now(&whole.conn, serde_json::json!({"retired": true}));
+                    calls.buffered = calls.buffered.saturating_sub(whole.request.len());
+                    break 'serve Ok(());
+                }
+                if hand_over(&w.chan, &whole.conn, &whole.request).is_ok() {
+                    calls.buffered = calls.buffered.saturating_sub(whole.request.len());
+                } else {
+                    // Its queue is full, or it has died.
+                    whole.query = false;
+                    calls.ready.insert(at, whole);
+                    at += 1;
+                }
+            }
+        }
         // A whole request and a child ready for it: handed over.
         if waiting.is_some() && !calls.ready.is_empty() {
-            if let Some((conn, request)) = calls.ready.pop_front() {
+            if let Some(Whole { conn, request, .. }) = calls.ready.pop_front() {
                 calls.buffered = calls.buffered.saturating_sub(request.len());
                 last = Instant::now();
                 if binary_replaced(ours) {
@@ -452,7 +504,11 @@ fn accept_loop(
                     Err(_) => {
                         // It died meanwhile: the call waits for the next.
                         calls.buffered += request.len();
-                        calls.ready.push_front((conn, request));
+                        calls.ready.push_front(Whole {
+                            conn,
+                            request,
+                            query: false,
+                        });
                         fork_after = Instant::now() + Duration::from_millis(100);
                     }
                 }
@@ -473,6 +529,9 @@ fn accept_loop(
         if waiting.is_none() && calls.busy.len() < MAX_CALLS {
             wait = wait.min(fork_after.saturating_duration_since(now));
         }
+        if worker.is_none() {
+            wait = wait.min(worker_after.saturating_duration_since(now));
+        }
         let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
         // What the poll watches, in this order.
         let accepting = calls.reading.len() + calls.ready.len() < max_conns;
@@ -485,6 +544,8 @@ fn accept_loop(
             .and_then(|w| w.exit.as_ref())
             .map(AsRawFd::as_raw_fd);
         fds.extend(waiting_fd);
+        let worker_fd = worker.as_ref().map(|w| w.exit.as_raw_fd());
+        fds.extend(worker_fd);
         fds.extend(calls.busy.iter().map(AsRawFd::as_raw_fd));
         fds.extend(calls.reading.iter().map(|r| r.conn.as_raw_fd()));
         let ready = poll_readable(&fds, ms);
@@ -509,6 +570,12 @@ fn accept_loop(
             waiting = None;
             fork_after = Instant::now() + Duration::from_millis(100);
         }
+        if worker_fd.is_some() && next() {
+            // The worker ended (killed): the calls it held are closed
+            // unanswered; the next worker is forked after a pause.
+            worker = None;
+            worker_after = Instant::now() + Duration::from_millis(100);
+        }
         let busy_ended: Vec<bool> = calls.busy.iter().map(|_| next()).collect();
         let mut i = 0;
         calls.busy.retain(|_| {
@@ -531,8 +598,8 @@ fn accept_loop(
     for r in calls.reading {
         let _ = respond_retired(&r.conn, Duration::from_millis(200));
     }
-    for (conn, _) in calls.ready {
-        let _ = respond_now(&conn, serde_json::json!({"retired": true}));
+    for whole in calls.ready {
+        let _ = respond_now(&whole.conn, serde_json::json!({"retired": true}));
     }
     result
 }
@@ -639,7 +706,12 @@ fn read_requests(calls: &mut Calls, readable: &[bool]) {
         .partition(|r| r.buf.last() == Some(&b'\n'));
     calls.reading = still;
     for r in complete {
-        calls.ready.push_back((r.conn, r.buf));
+        let query = serde_json::from_slice::<Request>(&r.buf).is_ok_and(|c| worker::takes(&c));
+        calls.ready.push_back(Whole {
+            conn: r.conn,
+            request: r.buf,
+            query,
+        });
     }
 }
 
@@ -766,26 +838,35 @@ fn waiting_child(
 /// Receives a call from the server: the caller's connection and its
 /// request (`None` when the server went away).
 fn take_call(chan: &UnixStream) -> Option<(UnixStream, String)> {
+    loop {
+        match receive_call(chan) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(call) => return call,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// One receive of a call on `chan` (which may be non-blocking: then
+/// `WouldBlock` when none waits); `Ok(None)` when the server went away.
+fn receive_call(chan: &impl AsRawFd) -> std::io::Result<Option<(UnixStream, String)>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
-    let msg = loop {
-        match recvmsg::<()>(
-            chan.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return None,
-            Ok(msg) => break msg,
-        }
-    };
+    let msg = recvmsg::<()>(
+        chan.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
     let mut fds = Vec::new();
-    for c in msg.cmsgs().ok()? {
-        if let ControlMessageOwned::ScmRights(r) = c {
-            fds.extend(r);
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                fds.extend(r);
+            }
         }
     }
     let [conn, file] = fds[..] else {
@@ -793,7 +874,7 @@ fn take_call(chan: &UnixStream) -> Option<(UnixStream, String)> {
             // SAFETY: descriptors just received, owned by nobody else.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
-        return None;
+        return Ok(None);
     };
     // SAFETY: both were just received: this child owns them.
     let (conn, file) = unsafe {
@@ -802,8 +883,7 @@ fn take_call(chan: &UnixStream) -> Option<(UnixStream, String)> {
             std::fs::File::from(OwnedFd::from_raw_fd(file)),
         )
     };
-    let request = read_all(&file).ok()?;
-    Some((conn, request))
+    Ok(read_all(&file).ok().map(|request| (conn, request)))
 }
 
 /// Only the server's own user, or root.
@@ -828,12 +908,39 @@ fn peer_allowed(conn: &UnixStream, me: u32) -> bool {
 }
 
 fn respond_error(conn: &UnixStream, message: &str) -> std::io::Result<()> {
-    let obj = serde_json::json!({
+    respond(conn, usage_answer(message))
+}
+
+/// A call refused before it ran, answered as the command line's usage
+/// error (exit code 2, the error object on stderr).
+fn usage_answer(message: &str) -> serde_json::Value {
+    serde_json::json!({
         "code": 2,
         "stdout": "",
         "stderr": serde_json::json!({"kind": "usage", "instance": null, "message": message, "exit_code": 2}).to_string() + "\n",
-    });
-    respond(conn, obj)
+    })
+}
+
+/// [`usage_answer`] as a line.
+fn error_line(message: &str) -> String {
+    versioned(usage_answer(message))
+}
+
+/// Why a call is not run at all: its caller speaks other versions, or it
+/// is both a command line and a typed request.
+fn refused(request: &Request) -> Option<String> {
+    if let Some(versions) = &request.versions {
+        let mine = major_minor();
+        if !versions.contains(&mine) {
+            return Some(format!(
+                "serve: gkvm {} does not speak the caller's versions ({}); nothing was run",
+                env!("CARGO_PKG_VERSION"),
+                versions.join(", ")
+            ));
+        }
+    }
+    (request.request.is_some() && !request.argv.is_empty())
+        .then(|| "serve: a call has argv or request, not both".to_owned())
 }
 
 /// In the forked child: parse the request, run it as `gkvm ARGV` (or
@@ -848,20 +955,8 @@ fn child(conn: UnixStream, prepared: crate::Prepared, notify: &OwnedFd, line: &s
         Ok(r) => r,
         Err(message) => return i32::from(respond_error(&conn, &message).is_err()),
     };
-    if let Some(versions) = &request.versions {
-        let mine = major_minor();
-        if !versions.contains(&mine) {
-            let message = format!(
-                "serve: gkvm {} does not speak the caller's versions ({}); nothing was run",
-                env!("CARGO_PKG_VERSION"),
-                versions.join(", ")
-            );
-            return i32::from(respond_error(&conn, &message).is_err());
-        }
-    }
-    if request.request.is_some() && !request.argv.is_empty() {
-        let message = "serve: a call has argv or request, not both";
-        return i32::from(respond_error(&conn, message).is_err());
+    if let Some(message) = refused(&request) {
+        return i32::from(respond_error(&conn, &message).is_err());
     }
     match run_request(&request, prepared, &conn) {
         // The reply lines went to the caller as they came.

@@ -353,12 +353,31 @@ fn children_of(pid: u32) -> Vec<i32> {
         .collect()
 }
 
-/// Waits until `pid` has `n` children (the server forks its waiting
-/// child ahead of calls); they are returned.
+/// The server's worker (it answers the calls that only read), by its
+/// process name.
+fn is_worker(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "gkvm-worker")
+}
+
+/// The server's worker, once it runs.
+fn wait_worker(server: u32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(w) = children_of(server).into_iter().find(|p| is_worker(*p)) {
+            return w;
+        }
+        assert!(Instant::now() < deadline, "{server} has no worker");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until `pid` has `n` children besides its worker (the server
+/// forks its waiting child ahead of calls); they are returned.
 fn wait_children(pid: u32, n: usize) -> Vec<i32> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = children_of(pid);
+        let mut now = children_of(pid);
+        now.retain(|p| !is_worker(*p));
         if now.len() == n {
             return now;
         }
@@ -395,6 +414,58 @@ fn a_killed_waiting_child_is_replaced() {
     }
 }
 
+/// The worker (calls that only read, answered in process) killed in the
+/// middle of a call: that call's connection is closed at once, not left
+/// waiting; while no worker runs, children answer; the worker is replaced.
+#[test]
+fn a_worker_killed_mid_call_is_replaced() {
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let server = Server::start(Path::new(GKVM), &socket);
+    let first = wait_worker(server.0.id());
+    // A "QEMU" that hangs when probed holds the call in the worker.
+    let marker = dir.path().join("probed");
+    let qemu = dir.path().join("hanging-qemu");
+    std::fs::write(
+        &qemu,
+        format!("#!/bin/sh\necho $$ > {}\nexec sleep 60\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut held = UnixStream::connect(&socket).unwrap();
+    let request = json!({"request": {"op": "capabilities", "kvm_path": qemu}});
+    held.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = loop {
+        if let Some(pid) = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the probe never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SAFETY: signals to processes this test made (the server's worker,
+    // then the probe it left).
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    held.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut held, &mut rest);
+    // SAFETY: as above.
+    unsafe { libc::kill(probe, libc::SIGKILL) };
+    assert!(read.is_ok(), "the held call was not closed: {read:?}");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    // Calls go on being answered, and a new worker takes over.
+    let listed = api_call(&socket, &json!({"op": "list"}));
+    assert!(listed[0].get("response").is_some(), "{listed:?}");
+    let second = wait_worker(server.0.id());
+    assert_ne!(first, second);
+    let listed = api_call(&socket, &json!({"op": "list"}));
+    assert!(listed[0].get("response").is_some(), "{listed:?}");
+}
+
 #[test]
 fn calls_are_bounded_and_slow_callers_time_out() {
     let dir = ScratchDir::new("gkvm-serve");
@@ -422,8 +493,12 @@ fn calls_are_bounded_and_slow_callers_time_out() {
         unanswered, 1000,
         "idle callers were answered before the honest one"
     );
-    let children = children_of(server.0.id()).len();
-    assert!(children <= 2, "{children} processes for 1,000 idle callers");
+    let mut children = children_of(server.0.id());
+    children.retain(|p| !is_worker(*p));
+    assert!(
+        children.len() <= 2,
+        "{children:?} processes for 1,000 idle callers"
+    );
     drop(idle);
 
     // A caller that sends a byte a second is cut off after the request's
@@ -476,6 +551,8 @@ fn a_server_only_touches_its_own_run_dir() {
     for request in [
         json!({"argv": ["--run-dir", other.to_str().unwrap(), "--json", "node-info"]}),
         json!({"argv": ["--json", "node-info"], "env": {"GKVM_RUN_DIR": other}}),
+        // A typed request that only reads (answered by the worker).
+        json!({"request": {"op": "overview"}, "env": {"GKVM_RUN_DIR": other}}),
     ] {
         let answer = call(&socket, &request);
         assert_eq!(answer["retired"], json!(true), "{request}: {answer}");

@@ -122,6 +122,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// What an instance keeps on this node between runs (its UEFI
+    /// variable store) could not be changed as asked.
+    #[error("instance {instance}: its state on this node: {reason}")]
+    State {
+        /// The instance.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
     /// A hot plug or unplug failed at one step; what it had done is undone.
     #[error("instance {instance}: hot plug failed at {step}: {reason}")]
     Hotplug {
@@ -219,6 +228,7 @@ impl Error {
             Error::MigrationInfo { .. } => "migration_info",
             Error::NotRunning { .. } => "not_running",
             Error::Start { .. } => "start",
+            Error::State { .. } => "state",
             Error::Hotplug { .. } => "hotplug",
             Error::Release { .. } => "release",
             Error::Migration { .. } => "migration",
@@ -253,6 +263,7 @@ impl Error {
             | Error::MigrationInfo { instance, .. }
             | Error::NotRunning { instance }
             | Error::Start { instance, .. }
+            | Error::State { instance, .. }
             | Error::Hotplug { instance, .. }
             | Error::Release { instance, .. }
             | Error::Migration { instance, .. }

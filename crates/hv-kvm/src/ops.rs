@@ -391,6 +391,27 @@ impl Request {
         }
         Ok(request)
     }
+
+    /// Whether the request only reads the node (what runs, how to reach
+    /// it, what a start would do): it changes nothing, so a caller may
+    /// repeat it after a lost answer, and `gkvm serve` answers it in
+    /// process, many at once.
+    pub fn only_reads(&self) -> bool {
+        use Request as R;
+        matches!(
+            self,
+            R::List
+                | R::Overview
+                | R::Info { .. }
+                | R::NodeInfo
+                | R::Console { .. }
+                | R::HotplugSupported { .. }
+                | R::MigrationStatus { .. }
+                | R::ValidateParams { .. }
+                | R::Plan { .. }
+                | R::Capabilities { .. }
+        )
+    }
 }
 
 /// An error as the API tells it (the CLI's `--json` error object without

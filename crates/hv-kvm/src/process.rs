@@ -123,16 +123,7 @@ pub(crate) fn kill_instance(
 
 /// User plus system CPU time of a process, in seconds.
 pub(crate) fn cpu_time(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 of stat; `after` starts at field 3.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = f64::from(u32::try_from(hz).ok()?.max(1));
-    Some((utime + stime) / hz)
+    kvm_runtime::proc_stat(pid).map(|s| s.cpu_secs())
 }
 
 /// Restricts thread `tid` to `cpus`.

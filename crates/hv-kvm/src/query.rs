@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use gkvm_qmp::{commands, Options, Qmp};
-use kvm_runtime::{InstancePaths, Liveness, RuntimeRecord};
+use kvm_runtime::{InstancePaths, Liveness, ProcStat, RuntimeRecord};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::{has_marker, spec_from_record, INCOMING, MIGRATING, PAUSED};
@@ -44,7 +44,12 @@ pub(crate) fn argv_resources(args: &[String]) -> (u64, u32) {
 /// Info of one running instance; QMP answers are bounded by `timeout` and
 /// replaced by command-line values (state `unknown`) when they do not come.
 async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceInfo {
-    let (mut memory_mib, vcpus) = cmdline_resources(pid);
+    let record = paths.read_runtime_shared().ok().flatten();
+    // As started: the record's command line is the process's.
+    let (mut memory_mib, vcpus) = match &record {
+        Some(r) => argv_resources(&r.argv),
+        None => cmdline_resources(pid),
+    };
     let mut state = InstanceState::Unknown;
     let options = Options {
         connect_timeout: timeout,
@@ -64,8 +69,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     .await
     .ok()
     .flatten();
-    let record = paths.read_runtime().ok().flatten();
-    let starting = record.as_ref().is_some_and(crate::lifecycle::is_starting);
+    let starting = record.as_deref().is_some_and(crate::lifecycle::is_starting);
     if let Some((status, balloon)) = answers {
         if let Some(s) = status {
             state = InstanceState::from(s.status);
@@ -83,7 +87,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
     let ending = (state == InstanceState::Shutdown)
         .then(|| crate::events::last_ending(&paths))
         .flatten();
-    let user_down = record.as_ref().is_some_and(user_shutdown)
+    let user_down = record.as_deref().is_some_and(user_shutdown)
         && ending
             .as_ref()
             .is_some_and(crate::events::Ending::is_user_down);
@@ -121,7 +125,13 @@ fn hvparam_flag(record: &RuntimeRecord, key: &str) -> bool {
 }
 
 /// An instance's info from its runtime record and `/proc` alone.
-fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>) -> InstanceInfo {
+/// `stat` is what `/proc` said of the process just now, if it was read.
+fn recorded_info(
+    paths: &InstancePaths,
+    pid: i32,
+    record: Option<&RuntimeRecord>,
+    stat: Option<ProcStat>,
+) -> InstanceInfo {
     let spec = record.and_then(|r| r.payload.get("spec"));
     let field = |k: &str| {
         spec.and_then(|s| s.get(k))
@@ -148,7 +158,10 @@ fn recorded_info(paths: &InstancePaths, pid: i32, record: Option<&RuntimeRecord>
         state,
         memory_mib,
         vcpus,
-        cpu_time_secs: process::cpu_time(pid).unwrap_or(0.0),
+        cpu_time_secs: stat
+            .map(|s| s.cpu_secs())
+            .or_else(|| process::cpu_time(pid))
+            .unwrap_or(0.0),
         reason: None,
         cause: None,
         log: None,
@@ -201,7 +214,7 @@ fn stopped_info(
         }
         _ => return None,
     };
-    let mut info = recorded_info(paths, 0, Some(record));
+    let mut info = recorded_info(paths, 0, Some(record), None);
     info.state = state;
     info.cpu_time_secs = 0.0;
     info.reason = Some(reason);
@@ -237,7 +250,16 @@ impl KvmHypervisor {
 
     /// Every instance the run dir knows of, with its liveness.
     fn survey(&self) -> Result<Vec<(InstancePaths, Liveness)>> {
-        let names = self.config.run_dir.instances().map_err(|e| {
+        Ok(self
+            .survey_stat()?
+            .into_iter()
+            .map(|(p, l, _)| (p, l))
+            .collect())
+    }
+
+    /// [`Self::survey`], with what `/proc` said of each running QEMU.
+    fn survey_stat(&self) -> Result<Vec<(InstancePaths, Liveness, Option<ProcStat>)>> {
+        let names = self.config.run_dir.all_instances().map_err(|e| {
             let denied = matches!(&e, kvm_runtime::Error::Io { source, .. }
                     if source.kind() == std::io::ErrorKind::PermissionDenied);
             Error::RunDir {
@@ -252,10 +274,9 @@ impl KvmHypervisor {
             }
         })?;
         Ok(names
-            .iter()
-            .filter_map(|n| self.config.run_dir.instance(n).ok())
-            .filter_map(|p| match p.liveness() {
-                Ok(l) => Some((p, l)),
+            .into_iter()
+            .filter_map(|p| match p.liveness_stat() {
+                Ok((l, stat)) => Some((p, l, stat)),
                 Err(e) => {
                     tracing::warn!(instance = %p.name, error = %e.report(), "left out of the list");
                     None
@@ -271,7 +292,7 @@ impl KvmHypervisor {
             .iter()
             .filter(|(_, l)| l.running_pid().is_none())
             .filter_map(|(p, l)| {
-                let record = p.read_runtime().ok().flatten()?;
+                let record = p.read_runtime_shared().ok().flatten()?;
                 stopped_info(p, *l, &record, &self.instance_log(&p.name))
             })
             .collect()
@@ -284,7 +305,7 @@ impl KvmHypervisor {
         let log = self.instance_log(name);
         let liveness = self.liveness(&paths)?;
         let Some(pid) = liveness.running_pid() else {
-            let record = paths.read_runtime().ok().flatten();
+            let record = paths.read_runtime_shared().ok().flatten();
             return record
                 .and_then(|r| stopped_info(&paths, liveness, &r, &log))
                 .ok_or_else(|| Error::NotRunning {
@@ -294,7 +315,7 @@ impl KvmHypervisor {
         // The flag alone, not the whole saved instance (parsing that is
         // a tenth of an info's time).
         let agent = paths
-            .read_runtime()
+            .read_runtime_shared()
             .ok()
             .flatten()
             .is_some_and(|r| hvparam_flag(&r, "use_guest_agent"))
@@ -318,14 +339,19 @@ impl KvmHypervisor {
     /// QMP (bounded), so a handed-over source shows `migrated`. [`Self::info_all`]
     /// asks every QEMU (paused, balloon size, live vCPU count).
     pub async fn overview(&self) -> Result<Vec<InstanceInfo>> {
-        let survey = self.survey()?;
+        let (survey, stats): (Vec<_>, Vec<_>) = self
+            .survey_stat()?
+            .into_iter()
+            .map(|(p, l, s)| ((p, l), s))
+            .unzip();
         let mut out = self.stopped(&survey);
         let mut ask = tokio::task::JoinSet::new();
         let running = survey
             .into_iter()
-            .filter_map(|(p, l)| Some((p, l.running_pid()?)));
-        for (paths, pid) in running {
-            let record = paths.read_runtime().ok().flatten();
+            .zip(stats)
+            .filter_map(|((p, l), s)| Some((p, l.running_pid()?, s)));
+        for (paths, pid, stat) in running {
+            let record = paths.read_runtime_shared().ok().flatten();
             // Also ask about an instance whose guest may have shut itself
             // down (`user_shutdown`): only QEMU knows.
             let in_transition = record.as_ref().is_some_and(|r| {
@@ -335,14 +361,17 @@ impl KvmHypervisor {
                 ask.spawn(instance_info(paths, pid, self.config.info_timeout));
                 continue;
             }
-            out.push(recorded_info(&paths, pid, record.as_ref()));
+            out.push(recorded_info(&paths, pid, record.as_deref(), stat));
         }
+        // Those asked over QMP may have ended meanwhile (a migrated source
+        // stops): left out if so. The others were looked at just now.
         while let Some(r) = ask.join_next().await {
             if let Ok(info) = r {
-                out.push(info);
+                if !kvm_runtime::is_zombie_or_gone(info.pid) {
+                    out.push(info);
+                }
             }
         }
-        out.retain(|i| i.pid == 0 || !kvm_runtime::is_zombie_or_gone(i.pid));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }

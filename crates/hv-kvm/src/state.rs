@@ -118,9 +118,8 @@ impl KvmHypervisor {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
         if self.running_pid(&paths).is_ok() {
-            return Err(Error::Start {
+            return Err(Error::State {
                 instance: name.to_owned(),
-                step: "remove state",
                 reason: "it runs on this node: stop it first".into(),
             });
         }
@@ -128,9 +127,8 @@ impl KvmHypervisor {
         match std::fs::symlink_metadata(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(state_err(name, &dir, e)),
-            Ok(m) if !m.is_dir() => Err(Error::Start {
+            Ok(m) if !m.is_dir() => Err(Error::State {
                 instance: name.to_owned(),
-                step: "remove state",
                 reason: format!("{} is not a directory", dir.display()),
             }),
             Ok(_) => std::fs::remove_dir_all(&dir).map_err(|e| state_err(name, &dir, e)),
@@ -139,9 +137,8 @@ impl KvmHypervisor {
 }
 
 fn state_err(name: &str, dir: &std::path::Path, e: std::io::Error) -> Error {
-    Error::Start {
+    Error::State {
         instance: name.to_owned(),
-        step: "remove state",
-        reason: format!("{}: {e}", dir.display()),
+        reason: format!("cannot remove {}: {e}", dir.display()),
     }
 }

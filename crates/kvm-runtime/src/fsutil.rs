@@ -244,6 +244,33 @@ pub fn read_open_capped(f: File, path: &Path, max: u64) -> Result<Vec<u8>, Error
     Ok(buf)
 }
 
+/// A file's identity: device, inode, size, modification time (seconds,
+/// nanoseconds) and change time (nanoseconds). gkvm replaces its state
+/// files by rename, never in place: the same identity is the same content.
+pub type FileKey = (u64, u64, u64, i64, i64, i64);
+
+/// The identity of a regular file at `path` (not followed if a symlink);
+/// `None` for anything else or nothing.
+pub fn file_key(path: &Path) -> Option<FileKey> {
+    fs::symlink_metadata(path)
+        .ok()
+        .filter(fs::Metadata::is_file)
+        .map(|m| key_of(&m))
+}
+
+/// [`FileKey`] of what `meta` describes.
+pub fn key_of(meta: &fs::Metadata) -> FileKey {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime_nsec(),
+    )
+}
+
 /// Reads a regular file without following a symlink at `path`, capped at
 /// [`MAX_STATE_FILE`]; `Ok(None)` when it does not exist.
 pub(crate) fn read_nofollow(path: &Path) -> Result<Option<Vec<u8>>, Error> {

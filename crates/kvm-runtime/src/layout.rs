@@ -73,6 +73,20 @@ impl RunDir {
     pub fn instance(&self, name: &str) -> Result<InstancePaths, Error> {
         validate_name(name)?;
         self.check_not_a_link()?;
+        self.paths_of(name)
+    }
+
+    /// The paths of every instance this run dir knows of
+    /// ([`Self::instances`]), the run dir checked once.
+    pub fn all_instances(&self) -> Result<Vec<InstancePaths>, Error> {
+        self.instances()?
+            .iter()
+            .map(|name| self.paths_of(name))
+            .collect()
+    }
+
+    /// An instance's paths; `name` is valid and the run dir checked.
+    fn paths_of(&self, name: &str) -> Result<InstancePaths, Error> {
         let ctrl = self.root.join("ctrl");
         let paths = InstancePaths {
             name: name.to_owned(),

@@ -48,7 +48,7 @@ mod uid;
 
 pub use error::{human_duration, Error};
 pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, GANETI_ROOT};
-pub use live::{is_zombie_or_gone, process_runs_instance, Liveness};
+pub use live::{is_zombie_or_gone, proc_stat, process_runs_instance, Liveness, ProcStat};
 pub use lock::{InstanceLock, LockGuard};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use record::{Origin, RuntimeRecord, FORMAT_VERSION};

@@ -47,13 +47,40 @@ impl InstancePaths {
     }
 
     /// The pid in the pid file, if there is a readable one.
+    ///
+    /// A pid file read before and unchanged since (the same inode, size
+    /// and times) is not read again (every instance's pid file is read on
+    /// every `list`).
     pub fn read_pid(&self) -> Result<Option<i32>, Error> {
-        let Some(data) = read_nofollow(&self.pid)? else {
+        let key = crate::fsutil::file_key(&self.pid);
+        if let Some(k) = key {
+            let known = pids().lock().ok().and_then(|m| m.get(&self.pid).copied());
+            if let Some((_, pid)) = known.filter(|(was, _)| *was == k) {
+                return Ok(Some(pid));
+            }
+        }
+        let Some(data) = read_small(&self.pid)? else {
             return Ok(None);
         };
-        let text = String::from_utf8_lossy(&data);
+        let pid = self.parse_pid(&data)?;
+        // Remembered only if the file did not change while it was read.
+        if let Some(k) = key {
+            if crate::fsutil::file_key(&self.pid) == Some(k) {
+                if let Ok(mut known) = pids().lock() {
+                    if known.len() >= MAX_IDENTIFIED {
+                        known.clear();
+                    }
+                    known.insert(self.pid.clone(), (k, pid));
+                }
+            }
+        }
+        Ok(Some(pid))
+    }
+
+    fn parse_pid(&self, data: &[u8]) -> Result<i32, Error> {
+        let text = String::from_utf8_lossy(data);
         match text.trim().parse::<i32>() {
-            Ok(pid) if pid > 0 => Ok(Some(pid)),
+            Ok(pid) if pid > 0 => Ok(pid),
             _ => Err(Error::Corrupt {
                 path: self.pid.clone(),
                 reason: format!("not a pid: {:?}", text.trim()),
@@ -76,9 +103,17 @@ impl InstancePaths {
     /// be identified and [`Error::Unidentified`] is returned, so that no
     /// caller cleans up or starts a second copy.
     pub fn liveness(&self) -> Result<Liveness, Error> {
+        self.liveness_stat().map(|(l, _)| l)
+    }
+
+    /// [`Self::liveness`], with what `/proc/PID/stat` said of a running
+    /// QEMU named by its pid file (its CPU time, for `list`).
+    pub fn liveness_stat(&self) -> Result<(Liveness, Option<ProcStat>), Error> {
         let from_file = match self.read_pid() {
-            Ok(Some(pid)) if self.is_our_process(pid) => return Ok(Liveness::Running { pid }),
-            Ok(Some(pid)) => Liveness::Stale { pid },
+            Ok(Some(pid)) => match self.our_process_stat(pid) {
+                Some(stat) => return Ok((Liveness::Running { pid }, Some(stat))),
+                None => Liveness::Stale { pid },
+            },
             Ok(None) => Liveness::NoPidFile,
             // A torn or garbage pid file cannot name a running instance.
             // Nor can a symlink or a device planted in its place.
@@ -101,13 +136,13 @@ impl InstancePaths {
                     tracing::warn!(instance = %self.name, pid, pid_file = %self.pid.display(),
                         "the pid file does not name the running QEMU; found it in /proc");
                 }
-                return Ok(Liveness::Running { pid });
+                return Ok((Liveness::Running { pid }, None));
             }
             let served = [&self.qmp, &self.qmp_watch, &self.serial, &self.guest_agent]
                 .into_iter()
                 .find(|s| crate::fsutil::socket_in_use(s));
             match served {
-                None => return Ok(from_file),
+                None => return Ok((from_file, None)),
                 Some(socket) if std::time::Instant::now() >= deadline => {
                     return Err(Error::Unidentified {
                         instance: self.name.clone(),
@@ -121,11 +156,34 @@ impl InstancePaths {
 
     /// Whether `pid` is a live QEMU of this instance: `-name` matches and,
     /// if its command line names a pid file, it is this one.
+    ///
+    /// A process found to be ours is remembered by its pid and start time
+    /// (which no other process shares), so that a long-lived caller (the
+    /// server answering `info` every few seconds) reads its command line
+    /// once: a process's command line changes only if it execs another
+    /// program (QEMU does not) or writes over its own arguments.
     pub fn is_our_process(&self, pid: i32) -> bool {
-        if pid <= 0 || is_zombie_or_gone(pid) {
-            return false;
+        self.our_process_stat(pid).is_some()
+    }
+
+    /// [`Self::is_our_process`], with what `/proc/PID/stat` said of it.
+    pub fn our_process_stat(&self, pid: i32) -> Option<ProcStat> {
+        let stat = proc_stat(pid).filter(|s| pid > 0 && !s.is_zombie())?;
+        let key = (pid, stat.start_ticks);
+        let known = |ids: &mut Identified| ids.get(&key) == Some(&self.pid);
+        if identified().is_ok_and(|mut ids| known(&mut ids)) {
+            return Some(stat);
         }
-        cmdline(pid).is_some_and(|args| self.cmdline_is_ours(&args))
+        let ours = cmdline(pid).is_some_and(|args| self.cmdline_is_ours(&args));
+        if ours {
+            if let Ok(mut ids) = identified() {
+                if ids.len() >= MAX_IDENTIFIED {
+                    ids.clear();
+                }
+                ids.insert(key, self.pid.clone());
+            }
+        }
+        ours.then_some(stat)
     }
 
     fn cmdline_is_ours(&self, args: &[Vec<u8>]) -> bool {
@@ -213,24 +271,155 @@ fn name_matches(value: &[u8], name: &str) -> bool {
     first == name || first.strip_prefix("guest=") == Some(name)
 }
 
+/// A small regular file (a pid file), read as [`read_nofollow`] reads
+/// it but in one read call (every instance's pid file is read on every
+/// `list`); a larger one is read by [`read_nofollow`].
+fn read_small(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Reported by name (a symlink, no permission).
+        Err(_) => return read_nofollow(path),
+    };
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    if !meta.is_file() || meta.len() >= 64 {
+        return read_nofollow(path);
+    }
+    let mut buf = [0u8; 64];
+    let n = loop {
+        match file.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path, e)),
+        }
+    };
+    if u64::try_from(n).ok() != Some(meta.len()) {
+        // Rewritten as we read: read it the long way.
+        return read_nofollow(path);
+    }
+    Ok(Some(buf[..n].to_vec()))
+}
+
+/// Pid files read, by path: the file's identity when read, and its pid.
+type Pids = std::collections::HashMap<std::path::PathBuf, (crate::fsutil::FileKey, i32)>;
+
+fn pids() -> &'static std::sync::Mutex<Pids> {
+    static PIDS: std::sync::OnceLock<std::sync::Mutex<Pids>> = std::sync::OnceLock::new();
+    PIDS.get_or_init(Default::default)
+}
+
+/// Processes found to be an instance's QEMU: (pid, start time) to the
+/// instance's pid file.
+type Identified = std::collections::HashMap<(i32, u64), std::path::PathBuf>;
+
+/// How many identified processes are remembered (forgotten all at once
+/// beyond: a node runs far fewer instances).
+const MAX_IDENTIFIED: usize = 4096;
+
+fn identified() -> Result<std::sync::MutexGuard<'static, Identified>, ()> {
+    static IDENTIFIED: std::sync::OnceLock<std::sync::Mutex<Identified>> =
+        std::sync::OnceLock::new();
+    IDENTIFIED
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| ())
+}
+
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Its state letter (`R`, `S`, `Z`, ...).
+    pub state: u8,
+    /// When it started, in clock ticks after boot: with the pid, it names
+    /// one process for ever (a pid is reused, this pair is not).
+    pub start_ticks: u64,
+    /// User and system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+impl ProcStat {
+    /// A zombie or a dead process (`Z`, `X`).
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, b'Z' | b'X' | b'x')
+    }
+
+    /// The CPU time, in seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let hz = u32::try_from(hz).unwrap_or(100).max(1);
+        // Ticks stay far below 2^53 (f64's exact integers).
+        #[allow(clippy::cast_precision_loss)]
+        let ticks = self.cpu_ticks as f64;
+        ticks / f64::from(hz)
+    }
+}
+
+/// `/proc/PID/stat`, read in one call (it is read for every instance on
+/// every `list`); `None` when the process is gone.
+pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    // The kernel writes the whole line in one read when it fits: a read
+    // that ends with the line's newline is the last.
+    while len < buf.len() && !buf[..len].ends_with(b"\n") {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    parse_stat(&buf[..len])
+}
+
+/// Parses `/proc/PID/stat`: the fields after the command name, which
+/// is in parentheses and may hold any byte (so the last `)` ends it).
+fn parse_stat(text: &[u8]) -> Option<ProcStat> {
+    let close = text.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(&text[close + 1..]).ok()?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and
+    // 15, starttime field 22.
+    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some(ProcStat {
+        state: *fields.first()?.as_bytes().first()?,
+        start_ticks: num(19)?,
+        cpu_ticks: num(11)?.saturating_add(num(12)?),
+    })
+}
+
 /// Whether the process is gone or a zombie (state `Z` or `X`).
 pub fn is_zombie_or_gone(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    // The state follows the last ')' (the command name may contain any byte).
-    match stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-    {
-        Some(state) => matches!(state, "Z" | "X" | "x"),
-        None => true,
-    }
+    proc_stat(pid).is_none_or(|s| s.is_zombie())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_lines_parse_whatever_the_command_name() {
+        let line = b"4242 (qemu) x) (y) S 1 4242 4242 0 -1 4194560 100 0 0 0 \
+            250 50 0 0 20 0 3 0 987654 1000000 200 18446744073709551615";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.state, b'S');
+        assert_eq!(stat.cpu_ticks, 300);
+        assert_eq!(stat.start_ticks, 987654);
+        assert!(!stat.is_zombie());
+        assert!(parse_stat(b"12 (z) Z 1 2").is_none());
+        assert!(parse_stat(b"garbage").is_none());
+        let me = proc_stat(std::process::id().cast_signed()).unwrap();
+        assert!(me.start_ticks > 0 && !me.is_zombie());
+    }
 
     fn args(list: &[&str]) -> Vec<Vec<u8>> {
         list.iter().map(|a| a.as_bytes().to_vec()).collect()

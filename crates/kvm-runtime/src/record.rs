@@ -47,11 +47,48 @@ pub struct RuntimeRecord {
     pub origin: Origin,
 }
 
+/// Records parsed by [`InstancePaths::read_runtime_shared`], by path.
+type Parsed = std::collections::HashMap<
+    std::path::PathBuf,
+    (crate::fsutil::FileKey, std::sync::Arc<RuntimeRecord>),
+>;
+
+/// How many parsed records are kept (all forgotten at once beyond).
+const MAX_PARSED: usize = 4096;
+
+fn parsed() -> &'static std::sync::Mutex<Parsed> {
+    static PARSED: std::sync::OnceLock<std::sync::Mutex<Parsed>> = std::sync::OnceLock::new();
+    PARSED.get_or_init(Default::default)
+}
+
+/// gkvm's stored form: the record's fields beside its version. Spelled
+/// out rather than `#[serde(flatten)]`, which buffers the whole record
+/// before parsing it (a record is read for every instance on every list).
 #[derive(Deserialize)]
 struct Versioned {
     gkvm_runtime: u64,
-    #[serde(flatten)]
-    record: RuntimeRecord,
+    argv: Vec<String>,
+    #[serde(default)]
+    nics: Vec<Value>,
+    #[serde(default)]
+    hvparams: Map<String, Value>,
+    #[serde(default)]
+    disks: Vec<Value>,
+    #[serde(default)]
+    payload: Value,
+}
+
+impl Versioned {
+    fn record(self) -> RuntimeRecord {
+        RuntimeRecord {
+            argv: self.argv,
+            nics: self.nics,
+            hvparams: self.hvparams,
+            disks: self.disks,
+            payload: self.payload,
+            origin: Origin::Gkvm,
+        }
+    }
 }
 
 impl RuntimeRecord {
@@ -83,10 +120,7 @@ impl RuntimeRecord {
         // is looked at as a JSON value for what it is.
         if let Ok(v) = serde_json::from_slice::<Versioned>(data) {
             if v.gkvm_runtime <= FORMAT_VERSION {
-                return Ok(RuntimeRecord {
-                    origin: Origin::Gkvm,
-                    ..v.record
-                });
+                return Ok(v.record());
             }
         }
         let value: Value =
@@ -105,10 +139,7 @@ impl RuntimeRecord {
                 }
                 let v: Versioned = serde_json::from_value(value)
                     .map_err(|e| corrupt(format!("bad runtime record: {e}")))?;
-                Ok(RuntimeRecord {
-                    origin: Origin::Gkvm,
-                    ..v.record
-                })
+                Ok(v.record())
             }
             Value::Array(items) => Self::from_ganeti(items).map_err(corrupt),
             _ => Err(corrupt(
@@ -193,6 +224,52 @@ impl InstancePaths {
     /// killed mid-write, sees the old or the new record) is kept.
     pub fn write_runtime(&self, record: &RuntimeRecord) -> Result<(), Error> {
         write_atomic_volatile(&self.runtime, &record.to_json())
+    }
+
+    /// The runtime file as [`Self::read_runtime`] reads it, parsed once
+    /// per version of the file in this process: a file is identified by
+    /// its inode, size and times, taken from the open file (records are
+    /// replaced by rename, never rewritten in place), so a long-lived
+    /// reader (the server answering `list` every few seconds) parses a
+    /// record only after it changed.
+    pub fn read_runtime_shared(&self) -> Result<Option<std::sync::Arc<RuntimeRecord>>, Error> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Known by its identity alone (one stat, no open).
+        if let Some(key) = crate::fsutil::file_key(&self.runtime) {
+            let cache = parsed()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((k, record)) = cache.get(&self.runtime) {
+                if *k == key {
+                    return Ok(Some(std::sync::Arc::clone(record)));
+                }
+            }
+        }
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&self.runtime)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // The reader that reports it by name.
+            Err(_) => return self.read_runtime().map(|r| r.map(std::sync::Arc::new)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.runtime, e))?;
+        let key = crate::fsutil::key_of(&meta);
+        let data =
+            crate::fsutil::read_open_capped(file, &self.runtime, crate::fsutil::MAX_STATE_FILE)?;
+        let record = std::sync::Arc::new(RuntimeRecord::from_json(&data, &self.runtime)?);
+        let mut cache = parsed()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= MAX_PARSED {
+            cache.clear();
+        }
+        cache.insert(self.runtime.clone(), (key, std::sync::Arc::clone(&record)));
+        Ok(Some(record))
     }
 
     /// Reads the runtime file; `Ok(None)` when there is none.
