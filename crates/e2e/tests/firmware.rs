@@ -2,7 +2,9 @@
 //! fw_cfg, under TCG), sees `/sys/firmware/efi`, and an EFI variable it
 //! writes is in its own variable store after a stop and a start (the store
 //! lives in the node's state directory, not the run directory); removing
-//! the state is refused while it runs, and ends it once stopped.
+//! the state is refused while it runs, and ends it once stopped. And the
+//! other devices a current guest expects: a random-number device fed by
+//! the host, and a watchdog that acts when the guest stops feeding it.
 
 mod common;
 use common::{guest_spec, hop, rt};
@@ -221,4 +223,70 @@ fn uefi_secure_boot_starts_with_the_enrolled_store() {
         "{}",
         e.report()
     );
+}
+
+/// `rng=virtio`: the guest's kernel takes virtio-rng as its hardware RNG
+/// and reads from it. `watchdog=i6300esb` with `watchdog_action=pause`:
+/// fed, the guest runs on; its feeder killed (no magic close), QEMU stops
+/// the guest and `info` says why (state `watchdog`).
+#[test]
+fn the_guest_draws_randomness_and_its_watchdog_acts() {
+    let Some(env) = require("rng_watchdog", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-rngwd");
+    let run = dir.path().join("run");
+    let _kill = gkvm_testkit::KillRunDir(run.clone());
+    let hv = KvmHypervisor::new(common::node_config(dir.path(), &env.qemu));
+    let mut spec = guest_spec(&env, "rngwd1");
+    for pair in [
+        "rng=virtio",
+        "rng_rate=65536",
+        "watchdog=i6300esb",
+        "watchdog_action=pause",
+    ] {
+        spec.hvparams.set_pair(pair).unwrap();
+    }
+    let mut serial = boot(&hv, &run, &spec);
+    let out = serial
+        .run(
+            "cat /sys/class/misc/hw_random/rng_current; \
+             dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(
+        out.contains("virtio_rng") && out.lines().any(|l| l.trim() == "32"),
+        "{out}"
+    );
+    // Ganeti's own driver has neither device: not handed to it.
+    let refused = rt().block_on(hv.release_to_ganeti("rngwd1")).unwrap_err();
+    assert!(
+        refused.report().contains("rng=virtio"),
+        "{}",
+        refused.report()
+    );
+    // Fed every second with a 2 s timeout (busybox's watchdog daemon).
+    let out = serial
+        .run(
+            "watchdog -T 2 -t 1 /dev/watchdog; echo fed-$?",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(out.contains("fed-0"), "{out}");
+    let state = || rt().block_on(hv.info("rngwd1")).unwrap().state;
+    assert_eq!(state(), hv_kvm::InstanceState::Running);
+    serial
+        .run("killall -9 watchdog; echo killed", Duration::from_secs(60))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while state() != hv_kvm::InstanceState::Watchdog {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watchdog did not act: {:?}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt().block_on(hv.stop("rngwd1", StopMode::Force)).unwrap();
 }

@@ -887,7 +887,8 @@ impl KvmHypervisor {
             record
         } else {
             let spec = spec_from_record(name, &record, &paths.runtime)?;
-            if spec.hvparams.firmware != kvm_cmdline::hvparams::Firmware::Bios {
+            let hv = &spec.hvparams;
+            if hv.firmware != kvm_cmdline::hvparams::Firmware::Bios {
                 // Ganeti's driver boots BIOS only: it would start the guest
                 // on other hardware, without its variable store.
                 return Err(Error::MigrationInfo {
@@ -895,9 +896,25 @@ impl KvmHypervisor {
                     reason: format!(
                         "it boots UEFI (firmware={}), which Ganeti 3.1's own KVM driver \
                          cannot run",
-                        spec.hvparams.firmware.as_str()
+                        hv.firmware.as_str()
                     ),
                 });
+            }
+            // Nor has it these devices: its QEMU would not take the guest's
+            // state for them.
+            for (key, value, none) in [
+                ("rng", hv.rng.as_str(), "none"),
+                ("watchdog", hv.watchdog.as_str(), "none"),
+            ] {
+                if value != none {
+                    return Err(Error::MigrationInfo {
+                        instance: name.to_owned(),
+                        reason: format!(
+                            "it has a device Ganeti 3.1's own KVM driver does not know \
+                             ({key}={value})"
+                        ),
+                    });
+                }
             }
             let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map_err(|e| Error::Io {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::escape::{opt_path, opt_value, path_str, whole_arg};
 use crate::hvparams::{
     BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, Firmware, KvmFlag, NicType,
-    RebootBehavior, ScsiControllerType, SecurityModel,
+    RebootBehavior, Rng, ScsiControllerType, SecurityModel, Watchdog,
 };
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
@@ -898,10 +898,48 @@ fn build_devices_and_extra(c: &Ctx, a: &mut Args) -> Result<(), Error> {
     if let (Some(uuid), true) = (&c.spec.uuid, f.uuid) {
         a.opt("-uuid", uuid.to_string());
     }
+    build_gkvm_devices(c, a)?;
     // Ganeti 2.x appended kvm_extra as one argument; 3.1 splits it as a
     // shell would, and so does gkvm: "-foo a -bar 'b c'" is four words.
     for extra in hv.kvm_extra_args()? {
         a.flag(&extra);
+    }
+    Ok(())
+}
+
+/// gkvm's own devices (`rng`, `watchdog`), after every device of the
+/// Ganeti layer: turning one on moves no other device (QEMU places them in
+/// the first free slots, after all the others).
+fn build_gkvm_devices(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    let hv = c.hv;
+    if hv.rng == Rng::Virtio {
+        if !c.caps.has_device("virtio-rng-pci") {
+            return Err(c.unsupported("rng", "the virtio-rng-pci device"));
+        }
+        a.object(
+            &Object::new("rng-random", "rng0").with("filename", "/dev/urandom"),
+            SYNTAX,
+        )?;
+        let mut dev = Device::new("virtio-rng-pci")
+            .with("id", "rng-dev0")
+            .with("rng", "rng0");
+        if hv.rng_rate > 0 {
+            dev = dev.with("max-bytes", hv.rng_rate).with("period", 1000u32);
+        }
+        a.device(&dev, SYNTAX)?;
+    }
+    if hv.watchdog == Watchdog::I6300esb {
+        if !c.caps.has_device("i6300esb") {
+            return Err(c.unsupported("watchdog", "the i6300esb device"));
+        }
+        if !c.f.action {
+            return Err(c.unsupported("watchdog_action", "-action (QEMU 6.0)"));
+        }
+        a.device(&Device::new("i6300esb").with("id", "watchdog0"), SYNTAX)?;
+        a.opt(
+            "-action",
+            format!("watchdog={}", hv.watchdog_action.as_str()),
+        );
     }
     Ok(())
 }

@@ -152,6 +152,9 @@ features! {
     localtime: Opt("localtime"), Before(3, 0);
     /// `-rtc`.
     rtc: Opt("rtc"), Opt("rtc");
+    /// `-action` (QEMU ≥ 6.0): what QEMU does on a guest event (the
+    /// watchdog's).
+    action: Opt("action"), Since(6, 0);
     /// `-soundhw` (replaced by `-audio`, removed in 7.1).
     soundhw: Opt("soundhw"), Before(7, 1);
     /// `-audio` with `model=`.

@@ -129,6 +129,20 @@ str_enum!(
                /** UEFI (OVMF), its variables in a per-instance store that persists. */ Uefi = "uefi",
                /** UEFI with Secure Boot and Microsoft's keys enrolled (a q35 machine, SMM). */ UefiSecboot = "uefi-secboot" } default Bios);
 str_enum!(
+    /// `rng` (gkvm's): a random-number device for the guest.
+    Rng { /** None (as Ganeti starts every instance). */ None = "none",
+          /** virtio-rng, fed by the host's `/dev/urandom` at `rng_rate` bytes a second. */ Virtio = "virtio" } default None);
+str_enum!(
+    /// `watchdog` (gkvm's): a hardware watchdog the guest must feed.
+    Watchdog { /** None. */ None = "none",
+               /** Intel 6300ESB (a PCI device every guest kernel has a driver for). */ I6300esb = "i6300esb" } default None);
+str_enum!(
+    /// `watchdog_action` (gkvm's): what happens when the guest stops
+    /// feeding its watchdog (QEMU's `-action watchdog=`).
+    WatchdogAction { /** Reset the machine. */ Reset = "reset", /** Stop it (QEMU exits; `user_shutdown` keeps it). */ Shutdown = "shutdown",
+                     /** Power it off at once. */ Poweroff = "poweroff", /** Pause the guest (its state kept for a look). */ Pause = "pause",
+                     /** Nothing but the event. */ None = "none" } default Reset);
+str_enum!(
     /// SPICE lossless image compression.
     SpiceLossless { #[allow(missing_docs)] AutoGlz = "auto_glz", #[allow(missing_docs)] AutoLz = "auto_lz",
                     #[allow(missing_docs)] Quic = "quic", #[allow(missing_docs)] Glz = "glz",
@@ -378,6 +392,18 @@ pub struct HvParams {
     /// store (gkvm's parameter; Ganeti 3.1 has none, see
     /// [`GKVM_HVPARAMS`]).
     pub firmware: Firmware,
+    /// A random-number device fed by the host (gkvm's parameter).
+    pub rng: Rng,
+    /// Bytes a second the guest may draw from its random-number device (0:
+    /// no limit). A bound keeps one guest from draining the host's pool
+    /// for the others.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub rng_rate: u32,
+    /// A hardware watchdog (gkvm's parameter).
+    pub watchdog: Watchdog,
+    /// What the watchdog does when the guest stops feeding it.
+    pub watchdog_action: WatchdogAction,
 }
 
 impl Default for HvParams {
@@ -449,6 +475,10 @@ impl Default for HvParams {
             machine_version: String::new(),
             kvm_pci_reservations: 12,
             firmware: Firmware::Bios,
+            rng: Rng::None,
+            rng_rate: 1 << 20,
+            watchdog: Watchdog::None,
+            watchdog_action: WatchdogAction::Reset,
         }
     }
 }
@@ -456,7 +486,7 @@ impl Default for HvParams {
 /// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
 /// cluster cannot set them (its parameter tables are fixed in its code);
 /// they take their defaults there.
-pub const GKVM_HVPARAMS: [&str; 1] = ["firmware"];
+pub const GKVM_HVPARAMS: [&str; 5] = ["firmware", "rng", "rng_rate", "watchdog", "watchdog_action"];
 
 /// The hvparams a restart (`reboot_behavior=exit`) or a migration's
 /// destination takes from the current configuration rather than from the
