@@ -4,7 +4,9 @@
 //! lives in the node's state directory, not the run directory); removing
 //! the state is refused while it runs, and ends it once stopped. And the
 //! other devices a current guest expects: a random-number device fed by
-//! the host, and a watchdog that acts when the guest stops feeding it.
+//! the host, a watchdog that acts when the guest stops feeding it, and a
+//! TPM 2.0 whose emulator (a swtpm of the instance's own) is started and
+//! ended with it and whose state travels with a migration.
 
 mod common;
 use common::{guest_spec, hop, rt};
@@ -289,4 +291,134 @@ fn the_guest_draws_randomness_and_its_watchdog_acts() {
         std::thread::sleep(Duration::from_millis(100));
     }
     rt().block_on(hv.stop("rngwd1", StopMode::Force)).unwrap();
+}
+
+/// A TPM2_PCR_Extend of PCR 16 (the debug PCR) with a SHA-256 digest of
+/// 32 bytes `fill`, as printf octal escapes for the guest's shell.
+fn pcr16_extend(fill: u8) -> String {
+    let mut cmd: Vec<u8> = vec![0x80, 0x02, 0, 0, 0, 65, 0, 0, 0x01, 0x82, 0, 0, 0, 16];
+    // The password session: TPM_RS_PW, no nonce, no attributes, no HMAC.
+    cmd.extend([0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]);
+    // One digest: SHA-256.
+    cmd.extend([0, 0, 0, 1, 0, 0x0b]);
+    cmd.extend([fill; 32]);
+    assert_eq!(cmd.len(), 65);
+    cmd.iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
+/// What the guest reads of PCR 16's SHA-256 bank.
+fn read_pcr16(serial: &mut Serial) -> String {
+    let out = serial
+        .run(
+            "echo pcr=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("pcr="))
+        .filter(|v| v.len() == 64)
+        .unwrap_or_else(|| panic!("no PCR 16 in {out}"))
+        .to_owned()
+}
+
+/// `tpm=tpm2`: the guest sees a TPM 2.0 and extends a PCR; the value is
+/// there after a live migration (the destination started its own swtpm;
+/// the state came in the stream), each swtpm ends with its QEMU, and the
+/// TPM's state stays in the node's state directory after a stop.
+#[test]
+fn the_guest_has_a_tpm_that_migrates() {
+    let Some(env) = require("tpm", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    if !Path::new("/usr/bin/swtpm").exists() {
+        gkvm_testkit::skip("tpm", "no swtpm (Debian's swtpm; scripts/install-deps)");
+        return;
+    }
+    let (da, db) = (ScratchDir::new("gkvm-tpm-a"), ScratchDir::new("gkvm-tpm-b"));
+    let (a, b) = (
+        uefi_node(da.path(), &env.qemu),
+        uefi_node(db.path(), &env.qemu),
+    );
+    let (run_a, run_b) = (da.path().join("run"), db.path().join("run"));
+    let (_ka, _kb) = (
+        gkvm_testkit::KillRunDir(run_a.clone()),
+        gkvm_testkit::KillRunDir(run_b.clone()),
+    );
+    let mut spec = guest_spec(&env, "tpm1");
+    spec.hvparams.set_pair("tpm=tpm2").unwrap();
+    // The guest finds its TPM in the ACPI tables, which a kernel booted
+    // directly (PVH) does not get: the bzImage, through SeaBIOS.
+    let kernel = &env.guest.as_ref().expect("test guest").kernel;
+    spec.hvparams.kernel_path = Some(kernel.with_file_name("bzImage"));
+    spec.hvparams.migration_port = 23000 + u16::try_from(std::process::id() % 2000).unwrap();
+    let mut serial = boot(&a, &run_a, &spec);
+    let out = serial
+        .run(
+            "echo major=$(cat /sys/class/tpm/tpm0/tpm_version_major); ls /dev/tpm0",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(
+        out.contains("major=2") && out.contains("/dev/tpm0"),
+        "{out}"
+    );
+    let before = read_pcr16(&mut serial);
+    let out = serial
+        .run(
+            &format!("printf '{}' > /dev/tpm0; echo extended-$?", pcr16_extend(1)),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    assert!(out.contains("extended-0"), "{out}");
+    let extended = read_pcr16(&mut serial);
+    assert_ne!(before, extended, "the extend changed nothing");
+    drop(serial);
+    let paths_a = RunDir::new(&run_a).instance("tpm1").unwrap();
+    let swtpm_a = paths_a.tpm_helper().expect("a swtpm on the source");
+
+    rt().block_on(hop(&a, &b, "tpm1", spec.hvparams.migration_port));
+    let paths_b = RunDir::new(&run_b).instance("tpm1").unwrap();
+    let swtpm_b = paths_b.tpm_helper().expect("a swtpm on the destination");
+    assert_ne!(swtpm_a, swtpm_b);
+    let gone = |pid: i32| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while hv_kvm::process_alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "swtpm {pid} lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The source's QEMU quit after the handover: its swtpm with it.
+    gone(swtpm_a);
+    let mut serial = Serial::connect(&paths_b.serial, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        read_pcr16(&mut serial),
+        extended,
+        "PCR 16 after the migration"
+    );
+    drop(serial);
+    let helpers = rt().block_on(b.info("tpm1")).unwrap().helpers;
+    assert_eq!(
+        (helpers.len(), helpers[0].kind.as_str(), helpers[0].pid),
+        (1, "swtpm", Some(swtpm_b))
+    );
+    // A swtpm killed under the running instance is reported by info; the
+    // stop then leaves nothing of it.
+    // SAFETY: a signal to the swtpm this test's instance owns.
+    unsafe { libc::kill(swtpm_b, libc::SIGKILL) };
+    gone(swtpm_b);
+    let info = rt().block_on(b.info("tpm1")).unwrap();
+    assert_eq!(info.helpers[0].pid, None, "{info:?}");
+    rt().block_on(b.stop("tpm1", StopMode::Force)).unwrap();
+    assert!(!paths_b.tpm.exists() && !paths_b.tpm_pid.exists());
+    let state = db.path().join("state/instances/tpm1/tpm");
+    let kept: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        kept.iter().any(|f| f.to_string_lossy().contains("permall")),
+        "no TPM state in {}: {kept:?}",
+        state.display()
+    );
 }

@@ -61,6 +61,11 @@ fn not_startable_here(v: &Variant) -> Option<&'static str> {
         // this hypervisor").
         return Some("this node's KVM has no SMM");
     }
+    if v.spec.hvparams.tpm != kvm_cmdline::hvparams::Tpm::None
+        && !Path::new("/usr/bin/swtpm").exists()
+    {
+        return Some("no swtpm (Debian's swtpm)");
+    }
     if v.name == "userspace-uris" {
         // Their servers are TEST-NET addresses; the NBD and HTTP goldens
         // are started against servers this test runs.
@@ -227,6 +232,31 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
             .map_err(|e| format!("OVMF's variable store template: {e}"))?;
     }
 
+    // The TPM's emulator, listening where the golden's QEMU connects
+    // (ended by --terminate when QEMU goes, or below).
+    let swtpm_pid = dir.join("swtpm.pid");
+    if v.spec.hvparams.tpm != kvm_cmdline::hvparams::Tpm::None {
+        std::fs::create_dir_all(dir.join("tpmstate")).unwrap();
+        let st = std::process::Command::new("swtpm")
+            .args(["socket", "--tpm2", "--terminate", "--daemon", "--tpmstate"])
+            .arg(format!("dir={}", dir.join("tpmstate").display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", dir.join("tpm").display()))
+            .arg("--pid")
+            .arg(format!("file={}", swtpm_pid.display()))
+            .status()
+            .map_err(|e| format!("swtpm: {e}"))?;
+        if !st.success() {
+            return Err(format!("swtpm: {st}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("tpm").exists() {
+            if Instant::now() > deadline {
+                return Err("swtpm did not listen within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     // TAPs onto the descriptor numbers the golden names.
     let taps: Vec<gkvm_tap::Tap> = v
         .launch
@@ -317,6 +347,16 @@ fn accept(profile: &str, qemu: &Path, v: &Variant) -> Result<(), String> {
         // SAFETY: killing the daemon this test started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         wait_gone(pid, Duration::from_secs(5));
+    }
+    if let Some(pid) = std::fs::read_to_string(&swtpm_pid)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    {
+        if !wait_gone(pid, Duration::from_secs(5)) {
+            // SAFETY: killing the swtpm this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_gone(pid, Duration::from_secs(5));
+        }
     }
     drop(taps);
     drop(vhost);

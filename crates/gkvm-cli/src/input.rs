@@ -50,6 +50,9 @@ pub(crate) fn hypervisor_of(opts: &NodeOptions) -> Result<KvmHypervisor, Failure
     if let Some(d) = &node.ovmf_dir {
         config.ovmf_dir = d.clone();
     }
+    if let Some(p) = &node.swtpm_path {
+        config.swtpm_path = p.clone();
+    }
     config.migration_tls_dir = node.migration_tls_dir.clone();
     config.nic_script = node.nic_up_script.clone();
     config.nic_down_script = node.nic_down_script.clone();

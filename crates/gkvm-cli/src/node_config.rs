@@ -7,6 +7,7 @@
 //! log_dir = "/var/log/gkvm"                # QEMU's logs, NAME.log
 //! state_dir = "/var/lib/gkvm"              # what outlives a run (UEFI variables)
 //! ovmf_dir = "/usr/share/OVMF"             # OVMF's images (Debian's ovmf)
+//! swtpm_path = "/usr/bin/swtpm"             # the TPM emulator (tpm=tpm2)
 //! kvm_path = "/usr/bin/qemu-system-x86_64"
 //! nic_up_script = "/etc/gkvm/kvm-ifup"      # ACTION=up; none: native
 //! nic_down_script = "/etc/gkvm/kvm-ifdown"  # ACTION=down; none: native
@@ -41,6 +42,7 @@ pub(crate) struct NodeConfig {
     pub(crate) log_dir: Option<PathBuf>,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) ovmf_dir: Option<PathBuf>,
+    pub(crate) swtpm_path: Option<PathBuf>,
     pub(crate) kvm_path: Option<PathBuf>,
     pub(crate) nic_up_script: Option<PathBuf>,
     pub(crate) nic_down_script: Option<PathBuf>,
@@ -99,6 +101,7 @@ impl NodeConfig {
             ("log_dir", &self.log_dir),
             ("state_dir", &self.state_dir),
             ("ovmf_dir", &self.ovmf_dir),
+            ("swtpm_path", &self.swtpm_path),
             ("kvm_path", &self.kvm_path),
             ("nic_up_script", &self.nic_up_script),
             ("nic_down_script", &self.nic_down_script),

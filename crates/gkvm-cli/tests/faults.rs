@@ -1651,3 +1651,78 @@ fn accept_says_it_waits_only_once_it_listens() {
     a.assert_empty("announce");
     b.assert_empty("announce");
 }
+
+/// A gkvm SIGKILLed at any point of a start of an instance with a TPM
+/// leaves no swtpm once the next operation (a cleanup, or a start) and a
+/// stop have run: the helper is found by its pid file and identified by
+/// its socket, and ended with the QEMU it was for.
+#[test]
+fn a_killed_tpm_start_leaves_no_swtpm() {
+    let Some(env) = require("faults_tpm_start", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    if !Path::new("/usr/bin/swtpm").exists() {
+        gkvm_testkit::skip("faults_tpm_start", "no swtpm (Debian's swtpm)");
+        return;
+    }
+    let node = Node::new("gkvm-fault-tpm", &env.qemu);
+    // The TPM's state in this test's directory, not the host's.
+    let conf = node.dir.path().join("node.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "state_dir = \"{}\"\nlog_dir = \"{}\"\n",
+            node.dir.path().join("state").display(),
+            node.dir.path().join("log").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        node.cmd(args)
+            .env("GKVM_NODE_CONFIG", &conf)
+            .output()
+            .unwrap()
+    };
+    let accel = accel();
+    let start: Vec<&str> = vec![
+        "start", "tp1", "--memory", "64", "-H", &accel, "-H", "tpm=tpm2", "--paused",
+    ];
+    run(&["caps"]);
+    // Rounds that left a swtpm without its QEMU (the window this is about).
+    let mut orphans = 0;
+    for (round, ms) in [5u64, 10, 20, 30, 45, 70, 110, 200].into_iter().enumerate() {
+        let why = format!("SIGKILL after {ms} ms");
+        let child = node
+            .cmd(&start)
+            .env("GKVM_NODE_CONFIG", &conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait_with_output();
+        if node.qemus().is_empty() && !gkvm_testkit::helpers_in(&node.run).is_empty() {
+            orphans += 1;
+        }
+        let next = if round % 2 == 0 {
+            run(&["cleanup", "tp1"])
+        } else {
+            run(&start)
+        };
+        assert!(
+            next.status.success() || stderr(&next).contains("already running"),
+            "{why}: {}",
+            stderr(&next)
+        );
+        let _ = run(&["stop", "tp1", "--force"]);
+        let _ = run(&["cleanup", "tp1"]);
+        assert_eq!(
+            gkvm_testkit::helpers_in(&node.run),
+            Vec::<i32>::new(),
+            "{why}: swtpm left"
+        );
+        node.assert_empty(&why);
+    }
+    eprintln!("swtpm orphaned by a killed start, then ended: {orphans}");
+}

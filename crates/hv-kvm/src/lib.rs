@@ -17,6 +17,7 @@ mod events;
 mod ganeti_runtime;
 mod guard;
 mod guest_agent;
+mod helper;
 mod hotplug;
 mod lifecycle;
 mod media;
@@ -55,7 +56,7 @@ pub use ops::{
 };
 use serde::{Deserialize, Serialize};
 pub use types::{
-    ConsoleInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
+    ConsoleInfo, HelperInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
     StartReport, VerifyReport,
 };
 
@@ -137,6 +138,9 @@ pub struct Config {
     /// Where OVMF's images are (Debian's `ovmf`: `OVMF_CODE_4M.fd`,
     /// `OVMF_VARS_4M.fd`, and `.secboot`/`.ms` for Secure Boot).
     pub ovmf_dir: PathBuf,
+    /// The TPM emulator (`tpm=tpm2`; Debian's `swtpm`), looked up in
+    /// `PATH` when not absolute.
+    pub swtpm_path: PathBuf,
     /// This node's values of node-local hvparams (see
     /// [`trust::NODE_LOCAL_HVPARAMS`]) that differ from the defaults: an
     /// incoming instance must have the same.
@@ -158,6 +162,7 @@ impl Config {
             nic_communication_script: None,
             state_dir: PathBuf::from("/var/lib/gkvm"),
             ovmf_dir: PathBuf::from("/usr/share/OVMF"),
+            swtpm_path: PathBuf::from("swtpm"),
             uid_pool: None,
             tap_template: "gkvm%d".into(),
             start_timeout: Duration::from_secs(60),
@@ -365,6 +370,7 @@ pub(crate) fn node_paths(
         chroot: p.chroot.clone(),
         keymap: p.keymap.clone(),
         events: Some(p.events.clone()),
+        tpm: Some(p.tpm.clone()),
     }
 }
 

@@ -103,6 +103,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         log: None,
         guest_agent: None,
         user_down,
+        helpers: Vec::new(),
     }
 }
 
@@ -122,6 +123,18 @@ fn hvparam_flag(record: &RuntimeRecord, key: &str) -> bool {
         .or_else(|| record.hvparams.get(key));
     matches!(flag, Some(serde_json::Value::Bool(true)))
         || flag.and_then(serde_json::Value::as_str) == Some("true")
+}
+
+/// Whether a string hypervisor parameter of the record's instance is
+/// `value` (gkvm's saved instance).
+fn hvparam_is(record: &RuntimeRecord, key: &str, value: &str) -> bool {
+    record
+        .payload
+        .get("spec")
+        .and_then(|s| s.get("hvparams"))
+        .and_then(|h| h.get(key))
+        .and_then(serde_json::Value::as_str)
+        == Some(value)
 }
 
 /// An instance's info from its runtime record and `/proc` alone.
@@ -167,6 +180,7 @@ fn recorded_info(
         log: None,
         guest_agent: None,
         user_down: false,
+        helpers: Vec::new(),
     }
 }
 
@@ -320,7 +334,23 @@ impl KvmHypervisor {
             .flatten()
             .is_some_and(|r| hvparam_flag(&r, "use_guest_agent"))
             .then(|| paths.guest_agent.clone());
+        let tpm = paths
+            .read_runtime_shared()
+            .ok()
+            .flatten()
+            .is_some_and(|r| hvparam_is(&r, "tpm", "tpm2"));
+        let swtpm = tpm.then(|| paths.tpm_helper());
         let mut info = instance_info(paths, pid, self.config.qmp_timeout).await;
+        if let Some(pid) = swtpm {
+            if pid.is_none() {
+                tracing::warn!(instance = %info.name,
+                    "its TPM emulator (swtpm) has died: the guest's TPM fails until it is stopped and started");
+            }
+            info.helpers.push(crate::types::HelperInfo {
+                kind: "swtpm".into(),
+                pid,
+            });
+        }
         info.log = Some(log);
         if let Some(socket) = agent {
             let bound = self.config.qmp_timeout.min(AGENT_PING_TIMEOUT);

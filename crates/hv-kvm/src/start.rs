@@ -65,6 +65,9 @@ impl KvmHypervisor {
         let built = self.build_start(spec, paths, opts).await?;
         let pool_user = self.pool_user(&built.spec, paths).await?;
         let taps = self.prepare_node(&built, paths, opts, guard).await?;
+        // Helpers (a swtpm) before QEMU, which connects to them; the
+        // rollback's cleanup ends them.
+        self.start_helpers(&built.spec, paths).await?;
         let pid = self
             .spawn_qemu(&built, paths, opts, taps.as_slice(), pool_user, guard)
             .await?;

@@ -43,6 +43,22 @@ pub struct InstanceInfo {
     /// cluster leaves such an instance down instead of calling it an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub user_down: bool,
+    /// The host-side helpers it owns (`info NAME`; a swtpm for
+    /// `tpm=tpm2`), each with its pid, or none when it has died under the
+    /// running instance (the device it serves then fails in the guest
+    /// until the instance is stopped and started).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub helpers: Vec<HelperInfo>,
+}
+
+/// A host-side helper process of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[non_exhaustive]
+pub struct HelperInfo {
+    /// What it is (`swtpm`).
+    pub kind: String,
+    /// Its pid; `None` when it is not running.
+    pub pid: Option<i32>,
 }
 
 /// The node's resources.

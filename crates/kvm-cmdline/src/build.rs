@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::escape::{opt_path, opt_value, path_str, whole_arg};
 use crate::hvparams::{
     BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, Firmware, KvmFlag, NicType,
-    RebootBehavior, Rng, ScsiControllerType, SecurityModel, Watchdog,
+    RebootBehavior, Rng, ScsiControllerType, SecurityModel, Tpm, Watchdog,
 };
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
@@ -89,6 +89,9 @@ pub struct NodePaths {
     /// code, read-only, and the instance's own variable store, which must
     /// exist (the caller copies the template at the first start).
     pub firmware: Option<FirmwareFiles>,
+    /// The control socket of the instance's TPM emulator (`tpm=tpm2`;
+    /// the caller starts a swtpm listening there first).
+    pub tpm: Option<PathBuf>,
 }
 
 /// The two flash images of a UEFI machine.
@@ -1208,6 +1211,7 @@ impl QemuCommand {
         if c.hv.use_guest_agent {
             launch_guest_agent(&c, &mut a, node)?;
         }
+        launch_tpm(&c, &mut a, node)?;
         launch_nics(&c, &mut a, launch)?;
         if let Some(dir) = &launch.migration_tls {
             launch_migration_tls(&c, &mut a, dir, launch.incoming.is_some())?;
@@ -1325,6 +1329,32 @@ fn launch_run_as(c: &Ctx, a: &mut Args, launch: &Launch) -> Result<(), Error> {
 
 /// The guest agent: a socket chardev and a virtio-serial port named as
 /// qemu-ga expects (Ganeti 3.1's ids).
+/// A TPM 2.0 (CRB interface) whose emulator, a swtpm of the instance's
+/// own, listens on the node's socket.
+fn launch_tpm(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
+    if c.hv.tpm == Tpm::None {
+        return Ok(());
+    }
+    let socket = node.tpm.as_deref().ok_or_else(|| {
+        c.instance_err(
+            "hvparams.tpm",
+            "a TPM needs the socket of its emulator (swtpm)".into(),
+        )
+    })?;
+    if !c.caps.has_device("tpm-crb") {
+        return Err(c.unsupported("tpm", "the tpm-crb device"));
+    }
+    let path = opt_path("TPM socket", socket)?;
+    a.opt("-chardev", format!("socket,id=gkvm-tpm-chr,path={path}"));
+    a.opt("-tpmdev", "emulator,id=gkvm-tpm,chardev=gkvm-tpm-chr");
+    a.device(
+        &Device::new("tpm-crb")
+            .with("id", "tpm0")
+            .with("tpmdev", "gkvm-tpm"),
+        SYNTAX,
+    )
+}
+
 fn launch_guest_agent(c: &Ctx, a: &mut Args, node: &NodePaths) -> Result<(), Error> {
     let path = opt_path("guest agent socket", &node.guest_agent)?;
     a.opt(

@@ -133,6 +133,10 @@ str_enum!(
     Rng { /** None (as Ganeti starts every instance). */ None = "none",
           /** virtio-rng, fed by the host's `/dev/urandom` at `rng_rate` bytes a second. */ Virtio = "virtio" } default None);
 str_enum!(
+    /// `tpm` (gkvm's): a TPM for the guest.
+    Tpm { /** None (as Ganeti starts every instance). */ None = "none",
+          /** TPM 2.0 (a CRB device), emulated by a swtpm of the instance's own whose state persists on the node. */ Tpm2 = "tpm2" } default None);
+str_enum!(
     /// `watchdog` (gkvm's): a hardware watchdog the guest must feed.
     Watchdog { /** None. */ None = "none",
                /** Intel 6300ESB (a PCI device every guest kernel has a driver for). */ I6300esb = "i6300esb" } default None);
@@ -402,6 +406,8 @@ pub struct HvParams {
     pub rng_rate: u32,
     /// A hardware watchdog (gkvm's parameter).
     pub watchdog: Watchdog,
+    /// A TPM (gkvm's parameter), emulated by a swtpm the instance owns.
+    pub tpm: Tpm,
     /// What the watchdog does when the guest stops feeding it.
     pub watchdog_action: WatchdogAction,
 }
@@ -478,6 +484,7 @@ impl Default for HvParams {
             rng: Rng::None,
             rng_rate: 1 << 20,
             watchdog: Watchdog::None,
+            tpm: Tpm::None,
             watchdog_action: WatchdogAction::Reset,
         }
     }
@@ -486,7 +493,14 @@ impl Default for HvParams {
 /// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
 /// cluster cannot set them (its parameter tables are fixed in its code);
 /// they take their defaults there.
-pub const GKVM_HVPARAMS: [&str; 5] = ["firmware", "rng", "rng_rate", "watchdog", "watchdog_action"];
+pub const GKVM_HVPARAMS: [&str; 6] = [
+    "firmware",
+    "rng",
+    "rng_rate",
+    "watchdog",
+    "watchdog_action",
+    "tpm",
+];
 
 /// The hvparams a restart (`reboot_behavior=exit`) or a migration's
 /// destination takes from the current configuration rather than from the

@@ -103,6 +103,7 @@ fn argv_for(
             keymap: dir.join("keymap"),
             log: Some(dir.join("qemu.log")),
             events: Some(dir.join("events")),
+            tpm: Some(dir.join("tpm")),
             firmware: Some(kvm_cmdline::FirmwareFiles {
                 code: PathBuf::from(
                     if v.spec.hvparams.firmware == kvm_cmdline::hvparams::Firmware::UefiSecboot {

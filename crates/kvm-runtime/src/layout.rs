@@ -97,6 +97,8 @@ impl RunDir {
             qmp: ctrl.join(format!("{name}.qmp")),
             qmp_watch: ctrl.join(format!("{name}.qmp-watch")),
             guest_agent: ctrl.join(format!("{name}.qga")),
+            tpm: ctrl.join(format!("{name}.tpm")),
+            tpm_pid: ctrl.join(format!("{name}.tpm.pid")),
             lock: ctrl.join(format!("{name}.lock")),
             events: ctrl.join(format!("{name}.events")),
             runtime: self.root.join("conf").join(format!("{name}.runtime")),
@@ -112,6 +114,7 @@ impl RunDir {
             &paths.qmp,
             &paths.qmp_watch,
             &paths.guest_agent,
+            &paths.tpm,
         ] {
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(Error::SocketPathTooLong { path: sock.clone() });
@@ -194,6 +197,11 @@ pub struct InstancePaths {
     /// `ctrl/<name>.qga`: the guest agent's socket (`use_guest_agent`,
     /// Ganeti 3.1's name).
     pub guest_agent: PathBuf,
+    /// `ctrl/<name>.tpm`: the control socket of the instance's TPM
+    /// emulator (a swtpm, `tpm=tpm2`).
+    pub tpm: PathBuf,
+    /// `ctrl/<name>.tpm.pid`: the swtpm's pid file.
+    pub tpm_pid: PathBuf,
     /// `ctrl/<name>.lock`: the per-instance operation lock.
     pub lock: PathBuf,
     /// `ctrl/<name>.events`: QEMU's event log, a QMP monitor on a pipe
@@ -361,6 +369,9 @@ impl InstancePaths {
         ] {
             remove_socket(s)?;
         }
+        // QEMU is gone: so go the helpers it had (one whose gkvm was
+        // killed before its QEMU started still waits for it).
+        self.stop_helpers()?;
         // Then every file that can go goes, even when one cannot (a
         // directory planted at a file's place): the first error is
         // returned after the rest is removed.

@@ -39,6 +39,7 @@
 
 mod error;
 pub mod fsutil;
+mod helper;
 mod layout;
 mod live;
 mod lock;

@@ -524,9 +524,36 @@ pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
 #[derive(Debug)]
 pub struct KillRunDir(pub PathBuf);
 
+/// Live helper processes (swtpm) whose command line names a socket in
+/// `run_dir`'s `ctrl/`.
+pub fn helpers_in(run_dir: &Path) -> Vec<i32> {
+    let needle = format!("path={}/", run_dir.join("ctrl").display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&raw);
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if text.contains(&needle) && !text.contains("-pidfile") && !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 impl Drop for KillRunDir {
     fn drop(&mut self) {
-        for pid in qemus_in(&self.0) {
+        for pid in qemus_in(&self.0).into_iter().chain(helpers_in(&self.0)) {
             // SAFETY: kill(2); the process is a QEMU of this test's run dir.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
