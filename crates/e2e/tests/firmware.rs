@@ -321,6 +321,36 @@ fn read_pcr16(serial: &mut Serial) -> String {
         .to_owned()
 }
 
+/// The TPM's reset count (TPM2_ReadClock), which the TPM keeps in its
+/// persistent state and counts up at each power-on: read by the guest
+/// through `/dev/tpm0`.
+fn read_reset_count(serial: &mut Serial) -> u32 {
+    let out = serial
+        .run(
+            // The command has a newline byte (its size, 10), at which
+            // printf flushes: dd makes it one write, as the TPM wants.
+            "exec 3<>/dev/tpm0; \
+             printf '\\200\\001\\000\\000\\000\\012\\000\\000\\001\\201' \
+             | dd ibs=1 count=10 obs=10 >&3 2>/dev/null; \
+             echo clock=$(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 -v); exec 3<&-",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let bytes: Vec<u8> = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("clock="))
+        .unwrap_or_else(|| panic!("no clock in {out}"))
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    // Header (10), time (8), clock (8), then resetCount.
+    assert!(
+        bytes.len() >= 35 && bytes[6..10] == [0; 4],
+        "TPM2_ReadClock failed: {out}"
+    );
+    u32::from_be_bytes(bytes[26..30].try_into().unwrap())
+}
+
 /// `tpm=tpm2`: the guest sees a TPM 2.0 and extends a PCR; the value is
 /// there after a live migration (the destination started its own swtpm;
 /// the state came in the stream), each swtpm ends with its QEMU, and the
@@ -372,6 +402,7 @@ fn the_guest_has_a_tpm_that_migrates() {
     assert!(out.contains("extended-0"), "{out}");
     let extended = read_pcr16(&mut serial);
     assert_ne!(before, extended, "the extend changed nothing");
+    let resets = read_reset_count(&mut serial);
     drop(serial);
     let paths_a = RunDir::new(&run_a).instance("tpm1").unwrap();
     let swtpm_a = paths_a.tpm_helper().expect("a swtpm on the source");
@@ -410,6 +441,16 @@ fn the_guest_has_a_tpm_that_migrates() {
     assert_eq!(info.helpers[0].pid, None, "{info:?}");
     rt().block_on(b.stop("tpm1", StopMode::Force)).unwrap();
     assert!(!paths_b.tpm.exists() && !paths_b.tpm_pid.exists());
+    // Started again on the destination, from the state it was sent: the
+    // TPM counts one more power-on (a new TPM would count from the start).
+    let mut serial = boot(&b, &run_b, &spec);
+    assert_eq!(
+        read_reset_count(&mut serial),
+        resets + 1,
+        "TPM state after a restart"
+    );
+    drop(serial);
+    rt().block_on(b.stop("tpm1", StopMode::Force)).unwrap();
     let state = db.path().join("state/instances/tpm1/tpm");
     let kept: Vec<_> = std::fs::read_dir(&state)
         .unwrap()
