@@ -377,8 +377,17 @@ fn the_guest_has_a_tpm_that_migrates() {
     let mut spec = guest_spec(&env, "tpm1");
     spec.hvparams.set_pair("tpm=tpm2").unwrap();
     // The guest finds its TPM in the ACPI tables, which a kernel booted
-    // directly (PVH) does not get: the bzImage, through SeaBIOS.
+    // directly (PVH) gets broken: refused; the bzImage, through SeaBIOS.
     let kernel = &env.guest.as_ref().expect("test guest").kernel;
+    let refused = rt()
+        .block_on(a.start(&spec, StartMode::Paused))
+        .unwrap_err();
+    assert!(
+        refused.kind() == "params" && refused.report().contains("bzImage"),
+        "{}",
+        refused.report()
+    );
+    assert_eq!(gkvm_testkit::helpers_in(&run_a), Vec::<i32>::new());
     spec.hvparams.kernel_path = Some(kernel.with_file_name("bzImage"));
     spec.hvparams.migration_port = 23000 + u16::try_from(std::process::id() % 2000).unwrap();
     let mut serial = boot(&a, &run_a, &spec);

@@ -51,6 +51,22 @@ impl KvmHypervisor {
                 spec.hvparams.security_model.as_str()
             )));
         }
+        if let Some(kernel) = &spec.hvparams.kernel_path {
+            if is_elf(kernel) {
+                return Err(Error::Params {
+                    instance: name.to_owned(),
+                    source: kvm_cmdline::Error::Syntax {
+                        key: "tpm".into(),
+                        reason: format!(
+                            "needs a kernel that firmware boots (a bzImage): {} is an ELF \
+                             image, which QEMU boots directly (PVH), and then the guest gets \
+                             broken ACPI tables and finds neither its TPM nor its power button",
+                            kernel.display()
+                        ),
+                    },
+                });
+            }
+        }
         // One left by an earlier run of this instance goes first.
         paths.stop_helpers().map_err(|source| Error::Runtime {
             instance: name.to_owned(),
@@ -144,4 +160,14 @@ impl KvmHypervisor {
         tracing::debug!(instance = name, pid = paths.tpm_helper(), "swtpm listens");
         Ok(())
     }
+}
+
+/// Whether `path` is an ELF image (an uncompressed kernel, which QEMU
+/// boots directly through PVH).
+fn is_elf(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"\x7fELF")
 }

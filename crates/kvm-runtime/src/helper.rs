@@ -35,7 +35,10 @@ impl InstancePaths {
 }
 
 /// Whether live process `pid` has `socket` in its command line (as
-/// `path=SOCKET`, how swtpm is given its control socket).
+/// `path=SOCKET`, how swtpm is given its control socket): the same path,
+/// or the same file name in the same directory reached by another path (a
+/// run directory given as `/var/run/...` by one caller and `/run/...` by
+/// another).
 fn names_socket(pid: i32, socket: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     if crate::is_zombie_or_gone(pid) {
@@ -44,12 +47,31 @@ fn names_socket(pid: i32, socket: &Path) -> bool {
     let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let mut needle = b"path=".to_vec();
-    needle.extend_from_slice(socket.as_os_str().as_bytes());
-    raw.split(|b| *b == 0).any(|arg| {
-        arg.split(|b| *b == b',')
-            .any(|part| part == needle.as_slice())
-    })
+    raw.split(|b| *b == 0)
+        .flat_map(|arg| arg.split(|b| *b == b','))
+        .filter_map(|part| part.strip_prefix(b"path="))
+        .any(|given| same_file_place(Path::new(std::ffi::OsStr::from_bytes(given)), socket))
+}
+
+/// `a` and `b` name the same place: equal, or the same file name in one
+/// directory (by device and inode).
+fn same_file_place(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    let (Some(da), Some(na), Some(db), Some(nb)) =
+        (a.parent(), a.file_name(), b.parent(), b.file_name())
+    else {
+        return false;
+    };
+    if na != nb || !a.is_absolute() {
+        return false;
+    }
+    match (std::fs::metadata(da), std::fs::metadata(db)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// SIGKILL, then wait (a pidfd) for the process to go.
@@ -83,4 +105,22 @@ fn kill_and_wait(pid: i32) {
     let ms = i32::try_from(HELPER_EXIT.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut poll, 1, ms) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_reached_by_another_path_is_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, tmp.path().join("alias")).unwrap();
+        let sock = real.join("vm1.tpm");
+        assert!(same_file_place(&sock, &sock));
+        assert!(same_file_place(&tmp.path().join("alias/vm1.tpm"), &sock));
+        assert!(!same_file_place(&tmp.path().join("alias/vm2.tpm"), &sock));
+        assert!(!same_file_place(Path::new("vm1.tpm"), &sock));
+    }
 }

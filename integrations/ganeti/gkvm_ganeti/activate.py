@@ -4,7 +4,9 @@
 Imported at interpreter start by the `.pth` file `integrations/ganeti/install`
 writes: it costs nothing to a process that never imports Ganeti. When
 `ganeti.hypervisor` is imported, its map of hypervisor classes gets
-`GkvmHypervisor` for `kvm`. Removing the `.pth` file undoes it.
+`GkvmHypervisor` for `kvm`; when `ganeti.constants` is, its parameter
+tables get gkvm's own parameters (`gkvm_ganeti.params`). Removing the
+`.pth` file undoes it.
 """
 
 import importlib.abc
@@ -12,6 +14,12 @@ import importlib.util
 import sys
 
 _TARGET = "ganeti.hypervisor"
+_CONSTANTS = "ganeti.constants"
+
+
+def _patch_constants(module):
+  from gkvm_ganeti import params
+  params.register(module)
 
 
 def _patch(module):
@@ -26,10 +34,11 @@ def _patch(module):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-  """Finds `ganeti.hypervisor` as usual, and patches it once loaded."""
+  """Finds `ganeti.hypervisor` and `ganeti.constants` as usual, and
+  patches each once loaded."""
 
   def find_spec(self, name, path, target=None):
-    if name != _TARGET:
+    if name not in (_TARGET, _CONSTANTS):
       return None
     sys.meta_path.remove(self)
     try:
@@ -41,18 +50,23 @@ class _Finder(importlib.abc.MetaPathFinder):
     loader = spec.loader
     original = loader.exec_module
 
+    patch = _patch if name == _TARGET else _patch_constants
+
     def exec_module(module):
       original(module)
-      _patch(module)
+      patch(module)
 
     loader.exec_module = exec_module
     return spec
 
 
 def install():
+  if _CONSTANTS in sys.modules:
+    _patch_constants(sys.modules[_CONSTANTS])
   if _TARGET in sys.modules:
     _patch(sys.modules[_TARGET])
-  elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+  if (_TARGET not in sys.modules or _CONSTANTS not in sys.modules) and \
+      not any(isinstance(f, _Finder) for f in sys.meta_path):
     sys.meta_path.insert(0, _Finder())
 
 

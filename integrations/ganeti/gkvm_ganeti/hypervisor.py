@@ -39,6 +39,8 @@ from ganeti import pathutils
 from ganeti.hypervisor import hv_base
 from ganeti.hypervisor import hv_kvm
 
+from gkvm_ganeti import params as gkvm_params
+
 #: The gkvm JSON interface this plugin speaks (`schemas/v1`), and the gkvm
 #: versions that have it.
 INTERFACE = 1
@@ -502,9 +504,14 @@ def _disk(block_device):
 class GkvmHypervisor(hv_base.BaseHypervisor):
   """Ganeti's KVM hypervisor, carried out by gkvm."""
 
-  # The same parameters, checks and files as Ganeti's KVM driver: a
-  # cluster's configuration is valid for both.
-  PARAMETERS = hv_kvm.KVMHypervisor.PARAMETERS
+  # The same parameters, checks and files as Ganeti's KVM driver (a
+  # cluster's configuration is valid for both), and gkvm's own
+  # (`gkvm_ganeti.params`, registered with Ganeti's tables too).
+  PARAMETERS = dict(hv_kvm.KVMHypervisor.PARAMETERS)
+  PARAMETERS.update(
+    (key, hv_base.OPT_NONNEGATIVE_INT_CHECK if kind == "int" else
+     hv_base.ParamInSet(False, frozenset(allowed)))
+    for key, (kind, _, allowed) in gkvm_params.GKVM_PARAMETERS.items())
   ANCILLARY_FILES = hv_kvm.KVMHypervisor.ANCILLARY_FILES
   ANCILLARY_FILES_OPT = hv_kvm.KVMHypervisor.ANCILLARY_FILES_OPT
   CAN_MIGRATE = True
@@ -810,8 +817,15 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   @classmethod
   def CheckParameterSyntax(cls, hvparams):
     # Pure checks (run on the master): Ganeti's own, so that a cluster's
-    # configuration is judged exactly as by its KVM driver.
-    hv_kvm.KVMHypervisor.CheckParameterSyntax(hvparams)
+    # configuration is judged exactly as by its KVM driver; gkvm's own
+    # parameters (absent from a configuration made before the plugin:
+    # their defaults) by their tables.
+    ganetis = dict((k, v) for k, v in hvparams.items()
+                   if k not in gkvm_params.GKVM_PARAMETERS)
+    hv_kvm.KVMHypervisor.CheckParameterSyntax(ganetis)
+    problems = gkvm_params.check(hvparams)
+    if problems:
+      raise errors.HypervisorError("; ".join(problems))
 
   @staticmethod
   def _hv_args(hvparams):

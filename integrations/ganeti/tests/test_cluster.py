@@ -152,6 +152,55 @@ class TestOneNodeCluster(unittest.TestCase):
     for sub in ("pid", "conf", "ctrl", "nic"):
       self.assertEqual(os.listdir(self.node(RUN + "/" + sub)), [], sub)
 
+  def test_gkvms_own_parameters_through_ganeti(self):
+    """gkvm's parameters beyond Ganeti's 65, registered with Ganeti by the
+    plugin: `gnt-instance add -H` takes them (rng, watchdog, tpm) and they
+    reach gkvm (the devices on QEMU's command line, the guest's hwrng, the
+    instance's swtpm); Ganeti refuses a bad value by name; `modify -H`
+    changes one for the next start."""
+    name = "gi4.gkvm.test"
+    hvp = support.guest_hvparams()
+    hvp["kvm_path"] = "/usr/bin/qemu-system-x86_64"
+    hvp.update({"rng": "virtio", "watchdog": "i6300esb", "tpm": "tpm2"})
+    # A TPM needs a kernel that firmware boots (gkvm refuses a PVH one).
+    hvp["kernel_path"] = hvp["kernel_path"].replace("vmlinux", "bzImage")
+    hv = ",".join("%s=%s" % kv for kv in sorted(hvp.items()))
+    try:
+      self.gnt("gnt-instance", "add", "-n", "node1.gkvm.test",
+               "-t", "diskless", "-o", "noop",
+               "-B", "maxmem=128M,minmem=128M,vcpus=1", "-H", "kvm:" + hv,
+               "--net", "0:mac=52:54:00:47:4e:41", name)
+      with open(self.node(RUN + "/pid/" + name)) as f:
+        pid = int(f.read())
+      with open(self.node("/proc/%d/cmdline" % pid), "rb") as f:
+        argv = f.read().split(b"\0")
+      for device in (b"virtio-rng-pci", b"i6300esb", b"tpm-crb"):
+        self.assertTrue(any(device in a for a in argv), device)
+      info = json.loads(self.gnt("gkvm", "--json", "--run-dir", RUN, "info",
+                                 name))
+      self.assertEqual([h["kind"] for h in info[0]["helpers"]], ["swtpm"])
+      self.assertTrue(info[0]["helpers"][0]["pid"])
+      serial = self.serial_of(name)
+      serial.answer()
+      out = serial.run("cat /sys/class/misc/hw_random/rng_current", "rng")
+      self.assertIn(b"virtio_rng", out)
+      serial.close()
+      out = self.gnt("gnt-instance", "info", name)
+      self.assertIn("tpm: tpm2", out)
+      bad = subprocess.run([CLUSTER, "run", self.dir, "gnt-instance",
+                            "modify", "-H", "tpm=tpm3", name],
+                           capture_output=True, text=True, timeout=300)
+      self.assertNotEqual(bad.returncode, 0)
+      self.assertIn("tpm", bad.stdout + bad.stderr)
+      self.gnt("gnt-instance", "modify", "-H", "rng=none", name)
+      self.gnt("gnt-instance", "reboot", name)
+      with open(self.node(RUN + "/pid/" + name)) as f:
+        pid = int(f.read())
+      with open(self.node("/proc/%d/cmdline" % pid), "rb") as f:
+        self.assertNotIn(b"virtio-rng-pci", f.read())
+    finally:
+      self.gnt_anyway("gnt-instance", "remove", "-f", name)
+
   def test_site_hooks_and_cluster_settings_reach_gkvm(self):
     """A site that replaced Ganeti's networking with its kvm-vif-bridge
     hook sees it run for gkvm's NICs (through Ganeti's kvm-ifup, as its

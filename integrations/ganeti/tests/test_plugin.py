@@ -7,6 +7,7 @@ Run by `integrations/ganeti/run-tests` (GKVM_BIN, GKVM_GUEST_DIR,
 GANETI_TESTSUITE set there).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import unittest
 
 import gkvm_ganeti.activate  # noqa: F401  (makes `kvm` the plugin's)
 from ganeti import constants
+from ganeti import errors
 from ganeti import hypervisor
 from ganeti import objects
 from ganeti.hypervisor import hv_base
@@ -25,6 +27,12 @@ from ganeti.hypervisor import hv_base
 from gkvm_ganeti import hypervisor as plugin
 from gkvm_ganeti.hypervisor import GkvmHypervisor
 from tests import support
+
+
+def hv_kvm_parameters():
+  """Ganeti's own KVM parameters (its driver's table)."""
+  from ganeti.hypervisor import hv_kvm
+  return hv_kvm.KVMHypervisor.PARAMETERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,6 +63,39 @@ class TestConformance(unittest.TestCase):
                           capture_output=True, text=True)
     self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
     self.assertIn("OK", proc.stderr)
+
+  def test_gkvms_own_parameters_are_registered_with_ganeti(self):
+    """gkvm's parameters beyond Ganeti's 65 are in Ganeti's tables once
+    the plugin is active (what `gnt-*` and the daemons check -H against),
+    with gkvm's own defaults; the plugin checks their values; and the list
+    is gkvm's (its API schema's hypervisor parameters less Ganeti's)."""
+    own = plugin.gkvm_params.GKVM_PARAMETERS
+    for key, (kind, default, _) in own.items():
+      self.assertEqual(constants.HVS_PARAMETER_TYPES[key], kind)
+      self.assertIn(key, constants.HVS_PARAMETERS)
+      self.assertEqual(constants.HVC_DEFAULTS[constants.HT_KVM][key], default)
+    schema = json.loads(subprocess.run(
+      [os.environ["GKVM_BIN"], "api", "--schema"], check=True,
+      capture_output=True, text=True).stdout)
+    props = schema["$defs"]["HvParams"]["properties"]
+    ganetis = set(hv_kvm_parameters())
+    self.assertEqual(sorted(set(props) - ganetis), sorted(own))
+    for key, (_, default, allowed) in own.items():
+      self.assertEqual(props[key]["default"], default, key)
+      if allowed:
+        values = schema["$defs"][props[key]["$ref"].rsplit("/", 1)[-1]]
+        self.assertEqual(sorted(o["const"] for o in values["oneOf"]),
+                         sorted(allowed), key)
+    filled = dict(constants.HVC_DEFAULTS[constants.HT_KVM])
+    GkvmHypervisor.CheckParameterSyntax(filled)
+    # A configuration made before the plugin has none of them: defaults.
+    for key in own:
+      del filled[key]
+    GkvmHypervisor.CheckParameterSyntax(filled)
+    for bad in ({"tpm": "tpm3"}, {"rng_rate": -1}, {"watchdog": "ib700"}):
+      with self.assertRaises(errors.HypervisorError) as ctx:
+        GkvmHypervisor.CheckParameterSyntax(dict(filled, **bad))
+      self.assertIn(list(bad)[0], str(ctx.exception))
 
   def test_the_class_is_complete(self):
     cls = hypervisor.GetHypervisorClass(constants.HT_KVM)
