@@ -414,6 +414,66 @@ fn a_killed_waiting_child_is_replaced() {
     }
 }
 
+/// The server SIGKILLed while a child runs a call: the child runs it to its
+/// end and answers once (it holds the caller's connection), and a new
+/// server on the same socket serves the next call.
+#[test]
+fn a_call_outlives_its_killed_server() {
+    let Some(env) = gkvm_testkit::require("serve_killed_mid_call", &[gkvm_testkit::Need::Qemu])
+    else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-serve");
+    let socket = dir.path().join("s.sock");
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap().to_owned();
+    let mut server = Server::start_with(Path::new(GKVM), &socket, &["--run-dir", &run_arg]);
+    // A QEMU whose probe waits until the test lets it go.
+    let (probed, hold) = (dir.path().join("probed"), dir.path().join("hold"));
+    std::fs::write(&hold, "").unwrap();
+    let qemu = dir.path().join("held-qemu");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\necho x >> {}\nwhile [ -e {} ]; do sleep 0.02; done\nexec {} \"$@\"\n",
+            probed.display(),
+            hold.display(),
+            env.qemu.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut call = UnixStream::connect(&socket).unwrap();
+    let request = json!({"argv": ["--json", "caps"], "env": {"GKVM_KVM_PATH": qemu}});
+    call.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !probed.exists() {
+        assert!(Instant::now() < deadline, "the call never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    call.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&call).read_line(&mut answer).unwrap();
+    let answer: Value = serde_json::from_str(&answer).expect("an answer after the server died");
+    assert_eq!(answer["code"], json!(0), "{answer}");
+    // Nothing else answers on it: the connection ends after the one line.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut call, &mut rest).unwrap();
+    assert_eq!(rest, "");
+    let _next = Server::start_with(Path::new(GKVM), &socket, &["--run-dir", &run_arg]);
+    let answer = call_ok(&socket);
+    assert_eq!(answer["code"], json!(0), "{answer}");
+}
+
+/// `--version` through the server: its answer.
+fn call_ok(socket: &Path) -> Value {
+    call(socket, &json!({"argv": ["--version"]}))
+}
+
 /// The worker (calls that only read, answered in process) killed in the
 /// middle of a call: that call's connection is closed at once, not left
 /// waiting; while no worker runs, children answer; the worker is replaced.
