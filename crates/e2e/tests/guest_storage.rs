@@ -242,3 +242,73 @@ fn a_missing_http_cdrom_is_refused_before_anything_starts() {
     );
     assert_eq!(hv.state_files(), Vec::<PathBuf>::new());
 }
+
+/// `stats`: what the guest reads and writes moves its disk's counters,
+/// what it sends moves its NIC's (its TAP's, turned to the guest's side),
+/// and its vCPU is its own thread with its own time.
+#[test]
+fn stats_follow_what_the_guest_does() {
+    let Some(env) = require("stats_guest", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-stats");
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
+    let hv = common::node(dir.path(), &env.qemu);
+    let bridge = gkvm_testkit::Bridge::new("gkvmst0");
+    let disk = dir.path().join("data.img");
+    image(&disk, 16 * MIB, "gkvm-stats", 0);
+    let mut spec = guest_spec(&env, "st1");
+    spec.disks.push(DiskSpec::new(&disk));
+    spec.nics.push(kvm_cmdline::NicSpec::new(
+        "52:54:00:00:71:01".parse().unwrap(),
+        bridge.0.clone(),
+    ));
+    rt().block_on(async {
+        let report = hv.start(&spec, hv_kvm::StartMode::Paused).await.unwrap();
+        let paths = RunDir::new(dir.path().join("run")).instance("st1").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("st1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let before = hv.stats(&[]).await.unwrap().remove(0);
+        let out = serial
+            .run(
+                "dd if=/dev/vda of=/dev/null bs=64k count=32 2>/dev/null; \
+                 dd if=/dev/zero of=/dev/vda bs=64k count=16 conv=fsync 2>/dev/null; \
+                 arping -c 3 -w 5 -I eth0 192.0.2.1 >/dev/null; echo stats-done",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(out.contains("stats-done"), "{out}");
+        let all = hv.stats(&[]).await.unwrap();
+        assert_eq!(all.len(), 1);
+        let after = all.into_iter().next().unwrap();
+        assert_eq!(after.pid, report.pid);
+        let data = |s: &hv_kvm::InstanceStats| {
+            s.disks
+                .iter()
+                .find(|d| d.device.starts_with("disk"))
+                .unwrap_or_else(|| panic!("no disk in {:?}", s.disks))
+                .clone()
+        };
+        let (d0, d1) = (data(&before), data(&after));
+        assert!(d1.read_bytes >= d0.read_bytes + 2 * MIB, "{d0:?} {d1:?}");
+        assert!(d1.write_bytes >= d0.write_bytes + MIB, "{d0:?} {d1:?}");
+        assert!(d1.flush_ops > d0.flush_ops, "{d0:?} {d1:?}");
+        let (n0, n1) = (&before.nics[0], &after.nics[0]);
+        assert_eq!(n1.tap, report.taps[0]);
+        assert!(n1.tx_packets >= n0.tx_packets + 3, "{n0:?} {n1:?}");
+        assert!(n1.tx_bytes > n0.tx_bytes, "{n0:?} {n1:?}");
+        assert_eq!(after.vcpus.len(), 1);
+        let thread = std::path::PathBuf::from(format!(
+            "/proc/{}/task/{}",
+            report.pid, after.vcpus[0].thread_id
+        ));
+        assert!(thread.exists(), "{}", thread.display());
+        assert!(after.vcpus[0].cpu_time_secs > 0.0);
+        assert!(after.cpu_time_secs >= after.vcpus[0].cpu_time_secs);
+        assert!(after.rss_bytes > 0 && after.balloon_bytes == Some(128 * MIB));
+        hv.stop("st1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

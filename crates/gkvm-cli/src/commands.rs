@@ -84,6 +84,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
         Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
+        Command::Stats { names, prometheus } => stats(c, names, *prometheus).await,
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
@@ -441,6 +442,14 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
 
 async fn info(cli: &Cli, names: &[String]) -> CliResult {
     render::infos(cli.json, &hypervisor(cli)?.info_many(names).await?)
+}
+
+async fn stats(cli: &Cli, names: &[String], prometheus: bool) -> CliResult {
+    let stats = hypervisor(cli)?.stats(names).await?;
+    if prometheus {
+        return render::stats_prometheus(&stats);
+    }
+    render::stats(cli.json, &stats)
 }
 
 async fn list(cli: &Cli) -> CliResult {

@@ -160,6 +160,16 @@ enum Command {
         /// Instances to show.
         names: Vec<String>,
     },
+    /// Per-instance counters (all running when no name is given): vCPU
+    /// times, QEMU's resident memory, block and NIC counters, balloon.
+    Stats {
+        /// Instances to show.
+        names: Vec<String>,
+        /// In Prometheus's text format (node_exporter's textfile
+        /// collector), not JSON or a table.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
+    },
     /// Set an instance's memory through the balloon.
     Balloon {
         /// The instance.

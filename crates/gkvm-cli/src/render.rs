@@ -286,6 +286,178 @@ pub(crate) fn node(json: bool, n: &NodeInfo) -> CliResult {
     }
 }
 
+/// `gkvm stats`: a line per instance for a person.
+pub(crate) fn stats(json: bool, stats: &[hv_kvm::InstanceStats]) -> CliResult {
+    if json {
+        return print_json(&stats);
+    }
+    outln!(
+        "{:<24} {:>10} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "NAME",
+        "CPU s",
+        "RSS",
+        "DISK READ",
+        "DISK WRITE",
+        "NET RX",
+        "NET TX"
+    )?;
+    for s in stats {
+        let sum = |f: fn(&hv_kvm::DiskStats) -> u64| s.disks.iter().map(f).sum::<u64>();
+        let net = |f: fn(&hv_kvm::NicStats) -> u64| s.nics.iter().map(f).sum::<u64>();
+        outln!(
+            "{:<24} {:>10.2} {:>10} {:>12} {:>12} {:>12} {:>12}",
+            s.name,
+            s.cpu_time_secs,
+            human_mib(s.rss_bytes >> 20),
+            human_mib(sum(|d| d.read_bytes) >> 20),
+            human_mib(sum(|d| d.write_bytes) >> 20),
+            human_mib(net(|n| n.rx_bytes) >> 20),
+            human_mib(net(|n| n.tx_bytes) >> 20)
+        )?;
+    }
+    Ok(())
+}
+
+/// `gkvm stats --prometheus`: Prometheus's text exposition format, one
+/// family per counter, labelled by instance (and vCPU, disk, TAP).
+pub(crate) fn stats_prometheus(stats: &[hv_kvm::InstanceStats]) -> CliResult {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        out.push_str(&format!(
+            "# HELP gkvm_{name} {help}\n# TYPE gkvm_{name} {kind}\n"
+        ));
+        for (labels, value) in samples {
+            out.push_str(&format!("gkvm_{name}{{{labels}}} {value}\n"));
+        }
+    };
+    let inst = |s: &hv_kvm::InstanceStats| format!("instance=\"{}\"", label(&s.name));
+    family(
+        "cpu_seconds_total",
+        "counter",
+        "CPU time of the instance's QEMU.",
+        stats
+            .iter()
+            .map(|s| (inst(s), s.cpu_time_secs.to_string()))
+            .collect(),
+    );
+    family(
+        "vcpu_seconds_total",
+        "counter",
+        "CPU time of each vCPU thread.",
+        stats
+            .iter()
+            .flat_map(|s| {
+                s.vcpus.iter().map(move |v| {
+                    (
+                        format!("{},vcpu=\"{}\"", inst(s), v.index),
+                        v.cpu_time_secs.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "resident_memory_bytes",
+        "gauge",
+        "Resident memory of the instance's QEMU on the host.",
+        stats
+            .iter()
+            .map(|s| (inst(s), s.rss_bytes.to_string()))
+            .collect(),
+    );
+    family(
+        "balloon_bytes",
+        "gauge",
+        "The guest's memory as its balloon sets it.",
+        stats
+            .iter()
+            .filter_map(|s| Some((inst(s), s.balloon_bytes?.to_string())))
+            .collect(),
+    );
+    type DiskField = fn(&hv_kvm::DiskStats) -> u64;
+    let disk_families: [(&str, &str, DiskField); 5] = [
+        ("disk_read_bytes_total", "Bytes read by the guest.", |d| {
+            d.read_bytes
+        }),
+        (
+            "disk_written_bytes_total",
+            "Bytes written by the guest.",
+            |d| d.write_bytes,
+        ),
+        ("disk_reads_total", "Read requests.", |d| d.read_ops),
+        ("disk_writes_total", "Write requests.", |d| d.write_ops),
+        ("disk_flushes_total", "Flush requests.", |d| d.flush_ops),
+    ];
+    for (name, help, field) in disk_families {
+        family(
+            name,
+            "counter",
+            help,
+            stats
+                .iter()
+                .flat_map(|s| {
+                    s.disks.iter().map(move |d| {
+                        (
+                            format!("{},device=\"{}\"", inst(s), label(&d.device)),
+                            field(d).to_string(),
+                        )
+                    })
+                })
+                .collect(),
+        );
+    }
+    type NicField = fn(&hv_kvm::NicStats) -> u64;
+    let nic_families: [(&str, &str, NicField); 4] = [
+        (
+            "network_receive_bytes_total",
+            "Bytes the guest received.",
+            |n| n.rx_bytes,
+        ),
+        (
+            "network_transmit_bytes_total",
+            "Bytes the guest sent.",
+            |n| n.tx_bytes,
+        ),
+        (
+            "network_receive_packets_total",
+            "Packets the guest received.",
+            |n| n.rx_packets,
+        ),
+        (
+            "network_transmit_packets_total",
+            "Packets the guest sent.",
+            |n| n.tx_packets,
+        ),
+    ];
+    for (name, help, field) in nic_families {
+        family(
+            name,
+            "counter",
+            help,
+            stats
+                .iter()
+                .flat_map(|s| {
+                    s.nics.iter().map(move |n| {
+                        (
+                            format!("{},tap=\"{}\"", inst(s), label(&n.tap)),
+                            field(n).to_string(),
+                        )
+                    })
+                })
+                .collect(),
+        );
+    }
+    outln!("{}", out.trim_end())
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// `gkvm console-info`.
 pub(crate) fn console_info(json: bool, c: &ConsoleInfo) -> CliResult {
     if json {

@@ -30,6 +30,7 @@ mod qemu_log;
 mod query;
 mod start;
 mod state;
+mod stats;
 pub mod trust;
 mod types;
 
@@ -55,6 +56,7 @@ pub use ops::{
     StartMode, StopMode,
 };
 use serde::{Deserialize, Serialize};
+pub use stats::{DiskStats, InstanceStats, NicStats, VcpuStats};
 pub use types::{
     ConsoleInfo, HelperInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
     StartReport, VerifyReport,

@@ -213,6 +213,13 @@ pub enum Request {
     },
     /// The node's resources.
     NodeInfo,
+    /// Per-instance counters (vCPU times, resident memory, block and NIC
+    /// counters, balloon); all running instances when the list is empty
+    /// ([`KvmHypervisor::stats`]).
+    Stats {
+        /// The instances.
+        instances: Vec<String>,
+    },
     /// Power-cycle this node at once (fencing), or with `dry_run` only
     /// say how.
     PowercycleNode {
@@ -360,6 +367,8 @@ pub enum Response {
     Names(Vec<String>),
     /// Instance details.
     Info(Vec<InstanceInfo>),
+    /// Per-instance counters.
+    Stats(Vec<crate::InstanceStats>),
     /// The node's resources.
     Node(NodeInfo),
     /// How to reach a console.
@@ -404,6 +413,7 @@ impl Request {
                 | R::Overview
                 | R::Info { .. }
                 | R::NodeInfo
+                | R::Stats { .. }
                 | R::Console { .. }
                 | R::HotplugSupported { .. }
                 | R::MigrationStatus { .. }
@@ -523,6 +533,7 @@ impl KvmHypervisor {
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),
             R::NodeInfo => Response::Node(self.node_info().await?),
+            R::Stats { instances } => Response::Stats(self.stats(&instances).await?),
             R::PowercycleNode { dry_run } => Response::Powercycle(self.powercycle_node(dry_run)?),
             R::Console { instance } => Response::Console(self.console(&instance)?),
             R::Verify => Response::Verify(self.verify().await),

@@ -162,6 +162,52 @@ impl Command for QueryBalloon {
     type Output = BalloonInfo;
 }
 
+/// `query-blockstats`: the I/O counters of every block device.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueryBlockstats;
+impl Command for QueryBlockstats {
+    const NAME: &'static str = "query-blockstats";
+    type Output = Vec<BlockStats>;
+}
+
+/// One block device's counters (`query-blockstats`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[non_exhaustive]
+pub struct BlockStats {
+    /// The legacy drive name (empty for `-blockdev` devices).
+    #[serde(default)]
+    pub device: String,
+    /// The block node's name, when it has one.
+    #[serde(default, rename = "node-name")]
+    pub node_name: Option<String>,
+    /// The guest device's QOM path or id (`/machine/peripheral/ID/...`).
+    #[serde(default)]
+    pub qdev: Option<String>,
+    /// The counters.
+    pub stats: BlockDeviceStats,
+}
+
+/// Block I/O counters since the device was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct BlockDeviceStats {
+    /// Bytes read.
+    pub rd_bytes: u64,
+    /// Bytes written.
+    pub wr_bytes: u64,
+    /// Read requests.
+    pub rd_operations: u64,
+    /// Write requests.
+    pub wr_operations: u64,
+    /// Flush requests.
+    pub flush_operations: u64,
+    /// Time spent on reads, in nanoseconds.
+    pub rd_total_time_ns: u64,
+    /// Time spent on writes, in nanoseconds.
+    pub wr_total_time_ns: u64,
+}
+
 /// The balloon's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub struct BalloonInfo {
