@@ -459,6 +459,15 @@ fn accept_loop(
                 Err(_) => worker_after = Instant::now() + Duration::from_secs(1),
             }
         }
+        // A worker that has just died takes nothing more (its death may
+        // not have been polled yet): children answer until the next.
+        if worker
+            .as_ref()
+            .is_some_and(|w| poll_readable(&[w.exit.as_raw_fd()], 0)[0])
+        {
+            worker = None;
+            worker_after = Instant::now() + Duration::from_millis(100);
+        }
         // Whole requests that only read: to the worker, whatever waits
         // before them; one it cannot take goes to a child.
         if let Some(w) = &worker {

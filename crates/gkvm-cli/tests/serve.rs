@@ -517,13 +517,26 @@ fn a_worker_killed_mid_call_is_replaced() {
     unsafe { libc::kill(probe, libc::SIGKILL) };
     assert!(read.is_ok(), "the held call was not closed: {read:?}");
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
-    // Calls go on being answered, and a new worker takes over.
-    let listed = api_call(&socket, &json!({"op": "list"}));
-    assert!(listed[0].get("response").is_some(), "{listed:?}");
+    // Calls go on being answered, and a new worker takes over. A call
+    // that reaches the worker as it dies is closed unanswered, and may be
+    // repeated (it changed nothing): under load (one run in about forty
+    // here) the first call after the kill was, so it is repeated once.
+    let mut listed = api_call(&socket, &json!({"op": "list"}));
+    if listed.is_empty() {
+        eprintln!("the first call after the worker's death was closed unanswered; repeated");
+        listed = api_call(&socket, &json!({"op": "list"}));
+    }
+    assert!(
+        listed.first().is_some_and(|l| l.get("response").is_some()),
+        "{listed:?}"
+    );
     let second = wait_worker(server.0.id());
     assert_ne!(first, second);
     let listed = api_call(&socket, &json!({"op": "list"}));
-    assert!(listed[0].get("response").is_some(), "{listed:?}");
+    assert!(
+        listed.first().is_some_and(|l| l.get("response").is_some()),
+        "{listed:?}"
+    );
 }
 
 #[test]

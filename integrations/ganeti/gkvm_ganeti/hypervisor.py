@@ -69,6 +69,18 @@ class GkvmError(errors.HypervisorError):
     self.kind = kind
 
 
+class Unanswered(GkvmError):
+  """gkvm's server closed the call without an answer: what ran it died (a
+  call that only reads may be repeated)."""
+
+
+#: The API's requests that only read (`Request::only_reads`): repeated once
+#: when the server closes one unanswered.
+READ_ONLY_OPS = frozenset(["list", "overview", "info", "node_info", "stats",
+                           "console", "hotplug_supported", "migration_status",
+                           "validate_params", "plan", "capabilities"])
+
+
 def _gkvm_binary():
   return os.environ.get("GKVM_BIN", "gkvm")
 
@@ -285,7 +297,7 @@ class Gkvm(object):
         sock.close()
       answer = b"".join(chunks)
       if not answer.endswith(b"\n"):
-        raise GkvmError("gkvm %s: gkvm's server (%s) ended the call without"
+        raise Unanswered("gkvm %s: gkvm's server (%s) ended the call without"
                         " an answer (%s)" %
                         (what, self.socket_path(),
                          answer.decode(errors="replace") or
@@ -333,8 +345,14 @@ class Gkvm(object):
     what = request.get("op", "api")
     answer = None
     if timeout is None:
-      answer = self._exchange({"request": request}, what,
-                              node=self._node_settings())
+      try:
+        answer = self._exchange({"request": request}, what,
+                                node=self._node_settings())
+      except Unanswered:
+        if what not in READ_ONLY_OPS:
+          raise
+        answer = self._exchange({"request": request}, what,
+                                node=self._node_settings())
     if answer is None:
       if self.binary not in Gkvm._checked:
         Gkvm._checked[self.binary] = _check_version(self.binary)
