@@ -339,11 +339,7 @@ const MAX_BUFFERED: usize = 64 << 20;
 /// A descriptor that becomes readable when process `pid` ends (a
 /// pidfd); `None` when it has already gone.
 fn pidfd(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags; the result is a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: a new descriptor nobody else owns.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    kvm_runtime::pidfd_open(pid).ok().flatten()
 }
 
 /// Which of `fds` are readable (or closed) within `ms` milliseconds.

@@ -2,27 +2,13 @@
 //! slow init reaping a daemonized QEMU costs nothing), killing only the
 //! process that really is the instance, CPU time and affinity.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// Opens a pidfd for `pid`; `None` when the process is already gone.
-pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<Option<OwnedFd>> {
-    // SAFETY: pidfd_open(2) with flags 0; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ESRCH) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: a new descriptor we own.
-    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
-}
+pub(crate) use kvm_runtime::{kill_and_wait_pidfd, pidfd_open};
 
 /// Waits until `pid` has exited (a zombie counts), up to `timeout`.
 /// Returns whether it exited.
@@ -56,20 +42,7 @@ pub(crate) fn wait_exit_blocking(pid: i32, timeout: Duration) -> bool {
             return kvm_runtime::is_zombie_or_gone(pid);
         }
     };
-    poll_pidfd(&fd, timeout) || kvm_runtime::is_zombie_or_gone(pid)
-}
-
-/// Blocks until the process behind `pidfd` has exited or `timeout` has
-/// passed; returns whether it exited.
-fn poll_pidfd(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: poll(2) on one pollfd that lives on this stack frame.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    kvm_runtime::wait_pidfd(&fd, timeout) || kvm_runtime::is_zombie_or_gone(pid)
 }
 
 async fn poll_exit(pid: i32, timeout: Duration) -> bool {
@@ -172,20 +145,4 @@ pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
             Ok(())
         });
     }
-}
-
-/// SIGKILLs the process behind `pidfd` (if it still runs) and waits up to
-/// `timeout` for it to exit, blocking the thread.
-pub(crate) fn kill_and_wait_pidfd(pidfd: &OwnedFd, timeout: Duration) {
-    // SAFETY: pidfd_send_signal(2) on a pidfd we own; ESRCH (gone) is fine.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
-    poll_pidfd(pidfd, timeout);
 }

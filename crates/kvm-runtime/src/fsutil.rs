@@ -244,6 +244,27 @@ pub fn read_open_capped(f: File, path: &Path, max: u64) -> Result<Vec<u8>, Error
     Ok(buf)
 }
 
+/// `a` and `b` name the same place: equal, or the same file name in one
+/// directory (by device and inode).
+pub(crate) fn same_place(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    let (Some(da), Some(na), Some(db), Some(nb)) =
+        (a.parent(), a.file_name(), b.parent(), b.file_name())
+    else {
+        return false;
+    };
+    if na != nb || !a.is_absolute() {
+        return false;
+    }
+    match (std::fs::metadata(da), std::fs::metadata(db)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// A file's identity: device, inode, size, modification time (seconds,
 /// nanoseconds) and change time (nanoseconds). gkvm replaces its state
 /// files by rename, never in place: the same identity is the same content.

@@ -27,7 +27,9 @@ impl InstancePaths {
     pub fn stop_helpers(&self) -> Result<(), Error> {
         if let Some(pid) = self.tpm_helper() {
             tracing::info!(instance = %self.name, pid, "ending its swtpm");
-            kill_and_wait(pid);
+            if let Ok(Some(fd)) = crate::pidfd_open(pid) {
+                crate::kill_and_wait_pidfd(&fd, HELPER_EXIT);
+            }
         }
         remove_file(&self.tpm)?;
         remove_file(&self.tpm_pid)
@@ -50,61 +52,9 @@ fn names_socket(pid: i32, socket: &Path) -> bool {
     raw.split(|b| *b == 0)
         .flat_map(|arg| arg.split(|b| *b == b','))
         .filter_map(|part| part.strip_prefix(b"path="))
-        .any(|given| same_file_place(Path::new(std::ffi::OsStr::from_bytes(given)), socket))
-}
-
-/// `a` and `b` name the same place: equal, or the same file name in one
-/// directory (by device and inode).
-fn same_file_place(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if a == b {
-        return true;
-    }
-    let (Some(da), Some(na), Some(db), Some(nb)) =
-        (a.parent(), a.file_name(), b.parent(), b.file_name())
-    else {
-        return false;
-    };
-    if na != nb || !a.is_absolute() {
-        return false;
-    }
-    match (std::fs::metadata(da), std::fs::metadata(db)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-/// SIGKILL, then wait (a pidfd) for the process to go.
-fn kill_and_wait(pid: i32) {
-    // SAFETY: pidfd_open takes a pid and flags; the result is a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let Ok(fd) = i32::try_from(fd) else {
-        return;
-    };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: a new descriptor nobody else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: pidfd_send_signal on our own pidfd (the process it names,
-    // not a recycled pid).
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    let mut poll = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(HELPER_EXIT.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut poll, 1, ms) };
+        .any(|given| {
+            crate::fsutil::same_place(Path::new(std::ffi::OsStr::from_bytes(given)), socket)
+        })
 }
 
 #[cfg(test)]
@@ -118,9 +68,15 @@ mod tests {
         std::fs::create_dir(&real).unwrap();
         std::os::unix::fs::symlink(&real, tmp.path().join("alias")).unwrap();
         let sock = real.join("vm1.tpm");
-        assert!(same_file_place(&sock, &sock));
-        assert!(same_file_place(&tmp.path().join("alias/vm1.tpm"), &sock));
-        assert!(!same_file_place(&tmp.path().join("alias/vm2.tpm"), &sock));
-        assert!(!same_file_place(Path::new("vm1.tpm"), &sock));
+        assert!(crate::fsutil::same_place(&sock, &sock));
+        assert!(crate::fsutil::same_place(
+            &tmp.path().join("alias/vm1.tpm"),
+            &sock
+        ));
+        assert!(!crate::fsutil::same_place(
+            &tmp.path().join("alias/vm2.tpm"),
+            &sock
+        ));
+        assert!(!crate::fsutil::same_place(Path::new("vm1.tpm"), &sock));
     }
 }

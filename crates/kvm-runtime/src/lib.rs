@@ -43,7 +43,9 @@ mod helper;
 mod layout;
 mod live;
 mod lock;
+mod memo;
 mod name;
+mod pidfd;
 mod record;
 mod uid;
 
@@ -52,6 +54,7 @@ pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, GANETI_ROOT
 pub use live::{is_zombie_or_gone, proc_stat, process_runs_instance, Liveness, ProcStat};
 pub use lock::{InstanceLock, LockGuard};
 pub use name::{validate_name, MAX_NAME_LEN};
+pub use pidfd::{kill_and_wait_pidfd, pidfd_open, wait_pidfd};
 pub use record::{Origin, RuntimeRecord, FORMAT_VERSION};
 pub use uid::{read_uid, UidPool};
 

@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::fsutil::{read_nofollow, remove_file, write_atomic};
+use crate::memo::Memo;
 use crate::{Error, InstancePaths};
 
 /// How long a socket may stay served by no identifiable process before
@@ -54,8 +55,7 @@ impl InstancePaths {
     pub fn read_pid(&self) -> Result<Option<i32>, Error> {
         let key = crate::fsutil::file_key(&self.pid);
         if let Some(k) = key {
-            let known = pids().lock().ok().and_then(|m| m.get(&self.pid).copied());
-            if let Some((_, pid)) = known.filter(|(was, _)| *was == k) {
+            if let Some(pid) = PIDS.find(&self.pid, |(was, pid)| (*was == k).then_some(*pid)) {
                 return Ok(Some(pid));
             }
         }
@@ -66,12 +66,7 @@ impl InstancePaths {
         // Remembered only if the file did not change while it was read.
         if let Some(k) = key {
             if crate::fsutil::file_key(&self.pid) == Some(k) {
-                if let Ok(mut known) = pids().lock() {
-                    if known.len() >= MAX_IDENTIFIED {
-                        known.clear();
-                    }
-                    known.insert(self.pid.clone(), (k, pid));
-                }
+                PIDS.put(self.pid.clone(), (k, pid));
             }
         }
         Ok(Some(pid))
@@ -170,18 +165,15 @@ impl InstancePaths {
     pub fn our_process_stat(&self, pid: i32) -> Option<ProcStat> {
         let stat = proc_stat(pid).filter(|s| pid > 0 && !s.is_zombie())?;
         let key = (pid, stat.start_ticks);
-        let known = |ids: &mut Identified| ids.get(&key) == Some(&self.pid);
-        if identified().is_ok_and(|mut ids| known(&mut ids)) {
+        if IDENTIFIED
+            .find(&key, |file| (*file == self.pid).then_some(()))
+            .is_some()
+        {
             return Some(stat);
         }
         let ours = cmdline(pid).is_some_and(|args| self.cmdline_is_ours(&args));
         if ours {
-            if let Ok(mut ids) = identified() {
-                if ids.len() >= MAX_IDENTIFIED {
-                    ids.clear();
-                }
-                ids.insert(key, self.pid.clone());
-            }
+            IDENTIFIED.put(key, self.pid.clone());
         }
         ours.then_some(stat)
     }
@@ -202,24 +194,7 @@ impl InstancePaths {
     /// another path (a run directory given as `/var/run/...` by one tool
     /// and `/run/...` by another, or through a symlink).
     fn is_pid_file(&self, arg: &[u8]) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
-        if arg == self.pid {
-            return true;
-        }
-        let (Some(dir), Some(name)) = (arg.parent(), arg.file_name()) else {
-            return false;
-        };
-        let (Some(own_dir), Some(own_name)) = (self.pid.parent(), self.pid.file_name()) else {
-            return false;
-        };
-        if name != own_name || !arg.is_absolute() {
-            return false;
-        }
-        match (std::fs::metadata(dir), std::fs::metadata(own_dir)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        }
+        crate::fsutil::same_place(Path::new(std::ffi::OsStr::from_bytes(arg)), &self.pid)
     }
 
     /// The live QEMU whose `-pidfile` is this instance's pid file and whose
@@ -307,29 +282,11 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, Error> {
 }
 
 /// Pid files read, by path: the file's identity when read, and its pid.
-type Pids = std::collections::HashMap<std::path::PathBuf, (crate::fsutil::FileKey, i32)>;
-
-fn pids() -> &'static std::sync::Mutex<Pids> {
-    static PIDS: std::sync::OnceLock<std::sync::Mutex<Pids>> = std::sync::OnceLock::new();
-    PIDS.get_or_init(Default::default)
-}
+static PIDS: Memo<std::path::PathBuf, (crate::fsutil::FileKey, i32)> = Memo::new();
 
 /// Processes found to be an instance's QEMU: (pid, start time) to the
 /// instance's pid file.
-type Identified = std::collections::HashMap<(i32, u64), std::path::PathBuf>;
-
-/// How many identified processes are remembered (forgotten all at once
-/// beyond: a node runs far fewer instances).
-const MAX_IDENTIFIED: usize = 4096;
-
-fn identified() -> Result<std::sync::MutexGuard<'static, Identified>, ()> {
-    static IDENTIFIED: std::sync::OnceLock<std::sync::Mutex<Identified>> =
-        std::sync::OnceLock::new();
-    IDENTIFIED
-        .get_or_init(Default::default)
-        .lock()
-        .map_err(|_| ())
-}
+static IDENTIFIED: Memo<(i32, u64), std::path::PathBuf> = Memo::new();
 
 /// What `/proc/PID/stat` says of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

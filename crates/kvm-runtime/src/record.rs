@@ -47,19 +47,12 @@ pub struct RuntimeRecord {
     pub origin: Origin,
 }
 
-/// Records parsed by [`InstancePaths::read_runtime_shared`], by path.
-type Parsed = std::collections::HashMap<
+/// Records parsed by [`InstancePaths::read_runtime_shared`], by path,
+/// with the identity of the file they were parsed from.
+static PARSED: crate::memo::Memo<
     std::path::PathBuf,
     (crate::fsutil::FileKey, std::sync::Arc<RuntimeRecord>),
->;
-
-/// How many parsed records are kept (all forgotten at once beyond).
-const MAX_PARSED: usize = 4096;
-
-fn parsed() -> &'static std::sync::Mutex<Parsed> {
-    static PARSED: std::sync::OnceLock<std::sync::Mutex<Parsed>> = std::sync::OnceLock::new();
-    PARSED.get_or_init(Default::default)
-}
+> = crate::memo::Memo::new();
 
 /// gkvm's stored form: the record's fields beside its version. Spelled
 /// out rather than `#[serde(flatten)]`, which buffers the whole record
@@ -236,13 +229,11 @@ impl InstancePaths {
         use std::os::unix::fs::OpenOptionsExt;
         // Known by its identity alone (one stat, no open).
         if let Some(key) = crate::fsutil::file_key(&self.runtime) {
-            let cache = parsed()
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((k, record)) = cache.get(&self.runtime) {
-                if *k == key {
-                    return Ok(Some(std::sync::Arc::clone(record)));
-                }
+            let known = PARSED.find(&self.runtime, |(was, record)| {
+                (*was == key).then(|| std::sync::Arc::clone(record))
+            });
+            if known.is_some() {
+                return Ok(known);
             }
         }
         let file = match std::fs::OpenOptions::new()
@@ -262,13 +253,7 @@ impl InstancePaths {
         let data =
             crate::fsutil::read_open_capped(file, &self.runtime, crate::fsutil::MAX_STATE_FILE)?;
         let record = std::sync::Arc::new(RuntimeRecord::from_json(&data, &self.runtime)?);
-        let mut cache = parsed()
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= MAX_PARSED {
-            cache.clear();
-        }
-        cache.insert(self.runtime.clone(), (key, std::sync::Arc::clone(&record)));
+        PARSED.put(self.runtime.clone(), (key, std::sync::Arc::clone(&record)));
         Ok(Some(record))
     }
 
