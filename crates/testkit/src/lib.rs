@@ -486,10 +486,9 @@ impl Drop for Bridge {
     }
 }
 
-/// Live processes whose command line has `-pidfile <run_dir>/pid/...`:
-/// the QEMUs of a run dir, found without trusting its pid files.
-pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
-    let prefix = run_dir.join("pid");
+/// Live (not zombie) processes whose command line (its arguments) `pick`
+/// accepts, sorted.
+fn live_processes(pick: impl Fn(&[&[u8]]) -> bool) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -499,9 +498,6 @@ pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
             continue;
         };
         let args: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-        let ours = args.windows(2).any(|w| {
-            w[0] == b"-pidfile" && Path::new(std::ffi::OsStr::from_bytes(w[1])).starts_with(&prefix)
-        });
         let zombie = std::fs::read_to_string(e.path().join("stat"))
             .ok()
             .and_then(|s| {
@@ -509,12 +505,34 @@ pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
                     .map(|i| s[i + 1..].trim_start().starts_with('Z'))
             })
             .unwrap_or(true);
-        if ours && !zombie {
+        if pick(&args) && !zombie {
             out.push(pid);
         }
     }
     out.sort();
     out
+}
+
+/// Live processes whose command line has `-pidfile <run_dir>/pid/...`:
+/// the QEMUs of a run dir, found without trusting its pid files.
+pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
+    let prefix = run_dir.join("pid");
+    live_processes(|args| {
+        args.windows(2).any(|w| {
+            w[0] == b"-pidfile" && Path::new(std::ffi::OsStr::from_bytes(w[1])).starts_with(&prefix)
+        })
+    })
+}
+
+/// Live helper processes (swtpm) whose command line names a socket in
+/// `run_dir`'s `ctrl/` (QEMUs, which name them too, aside).
+pub fn helpers_in(run_dir: &Path) -> Vec<i32> {
+    let needle = format!("path={}/", run_dir.join("ctrl").display());
+    let has = |args: &[&[u8]], what: &[u8]| {
+        args.iter()
+            .any(|a| a.windows(what.len()).any(|w| w == what))
+    };
+    live_processes(|args| has(args, needle.as_bytes()) && !has(args, b"-pidfile"))
 }
 
 /// Kills, when dropped, every QEMU of a run dir (found in `/proc` by its
@@ -523,33 +541,6 @@ pub fn qemus_in(run_dir: &Path) -> Vec<i32> {
 /// (and their TAPs) behind.
 #[derive(Debug)]
 pub struct KillRunDir(pub PathBuf);
-
-/// Live helper processes (swtpm) whose command line names a socket in
-/// `run_dir`'s `ctrl/`.
-pub fn helpers_in(run_dir: &Path) -> Vec<i32> {
-    let needle = format!("path={}/", run_dir.join("ctrl").display());
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&raw);
-        let zombie = std::fs::read_to_string(e.path().join("stat"))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if text.contains(&needle) && !text.contains("-pidfile") && !zombie {
-            out.push(pid);
-        }
-    }
-    out
-}
 
 impl Drop for KillRunDir {
     fn drop(&mut self) {
