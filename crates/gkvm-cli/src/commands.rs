@@ -218,6 +218,12 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
     }
 }
 
+/// An API request from its JSON text; a usage failure when it is none.
+pub(crate) fn api_request(text: &str) -> Result<Request, Failure> {
+    Request::from_json(text)
+        .map_err(|e| Failure::new(2, "usage", format!("not an API request: {e}")))
+}
+
 /// `gkvm api`: one typed request, answered by [`hv_kvm::Reply`] lines on
 /// stdout (each flushed as it comes: a migration's progress streams).
 async fn api(cli: &Cli, file: Option<&Path>, schema: bool) -> CliResult {
@@ -238,26 +244,11 @@ async fn api(cli: &Cli, file: Option<&Path>, schema: bool) -> CliResult {
         Some(f) => crate::input::read_file(f, "API request")?,
         None => crate::input::read_stdin("API request")?,
     };
-    let request = match Request::from_json(&text) {
-        Ok(r) => r,
-        Err(e) => {
-            let failure = Failure::new(2, "usage", format!("not an API request: {e}"));
-            emit(&Reply::Error(hv_kvm::ErrorReply {
-                kind: failure.kind.to_owned(),
-                instance: None,
-                message: failure.message.clone(),
-            }))?;
-            return Err(failure);
-        }
-    };
-    let hv = match hypervisor(cli) {
-        Ok(hv) => hv,
+    let ready = api_request(&text).and_then(|r| Ok((r, hypervisor(cli)?)));
+    let (request, hv) = match ready {
+        Ok(ready) => ready,
         Err(failure) => {
-            emit(&Reply::Error(hv_kvm::ErrorReply {
-                kind: failure.kind.to_owned(),
-                instance: None,
-                message: failure.message.clone(),
-            }))?;
+            emit(&Reply::Error(failure.reply()))?;
             return Err(failure);
         }
     };

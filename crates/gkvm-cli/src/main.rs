@@ -495,6 +495,15 @@ struct Failure {
 }
 
 impl Failure {
+    /// The failure as the API tells it (an `error` reply line).
+    fn reply(&self) -> hv_kvm::ErrorReply {
+        hv_kvm::ErrorReply {
+            kind: self.kind.to_owned(),
+            instance: self.instance.clone(),
+            message: self.message.clone(),
+        }
+    }
+
     fn new(code: u8, kind: &'static str, message: String) -> Failure {
         Failure {
             code,

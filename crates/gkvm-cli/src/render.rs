@@ -389,22 +389,8 @@ pub(crate) fn stats_prometheus(stats: &[hv_kvm::InstanceStats]) -> CliResult {
         ("disk_flushes_total", "Flush requests.", |d| d.flush_ops),
     ];
     for (name, help, field) in disk_families {
-        family(
-            name,
-            "counter",
-            help,
-            stats
-                .iter()
-                .flat_map(|s| {
-                    s.disks.iter().map(move |d| {
-                        (
-                            format!("{},device=\"{}\"", inst(s), label(&d.device)),
-                            field(d).to_string(),
-                        )
-                    })
-                })
-                .collect(),
-        );
+        let samples = per_device(stats, |s| &s.disks, "device", |d| &d.device, field);
+        family(name, "counter", help, samples);
     }
     type NicField = fn(&hv_kvm::NicStats) -> u64;
     let nic_families: [(&str, &str, NicField); 4] = [
@@ -430,24 +416,36 @@ pub(crate) fn stats_prometheus(stats: &[hv_kvm::InstanceStats]) -> CliResult {
         ),
     ];
     for (name, help, field) in nic_families {
-        family(
-            name,
-            "counter",
-            help,
-            stats
-                .iter()
-                .flat_map(|s| {
-                    s.nics.iter().map(move |n| {
-                        (
-                            format!("{},tap=\"{}\"", inst(s), label(&n.tap)),
-                            field(n).to_string(),
-                        )
-                    })
-                })
-                .collect(),
-        );
+        let samples = per_device(stats, |s| &s.nics, "tap", |n| &n.tap, field);
+        family(name, "counter", help, samples);
     }
     outln!("{}", out.trim_end())
+}
+
+/// One sample per device of every instance (its disks, its NICs),
+/// labelled by instance and by `key` (the device's name).
+fn per_device<T>(
+    stats: &[hv_kvm::InstanceStats],
+    devices: impl Fn(&hv_kvm::InstanceStats) -> &[T],
+    key: &str,
+    name: impl Fn(&T) -> &str,
+    value: fn(&T) -> u64,
+) -> Vec<(String, String)> {
+    stats
+        .iter()
+        .flat_map(|s| {
+            devices(s).iter().map(|d| {
+                (
+                    format!(
+                        "instance=\"{}\",{key}=\"{}\"",
+                        label(&s.name),
+                        label(name(d))
+                    ),
+                    value(d).to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

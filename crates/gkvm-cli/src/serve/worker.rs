@@ -207,25 +207,11 @@ async fn answer(text: &str, shared: &Shared) -> String {
         return super::versioned(serde_json::json!({"retired": true, "reason": why}));
     }
     let text = call.request.as_ref().map(ToString::to_string);
-    let request = match hv_kvm::Request::from_json(text.as_deref().unwrap_or("")) {
-        Ok(r) => r,
-        Err(e) => {
-            return line(&Reply::Error(ErrorReply {
-                kind: "usage".to_owned(),
-                instance: None,
-                message: format!("not an API request: {e}"),
-            }))
-        }
-    };
-    let hv = match crate::input::hypervisor_of(&node) {
-        Ok(hv) => hv,
-        Err(f) => {
-            return line(&Reply::Error(ErrorReply {
-                kind: f.kind.to_owned(),
-                instance: None,
-                message: f.message,
-            }))
-        }
+    let ready = crate::commands::api_request(text.as_deref().unwrap_or(""))
+        .and_then(|r| Ok((r, crate::input::hypervisor_of(&node)?)));
+    let (request, hv) = match ready {
+        Ok(ready) => ready,
+        Err(failure) => return line(&Reply::Error(failure.reply())),
     };
     line(
         &match tokio::time::timeout(CALL_DEADLINE, hv.handle(request)).await {
