@@ -41,6 +41,16 @@ pub(crate) fn argv_resources(args: &[String]) -> (u64, u32) {
     (memory, vcpus)
 }
 
+/// QMP options for a query of a running instance: connecting and each
+/// command bounded by `timeout`.
+pub(crate) fn bounded(timeout: Duration) -> Options {
+    Options {
+        connect_timeout: timeout,
+        command_timeout: timeout,
+        ..Options::default()
+    }
+}
+
 /// Info of one running instance; QMP answers are bounded by `timeout` and
 /// replaced by command-line values (state `unknown`) when they do not come.
 async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceInfo {
@@ -51,11 +61,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         None => cmdline_resources(pid),
     };
     let mut state = InstanceState::Unknown;
-    let options = Options {
-        connect_timeout: timeout,
-        command_timeout: timeout,
-        ..Options::default()
-    };
+    let options = bounded(timeout);
     let answers = tokio::time::timeout(timeout, async {
         let qmp = Qmp::connect(&paths.qmp, options).await.ok()?;
         // The vCPU count is the command line's: gkvm does not hot-plug CPUs,
@@ -115,12 +121,7 @@ fn user_shutdown(record: &RuntimeRecord) -> bool {
 /// A boolean hypervisor parameter as the record saved it: gkvm's saved
 /// instance, else the hvparams of a record in Ganeti's format.
 fn hvparam_flag(record: &RuntimeRecord, key: &str) -> bool {
-    let flag = record
-        .payload
-        .get("spec")
-        .and_then(|s| s.get("hvparams"))
-        .and_then(|h| h.get(key))
-        .or_else(|| record.hvparams.get(key));
+    let flag = saved_hvparam(record, key).or_else(|| record.hvparams.get(key));
     matches!(flag, Some(serde_json::Value::Bool(true)))
         || flag.and_then(serde_json::Value::as_str) == Some("true")
 }
@@ -128,13 +129,16 @@ fn hvparam_flag(record: &RuntimeRecord, key: &str) -> bool {
 /// Whether a string hypervisor parameter of the record's instance is
 /// `value` (gkvm's saved instance).
 fn hvparam_is(record: &RuntimeRecord, key: &str, value: &str) -> bool {
+    saved_hvparam(record, key).and_then(serde_json::Value::as_str) == Some(value)
+}
+
+/// A hypervisor parameter of gkvm's saved instance in the record.
+fn saved_hvparam<'a>(record: &'a RuntimeRecord, key: &str) -> Option<&'a serde_json::Value> {
     record
         .payload
         .get("spec")
         .and_then(|s| s.get("hvparams"))
         .and_then(|h| h.get(key))
-        .and_then(serde_json::Value::as_str)
-        == Some(value)
 }
 
 /// An instance's info from its runtime record and `/proc` alone.
@@ -326,20 +330,17 @@ impl KvmHypervisor {
                     instance: name.to_owned(),
                 });
         };
-        // The flag alone, not the whole saved instance (parsing that is
+        // The flags alone, not the whole saved instance (parsing that is
         // a tenth of an info's time).
-        let agent = paths
-            .read_runtime_shared()
-            .ok()
-            .flatten()
-            .is_some_and(|r| hvparam_flag(&r, "use_guest_agent"))
+        let record = paths.read_runtime_shared().ok().flatten();
+        let agent = record
+            .as_deref()
+            .is_some_and(|r| hvparam_flag(r, "use_guest_agent"))
             .then(|| paths.guest_agent.clone());
-        let tpm = paths
-            .read_runtime_shared()
-            .ok()
-            .flatten()
-            .is_some_and(|r| hvparam_is(&r, "tpm", "tpm2"));
-        let swtpm = tpm.then(|| paths.tpm_helper());
+        let swtpm = record
+            .as_deref()
+            .is_some_and(|r| hvparam_is(r, "tpm", "tpm2"))
+            .then(|| paths.tpm_helper());
         let mut info = instance_info(paths, pid, self.config.qmp_timeout).await;
         if let Some(pid) = swtpm {
             if pid.is_none() {

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use gkvm_qmp::{commands, Options, Qmp};
+use gkvm_qmp::{commands, Qmp};
 use kvm_runtime::InstancePaths;
 use serde::{Deserialize, Serialize};
 
@@ -118,11 +118,7 @@ impl KvmHypervisor {
 }
 
 async fn instance_stats(paths: InstancePaths, pid: i32, timeout: Duration) -> InstanceStats {
-    let options = Options {
-        connect_timeout: timeout,
-        command_timeout: timeout,
-        ..Options::default()
-    };
+    let options = crate::query::bounded(timeout);
     let answers = tokio::time::timeout(timeout, async {
         let qmp = Qmp::connect(&paths.qmp, options).await.ok()?;
         let (cpus, blocks, balloon) = tokio::join!(
