@@ -79,4 +79,26 @@ mod tests {
         ));
         assert!(!crate::fsutil::same_place(Path::new("vm1.tpm"), &sock));
     }
+
+    /// A pid file planted to name another process (here: this test's) is
+    /// not trusted: the process is not the instance's helper, and ending
+    /// the helpers leaves it alone and removes the file.
+    #[test]
+    fn a_tampered_helper_pid_file_names_no_helper() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = crate::RunDir::new(tmp.path().join("run"));
+        run.ensure().unwrap();
+        let paths = run.instance("vm1").unwrap();
+        std::fs::write(&paths.tpm_pid, format!("{}\n", std::process::id())).unwrap();
+        assert_eq!(paths.tpm_helper(), None);
+        std::fs::write(&paths.tpm_pid, "garbage\n").unwrap();
+        assert_eq!(paths.tpm_helper(), None);
+        paths.stop_helpers().unwrap();
+        assert!(!paths.tpm_pid.exists());
+        // A symlink planted as the pid file is not followed either.
+        std::os::unix::fs::symlink("/proc/self/stat", &paths.tpm_pid).unwrap();
+        assert_eq!(paths.tpm_helper(), None);
+        paths.stop_helpers().unwrap();
+        assert!(std::fs::symlink_metadata(&paths.tpm_pid).is_err());
+    }
 }
