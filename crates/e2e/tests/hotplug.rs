@@ -581,12 +581,12 @@ fn ganetis_scsi_disk_types_start_and_hot_plug() {
     });
 }
 
-/// A q35 machine has no hot-pluggable PCI slot (gkvm gives it no root
-/// ports yet): hotplug-supported says no and a NIC is refused before
-/// anything is made, naming the machine; a SCSI disk (on the controller's
-/// own bus) still hot-plugs.
+/// A q35 machine started without root ports (as earlier releases started
+/// it) has no hot-pluggable PCI slot: hotplug-supported says no and a NIC
+/// is refused before anything is made, naming the machine; a SCSI disk
+/// (on the controller's own bus) still hot-plugs.
 #[test]
-fn a_q35_machine_refuses_pci_hot_plug_by_name() {
+fn a_q35_machine_without_root_ports_refuses_pci_hot_plug_by_name() {
     let Some(env) = require("hotplug_q35", &[Need::Root, Need::Qemu]) else {
         return;
     };
@@ -602,6 +602,7 @@ fn a_q35_machine_refuses_pci_hot_plug_by_name() {
         .unwrap();
     let mut spec = common::guestless_spec("hpq1");
     spec.hvparams.set_pair("machine_version=q35").unwrap();
+    spec.pcie_slots = Some(kvm_cmdline::PcieSlots::RootBus);
     spec.hvparams.set_pair("disk_type=scsi-hd").unwrap();
     rt().block_on(async {
         hv.start(&spec, hv_kvm::StartMode::Paused)
@@ -631,5 +632,133 @@ fn a_q35_machine_refuses_pci_hot_plug_by_name() {
             .unwrap_or_else(|e| panic!("{}", e.report()));
         hv.stop("hpq1", hv_kvm::StopMode::Force).await.unwrap();
         assert_eq!(hv.state_files(), Vec::<std::path::PathBuf>::new());
+    });
+}
+
+/// A q35 instance gkvm starts has a root port at every free slot: a NIC
+/// and a disk hot plug into the running guest, which sees them; they are
+/// still there and working after a live migration (the destination makes
+/// the same ports from the definition), and unplug from there.
+#[test]
+fn a_q35_guest_hot_plugs_a_nic_and_a_disk_and_keeps_them_across_a_migration() {
+    let Some(env) = require("hotplug_q35_guest", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-hpq2");
+    let dir_b = ScratchDir::new("gkvm-hpq2-b");
+    let _guards = [
+        gkvm_testkit::KillRunDir(dir.path().join("run")),
+        gkvm_testkit::KillRunDir(dir_b.path().join("run")),
+    ];
+    let hv = KvmHypervisor::new({
+        let mut c = common::node_config(dir.path(), &env.qemu);
+        c.tap_template = "gkvmqpt%d".into();
+        c
+    });
+    let hv_b = KvmHypervisor::new({
+        let mut c = common::node_config(dir_b.path(), &env.qemu);
+        c.tap_template = "gkvmqpu%d".into();
+        c
+    });
+    let br = Bridge::new("gkvmqpbr0");
+    sh("ip addr add 10.97.0.1/24 dev gkvmqpbr0");
+    let image = dir.path().join("q35data.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&image).unwrap();
+        f.write_all(b"gkvm-q35-disk").unwrap();
+        f.set_len(4 << 20).unwrap();
+    }
+    let mut spec = guest_spec(&env, "hpq2");
+    spec.hvparams.set_pair("machine_version=q35").unwrap();
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        hv.hotplug_supported("hpq2")
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let paths = RunDir::new(dir.path().join("run")).instance("hpq2").unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("hpq2").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        let nic = hv
+            .nic_add("hpq2", NicSpec::new("52:54:00:00:76:01".parse().unwrap(), &br.0))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let nic_id = nic.address.unwrap().id;
+        let disk = hv
+            .disk_add("hpq2", kvm_cmdline::DiskSpec::new(&image))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let disk_id = disk.address.unwrap().id;
+        let out = serial
+            .run(
+                "for i in $(seq 30); do [ -e /sys/class/net/eth0 ] && [ -e /sys/block/vda ] && break; sleep 1; done; \
+                 cat /sys/class/net/eth0/address; dd if=/dev/vda bs=13 count=1 2>/dev/null; echo; \
+                 ip link set eth0 up && ip addr add 10.97.0.2/24 dev eth0 && ping -c 2 -W 5 10.97.0.1",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(out.contains("52:54:00:00:76:01"), "{out}");
+        assert!(out.contains("gkvm-q35-disk"), "{out}");
+        assert!(
+            out.contains("2 packets received") || out.contains("1 packets received"),
+            "{out}"
+        );
+
+        // Live migration: the destination's machine takes the guest's
+        // state for the ports and the devices behind them.
+        drop(serial);
+        let port = 25000 + (std::process::id() % 1000) as u16;
+        let info = hv.migration_info("hpq2").unwrap();
+        hv_b.accept_instance(&info, "127.0.0.1", port)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        hv.migrate_to("hpq2", "127.0.0.1", port, hv_kvm::MigrationMode::Live, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        hv_b.wait_incoming("hpq2", Duration::from_secs(30)).await.unwrap();
+        hv_b.finalize_migration_dst("hpq2", hv_kvm::MigrationOutcome::Completed)
+            .await
+            .unwrap();
+        let paths_b = RunDir::new(dir_b.path().join("run")).instance("hpq2").unwrap();
+        let mut serial = Serial::connect(&paths_b.serial, Duration::from_secs(5)).unwrap();
+        let out = serial
+            .run(
+                "ping -c 2 -W 5 10.97.0.1; dd if=/dev/vda bs=13 count=1 2>/dev/null; echo",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(
+            out.contains("2 packets received") || out.contains("1 packets received"),
+            "the hot-added NIC does not work after the migration: {out}"
+        );
+        assert!(out.contains("gkvm-q35-disk"), "{out}");
+
+        // Unplugged there: gone from the guest.
+        hv_b.nic_remove("hpq2", &nic_id)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        hv_b.disk_remove("hpq2", &disk_id)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let out = serial
+            .run(
+                "for i in $(seq 30); do [ -e /sys/class/net/eth0 ] || [ -e /sys/block/vda ] || break; sleep 1; done; \
+                 ls /sys/class/net /sys/block; echo listed",
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let listed = out.rsplit("/sys/block:").next().unwrap_or_default();
+        assert!(
+            !listed.contains("eth0") && !listed.contains("vda"),
+            "{out}"
+        );
+        hv_b.stop("hpq2", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(paths_b.read_nics().unwrap_or_default().is_empty());
     });
 }

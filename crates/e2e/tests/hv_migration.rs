@@ -268,6 +268,11 @@ fn machine_type_mismatch_is_refused_naming_the_machine() {
         );
         return;
     }
+    // The destination is the suite's QEMU: 7.2 for the mismatch (not
+    // 10.0 itself, as in the QEMU 10.0 run of scripts/test).
+    if std::fs::canonicalize(&env.qemu).ok() == std::fs::canonicalize(&q10).ok() {
+        return;
+    }
     let (da, db) = (
         ScratchDir::new("gkvm-mig-10"),
         ScratchDir::new("gkvm-mig-72"),

@@ -256,7 +256,7 @@ impl KvmHypervisor {
     /// the step; whatever was done is undone.
     pub async fn nic_add(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
-        refuse_pcie_root(name, &hp.record)?;
+        refuse_pcie_root(name, &spec, &hp.record)?;
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         let seq = spec.nics.len();
@@ -368,7 +368,7 @@ impl KvmHypervisor {
         let (mut hp, mut spec) = self.begin(name).await?;
         // A SCSI disk goes on the SCSI controller's bus, which hot-plugs.
         if !spec.hvparams.disk_type.on_scsi_bus() {
-            refuse_pcie_root(name, &hp.record)?;
+            refuse_pcie_root(name, &spec, &hp.record)?;
         }
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
@@ -717,7 +717,7 @@ impl KvmHypervisor {
         let record = self.running_record(&paths)?;
         let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
-        refuse_pcie_root(name, &record)?;
+        refuse_pcie_root(name, &spec, &record)?;
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
         if caps.devices.is_empty() || caps.features.drive_boot {
             return Err(hotplug_err(name, "check")(format!(
@@ -750,17 +750,24 @@ fn refuse_in_migration(name: &str, record: &kvm_runtime::RuntimeRecord) -> Resul
 }
 
 /// A PCI Express machine (q35) has no hot-pluggable slot on its root bus
-/// (QEMU: "Bus 'pcie.0' does not support hotplugging") and gkvm gives it
-/// no root ports yet: hot plug is refused there, naming the machine.
-fn refuse_pcie_root(name: &str, record: &kvm_runtime::RuntimeRecord) -> Result<()> {
+/// (QEMU: "Bus 'pcie.0' does not support hotplugging"): hot plug there
+/// needs the root ports gkvm gives q35 instances it starts
+/// ([`kvm_cmdline::PcieSlots::RootPorts`]); one started without them (by
+/// an earlier release) is refused, naming the machine.
+fn refuse_pcie_root(
+    name: &str,
+    spec: &kvm_cmdline::InstanceSpec,
+    record: &kvm_runtime::RuntimeRecord,
+) -> Result<()> {
     let machine = record
         .payload
         .get("machine")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if machine.contains("q35") {
+    if machine.contains("q35") && spec.pcie_slots != Some(kvm_cmdline::PcieSlots::RootPorts) {
         return Err(hotplug_err(name, "check")(format!(
-            "machine {machine} is PCI Express: its root bus has no hot-pluggable slots"
+            "machine {machine} is PCI Express and was started without root ports: \
+             its root bus has no hot-pluggable slots (restart it to get them)"
         )));
     }
     Ok(())

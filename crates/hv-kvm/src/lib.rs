@@ -292,7 +292,7 @@ impl KvmHypervisor {
         let caps = self.capabilities(&kvm_path).await?;
         let mut spec = spec.clone();
         spec.hvparams.kvm_path = kvm_path;
-        start::shape_new_instance(&mut spec).map_err(params)?;
+        spec.shape_new(&caps).map_err(params)?;
         let env = media::build_env_for(&self.config.build_env, &spec.hvparams);
         let cmd = kvm_cmdline::build(&spec, &caps, &env).map_err(params)?;
         let paths = self

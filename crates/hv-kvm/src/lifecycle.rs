@@ -900,8 +900,23 @@ impl KvmHypervisor {
                     ),
                 });
             }
-            // Nor has it these devices: its QEMU would not take the guest's
-            // state for them.
+            // Nor has it root ports on q35, or these devices: its QEMU
+            // would not take the guest's state for them.
+            if spec.pcie_slots == Some(kvm_cmdline::PcieSlots::RootPorts)
+                && record
+                    .payload
+                    .get("machine")
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| m.contains("q35"))
+            {
+                return Err(Error::MigrationInfo {
+                    instance: name.to_owned(),
+                    reason: "its q35 machine has PCI Express root ports for hot plug, which \
+                             Ganeti 3.1's own KVM driver does not make"
+                        .into(),
+                });
+            }
+            // Nor these devices.
             for (key, value, none) in [
                 ("rng", hv.rng.as_str(), "none"),
                 ("watchdog", hv.watchdog.as_str(), "none"),

@@ -118,6 +118,15 @@ const ACCEL_KEY: &str = "accel";
 /// checking each against what this QEMU has (`query-migrate-capabilities`:
 /// an unknown one is refused naming it and listing the known ones). With
 /// `multifd`, both sides use [`MULTIFD_CHANNELS`] channels.
+/// Whether an incoming instance starts with `-incoming defer` and listens
+/// only once its migration capabilities are set (`migrate-incoming`):
+/// QEMU 10 refuses `multifd` once it listens ("Multifd must be set before
+/// incoming starts"). Without capabilities to set it listens at once, as
+/// Ganeti's driver has it.
+pub(crate) fn defers_incoming(spec: &crate::InstanceSpec) -> bool {
+    !spec.hvparams.migration_capabilities().is_empty()
+}
+
 async fn set_migration_caps(qmp: &Qmp, spec: &crate::InstanceSpec) -> Result<()> {
     let wanted = spec.hvparams.migration_capabilities();
     if !wanted.is_empty() {
@@ -529,6 +538,13 @@ impl KvmHypervisor {
         // Migration events on this side too, for wait_incoming.
         let qmp = self.qmp(paths).await?;
         set_migration_caps(&qmp, spec).await?;
+        if defers_incoming(spec) {
+            qmp.run(&commands::MigrateIncoming {
+                uri: tcp_uri(address, port),
+            })
+            .await
+            .map_err(qmp_err(&spec.name, "migrate-incoming"))?;
+        }
         Ok(report)
     }
 

@@ -44,16 +44,6 @@ fn runtime_error(name: &str) -> impl Fn(kvm_runtime::Error) -> Error + '_ {
     }
 }
 
-/// What a new instance gets that an incoming one keeps from its source:
-/// its devices placed, and a lean machine unless it says otherwise.
-pub(crate) fn shape_new_instance(
-    spec: &mut InstanceSpec,
-) -> std::result::Result<(), kvm_cmdline::Error> {
-    spec.assign_addresses()?;
-    spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
-    Ok(())
-}
-
 impl KvmHypervisor {
     pub(crate) async fn start_steps(
         &self,
@@ -112,7 +102,7 @@ impl KvmHypervisor {
         // the source's places (none, if an earlier release started it), so
         // the guest lands on identical hardware.
         if opts.incoming.is_none() {
-            shape_new_instance(&mut spec).map_err(params)?;
+            spec.shape_new(&caps).map_err(params)?;
         }
         spec.hvparams
             .validate_host(&RealHost, &caps)
@@ -261,7 +251,13 @@ impl KvmHypervisor {
             // good), so a killed `accept` cannot leave the only copy paused.
             paused: opts.incoming.is_none(),
             daemonize: true,
-            incoming: opts.incoming.clone(),
+            incoming: opts.incoming.as_ref().map(|uri| {
+                if crate::migration::defers_incoming(spec) {
+                    "defer".to_owned()
+                } else {
+                    uri.clone()
+                }
+            }),
             nics,
             pool_user,
             migration_tls: self.config.migration_tls_dir.clone(),

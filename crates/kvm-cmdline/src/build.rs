@@ -18,7 +18,7 @@ use crate::placement::{disk_on_pci, nic_on_pci};
 use crate::qemu::{
     Args, Blockdev, Chardev, Device, Drive, Machine, Netdev, Object, Props, Smp, Syntax, Value,
 };
-use crate::{Capabilities, Error, InstanceSpec, Layout};
+use crate::{Capabilities, Error, InstanceSpec, Layout, PcieSlots, PCIE_SLOTS, PCI_SLOTS};
 
 /// VNC displays are counted from this TCP port.
 pub const VNC_BASE_PORT: u16 = 5900;
@@ -177,15 +177,22 @@ struct Ctx<'a> {
     hv: &'a crate::HvParams,
     caps: &'a Capabilities,
     f: &'a crate::Features,
+    /// NICs and disks behind root ports of a q35 machine.
+    root_ports: bool,
 }
 
 impl<'a> Ctx<'a> {
     fn new(spec: &'a InstanceSpec, caps: &'a Capabilities) -> Ctx<'a> {
+        let root_ports = spec.pcie_slots == Some(PcieSlots::RootPorts)
+            && caps
+                .resolve_machine(&spec.hvparams.machine_version)
+                .is_ok_and(|m| m.contains("q35"));
         Ctx {
             spec,
             hv: &spec.hvparams,
             caps,
             f: &caps.features,
+            root_ports,
         }
     }
 
@@ -260,6 +267,7 @@ pub fn build(
     build_smp(&c, &mut a)?;
     build_balloon(&c, &mut a)?;
     let machine = build_machine(&c, &mut a)?;
+    build_root_ports(&c, &mut a)?;
     if c.boots_from(BootOrder::Network) {
         a.opt("-boot", "n");
     }
@@ -493,7 +501,12 @@ fn build_disks(c: &Ctx, a: &mut Args, scsi_controller: &mut bool) -> Result<(), 
         if is_boot {
             dev.set("bootindex", 1);
         }
-        place(&mut dev, disk.address.as_ref(), disk_on_pci(hv.disk_type));
+        place(
+            c,
+            &mut dev,
+            disk.address.as_ref(),
+            disk_on_pci(hv.disk_type),
+        );
         a.device(&dev, SYNTAX)?;
     }
     Ok(())
@@ -571,12 +584,19 @@ fn disk_pieces(
     }
     // Passed-through SCSI devices have no cache of QEMU's to set.
     if !matches!(dev.driver.as_str(), "scsi-block" | "scsi-generic") {
-        dev.set("write-cache", write_cache);
+        // An on/off/auto property: QMP's device_add takes it as a string
+        // (QEMU 10 refuses a JSON boolean); the argv is the same.
+        dev.set("write-cache", if write_cache { "on" } else { "off" });
     }
     if is_boot {
         dev.set("bootindex", 1);
     }
-    place(&mut dev, disk.address.as_ref(), disk_on_pci(hv.disk_type));
+    place(
+        c,
+        &mut dev,
+        disk.address.as_ref(),
+        disk_on_pci(hv.disk_type),
+    );
     Ok((node, dev))
 }
 
@@ -686,12 +706,47 @@ fn extend(mut drive: Drive, tail: Props) -> Drive {
     drive
 }
 
-/// A placed device gets its id and, on the PCI bus, its slot.
-fn place(dev: &mut Device, address: Option<&crate::DeviceAddress>, on_pci: bool) {
+/// The id of the root port at `slot` of a q35 machine
+/// ([`PcieSlots::RootPorts`]).
+pub fn root_port_id(slot: u8) -> String {
+    format!("pcie-port{slot}")
+}
+
+/// A q35 machine's root ports, one at each slot from
+/// `kvm_pci_reservations` on ([`PcieSlots::RootPorts`]). Each has its own
+/// chassis number (QEMU refuses two ports with the same chassis and
+/// slot) and no I/O window: 19 windows of 4 KiB would not fit the 64 KiB
+/// I/O space, and PCI Express devices (virtio's modern interface) need
+/// none.
+fn build_root_ports(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    if !c.root_ports {
+        return Ok(());
+    }
+    if !c.caps.has_device("pcie-root-port") {
+        return Err(c.unsupported("machine_version", "PCI Express root ports (pcie-root-port)"));
+    }
+    let first = u8::try_from(c.hv.kvm_pci_reservations).unwrap_or(PCI_SLOTS);
+    for slot in first..PCIE_SLOTS {
+        let port = Device::new("pcie-root-port")
+            .with("id", root_port_id(slot))
+            .with("bus", "pcie.0")
+            .with("addr", format!("{slot:#04x}"))
+            .with("chassis", u32::from(slot))
+            .with("io-reserve", 0);
+        a.device(&port, SYNTAX)?;
+    }
+    Ok(())
+}
+
+/// A placed device gets its id and, on the PCI bus, its slot: on the root
+/// bus, or the root port at that slot.
+fn place(c: &Ctx, dev: &mut Device, address: Option<&crate::DeviceAddress>, on_pci: bool) {
     if let Some(addr) = address {
         dev.set("id", addr.id.as_str());
-        if let (Some(slot), true) = (addr.pci_slot, on_pci) {
-            dev.set("addr", format!("{slot:#04x}"));
+        match (addr.pci_slot, on_pci) {
+            (Some(slot), true) if c.root_ports => dev.set("bus", root_port_id(slot)),
+            (Some(slot), true) => dev.set("addr", format!("{slot:#04x}")),
+            _ => {}
         }
     }
 }
@@ -1491,7 +1546,12 @@ fn nic_pieces(
         device.set("mq", true);
         device.set("vectors", 2 * queues + 2);
     }
-    place(&mut device, nic.address.as_ref(), nic_on_pci(c.hv.nic_type));
+    place(
+        c,
+        &mut device,
+        nic.address.as_ref(),
+        nic_on_pci(c.hv.nic_type),
+    );
     (netdev, device)
 }
 

@@ -44,6 +44,28 @@ pub struct InstanceSpec {
     /// Ganeti) started instances; a new start chooses [`Layout::Lean`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Layout>,
+    /// Where a PCI Express machine (q35) plugs its NICs and disks. `None`
+    /// is [`PcieSlots::RootBus`], how earlier releases started q35
+    /// instances; a new q35 start chooses [`PcieSlots::RootPorts`].
+    /// Meaningless on a PCI machine (i440fx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_slots: Option<PcieSlots>,
+}
+
+/// Where a q35 machine's NICs and disks sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PcieSlots {
+    /// On the root bus (`pcie.0`) at their slot: nothing can be hot
+    /// plugged (QEMU: "Bus 'pcie.0' does not support hotplugging").
+    RootBus,
+    /// Behind a `pcie-root-port` of their own at their slot, one port at
+    /// every slot a device may take (from `kvm_pci_reservations` up to
+    /// [`PCIE_SLOTS`]` - 1`): empty ports take hot-plugged devices, and
+    /// the machine is the same whatever was plugged, so a migration
+    /// target builds it from the definition alone (libvirt adds spare
+    /// root ports for the same reason).
+    RootPorts,
 }
 
 /// The machine's devices beyond those the instance asks for.
@@ -142,6 +164,10 @@ pub struct DeviceAddress {
 
 /// Slots on a PCI bus.
 pub const PCI_SLOTS: u8 = 32;
+
+/// Slots a device may take on a q35 machine's root bus: slot 31 holds
+/// its ICH9 functions (LPC, SATA, SMBus).
+pub const PCIE_SLOTS: u8 = 31;
 
 /// Disk templates on storage shared between nodes: QEMU's page cache must
 /// be off for them or a migration can corrupt the disk.
@@ -379,6 +405,7 @@ impl InstanceSpec {
             nics: Vec::new(),
             network_port: None,
             layout: None,
+            pcie_slots: None,
         }
     }
 

@@ -64,8 +64,8 @@ pub use hvparams::{HvParams, GKVM_HVPARAMS, RESTART_SAFE_HVPARAMS};
 pub use instance::tap_template_problem;
 pub use instance::{
     validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec, Layout,
-    NetworkSpec, NicMode, NicSpec, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, PCI_SLOTS,
-    SHARED_STORAGE_TEMPLATES,
+    NetworkSpec, NicMode, NicSpec, PcieSlots, MAX_DISKS, MAX_MEMORY_MIB, MAX_NICS, PCIE_SLOTS,
+    PCI_SLOTS, SHARED_STORAGE_TEMPLATES,
 };
 pub use options::generated_mac;
 pub use placement::is_valid_device_id;

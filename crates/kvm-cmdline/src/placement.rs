@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use crate::hvparams::{DiskType, NicType};
-use crate::instance::{DeviceAddress, PCI_SLOTS};
-use crate::{Error, InstanceSpec, Uuid};
+use crate::instance::{DeviceAddress, PCIE_SLOTS, PCI_SLOTS};
+use crate::{Capabilities, Error, InstanceSpec, Layout, PcieSlots, Uuid};
 
 /// Whether a QEMU id is acceptable: a letter, then letters, digits,
 /// `-`, `.` or `_` (QEMU's `id_wellformed`), at most 128 bytes.
@@ -48,6 +48,7 @@ struct Allocator {
     ids: BTreeSet<String>,
     slots: BTreeSet<u8>,
     first_free: u8,
+    end: u8,
 }
 
 impl Allocator {
@@ -65,7 +66,7 @@ impl Allocator {
     }
 
     fn slot(&mut self, field: &str, instance: &str) -> Result<u8, Error> {
-        let slot = (self.first_free..PCI_SLOTS)
+        let slot = (self.first_free..self.end)
             .find(|s| !self.slots.contains(s))
             .ok_or_else(|| Error::Instance {
                 instance: instance.into(),
@@ -73,7 +74,7 @@ impl Allocator {
                 reason: format!(
                     "no free PCI slot: slots {}..{} are taken (kvm_pci_reservations keeps the first {} for QEMU)",
                     self.first_free,
-                    PCI_SLOTS - 1,
+                    self.end - 1,
                     self.first_free
                 ),
             })?;
@@ -83,6 +84,32 @@ impl Allocator {
 }
 
 impl InstanceSpec {
+    /// Shapes a definition for a new start on the QEMU of `caps`, as
+    /// hv-kvm starts every instance: a lean machine
+    /// ([`Layout::Lean`]), root ports for NICs and disks on a q35 machine
+    /// ([`PcieSlots::RootPorts`]), and every NIC and disk placed
+    /// ([`Self::assign_addresses`]). What is already chosen is kept.
+    pub fn shape_new(&mut self, caps: &Capabilities) -> Result<(), Error> {
+        self.layout.get_or_insert(Layout::Lean);
+        let q35 = caps
+            .resolve_machine(&self.hvparams.machine_version)
+            .is_ok_and(|m| m.contains("q35"));
+        if q35 && self.pcie_slots.is_none() {
+            self.pcie_slots = Some(PcieSlots::RootPorts);
+        }
+        self.assign_addresses()
+    }
+
+    /// One past the last slot a NIC or disk may take: a q35 machine with
+    /// root ports keeps its last slot for its chipset.
+    pub(crate) fn slot_end(&self) -> u8 {
+        if self.pcie_slots == Some(PcieSlots::RootPorts) {
+            PCIE_SLOTS
+        } else {
+            PCI_SLOTS
+        }
+    }
+
     /// Whether its NICs and disks were placed by a release without device
     /// addresses (none has one): such an instance keeps positional ids
     /// (`netdevN`, `diskN`) and the PCI slots QEMU chose, so that a
@@ -108,6 +135,7 @@ impl InstanceSpec {
             ids: placed.clone().map(|a| a.id.clone()).collect(),
             slots: placed.filter_map(|a| a.pci_slot).collect(),
             first_free: reserved,
+            end: self.slot_end(),
         };
         let disk_pci = disk_on_pci(self.hvparams.disk_type);
         for (i, disk) in self.disks.iter_mut().enumerate() {
@@ -181,8 +209,8 @@ impl InstanceSpec {
                 return Err(bad(field, format!("id {:?} is used twice", a.id)));
             }
             if let Some(slot) = a.pci_slot {
-                if slot >= PCI_SLOTS || u32::from(slot) < reserved {
-                    return Err(bad(field, format!("PCI slot {slot} is not between kvm_pci_reservations ({reserved}) and {}", PCI_SLOTS - 1)));
+                if slot >= self.slot_end() || u32::from(slot) < reserved {
+                    return Err(bad(field, format!("PCI slot {slot} is not between kvm_pci_reservations ({reserved}) and {}", self.slot_end() - 1)));
                 }
                 if !slots.insert(slot) {
                     return Err(bad(field, format!("PCI slot {slot} is used twice")));
@@ -235,6 +263,23 @@ mod tests {
             Err(Error::Instance { field, .. }) => assert_eq!(field, "disks[2]"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_q35_machine_with_root_ports_keeps_slot_31_for_its_chipset() {
+        let mut s = InstanceSpec::new("p4", 128);
+        s.hvparams.kvm_pci_reservations = 29;
+        s.pcie_slots = Some(PcieSlots::RootPorts);
+        s.disks = (0..3).map(|i| DiskSpec::new(format!("/d{i}"))).collect();
+        let err = s.assign_addresses().unwrap_err().to_string();
+        assert!(err.contains("disks[2]") && err.contains("29..30"), "{err}");
+        // Without root ports (an earlier release's q35, or i440fx) slot 31
+        // is a device's.
+        s.pcie_slots = None;
+        s.assign_addresses().unwrap();
+        assert_eq!(s.disks[2].address.as_ref().unwrap().pci_slot, Some(31));
+        s.pcie_slots = Some(PcieSlots::RootPorts);
+        assert!(s.check_addresses().is_err(), "slot 31 behind a root port");
     }
 
     #[test]

@@ -141,8 +141,7 @@ fn argv_for(
     // As hv-kvm starts an instance: devices placed, a lean machine.
     let mut spec = v.spec.clone();
     if !v.legacy {
-        spec.assign_addresses()?;
-        spec.layout.get_or_insert(kvm_cmdline::Layout::Lean);
+        spec.shape_new(caps)?;
     }
     let cmd = build(&spec, caps, &env())?;
     cmd.launch_argv(&spec, caps, &launch)

@@ -463,6 +463,10 @@ pub struct Bridge(pub String);
 
 impl Bridge {
     /// Creates bridge `name` (replacing a leftover one) and brings it up.
+    /// Its MAC address is set (locally administered, from the name): a
+    /// bridge without one takes its lowest port's, so it would change
+    /// when a migration swaps the guest's TAP, and a guest's ARP entry
+    /// for the host would go stale (a real bridge has its uplink's).
     pub fn new(name: &str) -> Bridge {
         let ip = |args: &[&str]| {
             std::process::Command::new("ip")
@@ -471,7 +475,15 @@ impl Bridge {
                 .status()
         };
         let _ = ip(&["link", "del", name]);
-        let st = ip(&["link", "add", "name", name, "type", "bridge"]).expect("run ip");
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let [a, b, c, d, ..] = h.to_le_bytes();
+        let mac = format!("02:6b:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+        let st = ip(&[
+            "link", "add", "name", name, "address", &mac, "type", "bridge",
+        ])
+        .expect("run ip");
         assert!(st.success(), "ip link add {name} type bridge failed");
         let _ = ip(&["link", "set", name, "up"]);
         Bridge(name.to_owned())
