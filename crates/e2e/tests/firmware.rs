@@ -88,6 +88,24 @@ fn read_var(serial: &mut Serial) -> String {
         .unwrap()
 }
 
+/// The SecureBoot variable as the booted guest reads it: `1` under Secure
+/// Boot, `0` without (its last byte; the first four are its attributes).
+fn secure_boot(serial: &mut Serial) -> String {
+    let out = serial
+        .run(
+            "mount -t efivarfs none /sys/firmware/efi/efivars 2>/dev/null; \
+             echo sb=$(od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c | awk '{print $NF}')",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    out.rsplit("sb=")
+        .next()
+        .and_then(|l| l.lines().next())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 #[test]
 fn uefi_boots_and_keeps_its_variables() {
     let Some(env) = require("uefi", &[Need::Root, Need::Guest]) else {
@@ -108,6 +126,8 @@ fn uefi_boots_and_keeps_its_variables() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&nvram).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "{}", nvram.display());
     write_var(&mut serial, "gkvm-uefi-42");
+    // Plain UEFI: no keys enrolled, no Secure Boot.
+    assert_eq!(secure_boot(&mut serial), "0");
     // Removing the state of a running instance is refused.
     let refused = rt().block_on(hv.remove_state("uefi1")).unwrap_err();
     assert!(
@@ -225,6 +245,51 @@ fn uefi_secure_boot_starts_with_the_enrolled_store() {
         "{}",
         e.report()
     );
+}
+
+/// Secure Boot shown to a booted guest: the test guest's EFI system
+/// partition (shim signed by Microsoft's UEFI CA, GRUB and the kernel
+/// signed by Debian) boots from a disk on a `uefi-secboot` instance, and
+/// the guest reads SecureBoot = 1 and its kernel says it is on (and
+/// locks itself down).
+#[test]
+fn a_guest_boots_under_secure_boot_and_sees_it_on() {
+    let Some(env) = require("uefi_secboot_guest", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    if ovmf_missing("uefi_secboot_guest", "OVMF_CODE_4M.secboot.fd") {
+        return;
+    }
+    let dir = ScratchDir::new("gkvm-uefi-sbg");
+    let run = dir.path().join("run");
+    let _kill = gkvm_testkit::KillRunDir(run.clone());
+    let hv = uefi_node(dir.path(), &env.qemu);
+    let kernel = &env.guest.as_ref().expect("test guest").kernel;
+    let esp = dir.path().join("esp.img");
+    std::fs::copy(kernel.with_file_name("esp.img"), &esp)
+        .expect("the test guest's esp.img (scripts/build-test-guest)");
+    // OVMF, shim, GRUB and the EFI stub's decompression under Secure Boot
+    // want more than the 256 MiB a fw_cfg boot does.
+    let mut spec = hv_kvm::InstanceSpec::new("sbg1", 512);
+    for pair in [
+        "firmware=uefi-secboot",
+        "machine_version=q35",
+        "kvm_flag=disabled",
+        "boot_order=disk",
+    ] {
+        spec.hvparams.set_pair(pair).unwrap();
+    }
+    spec.disks = vec![kvm_cmdline::DiskSpec::new(&esp)];
+    let mut serial = boot(&hv, &run, &spec);
+    assert_eq!(secure_boot(&mut serial), "1");
+    let out = serial
+        .run(
+            "dmesg | grep -i -E 'secure ?boot|lockdown'",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    assert!(out.contains("Secure boot enabled"), "{out}");
+    rt().block_on(hv.stop("sbg1", StopMode::Force)).unwrap();
 }
 
 /// `rng=virtio`: the guest's kernel takes virtio-rng as its hardware RNG
