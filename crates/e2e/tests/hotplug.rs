@@ -714,7 +714,7 @@ fn a_q35_guest_hot_plugs_a_nic_and_a_disk_and_keeps_them_across_a_migration() {
         // state for the ports and the devices behind them.
         drop(serial);
         let port = 25000 + (std::process::id() % 1000) as u16;
-        let info = hv.migration_info("hpq2").unwrap();
+        let info = hv.migration_info_live("hpq2").await.unwrap();
         hv_b.accept_instance(&info, "127.0.0.1", port)
             .await
             .unwrap_or_else(|e| panic!("{}", e.report()));

@@ -624,3 +624,61 @@ fn hot_plug_is_refused_in_a_migration_on_both_sides() {
         assert_eq!(files(db.path()), Vec::<PathBuf>::new());
     });
 }
+
+/// The destination gives the guest every CPU feature it has, or refuses
+/// before anything migrates: a source guest with a CPUID bit this node's
+/// CPU lacks (written into the info, as a node with another CPU would
+/// send it) is refused naming the register and bits, the destination's
+/// QEMU is ended and its files gone, and the source runs on; the
+/// untouched info migrates.
+#[test]
+fn a_guest_cpu_the_destination_cannot_give_is_refused_before_migrating() {
+    let Some(env) = require("migrate_cpu_features", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let (da, db) = (
+        ScratchDir::new("gkvm-mig-cpu-a"),
+        ScratchDir::new("gkvm-mig-cpu-b"),
+    );
+    let _guards = guards(&[&da, &db]);
+    let (a, b) = (node(da.path(), &env.qemu), node(db.path(), &env.qemu));
+    rt().block_on(async {
+        let mut spec = guestless_spec("cpu1");
+        // The host's own CPU where KVM runs (the case the check is for);
+        // QEMU's default model under TCG.
+        if gkvm_testkit::guestless_accel() == "kvm" {
+            spec.hvparams.set_pair("cpu_type=host").unwrap();
+        }
+        a.start(&spec, hv_kvm::StartMode::Running)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let info = a.migration_info_live("cpu1").await.unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let words = v["payload"]["cpu_features"]
+            .as_array_mut()
+            .expect("the info lists the guest's CPU features");
+        assert!(!words.is_empty());
+        words.push(serde_json::json!({
+            "cpuid-input-eax": 0x4000_0fff_u32, "cpuid-register": "EDX", "features": 0x80
+        }));
+        let err = b
+            .accept_instance(&v.to_string(), "127.0.0.1", port(40))
+            .await
+            .unwrap_err()
+            .report();
+        assert!(
+            err.contains("cpu1") && err.contains("CPUID 0x40000fff.0 EDX 0x00000080"),
+            "{err}"
+        );
+        assert_eq!(files(db.path()), Vec::<PathBuf>::new());
+        assert!(gkvm_testkit::qemus_in(&db.path().join("run")).is_empty());
+        assert_eq!(
+            a.info("cpu1").await.unwrap().state,
+            hv_kvm::InstanceState::Running
+        );
+        // The info as the source gave it migrates.
+        let s = hop(&a, &b, "cpu1", port(41)).await;
+        assert_eq!(s.status, hv_kvm::MigrationState::Completed);
+        b.stop("cpu1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

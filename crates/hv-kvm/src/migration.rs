@@ -103,6 +103,14 @@ fn tcp_uri(host: &str, port: u16) -> String {
     }
 }
 
+/// An incoming instance, checked: its definition, its files, and the
+/// source guest's CPU when the info says.
+struct Incoming {
+    spec: crate::InstanceSpec,
+    paths: InstancePaths,
+    source_cpu: Option<Vec<crate::cpu::FeatureWord>>,
+}
+
 /// Whether the source migrates over TLS, in the migration info's payload.
 const MIGRATION_TLS_KEY: &str = "migration_tls";
 
@@ -284,14 +292,23 @@ impl KvmHypervisor {
     ) -> Result<(InstancePaths, i32, kvm_runtime::RuntimeRecord)> {
         let paths = self.paths(name)?;
         let pid = self.running_pid(&paths)?;
-        let kvm = match self.qmp(&paths).await {
-            Ok(qmp) => qmp.run(&commands::QueryKvm).await.ok().map(|k| k.enabled),
+        let (kvm, cpu) = match self.qmp(&paths).await {
+            Ok(qmp) => (
+                qmp.run(&commands::QueryKvm).await.ok().map(|k| k.enabled),
+                crate::cpu::feature_words(&qmp).await,
+            ),
             Err(e) => {
                 tracing::debug!(instance = %name, error = %e.report(), "query-kvm");
-                None
+                (None, None)
             }
         };
-        let record = self.migration_record(&paths, kvm)?;
+        let mut record = self.migration_record(&paths, kvm)?;
+        if let (Some(payload), Some(cpu)) = (record.payload.as_object_mut(), cpu) {
+            payload.insert(
+                crate::cpu::CPU_FEATURES_KEY.into(),
+                serde_json::to_value(cpu).unwrap_or_default(),
+            );
+        }
         Ok((paths, pid, record))
     }
 
@@ -456,18 +473,19 @@ impl KvmHypervisor {
         current: Option<&CurrentConfig>,
         listening: crate::Progress<'_>,
     ) -> Result<StartReport> {
-        let (spec, paths) = self.incoming(info, address, port, current)?;
-        let _lock = self.lock(&paths).await?;
+        let incoming = self.incoming(info, address, port, current)?;
+        let (spec, paths) = (&incoming.spec, &incoming.paths);
+        let _lock = self.lock(paths).await?;
         let _guard = IncomingGuard {
             paths: paths.clone(),
             qmp_timeout: self.config.qmp_timeout,
         };
-        let report = self.accept_locked(&spec, &paths, address, port).await?;
+        let report = self.accept_locked(&incoming, address, port).await?;
         // QEMU opened its listening socket before its start returned
         // (-incoming is set up before it daemonizes).
         listening(&MigrationStatus::default());
         self.wait_incoming(&spec.name, timeout).await?;
-        self.finalize_dst_locked(&paths, MigrationOutcome::Completed)
+        self.finalize_dst_locked(paths, MigrationOutcome::Completed)
             .await?;
         Ok(report)
     }
@@ -496,9 +514,9 @@ impl KvmHypervisor {
         port: u16,
         current: Option<&CurrentConfig>,
     ) -> Result<StartReport> {
-        let (spec, paths) = self.incoming(info, address, port, current)?;
-        let _lock = self.lock(&paths).await?;
-        self.accept_locked(&spec, &paths, address, port).await
+        let incoming = self.incoming(info, address, port, current)?;
+        let _lock = self.lock(&incoming.paths).await?;
+        self.accept_locked(&incoming, address, port).await
     }
 
     /// The checks of an incoming instance before anything is created for
@@ -509,22 +527,35 @@ impl KvmHypervisor {
         address: &str,
         port: u16,
         current: Option<&CurrentConfig>,
-    ) -> Result<(crate::InstanceSpec, InstancePaths)> {
+    ) -> Result<Incoming> {
         let spec = self.incoming_spec_with(info, current)?;
         self.check_tls_agrees(&spec.name, info)?;
         check_listen(&spec.name, address, port)?;
         crate::lifecycle::check_spec(&spec)?;
         let paths = self.paths(&spec.name)?;
-        Ok((spec, paths))
+        // The source guest's CPU, when its info says (a trusted info: a
+        // tampered list could only make this check refuse).
+        let body = crate::trust::unseal(self.config.migration_key.as_deref(), info)?;
+        let source_cpu = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                serde_json::from_value(v.get("payload")?.get(crate::cpu::CPU_FEATURES_KEY)?.clone())
+                    .ok()
+            });
+        Ok(Incoming {
+            spec,
+            paths,
+            source_cpu,
+        })
     }
 
     async fn accept_locked(
         &self,
-        spec: &crate::InstanceSpec,
-        paths: &InstancePaths,
+        incoming: &Incoming,
         address: &str,
         port: u16,
     ) -> Result<StartReport> {
+        let (spec, paths) = (&incoming.spec, &incoming.paths);
         let report = self
             .start_locked(
                 spec,
@@ -535,8 +566,42 @@ impl KvmHypervisor {
                 },
             )
             .await?;
+        // Once QEMU waits, a step that fails ends it: nothing is left for
+        // a migration that cannot come.
+        match self.ready_incoming(incoming, address, port).await {
+            Ok(()) => Ok(report),
+            Err(e) => {
+                if let Err(stop) = self.stop_locked(paths, StopMode::Force).await {
+                    tracing::error!(instance = %spec.name, error = %stop.report(), "the refused incoming QEMU could not be stopped");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// An incoming QEMU made ready: its guest CPU checked against the
+    /// source's, migration events and capabilities set, listening.
+    async fn ready_incoming(&self, incoming: &Incoming, address: &str, port: u16) -> Result<()> {
+        let spec = &incoming.spec;
+        let qmp = self.qmp(&incoming.paths).await?;
+        if let Some(source) = &incoming.source_cpu {
+            if let Some(here) = crate::cpu::feature_words(&qmp).await {
+                let missing = crate::cpu::missing(source, &here);
+                if !missing.is_empty() {
+                    return Err(Error::MigrationInfo {
+                        instance: spec.name.clone(),
+                        reason: format!(
+                            "this node cannot give the guest the CPU it has (cpu_type={:?}): \
+                             it lacks {}; migrate between nodes with the same CPU, or give \
+                             the instance a named model every node has",
+                            spec.hvparams.cpu_type,
+                            missing.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
         // Migration events on this side too, for wait_incoming.
-        let qmp = self.qmp(paths).await?;
         set_migration_caps(&qmp, spec).await?;
         if defers_incoming(spec) {
             qmp.run(&commands::MigrateIncoming {
@@ -545,7 +610,7 @@ impl KvmHypervisor {
             .await
             .map_err(qmp_err(&spec.name, "migrate-incoming"))?;
         }
-        Ok(report)
+        Ok(())
     }
 
     /// On the source: sets bandwidth and downtime from the hvparams,

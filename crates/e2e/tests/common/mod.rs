@@ -75,7 +75,9 @@ pub async fn hop_seen(
     name: &str,
     port: u16,
 ) -> (hv_kvm::MigrationStatus, Vec<hv_kvm::MigrationState>) {
-    let info = src.migration_info(name).unwrap();
+    // As `gkvm migration-info` gives it: with what the source QEMU says
+    // (its accelerator, its guest's CPU).
+    let info = src.migration_info_live(name).await.unwrap();
     dst.accept_instance(&info, "127.0.0.1", port).await.unwrap();
     let mut seen = Vec::new();
     let status = src
