@@ -94,7 +94,7 @@ fn secure_boot(serial: &mut Serial) -> String {
     let out = serial
         .run(
             "mount -t efivarfs none /sys/firmware/efi/efivars 2>/dev/null; \
-             echo sb=$(od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c | awk '{print $NF}')",
+             echo s''b=$(od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c | awk '{print $NF}')",
             Duration::from_secs(60),
         )
         .unwrap();
@@ -375,7 +375,9 @@ fn pcr16_extend(fill: u8) -> String {
 fn read_pcr16(serial: &mut Serial) -> String {
     let out = serial
         .run(
-            "echo pcr=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)",
+            // The marker split in the command: the console wraps the
+            // echoed command, and a wrapped line must not start with it.
+            "echo p''cr=$(cat /sys/class/tpm/tpm0/pcr-sha256/16)",
             Duration::from_secs(60),
         )
         .unwrap();
@@ -394,10 +396,12 @@ fn read_reset_count(serial: &mut Serial) -> u32 {
         .run(
             // The command has a newline byte (its size, 10), at which
             // printf flushes: dd makes it one write, as the TPM wants.
-            "exec 3<>/dev/tpm0; \
+            // Kernel messages off the console: one in the middle of the
+            // answer would garble it.
+            "dmesg -n 1; exec 3<>/dev/tpm0; \
              printf '\\200\\001\\000\\000\\000\\012\\000\\000\\001\\201' \
              | dd ibs=1 count=10 obs=10 >&3 2>/dev/null; \
-             echo clock=$(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 -v); exec 3<&-",
+             echo c''lock=$(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 -v); exec 3<&-",
             Duration::from_secs(60),
         )
         .unwrap();
@@ -406,7 +410,9 @@ fn read_reset_count(serial: &mut Serial) -> u32 {
         .find_map(|l| l.trim().strip_prefix("clock="))
         .unwrap_or_else(|| panic!("no clock in {out}"))
         .split_whitespace()
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .map(|b| {
+            u8::from_str_radix(b, 16).unwrap_or_else(|_| panic!("{b:?} is not a byte in {out:?}"))
+        })
         .collect();
     // Header (10), time (8), clock (8), then resetCount.
     assert!(
@@ -458,7 +464,7 @@ fn the_guest_has_a_tpm_that_migrates() {
     let mut serial = boot(&a, &run_a, &spec);
     let out = serial
         .run(
-            "echo major=$(cat /sys/class/tpm/tpm0/tpm_version_major); ls /dev/tpm0",
+            "echo ma''jor=$(cat /sys/class/tpm/tpm0/tpm_version_major); ls /dev/tpm0",
             Duration::from_secs(60),
         )
         .unwrap();
@@ -536,4 +542,97 @@ fn the_guest_has_a_tpm_that_migrates() {
         "no TPM state in {}: {kept:?}",
         state.display()
     );
+}
+
+/// The uid a live process runs as.
+fn uid_of(pid: i32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Under `security_model=user` and `pool` the TPM's swtpm runs as the
+/// user QEMU drops to, not as root: QEMU connects to it (its TPM is set
+/// up, its state written into the instance's state directory, owned by
+/// that user), the state is read again at the next start (by another
+/// pool uid too), and stopping ends it. Guest-less: QEMU initialises the
+/// TPM before the guest runs.
+#[test]
+fn the_tpm_helper_runs_as_the_instances_user() {
+    let Some(env) = require("tpm_security_model", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-tpm-user");
+    let _kill = gkvm_testkit::KillRunDir(dir.path().join("run"));
+    let id = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap();
+    let uid: u32 = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+    // A pool of one system user of Debian's that runs nothing (a uid
+    // with processes is not handed out).
+    let pool_uid = ["uucp", "news", "games", "list", "irc"]
+        .iter()
+        .filter_map(|name| {
+            let out = std::process::Command::new("id")
+                .args(["-u", name])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u32>()
+                .ok()
+        })
+        .find(|u| {
+            !std::process::Command::new("pgrep")
+                .args(["-U", &u.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .expect("a Debian system user without processes");
+    let mut config = common::node_config(dir.path(), &env.qemu);
+    config.state_dir = dir.path().join("state");
+    config.uid_pool = Some(kvm_runtime::UidPool::new(pool_uid, pool_uid));
+    let hv = KvmHypervisor::new(config);
+    let state = dir.path().join("state/instances/tpmu1/tpm");
+    for model in ["security_model=user", "security_model=pool"] {
+        let mut spec = common::guestless_spec("tpmu1");
+        for pair in [model, "tpm=tpm2"] {
+            spec.hvparams.set_pair(pair).unwrap();
+        }
+        if model.ends_with("user") {
+            spec.hvparams.set_pair("security_domain=nobody").unwrap();
+        }
+        rt().block_on(async {
+            hv.start(&spec, StartMode::Paused)
+                .await
+                .unwrap_or_else(|e| panic!("{model}: {}", e.report()));
+            let info = hv.info("tpmu1").await.unwrap();
+            let swtpm = info.helpers.iter().find(|h| h.kind == "swtpm").unwrap();
+            let swtpm = swtpm.pid.expect("swtpm runs");
+            let uid = if model.ends_with("user") {
+                uid
+            } else {
+                pool_uid
+            };
+            assert_eq!(uid_of(swtpm), uid, "{model}: swtpm is not uid {uid}'s");
+            assert_eq!(uid_of(info.pid), uid, "{model}: QEMU is not uid {uid}'s");
+            let permall = state.join("tpm2-00.permall");
+            let meta = std::fs::metadata(&permall)
+                .unwrap_or_else(|e| panic!("{model}: {}: {e}", permall.display()));
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), uid);
+            hv.stop("tpmu1", StopMode::Force).await.unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !gkvm_testkit::helpers_in(&dir.path().join("run")).is_empty() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{model}: swtpm outlived its QEMU"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
 }

@@ -1,6 +1,7 @@
 //! Host-side helpers an instance owns (libvirt's "external devices"): a
 //! swtpm emulating its TPM. Each is started before QEMU (which connects to
-//! it), ends with QEMU (`--terminate`: when QEMU's connection closes), is
+//! it), runs as the user QEMU drops to under `security_model=user|pool`,
+//! ends with QEMU (`--terminate`: when QEMU's connection closes), is
 //! ended by every cleanup once QEMU is gone (also one left by a gkvm
 //! killed before its QEMU started: `InstancePaths::stop_helpers`), and
 //! keeps its persistent state beside the UEFI variable store, in the
@@ -8,9 +9,9 @@
 //! `remove-state` removes. A migration's destination starts its own; the
 //! TPM's state comes in QEMU's migration stream.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use kvm_cmdline::hvparams::{SecurityModel, Tpm};
 use kvm_cmdline::InstanceSpec;
@@ -19,9 +20,6 @@ use kvm_runtime::InstancePaths;
 use crate::error::{Error, Result};
 use crate::KvmHypervisor;
 
-/// How long swtpm may take to listen.
-const SWTPM_START: Duration = Duration::from_secs(10);
-
 impl KvmHypervisor {
     /// The directory of an instance's TPM state on this node.
     pub fn tpm_state_dir(&self, name: &str) -> PathBuf {
@@ -29,11 +27,23 @@ impl KvmHypervisor {
     }
 
     /// Starts the instance's helpers: a swtpm for `tpm=tpm2`, listening
-    /// on the instance's TPM socket once this returns.
+    /// on the instance's TPM socket once this returns, running as the
+    /// user QEMU drops to (`security_model=user|pool`: `run_as`) or as
+    /// gkvm's caller.
+    ///
+    /// gkvm makes what swtpm would otherwise make in the run directory,
+    /// which an unprivileged swtpm cannot enter: the control socket
+    /// (bound and listening before swtpm starts, handed over as a
+    /// descriptor: QEMU, which connects before it drops its privileges,
+    /// may connect at once), the pid file (swtpm is gkvm's child, in a
+    /// session of its own, and outlives it), the log (a descriptor) and
+    /// the way into its state directory (a descriptor, the directory
+    /// owned by the user swtpm runs as).
     pub(crate) async fn start_helpers(
         &self,
         spec: &InstanceSpec,
         paths: &InstancePaths,
+        run_as: Option<&str>,
     ) -> Result<()> {
         if spec.hvparams.tpm == Tpm::None {
             return Ok(());
@@ -44,13 +54,6 @@ impl KvmHypervisor {
             step: "swtpm",
             reason,
         };
-        if spec.hvparams.security_model != SecurityModel::None {
-            return Err(fail(format!(
-                "a TPM with security_model={} is not supported yet (swtpm would run \
-                 as root beside an unprivileged QEMU)",
-                spec.hvparams.security_model.as_str()
-            )));
-        }
         if let Some(kernel) = &spec.hvparams.kernel_path {
             if is_elf(kernel) {
                 return Err(Error::Params {
@@ -67,6 +70,26 @@ impl KvmHypervisor {
                 });
             }
         }
+        let user = match (spec.hvparams.security_model, run_as) {
+            (SecurityModel::None, _) => None,
+            (_, Some(user)) => Some(user),
+            (SecurityModel::User, None) => Some(spec.hvparams.security_domain.as_str()),
+            (SecurityModel::Pool, None) => {
+                return Err(fail("security_model=pool but no user was allocated".into()))
+            }
+        };
+        let ids = match user {
+            None => None,
+            Some(user) => {
+                let u = nix::unistd::User::from_name(user)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        fail(format!("user {user:?} (security_domain) does not exist"))
+                    })?;
+                Some((u.uid, u.gid))
+            }
+        };
         // One left by an earlier run of this instance goes first.
         paths.stop_helpers().map_err(|source| Error::Runtime {
             instance: name.to_owned(),
@@ -82,83 +105,172 @@ impl KvmHypervisor {
             Ok(m) if m.is_dir() => {}
             _ => return Err(fail(format!("{} is not a directory", dir.display()))),
         }
+        if let Some((uid, gid)) = ids {
+            // The state is the user's (a pool hands out another uid at
+            // each start).
+            own_tree(&dir, uid, gid).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        }
+        let state =
+            std::fs::File::open(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
         let log_dir = self.log_dir();
         kvm_runtime::fsutil::ensure_private_dir(&log_dir).map_err(|source| Error::Runtime {
             instance: name.to_owned(),
             source,
         })?;
-        let log = log_dir.join(format!("{name}.swtpm.log"));
-        for path in [&dir, &paths.tpm, &paths.tpm_pid, &log] {
-            // swtpm splits its options at commas.
-            let text = path.to_str().unwrap_or(",");
-            if text.contains(',') {
-                return Err(fail(format!(
-                    "{} has a comma (or is not UTF-8), which swtpm cannot take",
-                    path.display()
-                )));
-            }
+        let log_path = log_dir.join(format!("{name}.swtpm.log"));
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&log_path)
+            .map_err(|e| fail(format!("{}: {e}", log_path.display())))?;
+        // swtpm splits its options at commas; the socket's path is in its
+        // command line, where the cleanup recognizes it.
+        let socket_text = paths.tpm.to_str().unwrap_or(",");
+        if socket_text.contains(',') {
+            return Err(fail(format!(
+                "{} has a comma (or is not UTF-8), which swtpm cannot take",
+                paths.tpm.display()
+            )));
         }
-        let mut cmd = tokio::process::Command::new(&self.config.swtpm_path);
+        remove_stale(&paths.tpm).map_err(|e| fail(format!("{}: {e}", paths.tpm.display())))?;
+        let listener = std::os::unix::net::UnixListener::bind(&paths.tpm)
+            .map_err(|e| fail(format!("{}: {e}", paths.tpm.display())))?;
+        std::fs::set_permissions(&paths.tpm, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(format!("{}: {e}", paths.tpm.display())))?;
+        let mut cmd = std::process::Command::new(&self.config.swtpm_path);
         cmd.arg("socket")
             .arg("--tpm2")
             .arg("--tpmstate")
-            .arg(format!("dir={},mode=0600", dir.display()))
+            .arg(format!("dir=/proc/self/fd/{STATE_FD},mode=0600"))
             .arg("--ctrl")
-            .arg(format!(
-                "type=unixio,path={},mode=0600",
-                paths.tpm.display()
-            ))
-            .arg("--pid")
-            .arg(format!("file={}", paths.tpm_pid.display()))
+            .arg(format!("type=unixio,path={socket_text},fd={CTRL_FD}"))
             .arg("--log")
-            .arg(format!("file={},level=1", log.display()))
+            .arg(format!("fd={LOG_FD},level=1"))
             .arg("--terminate")
-            .arg("--daemon")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let swtpm = self.config.swtpm_path.display().to_string();
-        let out = match tokio::time::timeout(SWTPM_START, cmd.output()).await {
-            Err(_) => {
-                return Err(fail(format!(
-                    "{swtpm} did not start within {SWTPM_START:?}"
-                )))
-            }
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(fail(format!(
-                    "{swtpm} is not installed (Debian's swtpm; or set swtpm_path)"
-                )))
-            }
-            Ok(Err(e)) => return Err(fail(format!("{swtpm}: {e}"))),
-            Ok(Ok(out)) => out,
-        };
-        if !out.status.success() {
-            let mut reason = format!(
-                "{swtpm} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+            .stderr(
+                log.try_clone()
+                    .map_err(|e| fail(format!("{}: {e}", log_path.display())))?,
             );
-            let last = crate::qemu_log::tail(&log, 2);
+        if let Some((uid, gid)) = ids {
+            use std::os::unix::process::CommandExt;
+            // std drops the supplementary groups with them.
+            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        place_fds(
+            &mut cmd,
+            [
+                (listener.as_raw_fd(), CTRL_FD),
+                (log.as_raw_fd(), LOG_FD),
+                (state.as_raw_fd(), STATE_FD),
+            ],
+        );
+        let swtpm = self.config.swtpm_path.display().to_string();
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => fail(format!(
+                    "{swtpm} is not installed (Debian's swtpm; or set swtpm_path)"
+                )),
+                _ => fail(format!("{swtpm}: {e}")),
+            })?;
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        kvm_runtime::fsutil::write_atomic(&paths.tpm_pid, format!("{pid}\n").as_bytes()).map_err(
+            |source| Error::Runtime {
+                instance: name.to_owned(),
+                source,
+            },
+        )?;
+        // Only swtpm holds the socket now: if it dies, QEMU's connection
+        // is refused instead of waiting.
+        drop(listener);
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut reason = format!("{swtpm} exited at once ({status})");
+            let last = crate::qemu_log::tail(&log_path, 2);
             if !last.is_empty() {
                 reason.push_str(&format!("; its log ends: {last}"));
             }
             return Err(fail(reason));
         }
-        // Daemonized: listening once its pid file names it and its socket
-        // is there.
-        let deadline = Instant::now() + SWTPM_START;
-        while paths.tpm_helper().is_none() || !paths.tpm.exists() {
-            if Instant::now() >= deadline {
-                return Err(fail(format!(
-                    "{swtpm} did not listen on {} within {SWTPM_START:?}",
-                    paths.tpm.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        tracing::debug!(instance = name, pid = paths.tpm_helper(), "swtpm listens");
+        // Reaped by tokio when it ends while this process lives; by init
+        // after.
+        drop(child);
+        tracing::debug!(instance = name, pid, user, "swtpm listens");
         Ok(())
+    }
+}
+
+/// Where swtpm finds what gkvm opened for it.
+const CTRL_FD: i32 = 3;
+const LOG_FD: i32 = 4;
+const STATE_FD: i32 = 5;
+
+/// Makes each `(from, to)` descriptor of this process descriptor `to` of
+/// the child (close-on-exec cleared), the child in a session of its own
+/// (a Ctrl-C at gkvm's terminal does not reach it). Sources are first
+/// copied above every target, so a source that is another's target is
+/// still right.
+fn place_fds(cmd: &mut std::process::Command, moves: [(i32, i32); 3]) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child and only calls
+    // fcntl(2), dup2(2), close(2) and setsid(2), which are
+    // async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 3];
+            for (i, (from, _)) in moves.iter().enumerate() {
+                high[i] = nix::libc::fcntl(*from, nix::libc::F_DUPFD_CLOEXEC, 64);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, (_, to)) in moves.iter().enumerate() {
+                if nix::libc::dup2(high[i], *to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                nix::libc::close(high[i]);
+            }
+            if nix::libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Gives `dir` and everything in it (swtpm's state: files, no deeper
+/// directories) to `uid:gid`, never following a symlink.
+fn own_tree(
+    dir: &std::path::Path,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+) -> std::io::Result<()> {
+    use nix::fcntl::AtFlags;
+    use nix::unistd::fchownat;
+    let chown = |p: &std::path::Path| {
+        fchownat(None, p, Some(uid), Some(gid), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(std::io::Error::from)
+    };
+    chown(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        chown(&entry?.path())?;
+    }
+    Ok(())
+}
+
+/// Removes a leftover socket file at `path` (a stale one of a killed
+/// swtpm); anything else there is an error.
+fn remove_stale(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::other("is there and is not a socket")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -57,7 +57,8 @@ impl KvmHypervisor {
         let taps = self.prepare_node(&built, paths, opts, guard).await?;
         // Helpers (a swtpm) before QEMU, which connects to them; the
         // rollback's cleanup ends them.
-        self.start_helpers(&built.spec, paths).await?;
+        self.start_helpers(&built.spec, paths, pool_user.as_deref())
+            .await?;
         let pid = self
             .spawn_qemu(&built, paths, opts, taps.as_slice(), pool_user, guard)
             .await?;

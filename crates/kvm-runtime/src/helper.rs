@@ -25,7 +25,14 @@ impl InstancePaths {
     /// whose gkvm was killed before QEMU started still waits for it) and
     /// removes their files. Idempotent.
     pub fn stop_helpers(&self) -> Result<(), Error> {
-        if let Some(pid) = self.tpm_helper() {
+        let mut pids: Vec<i32> = self.tpm_helper().into_iter().collect();
+        if pids.is_empty() && std::fs::symlink_metadata(&self.tpm).is_ok() {
+            // The socket is made before swtpm starts and its pid file
+            // after: a gkvm killed in between leaves a swtpm no pid file
+            // names, found by its command line.
+            pids = swtpms_naming(&self.tpm);
+        }
+        for pid in pids {
             tracing::info!(instance = %self.name, pid, "ending its swtpm");
             if let Ok(Some(fd)) = crate::pidfd_open(pid) {
                 crate::kill_and_wait_pidfd(&fd, HELPER_EXIT);
@@ -34,6 +41,20 @@ impl InstancePaths {
         remove_file(&self.tpm)?;
         remove_file(&self.tpm_pid)
     }
+}
+
+/// Live swtpm processes whose command line names `socket`.
+fn swtpms_naming(socket: &Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"swtpm"))
+        })
+        .filter(|&pid| names_socket(pid, socket))
+        .collect()
 }
 
 /// Whether live process `pid` has `socket` in its command line (as
@@ -100,5 +121,44 @@ mod tests {
         assert_eq!(paths.tpm_helper(), None);
         paths.stop_helpers().unwrap();
         assert!(std::fs::symlink_metadata(&paths.tpm_pid).is_err());
+    }
+
+    /// A swtpm whose gkvm was killed before it wrote the pid file is found
+    /// by the socket its command line names, and ended; a process of
+    /// another name with that command line is left alone.
+    #[test]
+    fn a_helper_without_its_pid_file_is_found_by_its_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = crate::RunDir::new(tmp.path().join("run"));
+        let paths = run.instance("vm3").unwrap();
+        std::fs::create_dir_all(paths.tpm.parent().unwrap()).unwrap();
+        std::fs::write(&paths.tpm, b"").unwrap();
+        let arg = format!("type=unixio,path={},fd=3", paths.tpm.display());
+        // Shells blocked reading a pipe: one named swtpm, one sh.
+        let fake = tmp.path().join("swtpm");
+        std::fs::copy("/bin/sh", &fake).unwrap();
+        let blocked = |program: &Path| {
+            std::process::Command::new(program)
+                .args(["-c", "read x", "x", &arg])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut other = blocked(Path::new("/bin/sh"));
+        let mut swtpm = blocked(&fake);
+        let pid = i32::try_from(swtpm.id()).unwrap();
+        assert_eq!(swtpms_naming(&paths.tpm), [pid]);
+        paths.stop_helpers().unwrap();
+        assert!(
+            swtpm.try_wait().unwrap().is_some(),
+            "the swtpm outlived stop_helpers"
+        );
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "another process was ended"
+        );
+        assert!(!paths.tpm.exists());
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }
