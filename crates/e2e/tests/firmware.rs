@@ -459,6 +459,9 @@ fn the_guest_has_a_tpm_that_migrates() {
         refused.report()
     );
     assert_eq!(gkvm_testkit::helpers_in(&run_a), Vec::<i32>::new());
+    // Refused before anything was made for it (no TAP, no state).
+    assert_eq!(a.state_files(), Vec::<std::path::PathBuf>::new());
+    assert!(!da.path().join("state/instances/tpm1").exists());
     spec.hvparams.kernel_path = Some(kernel.with_file_name("bzImage"));
     spec.hvparams.migration_port = 23000 + u16::try_from(std::process::id() % 2000).unwrap();
     let mut serial = boot(&a, &run_a, &spec);

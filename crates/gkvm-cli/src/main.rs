@@ -137,7 +137,8 @@ enum Command {
         name: String,
     },
     /// Remove what an instance keeps on this node between runs (its UEFI
-    /// variable store, under the node's state_dir); refused while it runs.
+    /// variable store and its TPM's state, under the node's state_dir);
+    /// refused while it runs.
     RemoveState {
         /// The instance.
         name: String,

@@ -54,22 +54,6 @@ impl KvmHypervisor {
             step: "swtpm",
             reason,
         };
-        if let Some(kernel) = &spec.hvparams.kernel_path {
-            if is_elf(kernel) {
-                return Err(Error::Params {
-                    instance: name.to_owned(),
-                    source: kvm_cmdline::Error::Syntax {
-                        key: "tpm".into(),
-                        reason: format!(
-                            "needs a kernel that firmware boots (a bzImage): {} is an ELF \
-                             image, which QEMU boots directly (PVH), and then the guest gets \
-                             broken ACPI tables and finds neither its TPM nor its power button",
-                            kernel.display()
-                        ),
-                    },
-                });
-            }
-        }
         let user = match (spec.hvparams.security_model, run_as) {
             (SecurityModel::None, _) => None,
             (_, Some(user)) => Some(user),
@@ -272,6 +256,31 @@ fn remove_stale(path: &std::path::Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Refuses, before anything is made for the instance, helpers its
+/// definition cannot have: a TPM with a kernel QEMU boots directly.
+pub(crate) fn check_helpers(spec: &InstanceSpec) -> Result<()> {
+    if spec.hvparams.tpm == Tpm::None {
+        return Ok(());
+    }
+    if let Some(kernel) = &spec.hvparams.kernel_path {
+        if is_elf(kernel) {
+            return Err(Error::Params {
+                instance: spec.name.clone(),
+                source: kvm_cmdline::Error::Syntax {
+                    key: "tpm".into(),
+                    reason: format!(
+                        "needs a kernel that firmware boots (a bzImage): {} is an ELF \
+                         image, which QEMU boots directly (PVH), and then the guest gets \
+                         broken ACPI tables and finds neither its TPM nor its power button",
+                        kernel.display()
+                    ),
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether `path` is an ELF image (an uncompressed kernel, which QEMU

@@ -189,8 +189,8 @@ pub enum Request {
         instance: String,
     },
     /// Remove what an instance keeps on this node between runs (its UEFI
-    /// variable store; [`KvmHypervisor::remove_state`]); refused while it
-    /// runs here.
+    /// variable store and its TPM's state; [`KvmHypervisor::remove_state`]);
+    /// refused while it runs here.
     RemoveState {
         /// The instance.
         instance: String,

@@ -111,6 +111,7 @@ impl KvmHypervisor {
         crate::media::check_image_urls(&spec.hvparams)
             .await
             .map_err(params)?;
+        crate::helper::check_helpers(&spec)?;
         let env = crate::media::build_env_for(&self.config.build_env, &spec.hvparams);
         let cmd = kvm_cmdline::build(&spec, &caps, &env).map_err(params)?;
         tracing::debug!(instance = %spec.name, "argv built");

@@ -157,7 +157,8 @@ class TestOneNodeCluster(unittest.TestCase):
     plugin: `gnt-instance add -H` takes them (rng, watchdog, tpm) and they
     reach gkvm (the devices on QEMU's command line, the guest's hwrng, the
     instance's swtpm); Ganeti refuses a bad value by name; `modify -H`
-    changes one for the next start."""
+    changes one for the next start; removing the instance removes its
+    TPM's state from the node."""
     name = "gi4.gkvm.test"
     hvp = support.guest_hvparams()
     hvp["kvm_path"] = "/usr/bin/qemu-system-x86_64"
@@ -198,6 +199,12 @@ class TestOneNodeCluster(unittest.TestCase):
         pid = int(f.read())
       with open(self.node("/proc/%d/cmdline" % pid), "rb") as f:
         self.assertNotIn(b"virtio-rng-pci", f.read())
+      # The TPM's state is on the node until Ganeti removes the instance
+      # (the plugin's hook then removes it).
+      state = self.node("/var/lib/gkvm/instances/" + name)
+      self.assertTrue(os.path.isdir(state + "/tpm"), state)
+      self.gnt("gnt-instance", "remove", "-f", name)
+      self.assertFalse(os.path.exists(state), state)
     finally:
       self.gnt_anyway("gnt-instance", "remove", "-f", name)
 
