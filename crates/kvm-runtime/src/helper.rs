@@ -39,7 +39,9 @@ impl InstancePaths {
             }
         }
         remove_file(&self.tpm)?;
-        remove_file(&self.tpm_pid)
+        remove_file(&self.tpm_pid)?;
+        // And the pid file's temp file, when gkvm was killed writing it.
+        crate::fsutil::remove_tmp_files(&self.tpm_pid)
     }
 }
 
