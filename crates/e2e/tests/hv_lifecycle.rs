@@ -1351,3 +1351,52 @@ fn powercycle_writes_sysrq_else_runs_the_fallback() {
     });
     assert!(!fallback.hv.powercycle_node(false).unwrap().dry_run);
 }
+
+/// The seccomp mode of a live process (`Seccomp:` in its status: 2 is a
+/// filter).
+fn seccomp_mode(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// QEMU runs in its seccomp sandbox by default (the kernel shows the
+/// filter), also when it drops to another user after installing it
+/// (`security_model=user`); `sandbox=off` runs it without one.
+#[test]
+fn qemu_runs_in_its_seccomp_sandbox_by_default() {
+    let Some(env) = require("sandbox", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    rt().block_on(async {
+        for (name, pairs, mode) in [
+            ("sbx1", &[][..], "2"),
+            (
+                "sbx2",
+                &["security_model=user", "security_domain=nobody"][..],
+                "2",
+            ),
+            ("sbx3", &["sandbox=off"][..], "0"),
+        ] {
+            let mut spec = guestless_spec(name);
+            for pair in pairs {
+                spec.hvparams.set_pair(pair).unwrap();
+            }
+            let report = node
+                .hv
+                .start(&spec, hv_kvm::StartMode::Running)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {}", e.report()));
+            assert_eq!(seccomp_mode(report.pid), mode, "{name} {pairs:?}");
+            // It works under the filter: QMP, a balloon, a stop.
+            node.hv.balloon(name, 48).await.unwrap();
+            node.hv.stop(name, hv_kvm::StopMode::Force).await.unwrap();
+        }
+        assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
+    });
+}

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::escape::{opt_path, opt_value, path_str, whole_arg};
 use crate::hvparams::{
     BootOrder, DiskAio, DiskCache, DiskDiscard, DiskType, Firmware, KvmFlag, NicType,
-    RebootBehavior, Rng, ScsiControllerType, SecurityModel, Tpm, Watchdog,
+    RebootBehavior, Rng, Sandbox, ScsiControllerType, SecurityModel, Tpm, Watchdog,
 };
 use crate::instance::DiskMode;
 use crate::placement::{disk_on_pci, nic_on_pci};
@@ -970,6 +970,11 @@ fn build_devices_and_extra(c: &Ctx, a: &mut Args) -> Result<(), Error> {
 /// the first free slots, after all the others).
 fn build_gkvm_devices(c: &Ctx, a: &mut Args) -> Result<(), Error> {
     let hv = c.hv;
+    // Not guest-visible: every instance this release starts has it where
+    // QEMU does (earlier releases' keep Ganeti's argv).
+    if c.lean() && hv.sandbox == Sandbox::On && c.f.sandbox {
+        a.opt("-sandbox", "on,obsolete=deny,resourcecontrol=deny");
+    }
     if hv.rng == Rng::Virtio {
         if !c.caps.has_device("virtio-rng-pci") {
             return Err(c.unsupported("rng", "the virtio-rng-pci device"));

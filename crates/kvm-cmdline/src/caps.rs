@@ -155,6 +155,8 @@ features! {
     /// `-action` (QEMU ≥ 6.0): what QEMU does on a guest event (the
     /// watchdog's).
     action: Opt("action"), Since(6, 0);
+    /// `-sandbox` with its deny options (QEMU ≥ 2.11 built with seccomp).
+    sandbox: OptionHelp("sandbox", "resourcecontrol="), Opt("sandbox");
     /// `-soundhw` (replaced by `-audio`, removed in 7.1).
     soundhw: Opt("soundhw"), Before(7, 1);
     /// `-audio` with `model=`.

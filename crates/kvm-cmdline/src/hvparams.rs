@@ -137,6 +137,10 @@ str_enum!(
     Tpm { /** None (as Ganeti starts every instance). */ None = "none",
           /** TPM 2.0 (a CRB device), emulated by a swtpm of the instance's own whose state persists on the node. */ Tpm2 = "tpm2" } default None);
 str_enum!(
+    /// `sandbox` (gkvm's): QEMU's seccomp system-call filter.
+    Sandbox { /** `-sandbox on,obsolete=deny,resourcecontrol=deny` where QEMU has it (libvirt's default less `spawn` and `elevateprivileges`, which `-daemonize` needs: QEMU forks and calls setsid after it installs the filter). */ On = "on",
+              /** No filter (as Ganeti starts every instance). */ Off = "off" } default On);
+str_enum!(
     /// `watchdog` (gkvm's): a hardware watchdog the guest must feed.
     Watchdog { /** None. */ None = "none",
                /** Intel 6300ESB (a PCI device every guest kernel has a driver for). */ I6300esb = "i6300esb" } default None);
@@ -410,6 +414,8 @@ pub struct HvParams {
     pub tpm: Tpm,
     /// What the watchdog does when the guest stops feeding it.
     pub watchdog_action: WatchdogAction,
+    /// QEMU's seccomp sandbox (gkvm's parameter; on by default).
+    pub sandbox: Sandbox,
 }
 
 impl Default for HvParams {
@@ -486,6 +492,7 @@ impl Default for HvParams {
             watchdog: Watchdog::None,
             tpm: Tpm::None,
             watchdog_action: WatchdogAction::Reset,
+            sandbox: Sandbox::On,
         }
     }
 }
@@ -493,13 +500,14 @@ impl Default for HvParams {
 /// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
 /// cluster cannot set them (its parameter tables are fixed in its code);
 /// they take their defaults there.
-pub const GKVM_HVPARAMS: [&str; 6] = [
+pub const GKVM_HVPARAMS: [&str; 7] = [
     "firmware",
     "rng",
     "rng_rate",
     "watchdog",
     "watchdog_action",
     "tpm",
+    "sandbox",
 ];
 
 /// The hvparams a restart (`reboot_behavior=exit`) or a migration's

@@ -68,6 +68,12 @@ impl HvParams {
             "host" => warn("cpu_type", "host: live migration needs the exact same CPU on every node".into()),
             _ => {}
         }
+        if self.sandbox == crate::hvparams::Sandbox::Off {
+            warn(
+                "sandbox",
+                "off: a compromised QEMU may make any system call (reboot the host, load modules, ...)".into(),
+            );
+        }
         if !self.vhost_net && self.nic_type == NicType::Paravirtual {
             warn(
                 "vhost_net",

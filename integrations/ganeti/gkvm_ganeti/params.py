@@ -22,6 +22,7 @@ GKVM_PARAMETERS = {
   "watchdog_action": ("string", "reset",
                       ("reset", "shutdown", "poweroff", "pause", "none")),
   "tpm": ("string", "none", ("none", "tpm2")),
+  "sandbox": ("string", "on", ("on", "off")),
 }
 
 

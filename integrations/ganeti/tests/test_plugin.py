@@ -137,22 +137,31 @@ class TestInstall(unittest.TestCase):
 
   def test_install_and_uninstall(self):
     site = tempfile.mkdtemp(prefix="gkvm-site-")
+    hooks = tempfile.mkdtemp(prefix="gkvm-hooks-")
+    env = dict(os.environ, GANETI_HOOKS_DIR=hooks)
+    hook = os.path.join(hooks, "instance-remove-post.d", "gkvm-remove-state")
     try:
       script = os.path.join(os.path.dirname(HERE), "install")
       self.assertEqual(self._kvm_class(site), "KVMHypervisor")
-      subprocess.run([script, "--prefix", site], check=True,
+      subprocess.run([script, "--prefix", site], check=True, env=env,
                      stdout=subprocess.DEVNULL)
       self.assertEqual(self._kvm_class(site), "GkvmHypervisor")
+      # Ganeti's hook that removes a removed instance's state.
+      self.assertTrue(os.access(hook, os.X_OK), hook)
+      with open(hook) as f:
+        self.assertIn("remove-state", f.read())
       # A process that imports the plugin's class before Ganeti's
       # hypervisor package (the class imports that package itself).
       self.assertEqual(self._kvm_class(
         site, "import gkvm_ganeti.hypervisor;"), "GkvmHypervisor")
       subprocess.run([script, "--uninstall", "--prefix", site], check=True,
-                     stdout=subprocess.DEVNULL)
+                     env=env, stdout=subprocess.DEVNULL)
       self.assertEqual(self._kvm_class(site), "KVMHypervisor")
       self.assertEqual(os.listdir(site), [])
+      self.assertFalse(os.path.exists(hook))
     finally:
       shutil.rmtree(site, ignore_errors=True)
+      shutil.rmtree(hooks, ignore_errors=True)
 
 
 class TestOneNode(unittest.TestCase):
