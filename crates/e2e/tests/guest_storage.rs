@@ -312,3 +312,104 @@ fn stats_follow_what_the_guest_does() {
         hv.stop("st1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }
+
+/// Bytes a second the guest reads from `dev` (O_DIRECT, `mib` MiB from
+/// `skip_mib`), timed by the guest's own clock.
+fn guest_read_rate(serial: &mut Serial, dev: &str, skip_mib: u64, mib: u64) -> f64 {
+    let out = serial
+        .run(
+            &format!(
+                "a=$(cut -d' ' -f1 /proc/uptime); \
+                 dd if=/dev/{dev} of=/dev/null bs=64k count={} skip={} iflag=direct 2>/dev/null; \
+                 b=$(cut -d' ' -f1 /proc/uptime); echo el''apsed $a $b",
+                mib * 16,
+                skip_mib * 16
+            ),
+            Duration::from_secs(120),
+        )
+        .unwrap();
+    let line = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("elapsed "))
+        .unwrap_or_else(|| panic!("no timing in {out}"));
+    let t: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    f64::from(u32::try_from(mib * MIB).unwrap()) / (t[1] - t[0])
+}
+
+/// A disk in a throttle group reads at its limit (within 10 %), and a
+/// live change of the group's limits (`set_io_limits`: QOM, no restart)
+/// changes the rate at once; the record keeps the new limits.
+#[test]
+fn a_throttled_disk_keeps_its_rate_and_a_live_change_moves_it() {
+    let Some(env) = require("io_limits", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-iolim");
+    let _guard = gkvm_testkit::KillRunDir(dir.path().join("run"));
+    let hv = common::node(dir.path(), &env.qemu);
+    let data = dir.path().join("data.img");
+    image(&data, 32 * MIB, "gkvm-throttled", 32);
+    let mut spec = guest_spec(&env, "iol1");
+    let mut limits = hv_kvm::IoLimits::default();
+    limits.set("bps-read", "1M").unwrap();
+    spec.io_limits.insert("slow".into(), limits);
+    let mut disk = DiskSpec::new(&data);
+    disk.io_group = Some("slow".into());
+    spec.disks = vec![disk];
+    rt().block_on(async {
+        hv.start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let paths = RunDir::new(dir.path().join("run"))
+            .instance("iol1")
+            .unwrap();
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        hv.resume("iol1").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let limit = f64::from(1u32 << 20);
+        let rate = guest_read_rate(&mut serial, "vda", 0, 3);
+        eprintln!("at 1 MiB/s: {:.0} KiB/s", rate / 1024.0);
+        assert!(
+            rate <= 1.1 * limit && rate >= 0.5 * limit,
+            "{rate} B/s against a limit of {limit}"
+        );
+
+        // Four times the rate, live.
+        let mut faster = hv_kvm::IoLimits::default();
+        faster.set("bps-read", "4M").unwrap();
+        hv.set_io_limits("iol1", "slow", faster.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let rate = guest_read_rate(&mut serial, "vda", 4, 8);
+        eprintln!("at 4 MiB/s: {:.0} KiB/s", rate / 1024.0);
+        assert!(
+            rate <= 1.1 * 4.0 * limit && rate >= 2.0 * limit,
+            "{rate} B/s against a limit of {}",
+            4.0 * limit
+        );
+        assert!(hv.migration_info("iol1").unwrap().contains("4194304"));
+        // A group it does not have, and limits QEMU would refuse, are
+        // errors naming them.
+        let err = hv
+            .set_io_limits("iol1", "fast", faster)
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("fast") && err.contains("slow"), "{err}");
+        let mut bad = hv_kvm::IoLimits::default();
+        bad.set("bps-total", "1M").unwrap();
+        bad.set("bps-read", "1M").unwrap();
+        let err = hv
+            .set_io_limits("iol1", "slow", bad)
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("bps-total"), "{err}");
+        hv.stop("iol1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}

@@ -120,6 +120,11 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             render::done(c.json, op, &format!("disk {id} removed"))
         }
         Command::DiskGrow { name, id, size } => disk_grow(c, name, id, size).await,
+        Command::IoLimits {
+            name,
+            group,
+            limits,
+        } => io_limits(c, name, group, limits).await,
         Command::HotplugSupported { name } => {
             let request = Request::HotplugSupported {
                 instance: name.clone(),
@@ -564,17 +569,27 @@ async fn disk_grow(cli: &Cli, name: &str, id: &str, size: &str) -> CliResult {
     render::done(cli.json, op, &format!("disk {id} grown to {bytes} bytes"))
 }
 
+async fn io_limits(cli: &Cli, name: &str, group: &str, given: &[String]) -> CliResult {
+    let mut limits = hv_kvm::IoLimits::default();
+    for pair in given {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| usage(format!("{pair:?} is not KEY=VALUE (e.g. bps-total=10M)")))?;
+        limits.set(k, v).map_err(usage)?;
+    }
+    let request = Request::SetIoLimits {
+        instance: name.to_owned(),
+        group: group.to_owned(),
+        limits,
+    };
+    call(&hypervisor(cli)?, request).await?;
+    let op = Operation::new(name, "io-limits");
+    render::done(cli.json, op, &format!("{name}: throttle group {group} set"))
+}
+
 /// `1073741824`, `1G`, `512M`, `2T`, `64K` (powers of 1024).
 fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let (num, shift) = match t.chars().last()?.to_ascii_uppercase() {
-        'K' => (&t[..t.len() - 1], 10),
-        'M' => (&t[..t.len() - 1], 20),
-        'G' => (&t[..t.len() - 1], 30),
-        'T' => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+    hv_kvm::parse_size_bytes(text).ok()
 }
 
 async fn attach_console(cli: &Cli, name: &str) -> CliResult {

@@ -238,6 +238,20 @@ enum Command {
         /// The new size: bytes, or with K, M, G or T (powers of 1024).
         size: String,
     },
+    /// Set the block I/O limits of a throttle group of a running instance,
+    /// live (its disks are throttled anew at once; a restart and a
+    /// migration keep them). Limits not given are lifted.
+    IoLimits {
+        /// The instance.
+        name: String,
+        /// The throttle group (of the instance's io_limits).
+        group: String,
+        /// Limits as KEY=VALUE: iops-total, iops-read, iops-write,
+        /// bps-total, bps-read, bps-write (sizes take K, M, G, T),
+        /// iops-total-max, bps-total-max (bursts) and their -max-length
+        /// (seconds).
+        limits: Vec<String>,
+    },
     /// Check that devices can be hot-plugged into a running instance
     /// (exit 0), or say why not.
     HotplugSupported {
@@ -433,6 +447,7 @@ impl Command {
             Command::DiskAdd { name, .. } => ("disk-add", Some(name)),
             Command::DiskRemove { name, .. } => ("disk-remove", Some(name)),
             Command::DiskGrow { name, .. } => ("disk-grow", Some(name)),
+            Command::IoLimits { name, .. } => ("io-limits", Some(name)),
             Command::NicRemove { name, .. } => ("nic-remove", Some(name)),
             Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
             Command::Accept { .. } => ("accept", None),

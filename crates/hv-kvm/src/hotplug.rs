@@ -706,6 +706,61 @@ impl KvmHypervisor {
         }
     }
 
+    /// Changes the limits of throttle group `group` of a running instance
+    /// live (QOM `limits` of the group's object; the disks in it are
+    /// throttled anew at once) and in its record, so a restart and a
+    /// migration keep them. Limits left unset are lifted. The group must
+    /// be one the instance was started with (`io_limits`).
+    pub async fn set_io_limits(
+        &self,
+        name: &str,
+        group: &str,
+        limits: kvm_cmdline::IoLimits,
+    ) -> Result<()> {
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let fail = hotplug_err(name, "io limits");
+        if !spec.io_limits.contains_key(group) {
+            let known: Vec<&str> = spec.io_limits.keys().map(String::as_str).collect();
+            return Err(fail(format!(
+                "it has no throttle group {group:?} (groups are made at start from \
+                 io_limits; it has: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+        if let Some(p) = limits.problem() {
+            return Err(Error::Params {
+                instance: name.to_owned(),
+                source: kvm_cmdline::Error::Syntax {
+                    key: format!("io_limits.{group}"),
+                    reason: p,
+                },
+            });
+        }
+        let before = spec.clone();
+        spec.io_limits.insert(group.to_owned(), limits.clone());
+        // The record first: one killed after this holds what was asked,
+        // and a restart or migration applies it.
+        hp.save(&spec, None)?;
+        let qmp = self.qmp(&hp.paths).await?;
+        let set = qmp
+            .run(&commands::QomSet {
+                path: format!("/objects/{}", kvm_cmdline::io_group_id(group)),
+                property: "limits".into(),
+                value: limits.qom_value(),
+            })
+            .await;
+        if let Err(e) = set {
+            hp.save(&before, None)?;
+            return Err(fail(format!("qom-set of the group's limits: {e}")));
+        }
+        tracing::info!(instance = %name, group, ?limits, "I/O limits set");
+        Ok(())
+    }
+
     /// Whether devices can be hot-plugged into this running instance
     /// (Ganeti's `HotplugSupported`): started by gkvm with fixed device
     /// ids and slots, on a QEMU with `-device` (so `device_add`). The

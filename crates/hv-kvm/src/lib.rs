@@ -42,8 +42,8 @@ use std::time::Duration;
 pub use error::{report, Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{
-    tap_template_problem, Capabilities, DiskMode, DiskSpec, HvParams, InstanceSpec, MacAddr,
-    NicMode, NicSpec, Uuid,
+    parse_size_bytes, tap_template_problem, Capabilities, DiskMode, DiskSpec, HvParams,
+    InstanceSpec, IoLimits, MacAddr, NicMode, NicSpec, Uuid,
 };
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;

@@ -176,6 +176,16 @@ pub enum Request {
         /// Its new size in bytes.
         bytes: u64,
     },
+    /// Set the limits of a throttle group of a running instance, live
+    /// ([`KvmHypervisor::set_io_limits`]).
+    SetIoLimits {
+        /// The instance.
+        instance: String,
+        /// The group (a key of the instance's `io_limits`).
+        group: String,
+        /// Its limits (unset ones are lifted).
+        limits: kvm_cmdline::IoLimits,
+    },
     /// Whether devices can be hot-plugged into a running instance
     /// ([`KvmHypervisor::hotplug_supported`]): done, or an error saying
     /// why not.
@@ -529,6 +539,11 @@ impl KvmHypervisor {
                 id,
                 bytes,
             } => done(self.disk_grow(&instance, &id, bytes).await?),
+            R::SetIoLimits {
+                instance,
+                group,
+                limits,
+            } => done(self.set_io_limits(&instance, &group, limits).await?),
             R::List => Response::Names(self.list()?),
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),

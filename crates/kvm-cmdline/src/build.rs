@@ -271,6 +271,7 @@ pub fn build(
     if c.boots_from(BootOrder::Network) {
         a.opt("-boot", "n");
     }
+    build_io_groups(&c, &mut a)?;
     let mut scsi_controller = false;
     build_disks(&c, &mut a, &mut scsi_controller)?;
     build_cdroms(&c, &mut a, &mut scsi_controller)?;
@@ -565,6 +566,15 @@ fn disk_pieces(
         }
         None => host_file_node(c, i, disk)?,
     };
+    // A disk in a throttle group reaches its file through the group's
+    // filter: the format node and the device stay as they are.
+    let file = match &disk.io_group {
+        Some(group) => Props::new()
+            .with("driver", "throttle")
+            .with("throttle-group", crate::io_group_id(group))
+            .with("file", file),
+        None => file,
+    };
     let mut node = Blockdev::new("raw", &id);
     if disk.mode == DiskMode::ReadOnly {
         node.props.set("read-only", true);
@@ -704,6 +714,28 @@ fn extend(mut drive: Drive, tail: Props) -> Drive {
         drive.props.set(k, v.clone());
     }
     drive
+}
+
+/// The instance's throttle groups (`io_limits`), every one, before the
+/// disks that join them: a disk hot-plugged later may join one too.
+fn build_io_groups(c: &Ctx, a: &mut Args) -> Result<(), Error> {
+    if c.spec.io_limits.is_empty() {
+        return Ok(());
+    }
+    if !c.blockdev_disks() {
+        return Err(c.unsupported(
+            "io_limits",
+            "throttle groups (they need disks as -blockdev nodes: QEMU 2.11)",
+        ));
+    }
+    for (group, limits) in &c.spec.io_limits {
+        let mut o = Object::new("throttle-group", crate::io_group_id(group));
+        for (k, v) in limits.object_props() {
+            o.props.set(k, v);
+        }
+        a.object(&o, SYNTAX)?;
+    }
+    Ok(())
 }
 
 /// The id of the root port at `slot` of a q35 machine

@@ -50,6 +50,12 @@ pub struct InstanceSpec {
     /// Meaningless on a PCI machine (i440fx).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pcie_slots: Option<PcieSlots>,
+    /// Throttle groups by name: block I/O limits that the disks naming a
+    /// group in their `io_group` share (one disk's own limits are a group
+    /// of one). Every group is made at start, so a hot-plugged disk may
+    /// join one; a group's limits change live.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub io_limits: std::collections::BTreeMap<String, crate::IoLimits>,
 }
 
 /// Where a q35 machine's NICs and disks sit.
@@ -147,6 +153,10 @@ pub struct DiskSpec {
     /// instance, hot plug and migration included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<DeviceAddress>,
+    /// The throttle group (of the instance's `io_limits`) whose limits
+    /// this disk's I/O counts against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_group: Option<String>,
 }
 
 /// A NIC's or disk's identity in the guest: a device id that never
@@ -406,6 +416,7 @@ impl InstanceSpec {
             network_port: None,
             layout: None,
             pcie_slots: None,
+            io_limits: std::collections::BTreeMap::new(),
         }
     }
 
@@ -457,6 +468,7 @@ impl InstanceSpec {
         }
         self.check_nics()?;
         self.check_addresses()?;
+        self.check_io_limits()?;
         for t in &self.tags {
             if t.chars().any(char::is_control) {
                 return Err(bad("tags", format!("{t:?} has control characters")));

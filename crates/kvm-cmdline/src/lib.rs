@@ -46,6 +46,7 @@ mod instance;
 mod options;
 mod placement;
 pub mod qemu;
+mod throttle;
 mod validate;
 mod values;
 
@@ -69,8 +70,9 @@ pub use instance::{
 };
 pub use options::generated_mac;
 pub use placement::is_valid_device_id;
+pub use throttle::{io_group_id, IoLimits, MAX_IO_LIMIT};
 pub use validate::{image_url, HostFacts, Warning, MAX_VIRTIO_NET_QUEUES};
-pub use values::{MacAddr, Uuid};
+pub use values::{parse_size_bytes, MacAddr, Uuid};
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -156,6 +156,23 @@ serde_as_string!(
     "A UUID in its text form."
 );
 
+/// A count or size: `1073741824`, or with a suffix in powers of 1024:
+/// `64K`, `512M`, `1G`, `2T`.
+pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{text:?} is not a number (suffixes K, M, G, T)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
