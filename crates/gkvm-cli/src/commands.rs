@@ -84,7 +84,14 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
         Command::List => list(c).await,
         Command::Info { names } => info(c, names).await,
-        Command::Stats { names, prometheus } => stats(c, names, *prometheus).await,
+        Command::Stats {
+            names,
+            prometheus,
+            listen,
+        } => match listen {
+            Some(addr) => crate::exporter::serve(hypervisor(c)?, names.clone(), *addr).await,
+            None => stats(c, names, *prometheus).await,
+        },
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,

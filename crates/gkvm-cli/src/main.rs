@@ -26,6 +26,7 @@ mod api_doc;
 mod commands;
 mod console;
 mod demo;
+mod exporter;
 mod input;
 mod node_config;
 mod render;
@@ -170,6 +171,12 @@ enum Command {
         /// collector), not JSON or a table.
         #[arg(long, conflicts_with = "json")]
         prometheus: bool,
+        /// With --prometheus: serve them over HTTP at ADDR:PORT
+        /// (`GET /metrics`, read afresh at each scrape) until stopped,
+        /// instead of printing them once. Opt-in; bind to an address
+        /// only your Prometheus reaches (e.g. 127.0.0.1:9177).
+        #[arg(long, value_name = "ADDR:PORT", requires = "prometheus")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Set an instance's memory through the balloon.
     Balloon {

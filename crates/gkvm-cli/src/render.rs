@@ -321,6 +321,12 @@ pub(crate) fn stats(json: bool, stats: &[hv_kvm::InstanceStats]) -> CliResult {
 /// `gkvm stats --prometheus`: Prometheus's text exposition format, one
 /// family per counter, labelled by instance (and vCPU, disk, TAP).
 pub(crate) fn stats_prometheus(stats: &[hv_kvm::InstanceStats]) -> CliResult {
+    let out = prometheus_text(stats);
+    outln!("{}", out.trim_end())
+}
+
+/// The stats in Prometheus's text exposition format (0.0.4).
+pub(crate) fn prometheus_text(stats: &[hv_kvm::InstanceStats]) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
         out.push_str(&format!(
@@ -419,7 +425,7 @@ pub(crate) fn stats_prometheus(stats: &[hv_kvm::InstanceStats]) -> CliResult {
         let samples = per_device(stats, |s| &s.nics, "tap", |n| &n.tap, field);
         family(name, "counter", help, samples);
     }
-    outln!("{}", out.trim_end())
+    out
 }
 
 /// One sample per device of every instance (its disks, its NICs),

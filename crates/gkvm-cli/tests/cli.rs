@@ -488,3 +488,103 @@ fn node_configuration_file_is_read_checked_and_overridden() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["problems"].to_string().contains("no_such_param"), "{v}");
 }
+
+/// One HTTP request to `addr`, the whole answer.
+fn http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// `stats --prometheus --listen`: the node's stats over HTTP for a
+/// Prometheus server, read afresh at each scrape; other paths and methods
+/// are refused; SIGTERM ends it.
+#[test]
+fn stats_are_served_over_http_on_request() {
+    let Some(env) = require("stats_exporter", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-cli-exp");
+    let run = dir.path().join("run");
+    let _kill = gkvm_testkit::KillRunDir(run.clone());
+    let qemu = env.qemu.to_str().unwrap();
+    let out = gkvm(
+        &run,
+        &[
+            "--kvm-path",
+            qemu,
+            "start",
+            "exp1",
+            "--memory",
+            "64",
+            "--paused",
+            "-H",
+            gkvm_testkit::guestless_kvm_flag(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut exporter = Command::new(env!("CARGO_BIN_EXE_gkvm"))
+        .arg("--run-dir")
+        .arg(&run)
+        .args(["stats", "--prometheus", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(exporter.stderr.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|u| u.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let metrics = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
+    assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
+    assert!(
+        metrics.contains("gkvm_cpu_seconds_total{instance=\"exp1\"}"),
+        "{metrics}"
+    );
+    // Read afresh: a second instance shows up at the next scrape.
+    let out = gkvm(
+        &run,
+        &[
+            "--kvm-path",
+            qemu,
+            "start",
+            "exp2",
+            "--memory",
+            "64",
+            "--paused",
+            "-H",
+            gkvm_testkit::guestless_kvm_flag(),
+        ],
+    );
+    assert!(out.status.success());
+    let metrics = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
+    assert!(metrics.contains("instance=\"exp2\""), "{metrics}");
+    assert!(http(&addr, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    assert!(http(&addr, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    // SAFETY: kill(2) of the exporter this test started.
+    unsafe {
+        libc::kill(i32::try_from(exporter.id()).unwrap(), libc::SIGTERM);
+    }
+    let status = exporter.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    for name in ["exp1", "exp2"] {
+        assert!(gkvm(&run, &["stop", name, "--force"]).status.success());
+    }
+}
