@@ -1400,3 +1400,120 @@ fn qemu_runs_in_its_seccomp_sandbox_by_default() {
         assert_eq!(node.leftovers(), Vec::<PathBuf>::new());
     });
 }
+
+/// The share of one CPU the instance's cgroup used over `window`, by the
+/// cgroup's own counter.
+fn cgroup_cpu_share(paths: &hv_kvm::RunDir, name: &str, window: Duration) -> f64 {
+    let cg = paths.instance(name).unwrap().cgroup;
+    let (t0, u0) = (
+        Instant::now(),
+        cg.cpu_usage_ns().expect("a cgroup CPU counter"),
+    );
+    // A rate is measured over time: this is the window, not a wait.
+    std::thread::sleep(window);
+    let (t1, u1) = (Instant::now(), cg.cpu_usage_ns().unwrap());
+    let used = Duration::from_nanos(u1 - u0).as_secs_f64();
+    used / (t1 - t0).as_secs_f64()
+}
+
+/// cgroup limits (here v1, this machine's): a memory limit below what
+/// the instance needs is refused before anything is made; a start that
+/// fails after its cgroup was made removes it; a running guest's QEMU is
+/// in its cgroup, a CPU quota set live holds a busy guest to it (by the
+/// cgroup's own counter) and raising it lets the guest use more; the
+/// cgroup goes with the stop.
+#[test]
+fn a_cpu_quota_set_live_holds_a_busy_guest_and_the_cgroup_goes_with_it() {
+    let Some(env) = require("cgroup_limits", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let node = Node::new(&env, |_| {});
+    let run = RunDir::new(node.run());
+    rt().block_on(async {
+        // Below the guest's memory and QEMU's own.
+        let mut spec = guestless_spec("cg0");
+        spec.hvparams.set_pair("cgroup_memory_max=64").unwrap();
+        let err = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_err()
+            .report();
+        assert!(
+            err.contains("cgroup_memory_max") && err.contains("MiB"),
+            "{err}"
+        );
+        assert!(!run.instance("cg0").unwrap().cgroup.exists());
+        // QEMU refuses its command line after the cgroup was made.
+        let mut spec = guestless_spec("cg1");
+        spec.hvparams.set_pair("cgroup_pids_max=200").unwrap();
+        spec.hvparams.set_pair("kvm_extra=-no-such-option").unwrap();
+        assert!(node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .is_err());
+        assert!(!run.instance("cg1").unwrap().cgroup.exists());
+
+        let mut spec = guest_spec(&env, "cg2");
+        spec.hvparams.set_pair("cgroup_pids_max=500").unwrap();
+        let report = node
+            .hv
+            .start(&spec, hv_kvm::StartMode::Paused)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let paths = run.instance("cg2").unwrap();
+        assert!(paths.cgroup.exists());
+        let own = std::fs::read_to_string(format!("/proc/{}/cgroup", report.pid)).unwrap();
+        assert!(own.contains("/cg2"), "QEMU is not in its cgroup: {own}");
+        let mut serial = Serial::connect(&paths.serial, Duration::from_secs(5)).unwrap();
+        node.hv.resume("cg2").await.unwrap();
+        serial
+            .wait_for(READY_LINE, Duration::from_secs(90))
+            .unwrap_or_else(|e| panic!("{e}"));
+        serial
+            .run(
+                "(while :; do :; done) & echo spinning",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+        let set = |quota: &str| {
+            std::collections::BTreeMap::from([(
+                "cgroup_cpu_quota".to_owned(),
+                serde_json::Value::String(quota.to_owned()),
+            )])
+        };
+        node.hv
+            .set_limits("cg2", &set("30"))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let share = cgroup_cpu_share(&run, "cg2", Duration::from_secs(3));
+        eprintln!("under a 30 % quota: {:.1} % of a CPU", share * 100.0);
+        assert!((0.15..=0.33).contains(&share), "{share}");
+        node.hv.set_limits("cg2", &set("80")).await.unwrap();
+        let share = cgroup_cpu_share(&run, "cg2", Duration::from_secs(3));
+        eprintln!("under an 80 % quota: {:.1} % of a CPU", share * 100.0);
+        assert!((0.45..=0.88).contains(&share), "{share}");
+        assert!(node
+            .hv
+            .migration_info("cg2")
+            .unwrap()
+            .contains("\"cgroup_cpu_quota\":80"));
+        // Only limits change live.
+        let err = node
+            .hv
+            .set_limits(
+                "cg2",
+                &std::collections::BTreeMap::from([(
+                    "vnc_bind_address".to_owned(),
+                    serde_json::Value::String("0.0.0.0".into()),
+                )]),
+            )
+            .await
+            .unwrap_err()
+            .report();
+        assert!(err.contains("vnc_bind_address"), "{err}");
+        node.hv.stop("cg2", hv_kvm::StopMode::Force).await.unwrap();
+        assert!(!paths.cgroup.exists(), "the cgroup outlived its instance");
+    });
+}

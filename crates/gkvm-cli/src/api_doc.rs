@@ -18,6 +18,7 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "disk_add", "instance": "web1", "disk": {"path": "/dev/vg/web1-data"}}"#,
     r#"{"op": "disk_remove", "instance": "web1", "id": "1"}"#,
     r#"{"op": "disk_grow", "instance": "web1", "id": "0", "bytes": 21474836480}"#,
+    r#"{"op": "set_limits", "instance": "web1", "limits": {"cgroup_cpu_quota": 150, "cgroup_memory_max": 4608}}"#,
     r#"{"op": "set_io_limits", "instance": "web1", "group": "db", "limits": {"bps-read": 10485760, "iops-total": 500}}"#,
     r#"{"op": "hotplug_supported", "instance": "web1"}"#,
     r#"{"op": "cleanup", "instance": "web1"}"#,

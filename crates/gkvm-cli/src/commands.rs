@@ -132,6 +132,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             group,
             limits,
         } => io_limits(c, name, group, limits).await,
+        Command::SetLimits { name, limits } => set_limits(c, name, limits).await,
         Command::HotplugSupported { name } => {
             let request = Request::HotplugSupported {
                 instance: name.clone(),
@@ -574,6 +575,31 @@ async fn disk_grow(cli: &Cli, name: &str, id: &str, size: &str) -> CliResult {
     call(&hypervisor(cli)?, request).await?;
     let op = Operation::new(name, "disk-grow").with_device(id, None);
     render::done(cli.json, op, &format!("disk {id} grown to {bytes} bytes"))
+}
+
+async fn set_limits(cli: &Cli, name: &str, given: &[String]) -> CliResult {
+    let mut limits = std::collections::BTreeMap::new();
+    for pair in given {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            usage(format!(
+                "{pair:?} is not KEY=VALUE (e.g. cgroup_cpu_quota=150)"
+            ))
+        })?;
+        limits.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
+    }
+    if limits.is_empty() {
+        return Err(usage("no limit given (e.g. cgroup_cpu_quota=150)".into()));
+    }
+    let request = Request::SetLimits {
+        instance: name.to_owned(),
+        limits,
+    };
+    call(&hypervisor(cli)?, request).await?;
+    render::done(
+        cli.json,
+        Operation::new(name, "set-limits"),
+        &format!("{name}: limits set"),
+    )
 }
 
 async fn io_limits(cli: &Cli, name: &str, group: &str, given: &[String]) -> CliResult {

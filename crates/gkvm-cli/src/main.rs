@@ -245,6 +245,16 @@ enum Command {
         /// The new size: bytes, or with K, M, G or T (powers of 1024).
         size: String,
     },
+    /// Change a running instance's cgroup limits, live (a restart and a
+    /// migration keep them; 0 lifts one).
+    SetLimits {
+        /// The instance.
+        name: String,
+        /// Limits as KEY=VALUE: cgroup_cpu_quota (percent of a CPU),
+        /// cgroup_cpu_weight, cgroup_memory_max and cgroup_memory_high
+        /// (MiB), cgroup_pids_max, cgroup_io_weight.
+        limits: Vec<String>,
+    },
     /// Set the block I/O limits of a throttle group of a running instance,
     /// live (its disks are throttled anew at once; a restart and a
     /// migration keep them). Limits not given are lifted.
@@ -455,6 +465,7 @@ impl Command {
             Command::DiskRemove { name, .. } => ("disk-remove", Some(name)),
             Command::DiskGrow { name, .. } => ("disk-grow", Some(name)),
             Command::IoLimits { name, .. } => ("io-limits", Some(name)),
+            Command::SetLimits { name, .. } => ("set-limits", Some(name)),
             Command::NicRemove { name, .. } => ("nic-remove", Some(name)),
             Command::MigrateCancel { name } => ("migrate-cancel", Some(name)),
             Command::Accept { .. } => ("accept", None),

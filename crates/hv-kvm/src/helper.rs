@@ -44,6 +44,7 @@ impl KvmHypervisor {
         spec: &InstanceSpec,
         paths: &InstancePaths,
         run_as: Option<&str>,
+        cgroup: &[PathBuf],
     ) -> Result<()> {
         if spec.hvparams.tpm == Tpm::None {
             return Ok(());
@@ -139,10 +140,11 @@ impl KvmHypervisor {
                 log.try_clone()
                     .map_err(|e| fail(format!("{}: {e}", log_path.display())))?,
             );
+        // Into the cgroup while still privileged, then the user (std's
+        // own uid() would switch before any hook runs).
+        crate::process::join_cgroup(&mut cmd, cgroup);
         if let Some((uid, gid)) = ids {
-            use std::os::unix::process::CommandExt;
-            // std drops the supplementary groups with them.
-            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+            drop_privileges(&mut cmd, uid.as_raw(), gid.as_raw());
         }
         place_fds(
             &mut cmd,
@@ -219,6 +221,25 @@ fn place_fds(cmd: &mut std::process::Command, moves: [(i32, i32); 3]) {
                 nix::libc::close(high[i]);
             }
             if nix::libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes the child `uid:gid` with no supplementary groups, in the order
+/// a privileged process must: groups, then gid, then uid.
+fn drop_privileges(cmd: &mut std::process::Command, uid: u32, gid: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child and only calls
+    // setgroups(2), setgid(2) and setuid(2), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::setgroups(0, std::ptr::null()) != 0
+                || nix::libc::setgid(gid) != 0
+                || nix::libc::setuid(uid) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -761,6 +761,67 @@ impl KvmHypervisor {
         Ok(())
     }
 
+    /// Changes a running instance's cgroup limits (the `cgroup_*`
+    /// hvparams in `changes`; a 0 lifts one) live and in its record, so
+    /// a restart and a migration keep them. An instance started without
+    /// limits gets its cgroup now, its QEMU and helpers moved into it.
+    pub async fn set_limits(
+        &self,
+        name: &str,
+        changes: &std::collections::BTreeMap<String, Value>,
+    ) -> Result<()> {
+        let params = |e| Error::Params {
+            instance: name.to_owned(),
+            source: e,
+        };
+        for key in changes.keys() {
+            if !kvm_cmdline::CGROUP_HVPARAMS.contains(&key.as_str()) {
+                return Err(params(kvm_cmdline::Error::Syntax {
+                    key: key.clone(),
+                    reason: format!(
+                        "is not a limit that changes live (those are: {})",
+                        kvm_cmdline::CGROUP_HVPARAMS.join(", ")
+                    ),
+                }));
+            }
+        }
+        let (mut hp, mut spec) = self.begin(name).await?;
+        let paths = hp.paths.clone();
+        for (key, value) in changes {
+            spec.hvparams.set(key, value.clone()).map_err(params)?;
+        }
+        spec.validate().map_err(params)?;
+        let pid = self.running_pid(&paths)?;
+        let fail = |e: kvm_runtime::Error| Error::Hotplug {
+            instance: name.to_owned(),
+            step: "cgroup limits",
+            reason: e.to_string(),
+        };
+        if !paths.cgroup.exists() {
+            let procs = paths.cgroup.create().map_err(fail)?;
+            // Moving a process moves all its threads.
+            let members: Vec<i32> = std::iter::once(pid).chain(paths.tpm_helper()).collect();
+            for file in &procs {
+                for member in &members {
+                    std::fs::write(file, member.to_string()).map_err(|e| {
+                        fail(kvm_runtime::Error::Io {
+                            op: "move the instance into its cgroup",
+                            path: file.clone(),
+                            source: e,
+                        })
+                    })?;
+                }
+            }
+        }
+        paths
+            .cgroup
+            .apply(&crate::cgroup::limits_of(&spec.hvparams))
+            .map_err(fail)?;
+        hp.save(&spec, None)?;
+        tracing::info!(instance = %name, ?changes, "limits set");
+        Ok(())
+    }
+
     /// Whether devices can be hot-plugged into this running instance
     /// (Ganeti's `HotplugSupported`): started by gkvm with fixed device
     /// ids and slots, on a QEMU with `-device` (so `device_add`). The

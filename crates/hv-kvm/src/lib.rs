@@ -12,6 +12,7 @@
 //! disk, so a warm start forks nothing but QEMU itself.
 #![deny(missing_docs)]
 
+mod cgroup;
 mod cpu;
 mod error;
 mod events;

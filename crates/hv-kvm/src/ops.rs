@@ -176,6 +176,14 @@ pub enum Request {
         /// Its new size in bytes.
         bytes: u64,
     },
+    /// Change a running instance's cgroup limits (`cgroup_*` hvparams),
+    /// live ([`KvmHypervisor::set_limits`]).
+    SetLimits {
+        /// The instance.
+        instance: String,
+        /// The limits to change, by hvparam (0 lifts one).
+        limits: std::collections::BTreeMap<String, serde_json::Value>,
+    },
     /// Set the limits of a throttle group of a running instance, live
     /// ([`KvmHypervisor::set_io_limits`]).
     SetIoLimits {
@@ -539,6 +547,7 @@ impl KvmHypervisor {
                 id,
                 bytes,
             } => done(self.disk_grow(&instance, &id, bytes).await?),
+            R::SetLimits { instance, limits } => done(self.set_limits(&instance, &limits).await?),
             R::SetIoLimits {
                 instance,
                 group,

@@ -146,3 +146,41 @@ pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// Makes the child join the cgroup whose `cgroup.procs` files are
+/// `procs` (one, or one per v1 controller) before it runs: everything it
+/// does, its first allocation included, counts against the instance's
+/// limits, and a daemonizing child's descendants stay in it.
+pub(crate) fn join_cgroup(cmd: &mut std::process::Command, procs: &[std::path::PathBuf]) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    if procs.is_empty() {
+        return;
+    }
+    // Made before the fork: the child may not allocate.
+    let files: Vec<std::ffi::CString> = procs
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
+    // SAFETY: the hook runs in the forked child before exec and only makes
+    // async-signal-safe calls (open, write, close) on memory made before
+    // the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            for f in &files {
+                let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writer itself.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        });
+    }
+}

@@ -55,12 +55,22 @@ impl KvmHypervisor {
         let built = self.build_start(spec, paths, opts).await?;
         let pool_user = self.pool_user(&built.spec, paths).await?;
         let taps = self.prepare_node(&built, paths, opts, guard).await?;
+        // The instance's cgroup, when it has limits, before anything runs
+        // in it; the rollback's cleanup removes it.
+        let cgroup = self.prepare_cgroup(&built.spec, paths)?;
         // Helpers (a swtpm) before QEMU, which connects to them; the
         // rollback's cleanup ends them.
-        self.start_helpers(&built.spec, paths, pool_user.as_deref())
+        self.start_helpers(&built.spec, paths, pool_user.as_deref(), &cgroup)
             .await?;
         let pid = self
-            .spawn_qemu(&built, paths, opts, taps.as_slice(), pool_user, guard)
+            .spawn_qemu(
+                &built,
+                paths,
+                opts,
+                taps.as_slice(),
+                (pool_user, &cgroup),
+                guard,
+            )
             .await?;
         let tap_names: Vec<String> = taps.iter().map(|t| t.name().to_owned()).collect();
         // QEMU holds its own descriptors now; the interfaces live with it.
@@ -220,7 +230,7 @@ impl KvmHypervisor {
         paths: &InstancePaths,
         opts: &StartOpts,
         taps: &[gkvm_tap::Tap],
-        pool_user: Option<String>,
+        (pool_user, cgroup): (Option<String>, &[std::path::PathBuf]),
         guard: &RollbackGuard,
     ) -> Result<i32> {
         let spec = &built.spec;
@@ -232,6 +242,7 @@ impl KvmHypervisor {
         })?;
         let mut std_cmd = std::process::Command::new(&spec.hvparams.kvm_path);
         process::die_with_parent(&mut std_cmd);
+        process::join_cgroup(&mut std_cmd, cgroup);
         // Kept open until QEMU has been spawned.
         let vhost = crate::nic::open_vhost(spec, taps)?;
         let nics: Vec<NicBackend> = taps

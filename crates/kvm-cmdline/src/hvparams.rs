@@ -416,6 +416,37 @@ pub struct HvParams {
     pub watchdog_action: WatchdogAction,
     /// QEMU's seccomp sandbox (gkvm's parameter; on by default).
     pub sandbox: Sandbox,
+    /// CPU time the instance's cgroup may use, in percent of one CPU (150:
+    /// one and a half); 0: no limit. gkvm's, like the other `cgroup_*`:
+    /// with any of them set, QEMU and its helpers run in a cgroup of the
+    /// instance's own.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_cpu_quota: u32,
+    /// CPU weight against other cgroups, 1 to 10000 (100 is the kernel's
+    /// default); 0: the default.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_cpu_weight: u32,
+    /// Memory (MiB) the instance's QEMU may never exceed, guest memory
+    /// and QEMU's own together; 0: no limit. At least the guest's memory
+    /// plus QEMU's overhead (64 MiB and 1/32 of it).
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_memory_max: u32,
+    /// Memory (MiB) above which the instance is reclaimed first under
+    /// pressure (v2 `memory.high`, v1's soft limit); 0: none.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_memory_high: u32,
+    /// Processes and threads the instance's cgroup may have; 0: no limit.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_pids_max: u32,
+    /// Block I/O weight, 1 to 10000 (100 is the default); 0: the default.
+    #[serde(with = "lenient")]
+    #[schemars(with = "u32")]
+    pub cgroup_io_weight: u32,
 }
 
 impl Default for HvParams {
@@ -493,6 +524,12 @@ impl Default for HvParams {
             tpm: Tpm::None,
             watchdog_action: WatchdogAction::Reset,
             sandbox: Sandbox::On,
+            cgroup_cpu_quota: 0,
+            cgroup_cpu_weight: 0,
+            cgroup_memory_max: 0,
+            cgroup_memory_high: 0,
+            cgroup_pids_max: 0,
+            cgroup_io_weight: 0,
         }
     }
 }
@@ -500,7 +537,7 @@ impl Default for HvParams {
 /// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
 /// cluster cannot set them (its parameter tables are fixed in its code);
 /// they take their defaults there.
-pub const GKVM_HVPARAMS: [&str; 7] = [
+pub const GKVM_HVPARAMS: [&str; 13] = [
     "firmware",
     "rng",
     "rng_rate",
@@ -508,7 +545,48 @@ pub const GKVM_HVPARAMS: [&str; 7] = [
     "watchdog_action",
     "tpm",
     "sandbox",
+    "cgroup_cpu_quota",
+    "cgroup_cpu_weight",
+    "cgroup_memory_max",
+    "cgroup_memory_high",
+    "cgroup_pids_max",
+    "cgroup_io_weight",
 ];
+
+/// The hvparams that set an instance's cgroup limits, which change live
+/// (`set-limits`).
+pub const CGROUP_HVPARAMS: [&str; 6] = [
+    "cgroup_cpu_quota",
+    "cgroup_cpu_weight",
+    "cgroup_memory_max",
+    "cgroup_memory_high",
+    "cgroup_pids_max",
+    "cgroup_io_weight",
+];
+
+impl HvParams {
+    /// Whether any cgroup limit is set (the instance then runs in a cgroup
+    /// of its own).
+    pub fn has_cgroup_limits(&self) -> bool {
+        [
+            self.cgroup_cpu_quota,
+            self.cgroup_cpu_weight,
+            self.cgroup_memory_max,
+            self.cgroup_memory_high,
+            self.cgroup_pids_max,
+            self.cgroup_io_weight,
+        ]
+        .iter()
+        .any(|v| *v > 0)
+    }
+
+    /// The least `cgroup_memory_max` (MiB) an instance of `memory` MiB can
+    /// run under: its guest's memory and QEMU's own (64 MiB and 1/32 of
+    /// the guest's: code, device state, I/O buffers).
+    pub fn min_cgroup_memory(memory: u64) -> u64 {
+        memory + 64 + memory / 32
+    }
+}
 
 /// The hvparams a restart (`reboot_behavior=exit`) or a migration's
 /// destination takes from the current configuration rather than from the

@@ -469,6 +469,7 @@ impl InstanceSpec {
         self.check_nics()?;
         self.check_addresses()?;
         self.check_io_limits()?;
+        self.check_cgroup_limits()?;
         for t in &self.tags {
             if t.chars().any(char::is_control) {
                 return Err(bad("tags", format!("{t:?} has control characters")));
@@ -479,6 +480,47 @@ impl InstanceSpec {
 }
 
 impl InstanceSpec {
+    /// Checks the cgroup limits: weights in the kernel's range, a memory
+    /// limit the instance can run under.
+    fn check_cgroup_limits(&self) -> Result<(), Error> {
+        let hv = &self.hvparams;
+        let bad = |key: &str, reason: String| Error::Syntax {
+            key: key.into(),
+            reason,
+        };
+        for (key, v) in [
+            ("cgroup_cpu_weight", hv.cgroup_cpu_weight),
+            ("cgroup_io_weight", hv.cgroup_io_weight),
+        ] {
+            if v > 10_000 {
+                return Err(bad(
+                    key,
+                    format!("{v} is not between 1 and 10000 (0: the default)"),
+                ));
+            }
+        }
+        if hv.cgroup_cpu_quota > 100_000 {
+            return Err(bad(
+                "cgroup_cpu_quota",
+                format!("{}% is more CPUs than a node has", hv.cgroup_cpu_quota),
+            ));
+        }
+        let need = HvParams::min_cgroup_memory(self.memory);
+        let max = u64::from(hv.cgroup_memory_max);
+        if max > 0 && max < need {
+            return Err(Error::Instance {
+                instance: self.name.clone(),
+                field: "hvparams.cgroup_memory_max".into(),
+                reason: format!(
+                    "{max} MiB is below what it needs: its {} MiB of guest memory and QEMU's \
+                     own ({need} MiB in all)",
+                    self.memory
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn check_nics(&self) -> Result<(), Error> {
         let bad = |field: &str, reason: String| Error::Instance {
             instance: self.name.clone(),

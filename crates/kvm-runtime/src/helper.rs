@@ -149,6 +149,16 @@ mod tests {
         let mut other = blocked(Path::new("/bin/sh"));
         let mut swtpm = blocked(&fake);
         let pid = i32::try_from(swtpm.id()).unwrap();
+        // spawn returns once the child's exec is past its point of no
+        // return, a moment before the kernel names it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"swtpm")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fake swtpm did not start"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         assert_eq!(swtpms_naming(&paths.tpm), [pid]);
         paths.stop_helpers().unwrap();
         assert!(

@@ -33,6 +33,7 @@ const SUBDIRS: [&str; 8] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
     root: PathBuf,
+    cgroup_root: PathBuf,
 }
 
 impl Default for RunDir {
@@ -44,7 +45,17 @@ impl Default for RunDir {
 impl RunDir {
     /// A run directory rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> RunDir {
-        RunDir { root: root.into() }
+        RunDir {
+            root: root.into(),
+            cgroup_root: PathBuf::from(crate::cgroup::DEFAULT_CGROUP_ROOT),
+        }
+    }
+
+    /// The same run directory, its instances' cgroups under `root`
+    /// instead of `/sys/fs/cgroup` (a test's tree).
+    pub fn with_cgroup_root(mut self, root: impl Into<PathBuf>) -> RunDir {
+        self.cgroup_root = root.into();
+        self
     }
 
     /// Ganeti's KVM driver's layout preset: `/var/run/ganeti/kvm-hypervisor`.
@@ -107,6 +118,7 @@ impl RunDir {
             keymap: self.root.join("keymap").join(name),
             chroot: self.root.join("chroot").join(name),
             quarantine_dir: self.root.join("chroot-quarantine"),
+            cgroup: crate::cgroup::CgroupPlace::new(&self.cgroup_root, &self.root, name),
         };
         for sock in [
             &paths.monitor,
@@ -223,6 +235,8 @@ pub struct InstancePaths {
     pub chroot: PathBuf,
     /// `chroot-quarantine/`: where non-empty chroots are moved.
     pub quarantine_dir: PathBuf,
+    /// The instance's own cgroup, when it has limits.
+    pub cgroup: crate::cgroup::CgroupPlace,
 }
 
 /// What [`InstancePaths::cleanup`] did that the caller may want to report.
@@ -370,8 +384,10 @@ impl InstancePaths {
             remove_socket(s)?;
         }
         // QEMU is gone: so go the helpers it had (one whose gkvm was
-        // killed before its QEMU started still waits for it).
+        // killed before its QEMU started still waits for it), and then
+        // the cgroup they ran in.
         self.stop_helpers()?;
+        self.cgroup.remove()?;
         // Then every file that can go goes, even when one cannot (a
         // directory planted at a file's place): the first error is
         // returned after the rest is removed.

@@ -37,6 +37,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod cgroup;
 mod error;
 pub mod fsutil;
 mod helper;

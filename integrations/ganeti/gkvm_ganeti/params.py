@@ -23,6 +23,12 @@ GKVM_PARAMETERS = {
                       ("reset", "shutdown", "poweroff", "pause", "none")),
   "tpm": ("string", "none", ("none", "tpm2")),
   "sandbox": ("string", "on", ("on", "off")),
+  "cgroup_cpu_quota": ("int", 0, None),
+  "cgroup_cpu_weight": ("int", 0, None),
+  "cgroup_memory_max": ("int", 0, None),
+  "cgroup_memory_high": ("int", 0, None),
+  "cgroup_pids_max": ("int", 0, None),
+  "cgroup_io_weight": ("int", 0, None),
 }
 
 
