@@ -1653,9 +1653,10 @@ fn accept_says_it_waits_only_once_it_listens() {
 }
 
 /// A gkvm SIGKILLed at any point of a start of an instance with a TPM
-/// leaves no swtpm once the next operation (a cleanup, or a start) and a
-/// stop have run: the helper is found by its pid file and identified by
-/// its socket, and ended with the QEMU it was for.
+/// and a cgroup leaves no swtpm and no cgroup once the next operation (a
+/// cleanup, or a start) and a stop have run: the helper is found by its
+/// pid file and identified by its socket, and ended with the QEMU it was
+/// for.
 #[test]
 fn a_killed_tpm_start_leaves_no_swtpm() {
     let Some(env) = require("faults_tpm_start", &[Need::Root, Need::Qemu]) else {
@@ -1684,9 +1685,24 @@ fn a_killed_tpm_start_leaves_no_swtpm() {
             .unwrap()
     };
     let accel = accel();
+    // With a cgroup too: it must go with the rest.
     let start: Vec<&str> = vec![
-        "start", "tp1", "--memory", "64", "-H", &accel, "-H", "tpm=tpm2", "--paused",
+        "start",
+        "tp1",
+        "--memory",
+        "64",
+        "-H",
+        &accel,
+        "-H",
+        "tpm=tpm2",
+        "-H",
+        "cgroup_pids_max=300",
+        "--paused",
     ];
+    let cgroup = hv_kvm::RunDir::new(&node.run)
+        .instance("tp1")
+        .unwrap()
+        .cgroup;
     run(&["caps"]);
     // Rounds that left a swtpm without its QEMU (the window this is about).
     let mut orphans = 0;
@@ -1722,6 +1738,7 @@ fn a_killed_tpm_start_leaves_no_swtpm() {
             Vec::<i32>::new(),
             "{why}: swtpm left"
         );
+        assert!(!cgroup.exists(), "{why}: its cgroup left");
         node.assert_empty(&why);
     }
     eprintln!("swtpm orphaned by a killed start, then ended: {orphans}");

@@ -254,15 +254,28 @@ impl CgroupPlace {
     /// error naming it.
     pub fn remove(&self) -> Result<(), Error> {
         for (_, dir) in self.dirs() {
-            match std::fs::remove_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(Error::Io {
-                        op: "remove the instance's cgroup",
-                        path: dir,
-                        source: e,
-                    })
+            // The kernel keeps a process in its cgroup until it is reaped,
+            // and an orphan's reaper (init) may take a while: only such
+            // zombies are waited for, never a live process.
+            let deadline = std::time::Instant::now() + ZOMBIE_WAIT;
+            loop {
+                match std::fs::remove_dir(&dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline
+                            && only_zombies(&dir) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        return Err(Error::Io {
+                            op: "remove the instance's cgroup",
+                            path: dir,
+                            source: e,
+                        })
+                    }
                 }
             }
             if let Some(parent) = dir.parent() {
@@ -272,6 +285,21 @@ impl CgroupPlace {
         }
         Ok(())
     }
+}
+
+/// How long a cgroup's zombies may take to be reaped before its removal
+/// fails.
+const ZOMBIE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether every process the cgroup at `dir` lists is dead (a zombie or
+/// gone).
+fn only_zombies(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
+        procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .all(crate::is_zombie_or_gone)
+    })
 }
 
 fn mkdir(dir: &Path) -> Result<(), Error> {
