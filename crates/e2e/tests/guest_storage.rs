@@ -309,6 +309,25 @@ fn stats_follow_what_the_guest_does() {
         assert!(after.vcpus[0].cpu_time_secs > 0.0);
         assert!(after.cpu_time_secs >= after.vcpus[0].cpu_time_secs);
         assert!(after.rss_bytes > 0 && after.balloon_bytes == Some(128 * MIB));
+        // The guest's own view of its memory, from its balloon driver:
+        // asked for at the first read, there once the driver answered.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let guest = loop {
+            let s = hv.stats(&[]).await.unwrap().remove(0);
+            if let Some(g) = s.guest_memory {
+                break g;
+            }
+            assert!(Instant::now() < deadline, "no guest memory stats: {s:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            guest.total_bytes > 64 * MIB
+                && guest.total_bytes <= 128 * MIB
+                && guest.free_bytes < guest.total_bytes,
+            "{guest:?}"
+        );
+        // No cgroup limits: no cgroup to count.
+        assert_eq!(after.cgroup_cpu_secs, None);
         hv.stop("st1", hv_kvm::StopMode::Force).await.unwrap();
     });
 }

@@ -380,6 +380,40 @@ pub(crate) fn prometheus_text(stats: &[hv_kvm::InstanceStats]) -> String {
             .filter_map(|s| Some((inst(s), s.balloon_bytes?.to_string())))
             .collect(),
     );
+    type GuestField = fn(&hv_kvm::GuestMemoryStats) -> Option<u64>;
+    let guest_families: [(&str, &str, GuestField); 3] = [
+        (
+            "guest_memory_total_bytes",
+            "Memory the guest sees, as its balloon driver says.",
+            |g| Some(g.total_bytes),
+        ),
+        (
+            "guest_memory_free_bytes",
+            "Memory the guest leaves unused, as its balloon driver says.",
+            |g| Some(g.free_bytes),
+        ),
+        (
+            "guest_memory_available_bytes",
+            "Memory the guest could use without swapping, as its balloon driver says.",
+            |g| g.available_bytes,
+        ),
+    ];
+    for (name, help, field) in guest_families {
+        let samples = stats
+            .iter()
+            .filter_map(|s| Some((inst(s), field(s.guest_memory.as_ref()?)?.to_string())))
+            .collect();
+        family(name, "gauge", help, samples);
+    }
+    family(
+        "cgroup_cpu_seconds_total",
+        "counter",
+        "CPU time of the instance's cgroup (QEMU and its helpers).",
+        stats
+            .iter()
+            .filter_map(|s| Some((inst(s), s.cgroup_cpu_secs?.to_string())))
+            .collect(),
+    );
     type DiskField = fn(&hv_kvm::DiskStats) -> u64;
     let disk_families: [(&str, &str, DiskField); 5] = [
         ("disk_read_bytes_total", "Bytes read by the guest.", |d| {

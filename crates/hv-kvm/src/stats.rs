@@ -34,6 +34,30 @@ pub struct InstanceStats {
     pub disks: Vec<DiskStats>,
     /// Each NIC's counters, as the guest sees them (from its TAP's).
     pub nics: Vec<NicStats>,
+    /// What the guest's balloon driver says of its memory; `None` until
+    /// it has said (the first call asks it to, every 2 s), or without a
+    /// balloon.
+    #[serde(default)]
+    pub guest_memory: Option<GuestMemoryStats>,
+    /// The CPU time of the instance's cgroup (QEMU and its helpers), in
+    /// seconds, when it has one (`cgroup_*` limits).
+    #[serde(default)]
+    pub cgroup_cpu_secs: Option<f64>,
+}
+
+/// The guest's memory as its balloon driver reports it (virtio-balloon
+/// statistics).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[non_exhaustive]
+pub struct GuestMemoryStats {
+    /// Memory the guest sees, in bytes.
+    pub total_bytes: u64,
+    /// Memory it leaves unused, in bytes.
+    pub free_bytes: u64,
+    /// Memory it could use without swapping, in bytes, when it says.
+    pub available_bytes: Option<u64>,
+    /// When it last said (seconds since the epoch).
+    pub last_update: u64,
 }
 
 /// A vCPU's thread and its CPU time.
@@ -121,17 +145,18 @@ async fn instance_stats(paths: InstancePaths, pid: i32, timeout: Duration) -> In
     let options = crate::query::bounded(timeout);
     let answers = tokio::time::timeout(timeout, async {
         let qmp = Qmp::connect(&paths.qmp, options).await.ok()?;
-        let (cpus, blocks, balloon) = tokio::join!(
+        let (cpus, blocks, balloon, guest) = tokio::join!(
             qmp.run(&commands::QueryCpusFast),
             qmp.run(&commands::QueryBlockstats),
-            qmp.run(&commands::QueryBalloon)
+            qmp.run(&commands::QueryBalloon),
+            guest_memory(&qmp)
         );
-        Some((cpus.ok(), blocks.ok(), balloon.ok()))
+        Some((cpus.ok(), blocks.ok(), balloon.ok(), guest))
     })
     .await
     .ok()
     .flatten();
-    let (cpus, blocks, balloon) = answers.unwrap_or((None, None, None));
+    let (cpus, blocks, balloon, guest_memory) = answers.unwrap_or((None, None, None, None));
     let vcpus = cpus
         .unwrap_or_default()
         .into_iter()
@@ -173,7 +198,61 @@ async fn instance_stats(paths: InstancePaths, pid: i32, timeout: Duration) -> In
         vcpus,
         disks,
         nics,
+        guest_memory,
+        cgroup_cpu_secs: paths
+            .cgroup
+            .cpu_usage_ns()
+            .map(|ns| Duration::from_nanos(ns).as_secs_f64()),
     }
+}
+
+/// The balloon device of an instance gkvm started (`-device
+/// virtio-balloon-pci,id=balloon0`).
+const BALLOON: &str = "/machine/peripheral/balloon0";
+
+/// How often the guest's balloon driver is asked for its statistics once
+/// someone reads them.
+const GUEST_STATS_INTERVAL_SECS: u64 = 2;
+
+/// The guest's memory statistics from its balloon driver; the first time
+/// (none reported yet) QEMU is asked to poll the driver, and the answer
+/// comes at a later call.
+async fn guest_memory(qmp: &Qmp) -> Option<GuestMemoryStats> {
+    let stats = qmp
+        .run(&commands::QomGet {
+            path: BALLOON.into(),
+            property: "guest-stats".into(),
+        })
+        .await
+        .ok()?;
+    let last_update = stats
+        .get("last-update")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let value = |k: &str| {
+        stats
+            .get("stats")?
+            .get(k)?
+            .as_u64()
+            // QEMU says -1 (u64::MAX as JSON) for what the guest did not.
+            .filter(|v| *v != u64::MAX)
+    };
+    if last_update == 0 {
+        let _ = qmp
+            .run(&commands::QomSet {
+                path: BALLOON.into(),
+                property: "guest-stats-polling-interval".into(),
+                value: GUEST_STATS_INTERVAL_SECS.into(),
+            })
+            .await;
+        return None;
+    }
+    Some(GuestMemoryStats {
+        total_bytes: value("stat-total-memory")?,
+        free_bytes: value("stat-free-memory")?,
+        available_bytes: value("stat-available-memory"),
+        last_update,
+    })
 }
 
 /// A thread's stat (`/proc/PID/task/TID/stat`).
