@@ -182,7 +182,8 @@ enum Command {
     Balloon {
         /// The instance.
         name: String,
-        /// Target memory in MiB.
+        /// Target memory: MiB, or with a suffix (512M, 1G).
+        #[arg(value_parser = mib_arg)]
         mib: u64,
     },
     /// Plug a NIC into a running instance (at a free PCI slot; the guest
@@ -487,8 +488,8 @@ struct StartArgs {
     /// Instance definition (JSON); flags given beside it override its fields.
     #[arg(long, short = 'f')]
     file: Option<PathBuf>,
-    /// Memory in MiB.
-    #[arg(long)]
+    /// Memory: MiB, or with a suffix (512M, 1G).
+    #[arg(long, value_parser = mib_arg)]
     memory: Option<u64>,
     /// Virtual CPUs.
     #[arg(long)]
@@ -842,6 +843,23 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
     report_failure(Failure::new(2, "usage", message), "", true)
 }
 
+/// A memory size in MiB: a plain number is MiB (as Ganeti counts),
+/// one with a suffix is converted (`512M`, `1G`, `2048K`) and must be
+/// whole MiB.
+fn mib_arg(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size in MiB"));
+    }
+    let bytes = hv_kvm::parse_size_bytes(t)?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!("{text:?} is not a whole number of MiB"));
+    }
+    Ok(bytes >> 20)
+}
+
 /// Resolves on SIGINT, SIGTERM or SIGHUP with the signal's name and the
 /// shell's exit code for it.
 async fn interrupted() -> (&'static str, u8) {
@@ -884,4 +902,20 @@ async fn futures_select_all<F: std::future::Future<Output = T> + Unpin, T>(
         std::task::Poll::Pending
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mib_arg;
+
+    #[test]
+    fn memory_sizes_take_suffixes_and_plain_numbers_are_mib() {
+        assert_eq!(mib_arg("512"), Ok(512));
+        assert_eq!(mib_arg("512M"), Ok(512));
+        assert_eq!(mib_arg("1G"), Ok(1024));
+        assert_eq!(mib_arg("2048k"), Ok(2));
+        assert!(mib_arg("1536K").unwrap_err().contains("whole number of MiB"));
+        assert!(mib_arg("lots").is_err());
+        assert!(mib_arg("").is_err());
+    }
 }

@@ -246,7 +246,7 @@ fn lifecycle_subcommands() {
         "start",
         "cli1",
         "--memory",
-        "96",
+        "96M",
         "--vcpus",
         "2",
         "-H",
@@ -298,7 +298,7 @@ fn lifecycle_subcommands() {
         ),
         (pid, 2)
     );
-    assert!(g(&["balloon", "cli1", "64"]).status.success());
+    assert!(g(&["balloon", "cli1", "64M"]).status.success());
     assert!(g(&["resume", "cli2"]).status.success());
     assert!(g(&["reboot", "cli1"]).status.success());
     let m = json(&g(&["migration-status", "cli1", "--json"]));
