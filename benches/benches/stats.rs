@@ -151,7 +151,11 @@ fn main() {
                     .args(some)
                     .output()
                     .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             });
             let process_cpu = (children_cpu() - c0) / u32::try_from(N + 1).unwrap();
             rows.push(Row {

@@ -222,7 +222,7 @@ enum Command {
     DiskAdd {
         /// The instance.
         name: String,
-        /// The disk, as start's --disk: PATH[:ro] or a storage URI; or a
+        /// The disk, as start's --disk: PATH, PATH:ro or a storage URI; or a
         /// disk of the JSON instance definition (`{"path": .., "mode":
         /// "ro", "uuid": ..}`).
         #[arg(long, value_name = "PATH[:ro]")]
@@ -495,7 +495,8 @@ struct StartArgs {
     #[arg(long)]
     vcpus: Option<u32>,
     /// A disk: PATH or PATH:ro, or a storage URI QEMU opens itself
-    /// (nbd://HOST[:PORT]/EXPORT, rbd:POOL/IMAGE, gluster://, iscsi://) (repeatable).
+    /// (nbd://HOST:PORT/EXPORT with the port optional, rbd:POOL/IMAGE, gluster://,
+    /// iscsi://) (repeatable).
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     disks: Vec<String>,
     /// A NIC: bridge=BR | routed=TABLE | ovs=SWITCH | ext=LINK, with
@@ -914,7 +915,9 @@ mod tests {
         assert_eq!(mib_arg("512M"), Ok(512));
         assert_eq!(mib_arg("1G"), Ok(1024));
         assert_eq!(mib_arg("2048k"), Ok(2));
-        assert!(mib_arg("1536K").unwrap_err().contains("whole number of MiB"));
+        assert!(mib_arg("1536K")
+            .unwrap_err()
+            .contains("whole number of MiB"));
         assert!(mib_arg("lots").is_err());
         assert!(mib_arg("").is_err());
     }

@@ -29,7 +29,8 @@ const SUBDIRS: [&str; 8] = [
 
 /// A node's run directory: where every instance's pid, sockets, runtime
 /// file, NIC records, keymap and chroot live. The file names are Ganeti
-/// driver's, so [`RunDir::seed`] reads and writes a Ganeti node's state.
+/// driver's, so a `RunDir` at Ganeti's root ([`RunDir::ganeti`]) reads and
+/// writes a Ganeti node's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunDir {
     root: PathBuf,
