@@ -397,6 +397,15 @@ impl KvmHypervisor {
             .await
             .map_err(|e| qmp_err("balloon to startup memory", e))?;
         }
+        // The guest's balloon driver reports its memory every few seconds
+        // for `stats` (best effort: an old QEMU has no such property).
+        let _ = qmp
+            .run(&commands::QomSet {
+                path: crate::stats::BALLOON.into(),
+                property: "guest-stats-polling-interval".into(),
+                value: crate::stats::GUEST_STATS_INTERVAL_SECS.into(),
+            })
+            .await;
         tracing::debug!(instance = %name, "configured over QMP");
         Ok(qmp)
     }

@@ -208,15 +208,14 @@ async fn instance_stats(paths: InstancePaths, pid: i32, timeout: Duration) -> In
 
 /// The balloon device of an instance gkvm started (`-device
 /// virtio-balloon-pci,id=balloon0`).
-const BALLOON: &str = "/machine/peripheral/balloon0";
+pub(crate) const BALLOON: &str = "/machine/peripheral/balloon0";
 
-/// How often the guest's balloon driver is asked for its statistics once
-/// someone reads them.
-const GUEST_STATS_INTERVAL_SECS: u64 = 2;
+/// How often QEMU asks the guest's balloon driver for its statistics (set
+/// at start).
+pub(crate) const GUEST_STATS_INTERVAL_SECS: u64 = 2;
 
-/// The guest's memory statistics from its balloon driver; the first time
-/// (none reported yet) QEMU is asked to poll the driver, and the answer
-/// comes at a later call.
+/// The guest's memory statistics from its balloon driver, once it has
+/// reported (QEMU polls it from the start).
 async fn guest_memory(qmp: &Qmp) -> Option<GuestMemoryStats> {
     let stats = qmp
         .run(&commands::QomGet {
@@ -238,13 +237,6 @@ async fn guest_memory(qmp: &Qmp) -> Option<GuestMemoryStats> {
             .filter(|v| *v != u64::MAX)
     };
     if last_update == 0 {
-        let _ = qmp
-            .run(&commands::QomSet {
-                path: BALLOON.into(),
-                property: "guest-stats-polling-interval".into(),
-                value: GUEST_STATS_INTERVAL_SECS.into(),
-            })
-            .await;
         return None;
     }
     Some(GuestMemoryStats {

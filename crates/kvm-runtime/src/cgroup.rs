@@ -82,25 +82,17 @@ impl CgroupPlace {
     /// unified tree with controllers, v1 when it has per-controller
     /// trees, `None` when neither (no cgroups to use).
     pub fn layout(&self) -> Option<CgroupLayout> {
-        let controllers = std::fs::read_to_string(self.root.join("cgroup.controllers"));
-        if controllers.is_ok_and(|c| !c.trim().is_empty()) {
-            return Some(CgroupLayout::V2);
-        }
-        V1_CONTROLLERS
-            .iter()
-            .any(|c| self.root.join(c).join("cgroup.procs").is_file())
-            .then_some(CgroupLayout::V1)
+        trees(&self.root).map(|(layout, _)| layout)
     }
 
     /// The instance's directories: one (v2), or one per v1 controller
     /// mounted here, with its controller's name.
     pub fn dirs(&self) -> Vec<(&'static str, PathBuf)> {
-        match self.layout() {
-            Some(CgroupLayout::V2) => vec![("", self.root.join(&self.group))],
-            Some(CgroupLayout::V1) => V1_CONTROLLERS
-                .iter()
-                .filter(|c| self.root.join(c).join("cgroup.procs").is_file())
-                .map(|c| (*c, self.root.join(c).join(&self.group)))
+        match trees(&self.root) {
+            Some((CgroupLayout::V2, _)) => vec![("", self.root.join(&self.group))],
+            Some((CgroupLayout::V1, controllers)) => controllers
+                .into_iter()
+                .map(|c| (c, self.root.join(c).join(&self.group)))
                 .collect(),
             None => Vec::new(),
         }
@@ -285,6 +277,34 @@ impl CgroupPlace {
         }
         Ok(())
     }
+}
+
+/// The layout under `root` and, for v1, the controllers mounted there:
+/// looked at once per process for a root that has cgroups (they are
+/// mounted at boot; every operation of a long-lived process asks).
+fn trees(root: &Path) -> Option<(CgroupLayout, Vec<&'static str>)> {
+    type Seen = std::collections::HashMap<PathBuf, (CgroupLayout, Vec<&'static str>)>;
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<Seen>> = std::sync::OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(known) = seen.lock().ok()?.get(root) {
+        return Some(known.clone());
+    }
+    let controllers = std::fs::read_to_string(root.join("cgroup.controllers"));
+    let found = if controllers.is_ok_and(|c| !c.trim().is_empty()) {
+        (CgroupLayout::V2, Vec::new())
+    } else {
+        let v1: Vec<&'static str> = V1_CONTROLLERS
+            .iter()
+            .copied()
+            .filter(|c| root.join(c).join("cgroup.procs").is_file())
+            .collect();
+        if v1.is_empty() {
+            return None;
+        }
+        (CgroupLayout::V1, v1)
+    };
+    seen.lock().ok()?.insert(root.to_owned(), found.clone());
+    Some(found)
 }
 
 /// How long a cgroup's zombies may take to be reaped before its removal
