@@ -22,25 +22,14 @@ fn hv(dir: &Path, qemu: &Path) -> KvmHypervisor {
     KvmHypervisor::new(c)
 }
 
-/// This process's CPU time (user and system), all threads.
-fn own_cpu() -> Duration {
+/// CPU time (user and system) of `who`: `RUSAGE_SELF` (this process,
+/// all threads) or `RUSAGE_CHILDREN` (finished children: the `gkvm`
+/// processes).
+fn cpu_of(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
-    };
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-/// The CPU time of finished children (the `gkvm` processes).
-fn children_cpu() -> Duration {
-    // SAFETY: as in own_cpu.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid pointer to a rusage.
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) };
+    unsafe { libc::getrusage(who, &mut u) };
     let tv = |t: libc::timeval| {
         Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
             + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
@@ -123,12 +112,12 @@ fn main() {
                 while set.join_next().await.is_some() {}
             });
         });
-        let cpu0 = own_cpu();
+        let cpu0 = cpu_of(libc::RUSAGE_SELF);
         let facade = measure(N, 1, || {
             let got = rt.block_on(hv.stats(some)).unwrap();
             assert_eq!(got.len(), n);
         });
-        let facade_cpu = (own_cpu() - cpu0) / u32::try_from(N + 1).unwrap();
+        let facade_cpu = (cpu_of(libc::RUSAGE_SELF) - cpu0) / u32::try_from(N + 1).unwrap();
         rows.push(Row {
             name: format!("raw QMP, {n} instances at once"),
             stats: bare,
@@ -142,7 +131,7 @@ fn main() {
             goal: None,
         });
         if gkvm.exists() {
-            let c0 = children_cpu();
+            let c0 = cpu_of(libc::RUSAGE_CHILDREN);
             let process: Stats = measure(N, 1, || {
                 let out = std::process::Command::new(&gkvm)
                     .arg("--run-dir")
@@ -157,7 +146,7 @@ fn main() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             });
-            let process_cpu = (children_cpu() - c0) / u32::try_from(N + 1).unwrap();
+            let process_cpu = (cpu_of(libc::RUSAGE_CHILDREN) - c0) / u32::try_from(N + 1).unwrap();
             rows.push(Row {
                 name: format!("gkvm stats as a process, {n}"),
                 stats: process,

@@ -115,19 +115,13 @@ impl CgroupPlace {
                 mkdir(&at)?;
             }
         }
+        // The group is PARENT/NAME under each tree (made above on v2).
         let mut procs = Vec::new();
         for (_, dir) in self.dirs() {
-            if layout == CgroupLayout::V1 {
-                for d in dir
-                    .ancestors()
-                    .take(self.group.iter().count())
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                {
-                    mkdir(d)?;
-                }
+            if let Some(parent) = dir.parent() {
+                mkdir(parent)?;
             }
+            mkdir(&dir)?;
             procs.push(dir.join("cgroup.procs"));
         }
         Ok(procs)
@@ -172,9 +166,7 @@ impl CgroupPlace {
                     writes.push((dir.join("cpu.shares"), shares.to_string()));
                 }
                 (CgroupLayout::V1, "memory") => {
-                    // The hard limit first when lowering, last when
-                    // raising, so the soft one is never above it... the
-                    // kernel takes them in either order for v1.
+                    // v1 takes the hard and the soft limit in either order.
                     writes.push((
                         dir.join("memory.limit_in_bytes"),
                         bytes_or(limits.memory_max, "-1"),
