@@ -281,7 +281,10 @@ fn stats_follow_what_the_guest_does() {
             )
             .unwrap();
         assert!(out.contains("stats-done"), "{out}");
-        let all = hv.stats(&[]).await.unwrap();
+        let all = hv
+            .stats_with(&[], hv_kvm::StatsOptions::default().with_pss(true))
+            .await
+            .unwrap();
         assert_eq!(all.len(), 1);
         let after = all.into_iter().next().unwrap();
         assert_eq!(after.pid, report.pid);
@@ -306,9 +309,20 @@ fn stats_follow_what_the_guest_does() {
             report.pid, after.vcpus[0].thread_id
         ));
         assert!(thread.exists(), "{}", thread.display());
+        // The vCPU thread found by its name in /proc is the one QEMU says.
+        let cpus = gkvm_qmp::Qmp::connect(&paths.qmp, gkvm_qmp::Options::default())
+            .await
+            .unwrap()
+            .run(&gkvm_qmp::commands::QueryCpusFast)
+            .await
+            .unwrap();
+        assert_eq!(cpus.len(), 1);
+        assert_eq!(cpus[0].thread_id, after.vcpus[0].thread_id);
         assert!(after.vcpus[0].cpu_time_secs > 0.0);
         assert!(after.cpu_time_secs >= after.vcpus[0].cpu_time_secs);
         assert!(after.rss_bytes > 0 && after.balloon_bytes == Some(128 * MIB));
+        let pss = after.pss_bytes.expect("PSS");
+        assert!(pss > 0 && pss <= after.rss_bytes, "{after:?}");
         // The guest's own view of its memory, from its balloon driver:
         // asked for at the first read, there once the driver answered.
         let deadline = Instant::now() + Duration::from_secs(60);

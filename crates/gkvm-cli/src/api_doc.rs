@@ -28,7 +28,7 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "overview"}"#,
     r#"{"op": "info", "instances": ["web1"]}"#,
     r#"{"op": "node_info"}"#,
-    r#"{"op": "stats", "instances": []}"#,
+    r#"{"op": "stats", "instances": [], "pss": false}"#,
     r#"{"op": "powercycle_node", "dry_run": true}"#,
     r#"{"op": "console", "instance": "web1"}"#,
     r#"{"op": "verify"}"#,

@@ -88,10 +88,16 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             names,
             prometheus,
             listen,
-        } => match listen {
-            Some(addr) => crate::exporter::serve(hypervisor(c)?, names.clone(), *addr).await,
-            None => stats(c, names, *prometheus).await,
-        },
+            pss,
+        } => {
+            let options = hv_kvm::StatsOptions::default().with_pss(*pss);
+            match listen {
+                Some(addr) => {
+                    crate::exporter::serve(hypervisor(c)?, names.clone(), options, *addr).await
+                }
+                None => stats(c, names, options, *prometheus).await,
+            }
+        }
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
         Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
@@ -448,8 +454,13 @@ async fn info(cli: &Cli, names: &[String]) -> CliResult {
     render::infos(cli.json, &hypervisor(cli)?.info_many(names).await?)
 }
 
-async fn stats(cli: &Cli, names: &[String], prometheus: bool) -> CliResult {
-    let stats = hypervisor(cli)?.stats(names).await?;
+async fn stats(
+    cli: &Cli,
+    names: &[String],
+    options: hv_kvm::StatsOptions,
+    prometheus: bool,
+) -> CliResult {
+    let stats = hypervisor(cli)?.stats_with(names, options).await?;
     if prometheus {
         return render::stats_prometheus(&stats);
     }

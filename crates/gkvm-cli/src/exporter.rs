@@ -20,7 +20,12 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 8 << 10;
 
 /// Serves `names` (every instance when empty) on `addr` until stopped.
-pub(crate) async fn serve(hv: KvmHypervisor, names: Vec<String>, addr: SocketAddr) -> CliResult {
+pub(crate) async fn serve(
+    hv: KvmHypervisor,
+    names: Vec<String>,
+    options: hv_kvm::StatsOptions,
+    addr: SocketAddr,
+) -> CliResult {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::new(1, "exporter", format!("cannot listen on {addr}: {e}")))?;
@@ -33,7 +38,7 @@ pub(crate) async fn serve(hv: KvmHypervisor, names: Vec<String>, addr: SocketAdd
             continue;
         };
         let answered =
-            tokio::time::timeout(CLIENT_TIMEOUT * 2, answer(&hv, &names, &mut sock)).await;
+            tokio::time::timeout(CLIENT_TIMEOUT * 2, answer(&hv, &names, options, &mut sock)).await;
         if let Ok(Err(e)) = answered {
             tracing::debug!(error = %e, "a scrape failed");
         }
@@ -44,6 +49,7 @@ pub(crate) async fn serve(hv: KvmHypervisor, names: Vec<String>, addr: SocketAdd
 async fn answer(
     hv: &KvmHypervisor,
     names: &[String],
+    options: hv_kvm::StatsOptions,
     sock: &mut tokio::net::TcpStream,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
@@ -67,7 +73,7 @@ async fn answer(
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let body = match hv.stats(names).await {
+            let body = match hv.stats_with(names, options).await {
                 Ok(stats) => crate::render::prometheus_text(&stats),
                 Err(e) => {
                     return respond(sock, 503, "text/plain", &format!("{}\n", e.report())).await

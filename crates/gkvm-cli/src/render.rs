@@ -372,6 +372,15 @@ pub(crate) fn prometheus_text(stats: &[hv_kvm::InstanceStats]) -> String {
             .collect(),
     );
     family(
+        "proportional_memory_bytes",
+        "gauge",
+        "Proportional share of memory (PSS) of the instance's QEMU on the host.",
+        stats
+            .iter()
+            .filter_map(|s| Some((inst(s), s.pss_bytes?.to_string())))
+            .collect(),
+    );
+    family(
         "balloon_bytes",
         "gauge",
         "The guest's memory as its balloon sets it.",

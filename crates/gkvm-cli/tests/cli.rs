@@ -576,6 +576,17 @@ fn stats_are_served_over_http_on_request() {
     assert!(out.status.success());
     let metrics = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
     assert!(metrics.contains("instance=\"exp2\""), "{metrics}");
+    // PSS only when asked (it costs the kernel a page-table walk).
+    assert!(!metrics.contains("gkvm_proportional_memory_bytes{"), "{metrics}");
+    let out = gkvm(&run, &["stats", "--prometheus", "--pss", "exp1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pss: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gkvm_proportional_memory_bytes{instance=\"exp1\"} "))
+        .unwrap_or_else(|| panic!("no PSS in {text}"))
+        .parse()
+        .unwrap();
+    assert!(pss > 0, "{text}");
     assert!(http(&addr, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(http(&addr, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
     // SAFETY: kill(2) of the exporter this test started.

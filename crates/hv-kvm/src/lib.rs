@@ -58,7 +58,7 @@ pub use ops::{
     StartMode, StopMode,
 };
 use serde::{Deserialize, Serialize};
-pub use stats::{DiskStats, GuestMemoryStats, InstanceStats, NicStats, VcpuStats};
+pub use stats::{DiskStats, GuestMemoryStats, InstanceStats, NicStats, StatsOptions, VcpuStats};
 pub use types::{
     ConsoleInfo, HelperInfo, InstanceInfo, InstanceState, MigrationState, NodeInfo, PowercyclePlan,
     StartReport, VerifyReport,

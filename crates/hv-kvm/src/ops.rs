@@ -237,6 +237,10 @@ pub enum Request {
     Stats {
         /// The instances.
         instances: Vec<String>,
+        /// Also QEMU's proportional memory (PSS; costs the kernel a walk
+        /// of QEMU's page tables, see [`crate::StatsOptions::pss`]).
+        #[serde(default)]
+        pss: bool,
     },
     /// Power-cycle this node at once (fencing), or with `dry_run` only
     /// say how.
@@ -557,7 +561,10 @@ impl KvmHypervisor {
             R::Overview => Response::Info(self.overview().await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),
             R::NodeInfo => Response::Node(self.node_info().await?),
-            R::Stats { instances } => Response::Stats(self.stats(&instances).await?),
+            R::Stats { instances, pss } => Response::Stats(
+                self.stats_with(&instances, crate::StatsOptions::default().with_pss(pss))
+                    .await?,
+            ),
             R::PowercycleNode { dry_run } => Response::Powercycle(self.powercycle_node(dry_run)?),
             R::Console { instance } => Response::Console(self.console(&instance)?),
             R::Verify => Response::Verify(self.verify().await),

@@ -258,7 +258,7 @@ impl KvmHypervisor {
     }
 
     /// The running instances with their QEMU pids, checked once each.
-    fn running(&self) -> Result<Vec<(InstancePaths, i32)>> {
+    pub(crate) fn running(&self) -> Result<Vec<(InstancePaths, i32)>> {
         Ok(self
             .survey()?
             .into_iter()

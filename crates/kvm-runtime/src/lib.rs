@@ -52,7 +52,9 @@ mod uid;
 
 pub use error::{human_duration, Error};
 pub use layout::{CleanupReport, InstancePaths, RunDir, DEFAULT_ROOT, GANETI_ROOT};
-pub use live::{is_zombie_or_gone, proc_stat, process_runs_instance, Liveness, ProcStat};
+pub use live::{
+    is_zombie_or_gone, proc_stat, process_runs_instance, thread_stats, Liveness, ProcStat,
+};
 pub use lock::{InstanceLock, LockGuard};
 pub use name::{validate_name, MAX_NAME_LEN};
 pub use pidfd::{kill_and_wait_pidfd, pidfd_open, wait_pidfd};

@@ -321,8 +321,28 @@ impl ProcStat {
 /// `/proc/PID/stat`, read in one call (it is read for every instance on
 /// every `list`); `None` when the process is gone.
 pub fn proc_stat(pid: i32) -> Option<ProcStat> {
+    read_stat(&format!("/proc/{pid}/stat")).map(|(_, s)| s)
+}
+
+/// The threads of process `pid` (`/proc/PID/task/*/stat`): each one's
+/// id, name (`comm`, e.g. QEMU's `CPU 0/KVM` under `debug-threads=on`)
+/// and counters. Empty when the process is gone.
+pub fn thread_stats(pid: i32) -> Vec<(i32, String, ProcStat)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let (name, stat) = read_stat(&format!("/proc/{pid}/task/{tid}/stat"))?;
+        Some((tid, name, stat))
+    })
+    .collect()
+}
+
+/// A `stat` file of `/proc`: the command name and the counters.
+fn read_stat(path: &str) -> Option<(String, ProcStat)> {
     use std::io::Read;
-    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut file = std::fs::File::open(path).ok()?;
     let mut buf = [0u8; 1024];
     let mut len = 0;
     // The kernel writes the whole line in one read when it fits: a read
@@ -335,7 +355,15 @@ pub fn proc_stat(pid: i32) -> Option<ProcStat> {
             Err(_) => return None,
         }
     }
-    parse_stat(&buf[..len])
+    let text = &buf[..len];
+    let name = text
+        .iter()
+        .position(|b| *b == b'(')
+        .zip(text.iter().rposition(|b| *b == b')'))
+        .filter(|(open, close)| open < close)
+        .map(|(open, close)| String::from_utf8_lossy(&text[open + 1..close]).into_owned())
+        .unwrap_or_default();
+    Some((name, parse_stat(text)?))
 }
 
 /// Parses `/proc/PID/stat`: the fields after the command name, which
@@ -376,6 +404,15 @@ mod tests {
         assert!(parse_stat(b"garbage").is_none());
         let me = proc_stat(std::process::id().cast_signed()).unwrap();
         assert!(me.start_ticks > 0 && !me.is_zombie());
+        let pid = std::process::id().cast_signed();
+        let threads = thread_stats(pid);
+        assert!(
+            threads.iter().any(|(tid, name, s)| *tid == pid
+                && !name.is_empty()
+                && s.start_ticks == me.start_ticks),
+            "{threads:?}"
+        );
+        assert!(thread_stats(-1).is_empty());
     }
 
     fn args(list: &[&str]) -> Vec<Vec<u8>> {
