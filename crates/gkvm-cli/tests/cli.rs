@@ -577,7 +577,10 @@ fn stats_are_served_over_http_on_request() {
     let metrics = http(&addr, "GET /metrics HTTP/1.0\r\n\r\n");
     assert!(metrics.contains("instance=\"exp2\""), "{metrics}");
     // PSS only when asked (it costs the kernel a page-table walk).
-    assert!(!metrics.contains("gkvm_proportional_memory_bytes{"), "{metrics}");
+    assert!(
+        !metrics.contains("gkvm_proportional_memory_bytes{"),
+        "{metrics}"
+    );
     let out = gkvm(&run, &["stats", "--prometheus", "--pss", "exp1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let pss: u64 = text

@@ -430,6 +430,13 @@ impl KvmHypervisor {
         hp.save(&spec, None)?;
         guard.armed = false;
         hp.done()?;
+        // The I/O ceilings hold on the new disk's device too. The disk is
+        // in; a ceiling that cannot be written is said, not undone.
+        if !spec.hvparams.cgroup_io_max.trim().is_empty() && hp.paths.cgroup.exists() {
+            if let Err(e) = crate::cgroup::apply_limits(&spec, &hp.paths) {
+                tracing::warn!(instance = %name, disk = %id, error = %e, "cgroup_io_max not applied");
+            }
+        }
         tracing::info!(instance = %name, disk = %id, "disk added");
         Ok(spec.disks[seq].clone())
     }
@@ -813,10 +820,7 @@ impl KvmHypervisor {
                 }
             }
         }
-        paths
-            .cgroup
-            .apply(&crate::cgroup::limits_of(&spec.hvparams))
-            .map_err(fail)?;
+        crate::cgroup::apply_limits(&spec, &paths).map_err(fail)?;
         hp.save(&spec, None)?;
         tracing::info!(instance = %name, ?changes, "limits set");
         Ok(())

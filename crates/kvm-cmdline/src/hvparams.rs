@@ -417,9 +417,10 @@ pub struct HvParams {
     /// QEMU's seccomp sandbox (gkvm's parameter; on by default).
     pub sandbox: Sandbox,
     /// CPU time the instance's cgroup may use, in percent of one CPU (150:
-    /// one and a half); 0: no limit. gkvm's, like the other `cgroup_*`:
-    /// with any of them set, QEMU and its helpers run in a cgroup of the
-    /// instance's own.
+    /// one and a half); 0: no limit. gkvm's, like the other `cgroup_*`.
+    /// QEMU and its helpers run in a cgroup of the instance's own where
+    /// the node has cgroups; with any limit set, a node without them
+    /// cannot start the instance.
     #[serde(with = "lenient")]
     #[schemars(with = "u32")]
     pub cgroup_cpu_quota: u32,
@@ -447,6 +448,13 @@ pub struct HvParams {
     #[serde(with = "lenient")]
     #[schemars(with = "u32")]
     pub cgroup_io_weight: u32,
+    /// Block I/O ceilings on the host device under each of the instance's
+    /// disks, in the kernel's `io.max` keys: any of `rbps`, `wbps` (bytes
+    /// a second; suffixes K, M, G), `riops`, `wiops` (operations a
+    /// second), comma separated (`rbps=20M,wiops=500`); empty: none. The
+    /// kernel holds buffered writes to them only on cgroup v2; QEMU's own
+    /// throttle groups (`io_limits`) hold everything, per disk.
+    pub cgroup_io_max: String,
 }
 
 impl Default for HvParams {
@@ -530,6 +538,7 @@ impl Default for HvParams {
             cgroup_memory_high: 0,
             cgroup_pids_max: 0,
             cgroup_io_weight: 0,
+            cgroup_io_max: String::new(),
         }
     }
 }
@@ -537,7 +546,7 @@ impl Default for HvParams {
 /// The hypervisor parameters gkvm has beyond Ganeti 3.1's 65: a Ganeti
 /// cluster cannot set them (its parameter tables are fixed in its code);
 /// they take their defaults there.
-pub const GKVM_HVPARAMS: [&str; 13] = [
+pub const GKVM_HVPARAMS: [&str; 14] = [
     "firmware",
     "rng",
     "rng_rate",
@@ -551,18 +560,70 @@ pub const GKVM_HVPARAMS: [&str; 13] = [
     "cgroup_memory_high",
     "cgroup_pids_max",
     "cgroup_io_weight",
+    "cgroup_io_max",
 ];
 
 /// The hvparams that set an instance's cgroup limits, which change live
 /// (`set-limits`).
-pub const CGROUP_HVPARAMS: [&str; 6] = [
+pub const CGROUP_HVPARAMS: [&str; 7] = [
     "cgroup_cpu_quota",
     "cgroup_cpu_weight",
     "cgroup_memory_max",
     "cgroup_memory_high",
     "cgroup_pids_max",
     "cgroup_io_weight",
+    "cgroup_io_max",
 ];
+
+/// Block I/O ceilings per backing device (`cgroup_io_max`): unset means
+/// no ceiling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CgroupIoMax {
+    /// Bytes read a second.
+    pub read_bps: Option<u64>,
+    /// Bytes written a second.
+    pub write_bps: Option<u64>,
+    /// Read operations a second.
+    pub read_iops: Option<u64>,
+    /// Write operations a second.
+    pub write_iops: Option<u64>,
+}
+
+impl CgroupIoMax {
+    /// Parses `rbps=20M,wbps=10M,riops=500,wiops=200` (any of them, each
+    /// once; empty: none).
+    pub fn parse(text: &str) -> Result<CgroupIoMax, String> {
+        let mut max = CgroupIoMax::default();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not KEY=VALUE (rbps, wbps, riops, wiops)"))?;
+            let slot = match key.trim() {
+                "rbps" => &mut max.read_bps,
+                "wbps" => &mut max.write_bps,
+                "riops" => &mut max.read_iops,
+                "wiops" => &mut max.write_iops,
+                other => return Err(format!("{other:?} is not one of rbps, wbps, riops, wiops")),
+            };
+            let n = crate::values::parse_size_bytes(value).map_err(|e| format!("{key}: {e}"))?;
+            if n == 0 {
+                return Err(format!(
+                    "{key}=0 would stop the disks (leave it out for no ceiling)"
+                ));
+            }
+            if slot.replace(n).is_some() {
+                return Err(format!("{key} is given twice"));
+            }
+        }
+        Ok(max)
+    }
+
+    /// Whether any ceiling is set.
+    pub fn is_set(&self) -> bool {
+        *self != CgroupIoMax::default()
+    }
+}
 
 impl HvParams {
     /// Whether any cgroup limit is set (the instance then runs in a cgroup
@@ -578,6 +639,16 @@ impl HvParams {
         ]
         .iter()
         .any(|v| *v > 0)
+            || !self.cgroup_io_max.trim().is_empty()
+    }
+
+    /// The `cgroup_io_max` ceilings; a malformed value is an error naming
+    /// the parameter.
+    pub fn cgroup_io_max(&self) -> Result<CgroupIoMax, Error> {
+        CgroupIoMax::parse(&self.cgroup_io_max).map_err(|reason| Error::Syntax {
+            key: "cgroup_io_max".into(),
+            reason,
+        })
     }
 
     /// The least `cgroup_memory_max` (MiB) an instance of `memory` MiB can
@@ -894,6 +965,36 @@ pub(crate) mod lenient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_ceilings_parse_and_bad_ones_are_named() {
+        let max = CgroupIoMax::parse("rbps=20M, wiops=500").unwrap();
+        assert_eq!(max.read_bps, Some(20 << 20));
+        assert_eq!(max.write_iops, Some(500));
+        assert_eq!(max.write_bps, None);
+        assert!(max.is_set());
+        assert!(!CgroupIoMax::parse("").unwrap().is_set());
+        for (bad, says) in [
+            ("rbps", "KEY=VALUE"),
+            ("xbps=1", "not one of"),
+            ("rbps=1,rbps=2", "twice"),
+            ("wbps=0", "stop the disks"),
+            ("riops=ten", "not a number"),
+        ] {
+            let e = CgroupIoMax::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let mut hv = HvParams::default();
+        assert!(!hv.has_cgroup_limits());
+        hv.set_pair("cgroup_io_max=wbps=1M").unwrap();
+        assert!(hv.has_cgroup_limits());
+        hv.cgroup_io_max = "what".into();
+        assert!(hv
+            .cgroup_io_max()
+            .unwrap_err()
+            .to_string()
+            .contains("cgroup_io_max"));
+    }
 
     #[test]
     fn a_restart_takes_exactly_the_restart_safe_keys() {

@@ -61,7 +61,7 @@ pub use caps::{
 };
 pub use cpumask::{CpuMask, CpuSet};
 pub use error::Error;
-pub use hvparams::{HvParams, CGROUP_HVPARAMS, GKVM_HVPARAMS, RESTART_SAFE_HVPARAMS};
+pub use hvparams::{CgroupIoMax, HvParams, CGROUP_HVPARAMS, GKVM_HVPARAMS, RESTART_SAFE_HVPARAMS};
 pub use instance::tap_template_problem;
 pub use instance::{
     validate_instance_name, validate_mac, DeviceAddress, DiskMode, DiskSpec, InstanceSpec, Layout,

@@ -135,6 +135,7 @@ impl HvParams {
         self.check_paths()?;
         self.check_combinations()?;
         self.check_display()?;
+        self.cgroup_io_max()?;
         self.check_text()
     }
 

@@ -39,6 +39,66 @@ pub struct CgroupLimits {
     pub io_weight: Option<u64>,
 }
 
+/// Block I/O ceilings on one host block device (none: no ceiling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoMax {
+    /// Bytes read a second.
+    pub read_bps: Option<u64>,
+    /// Bytes written a second.
+    pub write_bps: Option<u64>,
+    /// Read operations a second.
+    pub read_iops: Option<u64>,
+    /// Write operations a second.
+    pub write_iops: Option<u64>,
+}
+
+/// A host block device, by its numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockDev {
+    /// Its major number.
+    pub major: u32,
+    /// Its minor number.
+    pub minor: u32,
+}
+
+impl std::fmt::Display for BlockDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+impl BlockDev {
+    /// The whole disk whose I/O reads and writes `path` (a block device,
+    /// or a file on one), as the kernel's I/O controllers take it: a
+    /// partition is turned into its disk. `None` for a file on a
+    /// filesystem without a block device (tmpfs, NFS) or a path that
+    /// does not exist.
+    pub fn under(path: &Path) -> Option<BlockDev> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path).ok()?;
+        let dev = if meta.file_type().is_block_device() {
+            meta.rdev()
+        } else {
+            meta.dev()
+        };
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        if !sys.exists() {
+            return None;
+        }
+        // A partition's sysfs directory sits in its disk's.
+        if sys.join("partition").exists() {
+            let disk = std::fs::read_to_string(sys.join("../dev")).ok()?;
+            let (major, minor) = disk.trim().split_once(':')?;
+            return Some(BlockDev {
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+            });
+        }
+        Some(BlockDev { major, minor })
+    }
+}
+
 /// An instance's place in the cgroup trees: `ROOT[/CONTROLLER]/GROUP`,
 /// with GROUP `gkvm/NAME` for the default run directory and
 /// `gkvm-HASH/NAME` for another (so two run directories' instances of one
@@ -202,6 +262,55 @@ impl CgroupPlace {
         Ok(())
     }
 
+    /// Writes the I/O ceilings `max` for each of `devices` (a ceiling
+    /// left out is lifted): v2 `io.max`, v1 the `blkio.throttle.*`
+    /// files. A kernel without them is an error naming the file.
+    pub fn apply_io_max(&self, devices: &[BlockDev], max: &IoMax) -> Result<(), Error> {
+        let Some(layout) = self.layout() else {
+            return Ok(());
+        };
+        let mut writes: Vec<(PathBuf, String)> = Vec::new();
+        for (controller, dir) in self.dirs() {
+            for dev in devices {
+                match (layout, controller) {
+                    (CgroupLayout::V2, _) => {
+                        let v = |v: Option<u64>| v.map_or("max".to_owned(), |n| n.to_string());
+                        writes.push((
+                            dir.join("io.max"),
+                            format!(
+                                "{dev} rbps={} wbps={} riops={} wiops={}",
+                                v(max.read_bps),
+                                v(max.write_bps),
+                                v(max.read_iops),
+                                v(max.write_iops)
+                            ),
+                        ));
+                    }
+                    (CgroupLayout::V1, "blkio") => {
+                        for (file, value) in [
+                            ("blkio.throttle.read_bps_device", max.read_bps),
+                            ("blkio.throttle.write_bps_device", max.write_bps),
+                            ("blkio.throttle.read_iops_device", max.read_iops),
+                            ("blkio.throttle.write_iops_device", max.write_iops),
+                        ] {
+                            // 0 removes the device's rule.
+                            writes.push((dir.join(file), format!("{dev} {}", value.unwrap_or(0))));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (file, value) in writes {
+            std::fs::write(&file, &value).map_err(|e| Error::Io {
+                op: "write a cgroup I/O ceiling",
+                path: file.clone(),
+                source: std::io::Error::new(e.kind(), format!("{value}: {e}")),
+            })?;
+        }
+        Ok(())
+    }
+
     /// The CPU time the cgroup's processes have used, in nanoseconds
     /// (v2 `cpu.stat`'s `usage_usec`, v1 `cpuacct.usage`).
     pub fn cpu_usage_ns(&self) -> Option<u64> {
@@ -233,14 +342,17 @@ impl CgroupPlace {
         self.dirs().iter().any(|(_, d)| d.is_dir())
     }
 
-    /// Removes the instance's cgroup (its processes are gone) and its
-    /// parent when that is empty. A cgroup that still has processes is an
-    /// error naming it.
+    /// Removes the instance's cgroup once its QEMU is gone, and its
+    /// parent when that is empty. The cgroup is the instance's alone:
+    /// a process still alive in it then is a part of the instance that
+    /// outlived it (a QEMU stopped half-way through daemonizing, a helper,
+    /// a child of a start that was interrupted before it exec'd), and is
+    /// killed. A cgroup that still cannot go is an error naming it.
     pub fn remove(&self) -> Result<(), Error> {
         for (_, dir) in self.dirs() {
             // The kernel keeps a process in its cgroup until it is reaped,
-            // and an orphan's reaper (init) may take a while: only such
-            // zombies are waited for, never a live process.
+            // and an orphan's reaper (init) may take a while: zombies are
+            // waited for, live processes killed first.
             let deadline = std::time::Instant::now() + ZOMBIE_WAIT;
             loop {
                 match std::fs::remove_dir(&dir) {
@@ -248,9 +360,9 @@ impl CgroupPlace {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(e)
                         if e.raw_os_error() == Some(libc::EBUSY)
-                            && std::time::Instant::now() < deadline
-                            && only_zombies(&dir) =>
+                            && std::time::Instant::now() < deadline =>
                     {
+                        kill_live_members(&dir);
                         std::thread::sleep(std::time::Duration::from_millis(5));
                     }
                     Err(e) => {
@@ -303,15 +415,21 @@ fn trees(root: &Path) -> Option<(CgroupLayout, Vec<&'static str>)> {
 /// fails.
 const ZOMBIE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether every process the cgroup at `dir` lists is dead (a zombie or
-/// gone).
-fn only_zombies(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
-        procs
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .all(crate::is_zombie_or_gone)
-    })
+/// Kills every live process the cgroup at `dir` lists (SIGKILL: what is
+/// left of an instance whose QEMU is gone).
+fn kill_live_members(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|p| *p > 1 && !crate::is_zombie_or_gone(*p))
+    {
+        tracing::warn!(pid, cgroup = %dir.display(), "ending a process left in the instance's cgroup");
+        // SAFETY: kill(2) of a process in the instance's own cgroup.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
 fn mkdir(dir: &Path) -> Result<(), Error> {
@@ -423,6 +541,60 @@ mod tests {
         place.remove().unwrap();
         assert!(!dir.exists() && !root.join("gkvm").exists());
         place.remove().unwrap();
+    }
+
+    #[test]
+    fn io_ceilings_are_written_per_device_in_both_layouts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("v2");
+        std::fs::create_dir(&root).unwrap();
+        v2_tree(&root);
+        let place = CgroupPlace::new(&root, Path::new("/run/gkvm"), "vm1");
+        place.create().unwrap();
+        let dir = root.join("gkvm/vm1");
+        let devs = [
+            BlockDev {
+                major: 254,
+                minor: 0,
+            },
+            BlockDev {
+                major: 8,
+                minor: 16,
+            },
+        ];
+        let max = IoMax {
+            read_bps: Some(20 << 20),
+            write_iops: Some(500),
+            ..IoMax::default()
+        };
+        // The kernel's io.max takes one device a write; a file here keeps
+        // the last.
+        place.apply_io_max(&devs[..1], &max).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("io.max")).unwrap(),
+            "254:0 rbps=20971520 wbps=max riops=max wiops=500"
+        );
+        // v1: the blkio controller's four throttle files.
+        let root = tmp.path().join("v1");
+        for c in V1_CONTROLLERS {
+            std::fs::create_dir_all(root.join(c)).unwrap();
+            std::fs::write(root.join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let place = CgroupPlace::new(&root, Path::new("/run/gkvm"), "vm1");
+        place.create().unwrap();
+        place.apply_io_max(&devs[1..], &max).unwrap();
+        let read = |f: &str| std::fs::read_to_string(root.join("blkio/gkvm/vm1").join(f)).unwrap();
+        assert_eq!(read("blkio.throttle.read_bps_device"), "8:16 20971520");
+        assert_eq!(read("blkio.throttle.write_bps_device"), "8:16 0");
+        assert_eq!(read("blkio.throttle.write_iops_device"), "8:16 500");
+        // The disk under a file, and under a partition, is the whole disk.
+        let here = BlockDev::under(tmp.path());
+        if let Some(dev) = here {
+            let sys = format!("/sys/dev/block/{dev}");
+            assert!(!Path::new(&sys).join("partition").exists(), "{sys}");
+        }
+        assert_eq!(BlockDev::under(Path::new("/nonexistent/file")), None);
+        assert_eq!(BlockDev::under(Path::new("/proc/self/stat")), None);
     }
 
     #[test]

@@ -550,15 +550,64 @@ pub fn helpers_in(run_dir: &Path) -> Vec<i32> {
 /// Kills, when dropped, every QEMU of a run dir (found in `/proc` by its
 /// `-pidfile`, so a test that removed or garbled a pid file still cleans
 /// up), so a test that fails half-way does not leave daemonized QEMUs
-/// (and their TAPs) behind.
+/// (and their TAPs) behind; and removes the gkvm cgroups they ran in.
 #[derive(Debug)]
 pub struct KillRunDir(pub PathBuf);
 
 impl Drop for KillRunDir {
     fn drop(&mut self) {
-        for pid in qemus_in(&self.0).into_iter().chain(helpers_in(&self.0)) {
+        let pids: Vec<i32> = qemus_in(&self.0)
+            .into_iter()
+            .chain(helpers_in(&self.0))
+            .collect();
+        let cgroups: Vec<PathBuf> = pids.iter().flat_map(|p| gkvm_cgroups_of(*p)).collect();
+        for pid in &pids {
             // SAFETY: kill(2); the process is a QEMU of this test's run dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        // A cgroup goes once its processes are reaped (init may take a
+        // while with orphans).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for dir in cgroups {
+            while dir.exists()
+                && std::fs::remove_dir(&dir).is_err()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
+}
+
+/// The directories of the gkvm cgroups (`/gkvm…/NAME`) process `pid` is
+/// in, from `/proc/PID/cgroup`.
+fn gkvm_cgroups_of(pid: i32) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let rel = path.strip_prefix('/')?;
+            if !rel.starts_with("gkvm") {
+                return None;
+            }
+            let tree = if controllers.is_empty() {
+                root.to_owned()
+            } else {
+                // v1: a tree per controller (`cpu,cpuacct` may be one).
+                let whole = root.join(controllers);
+                if whole.is_dir() {
+                    whole
+                } else {
+                    root.join(controllers.split(',').next()?)
+                }
+            };
+            Some(tree.join(rel))
+        })
+        .collect()
 }

@@ -526,8 +526,11 @@ class GkvmHypervisor(hv_base.BaseHypervisor):
   # cluster's configuration is valid for both), and gkvm's own
   # (`gkvm_ganeti.params`, registered with Ganeti's tables too).
   PARAMETERS = dict(hv_kvm.KVMHypervisor.PARAMETERS)
+  # A free-text one (cgroup_io_max) is gkvm's to parse: ValidateParameters
+  # asks it.
   PARAMETERS.update(
     (key, hv_base.OPT_NONNEGATIVE_INT_CHECK if kind == "int" else
+     hv_base.NO_CHECK if allowed is None else
      hv_base.ParamInSet(False, frozenset(allowed)))
     for key, (kind, _, allowed) in gkvm_params.GKVM_PARAMETERS.items())
   ANCILLARY_FILES = hv_kvm.KVMHypervisor.ANCILLARY_FILES

@@ -29,6 +29,7 @@ GKVM_PARAMETERS = {
   "cgroup_memory_high": ("int", 0, None),
   "cgroup_pids_max": ("int", 0, None),
   "cgroup_io_weight": ("int", 0, None),
+  "cgroup_io_max": ("string", "", None),
 }
 
 
@@ -56,6 +57,12 @@ def check(hvparams):
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         problems.append("Parameter '%s' must be a non-negative integer"
                         " (current value: '%s')" % (key, value))
+    elif allowed is None:
+      # Free text, which gkvm parses: ValidateParameters and the start
+      # name a malformed one.
+      if not isinstance(value, str):
+        problems.append("Parameter '%s' must be a string (current value:"
+                        " '%s')" % (key, value))
     elif value not in allowed:
       problems.append("Parameter '%s' must be one of %s (current value:"
                       " '%s')" % (key, ", ".join(allowed), value))

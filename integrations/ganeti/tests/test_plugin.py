@@ -92,10 +92,21 @@ class TestConformance(unittest.TestCase):
     for key in own:
       del filled[key]
     GkvmHypervisor.CheckParameterSyntax(filled)
-    for bad in ({"tpm": "tpm3"}, {"rng_rate": -1}, {"watchdog": "ib700"}):
+    for bad in ({"tpm": "tpm3"}, {"rng_rate": -1}, {"watchdog": "ib700"},
+                {"cgroup_io_max": 5}):
       with self.assertRaises(errors.HypervisorError) as ctx:
         GkvmHypervisor.CheckParameterSyntax(dict(filled, **bad))
       self.assertIn(list(bad)[0], str(ctx.exception))
+    # Free text is gkvm's to parse: a malformed ceiling is named by
+    # ValidateParameters (gkvm's own check), a good one passes.
+    GkvmHypervisor.CheckParameterSyntax(
+      dict(filled, cgroup_io_max="rbps=20M,wiops=500"))
+    with self.assertRaises(errors.HypervisorError) as ctx:
+      GkvmHypervisor.ValidateParameters(
+        dict(constants.HVC_DEFAULTS[constants.HT_KVM], kernel_path="",
+             kvm_path=os.environ.get("GKVM_QEMU", "/usr/bin/kvm"),
+             cgroup_io_max="rbps=fast"))
+    self.assertIn("cgroup_io_max", str(ctx.exception))
 
   def test_the_class_is_complete(self):
     cls = hypervisor.GetHypervisorClass(constants.HT_KVM)
