@@ -58,6 +58,8 @@ fn main() {
         .block_on(hv(&bare_run, &caps_dir, &qemu).plan(&spec("bare1")))
         .unwrap();
     RunDir::new(&bare_run).ensure().unwrap();
+    // QEMU's log (`-D`), whose directory gkvm makes at its starts.
+    std::fs::create_dir_all(bare_run.join("log")).unwrap();
     let bare_paths = RunDir::new(&bare_run).instance("bare1").unwrap();
     let mut bare_kills = Vec::new();
     let bare = measure(N, 0, || {

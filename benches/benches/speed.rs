@@ -124,6 +124,8 @@ fn gkvm_argv(rt: &tokio::runtime::Runtime, b: &Bench, name: &str) -> Vec<String>
         dir: b.dir.join("bare"),
     };
     RunDir::new(bare.run_dir()).ensure().unwrap();
+    // QEMU's log (`-D`), whose directory gkvm makes at its starts.
+    std::fs::create_dir_all(bare.run_dir().join("log")).unwrap();
     rt.block_on(bare.facade().plan(&spec)).unwrap().argv
 }
 
