@@ -38,6 +38,8 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "migration_info", "instance": "web1", "for_ganeti": false}"#,
     r#"{"op": "receive", "info": "<migration_info's answer>", "address": "192.0.2.2", "port": null, "timeout_secs": 600, "config": {"hvparams": {}, "disks": [{"path": "/dev/vg/web1"}]}}"#,
     r#"{"op": "migrate", "instance": "web1", "target": "192.0.2.2", "port": null, "mode": "live"}"#,
+    r#"{"op": "save", "instance": "web1", "file": "/var/lib/gkvm/saved/web1.save"}"#,
+    r#"{"op": "restore", "file": "/var/lib/gkvm/saved/web1.save"}"#,
     r#"{"op": "migration_status", "instance": "web1"}"#,
     r#"{"op": "cancel_migration", "instance": "web1"}"#,
     r#"{"op": "await_migration", "info": "<migration_info's answer>", "address": "192.0.2.2", "port": 8102, "config": null}"#,

@@ -54,6 +54,14 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             )
             .await
         }
+        Command::Save { name, file } => {
+            let report = hypervisor(c)?.save(name, file, |_| {}).await?;
+            render::saved(c.json, &report)
+        }
+        Command::Restore { file } => {
+            let report = hypervisor(c)?.restore(file).await?;
+            render::started(c.json, &report)
+        }
         Command::Resume { name } => {
             simple(
                 c,

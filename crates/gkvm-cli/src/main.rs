@@ -127,6 +127,26 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
     },
+    /// Save a running instance into FILE and stop it.
+    ///
+    /// `restore` brings it back where it was. FILE must not exist; it is
+    /// made 0600 and only ever complete: a save that fails or is
+    /// interrupted leaves no file and the guest running.
+    Save {
+        /// The instance.
+        name: String,
+        /// The file to make.
+        file: PathBuf,
+    },
+    /// Bring back an instance saved with `save`.
+    ///
+    /// The same devices (TAPs made anew), the guest running on from where
+    /// it was. The file is kept; a partial, changed or foreign file is
+    /// refused.
+    Restore {
+        /// The saved instance's file.
+        file: PathBuf,
+    },
     /// Resume a paused instance.
     Resume {
         /// The instance.

@@ -206,7 +206,20 @@ pub(crate) fn shell_join(argv: &[String]) -> String {
         .join(" ")
 }
 
-/// `gkvm start`.
+/// `gkvm save`: where the instance is now.
+pub(crate) fn saved(json: bool, report: &hv_kvm::SaveReport) -> CliResult {
+    if json {
+        return print_json(report);
+    }
+    outln!(
+        "{} saved to {} ({}) and stopped",
+        report.name,
+        report.file.display(),
+        human_mib(report.bytes >> 20)
+    )
+}
+
+/// `gkvm start` (and `restore`).
 pub(crate) fn started(json: bool, report: &StartReport) -> CliResult {
     if json {
         return print_json(report);

@@ -1256,6 +1256,86 @@ fn interrupted_slow_migrations_keep_exactly_one_copy() {
     b.assert_empty("end");
 }
 
+/// `save` killed (SIGKILL) or interrupted (SIGINT) at any moment: either
+/// the file is whole and the guest is in it alone (no QEMU runs it here
+/// once the next operation is done), or there is no file at all and the
+/// guest runs on (the next operation resumes it). Never both, never
+/// neither, never a half-made file.
+#[test]
+fn interrupted_saves_keep_the_guest_in_exactly_one_place() {
+    let Some(env) = require("faults_save", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    let guest = env.guest.clone().unwrap();
+    let node = Node::new("gkvm-fault-save", &env.qemu);
+    let hv: Vec<String> = guest
+        .hvparams()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut start = vec!["start", "fv1", "--memory", "128"];
+    for h in &hv {
+        start.push("-H");
+        start.push(h);
+    }
+    node.ok(&start);
+    let file = node.dir.path().join("fv1.save");
+    let file_s = file.to_str().unwrap();
+    let (mut saved, mut resumed) = (0, 0);
+    for (sig, ms) in [
+        (libc::SIGKILL, 5u64),
+        (libc::SIGKILL, 30),
+        (libc::SIGKILL, 60),
+        (libc::SIGKILL, 90),
+        (libc::SIGKILL, 130),
+        (libc::SIGKILL, 200),
+        (libc::SIGINT, 40),
+        (libc::SIGINT, 90),
+    ] {
+        let why = format!("signal {sig} after {ms} ms");
+        let child = node
+            .cmd(&["save", "fv1", file_s])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        if file.exists() {
+            // The guest is in the file: its QEMU here is gone, or goes
+            // with the next operation.
+            saved += 1;
+            let _ = node.run(&["stop", "fv1", "--force"]);
+            assert!(node.qemus().is_empty(), "{why}: saved, yet a QEMU runs");
+            node.ok(&["restore", file_s]);
+            std::fs::remove_file(&file).unwrap();
+        } else {
+            // No file: the guest runs on (resumed by the next operation
+            // when the save's gkvm was killed).
+            resumed += 1;
+            let again = node.run(&["resume", "fv1"]);
+            assert!(
+                again.status.success(),
+                "{why}: {}; the save said {}",
+                stderr(&again),
+                stderr(&out)
+            );
+        }
+        assert_eq!(node.qemus().len(), 1, "{why}");
+        assert_eq!(node.state("fv1").as_deref(), Some("running"), "{why}");
+        let left: Vec<_> = std::fs::read_dir(node.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains("save"))
+            .collect();
+        assert!(left.is_empty(), "{why}: {left:?}");
+    }
+    eprintln!("interrupted saves: {saved} completed first, {resumed} left the guest running");
+    node.ok(&["stop", "fv1", "--force"]);
+    node.assert_empty("end");
+}
+
 #[test]
 fn verify_reports_a_read_only_run_dir() {
     let Some(env) = require("faults_verify_read_only", &[Need::Root, Need::Qemu]) else {

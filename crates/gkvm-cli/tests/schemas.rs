@@ -201,6 +201,21 @@ fn every_json_output_matches_its_schema() {
     check("operation", &v);
     assert_eq!(v["operation"], "accept");
 
+    // Saved and restored: the save's report, then a start's.
+    let saved = dir.path().join("sc1.save");
+    let saved_s = saved.to_str().unwrap();
+    let v = a.json(&["save", "sc1", saved_s]);
+    check("save", &v);
+    assert_eq!(v["file"], saved_s);
+    let e = a.error(&["restore", info.to_str().unwrap()]);
+    assert_eq!(e["kind"], "save_file", "{e}");
+    let v = a.json(&["restore", saved_s]);
+    check("start", &v);
+    assert_eq!(
+        (v["name"].as_str(), v["paused"].as_bool()),
+        (Some("sc1"), Some(false))
+    );
+
     for (node, name) in [(&a, "sc1"), (&b, "sc2")] {
         let v = node.json(&["stop", name, "--force"]);
         check("operation", &v);

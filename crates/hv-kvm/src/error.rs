@@ -150,6 +150,23 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A save to a file failed; the guest runs on (as it did before).
+    #[error("instance {instance}: save failed: {reason}")]
+    Save {
+        /// The instance.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
+    /// A saved-instance file was refused (not gkvm's, partial, tampered,
+    /// or not this administrator's).
+    #[error("saved instance {}: {reason}", path.display())]
+    SaveFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
     /// A migration failed or was cancelled.
     #[error("instance {instance}: migration {status}: {reason}")]
     Migration {
@@ -231,6 +248,8 @@ impl Error {
             Error::State { .. } => "state",
             Error::Hotplug { .. } => "hotplug",
             Error::Release { .. } => "release",
+            Error::Save { .. } => "save",
+            Error::SaveFile { .. } => "save_file",
             Error::Migration { .. } => "migration",
             Error::Timeout { .. } => "timeout",
             Error::Io { .. } => "io",
@@ -266,6 +285,7 @@ impl Error {
             | Error::State { instance, .. }
             | Error::Hotplug { instance, .. }
             | Error::Release { instance, .. }
+            | Error::Save { instance, .. }
             | Error::Migration { instance, .. }
             | Error::Timeout { instance, .. } => {
                 Some(instance.as_str()).filter(|i| !i.starts_with('('))
@@ -274,6 +294,7 @@ impl Error {
             | Error::Probe { .. }
             | Error::RunDir { .. }
             | Error::Io { .. }
+            | Error::SaveFile { .. }
             | Error::NodeParams(_) => None,
         }
     }

@@ -30,6 +30,7 @@ pub mod probe;
 mod process;
 mod qemu_log;
 mod query;
+mod save;
 mod start;
 mod state;
 mod stats;
@@ -57,6 +58,7 @@ pub use ops::{
     api_schema, ErrorReply, MigrationMode, MigrationOutcome, Progress, Reply, Request, Response,
     StartMode, StopMode,
 };
+pub use save::{SaveHeader, SaveReport};
 use serde::{Deserialize, Serialize};
 pub use stats::{DiskStats, GuestMemoryStats, InstanceStats, NicStats, StatsOptions, VcpuStats};
 pub use types::{

@@ -508,6 +508,9 @@ impl KvmHypervisor {
     pub async fn resume(&self, name: &str) -> Result<()> {
         let paths = self.paths(name)?;
         let _lock = self.lock(&paths).await?;
+        // A save its gkvm did not finish: settled first (the guest may run
+        // on by now, or be in its file).
+        self.settle_interrupted_save(&paths).await?;
         let pid = self.running_pid(&paths)?;
         let qmp = self.qmp(&paths).await?;
         let status = qmp

@@ -85,7 +85,7 @@ impl MigrationStatus {
     }
 }
 
-fn qmp_err(instance: &str, op: &str) -> impl Fn(gkvm_qmp::Error) -> Error {
+pub(crate) fn qmp_err(instance: &str, op: &str) -> impl Fn(gkvm_qmp::Error) -> Error {
     let (instance, op) = (instance.to_owned(), op.to_owned());
     move |source| Error::Qmp {
         instance: instance.clone(),
@@ -196,7 +196,7 @@ const POSTCOPY_AFTER_PASSES: u64 = 2;
 impl KvmHypervisor {
     /// A connection on the watch socket (falls back to the main one for
     /// instances started without it, e.g. by Ganeti's KVM driver).
-    async fn watch_qmp(&self, paths: &InstancePaths) -> Result<Qmp> {
+    pub(crate) async fn watch_qmp(&self, paths: &InstancePaths) -> Result<Qmp> {
         let path = if paths.qmp_watch.exists() {
             &paths.qmp_watch
         } else {
@@ -286,7 +286,7 @@ impl KvmHypervisor {
 
     /// [`Self::migration_record`], the accelerator asked of the running
     /// QEMU; with its paths and pid.
-    async fn migration_record_live(
+    pub(crate) async fn migration_record_live(
         &self,
         name: &str,
     ) -> Result<(InstancePaths, i32, kvm_runtime::RuntimeRecord)> {
@@ -341,7 +341,7 @@ impl KvmHypervisor {
     }
 
     /// `record` as migration info: sealed when this node has a key.
-    fn sealed(&self, record: &kvm_runtime::RuntimeRecord) -> String {
+    pub(crate) fn sealed(&self, record: &kvm_runtime::RuntimeRecord) -> String {
         let runtime = String::from_utf8_lossy(&record.to_json()).into_owned();
         match &self.config.migration_key {
             Some(key) => crate::trust::seal(key, &runtime),
@@ -367,8 +367,23 @@ impl KvmHypervisor {
         info: &str,
         current: Option<&CurrentConfig>,
     ) -> Result<crate::InstanceSpec> {
+        self.incoming_spec_from(info, current, false)
+    }
+
+    /// [`Self::incoming_spec_with`]; `own_file` for info this node's
+    /// administrator kept in a file only they can write (a saved
+    /// instance), which an unsealed node takes as it takes its own.
+    pub(crate) fn incoming_spec_from(
+        &self,
+        info: &str,
+        current: Option<&CurrentConfig>,
+        own_file: bool,
+    ) -> Result<crate::InstanceSpec> {
         let mut spec = parse_migration_info(info, self.config.migration_key.as_deref())?;
-        if self.config.migration_key.is_none() && !self.config.trust_unsealed_migration_info {
+        if self.config.migration_key.is_none()
+            && !self.config.trust_unsealed_migration_info
+            && !own_file
+        {
             return Err(Error::MigrationInfo {
                 instance: spec.name.clone(),
                 reason: "this node has no migration key, so nothing vouches for the file, \
@@ -758,7 +773,7 @@ impl KvmHypervisor {
         }
     }
 
-    async fn follow(
+    pub(crate) async fn follow(
         &self,
         qmp: &Qmp,
         name: &str,
@@ -909,7 +924,7 @@ impl KvmHypervisor {
         self.finalize_dst_locked(&paths, outcome).await
     }
 
-    async fn finalize_dst_locked(
+    pub(crate) async fn finalize_dst_locked(
         &self,
         paths: &InstancePaths,
         outcome: MigrationOutcome,
@@ -1214,9 +1229,19 @@ fn clear_marker(paths: &InstancePaths, marker: &str) {
 /// While an incoming migration has not landed: if the operation fails or
 /// is dropped, the waiting QEMU is killed and its files removed. A guest
 /// that has landed is kept (it is the only copy now).
-struct IncomingGuard {
+pub(crate) struct IncomingGuard {
     paths: InstancePaths,
     qmp_timeout: Duration,
+}
+
+impl IncomingGuard {
+    /// A guard of `paths`' incoming QEMU.
+    pub(crate) fn new(paths: &InstancePaths, qmp_timeout: Duration) -> IncomingGuard {
+        IncomingGuard {
+            paths: paths.clone(),
+            qmp_timeout,
+        }
+    }
 }
 
 impl Drop for IncomingGuard {

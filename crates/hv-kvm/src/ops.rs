@@ -310,6 +310,19 @@ pub enum Request {
         /// Live or offline.
         mode: MigrationMode,
     },
+    /// Save a running instance into a file and stop it
+    /// ([`KvmHypervisor::save`]).
+    Save {
+        /// The instance.
+        instance: String,
+        /// The file to make (it must not exist).
+        file: std::path::PathBuf,
+    },
+    /// Bring back an instance saved in a file ([`KvmHypervisor::restore`]).
+    Restore {
+        /// The saved instance's file.
+        file: std::path::PathBuf,
+    },
     /// Where a migration stands.
     MigrationStatus {
         /// The instance.
@@ -405,6 +418,8 @@ pub enum Response {
     MigrationInfo(String),
     /// Where a migration stands (or how it ended).
     Migration(MigrationStatus),
+    /// What a save made.
+    Saved(crate::SaveReport),
 }
 
 impl Request {
@@ -613,6 +628,10 @@ impl KvmHypervisor {
             R::MigrationStatus { instance } => {
                 Response::Migration(self.migration_status(&instance).await?)
             }
+            R::Save { instance, file } => {
+                Response::Saved(self.save(&instance, &file, progress).await?)
+            }
+            R::Restore { file } => Response::Started(self.restore(&file).await?),
             R::CancelMigration { instance } => done(self.cancel_migration(&instance).await?),
             R::AwaitMigration {
                 info,
