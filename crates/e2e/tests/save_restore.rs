@@ -165,6 +165,10 @@ fn a_saved_guest_comes_back_where_it_was_and_a_failed_save_leaves_it_running() {
         let after = uptime(&mut serial);
         assert!(after >= before, "uptime went back: {before} -> {after}");
         assert!(file.exists(), "restore keeps the file");
+        // Restoring it again while it runs is refused, and changes nothing.
+        let e = hv.restore(&file).await.unwrap_err();
+        assert_eq!(e.kind(), "already_running", "{}", e.report());
+        assert_eq!(hv.info("sv1").await.unwrap().pid, back.pid);
         // Saving onto an existing file is refused, and the guest runs on.
         let e = hv.save("sv1", &file, |_| {}).await.unwrap_err();
         assert!(e.report().contains("exists"), "{}", e.report());

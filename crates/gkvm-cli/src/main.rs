@@ -858,14 +858,24 @@ fn usage_error(e: clap::Error, json: bool) -> u8 {
         let _ = e.print();
         return u8::try_from(code).unwrap_or(2);
     }
-    let message = e.kind().as_str().map_or_else(
-        || e.to_string().lines().next().unwrap_or("").to_owned(),
-        |k| {
-            let first = e.to_string();
-            let first = first.lines().next().unwrap_or(k);
-            first.trim_start_matches("error: ").to_owned()
-        },
-    );
+    // clap's first paragraph, on one line: what is wrong and what it
+    // concerns ("... were not provided: <MIB>"), without the usage.
+    let text = e.render().to_string();
+    let message = text
+        .split("\n\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.trim_start_matches("error: ").to_owned();
+    let message = if message.is_empty() {
+        e.kind().as_str().unwrap_or("bad command line").to_owned()
+    } else {
+        message
+    };
     report_failure(Failure::new(2, "usage", message), "", true)
 }
 

@@ -21,6 +21,30 @@ fn check(name: &str, doc: &Value) {
     let v = schema(name);
     let errors: Vec<String> = v.iter_errors(doc).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "{name}: {errors:?}\n{doc:#}");
+    // Version 1 grows by new fields: what a later gkvm adds (here, at the
+    // top and in every nested object) still validates for a consumer of
+    // this schema.
+    let mut newer = doc.clone();
+    add_field(&mut newer);
+    let errors: Vec<String> = v.iter_errors(&newer).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{name}, with a new field: {errors:?}\n{newer:#}"
+    );
+}
+
+/// Adds a field no schema knows to every object in `v`.
+fn add_field(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for child in map.values_mut() {
+                add_field(child);
+            }
+            map.insert("a_later_field".into(), Value::Bool(true));
+        }
+        Value::Array(items) => items.iter_mut().for_each(add_field),
+        _ => {}
+    }
 }
 
 struct Node {
@@ -235,6 +259,12 @@ fn every_json_output_matches_its_schema() {
     );
     let e = a.error(&["no-such-command"]);
     assert_eq!(e["kind"], "usage");
+    // A missing argument is named, as clap's text names it.
+    let e = a.error(&["balloon", "sc1"]);
+    assert_eq!(e["kind"], "usage");
+    assert!(e["message"].as_str().unwrap().ends_with("<MIB>"), "{e}");
+    let e = a.error(&["list", "--nosuch"]);
+    assert!(e["message"].as_str().unwrap().contains("--nosuch"), "{e}");
     let e = a.error(&["balloon", "sc1", "0"]);
     assert_eq!(e["kind"], "not_running");
     let e = a.error(&["start", "--file", "/dev/zero"]);

@@ -382,7 +382,9 @@ impl KvmHypervisor {
         let name = spec.name.clone();
         let paths = self.paths(&name)?;
         let _lock = self.lock(&paths).await?;
-        let _guard = crate::migration::IncomingGuard::new(&paths, self.config.qmp_timeout);
+        // A start that fails rolls itself back; from then on, a restore
+        // that does not land ends the waiting QEMU. (Not before: a start
+        // refused because the instance runs must leave that one alone.)
         let mut report = self
             .start_locked(
                 &spec,
@@ -393,6 +395,7 @@ impl KvmHypervisor {
                 },
             )
             .await?;
+        let _guard = crate::migration::IncomingGuard::new(&paths, self.config.qmp_timeout);
         let qmp = self.qmp(&paths).await?;
         qmp.run(&commands::MigrateSetCapabilities {
             capabilities: vec![commands::MigrationCapabilityStatus {
