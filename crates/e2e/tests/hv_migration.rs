@@ -166,6 +166,40 @@ fn bad_runtime_is_refused_by_the_destination() {
     });
 }
 
+/// Two destination operations racing for one instance: a `receive`
+/// while an `accept` waits for the same instance's migration is refused,
+/// and the waiting QEMU is left alone (it was ended by the refused
+/// receive's guard before).
+#[test]
+fn a_receive_racing_a_waiting_accept_leaves_it_alone() {
+    let Some(env) = require("migrate_receive_race", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let db = ScratchDir::new("gkvm-mig-race");
+    let _g = guards(&[&db]);
+    let b = node(db.path(), &env.qemu);
+    let mut spec = InstanceSpec::new("race1", 64);
+    spec.hvparams
+        .set_pair(gkvm_testkit::guestless_kvm_flag())
+        .unwrap();
+    let info = serde_json::to_string(&spec).unwrap();
+    rt().block_on(async {
+        let waiting = b
+            .accept_instance(&info, "127.0.0.1", port(5))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let err = b
+            .receive(&info, "127.0.0.1", port(6), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), "already_running", "{}", err.report());
+        let info = b.info("race1").await.unwrap();
+        assert_eq!(info.pid, waiting.pid);
+        assert_eq!(info.state, hv_kvm::InstanceState::Incoming);
+        b.stop("race1", hv_kvm::StopMode::Force).await.unwrap();
+    });
+}
+
 /// A slow migration (1 MiB/s of a booted guest) that the test breaks.
 async fn slow_migration(
     env: &Env,

@@ -491,6 +491,15 @@ impl KvmHypervisor {
         let incoming = self.incoming(info, address, port, current)?;
         let (spec, paths) = (&incoming.spec, &incoming.paths);
         let _lock = self.lock(paths).await?;
+        // A QEMU of this instance that already runs is another
+        // operation's (an accept waiting for its migration, a guest that
+        // landed): refused here, before the guard below could end it.
+        if let kvm_runtime::Liveness::Running { pid } = self.liveness(paths)? {
+            return Err(Error::AlreadyRunning {
+                instance: spec.name.clone(),
+                pid,
+            });
+        }
         let _guard = IncomingGuard {
             paths: paths.clone(),
             qmp_timeout: self.config.qmp_timeout,
