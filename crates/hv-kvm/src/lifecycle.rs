@@ -196,6 +196,12 @@ impl KvmHypervisor {
     /// gkvm left half-started is removed, stale files are cleared.
     async fn reconcile_before_start(&self, paths: &InstancePaths) -> Result<()> {
         let name = &paths.name;
+        // A save whose gkvm was killed: its guest runs on (then the start
+        // is refused below), or is in its file (then its QEMU is gone).
+        match self.settle_interrupted_save(paths).await {
+            Ok(()) | Err(Error::NotRunning { .. }) => {}
+            Err(e) => return Err(e),
+        }
         match self.liveness(paths)? {
             Liveness::Running { pid } => match self.condition(paths, pid).await {
                 Condition::HalfStarted => {

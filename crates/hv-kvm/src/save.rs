@@ -442,9 +442,11 @@ impl KvmHypervisor {
     }
 
     /// A save interrupted by a killed gkvm (its record still marked
-    /// `saving`): its file was never named, so the guest must run again.
-    /// Cancels what QEMU still does of it and resumes the guest; a no-op
-    /// otherwise.
+    /// `saving`): if its file was never named, the guest must run again
+    /// (what QEMU still does of the save is cancelled, the guest
+    /// resumed); if it was, the guest is in the file and its QEMU here is
+    /// stopped ([`Error::NotRunning`] then). A no-op otherwise. Run by
+    /// `resume`, `save` and `start` (and `restore`) of the instance.
     pub(crate) async fn settle_interrupted_save(&self, paths: &InstancePaths) -> Result<()> {
         let Some(record) = paths.read_runtime().ok().flatten() else {
             return Ok(());
