@@ -674,7 +674,9 @@ fn node_hvparams(hv: &mut KvmHypervisor, hvparams: &[String]) -> CliResult {
             .split_once('=')
             .ok_or_else(|| usage(format!("-H {h}: expected KEY=VALUE")))?;
         // Checked like an instance's hvparam, then kept as this node's value.
-        hv_kvm::HvParams::default().set_pair(pair)?;
+        hv_kvm::HvParams::default()
+            .set_pair(pair)
+            .map_err(crate::input::bad_hvparam)?;
         hv.config_mut()
             .node_hvparams
             .insert(k.to_owned(), serde_json::Value::String(v.to_owned()));

@@ -149,6 +149,12 @@ pub(crate) fn load_instance(path: &Path) -> Result<InstanceSpec, Failure> {
     parse_instance(path, &read_file(path, "instance file")?)
 }
 
+/// A `-H` the command line got wrong: a usage error (exit 2, as a bad
+/// `--nic` or `--memory`), of kind `params` (it names the parameter).
+pub(crate) fn bad_hvparam(e: hv_kvm::CmdlineError) -> Failure {
+    Failure::new(2, "params", e.to_string())
+}
+
 /// The instance definition `text` read from `path`.
 fn parse_instance(path: &Path, text: &str) -> Result<InstanceSpec, Failure> {
     serde_json::from_str(text).map_err(|e| {
@@ -256,7 +262,8 @@ pub(crate) fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
     }
     for h in &a.hvparams {
         spec.hvparams
-            .set_pair(h.strip_prefix("kvm:").unwrap_or(h))?;
+            .set_pair(h.strip_prefix("kvm:").unwrap_or(h))
+            .map_err(bad_hvparam)?;
     }
     Ok(spec)
 }

@@ -201,6 +201,22 @@ fn errors_are_one_line_with_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("scripts/install-deps"));
     let out = gkvm(dir.path(), &["no-such-command"]);
     assert_eq!(out.status.code(), Some(2));
+    // A command line's bad values are usage errors alike (exit 2),
+    // whichever flag carries them.
+    for bad in [
+        &["start", "x1", "-H", "no_such_param=1"][..],
+        &["start", "x1", "-H", "kvm_flag=maybe"],
+        &["start", "x1", "--nic", "garbage"],
+        &["start", "x1", "--memory", "lots"],
+    ] {
+        let out = gkvm(dir.path(), bad);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = gkvm(dir.path(), &["caps", "--machine-text", "x"]);
     assert_eq!(
         out.status.code(),
