@@ -845,7 +845,8 @@ fn completions(shell: clap_complete::Shell) -> CliResult {
     std::io::stdout().write_all(&buf).map_err(Failure::output)
 }
 
-/// `gkvm.1` and `gkvm-<subcommand>.1`, from the clap definitions.
+/// `gkvm.1` and `gkvm-<subcommand>.1`, from the clap definitions, and
+/// `gkvm-hvparams.7` from the hvparams' own schema.
 fn write_manpages(dir: &Path) -> CliResult {
     let write = |cmd: clap::Command, file: String| -> CliResult {
         let mut buf = Vec::new();
@@ -857,10 +858,16 @@ fn write_manpages(dir: &Path) -> CliResult {
     };
     std::fs::create_dir_all(dir)
         .map_err(|e| Failure::from(format!("creating {}: {e}", dir.display())))?;
-    let top = Cli::command();
+    // Built first: each subcommand then has the global flags (`--json`)
+    // its own arguments refer to, as it has when gkvm runs.
+    let mut top = Cli::command();
+    top.build();
     for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("gkvm-{}", sub.get_name());
         write(sub.clone().name(name.clone()), format!("{name}.1"))?;
     }
+    let seven = dir.join("gkvm-hvparams.7");
+    std::fs::write(&seven, crate::hvparams_doc::page(env!("CARGO_PKG_VERSION")))
+        .map_err(|e| Failure::from(format!("writing {}: {e}", seven.display())))?;
     write(top, "gkvm.1".into())
 }

@@ -27,6 +27,7 @@ mod commands;
 mod console;
 mod demo;
 mod exporter;
+mod hvparams_doc;
 mod input;
 mod node_config;
 mod render;

@@ -618,3 +618,31 @@ fn stats_are_served_over_http_on_request() {
         assert!(gkvm(&run, &["stop", name, "--force"]).status.success());
     }
 }
+
+/// `gkvm manpages`: a page per subcommand and `gkvm-hvparams(7)` with
+/// every parameter, made by the debug build too (clap checks each
+/// subcommand's definition there).
+#[test]
+fn man_pages_cover_every_subcommand_and_hvparam() {
+    let dir = ScratchDir::new("gkvm-cli-man");
+    let man = dir.path().join("man");
+    let out = gkvm(dir.path(), &["manpages", man.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "gkvm.1",
+        "gkvm-start.1",
+        "gkvm-save.1",
+        "gkvm-stats.1",
+        "gkvm-hvparams.7",
+    ] {
+        assert!(man.join(page).is_file(), "{page}");
+    }
+    let seven = std::fs::read_to_string(man.join("gkvm-hvparams.7")).unwrap();
+    for key in ["kernel_path", "migration_caps", "cgroup_io_max", "tpm"] {
+        assert!(seven.contains(&format!(".B {key}\n")), "{key}");
+    }
+}

@@ -45,7 +45,7 @@ pub use error::{report, Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{
     parse_size_bytes, tap_template_problem, Capabilities, DiskMode, DiskSpec, HvParams,
-    InstanceSpec, IoLimits, MacAddr, NicMode, NicSpec, Uuid,
+    InstanceSpec, IoLimits, MacAddr, NicMode, NicSpec, Uuid, GKVM_HVPARAMS,
 };
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;
