@@ -454,8 +454,29 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
             timeout: Duration::from_secs(timeout),
         }
     };
-    let outcome = hypervisor(cli)?.stop(name, mode).await?;
-    render::stopped(cli.json, name, &outcome)
+    let hv = hypervisor(cli)?;
+    let waiting = (!force).then(|| {
+        spinner(
+            cli,
+            format!("{name}: waiting for the guest to power off (up to {timeout} s)"),
+        )
+    });
+    let outcome = hv.stop(name, mode).await;
+    if let Some(Some(s)) = waiting {
+        s.finish_and_clear();
+    }
+    render::stopped(cli.json, name, &outcome?)
+}
+
+/// A spinner with `message` on stderr while an operation waits, on a
+/// terminal only (not with --json or --quiet).
+fn spinner(cli: &Cli, message: String) -> Option<indicatif::ProgressBar> {
+    (!cli.json && !cli.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(message);
+        s.enable_steady_tick(Duration::from_millis(120));
+        s
+    })
 }
 
 async fn info(cli: &Cli, names: &[String]) -> CliResult {

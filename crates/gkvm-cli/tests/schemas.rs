@@ -312,6 +312,28 @@ fn log_colours_only_on_a_terminal() {
     );
 }
 
+/// A graceful stop that waits says so on a terminal (a spinner), and
+/// nowhere else.
+#[test]
+fn a_waiting_stop_says_so_on_a_terminal_only() {
+    let Some(env) = require("stop_spinner", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-spin");
+    let a = Node::new(dir.path(), &env.qemu);
+    a.json(&["start", "sp1", "--memory", "64", "-H", &accel()]);
+    let run = dir.path().join("run");
+    let stop = format!("--run-dir {} stop sp1 --timeout 1", run.display());
+    let shown = on_a_terminal(&stop, true);
+    assert!(
+        shown.contains("sp1: waiting for the guest to power off (up to 1 s)"),
+        "{shown:?}"
+    );
+    let out = a.run(&["stop", "sp1", "--timeout", "1"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("waiting for"));
+    a.json(&["stop", "sp1", "--force"]);
+}
+
 /// The committed API schema and reference are what the types generate
 /// (`gkvm api --schema`, `gkvm api --reference`), and every example in the
 /// reference parses (the generator refuses one that does not).
