@@ -30,7 +30,22 @@ fn roff(text: &str) -> String {
 fn kind(prop: &Value, defs: &Value) -> String {
     if let Some(r) = prop.get("$ref").and_then(Value::as_str) {
         let def = &defs[r.rsplit('/').next().unwrap_or("")];
-        let mut values: Vec<String> = Vec::new();
+        // The strings an `enum` lists, of the type and of each of its
+        // alternatives (a `const` each, or an `enum` of several).
+        let strings = |v: &Value| -> Vec<String> {
+            let listed = v
+                .get("enum")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
+            v.get("const")
+                .into_iter()
+                .chain(listed)
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        };
+        let mut values = strings(def);
         for alt in def
             .get("oneOf")
             .or_else(|| def.get("anyOf"))
@@ -38,29 +53,7 @@ fn kind(prop: &Value, defs: &Value) -> String {
             .into_iter()
             .flatten()
         {
-            if let Some(c) = alt.get("const").and_then(Value::as_str) {
-                values.push(c.to_owned());
-            }
-            for e in alt
-                .get("enum")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(e) = e.as_str() {
-                    values.push(e.to_owned());
-                }
-            }
-        }
-        for e in def
-            .get("enum")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(e) = e.as_str() {
-                values.push(e.to_owned());
-            }
+            values.extend(strings(alt));
         }
         return if values.is_empty() {
             "text".into()
