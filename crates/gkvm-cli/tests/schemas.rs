@@ -172,6 +172,14 @@ fn every_json_output_matches_its_schema() {
     assert!(v["pci_slot"].as_u64().unwrap() >= 12, "{v}");
     let e = a.error(&["nic-remove", "sc1", "no-such-nic"]);
     assert_eq!(e["kind"], "hotplug", "{e}");
+    for args in [vec!["stats"], vec!["stats", "sc1", "--pss"]] {
+        let v = a.json(&args);
+        check("stats", &v);
+        assert!(!v.as_array().unwrap().is_empty(), "{args:?}");
+    }
+    let v = a.json(&["stats", "sc1", "--pss"]);
+    assert!(v[0]["pss_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v[0]["vcpus"].as_array().unwrap().len(), 1, "{v}");
     check("migration-status", &a.json(&["migration-status", "sc1"]));
     check("console-info", &a.json(&["console-info", "sc1"]));
     check("node-info", &a.json(&["node-info"]));
