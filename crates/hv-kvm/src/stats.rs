@@ -163,12 +163,13 @@ impl KvmHypervisor {
             }
             found
         };
+        let count = instances.len();
         let mut set = tokio::task::JoinSet::new();
         for (i, (paths, pid)) in instances.into_iter().enumerate() {
             let timeout = self.config.info_timeout;
             set.spawn(async move { (i, instance_stats(paths, pid, timeout, options).await) });
         }
-        let mut out: Vec<(usize, InstanceStats)> = Vec::with_capacity(names.len());
+        let mut out: Vec<(usize, InstanceStats)> = Vec::with_capacity(count);
         while let Some(r) = set.join_next().await {
             if let Ok(one) = r {
                 out.push(one);

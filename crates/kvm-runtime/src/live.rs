@@ -321,7 +321,8 @@ impl ProcStat {
 /// `/proc/PID/stat`, read in one call (it is read for every instance on
 /// every `list`); `None` when the process is gone.
 pub fn proc_stat(pid: i32) -> Option<ProcStat> {
-    read_stat(&format!("/proc/{pid}/stat")).map(|(_, s)| s)
+    let mut buf = [0u8; 1024];
+    parse_stat(read_stat(&format!("/proc/{pid}/stat"), &mut buf)?)
 }
 
 /// The threads of process `pid` (`/proc/PID/task/*/stat`): each one's
@@ -331,19 +332,25 @@ pub fn thread_stats(pid: i32) -> Vec<(i32, String, ProcStat)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
+    let mut buf = [0u8; 1024];
     dir.filter_map(|e| {
         let tid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-        let (name, stat) = read_stat(&format!("/proc/{pid}/task/{tid}/stat"))?;
-        Some((tid, name, stat))
+        let text = read_stat(&format!("/proc/{pid}/task/{tid}/stat"), &mut buf)?;
+        // The name is what the parentheses hold (it may hold any byte, a
+        // parenthesis too: the last `)` ends it).
+        let open = text.iter().position(|b| *b == b'(')?;
+        let close = text.iter().rposition(|b| *b == b')')?;
+        let name = String::from_utf8_lossy(text.get(open + 1..close)?).into_owned();
+        Some((tid, name, parse_stat(text)?))
     })
     .collect()
 }
 
-/// A `stat` file of `/proc`: the command name and the counters.
-fn read_stat(path: &str) -> Option<(String, ProcStat)> {
+/// A `stat` file of `/proc`, read into `buf` in as few calls as the
+/// kernel allows: its line.
+fn read_stat<'b>(path: &str, buf: &'b mut [u8; 1024]) -> Option<&'b [u8]> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
-    let mut buf = [0u8; 1024];
     let mut len = 0;
     // The kernel writes the whole line in one read when it fits: a read
     // that ends with the line's newline is the last.
@@ -355,15 +362,7 @@ fn read_stat(path: &str) -> Option<(String, ProcStat)> {
             Err(_) => return None,
         }
     }
-    let text = &buf[..len];
-    let name = text
-        .iter()
-        .position(|b| *b == b'(')
-        .zip(text.iter().rposition(|b| *b == b')'))
-        .filter(|(open, close)| open < close)
-        .map(|(open, close)| String::from_utf8_lossy(&text[open + 1..close]).into_owned())
-        .unwrap_or_default();
-    Some((name, parse_stat(text)?))
+    Some(&buf[..len])
 }
 
 /// Parses `/proc/PID/stat`: the fields after the command name, which
