@@ -246,20 +246,11 @@ impl CgroupPlace {
                 _ => {}
             }
         }
-        for (file, value) in writes {
-            // A controller a kernel lacks (v1 blkio.weight without BFQ, a
-            // v2 io.weight without the io controller) has no file: that
-            // limit is not there to set, unless one was asked for.
-            if !file.exists() {
-                continue;
-            }
-            std::fs::write(&file, &value).map_err(|e| Error::Io {
-                op: "write a cgroup limit",
-                path: file.clone(),
-                source: std::io::Error::new(e.kind(), format!("{value}: {e}")),
-            })?;
-        }
-        Ok(())
+        // A controller a kernel lacks (v1 blkio.weight without BFQ, a
+        // v2 io.weight without the io controller) has no file: that
+        // limit is not there to set, unless one was asked for.
+        writes.retain(|(file, _)| file.exists());
+        write_values(writes, "write a cgroup limit")
     }
 
     /// Writes the I/O ceilings `max` for each of `devices` (a ceiling
@@ -301,14 +292,7 @@ impl CgroupPlace {
                 }
             }
         }
-        for (file, value) in writes {
-            std::fs::write(&file, &value).map_err(|e| Error::Io {
-                op: "write a cgroup I/O ceiling",
-                path: file.clone(),
-                source: std::io::Error::new(e.kind(), format!("{value}: {e}")),
-            })?;
-        }
-        Ok(())
+        write_values(writes, "write a cgroup I/O ceiling")
     }
 
     /// The CPU time the cgroup's processes have used, in nanoseconds
@@ -409,6 +393,19 @@ fn trees(root: &Path) -> Option<(CgroupLayout, Vec<&'static str>)> {
     };
     seen.lock().ok()?.insert(root.to_owned(), found.clone());
     Some(found)
+}
+
+/// Writes each value to its cgroup file; a refused one is an error
+/// naming the file and the value.
+fn write_values(writes: Vec<(PathBuf, String)>, op: &'static str) -> Result<(), Error> {
+    for (file, value) in writes {
+        std::fs::write(&file, &value).map_err(|e| Error::Io {
+            op,
+            path: file.clone(),
+            source: std::io::Error::new(e.kind(), format!("{value}: {e}")),
+        })?;
+    }
+    Ok(())
 }
 
 /// How long a cgroup's zombies may take to be reaped before its removal
