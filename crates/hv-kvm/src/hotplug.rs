@@ -432,7 +432,8 @@ impl KvmHypervisor {
         hp.done()?;
         // The I/O ceilings hold on the new disk's device too. The disk is
         // in; a ceiling that cannot be written is said, not undone.
-        if !spec.hvparams.cgroup_io_max.trim().is_empty() && hp.paths.cgroup.exists() {
+        let ceilings = spec.hvparams.cgroup_io_max().is_ok_and(|m| m.is_set());
+        if ceilings && hp.paths.cgroup.exists() {
             if let Err(e) = crate::cgroup::apply_limits(&spec, &hp.paths) {
                 tracing::warn!(instance = %name, disk = %id, error = %e, "cgroup_io_max not applied");
             }
@@ -797,7 +798,9 @@ impl KvmHypervisor {
         for (key, value) in changes {
             spec.hvparams.set(key, value.clone()).map_err(params)?;
         }
-        spec.validate().map_err(params)?;
+        // As a start checks it (`cgroup_io_max` is parsed with the
+        // hvparams' syntax).
+        crate::lifecycle::check_spec(&spec)?;
         let pid = self.running_pid(&paths)?;
         let fail = |e: kvm_runtime::Error| Error::Hotplug {
             instance: name.to_owned(),

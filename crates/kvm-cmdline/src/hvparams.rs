@@ -639,7 +639,7 @@ impl HvParams {
         ]
         .iter()
         .any(|v| *v > 0)
-            || !self.cgroup_io_max.trim().is_empty()
+            || self.cgroup_io_max().is_ok_and(|m| m.is_set())
     }
 
     /// The `cgroup_io_max` ceilings; a malformed value is an error naming

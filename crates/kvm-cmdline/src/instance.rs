@@ -488,7 +488,6 @@ impl InstanceSpec {
             key: key.into(),
             reason,
         };
-        hv.cgroup_io_max()?;
         for (key, v) in [
             ("cgroup_cpu_weight", hv.cgroup_cpu_weight),
             ("cgroup_io_weight", hv.cgroup_io_weight),
