@@ -1161,13 +1161,37 @@ fn spec_from_migration_record(body: &str) -> Result<crate::InstanceSpec> {
     Ok(spec)
 }
 
-fn blocking_qmp(paths: &InstancePaths, timeout: Duration) -> Option<gkvm_qmp::blocking::Qmp> {
+/// A blocking QMP connection for a guard's `Drop`, bounded by `timeout`.
+pub(crate) fn blocking_qmp(
+    paths: &InstancePaths,
+    timeout: Duration,
+) -> Option<gkvm_qmp::blocking::Qmp> {
     let options = gkvm_qmp::Options {
         connect_timeout: timeout.min(Duration::from_secs(2)),
         command_timeout: timeout,
         ..gkvm_qmp::Options::default()
     };
     gkvm_qmp::blocking::Qmp::connect(&paths.qmp, options).ok()
+}
+
+/// Cancels an outgoing migration still under way and waits (up to 10 s)
+/// until QEMU says it has ended; nothing when none is under way.
+pub(crate) fn cancel_and_wait_blocking(qmp: &mut gkvm_qmp::blocking::Qmp) {
+    let under_way = |qmp: &mut gkvm_qmp::blocking::Qmp| {
+        let status = qmp.run(&commands::QueryMigrate).ok().and_then(|m| m.status);
+        !matches!(
+            status.as_deref(),
+            Some("completed" | "failed" | "cancelled" | "none") | None
+        )
+    };
+    if !under_way(qmp) {
+        return;
+    }
+    let _ = qmp.run(&commands::MigrateCancel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while under_way(qmp) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// While a migration is in flight on the source: if the operation is
@@ -1200,15 +1224,7 @@ impl Drop for MigrationGuard {
             migrated || state == Some(RunState::Postmigrate)
         };
         if !handed_over(&mut qmp) {
-            let _ = qmp.run(&commands::MigrateCancel);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                let status = qmp.run(&commands::QueryMigrate).ok().and_then(|m| m.status);
-                match status.as_deref() {
-                    Some("completed" | "failed" | "cancelled" | "none") | None => break,
-                    _ => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
+            cancel_and_wait_blocking(&mut qmp);
         }
         if handed_over(&mut qmp) {
             tracing::warn!(instance = %name, "the guest was handed over; finalizing the source");

@@ -24,10 +24,10 @@
 //! streams the file in (`migrate-incoming fd:`) and lets the guest run.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gkvm_qmp::commands::{self, RunState};
 use kvm_runtime::InstancePaths;
@@ -198,6 +198,37 @@ pub(crate) fn open_saved(path: &Path) -> Result<(SaveHeader, std::fs::File, u64)
     Ok((header, file, offset))
 }
 
+/// Either end of a migration through a file: QEMU's MIGRATION events on
+/// (gkvm follows by them), no TLS (a file is no channel to secure), no
+/// bandwidth limit worth the name (the instance's `migration_bandwidth`
+/// is for networks; it counts only on the saving side), and the file's
+/// descriptor given to QEMU as [`FD_NAME`].
+async fn file_channel(qmp: &gkvm_qmp::Qmp, name: &str, file: BorrowedFd<'_>) -> Result<()> {
+    qmp.run(&commands::MigrateSetCapabilities {
+        capabilities: vec![commands::MigrationCapabilityStatus {
+            capability: "events".into(),
+            state: true,
+        }],
+    })
+    .await
+    .map_err(qmp_err(name, "enable migration events"))?;
+    qmp.run(&commands::MigrateSetParameters {
+        max_bandwidth: Some(SAVE_BANDWIDTH),
+        tls_creds: Some(String::new()),
+        ..Default::default()
+    })
+    .await
+    .map_err(qmp_err(name, "migrate-set-parameters"))?;
+    qmp.run_with_fds(
+        &commands::GetFd {
+            fdname: FD_NAME.into(),
+        },
+        &[file],
+    )
+    .await
+    .map_err(qmp_err(name, "getfd"))
+}
+
 /// 16 random bytes, as hex.
 #[cfg(test)]
 fn random_id() -> String {
@@ -283,29 +314,7 @@ impl KvmHypervisor {
                 .await
                 .map_err(qmp_err(name, "stop"))?;
         }
-        qmp.run(&commands::MigrateSetCapabilities {
-            capabilities: vec![commands::MigrationCapabilityStatus {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qmp_err(name, "enable migration events"))?;
-        qmp.run(&commands::MigrateSetParameters {
-            max_bandwidth: Some(SAVE_BANDWIDTH),
-            tls_creds: Some(String::new()),
-            ..Default::default()
-        })
-        .await
-        .map_err(qmp_err(name, "migrate-set-parameters"))?;
-        qmp.run_with_fds(
-            &commands::GetFd {
-                fdname: FD_NAME.into(),
-            },
-            &[out.as_fd()],
-        )
-        .await
-        .map_err(qmp_err(name, "getfd"))?;
+        file_channel(&qmp, name, out.as_fd()).await?;
         qmp.run(&commands::Migrate {
             uri: format!("fd:{FD_NAME}"),
         })
@@ -397,28 +406,7 @@ impl KvmHypervisor {
             .await?;
         let _guard = crate::migration::IncomingGuard::new(&paths, self.config.qmp_timeout);
         let qmp = self.qmp(&paths).await?;
-        qmp.run(&commands::MigrateSetCapabilities {
-            capabilities: vec![commands::MigrationCapabilityStatus {
-                capability: "events".into(),
-                state: true,
-            }],
-        })
-        .await
-        .map_err(qmp_err(&name, "enable migration events"))?;
-        qmp.run(&commands::MigrateSetParameters {
-            tls_creds: Some(String::new()),
-            ..Default::default()
-        })
-        .await
-        .map_err(qmp_err(&name, "migrate-set-parameters"))?;
-        qmp.run_with_fds(
-            &commands::GetFd {
-                fdname: FD_NAME.into(),
-            },
-            &[saved.as_fd()],
-        )
-        .await
-        .map_err(qmp_err(&name, "getfd"))?;
+        file_channel(&qmp, &name, saved.as_fd()).await?;
         qmp.run(&commands::MigrateIncoming {
             uri: format!("fd:{FD_NAME}"),
         })
@@ -527,27 +515,8 @@ impl Drop for SaveGuard {
         }
         let name = self.paths.name.clone();
         tracing::warn!(instance = %name, "save failed or was interrupted; the guest runs on");
-        let options = gkvm_qmp::Options {
-            connect_timeout: self.qmp_timeout.min(Duration::from_secs(2)),
-            command_timeout: self.qmp_timeout,
-            ..gkvm_qmp::Options::default()
-        };
-        if let Ok(mut qmp) = gkvm_qmp::blocking::Qmp::connect(&self.paths.qmp, options) {
-            let active = |qmp: &mut gkvm_qmp::blocking::Qmp| {
-                qmp.run(&commands::QueryMigrate)
-                    .ok()
-                    .and_then(|m| m.status)
-                    .is_some_and(|s| {
-                        !matches!(s.as_str(), "completed" | "failed" | "cancelled" | "none")
-                    })
-            };
-            if active(&mut qmp) {
-                let _ = qmp.run(&commands::MigrateCancel);
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while active(&mut qmp) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
+        if let Some(mut qmp) = crate::migration::blocking_qmp(&self.paths, self.qmp_timeout) {
+            crate::migration::cancel_and_wait_blocking(&mut qmp);
             if self.was_running {
                 let state = qmp.run(&commands::QueryStatus).ok().map(|s| s.status);
                 if matches!(state, Some(RunState::Paused | RunState::Postmigrate)) {
