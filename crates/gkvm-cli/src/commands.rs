@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::CommandFactory;
-use hv_kvm::{Capabilities, KvmHypervisor, MigrationMode, Request, Response, StartMode, StopMode};
+use hv_kvm::{
+    Capabilities, Definition, KvmHypervisor, MigrationMode, Request, Response, StartMode, StopMode,
+};
 
 use crate::input::{
     default_qemu, hypervisor, load_instance, read_file, spec_from_args, split_host_port, usage,
 };
 use crate::render::{self, Operation};
-use crate::{console, demo, Cli, CliResult, Command, Failure, StartArgs};
+use crate::{console, demo, Cli, CliResult, Command, Failure, SpecArgs, StartArgs};
 
 /// Sends one request; a response of another kind is a bug, reported as
 /// such rather than a panic.
@@ -90,7 +92,39 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             .await
         }
         Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
-        Command::List => list(c).await,
+        Command::List { all } => list(c, *all).await,
+        Command::Define {
+            spec,
+            autostart,
+            no_autostart,
+        } => define(c, spec, *autostart, *no_autostart).await,
+        Command::Undefine { name, remove_state } => {
+            hypervisor(c)?.undefine(name, *remove_state).await?;
+            render::done(c.json, Operation::new(name, "undefine"), "undefined")
+        }
+        Command::Autostart { name, disable } => {
+            hypervisor(c)?.set_autostart(name, !disable).await?;
+            let what = if *disable {
+                "will not start at boot"
+            } else {
+                "will start at boot"
+            };
+            render::done(c.json, Operation::new(name, "autostart"), what)
+        }
+        Command::GuestsStart => guests(c, hypervisor(c)?.start_guests().await?),
+        Command::GuestsStop { timeout, save } => {
+            let action = if *save {
+                hv_kvm::ShutdownAction::Save
+            } else {
+                hv_kvm::ShutdownAction::Stop
+            };
+            let hv = hypervisor(c)?;
+            guests(
+                c,
+                hv.shutdown_guests(action, Duration::from_secs(*timeout))
+                    .await?,
+            )
+        }
         Command::Info { names } => info(c, names).await,
         Command::Stats {
             names,
@@ -436,14 +470,77 @@ async fn argv(cli: &Cli, instance: &Path) -> CliResult {
 }
 
 async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
-    let spec = spec_from_args(args)?;
     let mode = if args.paused {
         StartMode::Paused
     } else {
         StartMode::Running
     };
-    let report = hypervisor(cli)?.start(&spec, mode).await?;
+    let hv = hypervisor(cli)?;
+    let defined = definition_of(&hv, &args.spec)?;
+    let report = match (&args.spec.name, defined) {
+        (Some(name), Some(_)) if !args.spec.changes_spec() => {
+            hv.start_defined(name, mode).await?
+        }
+        (Some(name), Some(d)) if d.saved => {
+            return Err(usage(format!(
+                "{name} has a managed save, which its start restores as it was: start it without flags that change it"
+            )))
+        }
+        (_, defined) => {
+            let spec = spec_from_args(&args.spec, defined.map(|d| d.instance))?;
+            hv.start(&spec, mode).await?
+        }
+    };
     render::started(cli.json, &report)
+}
+
+/// The definition on this node of the instance the flags name, when
+/// they name one without `--file`.
+fn definition_of(hv: &KvmHypervisor, args: &SpecArgs) -> Result<Option<Definition>, Failure> {
+    let (None, Some(name)) = (&args.file, &args.name) else {
+        return Ok(None);
+    };
+    match hv.definition(name) {
+        Ok(d) => Ok(Some(d)),
+        Err(hv_kvm::Error::NotDefined { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn define(cli: &Cli, args: &SpecArgs, autostart: bool, no_autostart: bool) -> CliResult {
+    let hv = hypervisor(cli)?;
+    let defined = definition_of(&hv, args)?;
+    let spec = spec_from_args(args, defined.map(|d| d.instance))?;
+    let autostart = match (autostart, no_autostart) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    render::defined(cli.json, &hv.define(&spec, autostart).await?)
+}
+
+/// `guests-start`, `guests-stop`: what became of each instance; fails
+/// (exit 1) when one failed.
+fn guests(cli: &Cli, outcomes: Vec<hv_kvm::GuestOutcome>) -> CliResult {
+    render::guests(cli.json, &outcomes)?;
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.outcome == "failed")
+        .map(|o| o.instance.as_str())
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::new(
+        1,
+        "guests",
+        format!(
+            "{} of {} failed: {}",
+            failed.len(),
+            outcomes.len(),
+            failed.join(", ")
+        ),
+    ))
 }
 
 async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
@@ -496,8 +593,8 @@ async fn stats(
     render::stats(cli.json, &stats)
 }
 
-async fn list(cli: &Cli) -> CliResult {
-    render::infos(cli.json, &hypervisor(cli)?.overview().await?)
+async fn list(cli: &Cli, all: bool) -> CliResult {
+    render::list(cli.json, &hypervisor(cli)?.overview_with(all).await?, all)
 }
 
 async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use hv_kvm::{Config, InstanceSpec, KvmHypervisor, RunDir};
 
-use crate::{Cli, Failure, StartArgs};
+use crate::{Cli, Failure, SpecArgs};
 
 /// The node's hypervisor: flags and environment, then the node
 /// configuration file, then the defaults.
@@ -229,12 +229,17 @@ pub(crate) fn usage(message: String) -> Failure {
 /// Memory of an instance given by flags alone, without `--memory`.
 const DEFAULT_MEMORY_MIB: u64 = 512;
 
-/// An instance from `--file` and/or flags.
-pub(crate) fn spec_from_args(a: &StartArgs) -> Result<InstanceSpec, Failure> {
-    let mut spec = match (&a.file, &a.name) {
-        (Some(f), _) => load_instance(f)?,
-        (None, Some(n)) => InstanceSpec::new(n.clone(), DEFAULT_MEMORY_MIB),
-        (None, None) => return Err(usage("start needs an instance name or --file".into())),
+/// An instance from `--file` and/or flags; `defined` is the instance's
+/// definition on this node, the base when there is no `--file`.
+pub(crate) fn spec_from_args(
+    a: &SpecArgs,
+    defined: Option<InstanceSpec>,
+) -> Result<InstanceSpec, Failure> {
+    let mut spec = match (&a.file, &a.name, defined) {
+        (Some(f), _, _) => load_instance(f)?,
+        (None, Some(_), Some(d)) => d,
+        (None, Some(n), None) => InstanceSpec::new(n.clone(), DEFAULT_MEMORY_MIB),
+        (None, None, _) => return Err(usage("an instance name or --file is needed".into())),
     };
     if let Some(n) = &a.name {
         spec.name = n.clone();

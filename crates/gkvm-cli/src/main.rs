@@ -38,6 +38,8 @@ Examples:
   gkvm demo                         boot, inspect, balloon, migrate and stop a tiny guest
   gkvm start web1 --memory 512 --vcpus 2 --disk /dev/vg/web1 --nic bridge=br0 -H kernel_path=/boot/vmlinuz
   gkvm start --file web1.json --paused
+  gkvm define web1 --memory 1G --disk /srv/web1.img --nic bridge=br0 --autostart
+  gkvm start web1                   from its definition (gkvm list --all shows it)
   gkvm list                         running instances, as a table
   gkvm info web1 --json
   gkvm balloon web1 384
@@ -106,6 +108,56 @@ enum Command {
     },
     /// Start an instance (from a JSON file, or from flags).
     Start(StartArgs),
+    /// Define an instance on this node (or change its definition): it then
+    /// starts by name, shows in `list --all`, and may start at boot.
+    ///
+    /// The definition is kept in the node's state_dir
+    /// (/var/lib/gkvm/definitions/NAME.json), validated before it is
+    /// written. Flags given for a defined instance change its definition.
+    Define {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Start it when the node boots (`gkvm guests-start`, run by
+        /// gkvm-guests.service).
+        #[arg(long, conflicts_with = "no_autostart")]
+        autostart: bool,
+        /// Do not start it at boot.
+        #[arg(long)]
+        no_autostart: bool,
+    },
+    /// Remove an instance's definition (a running instance runs on).
+    Undefine {
+        /// The instance.
+        name: String,
+        /// Also remove its managed save and what it keeps between runs
+        /// (UEFI variables, TPM state); refused while it runs.
+        #[arg(long)]
+        remove_state: bool,
+    },
+    /// Start a defined instance when the node boots, or with --disable no
+    /// longer.
+    Autostart {
+        /// The instance.
+        name: String,
+        /// Turn autostart off.
+        #[arg(long)]
+        disable: bool,
+    },
+    /// The node's boot (gkvm-guests.service): restore every managed save
+    /// and start every autostart instance that is not running.
+    GuestsStart,
+    /// The node's shutdown (gkvm-guests.service): stop every running
+    /// instance at once (ACPI power button; killed after --timeout), or
+    /// with --save save the defined ones for their next start.
+    GuestsStop {
+        /// Seconds each guest may take to power off before it is killed.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Save defined instances (state_dir/saved/NAME.save) instead of
+        /// stopping them; their next start restores them.
+        #[arg(long)]
+        save: bool,
+    },
     /// Stop an instance: ACPI power button and wait, or --force to kill.
     Stop {
         /// The instance.
@@ -177,7 +229,12 @@ enum Command {
     },
     /// List running instances from the node's records, without asking
     /// each QEMU (`info` asks: paused, balloon size, live vCPUs).
-    List,
+    List {
+        /// Also the instances defined on this node that are not running
+        /// (state shut-off), with an AUTOSTART column.
+        #[arg(long, short = 'a')]
+        all: bool,
+    },
     /// Show instances (all when no name is given).
     Info {
         /// Instances to show.
@@ -478,7 +535,12 @@ impl Command {
     /// What the command does, for "X succeeded, but..." and "X interrupted".
     fn describe(&self) -> String {
         let (verb, name): (&str, Option<&str>) = match self {
-            Command::Start(a) => ("start", a.name.as_deref()),
+            Command::Start(a) => ("start", a.spec.name.as_deref()),
+            Command::Define { spec, .. } => ("define", spec.name.as_deref()),
+            Command::Undefine { name, .. } => ("undefine", Some(name)),
+            Command::Autostart { name, .. } => ("autostart", Some(name)),
+            Command::GuestsStart => ("guests-start", None),
+            Command::GuestsStop { .. } => ("guests-stop", None),
             Command::Stop { name, .. } => ("stop", Some(name)),
             Command::Reboot { name, .. } => ("reboot", Some(name)),
             Command::Resume { name } => ("resume", Some(name)),
@@ -508,10 +570,12 @@ impl Command {
 }
 
 #[derive(clap::Args)]
-struct StartArgs {
+struct SpecArgs {
     /// Instance name (or give --file).
     name: Option<String>,
-    /// Instance definition (JSON); flags given beside it override its fields.
+    /// Instance definition (JSON); flags given beside it override its
+    /// fields. Without it, a NAME defined on this node (`gkvm define`)
+    /// starts from its definition.
     #[arg(long, short = 'f')]
     file: Option<PathBuf>,
     /// Memory: MiB, or with a suffix (512M, 1G).
@@ -538,6 +602,26 @@ struct StartArgs {
     /// VNC/SPICE TCP port.
     #[arg(long)]
     port: Option<u16>,
+}
+
+impl SpecArgs {
+    /// Whether any flag says something of the instance (beyond its name).
+    fn changes_spec(&self) -> bool {
+        self.file.is_some()
+            || self.memory.is_some()
+            || self.vcpus.is_some()
+            || self.port.is_some()
+            || !self.disks.is_empty()
+            || !self.nics.is_empty()
+            || !self.hvparams.is_empty()
+            || !self.tags.is_empty()
+    }
+}
+
+#[derive(clap::Args)]
+struct StartArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
     /// Leave the vCPUs stopped.
     #[arg(long)]
     paused: bool,

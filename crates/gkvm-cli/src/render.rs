@@ -109,11 +109,11 @@ fn human_secs(s: f64) -> String {
     }
 }
 
-fn info_table(infos: &[InstanceInfo]) -> CliResult {
-    let rows: Vec<[String; 6]> = infos
+fn info_table(infos: &[InstanceInfo], autostart: bool) -> CliResult {
+    let mut rows: Vec<Vec<String>> = infos
         .iter()
         .map(|i| {
-            [
+            vec![
                 i.name.clone(),
                 i.state.to_string(),
                 if i.pid > 0 {
@@ -127,8 +127,20 @@ fn info_table(infos: &[InstanceInfo]) -> CliResult {
             ]
         })
         .collect();
-    let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "CPU TIME"].map(String::from);
-    let mut width = header.clone().map(|h| h.len());
+    let mut header: Vec<String> = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "CPU TIME"]
+        .map(String::from)
+        .to_vec();
+    if autostart {
+        header.push("AUTOSTART".into());
+        for (r, i) in rows.iter_mut().zip(infos) {
+            r.push(match i.autostart {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => "-".into(),
+            });
+        }
+    }
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -137,7 +149,7 @@ fn info_table(infos: &[InstanceInfo]) -> CliResult {
     for r in std::iter::once(&header).chain(&rows) {
         let line: Vec<String> = r
             .iter()
-            .zip(width)
+            .zip(&width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         outln!("{}", line.join("  ").trim_end())?;
@@ -261,8 +273,67 @@ pub(crate) fn infos(json: bool, infos: &[InstanceInfo]) -> CliResult {
     if json {
         print_json(&infos)
     } else {
-        info_table(infos)
+        info_table(infos, false)
     }
+}
+
+/// `gkvm list`; with `--all` an AUTOSTART column.
+pub(crate) fn list(json: bool, infos: &[InstanceInfo], all: bool) -> CliResult {
+    if json {
+        print_json(&infos)
+    } else {
+        info_table(infos, all)
+    }
+}
+
+/// `gkvm define`.
+pub(crate) fn defined(json: bool, d: &hv_kvm::Definition) -> CliResult {
+    if json {
+        return print_json(d);
+    }
+    let at_boot = if d.autostart {
+        "starts at boot"
+    } else {
+        "does not start at boot"
+    };
+    outln!(
+        "{} defined ({}, {} vCPU{}, {} disk{}, {} NIC{}; {at_boot})",
+        d.instance.name,
+        human_mib(d.instance.memory),
+        d.instance.vcpus,
+        plural(d.instance.vcpus as usize),
+        d.instance.disks.len(),
+        plural(d.instance.disks.len()),
+        d.instance.nics.len(),
+        plural(d.instance.nics.len()),
+    )
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// `gkvm guests-start`, `guests-stop`: a line per instance.
+pub(crate) fn guests(json: bool, outcomes: &[hv_kvm::GuestOutcome]) -> CliResult {
+    if json {
+        return print_json(&outcomes);
+    }
+    for o in outcomes {
+        match &o.error {
+            Some(e) => outln!(
+                "{}: {} ({})",
+                o.instance,
+                o.outcome.replace('_', " "),
+                e.message
+            )?,
+            None => outln!("{}: {}", o.instance, o.outcome.replace('_', " "))?,
+        }
+    }
+    Ok(())
 }
 
 /// `gkvm powercycle-node`: the steps (only a dry run or a test trigger

@@ -50,6 +50,8 @@ fn add_field(v: &mut Value) {
 struct Node {
     run: PathBuf,
     qemu: PathBuf,
+    /// A node configuration (a state dir of the test's own).
+    config: Option<PathBuf>,
     _kill: KillRunDir,
 }
 
@@ -60,6 +62,24 @@ impl Node {
             _kill: KillRunDir(run.clone()),
             run,
             qemu: qemu.to_owned(),
+            config: None,
+        }
+    }
+
+    /// A node whose state dir (definitions, managed saves) is in `dir`.
+    fn with_state(dir: &Path, qemu: &Path) -> Node {
+        let config = dir.join("node.toml");
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            &config,
+            format!("state_dir = \"{}\"\n", dir.join("state").display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        Node {
+            config: Some(config),
+            ..Node::new(dir, qemu)
         }
     }
 
@@ -72,6 +92,9 @@ impl Node {
             .arg("--json")
             .args(args)
             .stdin(Stdio::null());
+        if let Some(config) = &self.config {
+            c.arg("--node-config").arg(config);
+        }
         c
     }
 
@@ -107,6 +130,66 @@ impl Node {
         assert!(out.stdout.is_empty(), "{args:?}");
         err
     }
+}
+
+#[test]
+fn definition_outputs_match_their_schemas() {
+    let Some(env) = require("json_schemas_definitions", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-schemas");
+    let a = Node::with_state(dir.path(), &env.qemu);
+    let accel = accel();
+    let v = a.json(&[
+        "define",
+        "scdef1",
+        "--memory",
+        "64",
+        "-H",
+        &accel,
+        "--autostart",
+    ]);
+    check("definition", &v);
+    a.json(&[
+        "define",
+        "scdef2",
+        "--memory",
+        "64",
+        "-H",
+        &accel,
+        "-H",
+        "acpi=false",
+    ]);
+    check("instance-list", &a.json(&["list", "--all"]));
+    let v = a.json(&["guests-start"]);
+    check("guests", &v);
+    assert_eq!(v[0]["outcome"], "started", "{v}");
+    let v = a.json(&["list", "--all"]);
+    check("instance-list", &v);
+    assert_eq!(
+        (&v[0]["state"], &v[1]["state"]),
+        (&"running".into(), &"shut-off".into())
+    );
+    for (args, op) in [
+        (vec!["autostart", "scdef1", "--disable"], "autostart"),
+        (vec!["undefine", "scdef2"], "undefine"),
+    ] {
+        let v = a.json(&args);
+        check("operation", &v);
+        assert_eq!(v["operation"], op);
+    }
+    // A save that fails (no room for it: its directory is a file) falls
+    // back to a stop, and says so.
+    std::fs::write(dir.path().join("state/saved"), b"").unwrap();
+    let v = a.json(&["guests-stop", "--save", "--timeout", "1"]);
+    check("guests", &v);
+    assert_eq!(v[0]["outcome"], "killed", "{v}");
+    assert!(
+        v[0]["error"]["message"].as_str().unwrap().contains("saved"),
+        "{v}"
+    );
+    let e = a.error(&["undefine", "scdef2"]);
+    assert_eq!(e["kind"], "not_defined", "{e}");
 }
 
 fn accel() -> String {

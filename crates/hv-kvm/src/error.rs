@@ -131,6 +131,22 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The instance has no definition on this node.
+    #[error("instance {instance} is not defined on this node (gkvm define)")]
+    NotDefined {
+        /// The instance.
+        instance: String,
+    },
+    /// An instance's definition file could not be read or written.
+    #[error("instance {instance}: definition {}: {reason}", path.display())]
+    Definition {
+        /// The instance.
+        instance: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A hot plug or unplug failed at one step; what it had done is undone.
     #[error("instance {instance}: hot plug failed at {step}: {reason}")]
     Hotplug {
@@ -226,7 +242,7 @@ impl Error {
     /// A stable, machine-readable name of the error's kind (the `kind` of
     /// `gkvm --json` errors): `qemu_missing`, `probe`, `params`, `busy`,
     /// `runtime`, `qmp`, `tap`, `already_running`, `handed_over`,
-    /// `migration_info`, `not_running`, `start`, `hotplug`, `release`, `migration`, `timeout`,
+    /// `migration_info`, `not_running`, `not_defined`, `definition`, `start`, `state`, `hotplug`, `release`, `migration`, `timeout`,
     /// `io`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -246,6 +262,8 @@ impl Error {
             Error::NotRunning { .. } => "not_running",
             Error::Start { .. } => "start",
             Error::State { .. } => "state",
+            Error::NotDefined { .. } => "not_defined",
+            Error::Definition { .. } => "definition",
             Error::Hotplug { .. } => "hotplug",
             Error::Release { .. } => "release",
             Error::Save { .. } => "save",
@@ -283,6 +301,8 @@ impl Error {
             | Error::NotRunning { instance }
             | Error::Start { instance, .. }
             | Error::State { instance, .. }
+            | Error::NotDefined { instance }
+            | Error::Definition { instance, .. }
             | Error::Hotplug { instance, .. }
             | Error::Release { instance, .. }
             | Error::Save { instance, .. }

@@ -14,6 +14,7 @@
 
 mod cgroup;
 mod cpu;
+mod definitions;
 mod error;
 mod events;
 mod ganeti_runtime;
@@ -41,6 +42,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use definitions::{Definition, GuestOutcome, ShutdownAction};
 pub use error::{report, Error, Result};
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{

@@ -222,8 +222,14 @@ pub enum Request {
     /// Names of the running instances.
     List,
     /// Every running instance from the node's records and `/proc`, without
-    /// asking each QEMU ([`KvmHypervisor::overview`]).
-    Overview,
+    /// asking each QEMU ([`KvmHypervisor::overview`]); with `all`, the
+    /// instances defined on this node that are not running too
+    /// ([`KvmHypervisor::overview_with`]).
+    Overview {
+        /// Also the defined instances that are not running.
+        #[serde(default)]
+        all: bool,
+    },
     /// Instance details; all running instances when the list is empty.
     Info {
         /// The instances.
@@ -323,6 +329,57 @@ pub enum Request {
         /// The saved instance's file.
         file: std::path::PathBuf,
     },
+    /// Define (or redefine) an instance on this node
+    /// ([`KvmHypervisor::define`]).
+    Define {
+        /// The instance definition.
+        spec: InstanceSpec,
+        /// Start it when the node boots; absent keeps what an earlier
+        /// definition said (off for a new one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        autostart: Option<bool>,
+    },
+    /// Remove an instance's definition ([`KvmHypervisor::undefine`]).
+    Undefine {
+        /// The instance.
+        instance: String,
+        /// Also remove its managed save and what it keeps between runs.
+        #[serde(default)]
+        remove_state: bool,
+    },
+    /// Turn a defined instance's autostart on or off
+    /// ([`KvmHypervisor::set_autostart`]).
+    SetAutostart {
+        /// The instance.
+        instance: String,
+        /// On or off.
+        enabled: bool,
+    },
+    /// The instances defined on this node ([`KvmHypervisor::definitions`]).
+    Definitions,
+    /// Start a defined instance by name, from its managed save when one
+    /// waits ([`KvmHypervisor::start_defined`]).
+    StartDefined {
+        /// The instance.
+        instance: String,
+        /// Running or paused.
+        #[serde(default)]
+        mode: StartMode,
+    },
+    /// The node's boot: start every autostart instance, restore every
+    /// managed save ([`KvmHypervisor::start_guests`]).
+    StartGuests,
+    /// The node's shutdown: stop (or save) every running instance
+    /// ([`KvmHypervisor::shutdown_guests`]).
+    ShutdownGuests {
+        /// Stop, or save those with a definition.
+        #[serde(default)]
+        action: crate::ShutdownAction,
+        /// How long each guest may take to power off before it is killed.
+        #[serde(rename = "timeout_secs", with = "secs")]
+        #[schemars(with = "f64")]
+        timeout: Duration,
+    },
     /// Where a migration stands.
     MigrationStatus {
         /// The instance.
@@ -420,6 +477,12 @@ pub enum Response {
     Migration(MigrationStatus),
     /// What a save made.
     Saved(crate::SaveReport),
+    /// An instance's definition, as kept.
+    Defined(Box<crate::Definition>),
+    /// The instances defined on this node.
+    Definitions(Vec<crate::Definition>),
+    /// What the node's boot or shutdown did with each instance.
+    Guests(Vec<crate::GuestOutcome>),
 }
 
 impl Request {
@@ -447,7 +510,7 @@ impl Request {
         matches!(
             self,
             R::List
-                | R::Overview
+                | R::Overview { .. }
                 | R::Info { .. }
                 | R::NodeInfo
                 | R::Stats { .. }
@@ -457,6 +520,7 @@ impl Request {
                 | R::ValidateParams { .. }
                 | R::Plan { .. }
                 | R::Capabilities { .. }
+                | R::Definitions
         )
     }
 }
@@ -573,7 +637,7 @@ impl KvmHypervisor {
                 limits,
             } => done(self.set_io_limits(&instance, &group, limits).await?),
             R::List => Response::Names(self.list()?),
-            R::Overview => Response::Info(self.overview().await?),
+            R::Overview { all } => Response::Info(self.overview_with(all).await?),
             R::Info { instances } => Response::Info(self.info_many(&instances).await?),
             R::NodeInfo => Response::Node(self.node_info().await?),
             R::Stats { instances, pss } => Response::Stats(
@@ -632,6 +696,24 @@ impl KvmHypervisor {
                 Response::Saved(self.save(&instance, &file, progress).await?)
             }
             R::Restore { file } => Response::Started(self.restore(&file).await?),
+            R::Define { spec, autostart } => {
+                Response::Defined(Box::new(self.define(&spec, autostart).await?))
+            }
+            R::Undefine {
+                instance,
+                remove_state,
+            } => done(self.undefine(&instance, remove_state).await?),
+            R::SetAutostart { instance, enabled } => {
+                done(self.set_autostart(&instance, enabled).await?)
+            }
+            R::Definitions => Response::Definitions(self.definitions()?),
+            R::StartDefined { instance, mode } => {
+                Response::Started(self.start_defined(&instance, mode).await?)
+            }
+            R::StartGuests => Response::Guests(self.start_guests().await?),
+            R::ShutdownGuests { action, timeout } => {
+                Response::Guests(self.shutdown_guests(action, timeout).await?)
+            }
             R::CancelMigration { instance } => done(self.cancel_migration(&instance).await?),
             R::AwaitMigration {
                 info,

@@ -110,6 +110,7 @@ async fn instance_info(paths: InstancePaths, pid: i32, timeout: Duration) -> Ins
         guest_agent: None,
         user_down,
         helpers: Vec::new(),
+        autostart: None,
     }
 }
 
@@ -185,6 +186,7 @@ fn recorded_info(
         guest_agent: None,
         user_down: false,
         helpers: Vec::new(),
+        autostart: None,
     }
 }
 

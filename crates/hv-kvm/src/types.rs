@@ -49,6 +49,10 @@ pub struct InstanceInfo {
     /// until the instance is stopped and started).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub helpers: Vec<HelperInfo>,
+    /// Whether it starts when the node boots, for an instance defined on
+    /// this node (`list --all`); absent for one that is not defined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
 }
 
 /// A host-side helper process of an instance.
@@ -233,6 +237,8 @@ pub enum InstanceState {
     Watchdog,
     /// Stopped for a debugger.
     Debug,
+    /// Defined on this node and not running (`list --all`).
+    ShutOff,
     /// Restoring a snapshot.
     RestoreVm,
     /// Saving a snapshot.
