@@ -74,6 +74,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             .await
         }
         Command::Cleanup { name } => {
+            known(c, &hypervisor(c)?, name)?;
             simple(
                 c,
                 Request::Cleanup {
@@ -83,6 +84,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             .await
         }
         Command::RemoveState { name } => {
+            known(c, &hypervisor(c)?, name)?;
             simple(
                 c,
                 Request::RemoveState {
@@ -92,14 +94,32 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             .await
         }
         Command::ReleaseToGaneti { names, all } => release_to_ganeti(c, names, *all).await,
-        Command::List { all } => list(c, *all).await,
+        Command::List {
+            all,
+            output,
+            no_headers,
+            separator,
+            units,
+        } => {
+            let style = render::TableStyle {
+                columns: columns(output.as_deref(), *all)?,
+                no_headers: *no_headers,
+                separator: separator.clone(),
+                units: *units,
+            };
+            list(c, *all, &style).await
+        }
         Command::Define {
             spec,
             autostart,
             no_autostart,
         } => define(c, spec, *autostart, *no_autostart).await,
         Command::Undefine { name, remove_state } => {
-            hypervisor(c)?.undefine(name, *remove_state).await?;
+            let hv = hypervisor(c)?;
+            if c.idempotent && !hv.is_known(name)? {
+                return render::done(c.json, Operation::new(name, "undefine"), "was not defined");
+            }
+            hv.undefine(name, *remove_state).await?;
             render::done(c.json, Operation::new(name, "undefine"), "undefined")
         }
         Command::Autostart { name, disable } => {
@@ -494,6 +514,23 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
     render::started(cli.json, &report)
 }
 
+/// Refuses a name this node does not know (a typo), unless `--idempotent`.
+fn known(cli: &Cli, hv: &KvmHypervisor, name: &str) -> CliResult {
+    if cli.idempotent || hv.is_known(name)? {
+        return Ok(());
+    }
+    Err(Failure {
+        instance: Some(name.to_owned()),
+        ..Failure::new(
+            1,
+            "unknown_instance",
+            format!(
+                "instance {name} is not known on this node: not running, not defined, nothing left of it (--idempotent accepts that)"
+            ),
+        )
+    })
+}
+
 /// The definition on this node of the instance the flags name, when
 /// they name one without `--file`.
 fn definition_of(hv: &KvmHypervisor, args: &SpecArgs) -> Result<Option<Definition>, Failure> {
@@ -552,6 +589,7 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
         }
     };
     let hv = hypervisor(cli)?;
+    known(cli, &hv, name)?;
     let waiting = (!force).then(|| {
         spinner(
             cli,
@@ -593,8 +631,42 @@ async fn stats(
     render::stats(cli.json, &stats)
 }
 
-async fn list(cli: &Cli, all: bool) -> CliResult {
-    render::list(cli.json, &hypervisor(cli)?.overview_with(all).await?, all)
+async fn list(cli: &Cli, all: bool, style: &render::TableStyle) -> CliResult {
+    render::list(cli.json, &hypervisor(cli)?.overview_with(all).await?, style)
+}
+
+/// `list -o FIELDS`: the columns asked for (`+FIELDS` adds them to the
+/// default ones); none given: the default ones, with AUTOSTART for
+/// `--all`.
+fn columns(output: Option<&str>, all: bool) -> Result<Vec<render::Column>, Failure> {
+    use clap::ValueEnum;
+    use render::Column;
+    let mut columns = Vec::new();
+    let fields = match output {
+        None if all => return Ok([&Column::DEFAULT[..], &[Column::Autostart]].concat()),
+        None => return Ok(Vec::new()),
+        Some(o) => match o.strip_prefix('+') {
+            Some(extra) => {
+                columns.extend(Column::DEFAULT);
+                extra
+            }
+            None => o,
+        },
+    };
+    for field in fields.split(',').map(str::trim) {
+        let c = Column::from_str(&field.replace('_', "-"), true).map_err(|_| {
+            let known: Vec<String> = Column::value_variants()
+                .iter()
+                .filter_map(|c| c.to_possible_value().map(|v| v.get_name().to_owned()))
+                .collect();
+            usage(format!(
+                "-o: unknown field {field:?} (known: {})",
+                known.join(", ")
+            ))
+        })?;
+        columns.push(c);
+    }
+    Ok(columns)
 }
 
 async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {

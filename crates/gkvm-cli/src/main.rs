@@ -79,6 +79,12 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// A name this node does not know is not an error where the goal
+    /// holds anyway (stop, cleanup, remove-state, undefine): for scripts
+    /// and cluster software that repeat an operation. Without it, such a
+    /// name is an error (a typo), as in virsh.
+    #[arg(long, global = true)]
+    idempotent: bool,
     /// The key the nodes share to seal migration info (default
     /// /etc/gkvm/migration.key when it exists; mode 0600).
     #[arg(long, global = true, env = "GKVM_MIGRATION_KEY", value_name = "FILE")]
@@ -234,6 +240,21 @@ enum Command {
         /// (state shut-off), with an AUTOSTART column.
         #[arg(long, short = 'a')]
         all: bool,
+        /// The columns, comma-separated (name, state, pid, memory, vcpus,
+        /// cpu-time, autostart, reason); with a leading +, added to the
+        /// default ones.
+        #[arg(short = 'o', long = "output", value_name = "FIELDS")]
+        output: Option<String>,
+        /// No header line.
+        #[arg(long)]
+        no_headers: bool,
+        /// Join fields with SEP instead of aligning them (for scripts).
+        #[arg(long, value_name = "SEP")]
+        separator: Option<String>,
+        /// Memory in m (MiB), g (GiB) or t (TiB) as plain numbers, or h
+        /// (whatever reads best, with its unit; the default).
+        #[arg(long, value_enum)]
+        units: Option<render::Units>,
     },
     /// Show instances (all when no name is given).
     Info {

@@ -109,50 +109,155 @@ fn human_secs(s: f64) -> String {
     }
 }
 
-fn info_table(infos: &[InstanceInfo], autostart: bool) -> CliResult {
-    let mut rows: Vec<Vec<String>> = infos
-        .iter()
-        .map(|i| {
-            vec![
-                i.name.clone(),
-                i.state.to_string(),
-                if i.pid > 0 {
-                    i.pid.to_string()
-                } else {
-                    "-".to_owned()
-                },
-                human_mib(i.memory_mib),
-                i.vcpus.to_string(),
-                human_secs(i.cpu_time_secs),
-            ]
-        })
-        .collect();
-    let mut header: Vec<String> = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "CPU TIME"]
-        .map(String::from)
-        .to_vec();
-    if autostart {
-        header.push("AUTOSTART".into());
-        for (r, i) in rows.iter_mut().zip(infos) {
-            r.push(match i.autostart {
+/// How `list` and `info` print a table (`-o`, `--no-headers`,
+/// `--separator`, `--units`, as Ganeti's `gnt-instance list`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TableStyle {
+    /// The columns, in order; empty: the default ones.
+    pub(crate) columns: Vec<Column>,
+    /// Leave out the header line.
+    pub(crate) no_headers: bool,
+    /// Join fields with this instead of aligning them in columns.
+    pub(crate) separator: Option<String>,
+    /// Memory in this unit (default: whatever reads best, with its unit).
+    pub(crate) units: Option<Units>,
+}
+
+/// A column of `list`/`info`'s table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Column {
+    /// The instance's name.
+    Name,
+    /// What it is doing.
+    State,
+    /// QEMU's pid (`-` when none).
+    Pid,
+    /// Guest memory.
+    Memory,
+    /// Virtual CPUs.
+    Vcpus,
+    /// CPU time QEMU has used.
+    CpuTime,
+    /// Whether a defined instance starts at boot (`-`: not defined).
+    Autostart,
+    /// Why it is not running.
+    Reason,
+}
+
+impl Column {
+    pub(crate) const DEFAULT: [Column; 6] = [
+        Column::Name,
+        Column::State,
+        Column::Pid,
+        Column::Memory,
+        Column::Vcpus,
+        Column::CpuTime,
+    ];
+
+    fn header(self) -> &'static str {
+        match self {
+            Column::Name => "NAME",
+            Column::State => "STATE",
+            Column::Pid => "PID",
+            Column::Memory => "MEMORY",
+            Column::Vcpus => "VCPUS",
+            Column::CpuTime => "CPU TIME",
+            Column::Autostart => "AUTOSTART",
+            Column::Reason => "REASON",
+        }
+    }
+
+    fn value(self, i: &InstanceInfo, units: Option<Units>) -> String {
+        match self {
+            Column::Name => i.name.clone(),
+            Column::State => i.state.to_string(),
+            Column::Pid if i.pid > 0 => i.pid.to_string(),
+            Column::Pid => "-".into(),
+            Column::Memory => match units {
+                None => human_mib(i.memory_mib),
+                Some(u) => u.show(i.memory_mib),
+            },
+            Column::Vcpus => i.vcpus.to_string(),
+            Column::CpuTime => human_secs(i.cpu_time_secs),
+            Column::Autostart => match i.autostart {
                 Some(true) => "yes".into(),
                 Some(false) => "no".into(),
                 None => "-".into(),
-            });
+            },
+            Column::Reason => i.reason.clone().unwrap_or_else(|| "-".into()),
         }
     }
+}
+
+/// A unit for sizes: `m` MiB, `g` GiB, `t` TiB (numbers without the
+/// unit, as `gnt-instance list --units`), `h` the unit that reads best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Units {
+    /// Whatever reads best, with its unit.
+    H,
+    /// MiB.
+    M,
+    /// GiB.
+    G,
+    /// TiB.
+    T,
+}
+
+impl Units {
+    fn show(self, mib: u64) -> String {
+        // One decimal, cut (not rounded) as `human_mib` cuts it.
+        let scaled = |div: u64| {
+            let (whole, rest) = (mib / div, mib % div);
+            if rest == 0 {
+                whole.to_string()
+            } else {
+                format!("{whole}.{}", rest * 10 / div)
+            }
+        };
+        match self {
+            Units::H => human_mib(mib),
+            Units::M => mib.to_string(),
+            Units::G => scaled(1 << 10),
+            Units::T => scaled(1 << 20),
+        }
+    }
+}
+
+fn info_table(infos: &[InstanceInfo], style: &TableStyle) -> CliResult {
+    let columns: &[Column] = if style.columns.is_empty() {
+        &Column::DEFAULT
+    } else {
+        &style.columns
+    };
+    let rows: Vec<Vec<String>> = infos
+        .iter()
+        .map(|i| columns.iter().map(|c| c.value(i, style.units)).collect())
+        .collect();
+    let header: Vec<String> = columns.iter().map(|c| c.header().to_owned()).collect();
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
-    for r in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        outln!("{}", line.join("  ").trim_end())?;
+    let head = (!style.no_headers).then_some(&header);
+    for r in head.into_iter().chain(&rows) {
+        let line = match &style.separator {
+            Some(sep) => r.join(sep),
+            None => {
+                let cells: Vec<String> = r
+                    .iter()
+                    .zip(&width)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
+                cells.join("  ").trim_end().to_owned()
+            }
+        };
+        outln!("{line}")?;
+    }
+    if style.separator.is_some() || !style.columns.is_empty() {
+        // Machine-read or chosen columns: nothing below the table.
+        return Ok(());
     }
     // Why a stopped one stopped, and where QEMU's log is, under the table.
     for i in infos {
@@ -273,16 +378,16 @@ pub(crate) fn infos(json: bool, infos: &[InstanceInfo]) -> CliResult {
     if json {
         print_json(&infos)
     } else {
-        info_table(infos, false)
+        info_table(infos, &TableStyle::default())
     }
 }
 
-/// `gkvm list`; with `--all` an AUTOSTART column.
-pub(crate) fn list(json: bool, infos: &[InstanceInfo], all: bool) -> CliResult {
+/// `gkvm list`.
+pub(crate) fn list(json: bool, infos: &[InstanceInfo], style: &TableStyle) -> CliResult {
     if json {
         print_json(&infos)
     } else {
-        info_table(infos, all)
+        info_table(infos, style)
     }
 }
 

@@ -364,9 +364,31 @@ fn lifecycle_subcommands() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cli1 killed"));
     let out = g(&["stop", "cli2", "--force", "--json"]);
     assert_eq!(json(&out)["outcome"], "killed");
-    let out = g(&["stop", "cli2"]);
+    // Stopped, nothing is left of it here: as a name this node never saw
+    // (a typo), an error to a person, and fine for a caller that says it
+    // repeats itself.
+    let out = g(&["stop", "cli2", "--idempotent"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("was not running"));
-    assert!(g(&["cleanup", "cli2"]).status.success());
+    for args in [
+        vec!["stop", "cli2"],
+        vec!["cleanup", "cli2"],
+        vec!["stop", "cil1"],
+        vec!["stop", "cil1", "--force"],
+        vec!["cleanup", "cil1"],
+        vec!["remove-state", "cil1"],
+        vec!["undefine", "cil1"],
+    ] {
+        let out = g(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{} is not", args[1])),
+            "{args:?}: {err}"
+        );
+        let mut again = args.clone();
+        again.push("--idempotent");
+        assert!(g(&again).status.success(), "{again:?}");
+    }
     assert_eq!(json(&g(&["list", "--json"])).as_array().unwrap().len(), 0);
 }
 

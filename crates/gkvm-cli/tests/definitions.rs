@@ -45,6 +45,21 @@ impl Node {
     }
 
     fn run(&self, args: &[&str]) -> Output {
+        self.run_as(true, args)
+    }
+
+    /// Runs a command for a person (no `--json`); its stdout.
+    fn text(&self, args: &[&str]) -> String {
+        let out = self.run_as(false, args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn run_as(&self, json: bool, args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
         c.arg("--run-dir")
             .arg(&self.run)
@@ -53,11 +68,10 @@ impl Node {
         if !self.qemu.as_os_str().is_empty() {
             c.arg("--kvm-path").arg(&self.qemu);
         }
-        c.arg("--json")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        if json {
+            c.arg("--json");
+        }
+        c.args(args).stdin(Stdio::null()).output().unwrap()
     }
 
     /// Runs a command that must succeed; its stdout as JSON.
@@ -160,6 +174,30 @@ fn defined_instances_start_by_name_and_again_after_the_nodes_shutdown() {
             ("defboot2".into(), "shut-off".into(), Value::Bool(false)),
         ]
     );
+    // For a person, and for a script (Ganeti's gnt-instance list options).
+    let table = node.text(&["list", "--all"]);
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(table.contains("AUTOSTART"), "{table}");
+    assert_eq!(
+        node.text(&[
+            "list",
+            "--all",
+            "-o",
+            "name,autostart,memory",
+            "--no-headers",
+            "--separator",
+            ":",
+            "--units",
+            "m",
+        ]),
+        "defboot1:yes:128\ndefboot2:no:64\n"
+    );
+    let plus = node.text(&["list", "-a", "-o", "+reason", "--units", "g"]);
+    assert!(plus.lines().next().unwrap().ends_with("REASON"), "{plus}");
+    assert!(plus.contains("0.1"), "{plus}");
+    let (e, code) = node.error(&["list", "-o", "name,colour"]);
+    assert_eq!((e["kind"].as_str(), code), (Some("usage"), 2), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("colour"), "{e}");
     let file = node.state.join("definitions/defboot1.json");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -343,6 +381,17 @@ fn definitions_are_validated_and_a_tampered_one_is_an_error_naming_its_file() {
         assert!(msg.contains(needle), "{what}: {msg}");
         let (e, _) = node.error(&["start", "deftamp1"]);
         assert_eq!(e["kind"], "definition", "{what}: {e}");
+        // `verify` lists it among the node's problems.
+        let out = node.run(&["verify"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            report["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_str().unwrap().contains(file.to_str().unwrap())),
+            "{what}: {report}"
+        );
         assert!(gkvm_testkit::qemus_in(&node.run).is_empty());
     };
     std::fs::write(&file, b"{\"version\": 1, \"autostart\": tr").unwrap();

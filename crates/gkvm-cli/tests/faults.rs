@@ -40,10 +40,13 @@ impl Node {
         self.cmd_in(&self.run, args)
     }
 
-    /// [`Node::cmd`] on another run dir of this node's.
+    /// [`Node::cmd`] on another run dir of this node's. As cluster
+    /// software calls it: `--idempotent` (the next operation after a kill
+    /// reconciles, and a kill early enough leaves no trace of the name).
     fn cmd_in(&self, run: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
-        c.arg("--run-dir")
+        c.arg("--idempotent")
+            .arg("--run-dir")
             .arg(run)
             .arg("--kvm-path")
             .arg(&self.qemu)

@@ -229,16 +229,8 @@ impl KvmHypervisor {
                 })
             }
         };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            // Temporary files of a write in progress start with a dot.
-            .filter(|f| !f.starts_with('.'))
-            .filter_map(|f| f.strip_suffix(".json").map(str::to_owned))
-            .collect();
-        names.sort();
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
+        let mut out = Vec::new();
+        for name in defined_names(entries) {
             if let Some(d) = self.read_definition(&name)? {
                 out.push(d);
             }
@@ -246,6 +238,69 @@ impl KvmHypervisor {
         Ok(out)
     }
 
+    /// Whether this node knows an instance of that name: files of it in
+    /// the run directory (running, stopped on its own, or left behind), a
+    /// definition, a managed save, or state kept between runs. A name it
+    /// does not know is most likely a typo (`gkvm stop wbe1`). Any
+    /// operation that took its lock here makes a name known.
+    pub fn is_known(&self, name: &str) -> Result<bool> {
+        let paths = self.paths(name)?;
+        let in_run_dir = self
+            .config
+            .run_dir
+            .instances()
+            .map_err(|e| Error::Runtime {
+                instance: name.to_owned(),
+                source: e,
+            })?
+            .iter()
+            .any(|n| n == name);
+        // Its lock file: an operation ran on it here (one killed before
+        // it wrote anything else may have left a helper or a cgroup).
+        Ok(in_run_dir
+            || std::fs::symlink_metadata(&paths.lock).is_ok()
+            || std::fs::symlink_metadata(self.definition_path(name)).is_ok()
+            || std::fs::symlink_metadata(self.managed_save_path(name)).is_ok()
+            || std::fs::symlink_metadata(self.state_dir_of(name)).is_ok())
+    }
+
+    /// What is wrong with the definitions on this node (for `verify`):
+    /// each that cannot be read, or that a start would refuse, one line
+    /// each.
+    pub(crate) fn definition_problems(&self) -> Vec<String> {
+        let dir = self.definitions_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => return vec![format!("definitions {}: {e}", dir.display())],
+        };
+        defined_names(entries)
+            .into_iter()
+            .filter_map(|name| match self.read_definition(&name) {
+                Ok(Some(d)) => crate::lifecycle::check_spec(&d.instance)
+                    .err()
+                    .map(|e| format!("definition of {name}: {}", e.report())),
+                Ok(None) => None,
+                Err(e) => Some(e.report()),
+            })
+            .collect()
+    }
+}
+
+/// The instance names of a definitions directory's entries, sorted.
+fn defined_names(entries: std::fs::ReadDir) -> Vec<String> {
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        // Temporary files of a write in progress start with a dot.
+        .filter(|f| !f.starts_with('.'))
+        .filter_map(|f| f.strip_suffix(".json").map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+impl KvmHypervisor {
     /// [`Self::overview`], and with `all` every instance defined on this
     /// node that is not running too (state `shut-off`), each defined one
     /// with its autostart.

@@ -684,6 +684,7 @@ impl KvmHypervisor {
                 Err(e) => problems.push(format!("run directory is not writable: {e}")),
             }
         }
+        problems.extend(self.definition_problems());
         VerifyReport::with_problems(problems)
     }
 }
