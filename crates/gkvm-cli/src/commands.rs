@@ -1016,8 +1016,24 @@ async fn migrate(cli: &Cli, name: &str, to: &str, non_live: bool, no_finalize: b
 }
 
 async fn run_demo(cli: &Cli, guest_dir: Option<&Path>, kvm: bool) -> CliResult {
+    // A guest given, else the source tree's test guest, else one made of
+    // this host's kernel (an installed system). GKVM_DEMO_HOST_ROOT (for
+    // tests) is where the host's /boot, /lib/modules and busybox are.
+    let host_root = std::env::var_os("GKVM_DEMO_HOST_ROOT").map(PathBuf::from);
+    let guest_dir = match (guest_dir, &host_root) {
+        (Some(d), _) => d.to_owned(),
+        (None, None) if demo::source_tree_guest_dir().is_some() => {
+            demo::source_tree_guest_dir().unwrap_or_default()
+        }
+        (None, root) => {
+            let cache = hypervisor(cli)?.config().state_dir.join("demo-guest");
+            let root = root.clone().unwrap_or_else(|| PathBuf::from("/"));
+            crate::demo_guest::make(&root, &cache)
+                .map_err(|m| Failure::from(format!("demo: {m}")))?
+        }
+    };
     let opts = demo::DemoOptions {
-        guest_dir: guest_dir.map_or_else(demo::default_guest_dir, Path::to_owned),
+        guest_dir,
         qemu: default_qemu(cli)?,
         kvm,
     };

@@ -21,21 +21,21 @@ pub struct DemoOptions {
     pub kvm: bool,
 }
 
-/// The guest directory: `$GKVM_TEST_GUEST_DIR`, next to the binary's
-/// target dir, or `./target/test-guest`.
-pub fn default_guest_dir() -> PathBuf {
+/// The test guest of a source tree: `$GKVM_TEST_GUEST_DIR`, next to the
+/// binary's target dir, or `./target/test-guest`, when it is there.
+pub fn source_tree_guest_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("GKVM_TEST_GUEST_DIR") {
-        return PathBuf::from(d);
+        return Some(PathBuf::from(d));
     }
     let beside_exe = std::env::current_exe().ok().and_then(|e| {
         e.parent()
             .and_then(Path::parent)
             .map(|t| t.join("test-guest"))
     });
-    match beside_exe {
-        Some(d) if d.join("vmlinux").exists() => d,
-        _ => PathBuf::from("target/test-guest"),
-    }
+    beside_exe
+        .into_iter()
+        .chain([PathBuf::from("target/test-guest")])
+        .find(|d| d.join("vmlinux").is_file())
 }
 
 /// Reads a serial socket in the background into a shared buffer.
@@ -141,14 +141,19 @@ fn node(root: &Path, qemu: &Path, caps: &Path) -> KvmHypervisor {
 /// Runs the demo; returns an error message naming the step that failed.
 pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let g = &std::fs::canonicalize(&opts.guest_dir).unwrap_or_else(|_| opts.guest_dir.clone());
-    let (kernel, initrd) = (g.join("vmlinux"), g.join("initramfs.cpio.gz"));
-    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap_or_default();
-    if !kernel.is_file() || !initrd.is_file() {
+    // The test guest's files (scripts/build-test-guest), or those of the
+    // guest made of the host's kernel (demo_guest).
+    let first = |names: [&str; 2]| names.map(|n| g.join(n)).into_iter().find(|p| p.is_file());
+    let (Some(kernel), Some(initrd)) = (
+        first(["vmlinux", "kernel"]),
+        first(["initramfs.cpio.gz", "initramfs.cpio"]),
+    ) else {
         return Err(format!(
-            "the test guest is not in {} (run scripts/demo, which builds it, or scripts/build-test-guest)",
+            "no guest in {} (a kernel and an initramfs, as scripts/build-test-guest makes)",
             g.display()
         ));
-    }
+    };
+    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap_or_default();
     let base = std::env::temp_dir().join(format!("gkvm-demo-{}", std::process::id()));
     let (root_a, root_b, caps) = (base.join("node-a"), base.join("node-b"), base.join("caps"));
     let a = node(&root_a, &opts.qemu, &caps);

@@ -26,6 +26,7 @@ mod api_doc;
 mod commands;
 mod console;
 mod demo;
+mod demo_guest;
 mod exporter;
 mod hvparams_doc;
 mod input;
@@ -505,8 +506,14 @@ enum Command {
         name: String,
     },
     /// Boot a built-in tiny instance and show what gkvm does, step by step.
+    ///
+    /// Its guest: the source tree's test guest (scripts/build-test-guest)
+    /// when there is one, else one made of this host's own kernel (/boot,
+    /// /lib/modules) and Debian's busybox-static, kept in the node's
+    /// state_dir (demo-guest/).
     Demo {
-        /// The test guest (scripts/build-test-guest).
+        /// A guest directory (a kernel and an initramfs, as
+        /// scripts/build-test-guest makes).
         #[arg(long)]
         guest_dir: Option<PathBuf>,
         /// Run the Linux guest on KVM instead of TCG.

@@ -668,3 +668,108 @@ fn man_pages_cover_every_subcommand_and_hvparam() {
         assert!(seven.contains(&format!(".B {key}\n")), "{key}");
     }
 }
+
+#[test]
+fn demo_on_an_installed_system_makes_its_guest_of_the_hosts_kernel() {
+    let Some(env) = require("gkvm_demo_host_kernel", &[Need::Root, Need::Guest]) else {
+        return;
+    };
+    // A host's tree as an installed Debian system has it: the kernel
+    // package's /boot and /lib/modules (the one the test guest is made
+    // of), and busybox-static's busybox.
+    let dl = env
+        .guest
+        .as_ref()
+        .unwrap()
+        .kernel
+        .parent()
+        .unwrap()
+        .join("dl");
+    let deb = std::fs::read_dir(&dl)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("linux-image-"))
+        .expect("the kernel package scripts/build-test-guest downloaded");
+    let dir = ScratchDir::new("gkvm-cli-demo-host");
+    let root = dir.path().join("root");
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let conf = dir.path().join("node.toml");
+    std::fs::write(
+        &conf,
+        format!("state_dir = \"{}\"\n", dir.path().join("state").display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let demo = |root: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .arg("--node-config")
+            .arg(&conf)
+            .arg("--kvm-path")
+            .arg(&env.qemu)
+            .arg("demo")
+            .env("GKVM_DEMO_HOST_ROOT", root)
+            .env_remove("GKVM_TEST_GUEST_DIR")
+            .output()
+            .unwrap()
+    };
+    let refused = |root: &Path, needle: &str| {
+        let out = demo(root);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err}");
+    };
+    // What is missing is named, with the package to install.
+    refused(&dir.path().join("empty"), "apt install linux-image-amd64");
+    refused(&root, "apt install busybox-static");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(std::env::current_exe().unwrap(), root.join("bin/busybox")).unwrap();
+    refused(&root, "dynamically linked");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+
+    let out = demo(&root);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("demo-guest"), "{stdout}");
+    assert!(stdout.contains("nothing left"), "{stdout}");
+    // The guest runs the host's kernel.
+    let version = std::fs::read_dir(root.join("lib/modules"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .file_name();
+    assert!(
+        stdout.contains(&format!("Linux {}", version.to_string_lossy())),
+        "{stdout}"
+    );
+    let made = dir.path().join("state/demo-guest");
+    assert!(made.join("initramfs.cpio").is_file());
+    let stamp = std::fs::read(made.join("stamp")).unwrap();
+    // Made once: a second demo uses it as it is.
+    let before = std::fs::metadata(made.join("initramfs.cpio"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(demo(&root).status.success());
+    let after = std::fs::metadata(made.join("initramfs.cpio"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(
+        (before, stamp),
+        (after, std::fs::read(made.join("stamp")).unwrap())
+    );
+}
