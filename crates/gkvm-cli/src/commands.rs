@@ -1044,9 +1044,7 @@ async fn run_demo(cli: &Cli, guest_dir: Option<&Path>, kvm: bool) -> CliResult {
 }
 
 fn completions(shell: clap_complete::Shell) -> CliResult {
-    // Into a buffer first: clap_complete panics on a write error.
-    let mut buf = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "gkvm", &mut buf);
+    let buf = crate::complete::registration(shell).map_err(usage)?;
     use std::io::Write as _;
     std::io::stdout().write_all(&buf).map_err(Failure::output)
 }

@@ -24,6 +24,7 @@ macro_rules! errln {
 
 mod api_doc;
 mod commands;
+mod complete;
 mod console;
 mod demo;
 mod demo_guest;
@@ -135,6 +136,7 @@ enum Command {
     /// Remove an instance's definition (a running instance runs on).
     Undefine {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// Also remove its managed save and what it keeps between runs
         /// (UEFI variables, TPM state); refused while it runs.
@@ -145,6 +147,7 @@ enum Command {
     /// longer.
     Autostart {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// Turn autostart off.
         #[arg(long)]
@@ -168,6 +171,7 @@ enum Command {
     /// Stop an instance: ACPI power button and wait, or --force to kill.
     Stop {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// Kill QEMU instead of pressing the power button.
         #[arg(long)]
@@ -179,6 +183,7 @@ enum Command {
     /// Reboot an instance (reset in place, or restart with reboot_behavior=exit).
     Reboot {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The instance's current definition (JSON): a restart
         /// (reboot_behavior=exit) takes keymap, password files, chroot and
@@ -194,6 +199,7 @@ enum Command {
     /// interrupted leaves no file and the guest running.
     Save {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The file to make.
         file: PathBuf,
@@ -210,11 +216,13 @@ enum Command {
     /// Resume a paused instance.
     Resume {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Remove what a stopped instance left behind.
     Cleanup {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Remove what an instance keeps on this node between runs (its UEFI
@@ -222,6 +230,7 @@ enum Command {
     /// refused while it runs.
     RemoveState {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Hand running instances over to Ganeti 3.1's own KVM driver without
@@ -260,12 +269,14 @@ enum Command {
     /// Show instances (all when no name is given).
     Info {
         /// Instances to show.
+        #[arg(add = complete::instances())]
         names: Vec<String>,
     },
     /// Per-instance counters (all running when no name is given): vCPU
     /// times, QEMU's resident memory, block and NIC counters, balloon.
     Stats {
         /// Instances to show.
+        #[arg(add = complete::instances())]
         names: Vec<String>,
         /// In Prometheus's text format (node_exporter's textfile
         /// collector), not JSON or a table.
@@ -286,6 +297,7 @@ enum Command {
     /// Set an instance's memory through the balloon.
     Balloon {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// Target memory: MiB, or with a suffix (512M, 1G).
         #[arg(value_parser = mib_arg)]
@@ -295,6 +307,7 @@ enum Command {
     /// sees it at once).
     NicAdd {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The NIC, as start's --nic: bridge=BR | routed=TABLE,ip=A |
         /// ovs=SWITCH | ext=LINK, with ,mac=..,vlan=.. (a MAC is made up
@@ -307,6 +320,7 @@ enum Command {
     /// change its IP or VLAN) without the guest noticing.
     NicModify {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The NIC's device id or index.
         id: String,
@@ -318,6 +332,7 @@ enum Command {
     /// printed, or its index).
     NicRemove {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The NIC's device id or index.
         id: String,
@@ -326,6 +341,7 @@ enum Command {
     /// disk_type says).
     DiskAdd {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The disk, as start's --disk: PATH, PATH:ro or a storage URI; or a
         /// disk of the JSON instance definition (`{"path": .., "mode":
@@ -337,6 +353,7 @@ enum Command {
     /// printed, or its index).
     DiskRemove {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The disk's device id or index.
         id: String,
@@ -345,6 +362,7 @@ enum Command {
     /// a block device first).
     DiskGrow {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The disk's device id or index.
         id: String,
@@ -355,6 +373,7 @@ enum Command {
     /// migration keep them; 0 lifts one).
     SetLimits {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// Limits as KEY=VALUE: cgroup_cpu_quota (percent of a CPU),
         /// cgroup_cpu_weight, cgroup_memory_max and cgroup_memory_high
@@ -366,6 +385,7 @@ enum Command {
     /// migration keep them). Limits not given are lifted.
     IoLimits {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The throttle group (of the instance's io_limits).
         group: String,
@@ -379,6 +399,7 @@ enum Command {
     /// (exit 0), or say why not.
     HotplugSupported {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Show the node's memory, CPUs and QEMU version.
@@ -386,11 +407,13 @@ enum Command {
     /// Attach this terminal to an instance's serial console (^] detaches).
     Console {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Show how to reach an instance's console.
     ConsoleInfo {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Check the node: its configuration file, QEMU, /dev/kvm,
@@ -399,7 +422,7 @@ enum Command {
     Verify {
         /// Hypervisor parameters to check and assess, as Ganeti's -H
         /// kvm:key=value (repeatable).
-        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE", add = complete::hvparams())]
         hvparams: Vec<String>,
     },
     /// Power-cycle this node at once, without stopping its instances
@@ -416,6 +439,7 @@ enum Command {
     /// Print what a migration target needs (the source's runtime, JSON).
     MigrationInfo {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// In a form Ganeti 3.1's own KVM driver accepts too (Ganeti's
         /// runtime list, gkvm's info inside it), for a cluster whose
@@ -438,7 +462,7 @@ enum Command {
         /// This node's value of a node-local hvparam (kvm_extra,
         /// security_model, ...) that the incoming instance may have
         /// (repeatable); any other value in the file is refused.
-        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+        #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE", add = complete::hvparams())]
         hvparams: Vec<String>,
         /// Return once QEMU listens (Ganeti's AcceptInstance); then
         /// `finalize-migration NAME --destination`.
@@ -461,6 +485,7 @@ enum Command {
     /// Live-migrate an instance to a node where `gkvm accept` waits.
     Migrate {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// The target, as given to its `gkvm accept --listen`; without a
         /// port, the instance's migration_port hvparam.
@@ -480,6 +505,7 @@ enum Command {
     /// or is removed (failed).
     FinalizeMigration {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
         /// This is the source.
         #[arg(
@@ -498,11 +524,13 @@ enum Command {
     /// Show the migration of an instance now.
     MigrationStatus {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Cancel the running migration of an instance (it keeps running here).
     MigrateCancel {
         /// The instance.
+        #[arg(add = complete::instances())]
         name: String,
     },
     /// Boot a built-in tiny instance and show what gkvm does, step by step.
@@ -520,7 +548,9 @@ enum Command {
         #[arg(long)]
         kvm: bool,
     },
-    /// Print shell completions.
+    /// Print the script that gives a shell gkvm's completions: commands,
+    /// options, instance names of this node and hvparam keys, asked of
+    /// `gkvm` (on PATH) at each completion.
     Completions {
         /// bash, zsh, fish, ...
         shell: clap_complete::Shell,
@@ -600,6 +630,7 @@ impl Command {
 #[derive(clap::Args)]
 struct SpecArgs {
     /// Instance name (or give --file).
+    #[arg(add = complete::instances())]
     name: Option<String>,
     /// Instance definition (JSON); flags given beside it override its
     /// fields. Without it, a NAME defined on this node (`gkvm define`)
@@ -622,7 +653,7 @@ struct SpecArgs {
     #[arg(long = "nic", value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
     nics: Vec<String>,
     /// A hypervisor parameter, as Ganeti's -H kvm:key=value (repeatable).
-    #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE")]
+    #[arg(short = 'H', long = "hvparam", value_name = "KEY=VALUE", add = complete::hvparams())]
     hvparams: Vec<String>,
     /// Tags (repeatable).
     #[arg(long = "tag")]
@@ -771,6 +802,9 @@ fn report_failure(mut f: Failure, succeeded: &str, json: bool) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // A shell asking for completions (COMPLETE=bash gkvm -- ...): answer
+    // and exit.
+    complete::answer();
     ExitCode::from(run(std::env::args_os().collect(), None))
 }
 

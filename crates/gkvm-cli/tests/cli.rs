@@ -231,9 +231,12 @@ fn completions_for_three_shells() {
     for shell in ["bash", "zsh", "fish"] {
         let out = gkvm(dir.path(), &["completions", shell]);
         assert!(out.status.success());
+        // Each asks gkvm itself at completion time (tests/definitions.rs
+        // completes with bash for real).
+        let script = String::from_utf8_lossy(&out.stdout);
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("argv"),
-            "{shell}"
+            script.contains("COMPLETE") && script.contains("gkvm"),
+            "{shell}: {script}"
         );
     }
 }

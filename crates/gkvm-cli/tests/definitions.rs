@@ -427,3 +427,77 @@ fn definitions_are_validated_and_a_tampered_one_is_an_error_naming_its_file() {
     }
     assert!(node.all().is_empty());
 }
+
+/// What bash completes for `line` (its last word being completed), with
+/// gkvm's completion script loaded and this node in the environment.
+fn bash_completes(node: &Node, line: &str) -> Vec<String> {
+    let script = node.text(&["completions", "bash"]);
+    let words: Vec<&str> = line.split(' ').collect();
+    let exe = Path::new(env!("CARGO_BIN_EXE_gkvm"));
+    let test = format!(
+        "{script}\nCOMP_WORDS=({words})\nCOMP_CWORD={cword}\nCOMP_LINE='{line}'\nCOMP_POINT={point}\n\
+         _clap_complete_gkvm gkvm '{last}' '{prev}'\nprintf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        words = words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+        cword = words.len() - 1,
+        point = line.len(),
+        last = words[words.len() - 1],
+        prev = words[words.len() - 2],
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&test)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                exe.parent().unwrap().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("GKVM_RUN_DIR", &node.run)
+        .env("GKVM_NODE_CONFIG", &node.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    got.sort();
+    got
+}
+
+#[test]
+fn bash_completes_the_nodes_instance_names_and_hvparam_keys() {
+    let Some(env) = require("definitions_completion", &[Need::Root]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-defs");
+    let node = Node::new(dir.path(), &env);
+    node.json(&["define", "defcompa", "--memory", "64"]);
+    node.json(&["define", "defcompb", "--memory", "64"]);
+    node.json(&["define", "other1", "--memory", "64"]);
+    assert_eq!(
+        bash_completes(&node, "gkvm start defc"),
+        vec!["defcompa", "defcompb"]
+    );
+    // An empty word: the names, and the command's options.
+    let all = bash_completes(&node, "gkvm undefine ");
+    for name in ["defcompa", "defcompb", "other1", "--remove-state"] {
+        assert!(all.iter().any(|c| c == name), "{name}: {all:?}");
+    }
+    assert_eq!(
+        bash_completes(&node, "gkvm start web1 -H kernel_p"),
+        vec!["kernel_path="]
+    );
+    assert_eq!(
+        bash_completes(&node, "gkvm guests-st"),
+        vec!["guests-start", "guests-stop"]
+    );
+}
