@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::CommandFactory;
 use hv_kvm::{
     Capabilities, Definition, KvmHypervisor, MigrationMode, Request, Response, StartMode, StopMode,
 };
@@ -288,7 +287,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             api(c, file.as_deref(), *schema).await
         }
         Command::Demo { guest_dir, kvm } => run_demo(c, guest_dir.as_deref(), *kvm).await,
-        Command::Manpages { dir } => write_manpages(dir),
+        Command::Manpages { dir } => crate::manpages::write_all(dir),
         Command::Completions { shell } => completions(*shell),
         // Handled before the runtime starts (the server forks).
         Command::Serve { .. } => Err(Failure::new(
@@ -1047,31 +1046,4 @@ fn completions(shell: clap_complete::Shell) -> CliResult {
     let buf = crate::complete::registration(shell).map_err(usage)?;
     use std::io::Write as _;
     std::io::stdout().write_all(&buf).map_err(Failure::output)
-}
-
-/// `gkvm.1` and `gkvm-<subcommand>.1`, from the clap definitions, and
-/// `gkvm-hvparams.7` from the hvparams' own schema.
-fn write_manpages(dir: &Path) -> CliResult {
-    let write = |cmd: clap::Command, file: String| -> CliResult {
-        let mut buf = Vec::new();
-        clap_mangen::Man::new(cmd)
-            .render(&mut buf)
-            .map_err(|e| Failure::from(format!("rendering {file}: {e}")))?;
-        std::fs::write(dir.join(&file), buf)
-            .map_err(|e| Failure::from(format!("writing {}: {e}", dir.join(&file).display())))
-    };
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Failure::from(format!("creating {}: {e}", dir.display())))?;
-    // Built first: each subcommand then has the global flags (`--json`)
-    // its own arguments refer to, as it has when gkvm runs.
-    let mut top = Cli::command();
-    top.build();
-    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("gkvm-{}", sub.get_name());
-        write(sub.clone().name(name.clone()), format!("{name}.1"))?;
-    }
-    let seven = dir.join("gkvm-hvparams.7");
-    std::fs::write(&seven, crate::hvparams_doc::page(env!("CARGO_PKG_VERSION")))
-        .map_err(|e| Failure::from(format!("writing {}: {e}", seven.display())))?;
-    write(top, "gkvm.1".into())
 }

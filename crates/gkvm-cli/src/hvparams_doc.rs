@@ -6,7 +6,7 @@ use serde_json::Value;
 
 /// Text for roff: backslashes escaped, no line starting with a control
 /// character, rustdoc's links and code marks turned to words.
-fn roff(text: &str) -> String {
+pub(crate) fn roff(text: &str) -> String {
     let plain = text
         .replace("[`", "")
         .replace("`]", "")

@@ -31,18 +31,31 @@ mod demo_guest;
 mod exporter;
 mod hvparams_doc;
 mod input;
+mod manpages;
 mod node_config;
 mod render;
 mod serve;
 
-const EXAMPLES: &str = "\
+pub(crate) const EXAMPLES: &str = "\
 Examples:
   gkvm demo                         boot, inspect, balloon, migrate and stop a tiny guest
   gkvm start web1 --memory 512 --vcpus 2 --disk /dev/vg/web1 --nic bridge=br0 -H kernel_path=/boot/vmlinuz
   gkvm start --file web1.json --paused
   gkvm define web1 --memory 1G --disk /srv/web1.img --nic bridge=br0 --autostart
   gkvm start web1                   from its definition (gkvm list --all shows it)
+  gkvm autostart web1 --disable
+  gkvm undefine web1
   gkvm list                         running instances, as a table
+  gkvm list --all -o name,state,memory --no-headers --separator :
+  gkvm stats --prometheus --listen 127.0.0.1:9177
+  gkvm nic-add web1 --nic bridge=br1
+  gkvm disk-add web1 --disk /dev/vg/web1-data
+  gkvm disk-grow web1 1 40G
+  gkvm set-limits web1 cgroup_cpu_quota=150 cgroup_memory_max=2048
+  gkvm save web1 /var/lib/gkvm/web1.save
+  gkvm restore /var/lib/gkvm/web1.save
+  gkvm guests-stop --save --timeout 300   what gkvm-guests.service runs at shutdown
+  gkvm guests-start                 ... and at boot
   gkvm info web1 --json
   gkvm balloon web1 384
   gkvm console web1                 serial console; ^] detaches
@@ -581,7 +594,8 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
-    /// Write the manual pages (gkvm.1 and one per subcommand) into DIR.
+    /// Write the manual pages (gkvm.1, one per subcommand,
+    /// gkvm-hvparams.7 and gkvm-node.toml.5) into DIR.
     #[command(hide = true)]
     Manpages {
         /// Where to write them.

@@ -34,8 +34,30 @@ pub(crate) const DEFAULT_PATH: &str = "/etc/gkvm/node.toml";
 /// Largest file read.
 const MAX_SIZE: u64 = 64 << 10;
 
+/// Every key of the file, with an example value (TOML) and what it does:
+/// `gkvm-node.toml(5)` is made of it, and a test checks that it lists
+/// exactly [`NodeConfig`]'s keys.
+pub(crate) const KEYS: &[(&str, &str, &str)] = &[
+    ("run_dir", "\"/run/gkvm\"", "The run directory: pid files, QMP sockets, runtime records (tmpfs; Ganeti's /var/run/ganeti/kvm-hypervisor works too). Default /run/gkvm; --run-dir and GKVM_RUN_DIR override it."),
+    ("log_dir", "\"/var/log/gkvm\"", "Where each instance's QEMU log (NAME.log, 0600) is kept. Default: log/ in the run directory."),
+    ("state_dir", "\"/var/lib/gkvm\"", "What outlives a run: definitions (definitions/NAME.json), managed saves (saved/NAME.save), UEFI variable stores and TPM state (instances/NAME/), the demo's guest. Default /var/lib/gkvm."),
+    ("ovmf_dir", "\"/usr/share/OVMF\"", "Where OVMF's images are (Debian's ovmf), for firmware=uefi and uefi-secboot."),
+    ("swtpm_path", "\"/usr/bin/swtpm\"", "The TPM emulator for tpm=tpm2 (Debian's swtpm)."),
+    ("kvm_path", "\"/usr/bin/qemu-system-x86_64\"", "The QEMU binary for every instance, instead of each one's kvm_path; --kvm-path and GKVM_KVM_PATH override it."),
+    ("nic_up_script", "\"/etc/gkvm/kvm-ifup\"", "Run with a TAP's name and Ganeti's environment (ACTION=up) when a NIC comes up. Without it gkvm configures each NIC itself, as Ganeti's net-*-up scripts do."),
+    ("nic_down_script", "\"/etc/gkvm/kvm-ifdown\"", "Run (ACTION=down) when a TAP goes away. Without it gkvm undoes natively what the kernel keeps."),
+    ("nic_communication_script", "\"/etc/ganeti/kvm-ifup-os\"", "What configures a Ganeti instance-communication NIC (TAP gnt.com.N) when there is no nic_up_script."),
+    ("tap_template", "\"gkvm%d\"", "Kernel name template of TAP interfaces (%d: a number)."),
+    ("uid_pool", "\"20000-20999\"", "The uids QEMU runs as with security_model=pool (above the system uids)."),
+    ("migration_key", "\"/etc/gkvm/migration.key\"", "The key the nodes share to seal migration info (mode 0600, at least 16 bytes); --migration-key and GKVM_MIGRATION_KEY override it."),
+    ("migration_tls_dir", "\"/etc/gkvm/migration-tls\"", "TLS credentials for every migration to and from this node (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem); peers are verified and a peer without TLS is refused."),
+    ("spice_cacert", "\"/etc/gkvm/spice-ca.pem\"", "The CA certificate of SPICE with TLS."),
+    ("spice_cert", "\"/etc/gkvm/spice.pem\"", "The certificate of SPICE with TLS."),
+];
+
 /// The file's settings; every one is optional.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NodeConfig {
     pub(crate) run_dir: Option<PathBuf>,
@@ -252,9 +274,65 @@ fn sys_uid_max() -> u32 {
         .unwrap_or(999)
 }
 
+/// `gkvm-node.toml(5)`, in roff.
+pub(crate) fn page(version: &str) -> String {
+    let mut out = format!(
+        ".TH GKVM-NODE.TOML 5 \"\" \"gkvm {version}\" \"gkvm manual\"\n\
+         .SH NAME\n\
+         gkvm-node.toml \\- the configuration of a gkvm node\n\
+         .SH SYNOPSIS\n\
+         {DEFAULT_PATH}\n\
+         .SH DESCRIPTION\n\
+         What belongs to the node rather than to an instance: where gkvm keeps its \
+         files, which programs it runs, the keys and certificates of migrations. \
+         \\fBgkvm\\fR reads {DEFAULT_PATH} when it exists, or the file given by \
+         \\fB--node-config\\fR or \\fBGKVM_NODE_CONFIG\\fR; flags and environment \
+         variables override it. The file is TOML; every key is optional, and an \
+         unknown key is an error naming it (\\fBgkvm verify\\fR reports it).\n\
+         .PP\n\
+         It chooses programs that run as root, so it must belong to root (or the user \
+         running gkvm) and be writable by nobody else, as must every program it names \
+         and the directories above them.\n\
+         .SH KEYS\n"
+    );
+    for (key, example, what) in KEYS {
+        out.push_str(&format!(
+            ".TP\n.B {key}\n{}\n.br\nExample: {key} = {}\n",
+            crate::hvparams_doc::roff(what),
+            crate::hvparams_doc::roff(example)
+        ));
+    }
+    out.push_str(".SH EXAMPLE\n.nf\n");
+    for (key, example, _) in KEYS.iter().take(4) {
+        out.push_str(&format!("{key} = {}\n", crate::hvparams_doc::roff(example)));
+    }
+    out.push_str(
+        ".fi\n.SH SEE ALSO\n\\fBgkvm\\fR(1), \\fBgkvm-verify\\fR(1), \\fBgkvm-hvparams\\fR(7)\n",
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_page_lists_exactly_the_files_keys_and_each_example_parses() {
+        let fields = serde_json::to_value(NodeConfig::default()).unwrap();
+        let mut fields: Vec<&String> = fields.as_object().unwrap().keys().collect();
+        fields.sort();
+        let mut listed: Vec<String> = KEYS.iter().map(|(k, _, _)| (*k).to_owned()).collect();
+        listed.sort();
+        assert_eq!(fields.into_iter().cloned().collect::<Vec<_>>(), listed);
+        for (key, example, _) in KEYS {
+            let c: Result<NodeConfig, _> = toml::from_str(&format!("{key} = {example}"));
+            assert!(c.is_ok(), "{key} = {example}");
+        }
+        let page = page("0");
+        for (key, _, _) in KEYS {
+            assert!(page.contains(&format!(".B {key}\n")), "{key}");
+        }
+    }
 
     fn parse(text: &str) -> Result<NodeConfig, String> {
         let c: NodeConfig = toml::from_str(text).map_err(|e| one_line(&e))?;

@@ -662,9 +662,38 @@ fn man_pages_cover_every_subcommand_and_hvparam() {
         "gkvm-start.1",
         "gkvm-save.1",
         "gkvm-stats.1",
+        "gkvm-define.1",
+        "gkvm-guests-stop.1",
         "gkvm-hvparams.7",
+        "gkvm-node.toml.5",
     ] {
         assert!(man.join(page).is_file(), "{page}");
+    }
+    // Every command's page says what it exits with, what it reads from the
+    // environment and which files it uses.
+    for entry in std::fs::read_dir(&man).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".1") {
+            continue;
+        }
+        let page = std::fs::read_to_string(entry.path()).unwrap();
+        for section in [
+            ".SH EXIT STATUS",
+            ".SH ENVIRONMENT",
+            ".SH FILES",
+            ".SH SEE ALSO",
+        ] {
+            assert!(page.contains(section), "{name}: {section}");
+        }
+    }
+    let stop = std::fs::read_to_string(man.join("gkvm-stop.1")).unwrap();
+    assert!(
+        stop.contains(".SH EXAMPLES") && stop.contains("gkvm stop web1 \\-\\-force"),
+        "{stop}"
+    );
+    let five = std::fs::read_to_string(man.join("gkvm-node.toml.5")).unwrap();
+    for key in ["run_dir", "state_dir", "migration_tls_dir"] {
+        assert!(five.contains(&format!(".B {key}\n")), "{key}");
     }
     let seven = std::fs::read_to_string(man.join("gkvm-hvparams.7")).unwrap();
     for key in ["kernel_path", "migration_caps", "cgroup_io_max", "tpm"] {
