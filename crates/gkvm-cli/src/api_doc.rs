@@ -40,6 +40,7 @@ const EXAMPLES: &[&str] = &[
     r#"{"op": "migrate", "instance": "web1", "target": "192.0.2.2", "port": null, "mode": "live"}"#,
     r#"{"op": "save", "instance": "web1", "file": "/var/lib/gkvm/saved/web1.save"}"#,
     r#"{"op": "restore", "file": "/var/lib/gkvm/saved/web1.save"}"#,
+    r#"{"op": "plan_hotplug", "instance": "web1", "device": {"disk": {"path": "/dev/vg/web1-data"}}}"#,
     r#"{"op": "define", "spec": {"name": "web1", "memory": 512, "disks": [{"path": "/dev/vg/web1"}]}, "autostart": true}"#,
     r#"{"op": "undefine", "instance": "web1", "remove_state": false}"#,
     r#"{"op": "set_autostart", "instance": "web1", "enabled": false}"#,

@@ -160,7 +160,7 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             }
         }
         Command::Balloon { name, mib } => balloon(c, name, *mib).await,
-        Command::NicAdd { name, nic } => nic_add(c, name, nic).await,
+        Command::NicAdd { name, nic, dry_run } => nic_add(c, name, nic, *dry_run).await,
         Command::NicRemove { name, id } => nic_remove(c, name, id).await,
         Command::NicModify {
             name,
@@ -183,7 +183,11 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             let op = Operation::new(name, "nic-modify").with_device(id, None);
             render::done(c.json, op, &format!("NIC {id} modified"))
         }
-        Command::DiskAdd { name, disk } => disk_add(c, name, disk).await,
+        Command::DiskAdd {
+            name,
+            disk,
+            dry_run,
+        } => disk_add(c, name, disk, *dry_run).await,
         Command::DiskRemove { name, id } => {
             let request = Request::DiskRemove {
                 instance: name.clone(),
@@ -496,6 +500,10 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
     };
     let hv = hypervisor(cli)?;
     let defined = definition_of(&hv, &args.spec)?;
+    if args.dry_run {
+        let spec = spec_from_args(&args.spec, defined.map(|d| d.instance))?;
+        return render::plan(cli.json, &hv.plan(&spec).await?);
+    }
     let report = match (&args.spec.name, defined) {
         (Some(name), Some(_)) if !args.spec.changes_spec() => {
             hv.start_defined(name, mode).await?
@@ -679,7 +687,7 @@ async fn balloon(cli: &Cli, name: &str, mib: u64) -> CliResult {
     render::done(cli.json, op, &what)
 }
 
-async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
+async fn nic_add(cli: &Cli, name: &str, text: &str, dry_run: bool) -> CliResult {
     let mut nic = nic_option(text, name)?;
     if !is_json(text)
         && !text
@@ -697,25 +705,57 @@ async fn nic_add(cli: &Cli, name: &str, text: &str) -> CliResult {
         }
         nic.mac = hv_kvm::MacAddr::new([0x52, 0x54, 0x00, b[0], b[1], b[2]]);
     }
-    {
-        let nic = hypervisor(cli)?.nic_add(name, nic).await?;
+    let hv = hypervisor(cli)?;
+    let nic = if dry_run {
+        match hv
+            .hotplug_plan(name, hv_kvm::HotplugDevice::Nic(Box::new(nic)))
+            .await?
         {
-            let (id, slot) = nic
-                .address
-                .as_ref()
-                .map(|a| (a.id.clone(), a.pci_slot))
-                .unwrap_or_default();
-            let what = match slot {
-                Some(s) => format!("NIC {id} ({}) added at PCI slot {s:#04x}", nic.mac),
-                None => format!("NIC {id} ({}) added", nic.mac),
-            };
-            render::done(
-                cli.json,
-                Operation::new(name, "nic-add").with_device(&id, slot),
-                &what,
-            )
+            hv_kvm::HotplugDevice::Nic(nic) => *nic,
+            hv_kvm::HotplugDevice::Disk(_) => return Err(unexpected_device()),
         }
-    }
+    } else {
+        hv.nic_add(name, nic).await?
+    };
+    let (id, slot) = placed(nic.address.as_ref());
+    let what = format!("NIC {id} ({})", nic.mac);
+    added(cli, name, "nic-add", &id, slot, &what, dry_run)
+}
+
+/// A device's id and PCI slot, as placed.
+fn placed(address: Option<&hv_kvm::DeviceAddress>) -> (String, Option<u8>) {
+    address
+        .map(|a| (a.id.clone(), a.pci_slot))
+        .unwrap_or_default()
+}
+
+fn unexpected_device() -> Failure {
+    Failure::new(
+        1,
+        "internal",
+        "a dry run answered with another kind of device".into(),
+    )
+}
+
+/// What a hot plug (or its dry run) says.
+fn added(
+    cli: &Cli,
+    name: &str,
+    operation: &'static str,
+    id: &str,
+    slot: Option<u8>,
+    what: &str,
+    dry_run: bool,
+) -> CliResult {
+    let verb = if dry_run { "would be added" } else { "added" };
+    let text = match slot {
+        Some(s) => format!("{what} {verb} at PCI slot {s:#04x}"),
+        None => format!("{what} {verb}"),
+    };
+    let op = Operation::new(name, operation)
+        .with_device(id, slot)
+        .dry_run(dry_run);
+    render::done(cli.json, op, &text)
 }
 
 async fn nic_remove(cli: &Cli, name: &str, id: &str) -> CliResult {
@@ -741,32 +781,35 @@ fn nic_option(text: &str, instance: &str) -> Result<hv_kvm::NicSpec, Failure> {
     hv_kvm::NicSpec::parse_option(text, instance, 0).map_err(|e| usage(e.to_string()))
 }
 
-async fn disk_add(cli: &Cli, name: &str, text: &str) -> CliResult {
+async fn disk_add(cli: &Cli, name: &str, text: &str, dry_run: bool) -> CliResult {
     let disk: hv_kvm::DiskSpec = if is_json(text) {
         serde_json::from_str(text).map_err(|e| usage(format!("--disk (JSON): {e}")))?
     } else {
         text.parse()
             .map_err(|e: hv_kvm::CmdlineError| usage(e.to_string()))?
     };
-    {
-        let disk = hypervisor(cli)?.disk_add(name, disk).await?;
+    let hv = hypervisor(cli)?;
+    let disk = if dry_run {
+        match hv
+            .hotplug_plan(name, hv_kvm::HotplugDevice::Disk(Box::new(disk)))
+            .await?
         {
-            let (id, slot) = disk
-                .address
-                .as_ref()
-                .map(|a| (a.id.clone(), a.pci_slot))
-                .unwrap_or_default();
-            let what = match slot {
-                Some(s) => format!("disk {id} added at PCI slot {s:#04x}"),
-                None => format!("disk {id} added"),
-            };
-            render::done(
-                cli.json,
-                Operation::new(name, "disk-add").with_device(&id, slot),
-                &what,
-            )
+            hv_kvm::HotplugDevice::Disk(disk) => *disk,
+            hv_kvm::HotplugDevice::Nic(_) => return Err(unexpected_device()),
         }
-    }
+    } else {
+        hv.disk_add(name, disk).await?
+    };
+    let (id, slot) = placed(disk.address.as_ref());
+    added(
+        cli,
+        name,
+        "disk-add",
+        &id,
+        slot,
+        &format!("disk {id}"),
+        dry_run,
+    )
 }
 
 async fn disk_grow(cli: &Cli, name: &str, id: &str, size: &str) -> CliResult {

@@ -328,6 +328,10 @@ enum Command {
         /// (`{"mac": .., "mode": .., "link": .., "uuid": ..}`).
         #[arg(long, value_name = "MODE=LINK[,mac=M][,ip=A][,vlan=V]")]
         nic: String,
+        /// Check it and say where it would go (device id, PCI slot);
+        /// change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Move a running NIC to another bridge, routing table or switch (or
     /// change its IP or VLAN) without the guest noticing.
@@ -361,6 +365,10 @@ enum Command {
         /// "ro", "uuid": ..}`).
         #[arg(long, value_name = "PATH[:ro]")]
         disk: String,
+        /// Check it and say where it would go (device id, PCI slot);
+        /// change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Unplug a disk from a running instance (by the device id disk-add
     /// printed, or its index).
@@ -698,6 +706,10 @@ struct StartArgs {
     /// Leave the vCPUs stopped.
     #[arg(long)]
     paused: bool,
+    /// Check the instance against this node's QEMU and print the command
+    /// line the start would run (as `gkvm argv`); start nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// A failure: exit code 1 (operation) or 2 (usage), one line on stderr

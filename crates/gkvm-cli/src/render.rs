@@ -34,6 +34,9 @@ pub(crate) struct Operation {
     /// A hot-plugged device's PCI slot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pci_slot: Option<u8>,
+    /// Nothing was done: a dry run's answer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dry_run: bool,
 }
 
 impl Operation {
@@ -45,7 +48,13 @@ impl Operation {
             target_mib: None,
             device: None,
             pci_slot: None,
+            dry_run: false,
         }
+    }
+
+    /// A dry run's (or not).
+    pub(crate) fn dry_run(self, dry_run: bool) -> Operation {
+        Operation { dry_run, ..self }
     }
 
     /// With a hot-plugged device's id and slot.

@@ -243,14 +243,19 @@ fn every_json_output_matches_its_schema() {
     }
     // A NIC plugged in: its device id and slot.
     let br = gkvm_testkit::Bridge::new("gkvmscbr0");
-    let v = a.json(&[
-        "nic-add",
-        "sc1",
-        "--nic",
-        &format!("bridge={},mac=52:54:00:00:73:01", br.0),
-    ]);
+    let nic = format!("bridge={},mac=52:54:00:00:73:01", br.0);
+    // A dry run says where it would go, and plugs nothing.
+    let dry = a.json(&["nic-add", "sc1", "--nic", &nic, "--dry-run"]);
+    check("operation", &dry);
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    let v = a.json(&["nic-add", "sc1", "--nic", &nic]);
     check("operation", &v);
     assert_eq!(v["operation"], "nic-add");
+    assert!(v.get("dry_run").is_none(), "{v}");
+    assert_eq!(
+        (&v["device"], &v["pci_slot"]),
+        (&dry["device"], &dry["pci_slot"])
+    );
     assert!(v["device"].as_str().unwrap().starts_with("nic"), "{v}");
     assert!(v["pci_slot"].as_u64().unwrap() >= 12, "{v}");
     let e = a.error(&["nic-remove", "sc1", "no-such-nic"]);

@@ -249,6 +249,47 @@ impl KvmHypervisor {
         hp.write_journal()
     }
 
+    /// A hot plug's dry run: the NIC or disk as it would be plugged into
+    /// the running instance (its device id and PCI slot), checked as the
+    /// plug checks it, without changing anything. A hot plug that a killed
+    /// gkvm left half done is settled by the real operation first, which
+    /// may place the device elsewhere.
+    pub async fn hotplug_plan(&self, name: &str, device: HotplugDevice) -> Result<HotplugDevice> {
+        let paths = self.paths(name)?;
+        let _lock = self.lock(&paths).await?;
+        self.running_pid(&paths)?;
+        let record = self.running_record(&paths)?;
+        refuse_in_migration(name, &record)?;
+        let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
+        check_placed(&spec)?;
+        let on_scsi = spec.hvparams.disk_type.on_scsi_bus();
+        if matches!(device, HotplugDevice::Nic(_)) || !on_scsi {
+            refuse_pcie_root(name, &spec, &record)?;
+        }
+        let params = |e| Error::Params {
+            instance: name.to_owned(),
+            source: e,
+        };
+        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
+        match device {
+            HotplugDevice::Nic(nic) => {
+                let seq = spec.nics.len();
+                spec.nics.push(*nic);
+                spec.assign_addresses().map_err(params)?;
+                crate::lifecycle::check_spec(&spec)?;
+                Ok(HotplugDevice::Nic(Box::new(spec.nics.swap_remove(seq))))
+            }
+            HotplugDevice::Disk(disk) => {
+                let seq = spec.disks.len();
+                spec.disks.push(*disk);
+                spec.assign_addresses().map_err(params)?;
+                crate::lifecycle::check_spec(&spec)?;
+                kvm_cmdline::hotplug_disk(&spec, &caps, seq).map_err(params)?;
+                Ok(HotplugDevice::Disk(Box::new(spec.disks.swap_remove(seq))))
+            }
+        }
+    }
+
     /// Adds a NIC to a running instance: a TAP (queues, vnet_hdr and
     /// vhost-net as the instance's hvparams say), configured by the NIC
     /// script or natively, then `netdev_add` and `device_add` at a free
@@ -1268,4 +1309,14 @@ fn take_id(props: &mut serde_json::Map<String, Value>) -> String {
         Some(other) => other.to_string(),
         None => String::new(),
     }
+}
+
+/// A device to hot-plug (a dry run's input and answer).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HotplugDevice {
+    /// A NIC.
+    Nic(Box<NicSpec>),
+    /// A disk.
+    Disk(Box<DiskSpec>),
 }

@@ -44,10 +44,11 @@ use std::time::Duration;
 
 pub use definitions::{Definition, GuestOutcome, ShutdownAction};
 pub use error::{report, Error, Result};
+pub use hotplug::HotplugDevice;
 pub use kvm_cmdline::Error as CmdlineError;
 pub use kvm_cmdline::{
-    parse_size_bytes, tap_template_problem, Capabilities, DiskMode, DiskSpec, HvParams,
-    InstanceSpec, IoLimits, MacAddr, NicMode, NicSpec, Uuid, GKVM_HVPARAMS,
+    parse_size_bytes, tap_template_problem, Capabilities, DeviceAddress, DiskMode, DiskSpec,
+    HvParams, InstanceSpec, IoLimits, MacAddr, NicMode, NicSpec, Uuid, GKVM_HVPARAMS,
 };
 pub use kvm_runtime::fsutil::read_open_capped;
 pub use kvm_runtime::human_duration;

@@ -329,6 +329,14 @@ pub enum Request {
         /// The saved instance's file.
         file: std::path::PathBuf,
     },
+    /// A hot plug's dry run: the device as it would be plugged, checked,
+    /// nothing changed ([`KvmHypervisor::hotplug_plan`]).
+    PlanHotplug {
+        /// The instance.
+        instance: String,
+        /// The NIC or disk.
+        device: crate::HotplugDevice,
+    },
     /// Define (or redefine) an instance on this node
     /// ([`KvmHypervisor::define`]).
     Define {
@@ -477,6 +485,8 @@ pub enum Response {
     Migration(MigrationStatus),
     /// What a save made.
     Saved(crate::SaveReport),
+    /// A device as a hot plug would place it.
+    Device(crate::HotplugDevice),
     /// An instance's definition, as kept.
     Defined(Box<crate::Definition>),
     /// The instances defined on this node.
@@ -521,6 +531,7 @@ impl Request {
                 | R::Plan { .. }
                 | R::Capabilities { .. }
                 | R::Definitions
+                | R::PlanHotplug { .. }
         )
     }
 }
@@ -696,6 +707,9 @@ impl KvmHypervisor {
                 Response::Saved(self.save(&instance, &file, progress).await?)
             }
             R::Restore { file } => Response::Started(self.restore(&file).await?),
+            R::PlanHotplug { instance, device } => {
+                Response::Device(self.hotplug_plan(&instance, device).await?)
+            }
             R::Define { spec, autostart } => {
                 Response::Defined(Box::new(self.define(&spec, autostart).await?))
             }
