@@ -32,55 +32,36 @@ pub(crate) fn connect_unix_until(
     path: &Path,
     deadline: std::time::Instant,
 ) -> io::Result<std::os::unix::net::UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::io::FromRawFd;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+    if path.as_os_str().as_bytes().contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "socket path too long or with a NUL byte",
+            "socket path with a NUL byte",
         ));
     }
-    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
-        .map_err(|_| io::Error::new(io::ErrorKind::Unsupported, "AF_UNIX"))?;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = libc::c_char::from_ne_bytes([*s]);
-    }
+    // Refuses a path longer than sun_path (ENAMETOOLONG).
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
     let mut pause = std::time::Duration::from_millis(2);
     loop {
-        // SAFETY: plain socket(2); the fd is owned by the UnixStream below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let stream = std::os::unix::net::UnixStream::from(fd);
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(nix::errno::Errno::EAGAIN) => {}
+            Err(e) => return Err(io::Error::from(e)),
         }
-        // SAFETY: fd is a fresh socket this function owns.
-        let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        // SAFETY: addr is a valid sockaddr_un of the given size.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                std::ptr::addr_of!(addr).cast(),
-                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
-                    .unwrap_or(libc::socklen_t::MAX),
-            )
-        };
-        if rc == 0 {
-            stream.set_nonblocking(false)?;
-            return Ok(stream);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EAGAIN) {
-            return Err(e);
-        }
-        drop(stream);
+        drop(fd);
         let now = std::time::Instant::now();
         if now >= deadline {
             return Err(io::Error::new(
@@ -100,5 +81,27 @@ pub(crate) fn connect_error(path: &Path, e: io::Error) -> Error {
             source: e,
         },
         _ => Error::io(format!("connect to {}", path.display()), e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_path_a_socket_cannot_have_is_refused_before_connecting() {
+        let deadline = std::time::Instant::now();
+        let long = Path::new("/tmp").join("q".repeat(200));
+        let e = connect_unix_until(&long, deadline).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "{e}");
+        let nul = Path::new(std::ffi::OsStr::from_bytes(b"/tmp/a\0b"));
+        let e = connect_unix_until(nul, deadline).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        let missing = connect_unix_until(Path::new("/nonexistent/qmp.sock"), deadline);
+        assert!(matches!(
+            connect_error(Path::new("/x"), missing.unwrap_err()),
+            Error::NotRunning { .. }
+        ));
     }
 }
