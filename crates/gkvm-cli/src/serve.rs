@@ -51,7 +51,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -166,11 +166,11 @@ pub fn serve(
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&lock_path)
         .map_err(|e| fail("cannot open the lock file of", e))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
         // Another server serves this socket.
-        return Ok(());
-    }
+        Err(_) => return Ok(()),
+    };
     match std::fs::symlink_metadata(socket) {
         Ok(m) if m.file_type().is_file() || m.is_dir() => {
             return Err(fail(
@@ -181,11 +181,10 @@ pub fn serve(
         Ok(_) => std::fs::remove_file(socket).map_err(|e| fail("cannot remove the stale", e))?,
         Err(_) => {}
     }
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(socket);
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
+    umask(old);
     let listener = listener.map_err(|e| fail("cannot listen on", e))?;
     let socket_id = std::fs::symlink_metadata(socket)
         .map(|m| (m.dev(), m.ino()))
@@ -199,9 +198,9 @@ pub fn serve(
         match unsafe { libc::fork() } {
             -1 => return Err(fail("cannot fork for", std::io::Error::last_os_error())),
             0 => {
-                // SAFETY: a new session: no controlling terminal, not in
-                // the caller's process group (its kill does not reach us).
-                unsafe { libc::setsid() };
+                // A new session: no controlling terminal, not in the
+                // caller's process group (its kill does not reach us).
+                let _ = nix::unistd::setsid();
                 redirect_std_to_null();
             }
             _ => return Ok(()),
@@ -343,22 +342,20 @@ fn pidfd(pid: i32) -> Option<OwnedFd> {
 }
 
 /// Which of `fds` are readable (or closed) within `ms` milliseconds.
-fn poll_readable(fds: &[i32], ms: i32) -> Vec<bool> {
-    let mut polled: Vec<libc::pollfd> = fds
+fn poll_readable(fds: &[BorrowedFd<'_>], ms: i32) -> Vec<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut polled: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| libc::pollfd {
-            fd: *fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
         .collect();
-    let n = libc::nfds_t::try_from(polled.len()).unwrap_or(0);
-    // SAFETY: `polled` holds `n` valid pollfds.
-    let rc = unsafe { libc::poll(polled.as_mut_ptr(), n, ms) };
-    if rc <= 0 {
-        return vec![false; fds.len()];
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    match poll(&mut polled, timeout) {
+        Ok(n) if n > 0 => polled
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect(),
+        _ => vec![false; fds.len()],
     }
-    polled.iter().map(|p| p.revents != 0).collect()
 }
 
 /// The child forked ahead, waiting for a call on its end of `chan`.
@@ -414,20 +411,15 @@ fn accept_loop(
     parser: clap::Command,
 ) -> CliResult {
     let fail = |what: &str, e| failure(ours.socket, what, e);
-    let mut ends = [0i32; 2];
-    // SAFETY: pipe2 fills two descriptors, owned below.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(fail(
-            "cannot make a pipe for",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: new descriptors nobody else owns.
-    let (notify_r, notify_w) =
-        unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
-    // The children block on their writes (a byte each; never full).
-    // SAFETY: fcntl on our own descriptor.
-    unsafe { libc::fcntl(notify_w.as_raw_fd(), libc::F_SETFL, 0) };
+    // The server never blocks on its end; the children block on their
+    // writes (a byte each; never full).
+    let (notify_r, notify_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| fail("cannot make a pipe for", e.into()))?;
+    nix::fcntl::fcntl(
+        notify_r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| fail("cannot set up the pipe of", e.into()))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| fail("cannot set up", e))?;
@@ -459,7 +451,7 @@ fn accept_loop(
         // not have been polled yet): children answer until the next.
         if worker
             .as_ref()
-            .is_some_and(|w| poll_readable(&[w.exit.as_raw_fd()], 0)[0])
+            .is_some_and(|w| poll_readable(&[w.exit.as_fd()], 0)[0])
         {
             worker = None;
             worker_after = Instant::now() + Duration::from_millis(100);
@@ -540,19 +532,19 @@ fn accept_loop(
         let ms = i32::try_from(wait.as_millis().max(1)).unwrap_or(i32::MAX);
         // What the poll watches, in this order.
         let accepting = calls.reading.len() + calls.ready.len() < max_conns;
-        let mut fds = vec![notify_r.as_raw_fd()];
+        let mut fds = vec![notify_r.as_fd()];
         if accepting {
-            fds.push(listener.as_raw_fd());
+            fds.push(listener.as_fd());
         }
         let waiting_fd = waiting
             .as_ref()
             .and_then(|w| w.exit.as_ref())
-            .map(AsRawFd::as_raw_fd);
+            .map(AsFd::as_fd);
         fds.extend(waiting_fd);
-        let worker_fd = worker.as_ref().map(|w| w.exit.as_raw_fd());
+        let worker_fd = worker.as_ref().map(|w| w.exit.as_fd());
         fds.extend(worker_fd);
-        fds.extend(calls.busy.iter().map(AsRawFd::as_raw_fd));
-        fds.extend(calls.reading.iter().map(|r| r.conn.as_raw_fd()));
+        fds.extend(calls.busy.iter().map(AsFd::as_fd));
+        fds.extend(calls.reading.iter().map(|r| r.conn.as_fd()));
         let ready = poll_readable(&fds, ms);
         let mut at = 0;
         let mut next = || {
@@ -596,8 +588,11 @@ fn accept_loop(
     };
     // Nothing handed over is lost: the waiting child has no call.
     if let Some(w) = waiting {
-        // SAFETY: our own child, waiting for a call it will not get.
-        unsafe { libc::kill(w.pid, libc::SIGKILL) };
+        // Our own child, waiting for a call it will not get.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(w.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     // The calls not run yet go to the binary (or the next server).
     for r in calls.reading {
@@ -612,24 +607,16 @@ fn accept_loop(
 /// Raises this process's descriptor limit to its hard limit (a server
 /// reads from many connections); the descriptors it may use for them.
 fn raise_fd_limit() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max.min(65536),
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim.rlim_cur = raised.rlim_cur;
-            }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    if soft < hard {
+        let raised = hard.min(65536);
+        if setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+            soft = raised;
         }
     }
     // Room for the children's pidfds, the pipe and what std holds.
-    usize::try_from(lim.rlim_cur)
+    usize::try_from(soft)
         .unwrap_or(1024)
         .saturating_sub(MAX_CALLS + 64)
 }
@@ -820,9 +807,9 @@ fn waiting_child(
     server: i32,
     parser: clap::Command,
 ) -> i32 {
-    // SAFETY: a child still waiting for a call dies with the server
-    // (checked after asking, in case the server died first).
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // A child still waiting for a call dies with the server (checked
+    // after asking, in case the server died first).
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     if nix::unistd::getppid().as_raw() != server {
         return 1;
     }
@@ -835,8 +822,8 @@ fn waiting_child(
     let Some((conn, request)) = take_call(chan) else {
         return 1;
     };
-    // SAFETY: a call taken runs to its end even if the server dies.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    // A call taken runs to its end even if the server dies.
+    let _ = nix::sys::prctl::set_pdeathsig(None);
     child(conn, prepared, notify, &request)
 }
 
@@ -893,23 +880,8 @@ fn receive_call(chan: &impl AsRawFd) -> std::io::Result<Option<(UnixStream, Stri
 
 /// Only the server's own user, or root.
 fn peer_allowed(conn: &UnixStream, me: u32) -> bool {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
-    // SAFETY: cred and len describe a ucred buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(cred).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && (cred.uid == me || cred.uid == 0)
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    getsockopt(conn, PeerCredentials).is_ok_and(|cred| cred.uid() == me || cred.uid() == 0)
 }
 
 fn respond_error(conn: &UnixStream, message: &str) -> std::io::Result<()> {
@@ -1033,10 +1005,8 @@ fn run_request(
         stdout.as_raw_fd()
     };
     for (fd, target) in [(stdin.as_raw_fd(), 0), (out_fd, 1), (stderr.as_raw_fd(), 2)] {
-        // SAFETY: dup2 onto the standard descriptors of this child.
-        if unsafe { libc::dup2(fd, target) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // Onto the standard descriptors of this child.
+        nix::unistd::dup2(fd, target)?;
     }
     let mut argv = vec![OsString::from("gkvm")];
     if typed.is_some() {
@@ -1062,14 +1032,12 @@ fn is_passed(key: &str) -> bool {
 }
 
 fn memfd(name: &str) -> std::io::Result<std::fs::File> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-    // SAFETY: a NUL-terminated name; the descriptor is owned below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor nobody else owns.
-    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(std::fs::File::from(memfd_create(
+        &name,
+        MemFdCreateFlag::MFD_CLOEXEC,
+    )?))
 }
 
 fn read_all(mut file: &std::fs::File) -> std::io::Result<String> {
@@ -1086,8 +1054,7 @@ fn redirect_std_to_null() {
         .open("/dev/null")
     {
         for target in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors.
-            unsafe { libc::dup2(null.as_raw_fd(), target) };
+            let _ = nix::unistd::dup2(null.as_raw_fd(), target);
         }
     }
 }
