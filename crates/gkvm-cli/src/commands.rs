@@ -130,7 +130,15 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
             };
             render::done(c.json, Operation::new(name, "autostart"), what)
         }
-        Command::GuestsStart => guests(c, hypervisor(c)?.start_guests().await?),
+        Command::GuestsStart => {
+            let hv = hypervisor(c)?;
+            let waiting = spinner(c, "starting the autostart instances".into());
+            let outcomes = hv.start_guests().await;
+            if let Some(s) = waiting {
+                s.finish_and_clear();
+            }
+            guests(c, outcomes?)
+        }
         Command::GuestsStop { timeout, save } => {
             let action = if *save {
                 hv_kvm::ShutdownAction::Save
@@ -138,11 +146,19 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
                 hv_kvm::ShutdownAction::Stop
             };
             let hv = hypervisor(c)?;
-            guests(
+            let waiting = spinner(
                 c,
-                hv.shutdown_guests(action, Duration::from_secs(*timeout))
-                    .await?,
-            )
+                format!(
+                    "stopping every instance (each powers off within {timeout} s, or is killed)"
+                ),
+            );
+            let outcomes = hv
+                .shutdown_guests(action, Duration::from_secs(*timeout))
+                .await;
+            if let Some(s) = waiting {
+                s.finish_and_clear();
+            }
+            guests(c, outcomes?)
         }
         Command::Info { names } => info(c, names).await,
         Command::Stats {
@@ -504,7 +520,29 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
         let spec = spec_from_args(&args.spec, defined.map(|d| d.instance))?;
         return render::plan(cli.json, &hv.plan(&spec).await?);
     }
-    let report = match (&args.spec.name, defined) {
+    let waiting = spinner(
+        cli,
+        format!(
+            "{}: starting QEMU",
+            args.spec.name.as_deref().unwrap_or("the instance")
+        ),
+    );
+    let report = start_resolved(&hv, args, defined, mode).await;
+    if let Some(s) = waiting {
+        s.finish_and_clear();
+    }
+    render::started(cli.json, &report?)
+}
+
+/// `start` once its definition is known: from a managed save or the
+/// definition, or from the file and flags.
+async fn start_resolved(
+    hv: &KvmHypervisor,
+    args: &StartArgs,
+    defined: Option<Definition>,
+    mode: StartMode,
+) -> Result<hv_kvm::StartReport, Failure> {
+    Ok(match (&args.spec.name, defined) {
         (Some(name), Some(_)) if !args.spec.changes_spec() => {
             hv.start_defined(name, mode).await?
         }
@@ -517,8 +555,7 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
             let spec = spec_from_args(&args.spec, defined.map(|d| d.instance))?;
             hv.start(&spec, mode).await?
         }
-    };
-    render::started(cli.json, &report)
+    })
 }
 
 /// Refuses a name this node does not know (a typo), unless `--idempotent`.
@@ -597,14 +634,16 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
     };
     let hv = hypervisor(cli)?;
     known(cli, &hv, name)?;
-    let waiting = (!force).then(|| {
+    let waiting = if force {
+        None
+    } else {
         spinner(
             cli,
             format!("{name}: waiting for the guest to power off (up to {timeout} s)"),
         )
-    });
+    };
     let outcome = hv.stop(name, mode).await;
-    if let Some(Some(s)) = waiting {
+    if let Some(s) = waiting {
         s.finish_and_clear();
     }
     render::stopped(cli.json, name, &outcome?)
