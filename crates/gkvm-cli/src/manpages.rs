@@ -56,6 +56,45 @@ The key the nodes share to seal migration info.
 The node's boot and shutdown: \fBgkvm guests-start\fR, \fBgkvm guests-stop\fR.
 "#;
 
+/// Examples of the subcommands beyond those of `--help` (every page has
+/// some: a test checks).
+const MORE_EXAMPLES: &[(&str, &[&str])] = &[
+    ("define", &["gkvm define web1 --vcpus 4                changes one field, keeps the rest", "gkvm define --file web1.json --no-autostart"]),
+    ("start", &["gkvm start web1 --dry-run                   the command line it would run"]),
+    ("stop", &["gkvm stop web1 --timeout 0                  press the button and return", "gkvm stop web1 --idempotent                 no error when web1 is unknown here"]),
+    ("reboot", &["gkvm reboot web1", "gkvm reboot web1 --file web1.json           restart with reboot_behavior=exit, keymap etc. from the file"]),
+    ("resume", &["gkvm start web1 --paused && gkvm resume web1"]),
+    ("cleanup", &["gkvm cleanup web1                           after its guest powered off (state shutdown)"]),
+    ("remove-state", &["gkvm remove-state web1                      its UEFI variables and TPM state go"]),
+    ("release-to-ganeti", &["gkvm release-to-ganeti --all"]),
+    ("info", &["gkvm info", "gkvm info web1 --json"]),
+    ("stats", &["gkvm stats", "gkvm stats web1 --pss --json"]),
+    ("balloon", &["gkvm balloon web1 1G"]),
+    ("nic-add", &["gkvm nic-add web1 --nic routed=100,ip=192.0.2.10 --dry-run"]),
+    ("nic-modify", &["gkvm nic-modify web1 nic1 --nic bridge=br2"]),
+    ("nic-remove", &["gkvm nic-remove web1 nic1"]),
+    ("disk-add", &["gkvm disk-add web1 --disk /srv/web1-data.img:ro --dry-run"]),
+    ("disk-remove", &["gkvm disk-remove web1 disk1"]),
+    ("io-limits", &["gkvm io-limits web1 db bps-read=10M iops-total=500"]),
+    ("hotplug-supported", &["gkvm hotplug-supported web1 && gkvm nic-add web1 --nic bridge=br1"]),
+    ("node-info", &["gkvm node-info --json"]),
+    ("console", &["gkvm console web1                           ^] detaches"]),
+    ("console-info", &["gkvm console-info web1"]),
+    ("verify", &["gkvm verify", "gkvm verify -H vnc_bind_address=0.0.0.0 -H kvm_path=/usr/bin/qemu-system-x86_64"]),
+    ("powercycle-node", &["gkvm powercycle-node --dry-run"]),
+    ("migration-info", &["gkvm migration-info web1 > web1.mig", "gkvm migration-info web1 --for-ganeti"]),
+    ("finalize-migration", &["gkvm finalize-migration web1 --source", "gkvm finalize-migration web1 --destination --failed"]),
+    ("migration-status", &["gkvm migration-status web1 --json"]),
+    ("migrate-cancel", &["gkvm migrate-cancel web1"]),
+    ("demo", &["gkvm demo", "gkvm demo --kvm                             on hardware where KVM runs Linux guests"]),
+    ("completions", &["source <(gkvm completions bash)", "gkvm completions fish > ~/.config/fish/completions/gkvm.fish"]),
+    ("api", &["echo '{\"op\": \"list\"}' | gkvm api", "gkvm api --schema > api.json"]),
+    ("serve", &["gkvm serve --socket /run/gkvm/api.sock --detach"]),
+    ("help", &["gkvm help migrate                           as gkvm migrate --help"]),
+    ("guests-start", &["systemctl start gkvm-guests                 what the node's boot runs"]),
+    ("guests-stop", &["GKVM_GUESTS_STOP_ARGS=\"--save --timeout 300\"   in /etc/default/gkvm-guests"]),
+];
+
 /// Writes every page into `dir`.
 pub(crate) fn write_all(dir: &Path) -> CliResult {
     std::fs::create_dir_all(dir)
@@ -113,6 +152,10 @@ fn render(cmd: clap::Command) -> Result<String, Failure> {
 /// The `--help` examples of subcommand `sub`, as an EXAMPLES section
 /// (nothing when it has none).
 fn examples(sub: &str) -> String {
+    let more = MORE_EXAMPLES
+        .iter()
+        .filter(|(s, _)| *s == sub)
+        .flat_map(|(_, lines)| lines.iter().copied());
     let lines: Vec<&str> = EXAMPLES
         .lines()
         .map(str::trim)
@@ -120,6 +163,7 @@ fn examples(sub: &str) -> String {
             let command = l.split_once("# ").map_or(*l, |(_, c)| c);
             command.starts_with(&format!("gkvm {sub} ")) || command == format!("gkvm {sub}")
         })
+        .chain(more)
         .collect();
     if lines.is_empty() {
         return String::new();
@@ -145,5 +189,18 @@ mod tests {
         assert!(!e.contains("gkvm start"), "{e}");
         assert!(examples("accept").contains("node2#"));
         assert!(examples("manpages").is_empty());
+    }
+
+    #[test]
+    fn every_subcommand_has_examples() {
+        // Built, as the pages are: with clap's own `help`.
+        let mut top = Cli::command();
+        top.build();
+        for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+            assert!(!examples(sub.get_name()).is_empty(), "{}", sub.get_name());
+        }
+        for (sub, _) in MORE_EXAMPLES {
+            assert!(top.find_subcommand(sub).is_some(), "{sub}");
+        }
     }
 }

@@ -395,19 +395,18 @@ fn lifecycle_subcommands() {
     assert_eq!(json(&g(&["list", "--json"])).as_array().unwrap().len(), 0);
 }
 
+/// Where scripts/build-test-guest put the test guest.
+fn test_guest_dir(env: &gkvm_testkit::Env) -> PathBuf {
+    let kernel = &env.guest.as_ref().expect("a test guest").kernel;
+    kernel.parent().expect("its directory").to_owned()
+}
+
 #[test]
 fn demo_runs_end_to_end() {
     let Some(env) = require("gkvm_demo", &[Need::Root, Need::Guest]) else {
         return;
     };
-    let guest_dir = env
-        .guest
-        .as_ref()
-        .unwrap()
-        .kernel
-        .parent()
-        .unwrap()
-        .to_owned();
+    let guest_dir = test_guest_dir(&env);
     let dir = ScratchDir::new("gkvm-cli-demo");
     let out = gkvm(
         dir.path(),
@@ -681,6 +680,7 @@ fn man_pages_cover_every_subcommand_and_hvparam() {
             ".SH EXIT STATUS",
             ".SH ENVIRONMENT",
             ".SH FILES",
+            ".SH EXAMPLES",
             ".SH SEE ALSO",
         ] {
             assert!(page.contains(section), "{name}: {section}");
@@ -709,14 +709,7 @@ fn demo_on_an_installed_system_makes_its_guest_of_the_hosts_kernel() {
     // A host's tree as an installed Debian system has it: the kernel
     // package's /boot and /lib/modules (the one the test guest is made
     // of), and busybox-static's busybox.
-    let dl = env
-        .guest
-        .as_ref()
-        .unwrap()
-        .kernel
-        .parent()
-        .unwrap()
-        .join("dl");
+    let dl = test_guest_dir(&env).join("dl");
     let deb = std::fs::read_dir(&dl)
         .unwrap()
         .flatten()
@@ -804,4 +797,39 @@ fn demo_on_an_installed_system_makes_its_guest_of_the_hosts_kernel() {
         (before, stamp),
         (after, std::fs::read(made.join("stamp")).unwrap())
     );
+}
+
+#[test]
+fn the_packaged_readme_speaks_of_installed_commands_only() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/debian/README.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for source_tree in ["scripts/", "crates/", "target/", "cargo "] {
+        assert!(!text.contains(source_tree), "{source_tree}");
+    }
+    // Every command it shows exists (so the page cannot drift from the
+    // binary): each `gkvm WORD` at the start of a line of a code block.
+    let mut in_code = false;
+    let dir = ScratchDir::new("gkvm-cli-readme");
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("gkvm ").filter(|_| in_code) else {
+            continue;
+        };
+        let sub = rest.split_whitespace().next().unwrap();
+        let out = gkvm(dir.path(), &[sub, "--help"]);
+        assert!(out.status.success(), "gkvm {sub}: {line}");
+        // And the options it gives that subcommand.
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        for word in rest.split_whitespace().filter(|w| w.starts_with("--")) {
+            let flag = word
+                .trim_matches(|c| c == '[' || c == ']')
+                .split('=')
+                .next()
+                .unwrap();
+            assert!(help.contains(flag), "gkvm {sub} has no {flag}: {line}");
+        }
+    }
 }

@@ -396,21 +396,14 @@ fn definitions_are_validated_and_a_tampered_one_is_an_error_naming_its_file() {
     };
     std::fs::write(&file, b"{\"version\": 1, \"autostart\": tr").unwrap();
     expect_error("garbage", "not a definition");
-    std::fs::write(
-        &file,
-        String::from_utf8(good.clone())
-            .unwrap()
-            .replace("\"deftamp1\"", "\"other\""),
-    )
-    .unwrap();
+    // The good file with one thing changed.
+    let changed = |from: &str, to: &str| {
+        let text = String::from_utf8(good.clone()).unwrap();
+        std::fs::write(&file, text.replace(from, to)).unwrap();
+    };
+    changed("\"deftamp1\"", "\"other\"");
     expect_error("another name", "\"other\"");
-    std::fs::write(
-        &file,
-        String::from_utf8(good.clone())
-            .unwrap()
-            .replace("\"version\": 1", "\"version\": 7"),
-    )
-    .unwrap();
+    changed("\"version\": 1", "\"version\": 7");
     expect_error("a later version", "version 7");
     std::fs::write(&file, &good).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
