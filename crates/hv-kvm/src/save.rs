@@ -72,7 +72,22 @@ pub struct SaveHeader {
     /// The instance as a migration carries it: its runtime record (sealed
     /// with the node's migration key when it has one).
     pub info: String,
+    /// How QEMU wrote the guest: `stream` (its migration stream, any
+    /// QEMU) or `mapped-ram` (QEMU ≥ 9: each page at its own offset, the
+    /// file no larger than the guest's memory; only a QEMU with the
+    /// capability restores it). Files without it are `stream`.
+    #[serde(default = "stream_format")]
+    pub stream: String,
 }
+
+fn stream_format() -> String {
+    STREAM.to_owned()
+}
+
+/// QEMU's migration stream, as a socket carries it.
+const STREAM: &str = "stream";
+/// QEMU's `mapped-ram` file format (its capability's name).
+const MAPPED_RAM: &str = "mapped-ram";
 
 /// What a save did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -198,20 +213,43 @@ pub(crate) fn open_saved(path: &Path) -> Result<(SaveHeader, std::fs::File, u64)
     Ok((header, file, offset))
 }
 
+/// Whether this QEMU writes and reads the `mapped-ram` file format.
+async fn has_mapped_ram(qmp: &gkvm_qmp::Qmp) -> bool {
+    qmp.run(&commands::QueryMigrateCapabilities)
+        .await
+        .is_ok_and(|caps| caps.iter().any(|c| c.capability == MAPPED_RAM))
+}
+
 /// Either end of a migration through a file: QEMU's MIGRATION events on
-/// (gkvm follows by them), no TLS (a file is no channel to secure), no
-/// bandwidth limit worth the name (the instance's `migration_bandwidth`
-/// is for networks; it counts only on the saving side), and the file's
-/// descriptor given to QEMU as [`FD_NAME`].
-async fn file_channel(qmp: &gkvm_qmp::Qmp, name: &str, file: BorrowedFd<'_>) -> Result<()> {
-    qmp.run(&commands::MigrateSetCapabilities {
-        capabilities: vec![commands::MigrationCapabilityStatus {
-            capability: "events".into(),
+/// (gkvm follows by them), `mapped-ram` when the file's `format` is it,
+/// no TLS (a file is no channel to secure), no bandwidth limit worth the
+/// name (the instance's `migration_bandwidth` is for networks; it counts
+/// only on the saving side), and the file's descriptor given to QEMU.
+/// Returns the URI of the migration: `fd:` of the descriptor for a
+/// stream; for `mapped-ram`, `file:` of an fd set holding it (QEMU writes
+/// pages at their offsets from `offset`, where the stream starts) and the
+/// set, to remove once done.
+async fn file_channel(
+    qmp: &gkvm_qmp::Qmp,
+    name: &str,
+    file: BorrowedFd<'_>,
+    format: &str,
+    offset: u64,
+) -> Result<(String, Option<i64>)> {
+    let mapped = format == MAPPED_RAM;
+    let mut capabilities = vec![commands::MigrationCapabilityStatus {
+        capability: "events".into(),
+        state: true,
+    }];
+    if mapped {
+        capabilities.push(commands::MigrationCapabilityStatus {
+            capability: MAPPED_RAM.into(),
             state: true,
-        }],
-    })
-    .await
-    .map_err(qmp_err(name, "enable migration events"))?;
+        });
+    }
+    qmp.run(&commands::MigrateSetCapabilities { capabilities })
+        .await
+        .map_err(qmp_err(name, "migrate-set-capabilities"))?;
     qmp.run(&commands::MigrateSetParameters {
         max_bandwidth: Some(SAVE_BANDWIDTH),
         tls_creds: Some(String::new()),
@@ -219,6 +257,22 @@ async fn file_channel(qmp: &gkvm_qmp::Qmp, name: &str, file: BorrowedFd<'_>) -> 
     })
     .await
     .map_err(qmp_err(name, "migrate-set-parameters"))?;
+    if mapped {
+        let set = qmp
+            .run_with_fds(
+                &commands::AddFd {
+                    fdset_id: None,
+                    opaque: Some(FD_NAME.into()),
+                },
+                &[file],
+            )
+            .await
+            .map_err(qmp_err(name, "add-fd"))?;
+        return Ok((
+            format!("file:/dev/fdset/{},offset={offset}", set.fdset_id),
+            Some(set.fdset_id),
+        ));
+    }
     qmp.run_with_fds(
         &commands::GetFd {
             fdname: FD_NAME.into(),
@@ -226,7 +280,8 @@ async fn file_channel(qmp: &gkvm_qmp::Qmp, name: &str, file: BorrowedFd<'_>) -> 
         &[file],
     )
     .await
-    .map_err(qmp_err(name, "getfd"))
+    .map_err(qmp_err(name, "getfd"))?;
+    Ok((format!("fd:{FD_NAME}"), None))
 }
 
 /// 16 random bytes, as hex.
@@ -271,6 +326,11 @@ impl KvmHypervisor {
             .await
             .map(|v| format!("{}.{}.{}", v.qemu.major, v.qemu.minor, v.qemu.micro))
             .unwrap_or_default();
+        let stream = if has_mapped_ram(&qmp).await {
+            MAPPED_RAM
+        } else {
+            STREAM
+        };
         let header = SaveHeader {
             format: 1,
             name: name.to_owned(),
@@ -279,11 +339,13 @@ impl KvmHypervisor {
                 .map_or(0, |d| d.as_secs()),
             qemu,
             info: self.sealed(&record),
+            stream: stream.to_owned(),
         };
         let (head, offset) = header_bytes(&header);
         // Unnamed until complete: a killed save leaves nothing behind.
+        // Write-only: QEMU takes a descriptor of an fd set by its access
+        // mode, and writes with that one.
         let mut out = std::fs::OpenOptions::new()
-            .read(true)
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
@@ -314,12 +376,10 @@ impl KvmHypervisor {
                 .await
                 .map_err(qmp_err(name, "stop"))?;
         }
-        file_channel(&qmp, name, out.as_fd()).await?;
-        qmp.run(&commands::Migrate {
-            uri: format!("fd:{FD_NAME}"),
-        })
-        .await
-        .map_err(qmp_err(name, "migrate to the file"))?;
+        let (uri, _) = file_channel(&qmp, name, out.as_fd(), stream, offset).await?;
+        qmp.run(&commands::Migrate { uri })
+            .await
+            .map_err(qmp_err(name, "migrate to the file"))?;
         let status = self.follow(&qmp, name, false, &mut progress).await?;
         if status.status != MigrationState::Completed {
             return Err(fail(status.error.unwrap_or_else(|| {
@@ -377,7 +437,7 @@ impl KvmHypervisor {
     /// landed leaves nothing running.
     pub async fn restore(&self, file: &Path) -> Result<StartReport> {
         let path = absolute(file);
-        let (header, saved, _) = open_saved(&path)?;
+        let (header, saved, offset) = open_saved(&path)?;
         let spec = self
             .incoming_spec_from(&header.info, None, true)
             .map_err(|e| file_err(&path)(e.report()))?;
@@ -406,16 +466,34 @@ impl KvmHypervisor {
             .await?;
         let _guard = crate::migration::IncomingGuard::new(&paths, self.config.qmp_timeout);
         let qmp = self.qmp(&paths).await?;
-        file_channel(&qmp, &name, saved.as_fd()).await?;
-        qmp.run(&commands::MigrateIncoming {
-            uri: format!("fd:{FD_NAME}"),
-        })
-        .await
-        .map_err(qmp_err(&name, "migrate-incoming from the file"))?;
+        if header.stream != STREAM && !has_mapped_ram(&qmp).await {
+            return Err(file_err(&path)(format!(
+                "QEMU wrote it as {} (QEMU {}), which this QEMU cannot read",
+                header.stream, header.qemu
+            )));
+        }
+        let (uri, fdset) = file_channel(&qmp, &name, saved.as_fd(), &header.stream, offset).await?;
+        qmp.run(&commands::MigrateIncoming { uri })
+            .await
+            .map_err(qmp_err(&name, "migrate-incoming from the file"))?;
         drop(saved);
         // wait_incoming follows on the watch socket; this one is done.
         qmp.close().await;
         self.wait_incoming(&name, RESTORE_TIMEOUT).await?;
+        if let Some(set) = fdset {
+            // QEMU would keep the file open for the guest's whole life.
+            let qmp = self.qmp(&paths).await?;
+            if let Err(e) = qmp
+                .run(&commands::RemoveFd {
+                    fdset_id: set,
+                    fd: None,
+                })
+                .await
+            {
+                tracing::warn!(instance = %name, error = %e, "the saved file's fd set stays in QEMU");
+            }
+            qmp.close().await;
+        }
         self.finalize_dst_locked(&paths, MigrationOutcome::Completed)
             .await?;
         report.paused = false;
@@ -518,7 +596,19 @@ impl Drop for SaveGuard {
         if let Some(mut qmp) = crate::migration::blocking_qmp(&self.paths, self.qmp_timeout) {
             crate::migration::cancel_and_wait_blocking(&mut qmp);
             if self.was_running {
-                let state = qmp.run(&commands::QueryStatus).ok().map(|s| s.status);
+                // A migration QEMU has just completed leaves its guest in
+                // finish-migrate until QEMU's main loop cleans up after it
+                // (a moment): resumed from where it settles.
+                let status = |qmp: &mut gkvm_qmp::blocking::Qmp| {
+                    qmp.run(&commands::QueryStatus).ok().map(|s| s.status)
+                };
+                let deadline = std::time::Instant::now() + self.qmp_timeout;
+                let mut state = status(&mut qmp);
+                while state == Some(RunState::FinishMigrate) && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                    state = status(&mut qmp);
+                }
                 if matches!(state, Some(RunState::Paused | RunState::Postmigrate)) {
                     if let Err(e) = qmp.run(&commands::Cont) {
                         tracing::error!(instance = %name, error = %e, "the guest could not be resumed after a failed save");
@@ -543,6 +633,7 @@ mod tests {
             saved_at: 1,
             qemu: "7.2.0".into(),
             info: "{}".into(),
+            stream: STREAM.into(),
         };
         let (mut bytes, offset) = header_bytes(&header);
         bytes.resize(usize::try_from(offset).unwrap(), 0);
