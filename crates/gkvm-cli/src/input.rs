@@ -43,7 +43,13 @@ pub(crate) fn hypervisor_of(opts: &NodeOptions) -> Result<KvmHypervisor, Failure
     config.kvm_path = opts.kvm_path.clone().or_else(|| node.kvm_path.clone());
     config.migration_key =
         migration_key(opts.migration_key.as_ref().or(node.migration_key.as_ref()))?;
-    config.log_dir = node.log_dir.clone();
+    // The node's default run dir is tmpfs: its QEMU logs go where logs
+    // outlive a reboot, as libvirt's do (/var/log/libvirt/qemu). A run
+    // dir given elsewhere keeps them beside it, under log/.
+    config.log_dir = node.log_dir.clone().or_else(|| {
+        (config.run_dir.root() == Path::new(DEFAULT_RUN_DIR))
+            .then(|| PathBuf::from(DEFAULT_LOG_DIR))
+    });
     if let Some(d) = &node.state_dir {
         config.state_dir = d.clone();
     }
@@ -73,6 +79,10 @@ pub(crate) fn hypervisor_of(opts: &NodeOptions) -> Result<KvmHypervisor, Failure
 /// The run directory when neither a flag nor the node configuration
 /// names one.
 const DEFAULT_RUN_DIR: &str = "/run/gkvm";
+
+/// Where QEMU's logs go with the default run directory, when the node
+/// configuration names no log_dir.
+const DEFAULT_LOG_DIR: &str = "/var/log/gkvm";
 
 /// Where the nodes' shared migration key is looked for by default.
 const DEFAULT_MIGRATION_KEY: &str = "/etc/gkvm/migration.key";

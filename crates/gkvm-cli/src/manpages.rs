@@ -49,6 +49,9 @@ The run directory: pid files, QMP and console sockets, runtime records, locks.
 .I /var/lib/gkvm
 The state directory: \fIdefinitions/NAME.json\fR (\fBgkvm define\fR), \fIsaved/NAME.save\fR (managed saves), \fIinstances/NAME/\fR (UEFI variables, TPM state), \fIdemo-guest/\fR.
 .TP
+.I /var/log/gkvm
+QEMU's log of each instance (\fINAME.log\fR, the previous one \fINAME.log.1\fR), with the default run directory.
+.TP
 .I /etc/gkvm/migration.key
 The key the nodes share to seal migration info.
 .TP

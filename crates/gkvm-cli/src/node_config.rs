@@ -39,7 +39,7 @@ const MAX_SIZE: u64 = 64 << 10;
 /// exactly [`NodeConfig`]'s keys.
 pub(crate) const KEYS: &[(&str, &str, &str)] = &[
     ("run_dir", "\"/run/gkvm\"", "The run directory: pid files, QMP sockets, runtime records (tmpfs; Ganeti's /var/run/ganeti/kvm-hypervisor works too). Default /run/gkvm; --run-dir and GKVM_RUN_DIR override it."),
-    ("log_dir", "\"/var/log/gkvm\"", "Where each instance's QEMU log (NAME.log, 0600) is kept. Default: log/ in the run directory."),
+    ("log_dir", "\"/var/log/gkvm\"", "Where each instance's QEMU log (NAME.log, 0600) is kept. Default: /var/log/gkvm with the default run directory (which is tmpfs), else log/ in the run directory."),
     ("state_dir", "\"/var/lib/gkvm\"", "What outlives a run: definitions (definitions/NAME.json), managed saves (saved/NAME.save), UEFI variable stores and TPM state (instances/NAME/), the demo's guest. Default /var/lib/gkvm."),
     ("ovmf_dir", "\"/usr/share/OVMF\"", "Where OVMF's images are (Debian's ovmf), for firmware=uefi and uefi-secboot."),
     ("swtpm_path", "\"/usr/bin/swtpm\"", "The TPM emulator for tpm=tpm2 (Debian's swtpm)."),
