@@ -494,3 +494,72 @@ fn bash_completes_the_nodes_instance_names_and_hvparam_keys() {
         vec!["guests-start", "guests-stop"]
     );
 }
+
+#[test]
+fn two_boots_racing_start_each_autostart_instance_once() {
+    let Some(env) = require("definitions_racing_boots", &[Need::Root, Need::Qemu]) else {
+        return;
+    };
+    let dir = ScratchDir::new("gkvm-defs");
+    let node = Node::new(dir.path(), &env);
+    let flag = gkvm_testkit::guestless_kvm_flag();
+    let names = ["defrace1", "defrace2", "defrace3"];
+    for n in names {
+        node.json(&[
+            "define",
+            n,
+            "--memory",
+            "64",
+            "-H",
+            flag,
+            "-H",
+            "acpi=false",
+            "--autostart",
+        ]);
+    }
+    // Two gkvm-guests (or an administrator's guests-start beside the
+    // unit's): every instance starts once, and neither fails for it.
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_gkvm"))
+            .arg("--run-dir")
+            .arg(&node.run)
+            .arg("--node-config")
+            .arg(&node.config)
+            .arg("--kvm-path")
+            .arg(&node.qemu)
+            .args(["--json", "guests-start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.extend(Node::outcomes(
+            &serde_json::from_slice(&out.stdout).unwrap(),
+        ));
+    }
+    for n in names {
+        let started = seen
+            .iter()
+            .filter(|(i, o)| i == n && o == "started")
+            .count();
+        let already = seen
+            .iter()
+            .filter(|(i, o)| i == n && o == "already_running")
+            .count();
+        assert_eq!((started, already), (1, 1), "{n}: {seen:?}");
+    }
+    assert_eq!(gkvm_testkit::qemus_in(&node.run).len(), names.len());
+    let down = node.json(&["guests-stop", "--timeout", "5"]);
+    assert_eq!(Node::outcomes(&down).len(), names.len());
+    assert!(gkvm_testkit::qemus_in(&node.run).is_empty());
+}

@@ -374,6 +374,10 @@ impl KvmHypervisor {
                 match self.start_defined(&name, StartMode::Running).await {
                     Ok(_) if restoring => GuestOutcome::new(&name, "restored"),
                     Ok(_) => GuestOutcome::new(&name, "started"),
+                    // Started meanwhile by somebody else: its goal holds.
+                    Err(Error::AlreadyRunning { .. }) => {
+                        GuestOutcome::new(&name, "already_running")
+                    }
                     Err(e) => GuestOutcome::failed(&name, &e),
                 }
             }
