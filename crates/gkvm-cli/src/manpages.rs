@@ -134,8 +134,17 @@ pub(crate) fn write_all(dir: &Path) -> CliResult {
         .filter(|s| !s.is_hide_set())
         .map(|s| format!("\\fBgkvm-{}\\fR(1)", s.get_name()))
         .collect();
-    let mut page = render(top)?;
+    // The examples of `--help` as the page's EXAMPLES, not as clap's
+    // untitled extra section.
+    let mut page = render(top.after_help(clap::builder::Resettable::Reset))?;
     page.push_str(COMMON);
+    page.push_str(&example_section(
+        EXAMPLES
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty()),
+    ));
     page.push_str(&format!(
         ".SH SEE ALSO\n{}, \\fBgkvm-hvparams\\fR(7), \\fBgkvm-node.toml\\fR(5)\n",
         subs.join(", ")
@@ -168,17 +177,21 @@ fn examples(sub: &str) -> String {
         })
         .chain(more)
         .collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let mut out = String::from(".SH EXAMPLES\n.nf\n");
+    example_section(lines.into_iter())
+}
+
+/// An EXAMPLES section of these lines (nothing for none).
+fn example_section<'a>(lines: impl Iterator<Item = &'a str>) -> String {
+    let mut body = String::new();
     for l in lines {
         // Options' dashes are minus signs, to be typed as such.
-        out.push_str(&roff(l).replace('-', "\\-"));
-        out.push('\n');
+        body.push_str(&roff(l).replace('-', "\\-"));
+        body.push('\n');
     }
-    out.push_str(".fi\n");
-    out
+    if body.is_empty() {
+        return body;
+    }
+    format!(".SH EXAMPLES\n.nf\n{body}.fi\n")
 }
 
 #[cfg(test)]
