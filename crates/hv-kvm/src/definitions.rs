@@ -152,17 +152,23 @@ impl KvmHypervisor {
     }
 
     /// Removes an instance's definition (a running instance runs on,
-    /// undefined). A managed save waiting for it is refused unless
+    /// undefined), also one that does not read. A managed save waiting for it is refused unless
     /// `remove_state`, which also removes what it keeps between runs
     /// ([`Self::remove_state`]: refused while it runs).
     pub async fn undefine(&self, name: &str, remove_state: bool) -> Result<()> {
         let paths = self.paths(name)?;
         {
             let _lock = self.lock(&paths).await?;
-            if self.read_definition(name)?.is_none() {
-                return Err(Error::NotDefined {
-                    instance: name.to_owned(),
-                });
+            // A definition that does not read (tampered with, a later
+            // version) can still go: its file is removed, not followed.
+            match self.read_definition(name) {
+                Ok(Some(_)) | Err(Error::Definition { .. }) => {}
+                Ok(None) => {
+                    return Err(Error::NotDefined {
+                        instance: name.to_owned(),
+                    })
+                }
+                Err(e) => return Err(e),
             }
             let saved = self.managed_save_path(name);
             if self.has_managed_save(name) && !remove_state {
