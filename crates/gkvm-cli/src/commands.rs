@@ -746,13 +746,7 @@ async fn nic_add(cli: &Cli, name: &str, text: &str, dry_run: bool) -> CliResult 
     }
     let hv = hypervisor(cli)?;
     let nic = if dry_run {
-        match hv
-            .hotplug_plan(name, hv_kvm::HotplugDevice::Nic(Box::new(nic)))
-            .await?
-        {
-            hv_kvm::HotplugDevice::Nic(nic) => *nic,
-            hv_kvm::HotplugDevice::Disk(_) => return Err(unexpected_device()),
-        }
+        hv.nic_add_plan(name, nic).await?
     } else {
         hv.nic_add(name, nic).await?
     };
@@ -766,14 +760,6 @@ fn placed(address: Option<&hv_kvm::DeviceAddress>) -> (String, Option<u8>) {
     address
         .map(|a| (a.id.clone(), a.pci_slot))
         .unwrap_or_default()
-}
-
-fn unexpected_device() -> Failure {
-    Failure::new(
-        1,
-        "internal",
-        "a dry run answered with another kind of device".into(),
-    )
 }
 
 /// What a hot plug (or its dry run) says.
@@ -829,13 +815,7 @@ async fn disk_add(cli: &Cli, name: &str, text: &str, dry_run: bool) -> CliResult
     };
     let hv = hypervisor(cli)?;
     let disk = if dry_run {
-        match hv
-            .hotplug_plan(name, hv_kvm::HotplugDevice::Disk(Box::new(disk)))
-            .await?
-        {
-            hv_kvm::HotplugDevice::Disk(disk) => *disk,
-            hv_kvm::HotplugDevice::Nic(_) => return Err(unexpected_device()),
-        }
+        hv.disk_add_plan(name, disk).await?
     } else {
         hv.disk_add(name, disk).await?
     };

@@ -148,6 +148,13 @@ impl Drop for HotplugGuard {
     }
 }
 
+fn params_err(instance: &str, source: kvm_cmdline::Error) -> Error {
+    Error::Params {
+        instance: instance.to_owned(),
+        source,
+    }
+}
+
 fn hotplug_err<'a>(instance: &'a str, step: &'static str) -> impl Fn(String) -> Error + 'a {
     move |reason| Error::Hotplug {
         instance: instance.to_owned(),
@@ -162,21 +169,70 @@ impl KvmHypervisor {
     /// started by gkvm with device places (an earlier release's, or
     /// Ganeti's, needs a restart first).
     async fn begin(&self, name: &str) -> Result<(Hotplug, InstanceSpec)> {
+        let (mut hp, mut spec) = self.open_for_hotplug(name).await?;
+        self.settle_journal(&mut hp, &mut spec).await?;
+        Ok((hp, spec))
+    }
+
+    /// [`Self::begin`] without settling the journal (a dry run's start:
+    /// it changes nothing).
+    async fn open_for_hotplug(&self, name: &str) -> Result<(Hotplug, InstanceSpec)> {
         let paths = self.paths(name)?;
         let lock = self.lock(&paths).await?;
         self.running_pid(&paths)?;
         let record = self.running_record(&paths)?;
         refuse_in_migration(name, &record)?;
-        let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
+        let spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
         check_placed(&spec)?;
-        let mut hp = Hotplug {
+        let hp = Hotplug {
             paths,
             _lock: lock,
             record,
             journal: Vec::new(),
         };
-        self.settle_journal(&mut hp, &mut spec).await?;
         Ok((hp, spec))
+    }
+
+    /// Places `nic` as the next NIC of `spec` (its id and PCI slot), a
+    /// NIC a hot plug may add (checked as a start checks it); its index.
+    fn place_nic(
+        name: &str,
+        spec: &mut InstanceSpec,
+        record: &kvm_runtime::RuntimeRecord,
+        nic: NicSpec,
+    ) -> Result<usize> {
+        refuse_pcie_root(name, spec, record)?;
+        let seq = spec.nics.len();
+        spec.nics.push(nic);
+        spec.assign_addresses().map_err(|e| params_err(name, e))?;
+        crate::lifecycle::check_spec(spec)?;
+        Ok(seq)
+    }
+
+    /// Places `disk` as the next disk of `spec` (its id and slot), checked
+    /// as a start checks it; its index, block node and device.
+    fn place_disk(
+        name: &str,
+        spec: &mut InstanceSpec,
+        record: &kvm_runtime::RuntimeRecord,
+        caps: &crate::Capabilities,
+        disk: DiskSpec,
+    ) -> Result<(
+        usize,
+        kvm_cmdline::qemu::Blockdev,
+        kvm_cmdline::qemu::Device,
+    )> {
+        // A SCSI disk goes on the SCSI controller's bus, which hot-plugs.
+        if !spec.hvparams.disk_type.on_scsi_bus() {
+            refuse_pcie_root(name, spec, record)?;
+        }
+        let seq = spec.disks.len();
+        spec.disks.push(disk);
+        spec.assign_addresses().map_err(|e| params_err(name, e))?;
+        crate::lifecycle::check_spec(spec)?;
+        let (node, device) =
+            kvm_cmdline::hotplug_disk(spec, caps, seq).map_err(|e| params_err(name, e))?;
+        Ok((seq, node, device))
     }
 
     /// Settles what a killed gkvm's hot plug left in the journal (see the
@@ -255,39 +311,30 @@ impl KvmHypervisor {
     /// gkvm left half done is settled by the real operation first, which
     /// may place the device elsewhere.
     pub async fn hotplug_plan(&self, name: &str, device: HotplugDevice) -> Result<HotplugDevice> {
-        let paths = self.paths(name)?;
-        let _lock = self.lock(&paths).await?;
-        self.running_pid(&paths)?;
-        let record = self.running_record(&paths)?;
-        refuse_in_migration(name, &record)?;
-        let mut spec = crate::lifecycle::spec_from_record(name, &record, &paths.runtime)?;
-        check_placed(&spec)?;
-        let on_scsi = spec.hvparams.disk_type.on_scsi_bus();
-        if matches!(device, HotplugDevice::Nic(_)) || !on_scsi {
-            refuse_pcie_root(name, &spec, &record)?;
-        }
-        let params = |e| Error::Params {
-            instance: name.to_owned(),
-            source: e,
-        };
-        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
-        match device {
+        Ok(match device {
             HotplugDevice::Nic(nic) => {
-                let seq = spec.nics.len();
-                spec.nics.push(*nic);
-                spec.assign_addresses().map_err(params)?;
-                crate::lifecycle::check_spec(&spec)?;
-                Ok(HotplugDevice::Nic(Box::new(spec.nics.swap_remove(seq))))
+                HotplugDevice::Nic(Box::new(self.nic_add_plan(name, *nic).await?))
             }
             HotplugDevice::Disk(disk) => {
-                let seq = spec.disks.len();
-                spec.disks.push(*disk);
-                spec.assign_addresses().map_err(params)?;
-                crate::lifecycle::check_spec(&spec)?;
-                kvm_cmdline::hotplug_disk(&spec, &caps, seq).map_err(params)?;
-                Ok(HotplugDevice::Disk(Box::new(spec.disks.swap_remove(seq))))
+                HotplugDevice::Disk(Box::new(self.disk_add_plan(name, *disk).await?))
             }
-        }
+        })
+    }
+
+    /// [`Self::hotplug_plan`] of a NIC: where [`Self::nic_add`] would put it.
+    pub async fn nic_add_plan(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
+        let (hp, mut spec) = self.open_for_hotplug(name).await?;
+        let seq = Self::place_nic(name, &mut spec, &hp.record, nic)?;
+        Ok(spec.nics.swap_remove(seq))
+    }
+
+    /// [`Self::hotplug_plan`] of a disk: where [`Self::disk_add`] would put
+    /// it.
+    pub async fn disk_add_plan(&self, name: &str, disk: DiskSpec) -> Result<DiskSpec> {
+        let (hp, mut spec) = self.open_for_hotplug(name).await?;
+        let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
+        let (seq, _, _) = Self::place_disk(name, &mut spec, &hp.record, &caps, disk)?;
+        Ok(spec.disks.swap_remove(seq))
     }
 
     /// Adds a NIC to a running instance: a TAP (queues, vnet_hdr and
@@ -297,17 +344,9 @@ impl KvmHypervisor {
     /// the step; whatever was done is undone.
     pub async fn nic_add(&self, name: &str, nic: NicSpec) -> Result<NicSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
-        refuse_pcie_root(name, &spec, &hp.record)?;
+        let seq = Self::place_nic(name, &mut spec, &hp.record, nic)?;
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
-        let seq = spec.nics.len();
-        spec.nics.push(nic);
-        let params = |e| Error::Params {
-            instance: name.to_owned(),
-            source: e,
-        };
-        spec.assign_addresses().map_err(params)?;
-        crate::lifecycle::check_spec(&spec)?;
         let id = device_id(spec.nics[seq].address.as_ref());
         let virtio = crate::nic::is_virtio(&spec, &caps);
         let tap = crate::nic::open_tap(&spec, seq, &self.config.tap_template, virtio)?;
@@ -350,7 +389,7 @@ impl KvmHypervisor {
         };
         let (netdev, device) =
             kvm_cmdline::hotplug_nic(&spec, &caps, seq, &names(&tap_fds), &names(&vhost_fds))
-                .map_err(params)?;
+                .map_err(|e| params_err(name, e))?;
         qmp.run(&netdev_add(&netdev))
             .await
             .map_err(|e| step("netdev_add")(e.to_string()))?;
@@ -407,21 +446,9 @@ impl KvmHypervisor {
     /// step; whatever was done is undone.
     pub async fn disk_add(&self, name: &str, disk: DiskSpec) -> Result<DiskSpec> {
         let (mut hp, mut spec) = self.begin(name).await?;
-        // A SCSI disk goes on the SCSI controller's bus, which hot-plugs.
-        if !spec.hvparams.disk_type.on_scsi_bus() {
-            refuse_pcie_root(name, &spec, &hp.record)?;
-        }
         let paths = hp.paths.clone();
         let caps = self.capabilities(&spec.hvparams.kvm_path).await?;
-        let seq = spec.disks.len();
-        spec.disks.push(disk);
-        let params = |e| Error::Params {
-            instance: name.to_owned(),
-            source: e,
-        };
-        spec.assign_addresses().map_err(params)?;
-        crate::lifecycle::check_spec(&spec)?;
-        let (node, device) = kvm_cmdline::hotplug_disk(&spec, &caps, seq).map_err(params)?;
+        let (seq, node, device) = Self::place_disk(name, &mut spec, &hp.record, &caps, disk)?;
         let id = device_id(spec.disks[seq].address.as_ref());
         let mut guard = hp.intend(Pending::AddDisk {
             disk: spec.disks[seq].clone(),
@@ -819,10 +846,7 @@ impl KvmHypervisor {
         name: &str,
         changes: &std::collections::BTreeMap<String, Value>,
     ) -> Result<()> {
-        let params = |e| Error::Params {
-            instance: name.to_owned(),
-            source: e,
-        };
+        let params = |e| params_err(name, e);
         for key in changes.keys() {
             if !kvm_cmdline::CGROUP_HVPARAMS.contains(&key.as_str()) {
                 return Err(params(kvm_cmdline::Error::Syntax {
