@@ -60,6 +60,11 @@ impl Node {
     }
 
     fn run_as(&self, json: bool, args: &[&str]) -> Output {
+        self.command(json, args).output().unwrap()
+    }
+
+    /// gkvm on this node, with `args`.
+    fn command(&self, json: bool, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gkvm"));
         c.arg("--run-dir")
             .arg(&self.run)
@@ -71,7 +76,8 @@ impl Node {
         if json {
             c.arg("--json");
         }
-        c.args(args).stdin(Stdio::null()).output().unwrap()
+        c.args(args).stdin(Stdio::null());
+        c
     }
 
     /// Runs a command that must succeed; its stdout as JSON.
@@ -524,15 +530,7 @@ fn two_boots_racing_start_each_autostart_instance_once() {
     // Two gkvm-guests (or an administrator's guests-start beside the
     // unit's): every instance starts once, and neither fails for it.
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_gkvm"))
-            .arg("--run-dir")
-            .arg(&node.run)
-            .arg("--node-config")
-            .arg(&node.config)
-            .arg("--kvm-path")
-            .arg(&node.qemu)
-            .args(["--json", "guests-start"])
-            .stdin(Stdio::null())
+        node.command(true, &["guests-start"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

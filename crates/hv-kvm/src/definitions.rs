@@ -224,19 +224,15 @@ impl KvmHypervisor {
     /// Every definition on this node, by name. One that cannot be read is
     /// an error naming its file.
     pub fn definitions(&self) -> Result<Vec<Definition>> {
-        let dir = self.definitions_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(Error::Io {
-                    context: format!("list the definitions in {}", dir.display()),
-                    source: e,
-                })
-            }
-        };
+        let names = self.defined_names().map_err(|e| Error::Io {
+            context: format!(
+                "list the definitions in {}",
+                self.definitions_dir().display()
+            ),
+            source: e,
+        })?;
         let mut out = Vec::new();
-        for name in defined_names(entries) {
+        for name in names {
             if let Some(d) = self.read_definition(&name)? {
                 out.push(d);
             }
@@ -274,13 +270,16 @@ impl KvmHypervisor {
     /// each that cannot be read, or that a start would refuse, one line
     /// each.
     pub(crate) fn definition_problems(&self) -> Vec<String> {
-        let dir = self.definitions_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => return vec![format!("definitions {}: {e}", dir.display())],
+        let names = match self.defined_names() {
+            Ok(n) => n,
+            Err(e) => {
+                return vec![format!(
+                    "definitions {}: {e}",
+                    self.definitions_dir().display()
+                )]
+            }
         };
-        defined_names(entries)
+        names
             .into_iter()
             .filter_map(|name| match self.read_definition(&name) {
                 Ok(Some(d)) => crate::lifecycle::check_spec(&d.instance)
@@ -291,22 +290,26 @@ impl KvmHypervisor {
             })
             .collect()
     }
-}
 
-/// The instance names of a definitions directory's entries, sorted.
-fn defined_names(entries: std::fs::ReadDir) -> Vec<String> {
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        // Temporary files of a write in progress start with a dot.
-        .filter(|f| !f.starts_with('.'))
-        .filter_map(|f| f.strip_suffix(".json").map(str::to_owned))
-        .collect();
-    names.sort();
-    names
-}
+    /// The names of the instances defined here, sorted (none when the
+    /// directory is not there yet).
+    fn defined_names(&self) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(self.definitions_dir()) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            // Temporary files of a write in progress start with a dot.
+            .filter(|f| !f.starts_with('.'))
+            .filter_map(|f| f.strip_suffix(".json").map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
 
-impl KvmHypervisor {
     /// [`Self::overview`], and with `all` every instance defined on this
     /// node that is not running too (state `shut-off`), each defined one
     /// with its autostart.
@@ -441,15 +444,22 @@ impl KvmHypervisor {
     /// Saves a running instance to its managed save.
     async fn managed_save(&self, name: &str) -> Result<()> {
         let file = self.managed_save_path(name);
-        if let Some(dir) = file.parent() {
-            fsutil::ensure_private_dir(&self.config.state_dir)
-                .and_then(|()| fsutil::ensure_private_dir(dir))
-                .map_err(|e| Error::Runtime {
-                    instance: name.to_owned(),
-                    source: e,
-                })?;
-        }
+        self.ensure_state_subdir(&file)
+            .map_err(|e| Error::Runtime {
+                instance: name.to_owned(),
+                source: e,
+            })?;
         self.save(name, &file, |_| {}).await.map(|_| ())
+    }
+
+    /// The state directory and the one `file` goes in below it, made
+    /// private (0700) or checked trusted.
+    fn ensure_state_subdir(&self, file: &Path) -> std::result::Result<(), kvm_runtime::Error> {
+        fsutil::ensure_private_dir(&self.config.state_dir)?;
+        match file.parent() {
+            Some(dir) => fsutil::ensure_private_dir(dir),
+            None => Ok(()),
+        }
     }
 
     fn has_managed_save(&self, name: &str) -> bool {
@@ -521,8 +531,7 @@ impl KvmHypervisor {
         };
         let mut data = serde_json::to_vec_pretty(&file).map_err(|e| fail(e.to_string()))?;
         data.push(b'\n');
-        fsutil::ensure_private_dir(&self.config.state_dir)
-            .and_then(|()| fsutil::ensure_private_dir(&self.definitions_dir()))
+        self.ensure_state_subdir(&path)
             .and_then(|()| fsutil::write_atomic(&path, &data))
             .map_err(|e| fail(e.to_string()))
     }
