@@ -132,12 +132,8 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
         }
         Command::GuestsStart => {
             let hv = hypervisor(c)?;
-            let waiting = spinner(c, "starting the autostart instances".into());
-            let outcomes = hv.start_guests().await;
-            if let Some(s) = waiting {
-                s.finish_and_clear();
-            }
-            guests(c, outcomes?)
+            let waiting = Some("starting the autostart instances".into());
+            guests(c, while_spinning(c, waiting, hv.start_guests()).await?)
         }
         Command::GuestsStop { timeout, save } => {
             let action = if *save {
@@ -146,19 +142,11 @@ pub(crate) async fn run(cli: Cli) -> CliResult {
                 hv_kvm::ShutdownAction::Stop
             };
             let hv = hypervisor(c)?;
-            let waiting = spinner(
-                c,
-                format!(
-                    "stopping every instance (each powers off within {timeout} s, or is killed)"
-                ),
-            );
-            let outcomes = hv
-                .shutdown_guests(action, Duration::from_secs(*timeout))
-                .await;
-            if let Some(s) = waiting {
-                s.finish_and_clear();
-            }
-            guests(c, outcomes?)
+            let waiting = Some(format!(
+                "stopping every instance (each powers off within {timeout} s, or is killed)"
+            ));
+            let stopping = hv.shutdown_guests(action, Duration::from_secs(*timeout));
+            guests(c, while_spinning(c, waiting, stopping).await?)
         }
         Command::Info { names } => info(c, names).await,
         Command::Stats {
@@ -520,17 +508,11 @@ async fn start(cli: &Cli, args: &StartArgs) -> CliResult {
         let spec = spec_from_args(&args.spec, defined.map(|d| d.instance))?;
         return render::plan(cli.json, &hv.plan(&spec).await?);
     }
-    let waiting = spinner(
-        cli,
-        format!(
-            "{}: starting QEMU",
-            args.spec.name.as_deref().unwrap_or("the instance")
-        ),
-    );
-    let report = start_resolved(&hv, args, defined, mode).await;
-    if let Some(s) = waiting {
-        s.finish_and_clear();
-    }
+    let waiting = Some(format!(
+        "{}: starting QEMU",
+        args.spec.name.as_deref().unwrap_or("the instance")
+    ));
+    let report = while_spinning(cli, waiting, start_resolved(&hv, args, defined, mode)).await;
     render::started(cli.json, &report?)
 }
 
@@ -634,18 +616,9 @@ async fn stop(cli: &Cli, name: &str, force: bool, timeout: u64) -> CliResult {
     };
     let hv = hypervisor(cli)?;
     known(cli, &hv, name)?;
-    let waiting = if force {
-        None
-    } else {
-        spinner(
-            cli,
-            format!("{name}: waiting for the guest to power off (up to {timeout} s)"),
-        )
-    };
-    let outcome = hv.stop(name, mode).await;
-    if let Some(s) = waiting {
-        s.finish_and_clear();
-    }
+    let waiting =
+        (!force).then(|| format!("{name}: waiting for the guest to power off (up to {timeout} s)"));
+    let outcome = while_spinning(cli, waiting, hv.stop(name, mode)).await;
     render::stopped(cli.json, name, &outcome?)
 }
 
@@ -658,6 +631,21 @@ fn spinner(cli: &Cli, message: String) -> Option<indicatif::ProgressBar> {
         s.enable_steady_tick(Duration::from_millis(120));
         s
     })
+}
+
+/// Awaits `work` with a spinner saying `message` (none when `None`, or
+/// not on a terminal), cleared when it ends.
+async fn while_spinning<T>(
+    cli: &Cli,
+    message: Option<String>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let waiting = message.and_then(|m| spinner(cli, m));
+    let out = work.await;
+    if let Some(s) = waiting {
+        s.finish_and_clear();
+    }
+    out
 }
 
 async fn info(cli: &Cli, names: &[String]) -> CliResult {

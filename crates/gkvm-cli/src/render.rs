@@ -384,11 +384,7 @@ pub(crate) fn stopped(json: bool, name: &str, outcome: &StopOutcome) -> CliResul
 
 /// `gkvm list` and `gkvm info`: always a list in JSON.
 pub(crate) fn infos(json: bool, infos: &[InstanceInfo]) -> CliResult {
-    if json {
-        print_json(&infos)
-    } else {
-        info_table(infos, &TableStyle::default())
-    }
+    list(json, infos, &TableStyle::default())
 }
 
 /// `gkvm list`.
