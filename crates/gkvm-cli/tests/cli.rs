@@ -401,11 +401,18 @@ fn test_guest_dir(env: &gkvm_testkit::Env) -> PathBuf {
     kernel.parent().expect("its directory").to_owned()
 }
 
+/// The demos of this file run one at a time: each boots the same
+/// built-in instance (`gkvm-demo`, whose cgroup is the node's) and checks
+/// that its TAP is gone afterwards by name, a name the kernel gives the
+/// next TAP made.
+static ONE_DEMO: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn demo_runs_end_to_end() {
     let Some(env) = require("gkvm_demo", &[Need::Root, Need::Guest]) else {
         return;
     };
+    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
     let guest_dir = test_guest_dir(&env);
     let dir = ScratchDir::new("gkvm-cli-demo");
     let out = gkvm(
@@ -706,6 +713,7 @@ fn demo_on_an_installed_system_makes_its_guest_of_the_hosts_kernel() {
     let Some(env) = require("gkvm_demo_host_kernel", &[Need::Root, Need::Guest]) else {
         return;
     };
+    let _one = ONE_DEMO.lock().unwrap_or_else(|p| p.into_inner());
     // A host's tree as an installed Debian system has it: the kernel
     // package's /boot and /lib/modules (the one the test guest is made
     // of), and busybox-static's busybox.
